@@ -1,0 +1,315 @@
+//! `berth-loadtest`: bounded, reproducible load scenarios against any OCI registry, with an
+//! optional side-by-side comparison against a second one, reported as a table and as JSON.
+
+mod client;
+mod limits;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use client::{Credentials, Registry};
+use report::{Outcome, Recorder};
+use scenarios::{Params, Work};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// One big blob pushed in one streamed PATCH.
+    PushLarge,
+    /// One big blob pushed in PATCHes of --chunk-size.
+    PushChunked,
+    /// One big blob pulled (pushed first).
+    PullLarge,
+    /// W workers push N distinct images.
+    PushImages,
+    /// W workers pull N images back, verifying digests (pushed first).
+    PullImages,
+    /// W workers GET a manifest by tag for D seconds.
+    ManifestGet,
+    /// W workers push and pull images at --push-ratio for D seconds.
+    Mixed,
+    /// Every scenario above, in turn.
+    All,
+    /// This machine's limits: one core's SHA-256 rate, loopback bandwidth, fsync'd disk writes.
+    Limits,
+}
+
+/// Load scenarios against an OCI registry.
+#[derive(Parser, Debug)]
+#[command(name = "berth-loadtest", version, about)]
+struct Cli {
+    /// What to run.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// The registry under test.
+    #[arg(long, default_value = "http://127.0.0.1:5000")]
+    url: String,
+    /// User name for the registry (Docker token auth or Basic).
+    #[arg(long, env = "LOADTEST_USERNAME")]
+    username: Option<String>,
+    /// Password or token for the registry.
+    #[arg(long, env = "LOADTEST_TOKEN")]
+    token: Option<String>,
+    /// pid of the registry under test, to report its peak RSS.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A second registry to run the same scenario against, interleaved; the report gives
+    /// both and the ratio first ÷ second.
+    #[arg(long)]
+    compare: Option<String>,
+    /// User name for the second registry.
+    #[arg(long)]
+    compare_username: Option<String>,
+    /// Password or token for the second registry.
+    #[arg(long)]
+    compare_token: Option<String>,
+    /// pid of the second registry.
+    #[arg(long)]
+    compare_pid: Option<u32>,
+    /// Rounds per registry; with --compare they alternate A B B A ... to cancel drift.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Size of the large blob, bytes.
+    #[arg(long, default_value_t = 512 << 20)]
+    size: u64,
+    /// PATCH size for push-chunked, bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    chunk_size: u64,
+    /// Images to push or pull.
+    #[arg(long, default_value_t = 400)]
+    images: usize,
+    /// Concurrent workers.
+    #[arg(long, default_value_t = 32)]
+    workers: usize,
+    /// Layers per image.
+    #[arg(long, default_value_t = 3)]
+    layers: usize,
+    /// Bytes per layer.
+    #[arg(long, default_value_t = 256 << 10)]
+    layer_size: usize,
+    /// Bytes of an image's config.
+    #[arg(long, default_value_t = 1024)]
+    config_size: usize,
+    /// Seconds of timed scenarios (manifest-get, mixed).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Share of pushes in `mixed`.
+    #[arg(long, default_value_t = 0.2)]
+    push_ratio: f64,
+    /// Repository prefix (each run adds a random suffix).
+    #[arg(long, default_value = "loadtest")]
+    repo: String,
+    /// Seed of generated content.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Hard bound on one scenario's run against one registry, seconds.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
+    /// Write the report as JSON here too.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Directory for the disk measurement of `limits`.
+    #[arg(long, default_value = ".")]
+    dir: std::path::PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct Target {
+    registry: Registry,
+    recorder: Recorder,
+    pid: Option<u32>,
+    work: Vec<Work>,
+}
+
+const ALL: [Scenario; 7] = [
+    Scenario::PushLarge,
+    Scenario::PushChunked,
+    Scenario::PullLarge,
+    Scenario::PushImages,
+    Scenario::PullImages,
+    Scenario::ManifestGet,
+    Scenario::Mixed,
+];
+
+fn name(s: Scenario) -> String {
+    s.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if cli.scenario == Scenario::Limits {
+        let l = limits::measure(&cli.dir).await?;
+        limits::print(&l);
+        if let Some(path) = &cli.json {
+            std::fs::write(path, serde_json::to_vec_pretty(&l)?)?;
+        }
+        return Ok(());
+    }
+    let list: Vec<Scenario> = if cli.scenario == Scenario::All {
+        ALL.to_vec()
+    } else {
+        vec![cli.scenario]
+    };
+    let run_id: u32 = rand::random::<u32>() % 1_000_000;
+    let mut report = vec![];
+    for s in list {
+        let outcomes = run_scenario(&cli, s, run_id).await?;
+        report::print_table(&outcomes);
+        report.push(outcomes);
+    }
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<Outcome>> {
+    let params = Params {
+        size: cli.size,
+        chunk_size: cli.chunk_size.max(1),
+        images: cli.images,
+        workers: cli.workers,
+        layers: cli.layers,
+        layer_size: cli.layer_size,
+        config_size: cli.config_size,
+        duration: Duration::from_secs(cli.duration),
+        push_ratio: cli.push_ratio,
+        repo: format!("{}/{}{run_id}", cli.repo, name(scenario)),
+        seed: cli.seed ^ run_id as u64,
+    };
+    let mut targets = vec![Target {
+        registry: Registry::new(
+            &cli.url,
+            Credentials {
+                username: cli.username.clone(),
+                token: cli.token.clone(),
+            },
+        )?,
+        recorder: Recorder::default(),
+        pid: cli.pid,
+        work: vec![],
+    }];
+    if let Some(url) = &cli.compare {
+        targets.push(Target {
+            registry: Registry::new(
+                url,
+                Credentials {
+                    username: cli.compare_username.clone(),
+                    token: cli.compare_token.clone(),
+                },
+            )?,
+            recorder: Recorder::default(),
+            pid: cli.compare_pid,
+            work: vec![],
+        });
+    }
+    // A B B A A B ...: each registry runs first as often as second.
+    let mut order = vec![];
+    for r in 0..cli.rounds.max(1) {
+        let mut pair: Vec<usize> = (0..targets.len()).collect();
+        if r % 2 == 1 {
+            pair.reverse();
+        }
+        order.extend(pair.into_iter().map(|t| (r, t)));
+    }
+    for (round, t) in order {
+        let target = &mut targets[t];
+        let bar = if cli.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>40} [{bar:30}] {pos}/{len} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!(
+            "{} {} r{round}",
+            name(scenario),
+            target.registry.url
+        ));
+        let fut = run_once(
+            scenario,
+            &target.registry,
+            &target.recorder,
+            &params,
+            round,
+            &bar,
+        );
+        let work = match tokio::time::timeout(Duration::from_secs(cli.max_seconds), fut).await {
+            Ok(w) => {
+                w.with_context(|| format!("{} against {}", name(scenario), target.registry.url))?
+            }
+            Err(_) => bail!(
+                "{} against {} exceeded {} s",
+                name(scenario),
+                target.registry.url,
+                cli.max_seconds
+            ),
+        };
+        bar.finish_and_clear();
+        target.work.push(work);
+    }
+    Ok(targets
+        .into_iter()
+        .map(|t| {
+            let seconds: f64 = t.work.iter().map(|w| w.seconds).sum();
+            let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+            for w in &t.work {
+                for (k, v) in &w.counts {
+                    *totals.entry(k.clone()).or_default() += v;
+                }
+            }
+            let rates = totals
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        format!("{k}/s"),
+                        if seconds > 0.0 { v / seconds } else { 0.0 },
+                    )
+                })
+                .collect();
+            Outcome {
+                target: t.registry.url.clone(),
+                scenario: name(scenario),
+                seconds,
+                rates,
+                latencies: t.recorder.latencies(),
+                errors: t.work.iter().map(|w| w.errors).sum(),
+                peak_rss_mib: t.pid.and_then(report::peak_rss_mib),
+            }
+        })
+        .collect())
+}
+
+async fn run_once(
+    s: Scenario,
+    reg: &Registry,
+    rec: &Recorder,
+    p: &Params,
+    round: usize,
+    bar: &ProgressBar,
+) -> Result<Work> {
+    match s {
+        Scenario::PushLarge => scenarios::push_large(reg, rec, p, round, false, bar).await,
+        Scenario::PushChunked => scenarios::push_large(reg, rec, p, round, true, bar).await,
+        Scenario::PullLarge => scenarios::pull_large(reg, rec, p, round, bar).await,
+        Scenario::PushImages => scenarios::push_images(reg, rec, p, round, bar).await,
+        Scenario::PullImages => scenarios::pull_images(reg, rec, p, round, bar).await,
+        Scenario::ManifestGet => scenarios::manifest_get(reg, rec, p, round, bar).await,
+        Scenario::Mixed => scenarios::mixed(reg, rec, p, round, bar).await,
+        Scenario::All | Scenario::Limits => bail!("not a single scenario"),
+    }
+}

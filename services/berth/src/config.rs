@@ -1,0 +1,95 @@
+//! Configuration: built-in defaults, overridden by an optional TOML file, then by
+//! environment variables (`BERTH_*`), then by flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// Flags of `berth standalone` (each also read from its environment variable).
+#[derive(clap::Args, Debug, Default)]
+pub struct StandaloneArgs {
+    /// Address to serve the registry API on [default: 127.0.0.1:5000].
+    #[arg(long, env = "BERTH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding all data [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file with any of: listen, data_dir, max_blob_bytes, upload_timeout_secs, gc_grace_secs.
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Largest blob accepted, in bytes [default: 10 GB].
+    #[arg(long, env = "BERTH_MAX_BLOB_BYTES")]
+    pub max_blob_bytes: Option<u64>,
+    /// Seconds without progress after which an upload session expires [default: 600].
+    #[arg(long, env = "BERTH_UPLOAD_TIMEOUT_SECS")]
+    pub upload_timeout_secs: Option<u64>,
+    /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
+    #[arg(long, env = "BERTH_GC_GRACE_SECS")]
+    pub gc_grace_secs: Option<u64>,
+}
+
+/// The TOML file's shape.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    max_blob_bytes: Option<u64>,
+    upload_timeout_secs: Option<u64>,
+    gc_grace_secs: Option<u64>,
+}
+
+/// Everything `berth standalone` runs with.
+#[derive(Debug, Clone)]
+pub struct StandaloneConfig {
+    /// API address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Largest blob accepted.
+    pub max_blob: u64,
+    /// Idle upload lifetime.
+    pub upload_timeout: Duration,
+    /// Age an unlinked blob must reach before deletion.
+    pub gc_grace: Duration,
+}
+
+impl StandaloneConfig {
+    /// Merges defaults, the config file, the environment and the flags.
+    pub fn load(args: StandaloneArgs) -> Result<StandaloneConfig> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        Ok(StandaloneConfig {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("berth-data")),
+            max_blob: args
+                .max_blob_bytes
+                .or(file.max_blob_bytes)
+                .unwrap_or(berth_core::store::DEFAULT_MAX_BLOB),
+            upload_timeout: Duration::from_secs(
+                args.upload_timeout_secs
+                    .or(file.upload_timeout_secs)
+                    .unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()),
+            ),
+            gc_grace: Duration::from_secs(
+                args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600),
+            ),
+        })
+    }
+}

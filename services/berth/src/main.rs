@@ -1,0 +1,43 @@
+//! `berth`: one binary for every role of a Berth registry cluster.
+//!
+//! `berth standalone` runs all roles in one process on one data directory: the storage
+//! engine, a single-voter metadata group and the HTTP frontend.
+
+mod config;
+mod standalone;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Berth, a self-hosted OCI container registry cluster.
+#[derive(Parser, Debug)]
+#[command(name = "berth", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand, Debug)]
+enum Role {
+    /// Every role in one process, on one data directory (the embedded default).
+    Standalone(config::StandaloneArgs),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.role {
+        Role::Standalone(args) => {
+            runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?))
+        }
+    }
+}

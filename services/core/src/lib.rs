@@ -1,0 +1,16 @@
+//! Berth's shared vocabulary: what every role agrees on.
+//!
+//! Digests and their hashing, repository names and tags, the OCI error codes a client sees,
+//! manifest parsing and validation, and the two seams the frontend talks to — [`BlobStore`]
+//! (bytes, owned by storage nodes) and [`MetaStore`] (everything agreed on through Raft).
+//! Standalone wires in-process implementations of both; the cluster wires gRPC clients.
+
+pub mod digest;
+pub mod error;
+pub mod manifest;
+pub mod name;
+pub mod store;
+
+pub use digest::{Algorithm, Digest, DigestHasher};
+pub use error::{ErrorCode, RegistryError};
+pub use store::{BlobInfo, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadSession};

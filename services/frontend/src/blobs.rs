@@ -1,0 +1,415 @@
+//! Blob reads and deletes, and the upload protocol (monolithic, chunked, streamed, mount).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use berth_core::{Digest, ErrorCode, RegistryError, UploadSession};
+
+use crate::{
+    body_stream, content_length, empty, header_value, parse_digest, query_param, Registry,
+};
+
+fn blob_unknown(d: &Digest) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::BlobUnknown,
+        format!("blob {d} is not in this repository"),
+    )
+}
+
+fn upload_unknown(id: &str) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::BlobUploadUnknown,
+        format!("upload {id} is unknown or expired"),
+    )
+}
+
+fn too_big(limit: u64) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::SizeInvalid,
+        format!("blob exceeds the limit of {limit} bytes"),
+    )
+    .with_status(413)
+}
+
+/// A `Range: bytes=...` request against a blob of `size` bytes.
+enum RangeRequest {
+    Whole,
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+fn parse_range(headers: &HeaderMap, size: u64) -> RangeRequest {
+    let Some(v) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeRequest::Whole;
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Whole;
+    };
+    if spec.contains(',') {
+        // Multiple ranges: serving the whole blob is allowed and every client copes.
+        return RangeRequest::Whole;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeRequest::Whole;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parsed = match (a.is_empty(), b.is_empty()) {
+        (false, _) => {
+            let Ok(first) = a.parse::<u64>() else {
+                return RangeRequest::Whole;
+            };
+            let last = if b.is_empty() {
+                Ok(u64::MAX)
+            } else {
+                b.parse::<u64>()
+            };
+            let Ok(last) = last else {
+                return RangeRequest::Whole;
+            };
+            if last < first {
+                return RangeRequest::Whole;
+            }
+            (first, last)
+        }
+        (true, false) => {
+            let Ok(n) = b.parse::<u64>() else {
+                return RangeRequest::Whole;
+            };
+            if n == 0 {
+                return RangeRequest::Unsatisfiable;
+            }
+            (size.saturating_sub(n), u64::MAX)
+        }
+        (true, true) => return RangeRequest::Whole,
+    };
+    if parsed.0 >= size {
+        return RangeRequest::Unsatisfiable;
+    }
+    RangeRequest::Part(parsed.0, parsed.1.min(size - 1))
+}
+
+/// `GET`/`HEAD /v2/<name>/blobs/<digest>`.
+pub async fn get(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let digest = parse_digest(digest)?;
+    if reg.meta.blob_link(name, &digest).await?.is_none() {
+        return Err(blob_unknown(&digest));
+    }
+    let Some(size) = reg.blobs.stat(&digest).await? else {
+        return Err(blob_unknown(&digest));
+    };
+    let d = digest.to_string();
+    let resp = Response::builder()
+        .header("docker-content-digest", header_value(&d)?)
+        .header(header::ETAG, header_value(&format!("\"{d}\""))?)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CACHE_CONTROL, "max-age=31536000");
+    let (resp, range) = match parse_range(headers, size) {
+        RangeRequest::Whole => (
+            resp.status(StatusCode::OK)
+                .header(header::CONTENT_LENGTH, size),
+            None,
+        ),
+        RangeRequest::Part(first, last) => (
+            resp.status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_LENGTH, last - first + 1)
+                .header(
+                    header::CONTENT_RANGE,
+                    header_value(&format!("bytes {first}-{last}/{size}"))?,
+                ),
+            Some((first, last)),
+        ),
+        RangeRequest::Unsatisfiable => {
+            return Response::builder()
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(
+                    header::CONTENT_RANGE,
+                    header_value(&format!("bytes */{size}"))?,
+                )
+                .header(header::CONTENT_LENGTH, 0)
+                .body(Body::empty())
+                .map_err(RegistryError::internal);
+        }
+    };
+    let body = if head || size == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(reg.blobs.read(&digest, range).await?)
+    };
+    resp.body(body).map_err(RegistryError::internal)
+}
+
+/// `DELETE /v2/<name>/blobs/<digest>`: unlinks the blob; its bytes go once nothing links it.
+pub async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<Response, RegistryError> {
+    let digest = parse_digest(digest)?;
+    if !reg.meta.unlink_blob(name, &digest).await? {
+        return Err(blob_unknown(&digest));
+    }
+    empty(
+        StatusCode::ACCEPTED,
+        &[("docker-content-digest", digest.to_string())],
+    )
+}
+
+fn created(name: &str, digest: &Digest) -> Result<Response, RegistryError> {
+    empty(
+        StatusCode::CREATED,
+        &[
+            ("location", format!("/v2/{name}/blobs/{digest}")),
+            ("docker-content-digest", digest.to_string()),
+        ],
+    )
+}
+
+fn upload_accepted(
+    status: StatusCode,
+    name: &str,
+    id: &str,
+    size: u64,
+) -> Result<Response, RegistryError> {
+    // `Range` is inclusive; an empty upload reports 0-0 as docker and distribution do.
+    empty(
+        status,
+        &[
+            ("location", format!("/v2/{name}/blobs/uploads/{id}")),
+            ("range", format!("0-{}", size.saturating_sub(1))),
+            ("docker-upload-uuid", id.to_string()),
+        ],
+    )
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session.
+pub async fn start(reg: &Registry, name: &str, req: Request) -> Result<Response, RegistryError> {
+    if let Some(mount) = query_param(req.uri(), "mount") {
+        // A mount that cannot be honoured falls back to a new session, as the spec says.
+        if let Ok(digest) = mount.parse::<Digest>() {
+            let source = match query_param(req.uri(), "from") {
+                Some(from) if berth_core::name::valid_name(&from) => {
+                    reg.meta.blob_link(&from, &digest).await?
+                }
+                Some(_) => None,
+                // Without `from`, any stored blob can be mounted.
+                None => reg.blobs.stat(&digest).await?,
+            };
+            if let Some(size) = source {
+                if reg.blobs.stat(&digest).await?.is_some()
+                    && reg.meta.link_blob(name, &digest, size).await.is_ok()
+                {
+                    return created(name, &digest);
+                }
+            }
+        }
+    }
+    if let Some(digest) = query_param(req.uri(), "digest") {
+        let digest = parse_digest(&digest)?;
+        if content_length(req.headers()).is_some_and(|n| n > reg.config.max_blob) {
+            return Err(too_big(reg.config.max_blob));
+        }
+        let size = reg
+            .blobs
+            .put(&digest, body_stream(req), reg.config.max_blob)
+            .await?;
+        reg.meta.link_blob(name, &digest, size).await?;
+        return created(name, &digest);
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    reg.blobs.upload_start(&id).await?;
+    let session = UploadSession {
+        id: id.clone(),
+        repo: name.to_string(),
+        started_at_ms: now_ms(),
+    };
+    if let Err(e) = reg.meta.create_upload(session).await {
+        let _ = reg.blobs.upload_cancel(&id).await;
+        return Err(e);
+    }
+    upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
+}
+
+/// The session `id` of repository `name`, or `BLOB_UPLOAD_UNKNOWN`.
+async fn session(reg: &Registry, name: &str, id: &str) -> Result<UploadSession, RegistryError> {
+    match reg.meta.upload(id).await? {
+        Some(s) if s.repo == name => Ok(s),
+        _ => Err(upload_unknown(id)),
+    }
+}
+
+/// `Content-Range: <first>-<last>` of a chunk, checked against `Content-Length`.
+fn chunk_range(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
+    let Some(v) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let bad = || {
+        RegistryError::new(ErrorCode::BlobUploadInvalid, "malformed Content-Range").with_status(416)
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    let s = s.strip_prefix("bytes ").unwrap_or(s);
+    let s = s.split('/').next().unwrap_or(s);
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let first: u64 = a.trim().parse().map_err(|_| bad())?;
+    let last: u64 = b.trim().parse().map_err(|_| bad())?;
+    if last < first {
+        return Err(bad());
+    }
+    if content_length(headers).is_some_and(|n| n != last - first + 1) {
+        return Err(RegistryError::new(
+            ErrorCode::BlobUploadInvalid,
+            "Content-Range does not match Content-Length",
+        )
+        .with_status(416));
+    }
+    Ok(Some(first))
+}
+
+/// Appends the request body to the upload, unless it has none. Returns the upload's size.
+async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, RegistryError> {
+    let offset = chunk_range(req.headers())?;
+    let length = content_length(req.headers());
+    if length == Some(0) {
+        return Ok(None);
+    }
+    if let Some(n) = length {
+        let current = reg
+            .blobs
+            .upload_size(id)
+            .await?
+            .ok_or_else(|| upload_unknown(id))?;
+        if current + n > reg.config.max_blob {
+            return Err(too_big(reg.config.max_blob));
+        }
+    }
+    let size = reg
+        .blobs
+        .upload_append(id, offset, body_stream(req), reg.config.max_blob)
+        .await?;
+    Ok(Some(size))
+}
+
+/// Ends a session whose staged bytes are gone, so that it stops being reported.
+async fn forget(reg: &Registry, id: &str) {
+    let _ = reg.meta.end_upload(id, None).await;
+}
+
+/// `PATCH /v2/<name>/blobs/uploads/<id>`: a chunk, or the whole blob streamed.
+pub async fn patch(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    session(reg, name, id).await?;
+    let size = match append(reg, id, req).await {
+        Ok(Some(size)) => size,
+        Ok(None) => reg
+            .blobs
+            .upload_size(id)
+            .await?
+            .ok_or_else(|| upload_unknown(id))?,
+        Err(e) => {
+            if e.code == ErrorCode::BlobUploadUnknown {
+                forget(reg, id).await;
+            }
+            return Err(e);
+        }
+    };
+    upload_accepted(StatusCode::ACCEPTED, name, id, size)
+}
+
+/// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: the last chunk (optional), then verification.
+pub async fn finish(
+    reg: &Registry,
+    name: &str,
+    id: &str,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    session(reg, name, id).await?;
+    let digest = query_param(req.uri(), "digest").ok_or_else(|| {
+        RegistryError::new(
+            ErrorCode::DigestInvalid,
+            "the digest query parameter is required",
+        )
+    })?;
+    let digest = parse_digest(&digest)?;
+    if let Err(e) = append(reg, id, req).await {
+        if e.code == ErrorCode::BlobUploadUnknown {
+            forget(reg, id).await;
+        }
+        return Err(e);
+    }
+    match reg.blobs.upload_finish(id, &digest).await {
+        Ok(size) => {
+            reg.meta
+                .end_upload(id, Some((digest.clone(), size)))
+                .await?;
+            created(name, &digest)
+        }
+        Err(e) => {
+            // The staged bytes are gone (a mismatch discards them), so is the session.
+            forget(reg, id).await;
+            Err(e)
+        }
+    }
+}
+
+/// `GET /v2/<name>/blobs/uploads/<id>`: how much has been received.
+pub async fn status(reg: &Registry, name: &str, id: &str) -> Result<Response, RegistryError> {
+    session(reg, name, id).await?;
+    match reg.blobs.upload_size(id).await? {
+        Some(size) => upload_accepted(StatusCode::NO_CONTENT, name, id, size),
+        None => {
+            forget(reg, id).await;
+            Err(upload_unknown(id))
+        }
+    }
+}
+
+/// `DELETE /v2/<name>/blobs/uploads/<id>`: cancels the upload.
+pub async fn cancel(reg: &Registry, name: &str, id: &str) -> Result<Response, RegistryError> {
+    session(reg, name, id).await?;
+    let _ = reg.blobs.upload_cancel(id).await;
+    reg.meta.end_upload(id, None).await?;
+    empty(StatusCode::NO_CONTENT, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, size: u64) -> Option<(u64, u64)> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, v.parse().unwrap());
+        match parse_range(&h, size) {
+            RangeRequest::Part(a, b) => Some((a, b)),
+            RangeRequest::Whole => None,
+            RangeRequest::Unsatisfiable => Some((u64::MAX, u64::MAX)),
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(range("bytes=95-200", 100), Some((95, 99)));
+        assert_eq!(range("bytes=100-", 100), Some((u64::MAX, u64::MAX)));
+        assert_eq!(range("bytes=9-1", 100), None);
+        assert_eq!(range("bytes=0-1,5-6", 100), None);
+        assert_eq!(range("items=0-1", 100), None);
+    }
+}

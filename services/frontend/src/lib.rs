@@ -1,0 +1,233 @@
+//! The frontend: the OCI Distribution HTTP API, on axum, over the [`BlobStore`] and
+//! [`MetaStore`] seams.
+//!
+//! It holds no state that matters: everything durable is behind the two traits, and the only
+//! thing kept in memory is a cache of immutable manifest bytes by digest. Handlers parse,
+//! validate, call the stores and map the result; every failure becomes one [`RegistryError`]
+//! and one response in [`error_response`].
+
+mod blobs;
+mod manifests;
+pub mod routes;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError};
+use bytes::Bytes;
+use futures::TryStreamExt;
+
+use routes::Route;
+
+/// Limits and timeouts of the API.
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// Largest blob accepted, in bytes.
+    pub max_blob: u64,
+    /// Idle time after which an upload session expires.
+    pub upload_timeout: Duration,
+    /// Bytes of manifests kept in memory by digest.
+    pub manifest_cache_bytes: u64,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        FrontendConfig {
+            max_blob: berth_core::store::DEFAULT_MAX_BLOB,
+            upload_timeout: berth_core::store::DEFAULT_UPLOAD_TIMEOUT,
+            manifest_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ByteWeight;
+
+impl quick_cache::Weighter<berth_core::Digest, Bytes> for ByteWeight {
+    fn weight(&self, _k: &berth_core::Digest, v: &Bytes) -> u64 {
+        v.len() as u64 + 64
+    }
+}
+
+/// The registry API's shared state.
+pub struct Registry {
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    config: FrontendConfig,
+    manifests: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
+}
+
+impl Registry {
+    /// A registry API over the two stores.
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        config: FrontendConfig,
+    ) -> Arc<Registry> {
+        let manifests = quick_cache::sync::Cache::with_weighter(
+            16_384,
+            config.manifest_cache_bytes.max(1),
+            ByteWeight,
+        );
+        Arc::new(Registry {
+            blobs,
+            meta,
+            config,
+            manifests,
+        })
+    }
+}
+
+/// The HTTP application: the `/v2/` API.
+pub fn router(registry: Arc<Registry>) -> Router {
+    Router::new().fallback(dispatch).with_state(registry)
+}
+
+/// The API version header every response carries.
+const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+    let mut resp = match routes::parse(req.uri().path()) {
+        None => error_response(
+            RegistryError::new(ErrorCode::NameUnknown, "no such endpoint").with_status(404),
+        ),
+        Some(Err(e)) => error_response(e),
+        Some(Ok(route)) => match handle(&reg, route, req).await {
+            Ok(r) => r,
+            Err(e) => error_response(e),
+        },
+    };
+    resp.headers_mut()
+        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    resp
+}
+
+async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response, RegistryError> {
+    let method = req.method().clone();
+    let unsupported = || {
+        Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            format!("{method} is not supported here"),
+        ))
+    };
+    match (route, &method) {
+        (Route::Base, &Method::GET | &Method::HEAD) => {
+            Ok(json_response(StatusCode::OK, "{}".into()))
+        }
+        (Route::Catalog, &Method::GET) => manifests::catalog(reg, req.uri()).await,
+        (Route::Tags { name }, &Method::GET) => manifests::tags(reg, &name, req.uri()).await,
+        (Route::Manifest { name, reference }, &Method::GET | &Method::HEAD) => {
+            manifests::get(
+                reg,
+                &name,
+                &reference,
+                req.headers(),
+                method == Method::HEAD,
+            )
+            .await
+        }
+        (Route::Manifest { name, reference }, &Method::PUT) => {
+            manifests::put(reg, &name, &reference, req).await
+        }
+        (Route::Manifest { name, reference }, &Method::DELETE) => {
+            manifests::delete(reg, &name, &reference).await
+        }
+        (Route::Referrers { name, digest }, &Method::GET) => {
+            manifests::referrers(reg, &name, &digest, req.uri()).await
+        }
+        (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
+            blobs::get(reg, &name, &digest, req.headers(), method == Method::HEAD).await
+        }
+        (Route::Blob { name, digest }, &Method::DELETE) => blobs::delete(reg, &name, &digest).await,
+        (Route::UploadStart { name }, &Method::POST) => blobs::start(reg, &name, req).await,
+        (Route::Upload { name, id }, &Method::PATCH) => blobs::patch(reg, &name, &id, req).await,
+        (Route::Upload { name, id }, &Method::PUT) => blobs::finish(reg, &name, &id, req).await,
+        (Route::Upload { name, id }, &Method::GET) => blobs::status(reg, &name, &id).await,
+        (Route::Upload { name, id }, &Method::DELETE) => blobs::cancel(reg, &name, &id).await,
+        _ => unsupported(),
+    }
+}
+
+// ---- response helpers -------------------------------------------------------------------
+
+/// The one place a [`RegistryError`] becomes an HTTP response.
+pub fn error_response(e: RegistryError) -> Response {
+    if e.code == ErrorCode::Unknown {
+        tracing::error!(detail = %e.detail, status = e.status, "request failed");
+    }
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = json_response(status, e.body());
+    if e.status == 416 {
+        // The upload's state travels in the message; clients recover with a GET of the upload.
+        resp.headers_mut()
+            .insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */*"));
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn header_value(v: &str) -> Result<HeaderValue, RegistryError> {
+    HeaderValue::from_str(v).map_err(RegistryError::internal)
+}
+
+fn empty(
+    status: StatusCode,
+    headers: &[(&'static str, String)],
+) -> Result<Response, RegistryError> {
+    let mut resp = Response::builder().status(status);
+    for (k, v) in headers {
+        resp = resp.header(*k, header_value(v)?);
+    }
+    resp.header(header::CONTENT_LENGTH, "0")
+        .body(Body::empty())
+        .map_err(RegistryError::internal)
+}
+
+/// The request body as a stream of chunks.
+fn body_stream(req: Request) -> ByteStream {
+    Box::pin(req.into_body().into_data_stream().map_err(io::Error::other))
+}
+
+/// `Content-Length` of the request, if given and numeric.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The value of query parameter `key` (first occurrence).
+fn query_param(uri: &axum::http::Uri, key: &str) -> Option<String> {
+    query_params(uri, key).into_iter().next()
+}
+
+/// Every value of query parameter `key`.
+fn query_params(uri: &axum::http::Uri, key: &str) -> Vec<String> {
+    let q = uri.query().unwrap_or("");
+    form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+fn parse_digest(s: &str) -> Result<berth_core::Digest, RegistryError> {
+    s.parse()
+        .map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, format!("{s:?}: {e}")))
+}

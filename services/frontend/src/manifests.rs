@@ -1,0 +1,396 @@
+//! Manifests, tags, the catalog and the referrers API.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+use berth_core::manifest::{self, MAX_MANIFEST_SIZE, OCI_INDEX};
+use berth_core::name::valid_tag;
+use berth_core::store::MAX_PAGE;
+use berth_core::{Digest, ErrorCode, ManifestRecord, RegistryError};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::{
+    body_stream, content_length, empty, header_value, json_response, parse_digest, query_param,
+    query_params, Registry,
+};
+
+/// A manifest reference: a tag or a digest.
+enum Reference {
+    Tag(String),
+    Digest(Digest),
+}
+
+fn parse_reference(r: &str) -> Result<Reference, RegistryError> {
+    if r.contains(':') {
+        return parse_digest(r).map(Reference::Digest);
+    }
+    if valid_tag(r) {
+        Ok(Reference::Tag(r.to_string()))
+    } else {
+        Err(RegistryError::new(
+            ErrorCode::ManifestInvalid,
+            format!("invalid tag {r:?}"),
+        ))
+    }
+}
+
+fn manifest_unknown(name: &str, r: &str) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::ManifestUnknown,
+        format!("manifest {r} is not in {name}"),
+    )
+}
+
+/// The digest a reference points at in `name`, or `MANIFEST_UNKNOWN` / `NAME_UNKNOWN`.
+async fn resolve(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+) -> Result<ManifestRecord, RegistryError> {
+    let digest = match parse_reference(reference)? {
+        Reference::Digest(d) => d,
+        Reference::Tag(t) => match reg.meta.tag(name, &t).await? {
+            Some(d) => d,
+            None => return Err(unknown(reg, name, reference).await),
+        },
+    };
+    match reg.meta.manifest(name, &digest).await? {
+        Some(r) => Ok(r),
+        None => Err(unknown(reg, name, reference).await),
+    }
+}
+
+async fn unknown(reg: &Registry, name: &str, reference: &str) -> RegistryError {
+    match reg.meta.repo_exists(name).await {
+        Ok(false) => RegistryError::new(
+            ErrorCode::NameUnknown,
+            format!("repository {name} is not known"),
+        ),
+        _ => manifest_unknown(name, reference),
+    }
+}
+
+/// Whether a client's `Accept` header lets it receive `media_type`.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let mut any = false;
+    for v in headers.get_all(header::ACCEPT) {
+        let Ok(v) = v.to_str() else { continue };
+        for item in v.split(',') {
+            let t = manifest::bare_media_type(item);
+            if t.is_empty() {
+                continue;
+            }
+            any = true;
+            if t == media_type || t == "*/*" || t == "application/*" {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+/// `GET`/`HEAD /v2/<name>/manifests/<reference>`.
+pub async fn get(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let record = resolve(reg, name, reference).await?;
+    if !accepts(headers, &record.media_type) {
+        return Err(RegistryError::new(
+            ErrorCode::ManifestUnknown,
+            format!(
+                "manifest is a {} which the Accept header does not allow",
+                record.media_type
+            ),
+        ));
+    }
+    let d = record.digest.to_string();
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, header_value(&record.media_type)?)
+        .header(header::CONTENT_LENGTH, record.size)
+        .header("docker-content-digest", header_value(&d)?)
+        .header(header::ETAG, header_value(&format!("\"{d}\""))?);
+    if head {
+        return resp.body(Body::empty()).map_err(RegistryError::internal);
+    }
+    let bytes = manifest_bytes(reg, &record.digest).await?;
+    resp.body(Body::from(bytes))
+        .map_err(RegistryError::internal)
+}
+
+async fn manifest_bytes(reg: &Registry, digest: &Digest) -> Result<Bytes, RegistryError> {
+    if let Some(b) = reg.manifests.get(digest) {
+        return Ok(b);
+    }
+    let b = reg
+        .blobs
+        .read_small(digest, MAX_MANIFEST_SIZE as u64)
+        .await?
+        .ok_or_else(|| {
+            RegistryError::internal(format!(
+                "manifest {digest} is indexed but its bytes are missing"
+            ))
+        })?;
+    reg.manifests.insert(digest.clone(), b.clone());
+    Ok(b)
+}
+
+/// Reads a manifest body, refusing more than [`MAX_MANIFEST_SIZE`] bytes as soon as it shows.
+async fn read_manifest_body(req: Request) -> Result<Bytes, RegistryError> {
+    let too_big = || {
+        RegistryError::new(ErrorCode::ManifestInvalid, "manifest exceeds 4 MiB").with_status(413)
+    };
+    if content_length(req.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
+        return Err(too_big());
+    }
+    let mut body = body_stream(req);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| {
+            RegistryError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}"))
+        })?;
+        if buf.len() + chunk.len() > MAX_MANIFEST_SIZE {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `PUT /v2/<name>/manifests/<reference>[?tag=...]`.
+pub async fn put(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    let reference = parse_reference(reference)?;
+    let mut tags = vec![];
+    for t in query_params(req.uri(), "tag") {
+        if !valid_tag(&t) {
+            return Err(RegistryError::new(
+                ErrorCode::ManifestInvalid,
+                format!("invalid tag {t:?}"),
+            ));
+        }
+        tags.push(t);
+    }
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = read_manifest_body(req).await?;
+    let digest = match &reference {
+        Reference::Digest(d) => {
+            if !d.matches(&body) {
+                return Err(RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("manifest does not hash to {d}"),
+                ));
+            }
+            d.clone()
+        }
+        Reference::Tag(t) => {
+            tags.insert(0, t.clone());
+            Digest::sha256_of(&body)
+        }
+    };
+    let parsed = manifest::parse(content_type.as_deref(), &body)?;
+    let record = ManifestRecord {
+        digest: digest.clone(),
+        media_type: parsed.media_type,
+        size: body.len() as u64,
+        subject: parsed.subject.clone(),
+        artifact_type: parsed.artifact_type,
+        annotations: parsed.annotations,
+        blobs: parsed.blobs,
+        manifests: parsed.manifests,
+        pushed_at_ms: now_ms(),
+    };
+    reg.blobs.put_small(&digest, body.clone()).await?;
+    reg.meta.put_manifest(name, record, tags).await?;
+    reg.manifests.insert(digest.clone(), body);
+    let mut headers = vec![
+        ("location", format!("/v2/{name}/manifests/{digest}")),
+        ("docker-content-digest", digest.to_string()),
+    ];
+    if let Some(subject) = parsed.subject {
+        headers.push(("oci-subject", subject.to_string()));
+    }
+    empty(StatusCode::CREATED, &headers)
+}
+
+/// `DELETE /v2/<name>/manifests/<reference>`: a digest deletes the manifest and its tags, a
+/// tag deletes only the tag.
+pub async fn delete(
+    reg: &Registry,
+    name: &str,
+    reference: &str,
+) -> Result<Response, RegistryError> {
+    let existed = match parse_reference(reference)? {
+        Reference::Digest(d) => reg.meta.delete_manifest(name, &d).await?,
+        Reference::Tag(t) => reg.meta.delete_tag(name, &t).await?,
+    };
+    if !existed {
+        return Err(unknown(reg, name, reference).await);
+    }
+    empty(StatusCode::ACCEPTED, &[])
+}
+
+/// `n` and `last` of a listing; `n` above [`MAX_PAGE`] is trimmed to it.
+fn page(uri: &Uri) -> Result<(usize, Option<String>, bool), RegistryError> {
+    let n = match query_param(uri, "n") {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            RegistryError::new(ErrorCode::Unsupported, format!("n={n:?} is not a number"))
+                .with_status(400)
+        })?),
+        None => None,
+    };
+    Ok((
+        n.unwrap_or(MAX_PAGE).min(MAX_PAGE),
+        query_param(uri, "last"),
+        n.is_some(),
+    ))
+}
+
+/// A `Link` to the next page, when there is one.
+fn next_link(path: &str, items: &[String], n: usize, more: bool) -> Option<String> {
+    let last = items.last()?;
+    if !more {
+        return None;
+    }
+    let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
+    Some(format!("<{path}?n={n}&last={last}>; rel=\"next\""))
+}
+
+fn listing(body: String, link: Option<String>) -> Result<Response, RegistryError> {
+    let mut resp = json_response(StatusCode::OK, body);
+    if let Some(l) = link {
+        resp.headers_mut().insert(header::LINK, header_value(&l)?);
+    }
+    Ok(resp)
+}
+
+/// `GET /v2/<name>/tags/list[?n=&last=]`.
+pub async fn tags(reg: &Registry, name: &str, uri: &Uri) -> Result<Response, RegistryError> {
+    let (n, last, _) = page(uri)?;
+    let mut tags = reg
+        .meta
+        .tags(name, last.as_deref(), n + 1)
+        .await?
+        .ok_or_else(|| {
+            RegistryError::new(
+                ErrorCode::NameUnknown,
+                format!("repository {name} is not known"),
+            )
+        })?;
+    let more = tags.len() > n;
+    tags.truncate(n);
+    #[derive(Serialize)]
+    struct TagList<'a> {
+        name: &'a str,
+        tags: &'a [String],
+    }
+    let body =
+        serde_json::to_string(&TagList { name, tags: &tags }).map_err(RegistryError::internal)?;
+    listing(
+        body,
+        next_link(&format!("/v2/{name}/tags/list"), &tags, n, more),
+    )
+}
+
+/// `GET /v2/_catalog[?n=&last=]`.
+pub async fn catalog(reg: &Registry, uri: &Uri) -> Result<Response, RegistryError> {
+    let (n, last, _) = page(uri)?;
+    let mut repos = reg.meta.repositories(last.as_deref(), n + 1).await?;
+    let more = repos.len() > n;
+    repos.truncate(n);
+    #[derive(Serialize)]
+    struct Catalog<'a> {
+        repositories: &'a [String],
+    }
+    let body = serde_json::to_string(&Catalog {
+        repositories: &repos,
+    })
+    .map_err(RegistryError::internal)?;
+    listing(body, next_link("/v2/_catalog", &repos, n, more))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReferrerDescriptor<'a> {
+    media_type: &'a str,
+    digest: String,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    artifact_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    annotations: &'a std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReferrersIndex<'a> {
+    schema_version: u32,
+    media_type: &'static str,
+    manifests: Vec<ReferrerDescriptor<'a>>,
+}
+
+/// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: an image index of the manifests whose
+/// `subject` is `digest` (empty, never 404, when there are none).
+pub async fn referrers(
+    reg: &Registry,
+    name: &str,
+    digest: &str,
+    uri: &Uri,
+) -> Result<Response, RegistryError> {
+    let subject = parse_digest(digest)?;
+    let filter = query_param(uri, "artifactType");
+    let records = reg.meta.referrers(name, &subject).await?;
+    let manifests = records
+        .iter()
+        .filter(|r| {
+            filter
+                .as_deref()
+                .is_none_or(|f| r.artifact_type.as_deref() == Some(f))
+        })
+        .map(|r| ReferrerDescriptor {
+            media_type: &r.media_type,
+            digest: r.digest.to_string(),
+            size: r.size,
+            artifact_type: r.artifact_type.as_deref(),
+            annotations: &r.annotations,
+        })
+        .collect();
+    let body = serde_json::to_string(&ReferrersIndex {
+        schema_version: 2,
+        media_type: OCI_INDEX,
+        manifests,
+    })
+    .map_err(RegistryError::internal)?;
+    let mut resp = json_response(StatusCode::OK, body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header_value(OCI_INDEX)?);
+    if filter.is_some() {
+        resp.headers_mut()
+            .insert("oci-filters-applied", header_value("artifactType")?);
+    }
+    Ok(resp)
+}

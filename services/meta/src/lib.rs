@@ -1,0 +1,342 @@
+//! The metadata service: everything the registry must agree on, replicated through one
+//! openraft group whose log and state machine live in RocksDB.
+//!
+//! It owns repositories, blob-to-repository links, the manifest index (digest, media type,
+//! size, subject, artifactType, annotations), tags, referrers and upload sessions. Writes are
+//! [`Command`]s appended to the Raft log; once a majority has them (in standalone, the one
+//! voter) they are applied to the state column family and the writer gets the [`Outcome`].
+//! Reads go to the local state, which on the leader reflects every acknowledged write.
+//!
+//! Standalone runs a single-voter group; it is the same Raft, log, state machine, snapshots
+//! and log purge that the cluster uses, with [`raft::NoPeers`] as its network.
+
+pub mod command;
+pub mod raft;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use berth_core::error::Result;
+use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, UploadSession};
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+
+pub use command::{Command, Outcome};
+use raft::{LogStore, NoPeers, NodeId, StateMachine, TypeConfig, CF_LOG, CF_RAFT};
+use state::{key, StateView, CF_STATE};
+
+/// Log entries between snapshots; after a snapshot the log before it is purged, so the log
+/// on disk stays within about twice this many entries.
+pub const SNAPSHOT_EVERY: u64 = 20_000;
+
+/// How a metadata node starts.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    /// Directory of the node's RocksDB and snapshot; created if missing.
+    pub dir: PathBuf,
+    /// This node's Raft id.
+    pub node_id: NodeId,
+    /// Address peers reach it at (recorded in the membership).
+    pub advertise: String,
+}
+
+/// Why the metadata service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// RocksDB failed to open.
+    #[error("opening the metadata database: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// The directory could not be created.
+    #[error("creating the metadata directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// Raft failed to start or to elect this node.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running metadata node.
+#[derive(Clone)]
+pub struct MetaService {
+    raft: Raft<TypeConfig>,
+    view: StateView,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn internal(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::internal(e)
+}
+
+impl MetaService {
+    /// Opens the node's store and starts a single-voter group (initialising it on first
+    /// start), returning once this node leads it.
+    pub async fn open_single(config: MetaConfig) -> Result<MetaService, MetaError> {
+        std::fs::create_dir_all(&config.dir)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs =
+            [CF_LOG, CF_RAFT, CF_STATE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = Arc::new(DB::open_cf_descriptors(&opts, config.dir.join("db"), cfs)?);
+        let view = StateView::new(db.clone());
+        let log = LogStore::new(db.clone());
+        let sm = StateMachine::new(view.clone(), config.dir.join("snapshot"));
+        let raft_config = Config {
+            cluster_name: "berth-meta".into(),
+            heartbeat_interval: 250,
+            election_timeout_min: 500,
+            election_timeout_max: 1000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| MetaError::Raft(e.to_string()))?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), NoPeers, log, sm)
+            .await
+            .map_err(|e| MetaError::Raft(e.to_string()))?;
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| MetaError::Raft(e.to_string()))?
+        {
+            let members =
+                BTreeMap::from([(config.node_id, BasicNode::new(config.advertise.clone()))]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| MetaError::Raft(e.to_string()))?;
+        }
+        raft.wait(Some(Duration::from_secs(30)))
+            .state(ServerState::Leader, "single voter becomes leader")
+            .await
+            .map_err(|e| MetaError::Raft(e.to_string()))?;
+        Ok(MetaService { raft, view })
+    }
+
+    /// Stops the Raft node.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// Takes a snapshot now (and purges the log behind it), e.g. before a backup.
+    pub async fn snapshot(&self) -> Result<()> {
+        self.raft.trigger().snapshot().await.map_err(internal)
+    }
+
+    /// The Raft handle, for metrics and membership changes.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    async fn write(&self, cmd: Command) -> Result<Outcome> {
+        let resp = self.raft.client_write(cmd).await.map_err(|e| {
+            RegistryError::new(ErrorCode::Unknown, format!("metadata write failed: {e}"))
+                .with_status(503)
+        })?;
+        resp.data.into_result()
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StateView) -> Result<T, state::StateError> + Send + 'static,
+    ) -> Result<T> {
+        let view = self.view.clone();
+        tokio::task::spawn_blocking(move || f(&view))
+            .await
+            .map_err(internal)?
+            .map_err(internal)
+    }
+}
+
+fn names(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<String> {
+    pairs
+        .into_iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+        .collect()
+}
+
+#[async_trait]
+impl MetaStore for MetaService {
+    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
+        self.write(Command::LinkBlob {
+            repo: repo.into(),
+            digest: digest.clone(),
+            size,
+            now_ms: now_ms(),
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
+        let k = key(b'l', &[repo, &digest.to_string()]);
+        self.read(move |v| v.get(&k)).await
+    }
+
+    async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let o = self
+            .write(Command::UnlinkBlob {
+                repo: repo.into(),
+                digest: digest.clone(),
+                now_ms: now_ms(),
+            })
+            .await?;
+        Ok(o == Outcome::Existed(true))
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        record: ManifestRecord,
+        tags: Vec<String>,
+    ) -> Result<()> {
+        let o = self
+            .write(Command::PutManifest {
+                repo: repo.into(),
+                record,
+                tags,
+                now_ms: now_ms(),
+            })
+            .await;
+        o.map(|_| ()).map_err(|e| {
+            if e.code == ErrorCode::Unknown {
+                e.with_status(503)
+            } else {
+                e
+            }
+        })
+    }
+
+    async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        let (repo, digest) = (repo.to_string(), digest.clone());
+        self.read(move |v| v.manifest(&repo, &digest)).await
+    }
+
+    async fn tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
+        let k = key(b't', &[repo, tag]);
+        let d: Option<String> = self.read(move |v| v.get(&k)).await?;
+        d.map(|s| s.parse().map_err(internal)).transpose()
+    }
+
+    async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let o = self
+            .write(Command::DeleteManifest {
+                repo: repo.into(),
+                digest: digest.clone(),
+                now_ms: now_ms(),
+            })
+            .await?;
+        Ok(o == Outcome::Existed(true))
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        let o = self
+            .write(Command::DeleteTag {
+                repo: repo.into(),
+                tag: tag.into(),
+            })
+            .await?;
+        Ok(o == Outcome::Existed(true))
+    }
+
+    async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> Result<Option<Vec<String>>> {
+        let repo = repo.to_string();
+        let last = last.map(str::to_string);
+        self.read(move |v| {
+            if v.raw(&key(b'r', &[&repo]))?.is_none() {
+                return Ok(None);
+            }
+            let prefix = key(b't', &[&repo, ""]);
+            Ok(Some(names(v.scan(
+                &prefix,
+                last.as_deref().map(str::as_bytes),
+                n,
+            )?)))
+        })
+        .await
+    }
+
+    async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        let last = last.map(str::to_string);
+        self.read(move |v| {
+            Ok(names(v.scan(
+                b"r",
+                last.as_deref().map(str::as_bytes),
+                n,
+            )?))
+        })
+        .await
+    }
+
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>> {
+        let (repo, subject) = (repo.to_string(), subject.to_string());
+        self.read(move |v| {
+            let prefix = key(b's', &[&repo, &subject, ""]);
+            let mut out = vec![];
+            for (d, _) in v.scan(&prefix, None, usize::MAX)? {
+                let d = String::from_utf8_lossy(&d).into_owned();
+                if let Some(r) = v.get::<ManifestRecord>(&key(b'm', &[&repo, &d]))? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn repo_exists(&self, repo: &str) -> Result<bool> {
+        let k = key(b'r', &[repo]);
+        self.read(move |v| Ok(v.raw(&k)?.is_some())).await
+    }
+
+    async fn create_upload(&self, session: UploadSession) -> Result<()> {
+        self.write(Command::CreateUpload { session })
+            .await
+            .map(|_| ())
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {
+        let k = key(b'u', &[id]);
+        self.read(move |v| v.get(&k)).await
+    }
+
+    async fn end_upload(&self, id: &str, link: Option<(Digest, u64)>) -> Result<()> {
+        self.write(Command::EndUpload {
+            id: id.into(),
+            link,
+            now_ms: now_ms(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>> {
+        let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
+        match self.write(Command::BeginReap { cutoff_ms, max }).await? {
+            Outcome::Fenced(d) => Ok(d),
+            _ => Ok(vec![]),
+        }
+    }
+
+    async fn blob_reaped(&self, digest: &Digest) -> Result<()> {
+        self.write(Command::BlobReaped {
+            digest: digest.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests;

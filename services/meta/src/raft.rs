@@ -1,0 +1,513 @@
+//! openraft glue: the type configuration, the RocksDB log store, the state machine over
+//! [`crate::state`], snapshots, and the network (none yet: a single voter has no peers).
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader,
+    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Outcome};
+use crate::state::{StateView, Tx, CF_STATE, KEY_APPLIED, KEY_MEMBERSHIP};
+
+/// A metadata node's id.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// Berth's Raft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Column family of the Raft log (index, big-endian → entry).
+pub const CF_LOG: &str = "log";
+/// Column family of Raft's own durable state (vote, committed, last purged).
+pub const CF_RAFT: &str = "raft";
+
+type StoreResult<T> = Result<T, StorageError<NodeId>>;
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read(AnyError::new(&e)).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write(AnyError::new(&e)).into()
+}
+
+/// Runs blocking RocksDB work off the reactor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(write_err)?
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> StoreResult<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| {
+        write_err(std::io::Error::other(format!(
+            "column family {name} missing"
+        )))
+    })
+}
+
+fn synced() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
+// ---- log store ------------------------------------------------------------------------------
+
+/// The Raft log in RocksDB; every append is fsynced before Raft is told it is durable.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+}
+
+impl LogStore {
+    /// A log store over `db` (with the [`CF_LOG`] and [`CF_RAFT`] families).
+    pub fn new(db: Arc<DB>) -> LogStore {
+        LogStore { db }
+    }
+
+    fn get_raft<T: for<'de> Deserialize<'de>>(&self, k: &str) -> StoreResult<Option<T>> {
+        match self
+            .db
+            .get_cf(cf(&self.db, CF_RAFT)?, k)
+            .map_err(read_err)?
+        {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(read_err),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_raft<T: Serialize>(&self, k: &'static str, v: &T) -> StoreResult<()> {
+        let bytes = serde_json::to_vec(v).map_err(write_err)?;
+        let db = self.db.clone();
+        blocking(move || {
+            db.put_cf_opt(cf(&db, CF_RAFT)?, k, bytes, &synced())
+                .map_err(write_err)
+        })
+        .await
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StoreResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(*i),
+            Bound::Excluded(i) => Bound::Excluded(*i),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let db = self.db.clone();
+        blocking(move || {
+            let mut out = vec![];
+            let from = start.to_be_bytes();
+            for item in db.iterator_cf(
+                cf(&db, CF_LOG)?,
+                IteratorMode::From(&from, Direction::Forward),
+            ) {
+                let (k, v) = item.map_err(read_err)?;
+                let idx = u64::from_be_bytes(
+                    k.as_ref()
+                        .try_into()
+                        .map_err(|_| read_err(std::io::Error::other("bad log key")))?,
+                );
+                if !(Bound::Included(start), end).contains(&idx) {
+                    break;
+                }
+                out.push(serde_json::from_slice(&v).map_err(read_err)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> = self.get_raft("purged")?;
+        let last = match self
+            .db
+            .iterator_cf(cf(&self.db, CF_LOG)?, IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (_, v) = item.map_err(read_err)?;
+                let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StoreResult<()> {
+        self.put_raft("vote", vote).await
+    }
+
+    async fn read_vote(&mut self) -> StoreResult<Option<Vote<NodeId>>> {
+        self.get_raft("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
+        self.put_raft("committed", &committed).await
+    }
+
+    async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
+        Ok(self
+            .get_raft::<Option<LogId<NodeId>>>("committed")?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = vec![];
+        for e in entries {
+            encoded.push((
+                e.log_id.index.to_be_bytes(),
+                serde_json::to_vec(&e).map_err(write_err)?,
+            ));
+        }
+        let db = self.db.clone();
+        let r = blocking(move || {
+            let mut batch = WriteBatch::default();
+            let log = cf(&db, CF_LOG)?;
+            for (k, v) in encoded {
+                batch.put_cf(log, k, v);
+            }
+            db.write_opt(batch, &synced()).map_err(write_err)
+        })
+        .await;
+        match &r {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        }
+        r
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+        let db = self.db.clone();
+        blocking(move || {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(
+                cf(&db, CF_LOG)?,
+                log_id.index.to_be_bytes(),
+                u64::MAX.to_be_bytes(),
+            );
+            db.write_opt(batch, &synced()).map_err(write_err)
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+        let purged = serde_json::to_vec(&log_id).map_err(write_err)?;
+        let db = self.db.clone();
+        blocking(move || {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(cf(&db, CF_RAFT)?, "purged", purged);
+            batch.delete_range_cf(
+                cf(&db, CF_LOG)?,
+                0u64.to_be_bytes(),
+                (log_id.index + 1).to_be_bytes(),
+            );
+            db.write_opt(batch, &synced()).map_err(write_err)
+        })
+        .await
+    }
+}
+
+// ---- state machine --------------------------------------------------------------------------
+
+/// The state machine: applies commands to the state column family and builds snapshots.
+#[derive(Clone)]
+pub struct StateMachine {
+    view: StateView,
+    snapshot_path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+impl StateMachine {
+    /// A state machine over `view`, keeping its latest snapshot at `snapshot_path`.
+    pub fn new(view: StateView, snapshot_path: PathBuf) -> StateMachine {
+        StateMachine {
+            view,
+            snapshot_path,
+        }
+    }
+
+    fn applied(&self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        let applied = self.view.get(KEY_APPLIED).map_err(read_err)?;
+        let membership = self
+            .view
+            .get(KEY_MEMBERSHIP)
+            .map_err(read_err)?
+            .unwrap_or_default();
+        Ok((applied, membership))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
+        let view = self.view.clone();
+        let path = self.snapshot_path.clone();
+        blocking(move || {
+            // One RocksDB snapshot gives the data and the applied log id at the same instant.
+            let db = view.db().clone();
+            let snap = db.snapshot();
+            let state = cf(&db, CF_STATE)?;
+            let decode = |k: &[u8]| -> StoreResult<Option<Vec<u8>>> {
+                snap.get_cf(state, k).map_err(read_err)
+            };
+            let applied: Option<LogId<NodeId>> = match decode(KEY_APPLIED)? {
+                Some(v) => serde_json::from_slice(&v).map_err(read_err)?,
+                None => None,
+            };
+            let membership: StoredMembership<NodeId, BasicNode> = match decode(KEY_MEMBERSHIP)? {
+                Some(v) => serde_json::from_slice(&v).map_err(read_err)?,
+                None => StoredMembership::default(),
+            };
+            let pairs = view.dump(&snap).map_err(read_err)?;
+            let data = serde_json::to_vec(&pairs).map_err(read_err)?;
+            let snapshot_id = match &applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, pairs.len()),
+                None => format!("none-{}", pairs.len()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            let file = SnapshotFile {
+                meta: meta.clone(),
+                data: data.clone(),
+            };
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&file).map_err(write_err)?)
+                .map_err(write_err)?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(write_err)?;
+            std::fs::rename(&tmp, &path).map_err(write_err)?;
+            Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            })
+        })
+        .await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        self.applied()
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<Outcome>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let view = self.view.clone();
+        blocking(move || {
+            let mut outcomes = Vec::with_capacity(entries.len());
+            // Entries apply one by one, each with its applied log id in the same batch; the
+            // batches are not fsynced: the log is, and a crash replays what was lost.
+            for entry in entries {
+                let mut tx = Tx::new(&view);
+                let mut extra: Vec<(&[u8], Vec<u8>)> = vec![(
+                    KEY_APPLIED,
+                    serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?,
+                )];
+                let outcome = match &entry.payload {
+                    EntryPayload::Normal(cmd) => {
+                        let o = tx.apply(cmd).map_err(write_err)?;
+                        if matches!(o, Outcome::Rejected { .. }) {
+                            tx = Tx::new(&view);
+                        }
+                        o
+                    }
+                    EntryPayload::Blank => Outcome::Done,
+                    EntryPayload::Membership(m) => {
+                        let sm = StoredMembership::new(Some(entry.log_id), m.clone());
+                        extra.push((KEY_MEMBERSHIP, serde_json::to_vec(&sm).map_err(write_err)?));
+                        Outcome::Done
+                    }
+                };
+                view.db()
+                    .write(tx.into_batch(&extra).map_err(write_err)?)
+                    .map_err(write_err)?;
+                outcomes.push(outcome);
+            }
+            Ok(outcomes)
+        })
+        .await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(vec![])))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StoreResult<()> {
+        let data = snapshot.into_inner();
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = serde_json::from_slice(&data).map_err(read_err)?;
+        let view = self.view.clone();
+        let path = self.snapshot_path.clone();
+        let meta = meta.clone();
+        blocking(move || {
+            let db = view.db().clone();
+            let state = cf(&db, CF_STATE)?;
+            let mut batch = WriteBatch::default();
+            // Everything below '~' is replicated state; '~' keys are rewritten just after.
+            batch.delete_range_cf(state, [0u8].as_slice(), b"~".as_slice());
+            for (k, v) in &pairs {
+                batch.put_cf(state, k, v);
+            }
+            batch.put_cf(
+                state,
+                KEY_APPLIED,
+                serde_json::to_vec(&meta.last_log_id).map_err(write_err)?,
+            );
+            batch.put_cf(
+                state,
+                KEY_MEMBERSHIP,
+                serde_json::to_vec(&meta.last_membership).map_err(write_err)?,
+            );
+            db.write_opt(batch, &synced()).map_err(write_err)?;
+            let file = SnapshotFile { meta, data };
+            std::fs::write(&path, serde_json::to_vec(&file).map_err(write_err)?)
+                .map_err(write_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
+        let path = self.snapshot_path.clone();
+        blocking(move || match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(read_err)?;
+                Ok(Some(Snapshot {
+                    meta: file.meta,
+                    snapshot: Box::new(Cursor::new(file.data)),
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(read_err(e)),
+        })
+        .await
+    }
+}
+
+// ---- network --------------------------------------------------------------------------------
+
+/// The network of a group without peers: every RPC reports the target unreachable. A
+/// single-voter group never sends one; the cluster replaces this with a gRPC transport.
+pub struct NoPeers;
+
+/// The connection [`NoPeers`] hands out.
+pub struct NoPeer;
+
+fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<NodeId, BasicNode, E> {
+    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(
+        &std::io::Error::other("this metadata group has no peers"),
+    ))
+}
+
+impl openraft::RaftNetworkFactory<TypeConfig> for NoPeers {
+    type Network = NoPeer;
+
+    async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> NoPeer {
+        NoPeer
+    }
+}
+
+impl openraft::RaftNetwork<TypeConfig> for NoPeer {
+    async fn append_entries(
+        &mut self,
+        _rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::AppendEntriesResponse<NodeId>,
+        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
+    > {
+        Err(unreachable())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::InstallSnapshotResponse<NodeId>,
+        openraft::error::RPCError<
+            NodeId,
+            BasicNode,
+            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        >,
+    > {
+        Err(unreachable())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: openraft::raft::VoteRequest<NodeId>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::VoteResponse<NodeId>,
+        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
+    > {
+        Err(unreachable())
+    }
+}

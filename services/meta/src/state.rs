@@ -1,0 +1,430 @@
+//! The replicated state: its RocksDB keyspace, how commands change it, and how it is read.
+//!
+//! Everything lives in one column family, keyed by a one-byte kind and NUL-separated parts
+//! (names, tags and digests never contain NUL), so each listing is a prefix scan in order:
+//!
+//! | key | value |
+//! |---|---|
+//! | `r` repo | first-push time |
+//! | `l` repo `\0` digest | blob size (the blob is linked in the repository) |
+//! | `c` digest | number of repositories linking the blob |
+//! | `o` digest | time the last link went (unlinked blob, deletion candidate) |
+//! | `f` digest | fenced: being deleted, cannot be linked |
+//! | `m` repo `\0` digest | [`ManifestRecord`] |
+//! | `t` repo `\0` tag | manifest digest |
+//! | `s` repo `\0` subject `\0` digest | (a referrer of subject) |
+//! | `u` id | [`UploadSession`] |
+//! | `~a`, `~m` | last applied log id, last membership (Raft's own) |
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use berth_core::{Digest, ErrorCode, ManifestRecord, UploadSession};
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::command::{Command, Outcome};
+
+/// Column family of the replicated state.
+pub const CF_STATE: &str = "state";
+/// Key of the last applied log id.
+pub const KEY_APPLIED: &[u8] = b"~a";
+/// Key of the last applied membership.
+pub const KEY_MEMBERSHIP: &[u8] = b"~m";
+
+/// Builds a key from a kind byte and parts separated by NUL.
+pub fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    k.push(kind);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+/// Errors of the state's storage (RocksDB or encoding); fatal for the Raft node.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// RocksDB failed.
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A stored value did not decode.
+    #[error("decoding: {0}")]
+    Decode(#[from] serde_json::Error),
+    /// The column family is missing.
+    #[error("column family {0} missing")]
+    NoFamily(&'static str),
+}
+
+/// Read access to the replicated state (shared by the state machine and readers).
+#[derive(Clone)]
+pub struct StateView {
+    db: Arc<DB>,
+}
+
+impl StateView {
+    /// A view over `db`, which must have the [`CF_STATE`] column family.
+    pub fn new(db: Arc<DB>) -> StateView {
+        StateView { db }
+    }
+
+    /// The underlying database.
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    fn cf(&self) -> Result<&rocksdb::ColumnFamily, StateError> {
+        self.db
+            .cf_handle(CF_STATE)
+            .ok_or(StateError::NoFamily(CF_STATE))
+    }
+
+    /// Raw value at `k`.
+    pub fn raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.db.get_cf(self.cf()?, k)?)
+    }
+
+    /// Decoded value at `k`.
+    pub fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StateError> {
+        match self.db.get_pinned_cf(self.cf()?, k)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys (with `prefix` stripped) and raw values under `prefix`, starting after `after`
+    /// (a key suffix), at most `n`.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        n: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+        let mut start = prefix.to_vec();
+        if let Some(a) = after {
+            start.extend_from_slice(a);
+        }
+        let mut out = vec![];
+        for item in self
+            .db
+            .iterator_cf(self.cf()?, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) || out.len() >= n {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            if after.is_some_and(|a| rest == a) {
+                continue;
+            }
+            out.push((rest.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every key-value pair of the state, Raft's own keys excluded (for snapshots).
+    pub fn dump(
+        &self,
+        snap: &rocksdb::Snapshot<'_>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+        let mut out = vec![];
+        for item in snap.iterator_cf(self.cf()?, IteratorMode::Start) {
+            let (k, v) = item?;
+            if !k.starts_with(b"~") {
+                out.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A manifest record.
+    pub fn manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>, StateError> {
+        self.get(&key(b'm', &[repo, &digest.to_string()]))
+    }
+}
+
+/// One command's changes: reads see the command's own earlier writes; nothing reaches the
+/// database until [`Tx::into_batch`].
+pub struct Tx<'a> {
+    view: &'a StateView,
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    order: Vec<Vec<u8>>,
+}
+
+impl<'a> Tx<'a> {
+    /// A transaction over `view`.
+    pub fn new(view: &'a StateView) -> Tx<'a> {
+        Tx {
+            view,
+            overlay: HashMap::new(),
+            order: vec![],
+        }
+    }
+
+    fn raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        match self.overlay.get(k) {
+            Some(v) => Ok(v.clone()),
+            None => self.view.raw(k),
+        }
+    }
+
+    fn exists(&self, k: &[u8]) -> Result<bool, StateError> {
+        Ok(self.raw(k)?.is_some())
+    }
+
+    fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StateError> {
+        match self.raw(k)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn set(&mut self, k: Vec<u8>, v: Option<Vec<u8>>) {
+        if !self.overlay.contains_key(&k) {
+            self.order.push(k.clone());
+        }
+        self.overlay.insert(k, v);
+    }
+
+    fn put<T: Serialize>(&mut self, k: Vec<u8>, v: &T) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(v)?;
+        self.set(k, Some(bytes));
+        Ok(())
+    }
+
+    fn delete(&mut self, k: Vec<u8>) {
+        self.set(k, None);
+    }
+
+    /// The changes as a write batch, with extra raw puts (Raft's applied state).
+    pub fn into_batch(self, extra: &[(&[u8], Vec<u8>)]) -> Result<WriteBatch, StateError> {
+        let cf = self.view.cf()?;
+        let mut batch = WriteBatch::default();
+        for k in self.order {
+            match self.overlay.get(&k) {
+                Some(Some(v)) => batch.put_cf(cf, &k, v),
+                Some(None) => batch.delete_cf(cf, &k),
+                None => {}
+            }
+        }
+        for (k, v) in extra {
+            batch.put_cf(cf, k, v);
+        }
+        Ok(batch)
+    }
+
+    // ---- the commands ---------------------------------------------------------------------
+
+    /// Applies one command. A refusal leaves the transaction empty.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
+        match cmd {
+            Command::LinkBlob {
+                repo,
+                digest,
+                size,
+                now_ms,
+            } => self.link(repo, digest, *size, *now_ms),
+            Command::UnlinkBlob {
+                repo,
+                digest,
+                now_ms,
+            } => Ok(Outcome::Existed(self.unlink(repo, digest, *now_ms)?)),
+            Command::PutManifest {
+                repo,
+                record,
+                tags,
+                now_ms,
+            } => self.put_manifest(repo, record, tags, *now_ms),
+            Command::DeleteManifest {
+                repo,
+                digest,
+                now_ms,
+            } => self.delete_manifest(repo, digest, *now_ms),
+            Command::DeleteTag { repo, tag } => {
+                let k = key(b't', &[repo, tag]);
+                let existed = self.exists(&k)?;
+                self.delete(k);
+                Ok(Outcome::Existed(existed))
+            }
+            Command::CreateUpload { session } => {
+                self.put(key(b'u', &[&session.id]), session)?;
+                Ok(Outcome::Done)
+            }
+            Command::EndUpload { id, link, now_ms } => {
+                let k = key(b'u', &[id]);
+                let Some(session) = self.get::<UploadSession>(&k)? else {
+                    return Ok(Outcome::rejected(
+                        ErrorCode::BlobUploadUnknown,
+                        format!("upload {id} is unknown"),
+                    ));
+                };
+                if let Some((digest, size)) = link {
+                    let linked = self.link(&session.repo, digest, *size, *now_ms)?;
+                    if matches!(linked, Outcome::Rejected { .. }) {
+                        return Ok(linked);
+                    }
+                }
+                self.delete(k);
+                Ok(Outcome::Done)
+            }
+            Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
+            Command::BlobReaped { digest } => {
+                let d = digest.to_string();
+                self.delete(key(b'f', &[&d]));
+                if self.get::<u64>(&key(b'c', &[&d]))?.unwrap_or(0) == 0 {
+                    self.delete(key(b'c', &[&d]));
+                }
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    fn ensure_repo(&mut self, repo: &str, now_ms: u64) -> Result<(), StateError> {
+        let k = key(b'r', &[repo]);
+        if !self.exists(&k)? {
+            self.put(k, &now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn link(
+        &mut self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        now_ms: u64,
+    ) -> Result<Outcome, StateError> {
+        let d = digest.to_string();
+        if self.exists(&key(b'f', &[&d]))? {
+            return Ok(Outcome::rejected(
+                ErrorCode::BlobUnknown,
+                format!("blob {d} is being deleted; upload it again"),
+            ));
+        }
+        let lk = key(b'l', &[repo, &d]);
+        if !self.exists(&lk)? {
+            self.put(lk, &size)?;
+            let ck = key(b'c', &[&d]);
+            let count = self.get::<u64>(&ck)?.unwrap_or(0);
+            self.put(ck, &(count + 1))?;
+            self.delete(key(b'o', &[&d]));
+        }
+        self.ensure_repo(repo, now_ms)?;
+        Ok(Outcome::Done)
+    }
+
+    fn unlink(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<bool, StateError> {
+        let d = digest.to_string();
+        let lk = key(b'l', &[repo, &d]);
+        if !self.exists(&lk)? {
+            return Ok(false);
+        }
+        self.delete(lk);
+        let ck = key(b'c', &[&d]);
+        let count = self.get::<u64>(&ck)?.unwrap_or(1).saturating_sub(1);
+        self.put(ck, &count)?;
+        if count == 0 {
+            self.put(key(b'o', &[&d]), &now_ms)?;
+        }
+        Ok(true)
+    }
+
+    fn put_manifest(
+        &mut self,
+        repo: &str,
+        record: &ManifestRecord,
+        tags: &[String],
+        now_ms: u64,
+    ) -> Result<Outcome, StateError> {
+        for b in &record.blobs {
+            if !self.exists(&key(b'l', &[repo, &b.to_string()]))? {
+                return Ok(Outcome::rejected(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("blob {b} is not in {repo}"),
+                ));
+            }
+        }
+        for m in &record.manifests {
+            if !self.exists(&key(b'm', &[repo, &m.to_string()]))? {
+                return Ok(Outcome::rejected(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("manifest {m} is not in {repo}"),
+                ));
+            }
+        }
+        let d = record.digest.to_string();
+        if let Outcome::Rejected { detail, .. } =
+            self.link(repo, &record.digest, record.size, now_ms)?
+        {
+            return Ok(Outcome::rejected(ErrorCode::Unknown, detail));
+        }
+        self.put(key(b'm', &[repo, &d]), record)?;
+        if let Some(subject) = &record.subject {
+            self.put(key(b's', &[repo, &subject.to_string(), &d]), &())?;
+        }
+        for tag in tags {
+            self.put(key(b't', &[repo, tag]), &d)?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn delete_manifest(
+        &mut self,
+        repo: &str,
+        digest: &Digest,
+        now_ms: u64,
+    ) -> Result<Outcome, StateError> {
+        let d = digest.to_string();
+        let mk = key(b'm', &[repo, &d]);
+        let Some(record) = self.get::<ManifestRecord>(&mk)? else {
+            return Ok(Outcome::Existed(false));
+        };
+        self.delete(mk);
+        if let Some(subject) = &record.subject {
+            self.delete(key(b's', &[repo, &subject.to_string(), &d]));
+        }
+        let prefix = key(b't', &[repo, ""]);
+        for (tag, target) in self.view.scan(&prefix, None, usize::MAX)? {
+            if serde_json::from_slice::<String>(&target)? == d {
+                self.delete([prefix.as_slice(), &tag].concat());
+            }
+        }
+        self.unlink(repo, digest, now_ms)?;
+        Ok(Outcome::Existed(true))
+    }
+
+    fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {
+        // Blobs fenced by an earlier sweep whose deletion did not finish come first.
+        let mut fenced: Vec<Digest> = self
+            .view
+            .scan(b"f", None, max)?
+            .into_iter()
+            .filter_map(|(d, _)| String::from_utf8_lossy(&d).parse().ok())
+            .collect();
+        for (d, since) in self.view.scan(b"o", None, usize::MAX)? {
+            if fenced.len() >= max {
+                break;
+            }
+            let since: u64 = serde_json::from_slice(&since)?;
+            let d = String::from_utf8_lossy(&d).into_owned();
+            if since > cutoff_ms || self.get::<u64>(&key(b'c', &[&d]))?.unwrap_or(0) > 0 {
+                continue;
+            }
+            let Ok(digest) = d.parse::<Digest>() else {
+                continue;
+            };
+            self.delete(key(b'o', &[&d]));
+            self.put(key(b'f', &[&d]), &())?;
+            fenced.push(digest);
+        }
+        Ok(Outcome::Fenced(fenced))
+    }
+}

@@ -1,0 +1,677 @@
+//! The storage engine: the [`BlobStore`] of one node over its local directory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use berth_core::error::Result;
+use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::task::JoinHandle;
+
+use crate::staging::{sync_dir, Staging};
+use crate::{INLINE_THRESHOLD, READ_CHUNK, WRITE_BUFFER};
+
+const CF_BLOBS: &str = "blobs";
+const CF_INLINE: &str = "inline";
+
+/// Where a node keeps its files.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// The node's directory; created if missing.
+    pub dir: PathBuf,
+}
+
+/// Where a blob's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Location {
+    /// In the `inline` column family, under the same key.
+    Inline,
+    /// In its own file under `blobs/`.
+    File,
+}
+
+/// The index entry of one verified blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobEntry {
+    /// Length in bytes.
+    pub size: u64,
+    /// BLAKE3 of the bytes, checked on scrub and repair.
+    pub blake3: [u8; 32],
+    /// When the blob was stored (milliseconds since the Unix epoch).
+    pub created_at_ms: u64,
+    /// Where the bytes are.
+    pub location: Location,
+}
+
+/// An upload's slot: loaded lazily from disk, gone once finished, cancelled or expired.
+enum Slot {
+    Unloaded,
+    Ready(Box<Staging>),
+    Gone,
+}
+
+/// One node's blob storage (cheap to clone).
+#[derive(Clone)]
+pub struct StorageEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: DB,
+    uploads: Mutex<HashMap<String, Arc<AsyncMutex<Slot>>>>,
+}
+
+fn internal(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::internal(e)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn too_big(limit: u64) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::SizeInvalid,
+        format!("blob exceeds the limit of {limit} bytes"),
+    )
+    .with_status(413)
+}
+
+fn upload_unknown(id: &str) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::BlobUploadUnknown,
+        format!("upload {id} is unknown or expired"),
+    )
+}
+
+/// Upload ids name files, so only UUID-like ids are accepted.
+fn valid_upload_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Runs blocking work (RocksDB, fsync, hashing) off the reactor.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+impl StorageEngine {
+    /// Opens (or creates) the node's directory and index.
+    pub fn open(config: StorageConfig) -> io::Result<StorageEngine> {
+        let dir = config.dir;
+        for sub in ["blobs", "uploads"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        let mut inline_opts = Options::default();
+        // Inline values are blobs of up to 256 KiB: a larger write buffer keeps flushes rare.
+        inline_opts.set_write_buffer_size(64 * 1024 * 1024);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_BLOBS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
+        ];
+        let db =
+            DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
+        Ok(StorageEngine {
+            inner: Arc::new(Inner {
+                dir,
+                db,
+                uploads: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The index entry of a blob, if stored.
+    pub async fn entry(&self, digest: &Digest) -> Result<Option<BlobEntry>> {
+        let inner = self.inner.clone();
+        let key = digest.to_string();
+        blocking(move || inner.entry(&key)).await
+    }
+
+    /// Recomputes a stored blob's BLAKE3 and compares it with the index: `Some(true)` when
+    /// intact, `Some(false)` when the bytes on disk were damaged, `None` when absent.
+    pub async fn scrub(&self, digest: &Digest) -> Result<Option<bool>> {
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let key = digest.to_string();
+            let Some(entry) = inner.entry(&key)? else {
+                return Ok(None);
+            };
+            let mut h = blake3::Hasher::new();
+            match entry.location {
+                Location::Inline => {
+                    let data = inner.inline(&key)?.unwrap_or_default();
+                    h.update(&data);
+                }
+                Location::File => {
+                    h.update_reader(fs::File::open(inner.blob_path(&digest)).map_err(internal)?)
+                        .map_err(internal)?;
+                }
+            }
+            Ok(Some(*h.finalize().as_bytes() == entry.blake3))
+        })
+        .await
+    }
+
+    /// The slot of upload `id`, locked; loads a staged file left by an earlier process.
+    async fn lock_upload(&self, id: &str) -> Result<OwnedMutexGuard<Slot>> {
+        if !valid_upload_id(id) {
+            return Err(upload_unknown(id));
+        }
+        let slot = {
+            let mut map = self.inner.uploads.lock().map_err(internal)?;
+            map.entry(id.to_string())
+                .or_insert_with(|| Arc::new(AsyncMutex::new(Slot::Unloaded)))
+                .clone()
+        };
+        let mut guard = slot.lock_owned().await;
+        if let Slot::Unloaded = *guard {
+            let path = self.inner.upload_path(id);
+            *guard = blocking(move || match Staging::reopen(path) {
+                Ok(s) => Ok(Slot::Ready(Box::new(s))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Slot::Gone),
+                Err(e) => Err(internal(e)),
+            })
+            .await?;
+        }
+        if let Slot::Gone = *guard {
+            self.forget_upload(id);
+            return Err(upload_unknown(id));
+        }
+        Ok(guard)
+    }
+
+    fn forget_upload(&self, id: &str) {
+        if let Ok(mut map) = self.inner.uploads.lock() {
+            map.remove(id);
+        }
+    }
+
+    /// Streams `body` into the staged upload, `WRITE_BUFFER` bytes per blocking step, the next
+    /// buffer filling from the network while the previous one is hashed and written. On any
+    /// failure the upload is rolled back to where this append started.
+    /// Returns the staging state back, or `None` if it was lost with a failed blocking task.
+    async fn append_body(
+        &self,
+        st: Box<Staging>,
+        mut body: ByteStream,
+        limit: u64,
+    ) -> (Option<Box<Staging>>, Result<u64>) {
+        let mark = st.mark();
+        let start = st.size;
+        let mut idle: Option<Box<Staging>> = Some(st);
+        let mut inflight: Option<JoinHandle<(Box<Staging>, io::Result<()>)>> = None;
+        let mut buf = BytesMut::with_capacity(WRITE_BUFFER);
+        let mut received = 0u64;
+        let mut outcome: Result<()> = Ok(());
+        loop {
+            let next = body.next().await;
+            let done = match next {
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if start + received > limit {
+                        outcome = Err(too_big(limit));
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk);
+                    false
+                }
+                Some(Err(e)) => {
+                    outcome = Err(RegistryError::new(
+                        ErrorCode::BlobUploadInvalid,
+                        format!("reading body: {e}"),
+                    ));
+                    break;
+                }
+                None => true,
+            };
+            if buf.len() >= WRITE_BUFFER || (done && !buf.is_empty()) {
+                let st = match inflight.take() {
+                    Some(h) => match h.await {
+                        Ok((st, Ok(()))) => st,
+                        Ok((st, Err(e))) => {
+                            idle = Some(st);
+                            outcome = Err(internal(e));
+                            break;
+                        }
+                        Err(e) => {
+                            outcome = Err(internal(e));
+                            break;
+                        }
+                    },
+                    None => match idle.take() {
+                        Some(st) => st,
+                        None => {
+                            outcome = Err(internal("staging state lost"));
+                            break;
+                        }
+                    },
+                };
+                let data = buf.split().freeze();
+                inflight = Some(tokio::task::spawn_blocking(move || {
+                    let mut st = st;
+                    let r = st.append(&data);
+                    (st, r)
+                }));
+            }
+            if done {
+                break;
+            }
+        }
+        if let Some(h) = inflight.take() {
+            match h.await {
+                Ok((st, r)) => {
+                    idle = Some(st);
+                    if let (Err(e), Ok(())) = (r, &outcome) {
+                        outcome = Err(internal(e));
+                    }
+                }
+                Err(e) => outcome = Err(internal(e)),
+            }
+        }
+        let Some(st) = idle else {
+            return (None, Err(internal("upload state lost")));
+        };
+        match outcome {
+            Ok(()) => {
+                let size = st.size;
+                (Some(st), Ok(size))
+            }
+            Err(e) => {
+                let rolled = tokio::task::spawn_blocking(move || {
+                    let mut st = st;
+                    let r = st.rollback(mark);
+                    (st, r)
+                })
+                .await;
+                match rolled {
+                    Ok((st, Ok(()))) => (Some(st), Err(e)),
+                    Ok((_, Err(io))) => {
+                        tracing::error!(error = %io, "rolling back an upload failed; dropping it");
+                        (None, Err(e))
+                    }
+                    Err(_) => (None, Err(e)),
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn upload_path(&self, id: &str) -> PathBuf {
+        self.dir.join("uploads").join(id)
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| internal(format!("column family {name} missing")))
+    }
+
+    fn entry(&self, key: &str) -> Result<Option<BlobEntry>> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_BLOBS)?, key)
+            .map_err(internal)?
+        {
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(internal),
+            None => Ok(None),
+        }
+    }
+
+    fn inline(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.db.get_cf(self.cf(CF_INLINE)?, key).map_err(internal)
+    }
+
+    fn synced_write(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(internal)
+    }
+
+    /// Makes verified staged bytes a durable blob (see the crate docs for the order of steps).
+    fn commit(&self, mut st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<u64> {
+        let key = digest.to_string();
+        let size = st.size;
+        if let Some(existing) = self.entry(&key)? {
+            let _ = fs::remove_file(&st.path);
+            return Ok(existing.size);
+        }
+        let mut entry = BlobEntry {
+            size,
+            blake3: checksum,
+            created_at_ms: now_ms(),
+            location: Location::Inline,
+        };
+        let mut batch = WriteBatch::default();
+        if size <= INLINE_THRESHOLD {
+            let data = st.read_all().map_err(internal)?;
+            batch.put_cf(self.cf(CF_INLINE)?, &key, data);
+        } else {
+            st.sync().map_err(internal)?;
+            let path = self.blob_path(digest);
+            let parent = path
+                .parent()
+                .ok_or_else(|| internal("blob path has no parent"))?;
+            if !parent.exists() {
+                fs::create_dir_all(parent).map_err(internal)?;
+                if let Some(grand) = parent.parent() {
+                    sync_dir(grand).map_err(internal)?;
+                }
+            }
+            fs::rename(&st.path, &path).map_err(internal)?;
+            sync_dir(parent).map_err(internal)?;
+            entry.location = Location::File;
+        }
+        batch.put_cf(
+            self.cf(CF_BLOBS)?,
+            &key,
+            bincode::serialize(&entry).map_err(internal)?,
+        );
+        self.synced_write(batch)?;
+        if entry.location == Location::Inline {
+            let _ = fs::remove_file(&st.path);
+        }
+        Ok(size)
+    }
+}
+
+#[async_trait]
+impl BlobStore for StorageEngine {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        Ok(self.entry(digest).await?.map(|e| e.size))
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
+        let Some(entry) = self.entry(digest).await? else {
+            return Err(RegistryError::new(
+                ErrorCode::BlobUnknown,
+                digest.to_string(),
+            ));
+        };
+        let (first, last) = range.unwrap_or((0, entry.size.saturating_sub(1)));
+        if entry.size == 0 {
+            return Ok(futures::stream::empty().boxed());
+        }
+        match entry.location {
+            Location::Inline => {
+                let inner = self.inner.clone();
+                let key = digest.to_string();
+                let data = blocking(move || inner.inline(&key))
+                    .await?
+                    .ok_or_else(|| internal("inline bytes missing"))?;
+                let data = Bytes::from(data);
+                let end = (last as usize + 1).min(data.len());
+                let part = data.slice((first as usize).min(end)..end);
+                Ok(futures::stream::once(async move { Ok(part) }).boxed())
+            }
+            Location::File => {
+                let mut file = tokio::fs::File::open(self.inner.blob_path(digest))
+                    .await
+                    .map_err(internal)?;
+                if first > 0 {
+                    file.seek(io::SeekFrom::Start(first))
+                        .await
+                        .map_err(internal)?;
+                }
+                let reader = file.take(last + 1 - first);
+                Ok(tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed())
+            }
+        }
+    }
+
+    async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let key = digest.to_string();
+            let Some(entry) = inner.entry(&key)? else {
+                return Ok(None);
+            };
+            if entry.size > limit {
+                return Err(internal(format!("blob {key} is larger than {limit} bytes")));
+            }
+            let data = match entry.location {
+                Location::Inline => inner
+                    .inline(&key)?
+                    .ok_or_else(|| internal("inline bytes missing"))?,
+                Location::File => fs::read(inner.blob_path(&digest)).map_err(internal)?,
+            };
+            Ok(Some(Bytes::from(data)))
+        })
+        .await
+    }
+
+    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            if !digest.matches(&data) {
+                return Err(RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("content does not hash to {digest}"),
+                ));
+            }
+            let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
+            let mut st = Box::new(Staging::create(path).map_err(internal)?);
+            let r = st.append(&data).map_err(internal).and_then(|()| {
+                let (_, checksum) = st.verify(&digest).map_err(internal)?;
+                Ok(checksum)
+            });
+            match r {
+                Ok(checksum) => inner.commit(st, &digest, checksum).map(|_| ()),
+                Err(e) => {
+                    let _ = fs::remove_file(&st.path);
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<u64> {
+        let id = format!("put-{}", uuid::Uuid::new_v4());
+        self.upload_start(&id).await?;
+        let appended = self.upload_append(&id, Some(0), body, limit).await;
+        match appended {
+            Ok(_) => self.upload_finish(&id, digest).await,
+            Err(e) => {
+                let _ = self.upload_cancel(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_start(&self, id: &str) -> Result<()> {
+        if !valid_upload_id(id) {
+            return Err(upload_unknown(id));
+        }
+        let path = self.inner.upload_path(id);
+        let st = blocking(move || Staging::create(path).map_err(internal)).await?;
+        let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
+        self.inner
+            .uploads
+            .lock()
+            .map_err(internal)?
+            .insert(id.to_string(), slot);
+        Ok(())
+    }
+
+    async fn upload_append(
+        &self,
+        id: &str,
+        offset: Option<u64>,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<u64> {
+        let mut guard = self.lock_upload(id).await?;
+        let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
+            return Err(upload_unknown(id));
+        };
+        if let Some(off) = offset {
+            if off != st.size {
+                let size = st.size;
+                *guard = Slot::Ready(st);
+                return Err(RegistryError::new(
+                    ErrorCode::BlobUploadInvalid,
+                    format!("chunk starts at {off} but the upload has {size} bytes"),
+                )
+                .with_status(416));
+            }
+        }
+        let (st, result) = self.append_body(st, body, limit).await;
+        match st {
+            Some(st) => *guard = Slot::Ready(st),
+            // Next use reloads the staged file from disk.
+            None => *guard = Slot::Unloaded,
+        }
+        result
+    }
+
+    async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
+        match self.lock_upload(id).await {
+            Ok(guard) => match &*guard {
+                Slot::Ready(st) => Ok(Some(st.size)),
+                _ => Ok(None),
+            },
+            Err(e) if e.code == ErrorCode::BlobUploadUnknown => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<u64> {
+        let mut guard = self.lock_upload(id).await?;
+        let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
+            return Err(upload_unknown(id));
+        };
+        self.forget_upload(id);
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let mut st = st;
+            let (ok, checksum) = st.verify(&digest).map_err(internal)?;
+            if !ok {
+                let _ = fs::remove_file(&st.path);
+                return Err(RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("uploaded content does not hash to {digest}"),
+                ));
+            }
+            let path = st.path.clone();
+            inner.commit(st, &digest, checksum).inspect_err(|_| {
+                let _ = fs::remove_file(&path);
+            })
+        })
+        .await
+    }
+
+    async fn upload_cancel(&self, id: &str) -> Result<()> {
+        let mut guard = self.lock_upload(id).await?;
+        *guard = Slot::Gone;
+        self.forget_upload(id);
+        let path = self.inner.upload_path(id);
+        blocking(move || match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(internal(e)),
+        })
+        .await
+    }
+
+    async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>> {
+        let dir = self.inner.dir.join("uploads");
+        let stale = blocking(move || {
+            let cutoff = SystemTime::now().checked_sub(idle).unwrap_or(UNIX_EPOCH);
+            let mut stale = vec![];
+            for e in fs::read_dir(&dir).map_err(internal)? {
+                let e = e.map_err(internal)?;
+                let modified = e.metadata().and_then(|m| m.modified()).map_err(internal)?;
+                if modified < cutoff {
+                    stale.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            Ok(stale)
+        })
+        .await?;
+        let mut expired = vec![];
+        for id in stale {
+            // An upload whose slot is locked is receiving bytes right now: not idle.
+            let slot = self
+                .inner
+                .uploads
+                .lock()
+                .map_err(internal)?
+                .get(&id)
+                .cloned();
+            let busy = match &slot {
+                Some(s) => s.try_lock().is_err(),
+                None => false,
+            };
+            if busy {
+                continue;
+            }
+            if valid_upload_id(&id) {
+                self.upload_cancel(&id).await.ok();
+            } else {
+                let _ = fs::remove_file(self.inner.upload_path(&id));
+            }
+            expired.push(id);
+        }
+        Ok(expired)
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<bool> {
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let key = digest.to_string();
+            let Some(entry) = inner.entry(&key)? else {
+                return Ok(false);
+            };
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(inner.cf(CF_BLOBS)?, &key);
+            if entry.location == Location::Inline {
+                batch.delete_cf(inner.cf(CF_INLINE)?, &key);
+            }
+            inner.synced_write(batch)?;
+            if entry.location == Location::File {
+                match fs::remove_file(inner.blob_path(&digest)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(internal(e)),
+                }
+            }
+            Ok(true)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests;

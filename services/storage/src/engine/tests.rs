@@ -1,0 +1,221 @@
+use super::*;
+use berth_core::Algorithm;
+
+fn engine() -> (tempfile::TempDir, StorageEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let e = StorageEngine::open(StorageConfig {
+        dir: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    (dir, e)
+}
+
+fn body(parts: Vec<Vec<u8>>) -> ByteStream {
+    futures::stream::iter(parts.into_iter().map(|p| Ok(Bytes::from(p)))).boxed()
+}
+
+async fn collect(s: ByteStream) -> Vec<u8> {
+    let mut out = vec![];
+    let mut s = s;
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    out
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn chunked_upload_large_and_small() {
+    let (_d, e) = engine();
+    for n in [
+        0usize,
+        10,
+        INLINE_THRESHOLD as usize,
+        INLINE_THRESHOLD as usize + 1,
+        3 * WRITE_BUFFER + 7,
+    ] {
+        let bytes = data(n);
+        let digest = Digest::sha256_of(&bytes);
+        let id = uuid::Uuid::new_v4().to_string();
+        e.upload_start(&id).await.unwrap();
+        let half = n / 2;
+        assert_eq!(
+            e.upload_append(&id, Some(0), body(vec![bytes[..half].to_vec()]), u64::MAX)
+                .await
+                .unwrap(),
+            half as u64
+        );
+        // A chunk that does not start where the upload ends is refused and changes nothing.
+        let gap = e
+            .upload_append(&id, Some(half as u64 + 1), body(vec![vec![1]]), u64::MAX)
+            .await
+            .unwrap_err();
+        assert_eq!(gap.status, 416);
+        assert_eq!(e.upload_size(&id).await.unwrap(), Some(half as u64));
+        e.upload_append(
+            &id,
+            Some(half as u64),
+            body(vec![bytes[half..].to_vec()]),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+        assert_eq!(e.upload_finish(&id, &digest).await.unwrap(), n as u64);
+        assert_eq!(e.upload_size(&id).await.unwrap(), None);
+        assert_eq!(e.stat(&digest).await.unwrap(), Some(n as u64));
+        assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
+        if n > 10 {
+            assert_eq!(
+                collect(e.read(&digest, Some((3, 9))).await.unwrap()).await,
+                bytes[3..=9].to_vec()
+            );
+        }
+        assert_eq!(e.scrub(&digest).await.unwrap(), Some(true));
+    }
+}
+
+#[tokio::test]
+async fn digest_mismatch_stores_nothing() {
+    let (_d, e) = engine();
+    let wrong = Digest::sha256_of(b"other");
+    let err = e
+        .put(&wrong, body(vec![data(1000)]), u64::MAX)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::DigestInvalid);
+    assert_eq!(e.stat(&wrong).await.unwrap(), None);
+    assert_eq!(e.stat(&Digest::sha256_of(&data(1000))).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn sha512_is_verified() {
+    let (_d, e) = engine();
+    let bytes = data(500_000);
+    let mut h = Algorithm::Sha512.hasher();
+    h.update(&bytes);
+    let digest = h.finish();
+    assert_eq!(
+        e.put(&digest, body(vec![bytes.clone()]), u64::MAX)
+            .await
+            .unwrap(),
+        500_000
+    );
+    assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
+}
+
+#[tokio::test]
+async fn limit_refuses_and_rolls_back() {
+    let (_d, e) = engine();
+    let id = uuid::Uuid::new_v4().to_string();
+    e.upload_start(&id).await.unwrap();
+    e.upload_append(&id, None, body(vec![data(100)]), 150)
+        .await
+        .unwrap();
+    let err = e
+        .upload_append(&id, None, body(vec![data(30), data(30)]), 150)
+        .await
+        .unwrap_err();
+    assert_eq!((err.code, err.status), (ErrorCode::SizeInvalid, 413));
+    assert_eq!(e.upload_size(&id).await.unwrap(), Some(100));
+    let digest = Digest::sha256_of(&data(100));
+    assert_eq!(e.upload_finish(&id, &digest).await.unwrap(), 100);
+}
+
+#[tokio::test]
+async fn staged_upload_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = uuid::Uuid::new_v4().to_string();
+    let bytes = data(2 * WRITE_BUFFER + 5);
+    {
+        let e = StorageEngine::open(StorageConfig {
+            dir: dir.path().to_path_buf(),
+        })
+        .unwrap();
+        e.upload_start(&id).await.unwrap();
+        e.upload_append(
+            &id,
+            None,
+            body(vec![bytes[..WRITE_BUFFER].to_vec()]),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+    }
+    let e = StorageEngine::open(StorageConfig {
+        dir: dir.path().to_path_buf(),
+    })
+    .unwrap();
+    assert_eq!(e.upload_size(&id).await.unwrap(), Some(WRITE_BUFFER as u64));
+    e.upload_append(
+        &id,
+        Some(WRITE_BUFFER as u64),
+        body(vec![bytes[WRITE_BUFFER..].to_vec()]),
+        u64::MAX,
+    )
+    .await
+    .unwrap();
+    let digest = Digest::sha256_of(&bytes);
+    e.upload_finish(&id, &digest).await.unwrap();
+    assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
+}
+
+#[tokio::test]
+async fn delete_reclaims_space() {
+    let (d, e) = engine();
+    let big = data(2 * 1024 * 1024);
+    let digest = Digest::sha256_of(&big);
+    e.put(&digest, body(vec![big]), u64::MAX).await.unwrap();
+    let hex = digest.hex().to_string();
+    let file = d.path().join("blobs/sha256").join(&hex[..2]).join(&hex);
+    assert!(file.exists());
+    assert!(e.delete(&digest).await.unwrap());
+    assert!(!file.exists());
+    assert_eq!(e.stat(&digest).await.unwrap(), None);
+    assert!(!e.delete(&digest).await.unwrap());
+    let small = Digest::sha256_of(b"hello");
+    e.put_small(&small, Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    assert!(e.delete(&small).await.unwrap());
+    assert!(e.read(&small, None).await.is_err());
+}
+
+#[tokio::test]
+async fn damaged_file_fails_scrub() {
+    let (d, e) = engine();
+    let big = data(INLINE_THRESHOLD as usize * 2);
+    let digest = Digest::sha256_of(&big);
+    e.put(&digest, body(vec![big]), u64::MAX).await.unwrap();
+    let hex = digest.hex().to_string();
+    let file = d.path().join("blobs/sha256").join(&hex[..2]).join(&hex);
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[10] ^= 1;
+    fs::write(&file, bytes).unwrap();
+    assert_eq!(e.scrub(&digest).await.unwrap(), Some(false));
+}
+
+#[tokio::test]
+async fn idle_uploads_expire_and_bad_ids_are_unknown() {
+    let (_d, e) = engine();
+    let id = uuid::Uuid::new_v4().to_string();
+    e.upload_start(&id).await.unwrap();
+    assert!(e
+        .expire_uploads(Duration::from_secs(3600))
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        e.expire_uploads(Duration::from_millis(1)).await.unwrap(),
+        vec![id.clone()]
+    );
+    assert_eq!(e.upload_size(&id).await.unwrap(), None);
+    let err = e
+        .upload_append("../../etc", None, body(vec![]), 10)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
+}

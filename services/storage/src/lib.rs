@@ -1,0 +1,41 @@
+//! The storage node: verified blobs on local disk under a RocksDB index, and upload staging.
+//!
+//! # Layout of a node's directory
+//! - `index/`: RocksDB. Column family `blobs` maps a digest to a [`BlobEntry`] (size, BLAKE3
+//!   checksum, creation time, where the bytes are); column family `inline` holds the bytes of
+//!   small blobs.
+//! - `blobs/<algorithm>/<first two hex>/<hex>`: one file per large blob.
+//! - `uploads/<id>`: one append-only staging file per upload session.
+//!
+//! # Why one file per large blob and small blobs inline
+//! Layers are written once, read many times and deleted whole. A file per blob lets deletion
+//! reclaim space at once (unlink) with no shard compaction to schedule, and lets a finished
+//! upload become a blob by a rename, so its bytes are written exactly once. Blobs of at most
+//! [`INLINE_THRESHOLD`] bytes (manifests, configs, small layers) live inside RocksDB instead: one
+//! synced write batch makes them durable, and RocksDB's WAL group commit fsyncs many concurrent
+//! small pushes together, where a file each would cost a file and a directory fsync each.
+//! Deleting an inline blob is a RocksDB delete; compaction reclaims the space.
+//!
+//! # Durability and visibility
+//! A blob is visible only through its index entry, and the entry is written (synced) only
+//! after the digest matched and the bytes were fsynced (file and directory, or in the same WAL
+//! write for inline blobs). A crash at any point leaves either no entry (nothing served) or a
+//! complete, verified blob. Staged uploads survive a restart: their hash state is rebuilt
+//! from the staged file when the session is next touched.
+
+mod engine;
+mod staging;
+
+pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};
+
+/// Largest blob kept inline in RocksDB. Images' configs and manifests are a few KiB and many
+/// small layers stay below this; above it a blob gets a file of its own, whose rename-based
+/// commit avoids copying its bytes.
+pub const INLINE_THRESHOLD: u64 = 256 * 1024;
+
+/// Bytes gathered from the network before one hash-and-write step on the blocking pool: big
+/// enough that the hop to the pool is negligible next to hashing, small enough to bound memory.
+pub const WRITE_BUFFER: usize = 1024 * 1024;
+
+/// Size of the chunks a blob is read and sent in.
+pub const READ_CHUNK: usize = 256 * 1024;
