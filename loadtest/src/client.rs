@@ -44,10 +44,7 @@ fn parse_challenge(v: &str) -> Option<HashMap<String, String>> {
         let (k, after) = s.split_once('=')?;
         let after = after.strip_prefix('"')?;
         let (val, tail) = after.split_once('"')?;
-        out.insert(
-            k.trim().trim_start_matches(',').trim().to_string(),
-            val.to_string(),
-        );
+        out.insert(k.trim().trim_start_matches(',').trim().to_string(), val.to_string());
         s = tail.trim_start_matches(',').trim_start();
     }
     Some(out)
@@ -60,12 +57,7 @@ impl Registry {
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(256)
             .build()?;
-        Ok(Registry {
-            url: url.trim_end_matches('/').to_string(),
-            http,
-            creds,
-            tokens: Default::default(),
-        })
+        Ok(Registry { url: url.trim_end_matches('/').to_string(), http, creds, tokens: Default::default() })
     }
 
     /// Sends a request built by `build` (called again after authenticating), timing it as `kind`.
@@ -76,12 +68,7 @@ impl Registry {
         scope: &str,
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<Response> {
-        let token = self
-            .tokens
-            .lock()
-            .map_err(|_| anyhow!("token lock"))?
-            .get(scope)
-            .cloned();
+        let token = self.tokens.lock().map_err(|_| anyhow!("token lock"))?.get(scope).cloned();
         let start = Instant::now();
         let mut req = build(&self.http);
         if let Some(t) = &token {
@@ -101,10 +88,7 @@ impl Registry {
             .and_then(parse_challenge)
             .ok_or_else(|| anyhow!("401 without a Bearer challenge"))?;
         let t = self.fetch_token(&challenge).await?;
-        self.tokens
-            .lock()
-            .map_err(|_| anyhow!("token lock"))?
-            .insert(scope.to_string(), t.clone());
+        self.tokens.lock().map_err(|_| anyhow!("token lock"))?.insert(scope.to_string(), t.clone());
         let start = Instant::now();
         let resp = build(&self.http).bearer_auth(t).send().await?;
         rec.record(kind, start.elapsed());
@@ -112,9 +96,7 @@ impl Registry {
     }
 
     async fn fetch_token(&self, ch: &HashMap<String, String>) -> Result<String> {
-        let realm = ch
-            .get("realm")
-            .ok_or_else(|| anyhow!("challenge without realm"))?;
+        let realm = ch.get("realm").ok_or_else(|| anyhow!("challenge without realm"))?;
         let mut req = self.http.get(realm);
         let mut q = vec![];
         for k in ["service", "scope"] {
@@ -145,27 +127,17 @@ impl Registry {
     /// Whether a blob exists (the HEAD docker makes before uploading).
     pub async fn blob_exists(&self, rec: &Recorder, repo: &str, d: &str) -> Result<bool> {
         let url = format!("{}/v2/{repo}/blobs/{d}", self.url);
-        let r = self
-            .send(rec, "blob HEAD", &Self::push_scope(repo), |c| c.head(&url))
-            .await?;
+        let r = self.send(rec, "blob HEAD", &Self::push_scope(repo), |c| c.head(&url)).await?;
         Ok(r.status() == StatusCode::OK)
     }
 
     async fn start_upload(&self, rec: &Recorder, repo: &str) -> Result<String> {
         let url = format!("{}/v2/{repo}/blobs/uploads/", self.url);
-        let r = self
-            .send(rec, "upload POST", &Self::push_scope(repo), |c| {
-                c.post(&url)
-            })
-            .await?;
+        let r = self.send(rec, "upload POST", &Self::push_scope(repo), |c| c.post(&url)).await?;
         if r.status() != StatusCode::ACCEPTED {
             bail!("POST upload: {}", r.status());
         }
-        let loc = r
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .context("no Location")?;
+        let loc = r.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).context("no Location")?;
         Ok(self.absolute(loc))
     }
 
@@ -197,17 +169,11 @@ impl Registry {
         if r.status() != StatusCode::ACCEPTED {
             bail!("PATCH: {}", r.status());
         }
-        let loc = r
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(|l| self.absolute(l))
-            .unwrap_or(loc);
+        let loc =
+            r.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).map(|l| self.absolute(l)).unwrap_or(loc);
         let put = Self::with_digest(&loc, d);
         let r = self
-            .send(rec, "upload PUT", &Self::push_scope(repo), |c| {
-                c.put(&put).header(header::CONTENT_LENGTH, 0)
-            })
+            .send(rec, "upload PUT", &Self::push_scope(repo), |c| c.put(&put).header(header::CONTENT_LENGTH, 0))
             .await?;
         if r.status() != StatusCode::CREATED {
             bail!("PUT upload: {}", r.status());
@@ -241,11 +207,7 @@ impl Registry {
                 if r.status() != StatusCode::ACCEPTED {
                     bail!("PATCH: {}", r.status());
                 }
-                if let Some(l) = r
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                {
+                if let Some(l) = r.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()) {
                     loc = self.absolute(l);
                 }
             }
@@ -266,11 +228,7 @@ impl Registry {
                     if r.status() != StatusCode::ACCEPTED {
                         bail!("PATCH at {off}: {}", r.status());
                     }
-                    if let Some(l) = r
-                        .headers()
-                        .get(header::LOCATION)
-                        .and_then(|v| v.to_str().ok())
-                    {
+                    if let Some(l) = r.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()) {
                         loc = self.absolute(l);
                     }
                     off += n;
@@ -278,12 +236,7 @@ impl Registry {
             }
         }
         let put = Self::with_digest(&loc, d);
-        let r = self
-            .http
-            .put(&put)
-            .header(header::CONTENT_LENGTH, 0)
-            .send()
-            .await?;
+        let r = self.http.put(&put).header(header::CONTENT_LENGTH, 0).send().await?;
         if r.status() != StatusCode::CREATED {
             bail!("PUT upload: {}", r.status());
         }
@@ -302,34 +255,20 @@ impl Registry {
         let url = format!("{}/v2/{repo}/manifests/{tag}", self.url);
         let r = self
             .send(rec, "manifest PUT", &Self::push_scope(repo), |c| {
-                c.put(&url)
-                    .header(header::CONTENT_TYPE, media_type)
-                    .body(body.clone())
+                c.put(&url).header(header::CONTENT_TYPE, media_type).body(body.clone())
             })
             .await?;
         if r.status() != StatusCode::CREATED {
-            bail!(
-                "PUT manifest: {} {}",
-                r.status(),
-                r.text().await.unwrap_or_default()
-            );
+            bail!("PUT manifest: {} {}", r.status(), r.text().await.unwrap_or_default());
         }
         Ok(())
     }
 
     /// Fetches a manifest by tag or digest; returns its bytes.
-    pub async fn get_manifest(
-        &self,
-        rec: &Recorder,
-        repo: &str,
-        reference: &str,
-        accept: &str,
-    ) -> Result<Bytes> {
+    pub async fn get_manifest(&self, rec: &Recorder, repo: &str, reference: &str, accept: &str) -> Result<Bytes> {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.url);
         let r = self
-            .send(rec, "manifest GET", &Self::pull_scope(repo), |c| {
-                c.get(&url).header(header::ACCEPT, accept)
-            })
+            .send(rec, "manifest GET", &Self::pull_scope(repo), |c| c.get(&url).header(header::ACCEPT, accept))
             .await?;
         if r.status() != StatusCode::OK {
             bail!("GET manifest: {}", r.status());
@@ -342,11 +281,7 @@ impl Registry {
         use futures::StreamExt;
         let url = format!("{}/v2/{repo}/blobs/{d}", self.url);
         let start = Instant::now();
-        let r = self
-            .send(rec, "blob GET (headers)", &Self::pull_scope(repo), |c| {
-                c.get(&url)
-            })
-            .await?;
+        let r = self.send(rec, "blob GET (headers)", &Self::pull_scope(repo), |c| c.get(&url)).await?;
         if r.status() != StatusCode::OK {
             bail!("GET blob: {}", r.status());
         }
@@ -373,10 +308,8 @@ mod tests {
 
     #[test]
     fn challenge() {
-        let c = parse_challenge(
-            r#"Bearer realm="http://h/token",service="berth",scope="repository:a/b:pull,push""#,
-        )
-        .unwrap();
+        let c = parse_challenge(r#"Bearer realm="http://h/token",service="berth",scope="repository:a/b:pull,push""#)
+            .unwrap();
         assert_eq!(c["realm"], "http://h/token");
         assert_eq!(c["service"], "berth");
         assert_eq!(c["scope"], "repository:a/b:pull,push");

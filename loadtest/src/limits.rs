@@ -87,28 +87,14 @@ pub async fn measure(dir: &Path) -> Result<Limits> {
         Ok((disk, fsyncs))
     })
     .await??;
-    Ok(Limits {
-        sha256_mb_s,
-        loopback_mb_s,
-        disk_fsync_write_mb_s: disk,
-        fsyncs_per_s: fsyncs,
-    })
+    Ok(Limits { sha256_mb_s, loopback_mb_s, disk_fsync_write_mb_s: disk, fsyncs_per_s: fsyncs })
 }
 
 /// Prints the limits.
 pub fn print(l: &Limits) {
     println!("\n== machine limits ==");
     println!("{:<40}{:>12.0}", "SHA-256, one core (MB/s)", l.sha256_mb_s);
-    println!(
-        "{:<40}{:>12.0}",
-        "loopback TCP, one stream (MB/s)", l.loopback_mb_s
-    );
-    println!(
-        "{:<40}{:>12.0}",
-        "disk, 512 MiB written + fsync (MB/s)", l.disk_fsync_write_mb_s
-    );
-    println!(
-        "{:<40}{:>12.0}",
-        "disk, 4 KiB write + fdatasync (/s)", l.fsyncs_per_s
-    );
+    println!("{:<40}{:>12.0}", "loopback TCP, one stream (MB/s)", l.loopback_mb_s);
+    println!("{:<40}{:>12.0}", "disk, 512 MiB written + fsync (MB/s)", l.disk_fsync_write_mb_s);
+    println!("{:<40}{:>12.0}", "disk, 4 KiB write + fdatasync (/s)", l.fsyncs_per_s);
 }

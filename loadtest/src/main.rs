@@ -139,9 +139,7 @@ const ALL: [Scenario; 7] = [
 ];
 
 fn name(s: Scenario) -> String {
-    s.to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
+    s.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
 }
 
 #[tokio::main]
@@ -155,11 +153,7 @@ async fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let list: Vec<Scenario> = if cli.scenario == Scenario::All {
-        ALL.to_vec()
-    } else {
-        vec![cli.scenario]
-    };
+    let list: Vec<Scenario> = if cli.scenario == Scenario::All { ALL.to_vec() } else { vec![cli.scenario] };
     let run_id: u32 = rand::random::<u32>() % 1_000_000;
     let mut report = vec![];
     for s in list {
@@ -189,13 +183,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
         seed: cli.seed ^ run_id as u64,
     };
     let mut targets = vec![Target {
-        registry: Registry::new(
-            &cli.url,
-            Credentials {
-                username: cli.username.clone(),
-                token: cli.token.clone(),
-            },
-        )?,
+        registry: Registry::new(&cli.url, Credentials { username: cli.username.clone(), token: cli.token.clone() })?,
         recorder: Recorder::default(),
         pid: cli.pid,
         work: vec![],
@@ -204,10 +192,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
         targets.push(Target {
             registry: Registry::new(
                 url,
-                Credentials {
-                    username: cli.compare_username.clone(),
-                    token: cli.compare_token.clone(),
-                },
+                Credentials { username: cli.compare_username.clone(), token: cli.compare_token.clone() },
             )?,
             recorder: Recorder::default(),
             pid: cli.compare_pid,
@@ -225,39 +210,17 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
     }
     for (round, t) in order {
         let target = &mut targets[t];
-        let bar = if cli.quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(0)
-        };
+        let bar = if cli.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
         bar.set_style(
             ProgressStyle::with_template("{prefix:>40} [{bar:30}] {pos}/{len} {elapsed}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
-        bar.set_prefix(format!(
-            "{} {} r{round}",
-            name(scenario),
-            target.registry.url
-        ));
-        let fut = run_once(
-            scenario,
-            &target.registry,
-            &target.recorder,
-            &params,
-            round,
-            &bar,
-        );
+        bar.set_prefix(format!("{} {} r{round}", name(scenario), target.registry.url));
+        let fut = run_once(scenario, &target.registry, &target.recorder, &params, round, &bar);
         let work = match tokio::time::timeout(Duration::from_secs(cli.max_seconds), fut).await {
-            Ok(w) => {
-                w.with_context(|| format!("{} against {}", name(scenario), target.registry.url))?
-            }
-            Err(_) => bail!(
-                "{} against {} exceeded {} s",
-                name(scenario),
-                target.registry.url,
-                cli.max_seconds
-            ),
+            Ok(w) => w.with_context(|| format!("{} against {}", name(scenario), target.registry.url))?,
+            Err(_) => bail!("{} against {} exceeded {} s", name(scenario), target.registry.url, cli.max_seconds),
         };
         bar.finish_and_clear();
         target.work.push(work);
@@ -274,12 +237,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             }
             let rates = totals
                 .into_iter()
-                .map(|(k, v)| {
-                    (
-                        format!("{k}/s"),
-                        if seconds > 0.0 { v / seconds } else { 0.0 },
-                    )
-                })
+                .map(|(k, v)| (format!("{k}/s"), if seconds > 0.0 { v / seconds } else { 0.0 }))
                 .collect();
             Outcome {
                 target: t.registry.url.clone(),

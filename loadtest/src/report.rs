@@ -18,8 +18,7 @@ impl Recorder {
     pub fn record(&self, kind: &'static str, d: Duration) {
         if let Ok(mut h) = self.hists.lock() {
             let hist = h.entry(kind).or_insert_with(|| {
-                Histogram::new_with_bounds(1, 600_000_000, 3)
-                    .unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
+                Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("histogram"))
             });
             let _ = hist.record((d.as_micros() as u64).max(1));
         }
@@ -28,9 +27,7 @@ impl Recorder {
     /// Percentiles by kind.
     pub fn latencies(&self) -> BTreeMap<String, Latency> {
         let h = self.hists.lock().map(|h| h.clone()).unwrap_or_default();
-        h.into_iter()
-            .map(|(k, v)| (k.to_string(), Latency::of(&v)))
-            .collect()
+        h.into_iter().map(|(k, v)| (k.to_string(), Latency::of(&v))).collect()
     }
 }
 
@@ -98,10 +95,7 @@ pub fn print_table(outcomes: &[Outcome]) {
     println!();
     let mut rows: Vec<(String, Vec<Option<f64>>)> = vec![];
     for key in first.rates.keys() {
-        rows.push((
-            key.clone(),
-            outcomes.iter().map(|o| o.rates.get(key).copied()).collect(),
-        ));
+        rows.push((key.clone(), outcomes.iter().map(|o| o.rates.get(key).copied()).collect()));
     }
     for kind in first.latencies.keys() {
         for (label, pick) in [("p50 ms", 0), ("p90 ms", 1), ("p99 ms", 2), ("max ms", 3)] {
@@ -119,14 +113,8 @@ pub fn print_table(outcomes: &[Outcome]) {
             rows.push((format!("{kind} {label}"), vals));
         }
     }
-    rows.push((
-        "errors".into(),
-        outcomes.iter().map(|o| Some(o.errors as f64)).collect(),
-    ));
-    rows.push((
-        "peak RSS MiB".into(),
-        outcomes.iter().map(|o| o.peak_rss_mib).collect(),
-    ));
+    rows.push(("errors".into(), outcomes.iter().map(|o| Some(o.errors as f64)).collect()));
+    rows.push(("peak RSS MiB".into(), outcomes.iter().map(|o| o.peak_rss_mib).collect()));
     for (label, vals) in rows {
         print!("{label:<32}");
         for v in &vals {
@@ -156,13 +144,7 @@ fn shorten(s: &str) -> String {
 /// Samples a process's peak RSS (`VmHWM`) in MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb / 1024.0)
 }

@@ -72,11 +72,7 @@ impl BlobSource {
     pub fn new(seed: u64, total: u64) -> BlobSource {
         let mut block = vec![0u8; BLOCK];
         rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut block);
-        let mut s = BlobSource {
-            block: Bytes::from(block),
-            total,
-            digest: String::new(),
-        };
+        let mut s = BlobSource { block: Bytes::from(block), total, digest: String::new() };
         let mut h = <sha2::Sha256 as sha2::Digest>::new();
         let mut off = 0;
         while off < total {
@@ -98,11 +94,7 @@ impl BlobSource {
     }
 
     /// Bytes `[off, off + n)` as a stream of at most one-MiB pieces.
-    pub fn stream(
-        &self,
-        off: u64,
-        n: u64,
-    ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    pub fn stream(&self, off: u64, n: u64) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
         let src = self.clone();
         let end = (off + n).min(self.total);
         futures::stream::unfold(off, move |pos| {
@@ -147,7 +139,12 @@ fn make_image(p: &Params, round: usize, i: usize) -> Image {
     }
     let layers: Vec<String> = blobs[1..]
         .iter()
-        .map(|(d, b)| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{}}}"#, b.len()))
+        .map(|(d, b)| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{}}}"#,
+                b.len()
+            )
+        })
         .collect();
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{}]}}"#,
@@ -173,8 +170,7 @@ pub async fn push_image(reg: &Registry, rec: &Recorder, img: &Image) -> Result<(
             reg.push_blob(rec, &img.repo, d, data.clone()).await?;
         }
     }
-    reg.put_manifest(rec, &img.repo, &img.tag, OCI_MANIFEST, img.manifest.clone())
-        .await?;
+    reg.put_manifest(rec, &img.repo, &img.tag, OCI_MANIFEST, img.manifest.clone()).await?;
     rec.record("image push", start.elapsed());
     Ok(())
 }
@@ -182,9 +178,7 @@ pub async fn push_image(reg: &Registry, rec: &Recorder, img: &Image) -> Result<(
 /// Pulls an image by tag, verifying the manifest and every blob; returns the bytes moved.
 pub async fn pull_image(reg: &Registry, rec: &Recorder, img: &Image) -> Result<u64> {
     let start = Instant::now();
-    let m = reg
-        .get_manifest(rec, &img.repo, &img.tag, OCI_MANIFEST)
-        .await?;
+    let m = reg.get_manifest(rec, &img.repo, &img.tag, OCI_MANIFEST).await?;
     if digest(&m) != img.manifest_digest {
         return Err(anyhow!("manifest of {}:{} differs", img.repo, img.tag));
     }
@@ -231,12 +225,7 @@ where
 }
 
 /// Runs `op` with `workers` workers until `duration` passes (each stops after its current op).
-async fn for_duration<F, Fut>(
-    duration: Duration,
-    workers: usize,
-    bar: &ProgressBar,
-    op: F,
-) -> (u64, u64, Duration)
+async fn for_duration<F, Fut>(duration: Duration, workers: usize, bar: &ProgressBar, op: F) -> (u64, u64, Duration)
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
@@ -279,11 +268,7 @@ where
         let _ = t.await;
     }
     ticker.abort();
-    (
-        done.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        start.elapsed(),
-    )
+    (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), start.elapsed())
 }
 
 fn counts(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
@@ -301,63 +286,29 @@ pub async fn push_large(
     chunked: bool,
     bar: &ProgressBar,
 ) -> Result<Work> {
-    let src = BlobSource::new(
-        p.seed ^ 0xb10b ^ round as u64 ^ (chunked as u64) << 8,
-        p.size,
-    );
+    let src = BlobSource::new(p.seed ^ 0xb10b ^ round as u64 ^ (chunked as u64) << 8, p.size);
     bar.set_length(1);
     let repo = format!("{}/large", p.repo);
     let start = Instant::now();
-    let r = reg
-        .push_stream(
-            rec,
-            &repo,
-            &src.digest,
-            p.size,
-            chunked.then_some(p.chunk_size),
-            &src,
-        )
-        .await;
+    let r = reg.push_stream(rec, &repo, &src.digest, p.size, chunked.then_some(p.chunk_size), &src).await;
     let secs = start.elapsed();
-    rec.record(
-        if chunked {
-            "chunked blob push"
-        } else {
-            "blob push"
-        },
-        secs,
-    );
+    rec.record(if chunked { "chunked blob push" } else { "blob push" }, secs);
     bar.inc(1);
     r?;
-    Ok(Work {
-        seconds: secs.as_secs_f64(),
-        counts: counts(&[("MB", p.size as f64 / 1e6)]),
-        errors: 0,
-    })
+    Ok(Work { seconds: secs.as_secs_f64(), counts: counts(&[("MB", p.size as f64 / 1e6)]), errors: 0 })
 }
 
 /// `pull-large`: one big blob, pushed first, then pulled and verified.
-pub async fn pull_large(
-    reg: &Registry,
-    rec: &Recorder,
-    p: &Params,
-    round: usize,
-    bar: &ProgressBar,
-) -> Result<Work> {
+pub async fn pull_large(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar: &ProgressBar) -> Result<Work> {
     let src = BlobSource::new(p.seed ^ 0xd0d0 ^ round as u64, p.size);
     let repo = format!("{}/large", p.repo);
-    reg.push_stream(&Recorder::default(), &repo, &src.digest, p.size, None, &src)
-        .await?;
+    reg.push_stream(&Recorder::default(), &repo, &src.digest, p.size, None, &src).await?;
     bar.set_length(1);
     let start = Instant::now();
     let n = reg.get_blob(rec, &repo, &src.digest).await?;
     let secs = start.elapsed();
     bar.inc(1);
-    Ok(Work {
-        seconds: secs.as_secs_f64(),
-        counts: counts(&[("MB", n as f64 / 1e6)]),
-        errors: 0,
-    })
+    Ok(Work { seconds: secs.as_secs_f64(), counts: counts(&[("MB", n as f64 / 1e6)]), errors: 0 })
 }
 
 fn images(p: &Params, round: usize) -> Arc<Vec<Image>> {
@@ -365,13 +316,7 @@ fn images(p: &Params, round: usize) -> Arc<Vec<Image>> {
 }
 
 /// `push-images`: W workers push N distinct images.
-pub async fn push_images(
-    reg: &Registry,
-    rec: &Recorder,
-    p: &Params,
-    round: usize,
-    bar: &ProgressBar,
-) -> Result<Work> {
+pub async fn push_images(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar: &ProgressBar) -> Result<Work> {
     let imgs = images(p, round);
     bar.set_length(imgs.len() as u64);
     let (reg2, rec2, imgs2) = (reg.clone(), rec.clone(), imgs.clone());
@@ -381,29 +326,16 @@ pub async fn push_images(
     })
     .await;
     let ok = imgs.len() as f64 - errors as f64;
-    let per_image: usize = imgs
-        .first()
-        .map(|i| i.blobs.iter().map(|(_, b)| b.len()).sum())
-        .unwrap_or(0);
+    let per_image: usize = imgs.first().map(|i| i.blobs.iter().map(|(_, b)| b.len()).sum()).unwrap_or(0);
     Ok(Work {
         seconds: took.as_secs_f64(),
-        counts: counts(&[
-            ("images", ok),
-            ("blobs", ok * (p.layers + 1) as f64),
-            ("MB", ok * per_image as f64 / 1e6),
-        ]),
+        counts: counts(&[("images", ok), ("blobs", ok * (p.layers + 1) as f64), ("MB", ok * per_image as f64 / 1e6)]),
         errors,
     })
 }
 
 /// `pull-images`: N images pushed first, then pulled back by W workers, verifying digests.
-pub async fn pull_images(
-    reg: &Registry,
-    rec: &Recorder,
-    p: &Params,
-    round: usize,
-    bar: &ProgressBar,
-) -> Result<Work> {
+pub async fn pull_images(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar: &ProgressBar) -> Result<Work> {
     let imgs = images(p, round + 1000);
     let setup = Recorder::default();
     let (reg2, imgs2) = (reg.clone(), imgs.clone());
@@ -438,31 +370,15 @@ pub async fn pull_images(
 }
 
 /// `manifest-get`: W workers GET one manifest by tag for D seconds.
-pub async fn manifest_get(
-    reg: &Registry,
-    rec: &Recorder,
-    p: &Params,
-    round: usize,
-    bar: &ProgressBar,
-) -> Result<Work> {
-    let img = Arc::new(make_image(
-        &Params {
-            layers: 1,
-            layer_size: 1024,
-            ..p.clone()
-        },
-        round + 2000,
-        0,
-    ));
+pub async fn manifest_get(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar: &ProgressBar) -> Result<Work> {
+    let img = Arc::new(make_image(&Params { layers: 1, layer_size: 1024, ..p.clone() }, round + 2000, 0));
     push_image(reg, &Recorder::default(), &img).await?;
     bar.set_length(p.duration.as_millis() as u64);
     let (reg2, rec2) = (reg.clone(), rec.clone());
     let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |_| {
         let (reg, rec, img) = (reg2.clone(), rec2.clone(), img.clone());
         async move {
-            let m = reg
-                .get_manifest(&rec, &img.repo, &img.tag, OCI_MANIFEST)
-                .await?;
+            let m = reg.get_manifest(&rec, &img.repo, &img.tag, OCI_MANIFEST).await?;
             if m.len() != img.manifest.len() {
                 return Err(anyhow!("manifest length differs"));
             }
@@ -470,26 +386,13 @@ pub async fn manifest_get(
         }
     })
     .await;
-    Ok(Work {
-        seconds: took.as_secs_f64(),
-        counts: counts(&[("requests", done as f64)]),
-        errors,
-    })
+    Ok(Work { seconds: took.as_secs_f64(), counts: counts(&[("requests", done as f64)]), errors })
 }
 
 /// `mixed`: W workers for D seconds, each operation a push of a new image with probability
 /// `push_ratio`, else a pull of one pushed during setup.
-pub async fn mixed(
-    reg: &Registry,
-    rec: &Recorder,
-    p: &Params,
-    round: usize,
-    bar: &ProgressBar,
-) -> Result<Work> {
-    let base = Params {
-        images: 32.min(p.images.max(1)),
-        ..p.clone()
-    };
+pub async fn mixed(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar: &ProgressBar) -> Result<Work> {
+    let base = Params { images: 32.min(p.images.max(1)), ..p.clone() };
     let seeded = images(&base, round + 3000);
     let setup = Recorder::default();
     for img in seeded.iter() {
@@ -499,13 +402,7 @@ pub async fn mixed(
     let pushes = Arc::new(AtomicU64::new(0));
     let (reg2, rec2, p2, pushes2) = (reg.clone(), rec.clone(), p.clone(), pushes.clone());
     let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |k| {
-        let (reg, rec, p, seeded, pushes) = (
-            reg2.clone(),
-            rec2.clone(),
-            p2.clone(),
-            seeded.clone(),
-            pushes2.clone(),
-        );
+        let (reg, rec, p, seeded, pushes) = (reg2.clone(), rec2.clone(), p2.clone(), seeded.clone(), pushes2.clone());
         async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed ^ k);
             if rng.gen_bool(p.push_ratio.clamp(0.0, 1.0)) {
@@ -523,11 +420,7 @@ pub async fn mixed(
     let pushed = pushes.load(Ordering::Relaxed) as f64;
     Ok(Work {
         seconds: took.as_secs_f64(),
-        counts: counts(&[
-            ("operations", done as f64),
-            ("image pushes", pushed),
-            ("image pulls", done as f64 - pushed),
-        ]),
+        counts: counts(&[("operations", done as f64), ("image pushes", pushed), ("image pulls", done as f64 - pushed)]),
         errors,
     })
 }

@@ -15,16 +15,9 @@ pub fn berth_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/berth
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile directory");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target profile directory");
     let bin = profile_dir.join("berth");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace first (cargo test --workspace builds it)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: build the workspace first (cargo test --workspace builds it)", bin.display());
     bin
 }
 
@@ -68,10 +61,7 @@ impl Server {
 
     /// Starts a server on a fresh data directory with extra flags.
     pub fn start_with(extra: &[&str]) -> Server {
-        let tmp = tempfile::Builder::new()
-            .prefix("berth-test-")
-            .tempdir()
-            .expect("temp dir");
+        let tmp = tempfile::Builder::new().prefix("berth-test-").tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
         let mut s = Self::start_in(&dir, "127.0.0.1:0", extra);
         s._tmp = Some(tmp);
@@ -87,19 +77,13 @@ impl Server {
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
-            .env(
-                "BERTH_LOG",
-                std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting berth");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .next()
-            .expect("berth printed nothing")
-            .expect("reading berth's stdout");
+        let line = lines.next().expect("berth printed nothing").expect("reading berth's stdout");
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -108,13 +92,7 @@ impl Server {
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let addr = url.trim_start_matches("http://").to_string();
-        Server {
-            child,
-            url,
-            addr,
-            data_dir: dir.to_path_buf(),
-            _tmp: None,
-        }
+        Server { child, url, addr, data_dir: dir.to_path_buf(), _tmp: None }
     }
 
     /// The process id.
@@ -145,8 +123,7 @@ impl Server {
 
     /// Peak resident set size so far, in bytes (`VmHWM`).
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -178,10 +155,7 @@ pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
 
 /// An HTTP client for the API (no redirects: `Location` headers are checked by hand).
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("http client")
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("http client")
 }
 
 /// Pushes a blob monolithically (`POST ?digest=`); returns its digest.
@@ -203,7 +177,9 @@ pub async fn push_blob(c: &reqwest::Client, url: &str, repo: &str, data: &[u8]) 
 pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: &str) -> String {
     let layers: Vec<String> = layers
         .iter()
-        .map(|(d, s)| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{s}}}"#))
+        .map(|(d, s)| {
+            format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{s}}}"#)
+        })
         .collect();
     format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{}]{extra}}}"#,

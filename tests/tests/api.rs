@@ -9,17 +9,11 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 async fn error_code(r: reqwest::Response) -> String {
     let v: Value = r.json().await.expect("JSON error body");
-    v["errors"][0]["code"]
-        .as_str()
-        .expect("errors[0].code")
-        .to_string()
+    v["errors"][0]["code"].as_str().expect("errors[0].code").to_string()
 }
 
 fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
+    r.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
 }
 
 #[tokio::test]
@@ -28,20 +22,10 @@ async fn base_endpoint_and_version_header() {
     let c = client();
     let r = c.get(format!("{}/v2/", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        header(&r, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
-    let r = c
-        .get(format!("{}/v2/a/b/unknown-endpoint", s.url))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(header(&r, "docker-distribution-api-version"), "registry/2.0");
+    let r = c.get(format!("{}/v2/a/b/unknown-endpoint", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    assert_eq!(
-        header(&r, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
+    assert_eq!(header(&r, "docker-distribution-api-version"), "registry/2.0");
 }
 
 #[tokio::test]
@@ -51,77 +35,38 @@ async fn monolithic_blob_push_get_head_range_delete() {
     let data = bytes(1, 300_000);
     let d = push_blob(&c, &s.url, "acme/app", &data).await;
 
-    let r = c
-        .head(format!("{}/v2/acme/app/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(format!("{}/v2/acme/app/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-length"), "300000");
     assert_eq!(header(&r, "docker-content-digest"), d);
 
-    let r = c
-        .get(format!("{}/v2/acme/app/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/app/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
 
-    for (range, first, last) in [
-        ("bytes=0-99", 0, 99),
-        ("bytes=299990-", 299_990, 299_999),
-        ("bytes=-10", 299_990, 299_999),
-    ] {
-        let r = c
-            .get(format!("{}/v2/acme/app/blobs/{d}", s.url))
-            .header("range", range)
-            .send()
-            .await
-            .unwrap();
+    for (range, first, last) in
+        [("bytes=0-99", 0, 99), ("bytes=299990-", 299_990, 299_999), ("bytes=-10", 299_990, 299_999)]
+    {
+        let r = c.get(format!("{}/v2/acme/app/blobs/{d}", s.url)).header("range", range).send().await.unwrap();
         assert_eq!(r.status(), 206, "{range}");
-        assert_eq!(
-            header(&r, "content-range"),
-            format!("bytes {first}-{last}/300000")
-        );
+        assert_eq!(header(&r, "content-range"), format!("bytes {first}-{last}/300000"));
         assert_eq!(r.bytes().await.unwrap().as_ref(), &data[first..=last]);
     }
-    let r = c
-        .get(format!("{}/v2/acme/app/blobs/{d}", s.url))
-        .header("range", "bytes=300000-")
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/app/blobs/{d}", s.url)).header("range", "bytes=300000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(header(&r, "content-range"), "bytes */300000");
 
     // Linked only where it was pushed.
-    let r = c
-        .get(format!("{}/v2/acme/other/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/other/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
 
-    let r = c
-        .delete(format!("{}/v2/acme/app/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/acme/app/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c
-        .get(format!("{}/v2/acme/app/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/app/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
-    let r = c
-        .delete(format!("{}/v2/acme/app/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/acme/app/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -131,11 +76,7 @@ async fn chunked_upload_with_gap_status_and_resume() {
     let c = client();
     let data = bytes(2, 3 * 1024 * 1024 + 17);
     let d = digest(&data);
-    let r = c
-        .post(format!("{}/v2/acme/chunky/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/chunky/blobs/uploads/", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let loc = header(&r, "location");
     assert!(loc.starts_with("/v2/acme/chunky/blobs/uploads/"), "{loc}");
@@ -179,47 +120,24 @@ async fn chunked_upload_with_gap_status_and_resume() {
         .unwrap();
     assert_eq!(r.status(), 202);
     // A streamed chunk without Content-Range appends.
-    let r = c
-        .patch(&up)
-        .body(data[2 * chunk..3 * chunk].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&up).body(data[2 * chunk..3 * chunk].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(header(&r, "range"), format!("0-{}", 3 * chunk - 1));
 
     // A wrong digest is refused and nothing is stored.
     let wrong = digest(b"something else");
-    let r = c
-        .put(format!("{up}?digest={wrong}"))
-        .body(data[3 * chunk..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{up}?digest={wrong}")).body(data[3 * chunk..].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    let r = c
-        .head(format!("{}/v2/acme/chunky/blobs/{wrong}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(format!("{}/v2/acme/chunky/blobs/{wrong}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let r = c.get(&up).send().await.unwrap();
     assert_eq!(r.status(), 404, "a failed upload is gone");
 
     // Again, correctly, with the last chunk in the PUT.
-    let r = c
-        .post(format!("{}/v2/acme/chunky/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/chunky/blobs/uploads/", s.url)).send().await.unwrap();
     let up = format!("{}{}", s.url, header(&r, "location"));
-    let r = c
-        .patch(&up)
-        .body(data[..3 * chunk].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&up).body(data[..3 * chunk].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let r = c
         .put(format!("{up}?digest={d}"))
@@ -231,14 +149,7 @@ async fn chunked_upload_with_gap_status_and_resume() {
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "location"), format!("/v2/acme/chunky/blobs/{d}"));
     assert_eq!(header(&r, "docker-content-digest"), d);
-    let got = c
-        .get(format!("{}/v2/acme/chunky/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = c.get(format!("{}/v2/acme/chunky/blobs/{d}", s.url)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.as_ref(), &data[..]);
     let r = c.get(&up).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -251,26 +162,13 @@ async fn put_without_final_chunk_and_cancel() {
     let c = client();
     let data = bytes(3, 5000);
     let d = digest(&data);
-    let r = c
-        .post(format!("{}/v2/acme/x/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/x/blobs/uploads/", s.url)).send().await.unwrap();
     let up = format!("{}{}", s.url, header(&r, "location"));
     c.patch(&up).body(data.clone()).send().await.unwrap();
-    let r = c
-        .put(format!("{up}?digest={d}"))
-        .header("content-length", "0")
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{up}?digest={d}")).header("content-length", "0").send().await.unwrap();
     assert_eq!(r.status(), 201);
 
-    let r = c
-        .post(format!("{}/v2/acme/x/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/x/blobs/uploads/", s.url)).send().await.unwrap();
     let up = format!("{}{}", s.url, header(&r, "location"));
     let r = c.delete(&up).send().await.unwrap();
     assert_eq!(r.status(), 204);
@@ -278,20 +176,12 @@ async fn put_without_final_chunk_and_cancel() {
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // An upload is bound to its repository.
-    let r = c
-        .post(format!("{}/v2/acme/x/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/x/blobs/uploads/", s.url)).send().await.unwrap();
     let loc = header(&r, "location").replace("/acme/x/", "/acme/y/");
     let r = c.get(format!("{}{loc}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // PUT without a digest.
-    let r = c
-        .put(format!("{}{}", s.url, header(&r, "location")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{}{}", s.url, header(&r, "location"))).send().await.unwrap();
     assert!(r.status().is_client_error());
 }
 
@@ -301,39 +191,17 @@ async fn cross_repository_mount() {
     let c = client();
     let data = bytes(4, 1000);
     let d = push_blob(&c, &s.url, "acme/src", &data).await;
-    let r = c
-        .post(format!(
-            "{}/v2/acme/dst/blobs/uploads/?mount={d}&from=acme/src",
-            s.url
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/dst/blobs/uploads/?mount={d}&from=acme/src", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "location"), format!("/v2/acme/dst/blobs/{d}"));
-    let r = c
-        .get(format!("{}/v2/acme/dst/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/dst/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
     // Mount without `from`.
-    let r = c
-        .post(format!("{}/v2/acme/third/blobs/uploads/?mount={d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/third/blobs/uploads/?mount={d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 201);
     // A mount that cannot be honoured starts an ordinary upload.
     let missing = digest(b"missing");
-    let r = c
-        .post(format!(
-            "{}/v2/acme/dst/blobs/uploads/?mount={missing}&from=acme/src",
-            s.url
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/dst/blobs/uploads/?mount={missing}&from=acme/src", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert!(header(&r, "location").contains("/blobs/uploads/"));
 }
@@ -343,100 +211,51 @@ async fn manifests_by_tag_and_digest_with_accept_and_delete() {
     let s = Server::start();
     let c = client();
     let md = push_image(&c, &s.url, "acme/img", "v1", 5, &[1000, 2000]).await;
-    let r = c
-        .get(format!("{}/v2/acme/img/manifests/v1", s.url))
-        .header("accept", OCI_MANIFEST)
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/img/manifests/v1", s.url)).header("accept", OCI_MANIFEST).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
     assert_eq!(header(&r, "docker-content-digest"), md);
     let body = r.bytes().await.unwrap();
     assert_eq!(digest(&body), md);
-    let r = c
-        .head(format!("{}/v2/acme/img/manifests/{md}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(format!("{}/v2/acme/img/manifests/{md}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-length"), body.len().to_string());
     // Accept without the manifest's type.
     let r = c
         .get(format!("{}/v2/acme/img/manifests/v1", s.url))
-        .header(
-            "accept",
-            "application/vnd.docker.distribution.manifest.v1+prettyjws",
-        )
+        .header("accept", "application/vnd.docker.distribution.manifest.v1+prettyjws")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
     // PUT by digest with extra tags.
     let r = c
-        .put(format!(
-            "{}/v2/acme/img/manifests/{md}?tag=v2&tag=latest",
-            s.url
-        ))
+        .put(format!("{}/v2/acme/img/manifests/{md}?tag=v2&tag=latest", s.url))
         .header("content-type", OCI_MANIFEST)
         .body(body.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    assert_eq!(
-        header(&r, "location"),
-        format!("/v2/acme/img/manifests/{md}")
-    );
-    let tags: Value = c
-        .get(format!("{}/v2/acme/img/tags/list", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(header(&r, "location"), format!("/v2/acme/img/manifests/{md}"));
+    let tags: Value = c.get(format!("{}/v2/acme/img/tags/list", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(tags["tags"], serde_json::json!(["latest", "v1", "v2"]));
     // Delete a tag, then the manifest (with its remaining tags).
-    let r = c
-        .delete(format!("{}/v2/acme/img/manifests/v2", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/acme/img/manifests/v2", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c
-        .get(format!("{}/v2/acme/img/manifests/v2", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/img/manifests/v2", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
-    let r = c
-        .delete(format!("{}/v2/acme/img/manifests/{md}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/acme/img/manifests/{md}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 202);
     for reference in ["v1", "latest", md.as_str()] {
-        let r = c
-            .get(format!("{}/v2/acme/img/manifests/{reference}", s.url))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("{}/v2/acme/img/manifests/{reference}", s.url)).send().await.unwrap();
         assert_eq!(r.status(), 404, "{reference}");
         assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     }
-    let r = c
-        .delete(format!("{}/v2/acme/img/manifests/{md}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(format!("{}/v2/acme/img/manifests/{md}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = c
-        .get(format!("{}/v2/nobody/here/manifests/latest", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/nobody/here/manifests/latest", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 }
@@ -455,10 +274,7 @@ async fn docker_schema2_and_index_and_other_media_types() {
     );
     let r = c
         .put(format!("{}/v2/acme/multi/manifests/arm64", s.url))
-        .header(
-            "content-type",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
+        .header("content-type", "application/vnd.docker.distribution.manifest.v2+json")
         .body(docker.clone())
         .send()
         .await
@@ -471,33 +287,20 @@ async fn docker_schema2_and_index_and_other_media_types() {
     );
     let r = c
         .put(format!("{}/v2/acme/multi/manifests/latest", s.url))
-        .header(
-            "content-type",
-            "application/vnd.docker.distribution.manifest.list.v2+json",
-        )
+        .header("content-type", "application/vnd.docker.distribution.manifest.list.v2+json")
         .body(list.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
-    let r = c
-        .get(format!("{}/v2/acme/multi/manifests/latest", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        header(&r, "content-type"),
-        "application/vnd.docker.distribution.manifest.list.v2+json"
-    );
+    let r = c.get(format!("{}/v2/acme/multi/manifests/latest", s.url)).send().await.unwrap();
+    assert_eq!(header(&r, "content-type"), "application/vnd.docker.distribution.manifest.list.v2+json");
     assert_eq!(r.text().await.unwrap(), list);
     // An index naming a manifest the repository lacks.
     let bad = list.replace(&dd, &digest(b"absent"));
     let r = c
         .put(format!("{}/v2/acme/multi/manifests/bad", s.url))
-        .header(
-            "content-type",
-            "application/vnd.docker.distribution.manifest.list.v2+json",
-        )
+        .header("content-type", "application/vnd.docker.distribution.manifest.list.v2+json")
         .body(bad)
         .send()
         .await
@@ -514,15 +317,8 @@ async fn docker_schema2_and_index_and_other_media_types() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let r = c
-        .get(format!("{}/v2/acme/multi/manifests/custom", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        header(&r, "content-type"),
-        "application/vnd.example.thing+json"
-    );
+    let r = c.get(format!("{}/v2/acme/multi/manifests/custom", s.url)).send().await.unwrap();
+    assert_eq!(header(&r, "content-type"), "application/vnd.example.thing+json");
     assert_eq!(r.text().await.unwrap(), other);
 }
 
@@ -534,10 +330,7 @@ async fn bad_manifests_get_the_right_error_and_change_nothing() {
     let cd = push_blob(&c, &s.url, "acme/bad", cfg).await;
     let missing = digest(b"not uploaded");
     let put = |tag: &str, ct: &str, body: String| {
-        c.put(format!("{}/v2/acme/bad/manifests/{tag}", s.url))
-            .header("content-type", ct)
-            .body(body)
-            .send()
+        c.put(format!("{}/v2/acme/bad/manifests/{tag}", s.url)).header("content-type", ct).body(body).send()
     };
     let m = image_manifest((&cd, 2), &[(&missing, 12)], "");
     let r = put("t", OCI_MANIFEST, m).await.unwrap();
@@ -546,19 +339,10 @@ async fn bad_manifests_get_the_right_error_and_change_nothing() {
     let r = put("t", OCI_MANIFEST, "{not json".into()).await.unwrap();
     assert_eq!(error_code(r).await, "MANIFEST_INVALID");
     // Content-Type and mediaType disagree.
-    let r = put("t", OCI_INDEX, image_manifest((&cd, 2), &[], ""))
-        .await
-        .unwrap();
+    let r = put("t", OCI_INDEX, image_manifest((&cd, 2), &[], "")).await.unwrap();
     assert_eq!(error_code(r).await, "MANIFEST_INVALID");
     // Over 4 MiB.
-    let huge = image_manifest(
-        (&cd, 2),
-        &[],
-        &format!(
-            r#","annotations":{{"x":"{}"}}"#,
-            "a".repeat(4 * 1024 * 1024)
-        ),
-    );
+    let huge = image_manifest((&cd, 2), &[], &format!(r#","annotations":{{"x":"{}"}}"#, "a".repeat(4 * 1024 * 1024)));
     let r = put("t", OCI_MANIFEST, huge).await.unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(error_code(r).await, "MANIFEST_INVALID");
@@ -568,31 +352,15 @@ async fn bad_manifests_get_the_right_error_and_change_nothing() {
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // Invalid names and tags.
-    let r = c
-        .put(format!("{}/v2/Acme/Bad/manifests/t", s.url))
-        .body(good.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{}/v2/Acme/Bad/manifests/t", s.url)).body(good.clone()).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "NAME_INVALID");
     let r = put(".bad-tag", OCI_MANIFEST, good.clone()).await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = c
-        .get(format!("{}/v2/acme/bad/blobs/sha256:nothex", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/bad/blobs/sha256:nothex", s.url)).send().await.unwrap();
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // Nothing of the above left a tag behind.
-    let tags: Value = c
-        .get(format!("{}/v2/acme/bad/tags/list", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags: Value = c.get(format!("{}/v2/acme/bad/tags/list", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(tags["tags"], serde_json::json!([]));
     // Foreign layers need not be uploaded.
     let foreign = format!(
@@ -608,33 +376,21 @@ async fn blob_size_limit_and_upload_expiry() {
     let c = client();
     let big = bytes(7, 1001);
     let r = c
-        .post(format!(
-            "{}/v2/acme/lim/blobs/uploads/?digest={}",
-            s.url,
-            digest(&big)
-        ))
+        .post(format!("{}/v2/acme/lim/blobs/uploads/?digest={}", s.url, digest(&big)))
         .body(big.clone())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(error_code(r).await, "SIZE_INVALID");
-    let r = c
-        .post(format!("{}/v2/acme/lim/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/acme/lim/blobs/uploads/", s.url)).send().await.unwrap();
     let up = format!("{}{}", s.url, header(&r, "location"));
     let r = c.patch(&up).body(big[..600].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let r = c.patch(&up).body(big[600..].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 413);
     let r = c.get(&up).send().await.unwrap();
-    assert_eq!(
-        header(&r, "range"),
-        "0-599",
-        "the refused chunk changed nothing"
-    );
+    assert_eq!(header(&r, "range"), "0-599", "the refused chunk changed nothing");
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let r = c.get(&up).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -646,14 +402,7 @@ async fn tags_and_catalog_pagination() {
     let s = Server::start();
     let c = client();
     let md = push_image(&c, &s.url, "acme/pages", "t00", 8, &[10]).await;
-    let body = c
-        .get(format!("{}/v2/acme/pages/manifests/{md}", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = c.get(format!("{}/v2/acme/pages/manifests/{md}", s.url)).send().await.unwrap().bytes().await.unwrap();
     for i in 1..12 {
         let r = c
             .put(format!("{}/v2/acme/pages/manifests/t{i:02}", s.url))
@@ -672,94 +421,41 @@ async fn tags_and_catalog_pagination() {
         let link = header(&r, "link");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["name"], "acme/pages");
-        let page: Vec<String> = v["tags"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_str().unwrap().to_string())
-            .collect();
+        let page: Vec<String> = v["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
         assert!(page.len() <= 5);
         seen.extend(page);
         if link.is_empty() {
             break;
         }
-        next = link
-            .trim_start_matches('<')
-            .split('>')
-            .next()
-            .unwrap()
-            .to_string();
+        next = link.trim_start_matches('<').split('>').next().unwrap().to_string();
         assert!(link.ends_with("rel=\"next\""));
     }
     let expected: Vec<String> = (0..12).map(|i| format!("t{i:02}")).collect();
     assert_eq!(seen, expected);
     // Edges: n=0, last past the end, last in the middle, a bad n.
-    let v: Value = c
-        .get(format!("{}/v2/acme/pages/tags/list?n=0", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = c.get(format!("{}/v2/acme/pages/tags/list?n=0", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!([]));
-    let v: Value = c
-        .get(format!("{}/v2/acme/pages/tags/list?last=t11", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value =
+        c.get(format!("{}/v2/acme/pages/tags/list?last=t11", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!([]));
-    let v: Value = c
-        .get(format!("{}/v2/acme/pages/tags/list?n=2&last=t05", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value =
+        c.get(format!("{}/v2/acme/pages/tags/list?n=2&last=t05", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["t06", "t07"]));
-    let r = c
-        .get(format!("{}/v2/acme/pages/tags/list?n=x", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/pages/tags/list?n=x", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = c
-        .get(format!("{}/v2/acme/none/tags/list", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/none/tags/list", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 
     for repo in ["b/one", "a/two", "c/three"] {
         push_blob(&c, &s.url, repo, b"x").await;
     }
-    let r = c
-        .get(format!("{}/v2/_catalog?n=2", s.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        header(&r, "link"),
-        "</v2/_catalog?n=2&last=acme%2Fpages>; rel=\"next\""
-    );
+    let r = c.get(format!("{}/v2/_catalog?n=2", s.url)).send().await.unwrap();
+    assert_eq!(header(&r, "link"), "</v2/_catalog?n=2&last=acme%2Fpages>; rel=\"next\"");
     let v: Value = r.json().await.unwrap();
-    assert_eq!(
-        v["repositories"],
-        serde_json::json!(["a/two", "acme/pages"])
-    );
-    let v: Value = c
-        .get(format!("{}/v2/_catalog?n=2&last=acme/pages", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(v["repositories"], serde_json::json!(["a/two", "acme/pages"]));
+    let v: Value =
+        c.get(format!("{}/v2/_catalog?n=2&last=acme/pages", s.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["b/one", "c/three"]));
 }
 
@@ -768,22 +464,12 @@ async fn referrers_api_and_subject() {
     let s = Server::start();
     let c = client();
     let subject = push_image(&c, &s.url, "acme/ref", "v1", 9, &[100]).await;
-    let subject_size = c
-        .get(format!("{}/v2/acme/ref/manifests/v1", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .len();
+    let subject_size =
+        c.get(format!("{}/v2/acme/ref/manifests/v1", s.url)).send().await.unwrap().bytes().await.unwrap().len();
     let empty = push_blob(&c, &s.url, "acme/ref", b"{}").await;
     let sbom = push_blob(&c, &s.url, "acme/ref", b"sbom contents").await;
     let mut referrers = vec![];
-    for (kind, ann) in [
-        ("application/spdx+json", "one"),
-        ("application/vnd.example.sig", "two"),
-    ] {
+    for (kind, ann) in [("application/spdx+json", "one"), ("application/vnd.example.sig", "two")] {
         let m = format!(
             r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{kind}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{empty}","size":2}},"layers":[{{"mediaType":"application/octet-stream","digest":"{sbom}","size":13}}],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{subject}","size":{subject_size}}},"annotations":{{"n":"{ann}"}}}}"#
         );
@@ -799,11 +485,7 @@ async fn referrers_api_and_subject() {
         assert_eq!(header(&r, "oci-subject"), subject);
         referrers.push(d);
     }
-    let r = c
-        .get(format!("{}/v2/acme/ref/referrers/{subject}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/ref/referrers/{subject}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), OCI_INDEX);
     let v: Value = r.json().await.unwrap();
@@ -815,15 +497,10 @@ async fn referrers_api_and_subject() {
     let mut want: Vec<&str> = referrers.iter().map(String::as_str).collect();
     want.sort();
     assert_eq!(got, want);
-    assert!(ms
-        .iter()
-        .any(|m| m["artifactType"] == "application/spdx+json" && m["annotations"]["n"] == "one"));
+    assert!(ms.iter().any(|m| m["artifactType"] == "application/spdx+json" && m["annotations"]["n"] == "one"));
 
     let r = c
-        .get(format!(
-            "{}/v2/acme/ref/referrers/{subject}?artifactType=application/vnd.example.sig",
-            s.url
-        ))
+        .get(format!("{}/v2/acme/ref/referrers/{subject}?artifactType=application/vnd.example.sig", s.url))
         .send()
         .await
         .unwrap();
@@ -833,23 +510,11 @@ async fn referrers_api_and_subject() {
     assert_eq!(v["manifests"][0]["digest"], referrers[1].as_str());
 
     // Unknown subject: an empty index, never 404. Bad digest: 400.
-    let r = c
-        .get(format!(
-            "{}/v2/acme/ref/referrers/{}",
-            s.url,
-            digest(b"nothing")
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/ref/referrers/{}", s.url, digest(b"nothing"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["manifests"], serde_json::json!([]));
-    let r = c
-        .get(format!("{}/v2/acme/ref/referrers/sha256:zz", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/ref/referrers/sha256:zz", s.url)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -864,11 +529,7 @@ async fn data_survives_a_clean_restart() {
         assert!(s.stop(), "SIGTERM stops berth cleanly");
     }
     let s = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
-    let r = c
-        .get(format!("{}/v2/acme/keep/manifests/v1", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/acme/keep/manifests/v1", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "docker-content-digest"), md);
 }
@@ -880,20 +541,9 @@ async fn sha512_blobs() {
     let c = client();
     let data = bytes(11, 4000);
     let d = format!("sha512:{}", hex::encode(sha2::Sha512::digest(&data)));
-    let r = c
-        .post(format!("{}/v2/acme/s512/blobs/uploads/?digest={d}", s.url))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r =
+        c.post(format!("{}/v2/acme/s512/blobs/uploads/?digest={d}", s.url)).body(data.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let got = c
-        .get(format!("{}/v2/acme/s512/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let got = c.get(format!("{}/v2/acme/s512/blobs/{d}", s.url)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.as_ref(), &data[..]);
 }

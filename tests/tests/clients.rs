@@ -11,10 +11,7 @@ use berth_tests::{have_tool, Server};
 use serde_json::Value;
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
@@ -25,12 +22,7 @@ fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 fn fails(cmd: &str, args: &[&str]) -> bool {
-    !Command::new(cmd)
-        .args(args)
-        .output()
-        .expect("running a client")
-        .status
-        .success()
+    !Command::new(cmd).args(args).output().expect("running a client").status.success()
 }
 
 fn write(path: &Path, content: &str) {
@@ -48,19 +40,13 @@ fn umoci_image(work: &Path, layout: &Path, tag: &str, arch: &str, seed: &str) {
     run("umoci", &["new", "--image", &base]);
     let b1 = work.join(format!("{tag}-b1"));
     run("umoci", &["unpack", "--image", &base, b1.to_str().unwrap()]);
-    write(
-        &b1.join("rootfs/etc/berth-test"),
-        &format!("first layer {seed}\n"),
-    );
+    write(&b1.join("rootfs/etc/berth-test"), &format!("first layer {seed}\n"));
     write(&b1.join("rootfs/data/one.bin"), &seed.repeat(10_000));
     let step = format!("{l}:{tag}-step");
     run("umoci", &["repack", "--image", &step, b1.to_str().unwrap()]);
     let b2 = work.join(format!("{tag}-b2"));
     run("umoci", &["unpack", "--image", &step, b2.to_str().unwrap()]);
-    write(
-        &b2.join("rootfs/data/two.txt"),
-        &format!("second layer {seed}\n"),
-    );
+    write(&b2.join("rootfs/data/two.txt"), &format!("second layer {seed}\n"));
     let full = format!("{l}:{tag}");
     run("umoci", &["repack", "--image", &full, b2.to_str().unwrap()]);
     run(
@@ -82,8 +68,7 @@ fn umoci_image(work: &Path, layout: &Path, tag: &str, arch: &str, seed: &str) {
 /// Adds a multi-arch index over two tags of `layout` as tag `multi`.
 fn add_index(layout: &Path, tags: &[(&str, &str)]) {
     let index_path = layout.join("index.json");
-    let mut index: Value =
-        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let mut index: Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
     let entries = index["manifests"].as_array().unwrap().clone();
     let mut children = vec![];
     for (tag, arch) in tags {
@@ -103,13 +88,7 @@ fn add_index(layout: &Path, tags: &[(&str, &str)]) {
     });
     let bytes = serde_json::to_vec(&child_index).unwrap();
     let d = berth_tests::digest(&bytes);
-    std::fs::write(
-        layout
-            .join("blobs/sha256")
-            .join(d.trim_start_matches("sha256:")),
-        &bytes,
-    )
-    .unwrap();
+    std::fs::write(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:")), &bytes).unwrap();
     index["manifests"].as_array_mut().unwrap().push(serde_json::json!({
         "mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": bytes.len(),
         "annotations": {"org.opencontainers.image.ref.name": "multi"}
@@ -118,10 +97,7 @@ fn add_index(layout: &Path, tags: &[(&str, &str)]) {
 }
 
 fn inspect_raw(reference: &str) -> String {
-    run(
-        "skopeo",
-        &["inspect", "--tls-verify=false", "--raw", reference],
-    )
+    run("skopeo", &["inspect", "--tls-verify=false", "--raw", reference])
 }
 
 #[test]
@@ -139,156 +115,56 @@ fn skopeo_round_trips() {
     let reg = format!("docker://{}/acme/skopeo", s.addr);
 
     // Single-arch image with several layers.
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--dest-tls-verify=false",
-            &format!("oci:{l}:v1"),
-            &format!("{reg}:v1"),
-        ],
-    );
+    run("skopeo", &["copy", "--dest-tls-verify=false", &format!("oci:{l}:v1"), &format!("{reg}:v1")]);
     let local = run("skopeo", &["inspect", "--raw", &format!("oci:{l}:v1")]);
     let remote = inspect_raw(&format!("{reg}:v1"));
     assert_eq!(local, remote, "manifest bytes unchanged by the round trip");
     let m: Value = serde_json::from_str(&remote).unwrap();
     assert!(m["layers"].as_array().unwrap().len() >= 2);
     let out = work.path().join("out");
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--src-tls-verify=false",
-            &format!("{reg}:v1"),
-            &format!("oci:{}:v1", out.display()),
-        ],
-    );
-    assert_eq!(
-        run(
-            "skopeo",
-            &["inspect", "--raw", &format!("oci:{}:v1", out.display())]
-        ),
-        local
-    );
+    run("skopeo", &["copy", "--src-tls-verify=false", &format!("{reg}:v1"), &format!("oci:{}:v1", out.display())]);
+    assert_eq!(run("skopeo", &["inspect", "--raw", &format!("oci:{}:v1", out.display())]), local);
 
     // Pull by digest.
     let digest = berth_tests::digest(remote.as_bytes());
     let by_digest = work.path().join("by-digest");
     run(
         "skopeo",
-        &[
-            "copy",
-            "--src-tls-verify=false",
-            &format!("{reg}@{digest}"),
-            &format!("oci:{}:x", by_digest.display()),
-        ],
+        &["copy", "--src-tls-verify=false", &format!("{reg}@{digest}"), &format!("oci:{}:x", by_digest.display())],
     );
-    assert_eq!(
-        run(
-            "skopeo",
-            &[
-                "inspect",
-                "--raw",
-                &format!("oci:{}:x", by_digest.display())
-            ]
-        ),
-        local
-    );
+    assert_eq!(run("skopeo", &["inspect", "--raw", &format!("oci:{}:x", by_digest.display())]), local);
 
     // A multi-arch index with --all.
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--all",
-            "--dest-tls-verify=false",
-            &format!("oci:{l}:multi"),
-            &format!("{reg}:multi"),
-        ],
-    );
+    run("skopeo", &["copy", "--all", "--dest-tls-verify=false", &format!("oci:{l}:multi"), &format!("{reg}:multi")]);
     let index: Value = serde_json::from_str(&inspect_raw(&format!("{reg}:multi"))).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
     let all_out = work.path().join("all-out");
     run(
         "skopeo",
-        &[
-            "copy",
-            "--all",
-            "--src-tls-verify=false",
-            &format!("{reg}:multi"),
-            &format!("oci:{}:m", all_out.display()),
-        ],
+        &["copy", "--all", "--src-tls-verify=false", &format!("{reg}:multi"), &format!("oci:{}:m", all_out.display())],
     );
-    let arm = run(
-        "skopeo",
-        &[
-            "inspect",
-            "--tls-verify=false",
-            "--override-arch",
-            "arm64",
-            &format!("{reg}:multi"),
-        ],
-    );
+    let arm = run("skopeo", &["inspect", "--tls-verify=false", "--override-arch", "arm64", &format!("{reg}:multi")]);
     let arm: Value = serde_json::from_str(&arm).unwrap();
     assert_eq!(arm["Architecture"], "arm64");
 
     // Docker schema 2 by conversion.
     run(
         "skopeo",
-        &[
-            "copy",
-            "--format",
-            "v2s2",
-            "--dest-tls-verify=false",
-            &format!("oci:{l}:v1"),
-            &format!("{reg}:v2s2"),
-        ],
+        &["copy", "--format", "v2s2", "--dest-tls-verify=false", &format!("oci:{l}:v1"), &format!("{reg}:v2s2")],
     );
     let v2: Value = serde_json::from_str(&inspect_raw(&format!("{reg}:v2s2"))).unwrap();
-    assert_eq!(
-        v2["mediaType"],
-        "application/vnd.docker.distribution.manifest.v2+json"
-    );
+    assert_eq!(v2["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
     let v2_out = work.path().join("v2-out");
-    run(
-        "skopeo",
-        &[
-            "copy",
-            "--src-tls-verify=false",
-            &format!("{reg}:v2s2"),
-            &format!("dir:{}", v2_out.display()),
-        ],
-    );
+    run("skopeo", &["copy", "--src-tls-verify=false", &format!("{reg}:v2s2"), &format!("dir:{}", v2_out.display())]);
 
     // Tags, then delete.
-    let tags: Value =
-        serde_json::from_str(&run("skopeo", &["list-tags", "--tls-verify=false", &reg])).unwrap();
-    let mut tags: Vec<&str> = tags["Tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tags: Value = serde_json::from_str(&run("skopeo", &["list-tags", "--tls-verify=false", &reg])).unwrap();
+    let mut tags: Vec<&str> = tags["Tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     tags.sort();
     assert_eq!(tags, ["multi", "v1", "v2s2"]);
-    run(
-        "skopeo",
-        &["delete", "--tls-verify=false", &format!("{reg}:v2s2")],
-    );
-    assert!(fails(
-        "skopeo",
-        &[
-            "inspect",
-            "--tls-verify=false",
-            "--raw",
-            &format!("{reg}:v2s2")
-        ]
-    ));
-    assert_eq!(
-        inspect_raw(&format!("{reg}:v1")),
-        local,
-        "other tags are untouched"
-    );
+    run("skopeo", &["delete", "--tls-verify=false", &format!("{reg}:v2s2")]);
+    assert!(fails("skopeo", &["inspect", "--tls-verify=false", "--raw", &format!("{reg}:v2s2")]));
+    assert_eq!(inspect_raw(&format!("{reg}:v1")), local, "other tags are untouched");
 }
 
 #[test]
@@ -303,34 +179,20 @@ fn podman_push_and_pull() {
     let root = work.path().join("root");
     let runroot = work.path().join("runroot");
     let podman = |args: &[&str]| {
-        let mut full = vec![
-            "--root",
-            root.to_str().unwrap(),
-            "--runroot",
-            runroot.to_str().unwrap(),
-            "--storage-driver",
-            "vfs",
-        ];
+        let mut full =
+            vec!["--root", root.to_str().unwrap(), "--runroot", runroot.to_str().unwrap(), "--storage-driver", "vfs"];
         full.extend_from_slice(args);
         run("podman", &full)
     };
     let target = format!("{}/acme/podman:v1", s.addr);
     podman(&["pull", &format!("oci:{}:v1", layout.display())]);
-    let id = podman(&["images", "-q", "--no-trunc"])
-        .lines()
-        .next()
-        .unwrap()
-        .trim()
-        .to_string();
+    let id = podman(&["images", "-q", "--no-trunc"]).lines().next().unwrap().trim().to_string();
     podman(&["tag", &id, &target]);
     podman(&["push", "--tls-verify=false", &target]);
     podman(&["rmi", "-a", "-f"]);
     podman(&["pull", "--tls-verify=false", &target]);
     let pulled = podman(&["image", "inspect", "--format", "{{.Id}}", &target]);
-    assert_eq!(
-        pulled.trim().trim_start_matches("sha256:"),
-        id.trim_start_matches("sha256:")
-    );
+    assert_eq!(pulled.trim().trim_start_matches("sha256:"), id.trim_start_matches("sha256:"));
 }
 
 #[test]
@@ -338,29 +200,16 @@ fn oras_artifacts_and_referrers() {
     if !have_tool("python3") {
         return;
     }
-    let has_oras = Command::new("python3")
-        .args(["-c", "import oras.client"])
-        .status()
-        .is_ok_and(|s| s.success());
+    let has_oras = Command::new("python3").args(["-c", "import oras.client"]).status().is_ok_and(|s| s.success());
     if !has_oras {
-        assert!(
-            !berth_tests::in_ci(),
-            "the oras package is required in CI (.ci/run installs it)"
-        );
+        assert!(!berth_tests::in_ci(), "the oras package is required in CI (.ci/run installs it)");
         eprintln!("SKIPPED: python package oras is not installed");
         return;
     }
     let s = Server::start();
     let work = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/oras_roundtrip.py");
-    let out = run(
-        "python3",
-        &[
-            script.to_str().unwrap(),
-            &s.addr,
-            work.path().to_str().unwrap(),
-        ],
-    );
+    let out = run("python3", &[script.to_str().unwrap(), &s.addr, work.path().to_str().unwrap()]);
     assert!(out.contains("oras round trip ok"), "{out}");
 }
 
@@ -370,10 +219,7 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
         return;
     }
     if fails("docker", &["info"]) {
-        assert!(
-            !berth_tests::in_ci(),
-            "the docker engine must be running in CI"
-        );
+        assert!(!berth_tests::in_ci(), "the docker engine must be running in CI");
         eprintln!("SKIPPED: no docker engine");
         return;
     }
@@ -381,92 +227,38 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
     let work = tempfile::tempdir().unwrap();
     let rootfs = work.path().join("rootfs");
     write(&rootfs.join("hello.txt"), "hello from berth\n");
-    write(
-        &rootfs.join("data/random.bin"),
-        &berth_tests::digest(b"seed").repeat(50_000),
-    );
+    write(&rootfs.join("data/random.bin"), &berth_tests::digest(b"seed").repeat(50_000));
     let tar = work.path().join("rootfs.tar");
-    run(
-        "tar",
-        &[
-            "-C",
-            rootfs.to_str().unwrap(),
-            "-cf",
-            tar.to_str().unwrap(),
-            ".",
-        ],
-    );
+    run("tar", &["-C", rootfs.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
     let image = format!("{}/acme/docker:v1", s.addr);
     run("docker", &["import", tar.to_str().unwrap(), &image]);
-    let id = run(
-        "docker",
-        &["image", "inspect", "--format", "{{.Id}}", &image],
-    )
-    .trim()
-    .to_string();
+    let id = run("docker", &["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
     run("docker", &["push", &image]);
-    let repo_digest = run(
-        "docker",
-        &[
-            "image",
-            "inspect",
-            "--format",
-            "{{index .RepoDigests 0}}",
-            &image,
-        ],
-    )
-    .trim()
-    .to_string();
+    let repo_digest =
+        run("docker", &["image", "inspect", "--format", "{{index .RepoDigests 0}}", &image]).trim().to_string();
     assert!(repo_digest.contains("@sha256:"), "{repo_digest}");
     run("docker", &["rmi", &image]);
     assert!(fails("docker", &["image", "inspect", &image]));
 
     run("docker", &["pull", &image]);
-    let pulled = run(
-        "docker",
-        &["image", "inspect", "--format", "{{.Id}}", &image],
-    )
-    .trim()
-    .to_string();
-    assert_eq!(
-        pulled, id,
-        "same image (config and layer diff ids) after the round trip"
-    );
+    let pulled = run("docker", &["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
+    assert_eq!(pulled, id, "same image (config and layer diff ids) after the round trip");
     run("docker", &["rmi", &image]);
 
     run("docker", &["pull", &repo_digest]);
-    let by_digest = run(
-        "docker",
-        &["image", "inspect", "--format", "{{.Id}}", &repo_digest],
-    )
-    .trim()
-    .to_string();
+    let by_digest = run("docker", &["image", "inspect", "--format", "{{.Id}}", &repo_digest]).trim().to_string();
     assert_eq!(by_digest, id);
 
     // The content itself: save the pulled image and find the file in one of its layers.
     let saved = work.path().join("saved.tar");
-    run(
-        "docker",
-        &["save", "-o", saved.to_str().unwrap(), &repo_digest],
-    );
+    run("docker", &["save", "-o", saved.to_str().unwrap(), &repo_digest]);
     let unpacked = work.path().join("saved");
     std::fs::create_dir_all(&unpacked).unwrap();
-    run(
-        "tar",
-        &[
-            "-C",
-            unpacked.to_str().unwrap(),
-            "-xf",
-            saved.to_str().unwrap(),
-        ],
-    );
+    run("tar", &["-C", unpacked.to_str().unwrap(), "-xf", saved.to_str().unwrap()]);
     let found = run("sh", &["-c", &format!(
         "find {} -type f | while read f; do tar -xOf \"$f\" ./hello.txt 2>/dev/null || tar -xOf \"$f\" hello.txt 2>/dev/null; done; true",
         unpacked.display()
     )]);
-    assert_eq!(
-        found, "hello from berth\n",
-        "the file inside the pulled image"
-    );
+    assert_eq!(found, "hello from berth\n", "the file inside the pulled image");
     run("docker", &["rmi", &repo_digest]);
 }

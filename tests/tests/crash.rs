@@ -33,48 +33,23 @@ async fn pusher(url: String, worker: usize, round: usize, ledger: Arc<Mutex<Ledg
         let mut layers = vec![];
         for (data, chunked) in [(&big, true), (&small, false), (&config, false)] {
             let d = digest(data);
-            ledger
-                .lock()
-                .unwrap()
-                .attempted
-                .push((repo.clone(), d.clone()));
+            ledger.lock().unwrap().attempted.push((repo.clone(), d.clone()));
             let ok = if chunked {
-                let Ok(r) = c
-                    .post(format!("{url}/v2/{repo}/blobs/uploads/"))
-                    .send()
-                    .await
-                else {
+                let Ok(r) = c.post(format!("{url}/v2/{repo}/blobs/uploads/")).send().await else {
                     return;
                 };
-                let loc = r
-                    .headers()
-                    .get("location")
-                    .map(|v| v.to_str().unwrap().to_string())
-                    .unwrap_or_default();
+                let loc = r.headers().get("location").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
                 let half = data.len() / 2;
-                let Ok(_) = c
-                    .patch(format!("{url}{loc}"))
-                    .body(data[..half].to_vec())
-                    .send()
-                    .await
-                else {
+                let Ok(_) = c.patch(format!("{url}{loc}")).body(data[..half].to_vec()).send().await else {
                     return;
                 };
-                let Ok(r) = c
-                    .put(format!("{url}{loc}?digest={d}"))
-                    .body(data[half..].to_vec())
-                    .send()
-                    .await
-                else {
+                let Ok(r) = c.put(format!("{url}{loc}?digest={d}")).body(data[half..].to_vec()).send().await else {
                     return;
                 };
                 r.status() == 201
             } else {
-                let Ok(r) = c
-                    .post(format!("{url}/v2/{repo}/blobs/uploads/?digest={d}"))
-                    .body(data.to_vec())
-                    .send()
-                    .await
+                let Ok(r) =
+                    c.post(format!("{url}/v2/{repo}/blobs/uploads/?digest={d}")).body(data.to_vec()).send().await
                 else {
                     return;
                 };
@@ -83,11 +58,7 @@ async fn pusher(url: String, worker: usize, round: usize, ledger: Arc<Mutex<Ledg
             if !ok {
                 return;
             }
-            ledger
-                .lock()
-                .unwrap()
-                .blobs
-                .push((repo.clone(), d.clone(), data.len()));
+            ledger.lock().unwrap().blobs.push((repo.clone(), d.clone(), data.len()));
             layers.push((d, data.len()));
         }
         let m = image_manifest(
@@ -108,48 +79,28 @@ async fn pusher(url: String, worker: usize, round: usize, ledger: Arc<Mutex<Ledg
         if r.status() != 201 {
             return;
         }
-        ledger
-            .lock()
-            .unwrap()
-            .manifests
-            .push((repo, tag, digest(m.as_bytes())));
+        ledger.lock().unwrap().manifests.push((repo, tag, digest(m.as_bytes())));
     }
 }
 
 async fn verify(url: &str, ledger: &Ledger) {
     let c = client();
     for (repo, d, size) in &ledger.blobs {
-        let r = c
-            .get(format!("{url}/v2/{repo}/blobs/{d}"))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("{url}/v2/{repo}/blobs/{d}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "acknowledged blob {d} in {repo} is gone");
         let body = r.bytes().await.unwrap();
         assert_eq!(body.len(), *size);
         assert_eq!(&digest(&body), d, "acknowledged blob {d} does not verify");
     }
     for (repo, tag, md) in &ledger.manifests {
-        let r = c
-            .get(format!("{url}/v2/{repo}/manifests/{tag}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            200,
-            "acknowledged manifest {repo}:{tag} is gone"
-        );
+        let r = c.get(format!("{url}/v2/{repo}/manifests/{tag}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "acknowledged manifest {repo}:{tag} is gone");
         let body = r.bytes().await.unwrap();
         assert_eq!(&digest(&body), md);
     }
     // Whatever else is served must be whole: every blob that answers verifies.
     for (repo, d) in &ledger.attempted {
-        let r = c
-            .get(format!("{url}/v2/{repo}/blobs/{d}"))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("{url}/v2/{repo}/blobs/{d}")).send().await.unwrap();
         if r.status() == 200 {
             let body = r.bytes().await.unwrap();
             assert_eq!(&digest(&body), d, "a half-written blob {d} is served");
@@ -168,9 +119,8 @@ async fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
         let mut server = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
         // Everything acknowledged in earlier rounds is still there after this restart.
         verify(&server.url, &ledger.lock().unwrap()).await;
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|w| tokio::spawn(pusher(server.url.clone(), w, round, ledger.clone())))
-            .collect();
+        let workers: Vec<_> =
+            (0..WORKERS).map(|w| tokio::spawn(pusher(server.url.clone(), w, round, ledger.clone()))).collect();
         // Kill at a different moment each round, while pushes are in flight.
         tokio::time::sleep(Duration::from_millis(700 + 400 * round as u64)).await;
         server.kill();
@@ -178,10 +128,7 @@ async fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
             let _ = tokio::time::timeout(Duration::from_secs(30), w).await;
         }
         let acked = ledger.lock().unwrap().blobs.len();
-        assert!(
-            acked > total_acked,
-            "round {round} acknowledged no push before the kill"
-        );
+        assert!(acked > total_acked, "round {round} acknowledged no push before the kill");
         total_acked = acked;
     }
     let server = Server::start_in(dir.path(), "127.0.0.1:0", &[]);

@@ -28,35 +28,17 @@ async fn two_gib_blob_push_and_pull_in_bounded_memory() {
     let d = format!("sha256:{}", hex::encode(hasher.finalize()));
 
     // docker-style: POST, one streamed PATCH of the whole blob, PUT ?digest=.
-    let r = c
-        .post(format!("{}/v2/big/blob/blobs/uploads/", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{}/v2/big/blob/blobs/uploads/", s.url)).send().await.unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     let block2 = block.clone();
-    let stream = futures::stream::iter(0..TOTAL / CHUNK)
-        .map(move |i| Ok::<_, std::io::Error>(chunk(&block2, i)));
-    let r = c
-        .patch(format!("{}{loc}", s.url))
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+    let stream = futures::stream::iter(0..TOTAL / CHUNK).map(move |i| Ok::<_, std::io::Error>(chunk(&block2, i)));
+    let r = c.patch(format!("{}{loc}", s.url)).body(reqwest::Body::wrap_stream(stream)).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c
-        .put(format!("{}{loc}?digest={d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(format!("{}{loc}?digest={d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
     let after_push = s.peak_rss();
 
-    let r = c
-        .get(format!("{}/v2/big/blob/blobs/{d}", s.url))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(format!("{}/v2/big/blob/blobs/{d}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
     let mut hasher = Sha256::new();

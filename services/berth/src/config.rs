@@ -62,34 +62,21 @@ impl StandaloneConfig {
     pub fn load(args: StandaloneArgs) -> Result<StandaloneConfig> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("parsing {}", path.display()))?
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => FileConfig::default(),
         };
         Ok(StandaloneConfig {
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("berth-data")),
-            max_blob: args
-                .max_blob_bytes
-                .or(file.max_blob_bytes)
-                .unwrap_or(berth_core::store::DEFAULT_MAX_BLOB),
+            listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("berth-data")),
+            max_blob: args.max_blob_bytes.or(file.max_blob_bytes).unwrap_or(berth_core::store::DEFAULT_MAX_BLOB),
             upload_timeout: Duration::from_secs(
                 args.upload_timeout_secs
                     .or(file.upload_timeout_secs)
                     .unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()),
             ),
-            gc_grace: Duration::from_secs(
-                args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600),
-            ),
+            gc_grace: Duration::from_secs(args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600)),
         })
     }
 }

@@ -26,18 +26,13 @@ enum Role {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.role {
-        Role::Standalone(args) => {
-            runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?))
-        }
+        Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
     }
 }

@@ -19,10 +19,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
-    let storage = StorageEngine::open(StorageConfig {
-        dir: data_dir.join("storage"),
-    })
-    .context("opening storage")?;
+    let storage = StorageEngine::open(StorageConfig { dir: data_dir.join("storage") }).context("opening storage")?;
     let meta = MetaService::open_single(MetaConfig {
         dir: data_dir.join("meta"),
         node_id: 1,
@@ -35,30 +32,20 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     let registry = Registry::new(
         blobs.clone(),
         metas.clone(),
-        FrontendConfig {
-            max_blob: config.max_blob,
-            upload_timeout: config.upload_timeout,
-            ..Default::default()
-        },
+        FrontendConfig { max_blob: config.max_blob, upload_timeout: config.upload_timeout, ..Default::default() },
     );
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    println!(
-        "berth standalone: serving http://{addr} (data in {})",
-        data_dir.display()
-    );
+    println!("berth standalone: serving http://{addr} (data in {})", data_dir.display());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let housekeeping = tokio::spawn(housekeeping(blobs, metas, config.clone(), stop_rx.clone()));
     let mut server_stop = stop_rx.clone();
-    let server = axum::serve(listener, berth_frontend::router(registry)).with_graceful_shutdown(
-        async move {
-            let _ = server_stop.wait_for(|s| *s).await;
-        },
-    );
+    let server = axum::serve(listener, berth_frontend::router(registry)).with_graceful_shutdown(async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    });
     let server = tokio::spawn(async move { server.await });
 
     shutdown_signal().await;
@@ -97,8 +84,7 @@ async fn housekeeping(
     config: StandaloneConfig,
     mut stop: watch::Receiver<bool>,
 ) {
-    let period =
-        (config.upload_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let period = (config.upload_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}

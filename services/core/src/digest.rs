@@ -62,10 +62,7 @@ pub enum DigestError {
 impl Digest {
     /// Builds a digest from an algorithm and raw hash bytes.
     pub fn from_hash(algorithm: Algorithm, hash: &[u8]) -> Digest {
-        Digest {
-            algorithm,
-            hex: hex::encode(hash),
-        }
+        Digest { algorithm, hex: hex::encode(hash) }
     }
 
     /// The SHA-256 digest of `data`.
@@ -100,15 +97,11 @@ impl FromStr for Digest {
         //   encoded   := [a-zA-Z0-9=_-]+
         let (alg, enc) = s.split_once(':').ok_or(DigestError::Malformed)?;
         let alg_ok = !alg.is_empty()
-            && alg.split(['+', '.', '_', '-']).all(|c| {
-                !c.is_empty()
-                    && c.bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            });
-        let enc_ok = !enc.is_empty()
-            && enc
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'=' || b == b'_' || b == b'-');
+            && alg
+                .split(['+', '.', '_', '-'])
+                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        let enc_ok =
+            !enc.is_empty() && enc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'=' || b == b'_' || b == b'-');
         if !alg_ok || !enc_ok {
             return Err(DigestError::Malformed);
         }
@@ -118,17 +111,10 @@ impl FromStr for Digest {
             _ => return Err(DigestError::Unsupported),
         };
         // Registered algorithms fix the encoding: lower-case hex of the full hash length.
-        if enc.len() != algorithm.hex_len()
-            || !enc
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if enc.len() != algorithm.hex_len() || !enc.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(DigestError::Malformed);
         }
-        Ok(Digest {
-            algorithm,
-            hex: enc.to_string(),
-        })
+        Ok(Digest { algorithm, hex: enc.to_string() })
     }
 }
 
@@ -171,9 +157,7 @@ mod tests {
 
     #[test]
     fn parses_and_prints_sha256() {
-        let d: Digest = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-            .parse()
-            .unwrap();
+        let d: Digest = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".parse().unwrap();
         assert_eq!(d, Digest::sha256_of(b""));
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
     }
@@ -202,10 +186,7 @@ mod tests {
         ] {
             assert_eq!(s.parse::<Digest>(), Err(DigestError::Malformed), "{s}");
         }
-        assert_eq!(
-            "md5:d41d8cd98f00b204e9800998ecf8427e".parse::<Digest>(),
-            Err(DigestError::Unsupported)
-        );
+        assert_eq!("md5:d41d8cd98f00b204e9800998ecf8427e".parse::<Digest>(), Err(DigestError::Unsupported));
     }
 
     proptest::proptest! {

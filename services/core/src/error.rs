@@ -87,9 +87,7 @@ impl ErrorCode {
             ErrorCode::BlobUploadInvalid => "blob upload invalid",
             ErrorCode::BlobUploadUnknown => "blob upload unknown to registry",
             ErrorCode::DigestInvalid => "provided digest did not match uploaded content",
-            ErrorCode::ManifestBlobUnknown => {
-                "manifest references a manifest or blob unknown to registry"
-            }
+            ErrorCode::ManifestBlobUnknown => "manifest references a manifest or blob unknown to registry",
             ErrorCode::ManifestInvalid => "manifest invalid",
             ErrorCode::ManifestUnknown => "manifest unknown to registry",
             ErrorCode::NameInvalid => "invalid repository name",
@@ -118,11 +116,7 @@ pub struct RegistryError {
 impl RegistryError {
     /// An error with the code's default status.
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        RegistryError {
-            code,
-            status: code.default_status(),
-            detail: detail.into(),
-        }
+        RegistryError { code, status: code.default_status(), detail: detail.into() }
     }
 
     /// The same error with another HTTP status.
@@ -149,11 +143,7 @@ impl RegistryError {
             errors: [Item<'a>; 1],
         }
         serde_json::to_string(&Body {
-            errors: [Item {
-                code: self.code.as_str(),
-                message: self.code.message(),
-                detail: &self.detail,
-            }],
+            errors: [Item { code: self.code.as_str(), message: self.code.message(), detail: &self.detail }],
         })
         .unwrap_or_else(|_| String::from("{\"errors\":[]}"))
     }
@@ -161,13 +151,7 @@ impl RegistryError {
 
 impl fmt::Display for RegistryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} ({}): {}",
-            self.code.as_str(),
-            self.status,
-            self.detail
-        )
+        write!(f, "{} ({}): {}", self.code.as_str(), self.status, self.detail)
     }
 }
 

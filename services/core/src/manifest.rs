@@ -29,10 +29,8 @@ pub const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
 
 /// Media types of layers that are never uploaded to a registry (foreign / non-distributable).
-const NON_DISTRIBUTABLE_PREFIXES: [&str; 2] = [
-    "application/vnd.oci.image.layer.nondistributable.",
-    "application/vnd.docker.image.rootfs.foreign.",
-];
+const NON_DISTRIBUTABLE_PREFIXES: [&str; 2] =
+    ["application/vnd.oci.image.layer.nondistributable.", "application/vnd.docker.image.rootfs.foreign."];
 
 /// What a manifest needs from, and tells, the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,14 +78,11 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<ParsedManifest> 
     if body.len() > MAX_MANIFEST_SIZE {
         return Err(invalid("manifest exceeds 4 MiB").with_status(413));
     }
-    let probe: Probe =
-        serde_json::from_slice(body).map_err(|e| invalid(format!("not a JSON manifest: {e}")))?;
+    let probe: Probe = serde_json::from_slice(body).map_err(|e| invalid(format!("not a JSON manifest: {e}")))?;
     let header = content_type.map(bare_media_type).filter(|t| !t.is_empty());
     let media_type = match (&probe.media_type, header) {
         (Some(body_type), Some(h)) if body_type != h => {
-            return Err(invalid(format!(
-                "mediaType {body_type} does not match Content-Type {h}"
-            )));
+            return Err(invalid(format!("mediaType {body_type} does not match Content-Type {h}")));
         }
         (Some(body_type), _) => body_type.clone(),
         (None, Some(h)) => h.to_string(),
@@ -98,8 +93,7 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<ParsedManifest> 
     match media_type.as_str() {
         OCI_MANIFEST | DOCKER_MANIFEST => {
             check_schema_version(&probe)?;
-            let m: ImageManifest =
-                serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+            let m: ImageManifest = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
             parse_image(media_type, &m)
         }
         OCI_INDEX | DOCKER_LIST => {
@@ -126,22 +120,16 @@ fn check_schema_version(p: &Probe) -> Result<()> {
 }
 
 fn descriptor_digest(d: &Descriptor) -> Result<Digest> {
-    d.digest()
-        .to_string()
-        .parse()
-        .map_err(|_| invalid(format!("descriptor digest {} is not supported", d.digest())))
+    d.digest().to_string().parse().map_err(|_| invalid(format!("descriptor digest {} is not supported", d.digest())))
 }
 
 fn is_foreign(d: &Descriptor) -> bool {
     let mt = d.media_type().to_string();
-    d.urls().as_ref().is_some_and(|u| !u.is_empty())
-        || NON_DISTRIBUTABLE_PREFIXES.iter().any(|p| mt.starts_with(p))
+    d.urls().as_ref().is_some_and(|u| !u.is_empty()) || NON_DISTRIBUTABLE_PREFIXES.iter().any(|p| mt.starts_with(p))
 }
 
 fn annotations(a: &Option<std::collections::HashMap<String, String>>) -> BTreeMap<String, String> {
-    a.as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
+    a.as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
 }
 
 fn parse_image(media_type: String, m: &ImageManifest) -> Result<ParsedManifest> {
@@ -154,11 +142,8 @@ fn parse_image(media_type: String, m: &ImageManifest) -> Result<ParsedManifest> 
     }
     blobs.sort();
     blobs.dedup();
-    let artifact_type = m
-        .artifact_type()
-        .as_ref()
-        .map(|t| t.to_string())
-        .or_else(|| Some(m.config().media_type().to_string()));
+    let artifact_type =
+        m.artifact_type().as_ref().map(|t| t.to_string()).or_else(|| Some(m.config().media_type().to_string()));
     Ok(ParsedManifest {
         media_type,
         blobs,
@@ -170,11 +155,7 @@ fn parse_image(media_type: String, m: &ImageManifest) -> Result<ParsedManifest> 
 }
 
 fn parse_index(media_type: String, i: &ImageIndex) -> Result<ParsedManifest> {
-    let mut manifests = i
-        .manifests()
-        .iter()
-        .map(descriptor_digest)
-        .collect::<Result<Vec<_>>>()?;
+    let mut manifests = i.manifests().iter().map(descriptor_digest).collect::<Result<Vec<_>>>()?;
     manifests.sort();
     manifests.dedup();
     Ok(ParsedManifest {
@@ -205,10 +186,7 @@ mod tests {
         let p = parse(Some(OCI_MANIFEST), image("").as_bytes()).unwrap();
         assert_eq!(p.media_type, OCI_MANIFEST);
         assert_eq!(p.blobs.len(), 2);
-        assert_eq!(
-            p.artifact_type.as_deref(),
-            Some("application/vnd.oci.image.config.v1+json")
-        );
+        assert_eq!(p.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
         assert!(p.subject.is_none());
     }
 
@@ -235,27 +213,16 @@ mod tests {
     #[test]
     fn media_type_from_header_when_body_has_none() {
         let body = image("").replace(&format!(r#""mediaType":"{OCI_MANIFEST}","#), "");
-        assert_eq!(
-            parse(Some(OCI_MANIFEST), body.as_bytes())
-                .unwrap()
-                .media_type,
-            OCI_MANIFEST
-        );
+        assert_eq!(parse(Some(OCI_MANIFEST), body.as_bytes()).unwrap().media_type, OCI_MANIFEST);
     }
 
     #[test]
     fn rejects_bad_manifests() {
         let mismatch = parse(Some(OCI_INDEX), image("").as_bytes()).unwrap_err();
         assert_eq!(mismatch.code, ErrorCode::ManifestInvalid);
-        assert_eq!(
-            parse(Some(OCI_MANIFEST), b"not json").unwrap_err().code,
-            ErrorCode::ManifestInvalid
-        );
+        assert_eq!(parse(Some(OCI_MANIFEST), b"not json").unwrap_err().code, ErrorCode::ManifestInvalid);
         let v1 = image("").replace("\"schemaVersion\":2", "\"schemaVersion\":1");
-        assert_eq!(
-            parse(None, v1.as_bytes()).unwrap_err().code,
-            ErrorCode::ManifestInvalid
-        );
+        assert_eq!(parse(None, v1.as_bytes()).unwrap_err().code, ErrorCode::ManifestInvalid);
         let big = vec![b' '; MAX_MANIFEST_SIZE + 1];
         assert_eq!(parse(None, &big).unwrap_err().status, 413);
     }

@@ -52,9 +52,7 @@ pub fn valid_tag(tag: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b[1..]
-            .iter()
-            .all(|&x| x.is_ascii_alphanumeric() || x == b'.' || x == b'_' || x == b'-')
+        && b[1..].iter().all(|&x| x.is_ascii_alphanumeric() || x == b'.' || x == b'_' || x == b'-')
 }
 
 #[cfg(test)]
@@ -63,32 +61,12 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in [
-            "a",
-            "library/ubuntu",
-            "my-org/my_app/sub.x",
-            "a__b",
-            "a---b/c",
-            "0/1/2",
-        ] {
+        for ok in ["a", "library/ubuntu", "my-org/my_app/sub.x", "a__b", "a---b/c", "0/1/2"] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in [
-            "",
-            "A",
-            "Library/ubuntu",
-            "a/",
-            "/a",
-            "a//b",
-            "a___b",
-            "-a",
-            "a-",
-            "a.",
-            "a..b",
-            "a_-b",
-            "a b",
-            "ä",
-        ] {
+        for bad in
+            ["", "A", "Library/ubuntu", "a/", "/a", "a//b", "a___b", "-a", "a-", "a.", "a..b", "a_-b", "a b", "ä"]
+        {
             assert!(!valid_name(bad), "{bad}");
         }
         assert!(!valid_name(&"a".repeat(MAX_NAME_LEN + 1)));

@@ -52,13 +52,7 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Appends `body` to upload `id`. With `offset`, the append must start exactly there
     /// (`416` otherwise). The upload may not grow past `limit`. Returns the new length.
-    async fn upload_append(
-        &self,
-        id: &str,
-        offset: Option<u64>,
-        body: ByteStream,
-        limit: u64,
-    ) -> Result<u64>;
+    async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64>;
 
     /// Bytes received so far by upload `id`, or `None` when it is unknown or expired.
     async fn upload_size(&self, id: &str) -> Result<Option<u64>>;
@@ -125,12 +119,7 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Commits a manifest (linking its bytes into `repo`) and points `tags` at it, in one
     /// write. Fails with `MANIFEST_BLOB_UNKNOWN` when a blob or child it needs is missing.
-    async fn put_manifest(
-        &self,
-        repo: &str,
-        record: ManifestRecord,
-        tags: Vec<String>,
-    ) -> Result<()>;
+    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>) -> Result<()>;
 
     /// A manifest of `repo` by digest.
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;

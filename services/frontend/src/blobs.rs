@@ -8,30 +8,18 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use berth_core::{Digest, ErrorCode, RegistryError, UploadSession};
 
-use crate::{
-    body_stream, content_length, empty, header_value, parse_digest, query_param, Registry,
-};
+use crate::{body_stream, content_length, empty, header_value, parse_digest, query_param, Registry};
 
 fn blob_unknown(d: &Digest) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::BlobUnknown,
-        format!("blob {d} is not in this repository"),
-    )
+    RegistryError::new(ErrorCode::BlobUnknown, format!("blob {d} is not in this repository"))
 }
 
 fn upload_unknown(id: &str) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::BlobUploadUnknown,
-        format!("upload {id} is unknown or expired"),
-    )
+    RegistryError::new(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or expired"))
 }
 
 fn too_big(limit: u64) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::SizeInvalid,
-        format!("blob exceeds the limit of {limit} bytes"),
-    )
-    .with_status(413)
+    RegistryError::new(ErrorCode::SizeInvalid, format!("blob exceeds the limit of {limit} bytes")).with_status(413)
 }
 
 /// A `Range: bytes=...` request against a blob of `size` bytes.
@@ -61,11 +49,7 @@ fn parse_range(headers: &HeaderMap, size: u64) -> RangeRequest {
             let Ok(first) = a.parse::<u64>() else {
                 return RangeRequest::Whole;
             };
-            let last = if b.is_empty() {
-                Ok(u64::MAX)
-            } else {
-                b.parse::<u64>()
-            };
+            let last = if b.is_empty() { Ok(u64::MAX) } else { b.parse::<u64>() };
             let Ok(last) = last else {
                 return RangeRequest::Whole;
             };
@@ -114,37 +98,23 @@ pub async fn get(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CACHE_CONTROL, "max-age=31536000");
     let (resp, range) = match parse_range(headers, size) {
-        RangeRequest::Whole => (
-            resp.status(StatusCode::OK)
-                .header(header::CONTENT_LENGTH, size),
-            None,
-        ),
+        RangeRequest::Whole => (resp.status(StatusCode::OK).header(header::CONTENT_LENGTH, size), None),
         RangeRequest::Part(first, last) => (
             resp.status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_LENGTH, last - first + 1)
-                .header(
-                    header::CONTENT_RANGE,
-                    header_value(&format!("bytes {first}-{last}/{size}"))?,
-                ),
+                .header(header::CONTENT_RANGE, header_value(&format!("bytes {first}-{last}/{size}"))?),
             Some((first, last)),
         ),
         RangeRequest::Unsatisfiable => {
             return Response::builder()
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(
-                    header::CONTENT_RANGE,
-                    header_value(&format!("bytes */{size}"))?,
-                )
+                .header(header::CONTENT_RANGE, header_value(&format!("bytes */{size}"))?)
                 .header(header::CONTENT_LENGTH, 0)
                 .body(Body::empty())
                 .map_err(RegistryError::internal);
         }
     };
-    let body = if head || size == 0 {
-        Body::empty()
-    } else {
-        Body::from_stream(reg.blobs.read(&digest, range).await?)
-    };
+    let body = if head || size == 0 { Body::empty() } else { Body::from_stream(reg.blobs.read(&digest, range).await?) };
     resp.body(body).map_err(RegistryError::internal)
 }
 
@@ -154,28 +124,17 @@ pub async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<Response
     if !reg.meta.unlink_blob(name, &digest).await? {
         return Err(blob_unknown(&digest));
     }
-    empty(
-        StatusCode::ACCEPTED,
-        &[("docker-content-digest", digest.to_string())],
-    )
+    empty(StatusCode::ACCEPTED, &[("docker-content-digest", digest.to_string())])
 }
 
 fn created(name: &str, digest: &Digest) -> Result<Response, RegistryError> {
     empty(
         StatusCode::CREATED,
-        &[
-            ("location", format!("/v2/{name}/blobs/{digest}")),
-            ("docker-content-digest", digest.to_string()),
-        ],
+        &[("location", format!("/v2/{name}/blobs/{digest}")), ("docker-content-digest", digest.to_string())],
     )
 }
 
-fn upload_accepted(
-    status: StatusCode,
-    name: &str,
-    id: &str,
-    size: u64,
-) -> Result<Response, RegistryError> {
+fn upload_accepted(status: StatusCode, name: &str, id: &str, size: u64) -> Result<Response, RegistryError> {
     // `Range` is inclusive; an empty upload reports 0-0 as docker and distribution do.
     empty(
         status,
@@ -188,10 +147,7 @@ fn upload_accepted(
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session.
@@ -200,17 +156,13 @@ pub async fn start(reg: &Registry, name: &str, req: Request) -> Result<Response,
         // A mount that cannot be honoured falls back to a new session, as the spec says.
         if let Ok(digest) = mount.parse::<Digest>() {
             let source = match query_param(req.uri(), "from") {
-                Some(from) if berth_core::name::valid_name(&from) => {
-                    reg.meta.blob_link(&from, &digest).await?
-                }
+                Some(from) if berth_core::name::valid_name(&from) => reg.meta.blob_link(&from, &digest).await?,
                 Some(_) => None,
                 // Without `from`, any stored blob can be mounted.
                 None => reg.blobs.stat(&digest).await?,
             };
             if let Some(size) = source {
-                if reg.blobs.stat(&digest).await?.is_some()
-                    && reg.meta.link_blob(name, &digest, size).await.is_ok()
-                {
+                if reg.blobs.stat(&digest).await?.is_some() && reg.meta.link_blob(name, &digest, size).await.is_ok() {
                     return created(name, &digest);
                 }
             }
@@ -221,20 +173,13 @@ pub async fn start(reg: &Registry, name: &str, req: Request) -> Result<Response,
         if content_length(req.headers()).is_some_and(|n| n > reg.config.max_blob) {
             return Err(too_big(reg.config.max_blob));
         }
-        let size = reg
-            .blobs
-            .put(&digest, body_stream(req), reg.config.max_blob)
-            .await?;
+        let size = reg.blobs.put(&digest, body_stream(&req), reg.config.max_blob).await?;
         reg.meta.link_blob(name, &digest, size).await?;
         return created(name, &digest);
     }
     let id = uuid::Uuid::new_v4().to_string();
     reg.blobs.upload_start(&id).await?;
-    let session = UploadSession {
-        id: id.clone(),
-        repo: name.to_string(),
-        started_at_ms: now_ms(),
-    };
+    let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms() };
     if let Err(e) = reg.meta.create_upload(session).await {
         let _ = reg.blobs.upload_cancel(&id).await;
         return Err(e);
@@ -255,9 +200,7 @@ fn chunk_range(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
-    let bad = || {
-        RegistryError::new(ErrorCode::BlobUploadInvalid, "malformed Content-Range").with_status(416)
-    };
+    let bad = || RegistryError::new(ErrorCode::BlobUploadInvalid, "malformed Content-Range").with_status(416);
     let s = v.to_str().map_err(|_| bad())?.trim();
     let s = s.strip_prefix("bytes ").unwrap_or(s);
     let s = s.split('/').next().unwrap_or(s);
@@ -268,11 +211,8 @@ fn chunk_range(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
         return Err(bad());
     }
     if content_length(headers).is_some_and(|n| n != last - first + 1) {
-        return Err(RegistryError::new(
-            ErrorCode::BlobUploadInvalid,
-            "Content-Range does not match Content-Length",
-        )
-        .with_status(416));
+        return Err(RegistryError::new(ErrorCode::BlobUploadInvalid, "Content-Range does not match Content-Length")
+            .with_status(416));
     }
     Ok(Some(first))
 }
@@ -284,20 +224,21 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     if length == Some(0) {
         return Ok(None);
     }
-    if let Some(n) = length {
-        let current = reg
-            .blobs
-            .upload_size(id)
-            .await?
-            .ok_or_else(|| upload_unknown(id))?;
-        if current + n > reg.config.max_blob {
+    // Checked before the body is touched, so that a refused chunk is drained, not cut off.
+    if offset.is_some() || length.is_some() {
+        let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
+        if let Some(off) = offset.filter(|off| *off != current) {
+            return Err(RegistryError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!("chunk starts at {off} but the upload has {current} bytes"),
+            )
+            .with_status(416));
+        }
+        if length.is_some_and(|n| current + n > reg.config.max_blob) {
             return Err(too_big(reg.config.max_blob));
         }
     }
-    let size = reg
-        .blobs
-        .upload_append(id, offset, body_stream(req), reg.config.max_blob)
-        .await?;
+    let size = reg.blobs.upload_append(id, offset, body_stream(&req), reg.config.max_blob).await?;
     Ok(Some(size))
 }
 
@@ -307,20 +248,11 @@ async fn forget(reg: &Registry, id: &str) {
 }
 
 /// `PATCH /v2/<name>/blobs/uploads/<id>`: a chunk, or the whole blob streamed.
-pub async fn patch(
-    reg: &Registry,
-    name: &str,
-    id: &str,
-    req: Request,
-) -> Result<Response, RegistryError> {
+pub async fn patch(reg: &Registry, name: &str, id: &str, req: Request) -> Result<Response, RegistryError> {
     session(reg, name, id).await?;
     let size = match append(reg, id, req).await {
         Ok(Some(size)) => size,
-        Ok(None) => reg
-            .blobs
-            .upload_size(id)
-            .await?
-            .ok_or_else(|| upload_unknown(id))?,
+        Ok(None) => reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?,
         Err(e) => {
             if e.code == ErrorCode::BlobUploadUnknown {
                 forget(reg, id).await;
@@ -332,19 +264,10 @@ pub async fn patch(
 }
 
 /// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: the last chunk (optional), then verification.
-pub async fn finish(
-    reg: &Registry,
-    name: &str,
-    id: &str,
-    req: Request,
-) -> Result<Response, RegistryError> {
+pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Result<Response, RegistryError> {
     session(reg, name, id).await?;
-    let digest = query_param(req.uri(), "digest").ok_or_else(|| {
-        RegistryError::new(
-            ErrorCode::DigestInvalid,
-            "the digest query parameter is required",
-        )
-    })?;
+    let digest = query_param(req.uri(), "digest")
+        .ok_or_else(|| RegistryError::new(ErrorCode::DigestInvalid, "the digest query parameter is required"))?;
     let digest = parse_digest(&digest)?;
     if let Err(e) = append(reg, id, req).await {
         if e.code == ErrorCode::BlobUploadUnknown {
@@ -354,9 +277,7 @@ pub async fn finish(
     }
     match reg.blobs.upload_finish(id, &digest).await {
         Ok(size) => {
-            reg.meta
-                .end_upload(id, Some((digest.clone(), size)))
-                .await?;
+            reg.meta.end_upload(id, Some((digest.clone(), size))).await?;
             created(name, &digest)
         }
         Err(e) => {

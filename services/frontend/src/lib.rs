@@ -65,22 +65,9 @@ pub struct Registry {
 
 impl Registry {
     /// A registry API over the two stores.
-    pub fn new(
-        blobs: Arc<dyn BlobStore>,
-        meta: Arc<dyn MetaStore>,
-        config: FrontendConfig,
-    ) -> Arc<Registry> {
-        let manifests = quick_cache::sync::Cache::with_weighter(
-            16_384,
-            config.manifest_cache_bytes.max(1),
-            ByteWeight,
-        );
-        Arc::new(Registry {
-            blobs,
-            meta,
-            config,
-            manifests,
-        })
+    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, config: FrontendConfig) -> Arc<Registry> {
+        let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
+        Arc::new(Registry { blobs, meta, config, manifests })
     }
 }
 
@@ -92,55 +79,77 @@ pub fn router(registry: Arc<Registry>) -> Router {
 /// The API version header every response carries.
 const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
+/// A request body left where a handler can take it, so that the dispatcher can still drain it
+/// when the handler refuses the request without reading it.
+#[derive(Clone)]
+struct BodySlot(Arc<std::sync::Mutex<Option<Body>>>);
+
+impl BodySlot {
+    fn take(&self) -> Option<Body> {
+        self.0.lock().ok().and_then(|mut b| b.take())
+    }
+}
+
+/// A refused request's unread body is read and dropped up to this size, so that a client still
+/// sending it sees the error response instead of a broken pipe. Past it the connection closes.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Bound on the time spent draining a refused body.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads and drops `body`; returns whether it ended within the bounds.
+async fn drain(body: Body) -> bool {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut seen = 0usize;
+    let all = async {
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { return false };
+            seen += chunk.len();
+            if seen > DRAIN_LIMIT {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, all).await.unwrap_or(false)
+}
+
 async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let slot = BodySlot(Arc::new(std::sync::Mutex::new(Some(body))));
+    let mut req = Request::from_parts(parts, Body::empty());
+    req.extensions_mut().insert(slot.clone());
     let mut resp = match routes::parse(req.uri().path()) {
-        None => error_response(
-            RegistryError::new(ErrorCode::NameUnknown, "no such endpoint").with_status(404),
-        ),
+        None => error_response(RegistryError::new(ErrorCode::Unsupported, "no such endpoint").with_status(404)),
         Some(Err(e)) => error_response(e),
         Some(Ok(route)) => match handle(&reg, route, req).await {
             Ok(r) => r,
             Err(e) => error_response(e),
         },
     };
-    resp.headers_mut()
-        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    if let Some(body) = slot.take() {
+        if !drain(body).await {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    resp.headers_mut().insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
     resp
 }
 
 async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response, RegistryError> {
     let method = req.method().clone();
-    let unsupported = || {
-        Err(RegistryError::new(
-            ErrorCode::Unsupported,
-            format!("{method} is not supported here"),
-        ))
-    };
+    let unsupported = || Err(RegistryError::new(ErrorCode::Unsupported, format!("{method} is not supported here")));
     match (route, &method) {
-        (Route::Base, &Method::GET | &Method::HEAD) => {
-            Ok(json_response(StatusCode::OK, "{}".into()))
-        }
+        (Route::Base, &Method::GET | &Method::HEAD) => Ok(json_response(StatusCode::OK, "{}".into())),
         (Route::Catalog, &Method::GET) => manifests::catalog(reg, req.uri()).await,
         (Route::Tags { name }, &Method::GET) => manifests::tags(reg, &name, req.uri()).await,
         (Route::Manifest { name, reference }, &Method::GET | &Method::HEAD) => {
-            manifests::get(
-                reg,
-                &name,
-                &reference,
-                req.headers(),
-                method == Method::HEAD,
-            )
-            .await
+            manifests::get(reg, &name, &reference, req.headers(), method == Method::HEAD).await
         }
-        (Route::Manifest { name, reference }, &Method::PUT) => {
-            manifests::put(reg, &name, &reference, req).await
-        }
-        (Route::Manifest { name, reference }, &Method::DELETE) => {
-            manifests::delete(reg, &name, &reference).await
-        }
-        (Route::Referrers { name, digest }, &Method::GET) => {
-            manifests::referrers(reg, &name, &digest, req.uri()).await
-        }
+        (Route::Manifest { name, reference }, &Method::PUT) => manifests::put(reg, &name, &reference, req).await,
+        (Route::Manifest { name, reference }, &Method::DELETE) => manifests::delete(reg, &name, &reference).await,
+        (Route::Referrers { name, digest }, &Method::GET) => manifests::referrers(reg, &name, &digest, req.uri()).await,
         (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
             blobs::get(reg, &name, &digest, req.headers(), method == Method::HEAD).await
         }
@@ -165,18 +174,14 @@ pub fn error_response(e: RegistryError) -> Response {
     let mut resp = json_response(status, e.body());
     if e.status == 416 {
         // The upload's state travels in the message; clients recover with a GET of the upload.
-        resp.headers_mut()
-            .insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */*"));
+        resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */*"));
     }
     resp
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
     let mut resp = (status, body).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -184,33 +189,25 @@ fn header_value(v: &str) -> Result<HeaderValue, RegistryError> {
     HeaderValue::from_str(v).map_err(RegistryError::internal)
 }
 
-fn empty(
-    status: StatusCode,
-    headers: &[(&'static str, String)],
-) -> Result<Response, RegistryError> {
+fn empty(status: StatusCode, headers: &[(&'static str, String)]) -> Result<Response, RegistryError> {
     let mut resp = Response::builder().status(status);
     for (k, v) in headers {
         resp = resp.header(*k, header_value(v)?);
     }
-    resp.header(header::CONTENT_LENGTH, "0")
-        .body(Body::empty())
-        .map_err(RegistryError::internal)
+    resp.header(header::CONTENT_LENGTH, "0").body(Body::empty()).map_err(RegistryError::internal)
 }
 
-/// The request body as a stream of chunks.
-fn body_stream(req: Request) -> ByteStream {
-    Box::pin(req.into_body().into_data_stream().map_err(io::Error::other))
+/// The request body as a stream of chunks (empty when already taken).
+fn body_stream(req: &Request) -> ByteStream {
+    match req.extensions().get::<BodySlot>().and_then(BodySlot::take) {
+        Some(body) => Box::pin(body.into_data_stream().map_err(io::Error::other)),
+        None => Box::pin(futures::stream::empty()),
+    }
 }
 
 /// `Content-Length` of the request, if given and numeric.
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// The value of query parameter `key` (first occurrence).
@@ -221,13 +218,9 @@ fn query_param(uri: &axum::http::Uri, key: &str) -> Option<String> {
 /// Every value of query parameter `key`.
 fn query_params(uri: &axum::http::Uri, key: &str) -> Vec<String> {
     let q = uri.query().unwrap_or("");
-    form_urlencoded::parse(q.as_bytes())
-        .filter(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
-        .collect()
+    form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == key).map(|(_, v)| v.into_owned()).collect()
 }
 
 fn parse_digest(s: &str) -> Result<berth_core::Digest, RegistryError> {
-    s.parse()
-        .map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, format!("{s:?}: {e}")))
+    s.parse().map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, format!("{s:?}: {e}")))
 }

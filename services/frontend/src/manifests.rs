@@ -15,8 +15,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::{
-    body_stream, content_length, empty, header_value, json_response, parse_digest, query_param,
-    query_params, Registry,
+    body_stream, content_length, empty, header_value, json_response, parse_digest, query_param, query_params, Registry,
 };
 
 /// A manifest reference: a tag or a digest.
@@ -32,26 +31,16 @@ fn parse_reference(r: &str) -> Result<Reference, RegistryError> {
     if valid_tag(r) {
         Ok(Reference::Tag(r.to_string()))
     } else {
-        Err(RegistryError::new(
-            ErrorCode::ManifestInvalid,
-            format!("invalid tag {r:?}"),
-        ))
+        Err(RegistryError::new(ErrorCode::ManifestInvalid, format!("invalid tag {r:?}")))
     }
 }
 
 fn manifest_unknown(name: &str, r: &str) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::ManifestUnknown,
-        format!("manifest {r} is not in {name}"),
-    )
+    RegistryError::new(ErrorCode::ManifestUnknown, format!("manifest {r} is not in {name}"))
 }
 
 /// The digest a reference points at in `name`, or `MANIFEST_UNKNOWN` / `NAME_UNKNOWN`.
-async fn resolve(
-    reg: &Registry,
-    name: &str,
-    reference: &str,
-) -> Result<ManifestRecord, RegistryError> {
+async fn resolve(reg: &Registry, name: &str, reference: &str) -> Result<ManifestRecord, RegistryError> {
     let digest = match parse_reference(reference)? {
         Reference::Digest(d) => d,
         Reference::Tag(t) => match reg.meta.tag(name, &t).await? {
@@ -67,10 +56,7 @@ async fn resolve(
 
 async fn unknown(reg: &Registry, name: &str, reference: &str) -> RegistryError {
     match reg.meta.repo_exists(name).await {
-        Ok(false) => RegistryError::new(
-            ErrorCode::NameUnknown,
-            format!("repository {name} is not known"),
-        ),
+        Ok(false) => RegistryError::new(ErrorCode::NameUnknown, format!("repository {name} is not known")),
         _ => manifest_unknown(name, reference),
     }
 }
@@ -106,10 +92,7 @@ pub async fn get(
     if !accepts(headers, &record.media_type) {
         return Err(RegistryError::new(
             ErrorCode::ManifestUnknown,
-            format!(
-                "manifest is a {} which the Accept header does not allow",
-                record.media_type
-            ),
+            format!("manifest is a {} which the Accept header does not allow", record.media_type),
         ));
     }
     let d = record.digest.to_string();
@@ -123,22 +106,16 @@ pub async fn get(
         return resp.body(Body::empty()).map_err(RegistryError::internal);
     }
     let bytes = manifest_bytes(reg, &record.digest).await?;
-    resp.body(Body::from(bytes))
-        .map_err(RegistryError::internal)
+    resp.body(Body::from(bytes)).map_err(RegistryError::internal)
 }
 
 async fn manifest_bytes(reg: &Registry, digest: &Digest) -> Result<Bytes, RegistryError> {
     if let Some(b) = reg.manifests.get(digest) {
         return Ok(b);
     }
-    let b = reg
-        .blobs
-        .read_small(digest, MAX_MANIFEST_SIZE as u64)
-        .await?
-        .ok_or_else(|| {
-            RegistryError::internal(format!(
-                "manifest {digest} is indexed but its bytes are missing"
-            ))
+    let b =
+        reg.blobs.read_small(digest, MAX_MANIFEST_SIZE as u64).await?.ok_or_else(|| {
+            RegistryError::internal(format!("manifest {digest} is indexed but its bytes are missing"))
         })?;
     reg.manifests.insert(digest.clone(), b.clone());
     Ok(b)
@@ -146,18 +123,14 @@ async fn manifest_bytes(reg: &Registry, digest: &Digest) -> Result<Bytes, Regist
 
 /// Reads a manifest body, refusing more than [`MAX_MANIFEST_SIZE`] bytes as soon as it shows.
 async fn read_manifest_body(req: Request) -> Result<Bytes, RegistryError> {
-    let too_big = || {
-        RegistryError::new(ErrorCode::ManifestInvalid, "manifest exceeds 4 MiB").with_status(413)
-    };
+    let too_big = || RegistryError::new(ErrorCode::ManifestInvalid, "manifest exceeds 4 MiB").with_status(413);
     if content_length(req.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
         return Err(too_big());
     }
-    let mut body = body_stream(req);
+    let mut body = body_stream(&req);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            RegistryError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}"))
-        })?;
+        let chunk = chunk.map_err(|e| RegistryError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
         if buf.len() + chunk.len() > MAX_MANIFEST_SIZE {
             return Err(too_big());
         }
@@ -167,43 +140,25 @@ async fn read_manifest_body(req: Request) -> Result<Bytes, RegistryError> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// `PUT /v2/<name>/manifests/<reference>[?tag=...]`.
-pub async fn put(
-    reg: &Registry,
-    name: &str,
-    reference: &str,
-    req: Request,
-) -> Result<Response, RegistryError> {
+pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> Result<Response, RegistryError> {
     let reference = parse_reference(reference)?;
     let mut tags = vec![];
     for t in query_params(req.uri(), "tag") {
         if !valid_tag(&t) {
-            return Err(RegistryError::new(
-                ErrorCode::ManifestInvalid,
-                format!("invalid tag {t:?}"),
-            ));
+            return Err(RegistryError::new(ErrorCode::ManifestInvalid, format!("invalid tag {t:?}")));
         }
         tags.push(t);
     }
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = read_manifest_body(req).await?;
     let digest = match &reference {
         Reference::Digest(d) => {
             if !d.matches(&body) {
-                return Err(RegistryError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("manifest does not hash to {d}"),
-                ));
+                return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("manifest does not hash to {d}")));
             }
             d.clone()
         }
@@ -227,10 +182,8 @@ pub async fn put(
     reg.blobs.put_small(&digest, body.clone()).await?;
     reg.meta.put_manifest(name, record, tags).await?;
     reg.manifests.insert(digest.clone(), body);
-    let mut headers = vec![
-        ("location", format!("/v2/{name}/manifests/{digest}")),
-        ("docker-content-digest", digest.to_string()),
-    ];
+    let mut headers =
+        vec![("location", format!("/v2/{name}/manifests/{digest}")), ("docker-content-digest", digest.to_string())];
     if let Some(subject) = parsed.subject {
         headers.push(("oci-subject", subject.to_string()));
     }
@@ -239,11 +192,7 @@ pub async fn put(
 
 /// `DELETE /v2/<name>/manifests/<reference>`: a digest deletes the manifest and its tags, a
 /// tag deletes only the tag.
-pub async fn delete(
-    reg: &Registry,
-    name: &str,
-    reference: &str,
-) -> Result<Response, RegistryError> {
+pub async fn delete(reg: &Registry, name: &str, reference: &str) -> Result<Response, RegistryError> {
     let existed = match parse_reference(reference)? {
         Reference::Digest(d) => reg.meta.delete_manifest(name, &d).await?,
         Reference::Tag(t) => reg.meta.delete_tag(name, &t).await?,
@@ -258,16 +207,11 @@ pub async fn delete(
 fn page(uri: &Uri) -> Result<(usize, Option<String>, bool), RegistryError> {
     let n = match query_param(uri, "n") {
         Some(n) => Some(n.parse::<usize>().map_err(|_| {
-            RegistryError::new(ErrorCode::Unsupported, format!("n={n:?} is not a number"))
-                .with_status(400)
+            RegistryError::new(ErrorCode::Unsupported, format!("n={n:?} is not a number")).with_status(400)
         })?),
         None => None,
     };
-    Ok((
-        n.unwrap_or(MAX_PAGE).min(MAX_PAGE),
-        query_param(uri, "last"),
-        n.is_some(),
-    ))
+    Ok((n.unwrap_or(MAX_PAGE).min(MAX_PAGE), query_param(uri, "last"), n.is_some()))
 }
 
 /// A `Link` to the next page, when there is one.
@@ -295,12 +239,7 @@ pub async fn tags(reg: &Registry, name: &str, uri: &Uri) -> Result<Response, Reg
         .meta
         .tags(name, last.as_deref(), n + 1)
         .await?
-        .ok_or_else(|| {
-            RegistryError::new(
-                ErrorCode::NameUnknown,
-                format!("repository {name} is not known"),
-            )
-        })?;
+        .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown, format!("repository {name} is not known")))?;
     let more = tags.len() > n;
     tags.truncate(n);
     #[derive(Serialize)]
@@ -308,12 +247,8 @@ pub async fn tags(reg: &Registry, name: &str, uri: &Uri) -> Result<Response, Reg
         name: &'a str,
         tags: &'a [String],
     }
-    let body =
-        serde_json::to_string(&TagList { name, tags: &tags }).map_err(RegistryError::internal)?;
-    listing(
-        body,
-        next_link(&format!("/v2/{name}/tags/list"), &tags, n, more),
-    )
+    let body = serde_json::to_string(&TagList { name, tags: &tags }).map_err(RegistryError::internal)?;
+    listing(body, next_link(&format!("/v2/{name}/tags/list"), &tags, n, more))
 }
 
 /// `GET /v2/_catalog[?n=&last=]`.
@@ -326,10 +261,7 @@ pub async fn catalog(reg: &Registry, uri: &Uri) -> Result<Response, RegistryErro
     struct Catalog<'a> {
         repositories: &'a [String],
     }
-    let body = serde_json::to_string(&Catalog {
-        repositories: &repos,
-    })
-    .map_err(RegistryError::internal)?;
+    let body = serde_json::to_string(&Catalog { repositories: &repos }).map_err(RegistryError::internal)?;
     listing(body, next_link("/v2/_catalog", &repos, n, more))
 }
 
@@ -355,22 +287,13 @@ struct ReferrersIndex<'a> {
 
 /// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: an image index of the manifests whose
 /// `subject` is `digest` (empty, never 404, when there are none).
-pub async fn referrers(
-    reg: &Registry,
-    name: &str,
-    digest: &str,
-    uri: &Uri,
-) -> Result<Response, RegistryError> {
+pub async fn referrers(reg: &Registry, name: &str, digest: &str, uri: &Uri) -> Result<Response, RegistryError> {
     let subject = parse_digest(digest)?;
     let filter = query_param(uri, "artifactType");
     let records = reg.meta.referrers(name, &subject).await?;
     let manifests = records
         .iter()
-        .filter(|r| {
-            filter
-                .as_deref()
-                .is_none_or(|f| r.artifact_type.as_deref() == Some(f))
-        })
+        .filter(|r| filter.as_deref().is_none_or(|f| r.artifact_type.as_deref() == Some(f)))
         .map(|r| ReferrerDescriptor {
             media_type: &r.media_type,
             digest: r.digest.to_string(),
@@ -379,18 +302,12 @@ pub async fn referrers(
             annotations: &r.annotations,
         })
         .collect();
-    let body = serde_json::to_string(&ReferrersIndex {
-        schema_version: 2,
-        media_type: OCI_INDEX,
-        manifests,
-    })
-    .map_err(RegistryError::internal)?;
+    let body = serde_json::to_string(&ReferrersIndex { schema_version: 2, media_type: OCI_INDEX, manifests })
+        .map_err(RegistryError::internal)?;
     let mut resp = json_response(StatusCode::OK, body);
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header_value(OCI_INDEX)?);
+    resp.headers_mut().insert(header::CONTENT_TYPE, header_value(OCI_INDEX)?);
     if filter.is_some() {
-        resp.headers_mut()
-            .insert("oci-filters-applied", header_value("artifactType")?);
+        resp.headers_mut().insert("oci-filters-applied", header_value("artifactType")?);
     }
     Ok(resp)
 }

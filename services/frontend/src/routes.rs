@@ -31,10 +31,7 @@ fn checked(name: &str) -> Result<String, RegistryError> {
     if valid_name(name) {
         Ok(name.to_string())
     } else {
-        Err(RegistryError::new(
-            ErrorCode::NameInvalid,
-            format!("invalid repository name {name:?}"),
-        ))
+        Err(RegistryError::new(ErrorCode::NameInvalid, format!("invalid repository name {name:?}")))
     }
 }
 
@@ -51,10 +48,7 @@ pub fn parse(path: &str) -> Option<Result<Route, RegistryError>> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Some(checked(name).map(|name| Route::Tags { name }));
     }
-    if let Some(name) = rest
-        .strip_suffix("/blobs/uploads/")
-        .or_else(|| rest.strip_suffix("/blobs/uploads"))
-    {
+    if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
         return Some(checked(name).map(|name| Route::UploadStart { name }));
     }
     // A tail is `/<marker>/<last>` where `last` has no slash; try the markers in turn.
@@ -63,28 +57,16 @@ pub fn parse(path: &str) -> Option<Result<Route, RegistryError>> {
         return None;
     }
     if let Some(name) = head.strip_suffix("/blobs/uploads") {
-        return Some(checked(name).map(|name| Route::Upload {
-            name,
-            id: last.to_string(),
-        }));
+        return Some(checked(name).map(|name| Route::Upload { name, id: last.to_string() }));
     }
     if let Some(name) = head.strip_suffix("/manifests") {
-        return Some(checked(name).map(|name| Route::Manifest {
-            name,
-            reference: last.to_string(),
-        }));
+        return Some(checked(name).map(|name| Route::Manifest { name, reference: last.to_string() }));
     }
     if let Some(name) = head.strip_suffix("/blobs") {
-        return Some(checked(name).map(|name| Route::Blob {
-            name,
-            digest: last.to_string(),
-        }));
+        return Some(checked(name).map(|name| Route::Blob { name, digest: last.to_string() }));
     }
     if let Some(name) = head.strip_suffix("/referrers") {
-        return Some(checked(name).map(|name| Route::Referrers {
-            name,
-            digest: last.to_string(),
-        }));
+        return Some(checked(name).map(|name| Route::Referrers { name, digest: last.to_string() }));
     }
     None
 }
@@ -105,45 +87,15 @@ mod tests {
         assert_eq!(ok("/v2/a/b/tags/list"), Route::Tags { name: "a/b".into() });
         assert_eq!(
             ok("/v2/a/blobs/b/manifests/latest"),
-            Route::Manifest {
-                name: "a/blobs/b".into(),
-                reference: "latest".into()
-            }
+            Route::Manifest { name: "a/blobs/b".into(), reference: "latest".into() }
         );
-        assert_eq!(
-            ok("/v2/a/b/blobs/sha256:x"),
-            Route::Blob {
-                name: "a/b".into(),
-                digest: "sha256:x".into()
-            }
-        );
-        assert_eq!(
-            ok("/v2/a/blobs/uploads/"),
-            Route::UploadStart { name: "a".into() }
-        );
-        assert_eq!(
-            ok("/v2/a/blobs/uploads"),
-            Route::UploadStart { name: "a".into() }
-        );
-        assert_eq!(
-            ok("/v2/a/blobs/uploads/123"),
-            Route::Upload {
-                name: "a".into(),
-                id: "123".into()
-            }
-        );
-        assert_eq!(
-            ok("/v2/a/referrers/sha256:x"),
-            Route::Referrers {
-                name: "a".into(),
-                digest: "sha256:x".into()
-            }
-        );
+        assert_eq!(ok("/v2/a/b/blobs/sha256:x"), Route::Blob { name: "a/b".into(), digest: "sha256:x".into() });
+        assert_eq!(ok("/v2/a/blobs/uploads/"), Route::UploadStart { name: "a".into() });
+        assert_eq!(ok("/v2/a/blobs/uploads"), Route::UploadStart { name: "a".into() });
+        assert_eq!(ok("/v2/a/blobs/uploads/123"), Route::Upload { name: "a".into(), id: "123".into() });
+        assert_eq!(ok("/v2/a/referrers/sha256:x"), Route::Referrers { name: "a".into(), digest: "sha256:x".into() });
         assert_eq!(parse("/v2/a/b/c"), None);
         assert_eq!(parse("/v3/a/manifests/x"), None);
-        assert_eq!(
-            parse("/v2/UPPER/manifests/x").unwrap().unwrap_err().code,
-            ErrorCode::NameInvalid
-        );
+        assert_eq!(parse("/v2/UPPER/manifests/x").unwrap().unwrap_err().code, ErrorCode::NameInvalid);
     }
 }

@@ -106,10 +106,7 @@ pub enum Outcome {
 impl Outcome {
     /// A refusal.
     pub fn rejected(code: ErrorCode, detail: impl Into<String>) -> Outcome {
-        Outcome::Rejected {
-            code,
-            detail: detail.into(),
-        }
+        Outcome::Rejected { code, detail: detail.into() }
     }
 
     /// The refusal as an error, anything else as success.

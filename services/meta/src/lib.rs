@@ -66,10 +66,7 @@ pub struct MetaService {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn internal(e: impl std::fmt::Display) -> RegistryError {
@@ -84,8 +81,7 @@ impl MetaService {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs =
-            [CF_LOG, CF_RAFT, CF_STATE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_LOG, CF_RAFT, CF_STATE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = Arc::new(DB::open_cf_descriptors(&opts, config.dir.join("db"), cfs)?);
         let view = StateView::new(db.clone());
         let log = LogStore::new(db.clone());
@@ -104,16 +100,9 @@ impl MetaService {
         let raft = Raft::new(config.node_id, Arc::new(raft_config), NoPeers, log, sm)
             .await
             .map_err(|e| MetaError::Raft(e.to_string()))?;
-        if !raft
-            .is_initialized()
-            .await
-            .map_err(|e| MetaError::Raft(e.to_string()))?
-        {
-            let members =
-                BTreeMap::from([(config.node_id, BasicNode::new(config.advertise.clone()))]);
-            raft.initialize(members)
-                .await
-                .map_err(|e| MetaError::Raft(e.to_string()))?;
+        if !raft.is_initialized().await.map_err(|e| MetaError::Raft(e.to_string()))? {
+            let members = BTreeMap::from([(config.node_id, BasicNode::new(config.advertise.clone()))]);
+            raft.initialize(members).await.map_err(|e| MetaError::Raft(e.to_string()))?;
         }
         raft.wait(Some(Duration::from_secs(30)))
             .state(ServerState::Leader, "single voter becomes leader")
@@ -141,8 +130,7 @@ impl MetaService {
 
     async fn write(&self, cmd: Command) -> Result<Outcome> {
         let resp = self.raft.client_write(cmd).await.map_err(|e| {
-            RegistryError::new(ErrorCode::Unknown, format!("metadata write failed: {e}"))
-                .with_status(503)
+            RegistryError::new(ErrorCode::Unknown, format!("metadata write failed: {e}")).with_status(503)
         })?;
         resp.data.into_result()
     }
@@ -152,30 +140,18 @@ impl MetaService {
         f: impl FnOnce(&StateView) -> Result<T, state::StateError> + Send + 'static,
     ) -> Result<T> {
         let view = self.view.clone();
-        tokio::task::spawn_blocking(move || f(&view))
-            .await
-            .map_err(internal)?
-            .map_err(internal)
+        tokio::task::spawn_blocking(move || f(&view)).await.map_err(internal)?.map_err(internal)
     }
 }
 
 fn names(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<String> {
-    pairs
-        .into_iter()
-        .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
-        .collect()
+    pairs.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect()
 }
 
 #[async_trait]
 impl MetaStore for MetaService {
     async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
-        self.write(Command::LinkBlob {
-            repo: repo.into(),
-            digest: digest.clone(),
-            size,
-            now_ms: now_ms(),
-        })
-        .await?;
+        self.write(Command::LinkBlob { repo: repo.into(), digest: digest.clone(), size, now_ms: now_ms() }).await?;
         Ok(())
     }
 
@@ -185,37 +161,13 @@ impl MetaStore for MetaService {
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
-        let o = self
-            .write(Command::UnlinkBlob {
-                repo: repo.into(),
-                digest: digest.clone(),
-                now_ms: now_ms(),
-            })
-            .await?;
+        let o = self.write(Command::UnlinkBlob { repo: repo.into(), digest: digest.clone(), now_ms: now_ms() }).await?;
         Ok(o == Outcome::Existed(true))
     }
 
-    async fn put_manifest(
-        &self,
-        repo: &str,
-        record: ManifestRecord,
-        tags: Vec<String>,
-    ) -> Result<()> {
-        let o = self
-            .write(Command::PutManifest {
-                repo: repo.into(),
-                record,
-                tags,
-                now_ms: now_ms(),
-            })
-            .await;
-        o.map(|_| ()).map_err(|e| {
-            if e.code == ErrorCode::Unknown {
-                e.with_status(503)
-            } else {
-                e
-            }
-        })
+    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>) -> Result<()> {
+        let o = self.write(Command::PutManifest { repo: repo.into(), record, tags, now_ms: now_ms() }).await;
+        o.map(|_| ()).map_err(|e| if e.code == ErrorCode::Unknown { e.with_status(503) } else { e })
     }
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
@@ -230,23 +182,13 @@ impl MetaStore for MetaService {
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
-        let o = self
-            .write(Command::DeleteManifest {
-                repo: repo.into(),
-                digest: digest.clone(),
-                now_ms: now_ms(),
-            })
-            .await?;
+        let o =
+            self.write(Command::DeleteManifest { repo: repo.into(), digest: digest.clone(), now_ms: now_ms() }).await?;
         Ok(o == Outcome::Existed(true))
     }
 
     async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
-        let o = self
-            .write(Command::DeleteTag {
-                repo: repo.into(),
-                tag: tag.into(),
-            })
-            .await?;
+        let o = self.write(Command::DeleteTag { repo: repo.into(), tag: tag.into() }).await?;
         Ok(o == Outcome::Existed(true))
     }
 
@@ -258,25 +200,14 @@ impl MetaStore for MetaService {
                 return Ok(None);
             }
             let prefix = key(b't', &[&repo, ""]);
-            Ok(Some(names(v.scan(
-                &prefix,
-                last.as_deref().map(str::as_bytes),
-                n,
-            )?)))
+            Ok(Some(names(v.scan(&prefix, last.as_deref().map(str::as_bytes), n)?)))
         })
         .await
     }
 
     async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
         let last = last.map(str::to_string);
-        self.read(move |v| {
-            Ok(names(v.scan(
-                b"r",
-                last.as_deref().map(str::as_bytes),
-                n,
-            )?))
-        })
-        .await
+        self.read(move |v| Ok(names(v.scan(b"r", last.as_deref().map(str::as_bytes), n)?))).await
     }
 
     async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>> {
@@ -301,9 +232,7 @@ impl MetaStore for MetaService {
     }
 
     async fn create_upload(&self, session: UploadSession) -> Result<()> {
-        self.write(Command::CreateUpload { session })
-            .await
-            .map(|_| ())
+        self.write(Command::CreateUpload { session }).await.map(|_| ())
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {
@@ -312,13 +241,7 @@ impl MetaStore for MetaService {
     }
 
     async fn end_upload(&self, id: &str, link: Option<(Digest, u64)>) -> Result<()> {
-        self.write(Command::EndUpload {
-            id: id.into(),
-            link,
-            now_ms: now_ms(),
-        })
-        .await
-        .map(|_| ())
+        self.write(Command::EndUpload { id: id.into(), link, now_ms: now_ms() }).await.map(|_| ())
     }
 
     async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>> {
@@ -330,11 +253,7 @@ impl MetaStore for MetaService {
     }
 
     async fn blob_reaped(&self, digest: &Digest) -> Result<()> {
-        self.write(Command::BlobReaped {
-            digest: digest.clone(),
-        })
-        .await
-        .map(|_| ())
+        self.write(Command::BlobReaped { digest: digest.clone() }).await.map(|_| ())
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader,
-    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
 };
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
@@ -49,18 +49,12 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 }
 
 /// Runs blocking RocksDB work off the reactor.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
-) -> StoreResult<T> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> StoreResult<T> + Send + 'static) -> StoreResult<T> {
     tokio::task::spawn_blocking(f).await.map_err(write_err)?
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> StoreResult<&'a rocksdb::ColumnFamily> {
-    db.cf_handle(name).ok_or_else(|| {
-        write_err(std::io::Error::other(format!(
-            "column family {name} missing"
-        )))
-    })
+    db.cf_handle(name).ok_or_else(|| write_err(std::io::Error::other(format!("column family {name} missing"))))
 }
 
 fn synced() -> WriteOptions {
@@ -84,11 +78,7 @@ impl LogStore {
     }
 
     fn get_raft<T: for<'de> Deserialize<'de>>(&self, k: &str) -> StoreResult<Option<T>> {
-        match self
-            .db
-            .get_cf(cf(&self.db, CF_RAFT)?, k)
-            .map_err(read_err)?
-        {
+        match self.db.get_cf(cf(&self.db, CF_RAFT)?, k).map_err(read_err)? {
             Some(v) => serde_json::from_slice(&v).map(Some).map_err(read_err),
             None => Ok(None),
         }
@@ -97,11 +87,7 @@ impl LogStore {
     async fn put_raft<T: Serialize>(&self, k: &'static str, v: &T) -> StoreResult<()> {
         let bytes = serde_json::to_vec(v).map_err(write_err)?;
         let db = self.db.clone();
-        blocking(move || {
-            db.put_cf_opt(cf(&db, CF_RAFT)?, k, bytes, &synced())
-                .map_err(write_err)
-        })
-        .await
+        blocking(move || db.put_cf_opt(cf(&db, CF_RAFT)?, k, bytes, &synced()).map_err(write_err)).await
     }
 }
 
@@ -124,15 +110,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         blocking(move || {
             let mut out = vec![];
             let from = start.to_be_bytes();
-            for item in db.iterator_cf(
-                cf(&db, CF_LOG)?,
-                IteratorMode::From(&from, Direction::Forward),
-            ) {
+            for item in db.iterator_cf(cf(&db, CF_LOG)?, IteratorMode::From(&from, Direction::Forward)) {
                 let (k, v) = item.map_err(read_err)?;
                 let idx = u64::from_be_bytes(
-                    k.as_ref()
-                        .try_into()
-                        .map_err(|_| read_err(std::io::Error::other("bad log key")))?,
+                    k.as_ref().try_into().map_err(|_| read_err(std::io::Error::other("bad log key")))?,
                 );
                 if !(Bound::Included(start), end).contains(&idx) {
                     break;
@@ -150,11 +131,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId<NodeId>> = self.get_raft("purged")?;
-        let last = match self
-            .db
-            .iterator_cf(cf(&self.db, CF_LOG)?, IteratorMode::End)
-            .next()
-        {
+        let last = match self.db.iterator_cf(cf(&self.db, CF_LOG)?, IteratorMode::End).next() {
             Some(item) => {
                 let (_, v) = item.map_err(read_err)?;
                 let e: Entry<TypeConfig> = serde_json::from_slice(&v).map_err(read_err)?;
@@ -162,10 +139,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id: last,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -185,9 +159,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {
-        Ok(self
-            .get_raft::<Option<LogId<NodeId>>>("committed")?
-            .flatten())
+        Ok(self.get_raft::<Option<LogId<NodeId>>>("committed")?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StoreResult<()>
@@ -197,10 +169,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut encoded = vec![];
         for e in entries {
-            encoded.push((
-                e.log_id.index.to_be_bytes(),
-                serde_json::to_vec(&e).map_err(write_err)?,
-            ));
+            encoded.push((e.log_id.index.to_be_bytes(), serde_json::to_vec(&e).map_err(write_err)?));
         }
         let db = self.db.clone();
         let r = blocking(move || {
@@ -223,11 +192,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         blocking(move || {
             let mut batch = WriteBatch::default();
-            batch.delete_range_cf(
-                cf(&db, CF_LOG)?,
-                log_id.index.to_be_bytes(),
-                u64::MAX.to_be_bytes(),
-            );
+            batch.delete_range_cf(cf(&db, CF_LOG)?, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
             db.write_opt(batch, &synced()).map_err(write_err)
         })
         .await
@@ -239,11 +204,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || {
             let mut batch = WriteBatch::default();
             batch.put_cf(cf(&db, CF_RAFT)?, "purged", purged);
-            batch.delete_range_cf(
-                cf(&db, CF_LOG)?,
-                0u64.to_be_bytes(),
-                (log_id.index + 1).to_be_bytes(),
-            );
+            batch.delete_range_cf(cf(&db, CF_LOG)?, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
             db.write_opt(batch, &synced()).map_err(write_err)
         })
         .await
@@ -268,19 +229,12 @@ struct SnapshotFile {
 impl StateMachine {
     /// A state machine over `view`, keeping its latest snapshot at `snapshot_path`.
     pub fn new(view: StateView, snapshot_path: PathBuf) -> StateMachine {
-        StateMachine {
-            view,
-            snapshot_path,
-        }
+        StateMachine { view, snapshot_path }
     }
 
     fn applied(&self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
         let applied = self.view.get(KEY_APPLIED).map_err(read_err)?;
-        let membership = self
-            .view
-            .get(KEY_MEMBERSHIP)
-            .map_err(read_err)?
-            .unwrap_or_default();
+        let membership = self.view.get(KEY_MEMBERSHIP).map_err(read_err)?.unwrap_or_default();
         Ok((applied, membership))
     }
 }
@@ -294,9 +248,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let db = view.db().clone();
             let snap = db.snapshot();
             let state = cf(&db, CF_STATE)?;
-            let decode = |k: &[u8]| -> StoreResult<Option<Vec<u8>>> {
-                snap.get_cf(state, k).map_err(read_err)
-            };
+            let decode = |k: &[u8]| -> StoreResult<Option<Vec<u8>>> { snap.get_cf(state, k).map_err(read_err) };
             let applied: Option<LogId<NodeId>> = match decode(KEY_APPLIED)? {
                 Some(v) => serde_json::from_slice(&v).map_err(read_err)?,
                 None => None,
@@ -311,26 +263,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Some(l) => format!("{}-{}-{}", l.leader_id, l.index, pairs.len()),
                 None => format!("none-{}", pairs.len()),
             };
-            let meta = SnapshotMeta {
-                last_log_id: applied,
-                last_membership: membership,
-                snapshot_id,
-            };
-            let file = SnapshotFile {
-                meta: meta.clone(),
-                data: data.clone(),
-            };
+            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+            let file = SnapshotFile { meta: meta.clone(), data: data.clone() };
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&file).map_err(write_err)?)
-                .map_err(write_err)?;
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(write_err)?;
+            std::fs::write(&tmp, serde_json::to_vec(&file).map_err(write_err)?).map_err(write_err)?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(write_err)?;
             std::fs::rename(&tmp, &path).map_err(write_err)?;
-            Ok(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data)),
-            })
+            Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
         })
         .await
     }
@@ -339,9 +278,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
         self.applied()
     }
 
@@ -358,10 +295,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // batches are not fsynced: the log is, and a crash replays what was lost.
             for entry in entries {
                 let mut tx = Tx::new(&view);
-                let mut extra: Vec<(&[u8], Vec<u8>)> = vec![(
-                    KEY_APPLIED,
-                    serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?,
-                )];
+                let mut extra: Vec<(&[u8], Vec<u8>)> =
+                    vec![(KEY_APPLIED, serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?)];
                 let outcome = match &entry.payload {
                     EntryPayload::Normal(cmd) => {
                         let o = tx.apply(cmd).map_err(write_err)?;
@@ -377,9 +312,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Outcome::Done
                     }
                 };
-                view.db()
-                    .write(tx.into_batch(&extra).map_err(write_err)?)
-                    .map_err(write_err)?;
+                view.db().write(tx.into_batch(&extra).map_err(write_err)?).map_err(write_err)?;
                 outcomes.push(outcome);
             }
             Ok(outcomes)
@@ -414,20 +347,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for (k, v) in &pairs {
                 batch.put_cf(state, k, v);
             }
-            batch.put_cf(
-                state,
-                KEY_APPLIED,
-                serde_json::to_vec(&meta.last_log_id).map_err(write_err)?,
-            );
-            batch.put_cf(
-                state,
-                KEY_MEMBERSHIP,
-                serde_json::to_vec(&meta.last_membership).map_err(write_err)?,
-            );
+            batch.put_cf(state, KEY_APPLIED, serde_json::to_vec(&meta.last_log_id).map_err(write_err)?);
+            batch.put_cf(state, KEY_MEMBERSHIP, serde_json::to_vec(&meta.last_membership).map_err(write_err)?);
             db.write_opt(batch, &synced()).map_err(write_err)?;
             let file = SnapshotFile { meta, data };
-            std::fs::write(&path, serde_json::to_vec(&file).map_err(write_err)?)
-                .map_err(write_err)?;
+            std::fs::write(&path, serde_json::to_vec(&file).map_err(write_err)?).map_err(write_err)?;
             Ok(())
         })
         .await
@@ -438,10 +362,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         blocking(move || match std::fs::read(&path) {
             Ok(bytes) => {
                 let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(read_err)?;
-                Ok(Some(Snapshot {
-                    meta: file.meta,
-                    snapshot: Box::new(Cursor::new(file.data)),
-                }))
+                Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(file.data)) }))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(read_err(e)),
@@ -460,9 +381,9 @@ pub struct NoPeers;
 pub struct NoPeer;
 
 fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<NodeId, BasicNode, E> {
-    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(
-        &std::io::Error::other("this metadata group has no peers"),
-    ))
+    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&std::io::Error::other(
+        "this metadata group has no peers",
+    )))
 }
 
 impl openraft::RaftNetworkFactory<TypeConfig> for NoPeers {

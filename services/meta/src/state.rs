@@ -78,9 +78,7 @@ impl StateView {
     }
 
     fn cf(&self) -> Result<&rocksdb::ColumnFamily, StateError> {
-        self.db
-            .cf_handle(CF_STATE)
-            .ok_or(StateError::NoFamily(CF_STATE))
+        self.db.cf_handle(CF_STATE).ok_or(StateError::NoFamily(CF_STATE))
     }
 
     /// Raw value at `k`.
@@ -98,21 +96,13 @@ impl StateView {
 
     /// Keys (with `prefix` stripped) and raw values under `prefix`, starting after `after`
     /// (a key suffix), at most `n`.
-    pub fn scan(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        n: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, n: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
         let mut start = prefix.to_vec();
         if let Some(a) = after {
             start.extend_from_slice(a);
         }
         let mut out = vec![];
-        for item in self
-            .db
-            .iterator_cf(self.cf()?, IteratorMode::From(&start, Direction::Forward))
-        {
+        for item in self.db.iterator_cf(self.cf()?, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item?;
             if !k.starts_with(prefix) || out.len() >= n {
                 break;
@@ -127,10 +117,7 @@ impl StateView {
     }
 
     /// Every key-value pair of the state, Raft's own keys excluded (for snapshots).
-    pub fn dump(
-        &self,
-        snap: &rocksdb::Snapshot<'_>,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn dump(&self, snap: &rocksdb::Snapshot<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
         let mut out = vec![];
         for item in snap.iterator_cf(self.cf()?, IteratorMode::Start) {
             let (k, v) = item?;
@@ -142,11 +129,7 @@ impl StateView {
     }
 
     /// A manifest record.
-    pub fn manifest(
-        &self,
-        repo: &str,
-        digest: &Digest,
-    ) -> Result<Option<ManifestRecord>, StateError> {
+    pub fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>, StateError> {
         self.get(&key(b'm', &[repo, &digest.to_string()]))
     }
 }
@@ -162,11 +145,7 @@ pub struct Tx<'a> {
 impl<'a> Tx<'a> {
     /// A transaction over `view`.
     pub fn new(view: &'a StateView) -> Tx<'a> {
-        Tx {
-            view,
-            overlay: HashMap::new(),
-            order: vec![],
-        }
+        Tx { view, overlay: HashMap::new(), order: vec![] }
     }
 
     fn raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
@@ -226,28 +205,10 @@ impl<'a> Tx<'a> {
     /// Applies one command. A refusal leaves the transaction empty.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
         match cmd {
-            Command::LinkBlob {
-                repo,
-                digest,
-                size,
-                now_ms,
-            } => self.link(repo, digest, *size, *now_ms),
-            Command::UnlinkBlob {
-                repo,
-                digest,
-                now_ms,
-            } => Ok(Outcome::Existed(self.unlink(repo, digest, *now_ms)?)),
-            Command::PutManifest {
-                repo,
-                record,
-                tags,
-                now_ms,
-            } => self.put_manifest(repo, record, tags, *now_ms),
-            Command::DeleteManifest {
-                repo,
-                digest,
-                now_ms,
-            } => self.delete_manifest(repo, digest, *now_ms),
+            Command::LinkBlob { repo, digest, size, now_ms } => self.link(repo, digest, *size, *now_ms),
+            Command::UnlinkBlob { repo, digest, now_ms } => Ok(Outcome::Existed(self.unlink(repo, digest, *now_ms)?)),
+            Command::PutManifest { repo, record, tags, now_ms } => self.put_manifest(repo, record, tags, *now_ms),
+            Command::DeleteManifest { repo, digest, now_ms } => self.delete_manifest(repo, digest, *now_ms),
             Command::DeleteTag { repo, tag } => {
                 let k = key(b't', &[repo, tag]);
                 let existed = self.exists(&k)?;
@@ -261,10 +222,7 @@ impl<'a> Tx<'a> {
             Command::EndUpload { id, link, now_ms } => {
                 let k = key(b'u', &[id]);
                 let Some(session) = self.get::<UploadSession>(&k)? else {
-                    return Ok(Outcome::rejected(
-                        ErrorCode::BlobUploadUnknown,
-                        format!("upload {id} is unknown"),
-                    ));
+                    return Ok(Outcome::rejected(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown")));
                 };
                 if let Some((digest, size)) = link {
                     let linked = self.link(&session.repo, digest, *size, *now_ms)?;
@@ -295,13 +253,7 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    fn link(
-        &mut self,
-        repo: &str,
-        digest: &Digest,
-        size: u64,
-        now_ms: u64,
-    ) -> Result<Outcome, StateError> {
+    fn link(&mut self, repo: &str, digest: &Digest, size: u64, now_ms: u64) -> Result<Outcome, StateError> {
         let d = digest.to_string();
         if self.exists(&key(b'f', &[&d]))? {
             return Ok(Outcome::rejected(
@@ -346,24 +298,16 @@ impl<'a> Tx<'a> {
     ) -> Result<Outcome, StateError> {
         for b in &record.blobs {
             if !self.exists(&key(b'l', &[repo, &b.to_string()]))? {
-                return Ok(Outcome::rejected(
-                    ErrorCode::ManifestBlobUnknown,
-                    format!("blob {b} is not in {repo}"),
-                ));
+                return Ok(Outcome::rejected(ErrorCode::ManifestBlobUnknown, format!("blob {b} is not in {repo}")));
             }
         }
         for m in &record.manifests {
             if !self.exists(&key(b'm', &[repo, &m.to_string()]))? {
-                return Ok(Outcome::rejected(
-                    ErrorCode::ManifestBlobUnknown,
-                    format!("manifest {m} is not in {repo}"),
-                ));
+                return Ok(Outcome::rejected(ErrorCode::ManifestBlobUnknown, format!("manifest {m} is not in {repo}")));
             }
         }
         let d = record.digest.to_string();
-        if let Outcome::Rejected { detail, .. } =
-            self.link(repo, &record.digest, record.size, now_ms)?
-        {
+        if let Outcome::Rejected { detail, .. } = self.link(repo, &record.digest, record.size, now_ms)? {
             return Ok(Outcome::rejected(ErrorCode::Unknown, detail));
         }
         self.put(key(b'm', &[repo, &d]), record)?;
@@ -376,12 +320,7 @@ impl<'a> Tx<'a> {
         Ok(Outcome::Done)
     }
 
-    fn delete_manifest(
-        &mut self,
-        repo: &str,
-        digest: &Digest,
-        now_ms: u64,
-    ) -> Result<Outcome, StateError> {
+    fn delete_manifest(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<Outcome, StateError> {
         let d = digest.to_string();
         let mk = key(b'm', &[repo, &d]);
         let Some(record) = self.get::<ManifestRecord>(&mk)? else {

@@ -77,25 +77,15 @@ fn internal(e: impl std::fmt::Display) -> RegistryError {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn too_big(limit: u64) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::SizeInvalid,
-        format!("blob exceeds the limit of {limit} bytes"),
-    )
-    .with_status(413)
+    RegistryError::new(ErrorCode::SizeInvalid, format!("blob exceeds the limit of {limit} bytes")).with_status(413)
 }
 
 fn upload_unknown(id: &str) -> RegistryError {
-    RegistryError::new(
-        ErrorCode::BlobUploadUnknown,
-        format!("upload {id} is unknown or expired"),
-    )
+    RegistryError::new(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or expired"))
 }
 
 /// Upload ids name files, so only UUID-like ids are accepted.
@@ -126,15 +116,8 @@ impl StorageEngine {
             ColumnFamilyDescriptor::new(CF_BLOBS, Options::default()),
             ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
         ];
-        let db =
-            DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
-        Ok(StorageEngine {
-            inner: Arc::new(Inner {
-                dir,
-                db,
-                uploads: Mutex::new(HashMap::new()),
-            }),
-        })
+        let db = DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
+        Ok(StorageEngine { inner: Arc::new(Inner { dir, db, uploads: Mutex::new(HashMap::new()) }) })
     }
 
     /// The index entry of a blob, if stored.
@@ -161,8 +144,7 @@ impl StorageEngine {
                     h.update(&data);
                 }
                 Location::File => {
-                    h.update_reader(fs::File::open(inner.blob_path(&digest)).map_err(internal)?)
-                        .map_err(internal)?;
+                    h.update_reader(fs::File::open(inner.blob_path(&digest)).map_err(internal)?).map_err(internal)?;
                 }
             }
             Ok(Some(*h.finalize().as_bytes() == entry.blake3))
@@ -177,9 +159,7 @@ impl StorageEngine {
         }
         let slot = {
             let mut map = self.inner.uploads.lock().map_err(internal)?;
-            map.entry(id.to_string())
-                .or_insert_with(|| Arc::new(AsyncMutex::new(Slot::Unloaded)))
-                .clone()
+            map.entry(id.to_string()).or_insert_with(|| Arc::new(AsyncMutex::new(Slot::Unloaded))).clone()
         };
         let mut guard = slot.lock_owned().await;
         if let Slot::Unloaded = *guard {
@@ -234,10 +214,7 @@ impl StorageEngine {
                     false
                 }
                 Some(Err(e)) => {
-                    outcome = Err(RegistryError::new(
-                        ErrorCode::BlobUploadInvalid,
-                        format!("reading body: {e}"),
-                    ));
+                    outcome = Err(RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}")));
                     break;
                 }
                 None => true,
@@ -317,11 +294,7 @@ impl StorageEngine {
 impl Inner {
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
-        self.dir
-            .join("blobs")
-            .join(digest.algorithm().name())
-            .join(&hex[..2])
-            .join(hex)
+        self.dir.join("blobs").join(digest.algorithm().name()).join(&hex[..2]).join(hex)
     }
 
     fn upload_path(&self, id: &str) -> PathBuf {
@@ -329,17 +302,11 @@ impl Inner {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| internal(format!("column family {name} missing")))
+        self.db.cf_handle(name).ok_or_else(|| internal(format!("column family {name} missing")))
     }
 
     fn entry(&self, key: &str) -> Result<Option<BlobEntry>> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_BLOBS)?, key)
-            .map_err(internal)?
-        {
+        match self.db.get_pinned_cf(self.cf(CF_BLOBS)?, key).map_err(internal)? {
             Some(v) => bincode::deserialize(&v).map(Some).map_err(internal),
             None => Ok(None),
         }
@@ -363,12 +330,7 @@ impl Inner {
             let _ = fs::remove_file(&st.path);
             return Ok(existing.size);
         }
-        let mut entry = BlobEntry {
-            size,
-            blake3: checksum,
-            created_at_ms: now_ms(),
-            location: Location::Inline,
-        };
+        let mut entry = BlobEntry { size, blake3: checksum, created_at_ms: now_ms(), location: Location::Inline };
         let mut batch = WriteBatch::default();
         if size <= INLINE_THRESHOLD {
             let data = st.read_all().map_err(internal)?;
@@ -376,9 +338,7 @@ impl Inner {
         } else {
             st.sync().map_err(internal)?;
             let path = self.blob_path(digest);
-            let parent = path
-                .parent()
-                .ok_or_else(|| internal("blob path has no parent"))?;
+            let parent = path.parent().ok_or_else(|| internal("blob path has no parent"))?;
             if !parent.exists() {
                 fs::create_dir_all(parent).map_err(internal)?;
                 if let Some(grand) = parent.parent() {
@@ -389,11 +349,7 @@ impl Inner {
             sync_dir(parent).map_err(internal)?;
             entry.location = Location::File;
         }
-        batch.put_cf(
-            self.cf(CF_BLOBS)?,
-            &key,
-            bincode::serialize(&entry).map_err(internal)?,
-        );
+        batch.put_cf(self.cf(CF_BLOBS)?, &key, bincode::serialize(&entry).map_err(internal)?);
         self.synced_write(batch)?;
         if entry.location == Location::Inline {
             let _ = fs::remove_file(&st.path);
@@ -410,10 +366,7 @@ impl BlobStore for StorageEngine {
 
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
         let Some(entry) = self.entry(digest).await? else {
-            return Err(RegistryError::new(
-                ErrorCode::BlobUnknown,
-                digest.to_string(),
-            ));
+            return Err(RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()));
         };
         let (first, last) = range.unwrap_or((0, entry.size.saturating_sub(1)));
         if entry.size == 0 {
@@ -423,22 +376,17 @@ impl BlobStore for StorageEngine {
             Location::Inline => {
                 let inner = self.inner.clone();
                 let key = digest.to_string();
-                let data = blocking(move || inner.inline(&key))
-                    .await?
-                    .ok_or_else(|| internal("inline bytes missing"))?;
+                let data =
+                    blocking(move || inner.inline(&key)).await?.ok_or_else(|| internal("inline bytes missing"))?;
                 let data = Bytes::from(data);
                 let end = (last as usize + 1).min(data.len());
                 let part = data.slice((first as usize).min(end)..end);
                 Ok(futures::stream::once(async move { Ok(part) }).boxed())
             }
             Location::File => {
-                let mut file = tokio::fs::File::open(self.inner.blob_path(digest))
-                    .await
-                    .map_err(internal)?;
+                let mut file = tokio::fs::File::open(self.inner.blob_path(digest)).await.map_err(internal)?;
                 if first > 0 {
-                    file.seek(io::SeekFrom::Start(first))
-                        .await
-                        .map_err(internal)?;
+                    file.seek(io::SeekFrom::Start(first)).await.map_err(internal)?;
                 }
                 let reader = file.take(last + 1 - first);
                 Ok(tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed())
@@ -458,9 +406,7 @@ impl BlobStore for StorageEngine {
                 return Err(internal(format!("blob {key} is larger than {limit} bytes")));
             }
             let data = match entry.location {
-                Location::Inline => inner
-                    .inline(&key)?
-                    .ok_or_else(|| internal("inline bytes missing"))?,
+                Location::Inline => inner.inline(&key)?.ok_or_else(|| internal("inline bytes missing"))?,
                 Location::File => fs::read(inner.blob_path(&digest)).map_err(internal)?,
             };
             Ok(Some(Bytes::from(data)))
@@ -473,10 +419,7 @@ impl BlobStore for StorageEngine {
         let digest = digest.clone();
         blocking(move || {
             if !digest.matches(&data) {
-                return Err(RegistryError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("content does not hash to {digest}"),
-                ));
+                return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
             }
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
             let mut st = Box::new(Staging::create(path).map_err(internal)?);
@@ -515,21 +458,11 @@ impl BlobStore for StorageEngine {
         let path = self.inner.upload_path(id);
         let st = blocking(move || Staging::create(path).map_err(internal)).await?;
         let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
-        self.inner
-            .uploads
-            .lock()
-            .map_err(internal)?
-            .insert(id.to_string(), slot);
+        self.inner.uploads.lock().map_err(internal)?.insert(id.to_string(), slot);
         Ok(())
     }
 
-    async fn upload_append(
-        &self,
-        id: &str,
-        offset: Option<u64>,
-        body: ByteStream,
-        limit: u64,
-    ) -> Result<u64> {
+    async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         let mut guard = self.lock_upload(id).await?;
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
             return Err(upload_unknown(id));
@@ -622,13 +555,7 @@ impl BlobStore for StorageEngine {
         let mut expired = vec![];
         for id in stale {
             // An upload whose slot is locked is receiving bytes right now: not idle.
-            let slot = self
-                .inner
-                .uploads
-                .lock()
-                .map_err(internal)?
-                .get(&id)
-                .cloned();
+            let slot = self.inner.uploads.lock().map_err(internal)?.get(&id).cloned();
             let busy = match &slot {
                 Some(s) => s.try_lock().is_err(),
                 None => false,

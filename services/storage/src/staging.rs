@@ -29,18 +29,8 @@ pub(crate) struct Mark {
 impl Staging {
     /// Creates an empty staging file (fails if it exists).
     pub fn create(path: PathBuf) -> io::Result<Staging> {
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok(Staging {
-            path,
-            file,
-            size: 0,
-            sha256: Algorithm::Sha256.hasher(),
-            blake3: blake3::Hasher::new(),
-        })
+        let file = OpenOptions::new().read(true).append(true).create_new(true).open(&path)?;
+        Ok(Staging { path, file, size: 0, sha256: Algorithm::Sha256.hasher(), blake3: blake3::Hasher::new() })
     }
 
     /// Reopens a staging file left by an earlier process, rebuilding its hash state.
@@ -52,22 +42,12 @@ impl Staging {
             sha256.update(b);
             blake3.update(b);
         })?;
-        Ok(Staging {
-            path,
-            file,
-            size,
-            sha256,
-            blake3,
-        })
+        Ok(Staging { path, file, size, sha256, blake3 })
     }
 
     /// The state to return to if the next appends must be undone.
     pub fn mark(&self) -> Mark {
-        Mark {
-            size: self.size,
-            sha256: self.sha256.clone(),
-            blake3: self.blake3.clone(),
-        }
+        Mark { size: self.size, sha256: self.sha256.clone(), blake3: self.blake3.clone() }
     }
 
     /// Undoes every append since `mark`.

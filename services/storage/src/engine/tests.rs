@@ -3,10 +3,7 @@ use berth_core::Algorithm;
 
 fn engine() -> (tempfile::TempDir, StorageEngine) {
     let dir = tempfile::tempdir().unwrap();
-    let e = StorageEngine::open(StorageConfig {
-        dir: dir.path().to_path_buf(),
-    })
-    .unwrap();
+    let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
     (dir, e)
 }
 
@@ -30,48 +27,27 @@ fn data(n: usize) -> Vec<u8> {
 #[tokio::test]
 async fn chunked_upload_large_and_small() {
     let (_d, e) = engine();
-    for n in [
-        0usize,
-        10,
-        INLINE_THRESHOLD as usize,
-        INLINE_THRESHOLD as usize + 1,
-        3 * WRITE_BUFFER + 7,
-    ] {
+    for n in [0usize, 10, INLINE_THRESHOLD as usize, INLINE_THRESHOLD as usize + 1, 3 * WRITE_BUFFER + 7] {
         let bytes = data(n);
         let digest = Digest::sha256_of(&bytes);
         let id = uuid::Uuid::new_v4().to_string();
         e.upload_start(&id).await.unwrap();
         let half = n / 2;
         assert_eq!(
-            e.upload_append(&id, Some(0), body(vec![bytes[..half].to_vec()]), u64::MAX)
-                .await
-                .unwrap(),
+            e.upload_append(&id, Some(0), body(vec![bytes[..half].to_vec()]), u64::MAX).await.unwrap(),
             half as u64
         );
         // A chunk that does not start where the upload ends is refused and changes nothing.
-        let gap = e
-            .upload_append(&id, Some(half as u64 + 1), body(vec![vec![1]]), u64::MAX)
-            .await
-            .unwrap_err();
+        let gap = e.upload_append(&id, Some(half as u64 + 1), body(vec![vec![1]]), u64::MAX).await.unwrap_err();
         assert_eq!(gap.status, 416);
         assert_eq!(e.upload_size(&id).await.unwrap(), Some(half as u64));
-        e.upload_append(
-            &id,
-            Some(half as u64),
-            body(vec![bytes[half..].to_vec()]),
-            u64::MAX,
-        )
-        .await
-        .unwrap();
+        e.upload_append(&id, Some(half as u64), body(vec![bytes[half..].to_vec()]), u64::MAX).await.unwrap();
         assert_eq!(e.upload_finish(&id, &digest).await.unwrap(), n as u64);
         assert_eq!(e.upload_size(&id).await.unwrap(), None);
         assert_eq!(e.stat(&digest).await.unwrap(), Some(n as u64));
         assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
         if n > 10 {
-            assert_eq!(
-                collect(e.read(&digest, Some((3, 9))).await.unwrap()).await,
-                bytes[3..=9].to_vec()
-            );
+            assert_eq!(collect(e.read(&digest, Some((3, 9))).await.unwrap()).await, bytes[3..=9].to_vec());
         }
         assert_eq!(e.scrub(&digest).await.unwrap(), Some(true));
     }
@@ -81,10 +57,7 @@ async fn chunked_upload_large_and_small() {
 async fn digest_mismatch_stores_nothing() {
     let (_d, e) = engine();
     let wrong = Digest::sha256_of(b"other");
-    let err = e
-        .put(&wrong, body(vec![data(1000)]), u64::MAX)
-        .await
-        .unwrap_err();
+    let err = e.put(&wrong, body(vec![data(1000)]), u64::MAX).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::DigestInvalid);
     assert_eq!(e.stat(&wrong).await.unwrap(), None);
     assert_eq!(e.stat(&Digest::sha256_of(&data(1000))).await.unwrap(), None);
@@ -97,12 +70,7 @@ async fn sha512_is_verified() {
     let mut h = Algorithm::Sha512.hasher();
     h.update(&bytes);
     let digest = h.finish();
-    assert_eq!(
-        e.put(&digest, body(vec![bytes.clone()]), u64::MAX)
-            .await
-            .unwrap(),
-        500_000
-    );
+    assert_eq!(e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap(), 500_000);
     assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
 }
 
@@ -111,13 +79,8 @@ async fn limit_refuses_and_rolls_back() {
     let (_d, e) = engine();
     let id = uuid::Uuid::new_v4().to_string();
     e.upload_start(&id).await.unwrap();
-    e.upload_append(&id, None, body(vec![data(100)]), 150)
-        .await
-        .unwrap();
-    let err = e
-        .upload_append(&id, None, body(vec![data(30), data(30)]), 150)
-        .await
-        .unwrap_err();
+    e.upload_append(&id, None, body(vec![data(100)]), 150).await.unwrap();
+    let err = e.upload_append(&id, None, body(vec![data(30), data(30)]), 150).await.unwrap_err();
     assert_eq!((err.code, err.status), (ErrorCode::SizeInvalid, 413));
     assert_eq!(e.upload_size(&id).await.unwrap(), Some(100));
     let digest = Digest::sha256_of(&data(100));
@@ -130,33 +93,15 @@ async fn staged_upload_survives_restart() {
     let id = uuid::Uuid::new_v4().to_string();
     let bytes = data(2 * WRITE_BUFFER + 5);
     {
-        let e = StorageEngine::open(StorageConfig {
-            dir: dir.path().to_path_buf(),
-        })
-        .unwrap();
+        let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
         e.upload_start(&id).await.unwrap();
-        e.upload_append(
-            &id,
-            None,
-            body(vec![bytes[..WRITE_BUFFER].to_vec()]),
-            u64::MAX,
-        )
+        e.upload_append(&id, None, body(vec![bytes[..WRITE_BUFFER].to_vec()]), u64::MAX).await.unwrap();
+    }
+    let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
+    assert_eq!(e.upload_size(&id).await.unwrap(), Some(WRITE_BUFFER as u64));
+    e.upload_append(&id, Some(WRITE_BUFFER as u64), body(vec![bytes[WRITE_BUFFER..].to_vec()]), u64::MAX)
         .await
         .unwrap();
-    }
-    let e = StorageEngine::open(StorageConfig {
-        dir: dir.path().to_path_buf(),
-    })
-    .unwrap();
-    assert_eq!(e.upload_size(&id).await.unwrap(), Some(WRITE_BUFFER as u64));
-    e.upload_append(
-        &id,
-        Some(WRITE_BUFFER as u64),
-        body(vec![bytes[WRITE_BUFFER..].to_vec()]),
-        u64::MAX,
-    )
-    .await
-    .unwrap();
     let digest = Digest::sha256_of(&bytes);
     e.upload_finish(&id, &digest).await.unwrap();
     assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
@@ -176,9 +121,7 @@ async fn delete_reclaims_space() {
     assert_eq!(e.stat(&digest).await.unwrap(), None);
     assert!(!e.delete(&digest).await.unwrap());
     let small = Digest::sha256_of(b"hello");
-    e.put_small(&small, Bytes::from_static(b"hello"))
-        .await
-        .unwrap();
+    e.put_small(&small, Bytes::from_static(b"hello")).await.unwrap();
     assert!(e.delete(&small).await.unwrap());
     assert!(e.read(&small, None).await.is_err());
 }
@@ -202,20 +145,10 @@ async fn idle_uploads_expire_and_bad_ids_are_unknown() {
     let (_d, e) = engine();
     let id = uuid::Uuid::new_v4().to_string();
     e.upload_start(&id).await.unwrap();
-    assert!(e
-        .expire_uploads(Duration::from_secs(3600))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(e.expire_uploads(Duration::from_secs(3600)).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(
-        e.expire_uploads(Duration::from_millis(1)).await.unwrap(),
-        vec![id.clone()]
-    );
+    assert_eq!(e.expire_uploads(Duration::from_millis(1)).await.unwrap(), vec![id.clone()]);
     assert_eq!(e.upload_size(&id).await.unwrap(), None);
-    let err = e
-        .upload_append("../../etc", None, body(vec![]), 10)
-        .await
-        .unwrap_err();
+    let err = e.upload_append("../../etc", None, body(vec![]), 10).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
 }
