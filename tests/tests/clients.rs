@@ -173,7 +173,12 @@ fn podman_push_and_pull() {
         return;
     }
     let s = Server::start();
-    let work = tempfile::tempdir().unwrap();
+    // podman names an `oci:` image after its path, which must be lower case.
+    let work = tempfile::Builder::new()
+        .prefix(&format!("berth-podman-{}", std::process::id()))
+        .rand_bytes(0)
+        .tempdir()
+        .unwrap();
     let layout = work.path().join("layout");
     umoci_image(work.path(), &layout, "v1", "amd64", "p");
     let root = work.path().join("root");
