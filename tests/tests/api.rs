@@ -414,7 +414,7 @@ async fn tags_and_catalog_pagination() {
         assert_eq!(r.status(), 201);
     }
     let mut seen = vec![];
-    let mut next = format!("/v2/acme/pages/tags/list?n=5");
+    let mut next = "/v2/acme/pages/tags/list?n=5".to_string();
     loop {
         let r = c.get(format!("{}{next}", s.url)).send().await.unwrap();
         assert_eq!(r.status(), 200);

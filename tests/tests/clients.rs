@@ -74,8 +74,7 @@ fn add_index(layout: &Path, tags: &[(&str, &str)]) {
     for (tag, arch) in tags {
         let e = entries
             .iter()
-            .filter(|e| e["annotations"]["org.opencontainers.image.ref.name"] == *tag)
-            .last()
+            .rfind(|e| e["annotations"]["org.opencontainers.image.ref.name"] == *tag)
             .unwrap_or_else(|| panic!("tag {tag} in layout"));
         children.push(serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",

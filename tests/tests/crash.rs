@@ -118,7 +118,9 @@ async fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
     for round in 0..ROUNDS {
         let mut server = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
         // Everything acknowledged in earlier rounds is still there after this restart.
-        verify(&server.url, &ledger.lock().unwrap()).await;
+        let snapshot = std::mem::take(&mut *ledger.lock().unwrap());
+        verify(&server.url, &snapshot).await;
+        *ledger.lock().unwrap() = snapshot;
         let workers: Vec<_> =
             (0..WORKERS).map(|w| tokio::spawn(pusher(server.url.clone(), w, round, ledger.clone()))).collect();
         // Kill at a different moment each round, while pushes are in flight.
@@ -132,7 +134,7 @@ async fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
         total_acked = acked;
     }
     let server = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     verify(&server.url, &l).await;
     eprintln!(
         "crash test: {ROUNDS} SIGKILLs, {} blobs and {} manifests acknowledged, all verified; {} pushes attempted",

@@ -1,6 +1,9 @@
 //! openraft glue: the type configuration, the RocksDB log store, the state machine over
 //! [`crate::state`], snapshots, and the network (none yet: a single voter has no peers).
 
+// openraft's `StorageError` is what its traits return; its size is not ours to change.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -39,6 +42,9 @@ pub const CF_LOG: &str = "log";
 pub const CF_RAFT: &str = "raft";
 
 type StoreResult<T> = Result<T, StorageError<NodeId>>;
+
+/// The last applied log id and membership, as openraft asks for them.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::read(AnyError::new(&e)).into()
@@ -232,7 +238,7 @@ impl StateMachine {
         StateMachine { view, snapshot_path }
     }
 
-    fn applied(&self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    fn applied(&self) -> StoreResult<AppliedState> {
         let applied = self.view.get(KEY_APPLIED).map_err(read_err)?;
         let membership = self.view.get(KEY_MEMBERSHIP).map_err(read_err)?.unwrap_or_default();
         Ok((applied, membership))
@@ -278,7 +284,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(&mut self) -> StoreResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> StoreResult<AppliedState> {
         self.applied()
     }
 

@@ -33,6 +33,9 @@ pub const KEY_APPLIED: &[u8] = b"~a";
 /// Key of the last applied membership.
 pub const KEY_MEMBERSHIP: &[u8] = b"~m";
 
+/// Raw key-value pairs of a scan.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Builds a key from a kind byte and parts separated by NUL.
 pub fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
@@ -96,7 +99,7 @@ impl StateView {
 
     /// Keys (with `prefix` stripped) and raw values under `prefix`, starting after `after`
     /// (a key suffix), at most `n`.
-    pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, n: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, n: usize) -> Result<Pairs, StateError> {
         let mut start = prefix.to_vec();
         if let Some(a) = after {
             start.extend_from_slice(a);
@@ -117,7 +120,7 @@ impl StateView {
     }
 
     /// Every key-value pair of the state, Raft's own keys excluded (for snapshots).
-    pub fn dump(&self, snap: &rocksdb::Snapshot<'_>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    pub fn dump(&self, snap: &rocksdb::Snapshot<'_>) -> Result<Pairs, StateError> {
         let mut out = vec![];
         for item in snap.iterator_cf(self.cf()?, IteratorMode::Start) {
             let (k, v) = item?;
