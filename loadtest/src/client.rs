@@ -276,8 +276,9 @@ impl Registry {
         Ok(r.bytes().await?)
     }
 
-    /// Fetches a blob, verifying its digest; returns its size. Timed as a whole transfer.
-    pub async fn get_blob(&self, rec: &Recorder, repo: &str, d: &str) -> Result<u64> {
+    /// Fetches a blob, verifying its digest when `verify`; returns its size. Timed as a whole
+    /// transfer.
+    pub async fn get_blob(&self, rec: &Recorder, repo: &str, d: &str, verify: bool) -> Result<u64> {
         use futures::StreamExt;
         let url = format!("{}/v2/{repo}/blobs/{d}", self.url);
         let start = Instant::now();
@@ -291,11 +292,13 @@ impl Registry {
         while let Some(part) = s.next().await {
             let part = part?;
             n += part.len() as u64;
-            h.update(&part);
+            if verify {
+                h.update(&part);
+            }
         }
         rec.record("blob GET (whole)", start.elapsed());
         let got = format!("sha256:{}", hex::encode(h.finalize()));
-        if got != d {
+        if verify && got != d {
             bail!("blob {d} came back as {got}");
         }
         Ok(n)

@@ -110,6 +110,9 @@ struct Cli {
     /// Hard bound on one scenario's run against one registry, seconds.
     #[arg(long, default_value_t = 600)]
     max_seconds: u64,
+    /// Hash the blob pulled by pull-large (caps the rate at one client core's SHA-256 speed).
+    #[arg(long)]
+    verify_large: bool,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -181,6 +184,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
         push_ratio: cli.push_ratio,
         repo: format!("{}/{}{run_id}", cli.repo, name(scenario)),
         seed: cli.seed ^ run_id as u64,
+        verify_large: cli.verify_large,
     };
     let mut targets = vec![Target {
         registry: Registry::new(&cli.url, Credentials { username: cli.username.clone(), token: cli.token.clone() })?,

@@ -41,7 +41,7 @@ impl Default for FrontendConfig {
         FrontendConfig {
             max_blob: berth_core::store::DEFAULT_MAX_BLOB,
             upload_timeout: berth_core::store::DEFAULT_UPLOAD_TIMEOUT,
-            manifest_cache_bytes: 64 * 1024 * 1024,
+            manifest_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }

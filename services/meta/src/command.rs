@@ -82,6 +82,9 @@ pub enum Command {
         /// Blob.
         digest: Digest,
     },
+    /// Several independent commands in one log entry, applied in order; each succeeds or is
+    /// refused on its own. Concurrent writers share one entry, and so one log fsync.
+    Batch(Vec<Command>),
 }
 
 /// What applying a [`Command`] answers.
@@ -94,6 +97,8 @@ pub enum Outcome {
     Existed(bool),
     /// Done; blobs fenced for deletion.
     Fenced(Vec<Digest>),
+    /// The outcomes of a [`Command::Batch`], in order.
+    Batch(Vec<Outcome>),
     /// Refused, with the error the client gets; nothing changed.
     Rejected {
         /// OCI error code.

@@ -24,6 +24,7 @@ use berth_core::error::Result;
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use tokio::sync::{mpsc, oneshot};
 
 pub use command::{Command, Outcome};
 use raft::{LogStore, NoPeers, NodeId, StateMachine, TypeConfig, CF_LOG, CF_RAFT};
@@ -58,11 +59,65 @@ pub enum MetaError {
     Raft(String),
 }
 
+/// Most commands one log entry carries.
+const MAX_BATCH: usize = 512;
+
+/// Commands waiting for the batcher.
+const WRITE_QUEUE: usize = 4096;
+
+/// A command and where its outcome goes.
+type PendingWrite = (Command, oneshot::Sender<Result<Outcome>>);
+
 /// A running metadata node.
 #[derive(Clone)]
 pub struct MetaService {
     raft: Raft<TypeConfig>,
     view: StateView,
+    writes: mpsc::Sender<PendingWrite>,
+}
+
+/// Feeds Raft: every command that arrived while the previous entry was being committed goes
+/// into the next entry, so concurrent writers share one log append and one fsync. openraft
+/// appends once per client write, which under load makes the fsync, not the disk's
+/// bandwidth, the limit.
+async fn batch_writes(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<PendingWrite>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (mut cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+        let cmd = match cmds.len() {
+            1 => cmds.remove(0),
+            _ => Command::Batch(cmds),
+        };
+        match raft.client_write(cmd).await {
+            Ok(resp) => match resp.data {
+                Outcome::Batch(outcomes) if outcomes.len() == replies.len() && replies.len() > 1 => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(outcome.into_result());
+                    }
+                }
+                outcome => {
+                    for reply in replies {
+                        let _ = reply.send(outcome.clone().into_result());
+                    }
+                }
+            },
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(unavailable(&e)));
+                }
+            }
+        }
+    }
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> RegistryError {
+    RegistryError::new(ErrorCode::Unknown, format!("metadata write failed: {e}")).with_status(503)
 }
 
 fn now_ms() -> u64 {
@@ -81,7 +136,13 @@ impl MetaService {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_LOG, CF_RAFT, CF_STATE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_LOG, CF_RAFT, CF_STATE].map(|n| {
+            // Small memtables bound the service's memory; the log is purged behind snapshots.
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(8 << 20);
+            cf.set_max_write_buffer_number(2);
+            ColumnFamilyDescriptor::new(n, cf)
+        });
         let db = Arc::new(DB::open_cf_descriptors(&opts, config.dir.join("db"), cfs)?);
         let view = StateView::new(db.clone());
         let log = LogStore::new(db.clone());
@@ -108,7 +169,9 @@ impl MetaService {
             .state(ServerState::Leader, "single voter becomes leader")
             .await
             .map_err(|e| MetaError::Raft(e.to_string()))?;
-        Ok(MetaService { raft, view })
+        let (writes, rx) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(batch_writes(raft.clone(), rx));
+        Ok(MetaService { raft, view, writes })
     }
 
     /// Stops the Raft node.
@@ -129,10 +192,9 @@ impl MetaService {
     }
 
     async fn write(&self, cmd: Command) -> Result<Outcome> {
-        let resp = self.raft.client_write(cmd).await.map_err(|e| {
-            RegistryError::new(ErrorCode::Unknown, format!("metadata write failed: {e}")).with_status(503)
-        })?;
-        resp.data.into_result()
+        let (tx, rx) = oneshot::channel();
+        self.writes.send((cmd, tx)).await.map_err(|e| unavailable(&e))?;
+        rx.await.map_err(|e| unavailable(&e))?
     }
 
     async fn read<T: Send + 'static>(

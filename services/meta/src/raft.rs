@@ -304,13 +304,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut extra: Vec<(&[u8], Vec<u8>)> =
                     vec![(KEY_APPLIED, serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?)];
                 let outcome = match &entry.payload {
-                    EntryPayload::Normal(cmd) => {
-                        let o = tx.apply(cmd).map_err(write_err)?;
-                        if matches!(o, Outcome::Rejected { .. }) {
-                            tx = Tx::new(&view);
-                        }
-                        o
-                    }
+                    EntryPayload::Normal(cmd) => tx.apply(cmd).map_err(write_err)?,
                     EntryPayload::Blank => Outcome::Done,
                     EntryPayload::Membership(m) => {
                         let sm = StoredMembership::new(Some(entry.log_id), m.clone());

@@ -205,9 +205,20 @@ impl<'a> Tx<'a> {
 
     // ---- the commands ---------------------------------------------------------------------
 
-    /// Applies one command. A refusal leaves the transaction empty.
+    /// Applies one command; a refused command leaves no change behind.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
+        let (overlay, order) = (self.overlay.clone(), self.order.len());
+        let outcome = self.apply_unchecked(cmd)?;
+        if matches!(outcome, Outcome::Rejected { .. }) {
+            self.overlay = overlay;
+            self.order.truncate(order);
+        }
+        Ok(outcome)
+    }
+
+    fn apply_unchecked(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
         match cmd {
+            Command::Batch(cmds) => cmds.iter().map(|c| self.apply(c)).collect::<Result<_, _>>().map(Outcome::Batch),
             Command::LinkBlob { repo, digest, size, now_ms } => self.link(repo, digest, *size, *now_ms),
             Command::UnlinkBlob { repo, digest, now_ms } => Ok(Outcome::Existed(self.unlink(repo, digest, *now_ms)?)),
             Command::PutManifest { repo, record, tags, now_ms } => self.put_manifest(repo, record, tags, *now_ms),

@@ -4,13 +4,14 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use berth_core::error::Result;
 use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,8 @@ struct Inner {
     dir: PathBuf,
     db: DB,
     uploads: Mutex<HashMap<String, Arc<AsyncMutex<Slot>>>>,
+    /// Bytes of uploads staged in memory (see [`Staging`]).
+    staged_in_memory: Arc<AtomicU64>,
 }
 
 fn internal(e: impl std::fmt::Display) -> RegistryError {
@@ -109,15 +112,29 @@ impl StorageEngine {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
+        // Memtables are the engine's main memory cost; small ones keep a node's RSS flat, and
+        // the index entries they hold are tiny.
+        let mut index_opts = Options::default();
+        index_opts.set_write_buffer_size(4 << 20);
+        index_opts.set_max_write_buffer_number(2);
         let mut inline_opts = Options::default();
-        // Inline values are blobs of up to 256 KiB: a larger write buffer keeps flushes rare.
-        inline_opts.set_write_buffer_size(64 * 1024 * 1024);
+        inline_opts.set_write_buffer_size(16 << 20);
+        inline_opts.set_max_write_buffer_number(2);
+        // Layers are compressed already; compressing them again costs CPU and saves nothing.
+        inline_opts.set_compression_type(rocksdb::DBCompressionType::None);
         let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_BLOBS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_BLOBS, index_opts),
             ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
         ];
         let db = DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
-        Ok(StorageEngine { inner: Arc::new(Inner { dir, db, uploads: Mutex::new(HashMap::new()) }) })
+        Ok(StorageEngine {
+            inner: Arc::new(Inner {
+                dir,
+                db,
+                uploads: Mutex::new(HashMap::new()),
+                staged_in_memory: Arc::new(AtomicU64::new(0)),
+            }),
+        })
     }
 
     /// The index entry of a blob, if stored.
@@ -164,7 +181,8 @@ impl StorageEngine {
         let mut guard = slot.lock_owned().await;
         if let Slot::Unloaded = *guard {
             let path = self.inner.upload_path(id);
-            *guard = blocking(move || match Staging::reopen(path) {
+            let budget = self.inner.staged_in_memory.clone();
+            *guard = blocking(move || match Staging::reopen(path, budget) {
                 Ok(s) => Ok(Slot::Ready(Box::new(s))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Slot::Gone),
                 Err(e) => Err(internal(e)),
@@ -184,9 +202,11 @@ impl StorageEngine {
         }
     }
 
-    /// Streams `body` into the staged upload, `WRITE_BUFFER` bytes per blocking step, the next
-    /// buffer filling from the network while the previous one is hashed and written. On any
-    /// failure the upload is rolled back to where this append started.
+    /// Streams `body` into the staged upload, about `WRITE_BUFFER` bytes per blocking step, the
+    /// next batch of chunks arriving from the network while the previous one is hashed and
+    /// written. Chunks are passed on as they came (no copy). On any failure the upload is
+    /// rolled back to where this append started.
+    ///
     /// Returns the staging state back, or `None` if it was lost with a failed blocking task.
     async fn append_body(
         &self,
@@ -198,19 +218,20 @@ impl StorageEngine {
         let start = st.size;
         let mut idle: Option<Box<Staging>> = Some(st);
         let mut inflight: Option<JoinHandle<(Box<Staging>, io::Result<()>)>> = None;
-        let mut buf = BytesMut::with_capacity(WRITE_BUFFER);
+        let mut batch: Vec<Bytes> = vec![];
+        let mut batched = 0usize;
         let mut received = 0u64;
         let mut outcome: Result<()> = Ok(());
         loop {
-            let next = body.next().await;
-            let done = match next {
+            let done = match body.next().await {
                 Some(Ok(chunk)) => {
                     received += chunk.len() as u64;
                     if start + received > limit {
                         outcome = Err(too_big(limit));
                         break;
                     }
-                    buf.extend_from_slice(&chunk);
+                    batched += chunk.len();
+                    batch.push(chunk);
                     false
                 }
                 Some(Err(e)) => {
@@ -219,7 +240,7 @@ impl StorageEngine {
                 }
                 None => true,
             };
-            if buf.len() >= WRITE_BUFFER || (done && !buf.is_empty()) {
+            if batched >= WRITE_BUFFER || (done && !batch.is_empty()) {
                 let st = match inflight.take() {
                     Some(h) => match h.await {
                         Ok((st, Ok(()))) => st,
@@ -241,10 +262,11 @@ impl StorageEngine {
                         }
                     },
                 };
-                let data = buf.split().freeze();
+                let chunks = std::mem::take(&mut batch);
+                batched = 0;
                 inflight = Some(tokio::task::spawn_blocking(move || {
                     let mut st = st;
-                    let r = st.append(&data);
+                    let r = chunks.iter().try_for_each(|c| st.append(c));
                     (st, r)
                 }));
             }
@@ -327,13 +349,13 @@ impl Inner {
         let key = digest.to_string();
         let size = st.size;
         if let Some(existing) = self.entry(&key)? {
-            let _ = fs::remove_file(&st.path);
+            st.discard();
             return Ok(existing.size);
         }
         let mut entry = BlobEntry { size, blake3: checksum, created_at_ms: now_ms(), location: Location::Inline };
         let mut batch = WriteBatch::default();
         if size <= INLINE_THRESHOLD {
-            let data = st.read_all().map_err(internal)?;
+            let data = st.take_all().map_err(internal)?;
             batch.put_cf(self.cf(CF_INLINE)?, &key, data);
         } else {
             st.sync().map_err(internal)?;
@@ -352,7 +374,7 @@ impl Inner {
         batch.put_cf(self.cf(CF_BLOBS)?, &key, bincode::serialize(&entry).map_err(internal)?);
         self.synced_write(batch)?;
         if entry.location == Location::Inline {
-            let _ = fs::remove_file(&st.path);
+            st.discard();
         }
         Ok(size)
     }
@@ -422,7 +444,7 @@ impl BlobStore for StorageEngine {
                 return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
             }
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
-            let mut st = Box::new(Staging::create(path).map_err(internal)?);
+            let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone()));
             let r = st.append(&data).map_err(internal).and_then(|()| {
                 let (_, checksum) = st.verify(&digest).map_err(internal)?;
                 Ok(checksum)
@@ -430,7 +452,7 @@ impl BlobStore for StorageEngine {
             match r {
                 Ok(checksum) => inner.commit(st, &digest, checksum).map(|_| ()),
                 Err(e) => {
-                    let _ = fs::remove_file(&st.path);
+                    st.discard();
                     Err(e)
                 }
             }
@@ -455,8 +477,7 @@ impl BlobStore for StorageEngine {
         if !valid_upload_id(id) {
             return Err(upload_unknown(id));
         }
-        let path = self.inner.upload_path(id);
-        let st = blocking(move || Staging::create(path).map_err(internal)).await?;
+        let st = Staging::create(self.inner.upload_path(id), self.inner.staged_in_memory.clone());
         let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
         self.inner.uploads.lock().map_err(internal)?.insert(id.to_string(), slot);
         Ok(())
@@ -510,7 +531,7 @@ impl BlobStore for StorageEngine {
             let mut st = st;
             let (ok, checksum) = st.verify(&digest).map_err(internal)?;
             if !ok {
-                let _ = fs::remove_file(&st.path);
+                st.discard();
                 return Err(RegistryError::new(
                     ErrorCode::DigestInvalid,
                     format!("uploaded content does not hash to {digest}"),
@@ -538,39 +559,45 @@ impl BlobStore for StorageEngine {
     }
 
     async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>> {
-        let dir = self.inner.dir.join("uploads");
-        let stale = blocking(move || {
-            let cutoff = SystemTime::now().checked_sub(idle).unwrap_or(UNIX_EPOCH);
-            let mut stale = vec![];
-            for e in fs::read_dir(&dir).map_err(internal)? {
-                let e = e.map_err(internal)?;
-                let modified = e.metadata().and_then(|m| m.modified()).map_err(internal)?;
-                if modified < cutoff {
-                    stale.push(e.file_name().to_string_lossy().into_owned());
+        let cutoff = SystemTime::now().checked_sub(idle).unwrap_or(UNIX_EPOCH);
+        // Uploads this process knows: idle by their last append. A locked one is receiving
+        // bytes right now.
+        let slots: Vec<(String, Arc<AsyncMutex<Slot>>)> =
+            self.inner.uploads.lock().map_err(internal)?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut stale = vec![];
+        for (id, slot) in &slots {
+            if let Ok(guard) = slot.try_lock() {
+                if let Slot::Ready(st) = &*guard {
+                    if st.touched < cutoff {
+                        stale.push(id.clone());
+                    }
                 }
             }
-            Ok(stale)
+        }
+        // Staging files left by an earlier process: idle by their modification time.
+        let dir = self.inner.dir.join("uploads");
+        let known: std::collections::HashSet<String> = slots.into_iter().map(|(k, _)| k).collect();
+        let orphans = blocking(move || {
+            let mut out = vec![];
+            for e in fs::read_dir(&dir).map_err(internal)? {
+                let e = e.map_err(internal)?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                let modified = e.metadata().and_then(|m| m.modified()).map_err(internal)?;
+                if modified < cutoff && !known.contains(&name) {
+                    out.push(name);
+                }
+            }
+            Ok(out)
         })
         .await?;
-        let mut expired = vec![];
-        for id in stale {
-            // An upload whose slot is locked is receiving bytes right now: not idle.
-            let slot = self.inner.uploads.lock().map_err(internal)?.get(&id).cloned();
-            let busy = match &slot {
-                Some(s) => s.try_lock().is_err(),
-                None => false,
-            };
-            if busy {
-                continue;
-            }
-            if valid_upload_id(&id) {
-                self.upload_cancel(&id).await.ok();
-            } else {
-                let _ = fs::remove_file(self.inner.upload_path(&id));
-            }
-            expired.push(id);
+        for id in &orphans {
+            let _ = fs::remove_file(self.inner.upload_path(id));
         }
-        Ok(expired)
+        for id in &stale {
+            self.upload_cancel(id).await.ok();
+        }
+        stale.extend(orphans);
+        Ok(stale)
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool> {

@@ -37,5 +37,6 @@ pub const INLINE_THRESHOLD: u64 = 256 * 1024;
 /// enough that the hop to the pool is negligible next to hashing, small enough to bound memory.
 pub const WRITE_BUFFER: usize = 1024 * 1024;
 
-/// Size of the chunks a blob is read and sent in.
-pub const READ_CHUNK: usize = 256 * 1024;
+/// Size of the chunks a blob file is read and sent in: each read is one hop to the blocking
+/// pool, so large reads keep the hops rare; bounded, so a pull's memory stays small.
+pub const READ_CHUNK: usize = 1024 * 1024;

@@ -1,20 +1,38 @@
-//! An upload being staged: an append-only file and the running hashes of its bytes.
+//! An upload being staged: its bytes (in memory while small, then in a file) and the running
+//! hashes of them.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use berth_core::{Algorithm, Digest, DigestHasher};
 
-/// A staged upload: its file and the hash state of everything written to it so far.
+/// Bytes of small uploads held in memory across all uploads of a node; past it uploads go
+/// to files from their first byte. Bounds what many idle sessions can pin.
+pub(crate) const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
+
+/// A staged upload: its bytes and the hash state of everything appended so far.
+///
+/// An upload stays in memory while it is no larger than [`crate::INLINE_THRESHOLD`] (and the
+/// node's memory budget allows): such a blob ends up inline in RocksDB, so a staging file
+/// would only be written, read back and unlinked. A larger upload spills to its file under
+/// `uploads/`, which survives a restart; a small one in memory does not (the client starts
+/// it again, as clients do after any failed upload).
 ///
 /// SHA-256 (what clients verify) and BLAKE3 (the node's integrity checksum) are updated in
 /// the same pass over each buffer, so every byte is read once. A SHA-512 digest is rare enough
-/// that it is computed from the file when the upload finishes.
+/// that it is computed from the staged bytes when the upload finishes.
 pub(crate) struct Staging {
     pub path: PathBuf,
-    file: File,
+    file: Option<File>,
+    memory: Vec<u8>,
+    budget: Arc<AtomicU64>,
     pub size: u64,
+    /// Last time bytes arrived (or the upload started).
+    pub touched: SystemTime,
     sha256: DigestHasher,
     blake3: blake3::Hasher,
 }
@@ -27,14 +45,22 @@ pub(crate) struct Mark {
 }
 
 impl Staging {
-    /// Creates an empty staging file (fails if it exists).
-    pub fn create(path: PathBuf) -> io::Result<Staging> {
-        let file = OpenOptions::new().read(true).append(true).create_new(true).open(&path)?;
-        Ok(Staging { path, file, size: 0, sha256: Algorithm::Sha256.hasher(), blake3: blake3::Hasher::new() })
+    /// A new, empty upload whose file (if it needs one) will be `path`.
+    pub fn create(path: PathBuf, budget: Arc<AtomicU64>) -> Staging {
+        Staging {
+            path,
+            file: None,
+            memory: Vec::new(),
+            budget,
+            size: 0,
+            touched: SystemTime::now(),
+            sha256: Algorithm::Sha256.hasher(),
+            blake3: blake3::Hasher::new(),
+        }
     }
 
     /// Reopens a staging file left by an earlier process, rebuilding its hash state.
-    pub fn reopen(path: PathBuf) -> io::Result<Staging> {
+    pub fn reopen(path: PathBuf, budget: Arc<AtomicU64>) -> io::Result<Staging> {
         let mut file = OpenOptions::new().read(true).append(true).open(&path)?;
         let mut sha256 = Algorithm::Sha256.hasher();
         let mut blake3 = blake3::Hasher::new();
@@ -42,7 +68,8 @@ impl Staging {
             sha256.update(b);
             blake3.update(b);
         })?;
-        Ok(Staging { path, file, size, sha256, blake3 })
+        let touched = file.metadata().and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        Ok(Staging { path, file: Some(file), memory: Vec::new(), budget, size, touched, sha256, blake3 })
     }
 
     /// The state to return to if the next appends must be undone.
@@ -52,7 +79,14 @@ impl Staging {
 
     /// Undoes every append since `mark`.
     pub fn rollback(&mut self, mark: Mark) -> io::Result<()> {
-        self.file.set_len(mark.size)?;
+        match &self.file {
+            Some(f) => f.set_len(mark.size)?,
+            None => {
+                let drop = self.memory.len() as u64 - mark.size;
+                self.memory.truncate(mark.size as usize);
+                self.budget.fetch_sub(drop, Ordering::Relaxed);
+            }
+        }
         self.size = mark.size;
         self.sha256 = mark.sha256;
         self.blake3 = mark.blake3;
@@ -63,9 +97,41 @@ impl Staging {
     pub fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         self.sha256.update(buf);
         self.blake3.update(buf);
-        self.file.write_all(buf)?;
-        self.size += buf.len() as u64;
+        let grown = self.size + buf.len() as u64;
+        if self.file.is_none() {
+            let fits = grown <= crate::INLINE_THRESHOLD
+                && self.budget.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64 <= MEMORY_BUDGET;
+            if fits {
+                self.memory.extend_from_slice(buf);
+                self.size = grown;
+                self.touched = SystemTime::now();
+                return Ok(());
+            }
+            if grown <= crate::INLINE_THRESHOLD {
+                self.budget.fetch_sub(buf.len() as u64, Ordering::Relaxed);
+            }
+            self.spill()?;
+        }
+        if let Some(f) = &mut self.file {
+            f.write_all(buf)?;
+        }
+        self.size = grown;
+        self.touched = SystemTime::now();
         Ok(())
+    }
+
+    /// Moves the bytes held in memory to the staging file.
+    fn spill(&mut self) -> io::Result<()> {
+        let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&self.path)?;
+        f.write_all(&self.memory)?;
+        self.release_memory();
+        self.file = Some(f);
+        Ok(())
+    }
+
+    fn release_memory(&mut self) {
+        self.budget.fetch_sub(self.memory.len() as u64, Ordering::Relaxed);
+        self.memory = Vec::new();
     }
 
     /// Whether the staged bytes hash to `digest`, and their BLAKE3 checksum.
@@ -75,24 +141,58 @@ impl Staging {
             Algorithm::Sha256 => self.sha256.clone().finish() == *digest,
             other => {
                 let mut h = other.hasher();
-                hash_file(&mut self.file, |b| h.update(b))?;
+                match &mut self.file {
+                    Some(f) => {
+                        hash_file(f, |b| h.update(b))?;
+                    }
+                    None => h.update(&self.memory),
+                }
                 h.finish() == *digest
             }
         };
         Ok((ok, checksum))
     }
 
-    /// Flushes the staged bytes to disk.
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// Makes the staged bytes durable in their file, spilling them there first if need be.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            self.spill()?;
+        }
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
     }
 
     /// The whole staged content, for blobs small enough to go inline.
-    pub fn read_all(&mut self) -> io::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.size as usize);
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.read_to_end(&mut out)?;
-        Ok(out)
+    pub fn take_all(&mut self) -> io::Result<Vec<u8>> {
+        match &mut self.file {
+            None => {
+                let data = std::mem::take(&mut self.memory);
+                self.budget.fetch_sub(data.len() as u64, Ordering::Relaxed);
+                Ok(data)
+            }
+            Some(f) => {
+                let mut out = Vec::with_capacity(self.size as usize);
+                f.seek(SeekFrom::Start(0))?;
+                f.read_to_end(&mut out)?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Removes the staging file, if there is one.
+    pub fn discard(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        self.release_memory();
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        self.release_memory();
     }
 }
 

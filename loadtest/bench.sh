@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The benchmark of record: the CNCF distribution registry (Debian's docker-registry, 2.8) and
+# `berth standalone`, side by side on loopback with data on the same disk, every scenario of
+# berth-loadtest run against both with --compare (Berth first, so ratios read Berth ÷ reference).
+#
+# Usage: loadtest/bench.sh [extra berth-loadtest flags...]   (e.g. --images 100 --duration 5)
+# Needs: docker-registry (apt), a release build (cargo build --release --workspace).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-target}/release"
+[ -x "$target/berth" ] && [ -x "$target/berth-loadtest" ] || cargo build --release --workspace
+command -v docker-registry >/dev/null || { echo "docker-registry is not installed (apt-get install docker-registry)"; exit 1; }
+
+work=$(mktemp -d "${BENCH_DIR:-$PWD}/.bench.XXXXXX")
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+ref_port=${REF_PORT:-5101}
+berth_port=${BERTH_PORT:-5102}
+cat > "$work/registry.yml" <<YAML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/reference
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$ref_port
+validation:
+  manifests:
+    urls:
+      allow: ['^https?://']
+YAML
+docker-registry serve "$work/registry.yml" >"$work/reference.log" 2>&1 &
+ref_pid=$!; pids+=("$ref_pid")
+BERTH_LOG=warn "$target/berth" standalone --listen "127.0.0.1:$berth_port" --data-dir "$work/berth" >"$work/berth.log" 2>&1 &
+berth_pid=$!; pids+=("$berth_pid")
+for port in "$ref_port" "$berth_port"; do
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+done
+
+echo "reference: docker-registry $(docker-registry --version 2>/dev/null | awk '{print $NF}') pid $ref_pid, berth pid $berth_pid, data under $work"
+"$target/berth-loadtest" limits --dir "$work" --quiet
+"$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
+  --url "http://127.0.0.1:$berth_port" --pid "$berth_pid" \
+  --compare "http://127.0.0.1:$ref_port" --compare-pid "$ref_pid" \
+  --json "${BENCH_JSON:-/dev/null}" "$@"
