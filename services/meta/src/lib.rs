@@ -24,7 +24,7 @@ use berth_core::error::Result;
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use command::{Command, Outcome};
 use raft::{LogStore, NoPeers, NodeId, StateMachine, TypeConfig, CF_LOG, CF_RAFT};
@@ -62,6 +62,9 @@ pub enum MetaError {
 /// Most commands one log entry carries.
 const MAX_BATCH: usize = 512;
 
+/// Entries being committed at once: the next one appends while the last one applies.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 /// Commands waiting for the batcher.
 const WRITE_QUEUE: usize = 4096;
 
@@ -81,7 +84,9 @@ pub struct MetaService {
 /// appends once per client write, which under load makes the fsync, not the disk's
 /// bandwidth, the limit.
 async fn batch_writes(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<PendingWrite>) {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -89,28 +94,36 @@ async fn batch_writes(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<PendingWrit
                 Err(_) => break,
             }
         }
-        let (mut cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
-        let cmd = match cmds.len() {
-            1 => cmds.remove(0),
-            _ => Command::Batch(cmds),
-        };
-        match raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                Outcome::Batch(outcomes) if outcomes.len() == replies.len() && replies.len() > 1 => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(outcome.into_result());
-                    }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit_batch(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn commit_batch(raft: &Raft<TypeConfig>, batch: Vec<PendingWrite>) {
+    let (mut cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+    let cmd = match cmds.len() {
+        1 => cmds.remove(0),
+        _ => Command::Batch(cmds),
+    };
+    match raft.client_write(cmd).await {
+        Ok(resp) => match resp.data {
+            Outcome::Batch(outcomes) if outcomes.len() == replies.len() && replies.len() > 1 => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome.into_result());
                 }
-                outcome => {
-                    for reply in replies {
-                        let _ = reply.send(outcome.clone().into_result());
-                    }
-                }
-            },
-            Err(e) => {
+            }
+            outcome => {
                 for reply in replies {
-                    let _ = reply.send(Err(unavailable(&e)));
+                    let _ = reply.send(outcome.clone().into_result());
                 }
+            }
+        },
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(unavailable(&e)));
             }
         }
     }

@@ -161,7 +161,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StoreResult<()> {
-        self.put_raft("committed", &committed).await
+        // Only a hint that lets a restart re-apply committed entries before an election; the
+        // log itself is durable. Not fsynced, so a commit costs one fsync (the append), not two.
+        let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
+        self.db.put_cf(cf(&self.db, CF_RAFT)?, "committed", bytes).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<NodeId>>> {

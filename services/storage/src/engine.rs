@@ -122,6 +122,11 @@ impl StorageEngine {
         inline_opts.set_max_write_buffer_number(2);
         // Layers are compressed already; compressing them again costs CPU and saves nothing.
         inline_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        // Values go to blob files when memtables flush, so compaction moves references instead
+        // of rewriting every small blob again and again; blob GC reclaims deleted ones.
+        inline_opts.set_enable_blob_files(true);
+        inline_opts.set_min_blob_size(4096);
+        inline_opts.set_enable_blob_gc(true);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_BLOBS, index_opts),
             ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
