@@ -38,15 +38,18 @@ validation:
 YAML
 docker-registry serve "$work/registry.yml" >"$work/reference.log" 2>&1 &
 ref_pid=$!; pids+=("$ref_pid")
-BERTH_LOG=warn "$target/berth" standalone --listen "127.0.0.1:$berth_port" --data-dir "$work/berth" >"$work/berth.log" 2>&1 &
+# Berth authenticates every request (Docker token auth); the reference runs without auth.
+bench_token="berth-bench-token-$$"
+BERTH_LOG=warn "$target/berth" standalone --listen "127.0.0.1:$berth_port" --data-dir "$work/berth" \
+  --bootstrap-admin "bench:$bench_token" >"$work/berth.log" 2>&1 &
 berth_pid=$!; pids+=("$berth_pid")
 for port in "$ref_port" "$berth_port"; do
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
 done
 
 echo "reference: docker-registry $(docker-registry --version 2>/dev/null | awk '{print $NF}') pid $ref_pid, berth pid $berth_pid, data under $work"
 "$target/berth-loadtest" limits --dir "$work" --quiet
 "$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
-  --url "http://127.0.0.1:$berth_port" --pid "$berth_pid" \
+  --url "http://127.0.0.1:$berth_port" --pid "$berth_pid" --username bench --token "$bench_token" \
   --compare "http://127.0.0.1:$ref_port" --compare-pid "$ref_pid" \
   --json "${BENCH_JSON:-/dev/null}" "$@"

@@ -1,7 +1,7 @@
 """oras (PyPI) against Berth: push and pull an artifact, attach one to it through `subject`,
 and find it through the referrers API. Exits non-zero on any mismatch.
 
-Usage: oras_roundtrip.py HOST:PORT WORKDIR
+Usage: oras_roundtrip.py HOST:PORT WORKDIR USER TOKEN
 """
 import hashlib
 import json
@@ -12,10 +12,13 @@ import oras.client
 import oras.oci
 import requests
 
-host, work = sys.argv[1], sys.argv[2]
+host, work, user, token = sys.argv[1:5]
 os.chdir(work)
 repo = f"{host}/acme/artifacts"
 client = oras.client.OrasClient(hostname=host, insecure=True)
+client.login(username=user, password=token, hostname=host, tls_verify=False)
+http = requests.Session()
+http.auth = (user, token)
 
 # An artifact whose config media type makes its artifactType.
 with open("model.bin", "wb") as f:
@@ -60,7 +63,7 @@ assert r.headers.get("OCI-Subject") == subject_digest, r.headers
 base = f"http://{host}/v2/acme/artifacts"
 empty = b"{}"
 empty_digest = "sha256:" + hashlib.sha256(empty).hexdigest()
-requests.post(f"{base}/blobs/uploads/?digest={empty_digest}", data=empty).raise_for_status()
+http.post(f"{base}/blobs/uploads/?digest={empty_digest}", data=empty).raise_for_status()
 sig = {
     "schemaVersion": 2,
     "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -71,18 +74,18 @@ sig = {
 }
 body = json.dumps(sig).encode()
 sig_digest = "sha256:" + hashlib.sha256(body).hexdigest()
-r = requests.put(
+r = http.put(
     f"{base}/manifests/{sig_digest}",
     data=body,
     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
 )
 assert r.status_code == 201, r.text
 
-r = requests.get(f"{base}/referrers/{subject_digest}")
+r = http.get(f"{base}/referrers/{subject_digest}")
 r.raise_for_status()
 types = sorted(m.get("artifactType") for m in r.json()["manifests"])
 assert types == ["application/spdx+json", "application/vnd.example.signature"], types
-r = requests.get(f"{base}/referrers/{subject_digest}", params={"artifactType": "application/vnd.example.signature"})
+r = http.get(f"{base}/referrers/{subject_digest}", params={"artifactType": "application/vnd.example.signature"})
 assert r.headers.get("OCI-Filters-Applied") == "artifactType", r.headers
 assert [m["digest"] for m in r.json()["manifests"]] == [sig_digest], r.json()
 

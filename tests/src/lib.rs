@@ -41,6 +41,11 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
+/// The site administrator every test server is bootstrapped with.
+pub const ADMIN: &str = "admin";
+/// Its token.
+pub const ADMIN_TOKEN: &str = "berth-test-admin-token";
+
 /// A running `berth standalone`.
 pub struct Server {
     child: Child,
@@ -76,6 +81,8 @@ impl Server {
             .arg(listen)
             .arg("--data-dir")
             .arg(dir)
+            .arg("--bootstrap-admin")
+            .arg(format!("{ADMIN}:{ADMIN_TOKEN}"))
             .args(extra)
             .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
@@ -153,9 +160,25 @@ pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
     v
 }
 
-/// An HTTP client for the API (no redirects: `Location` headers are checked by hand).
+/// An HTTP client for the API acting as the site administrator (Basic auth on every request;
+/// no redirects: `Location` headers are checked by hand).
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("http client")
+    client_with(Some((ADMIN, ADMIN_TOKEN)))
+}
+
+/// An HTTP client sending these Basic credentials (or none).
+pub fn client_with(creds: Option<(&str, &str)>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some((u, t)) = creds {
+        use base64::Engine as _;
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{t}"));
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Basic {v}").parse().expect("header"));
+    }
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .expect("http client")
 }
 
 /// Pushes a blob monolithically (`POST ?digest=`); returns its digest.

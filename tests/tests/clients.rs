@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use berth_tests::{have_tool, Server};
+use berth_tests::{have_tool, Server, ADMIN, ADMIN_TOKEN};
 use serde_json::Value;
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -95,8 +95,30 @@ fn add_index(layout: &Path, tags: &[(&str, &str)]) {
     std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
-fn inspect_raw(reference: &str) -> String {
-    run("skopeo", &["inspect", "--tls-verify=false", "--raw", reference])
+/// `docker --config DIR login HOST -u USER --password-stdin`.
+fn login_docker(config: &str, addr: &str, user: &str, token: &str) {
+    use std::io::Write;
+    let mut child = Command::new("docker")
+        .args(["--config", config, "login", addr, "-u", user, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("docker login");
+    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "docker login failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// skopeo with a private auth file (`--authfile` goes after the subcommand).
+fn skopeo(auth: &Path, args: &[&str]) -> String {
+    let mut full = vec![args[0], "--authfile", auth.to_str().unwrap()];
+    full.extend_from_slice(&args[1..]);
+    run("skopeo", &full)
+}
+
+fn inspect_raw(auth: &Path, reference: &str) -> String {
+    skopeo(auth, &["inspect", "--tls-verify=false", "--raw", reference])
 }
 
 #[test]
@@ -112,58 +134,55 @@ fn skopeo_round_trips() {
     add_index(&layout, &[("v1", "amd64"), ("v1-arm", "arm64")]);
     let l = layout.to_str().unwrap();
     let reg = format!("docker://{}/acme/skopeo", s.addr);
+    let auth = work.path().join("auth.json");
+    let sk = |args: &[&str]| skopeo(&auth, args);
+    sk(&["login", "--tls-verify=false", "-u", ADMIN, "-p", ADMIN_TOKEN, &s.addr]);
 
     // Single-arch image with several layers.
-    run("skopeo", &["copy", "--dest-tls-verify=false", &format!("oci:{l}:v1"), &format!("{reg}:v1")]);
-    let local = run("skopeo", &["inspect", "--raw", &format!("oci:{l}:v1")]);
-    let remote = inspect_raw(&format!("{reg}:v1"));
+    sk(&["copy", "--dest-tls-verify=false", &format!("oci:{l}:v1"), &format!("{reg}:v1")]);
+    let local = sk(&["inspect", "--raw", &format!("oci:{l}:v1")]);
+    let remote = inspect_raw(&auth, &format!("{reg}:v1"));
     assert_eq!(local, remote, "manifest bytes unchanged by the round trip");
     let m: Value = serde_json::from_str(&remote).unwrap();
     assert!(m["layers"].as_array().unwrap().len() >= 2);
     let out = work.path().join("out");
-    run("skopeo", &["copy", "--src-tls-verify=false", &format!("{reg}:v1"), &format!("oci:{}:v1", out.display())]);
-    assert_eq!(run("skopeo", &["inspect", "--raw", &format!("oci:{}:v1", out.display())]), local);
+    sk(&["copy", "--src-tls-verify=false", &format!("{reg}:v1"), &format!("oci:{}:v1", out.display())]);
+    assert_eq!(sk(&["inspect", "--raw", &format!("oci:{}:v1", out.display())]), local);
 
     // Pull by digest.
     let digest = berth_tests::digest(remote.as_bytes());
     let by_digest = work.path().join("by-digest");
-    run(
-        "skopeo",
-        &["copy", "--src-tls-verify=false", &format!("{reg}@{digest}"), &format!("oci:{}:x", by_digest.display())],
-    );
-    assert_eq!(run("skopeo", &["inspect", "--raw", &format!("oci:{}:x", by_digest.display())]), local);
+    sk(&["copy", "--src-tls-verify=false", &format!("{reg}@{digest}"), &format!("oci:{}:x", by_digest.display())]);
+    assert_eq!(sk(&["inspect", "--raw", &format!("oci:{}:x", by_digest.display())]), local);
 
     // A multi-arch index with --all.
-    run("skopeo", &["copy", "--all", "--dest-tls-verify=false", &format!("oci:{l}:multi"), &format!("{reg}:multi")]);
-    let index: Value = serde_json::from_str(&inspect_raw(&format!("{reg}:multi"))).unwrap();
+    sk(&["copy", "--all", "--dest-tls-verify=false", &format!("oci:{l}:multi"), &format!("{reg}:multi")]);
+    let index: Value = serde_json::from_str(&inspect_raw(&auth, &format!("{reg}:multi"))).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
     let all_out = work.path().join("all-out");
-    run(
-        "skopeo",
-        &["copy", "--all", "--src-tls-verify=false", &format!("{reg}:multi"), &format!("oci:{}:m", all_out.display())],
-    );
-    let arm = run("skopeo", &["inspect", "--tls-verify=false", "--override-arch", "arm64", &format!("{reg}:multi")]);
+    sk(&["copy", "--all", "--src-tls-verify=false", &format!("{reg}:multi"), &format!("oci:{}:m", all_out.display())]);
+    let arm = sk(&["inspect", "--tls-verify=false", "--override-arch", "arm64", &format!("{reg}:multi")]);
     let arm: Value = serde_json::from_str(&arm).unwrap();
     assert_eq!(arm["Architecture"], "arm64");
 
     // Docker schema 2 by conversion.
-    run(
-        "skopeo",
-        &["copy", "--format", "v2s2", "--dest-tls-verify=false", &format!("oci:{l}:v1"), &format!("{reg}:v2s2")],
-    );
-    let v2: Value = serde_json::from_str(&inspect_raw(&format!("{reg}:v2s2"))).unwrap();
+    sk(&["copy", "--format", "v2s2", "--dest-tls-verify=false", &format!("oci:{l}:v1"), &format!("{reg}:v2s2")]);
+    let v2: Value = serde_json::from_str(&inspect_raw(&auth, &format!("{reg}:v2s2"))).unwrap();
     assert_eq!(v2["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
     let v2_out = work.path().join("v2-out");
-    run("skopeo", &["copy", "--src-tls-verify=false", &format!("{reg}:v2s2"), &format!("dir:{}", v2_out.display())]);
+    sk(&["copy", "--src-tls-verify=false", &format!("{reg}:v2s2"), &format!("dir:{}", v2_out.display())]);
 
     // Tags, then delete.
-    let tags: Value = serde_json::from_str(&run("skopeo", &["list-tags", "--tls-verify=false", &reg])).unwrap();
+    let tags: Value = serde_json::from_str(&sk(&["list-tags", "--tls-verify=false", &reg])).unwrap();
     let mut tags: Vec<&str> = tags["Tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
     tags.sort();
     assert_eq!(tags, ["multi", "v1", "v2s2"]);
-    run("skopeo", &["delete", "--tls-verify=false", &format!("{reg}:v2s2")]);
-    assert!(fails("skopeo", &["inspect", "--tls-verify=false", "--raw", &format!("{reg}:v2s2")]));
-    assert_eq!(inspect_raw(&format!("{reg}:v1")), local, "other tags are untouched");
+    sk(&["delete", "--tls-verify=false", &format!("{reg}:v2s2")]);
+    assert!(fails(
+        "skopeo",
+        &["inspect", "--authfile", auth.to_str().unwrap(), "--tls-verify=false", "--raw", &format!("{reg}:v2s2")]
+    ));
+    assert_eq!(inspect_raw(&auth, &format!("{reg}:v1")), local, "other tags are untouched");
 }
 
 #[test]
@@ -192,9 +211,12 @@ fn podman_push_and_pull() {
     podman(&["pull", &format!("oci:{}:v1", layout.display())]);
     let id = podman(&["images", "-q", "--no-trunc"]).lines().next().unwrap().trim().to_string();
     podman(&["tag", &id, &target]);
-    podman(&["push", "--tls-verify=false", &target]);
+    let auth = work.path().join("auth.json");
+    let auth = auth.to_str().unwrap();
+    podman(&["login", "--authfile", auth, "--tls-verify=false", "-u", ADMIN, "-p", ADMIN_TOKEN, &s.addr]);
+    podman(&["push", "--authfile", auth, "--tls-verify=false", &target]);
     podman(&["rmi", "-a", "-f"]);
-    podman(&["pull", "--tls-verify=false", &target]);
+    podman(&["pull", "--authfile", auth, "--tls-verify=false", &target]);
     let pulled = podman(&["image", "inspect", "--format", "{{.Id}}", &target]);
     assert_eq!(pulled.trim().trim_start_matches("sha256:"), id.trim_start_matches("sha256:"));
 }
@@ -213,7 +235,7 @@ fn oras_artifacts_and_referrers() {
     let s = Server::start();
     let work = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/oras_roundtrip.py");
-    let out = run("python3", &[script.to_str().unwrap(), &s.addr, work.path().to_str().unwrap()]);
+    let out = run("python3", &[script.to_str().unwrap(), &s.addr, work.path().to_str().unwrap(), ADMIN, ADMIN_TOKEN]);
     assert!(out.contains("oras round trip ok"), "{out}");
 }
 
@@ -235,27 +257,36 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
     let tar = work.path().join("rootfs.tar");
     run("tar", &["-C", rootfs.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
     let image = format!("{}/acme/docker:v1", s.addr);
-    run("docker", &["import", tar.to_str().unwrap(), &image]);
-    let id = run("docker", &["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
-    run("docker", &["push", &image]);
-    let repo_digest =
-        run("docker", &["image", "inspect", "--format", "{{index .RepoDigests 0}}", &image]).trim().to_string();
+    // A private docker config, so that the login stays with this test.
+    let config = work.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let cfg = config.to_str().unwrap();
+    let docker = |args: &[&str]| {
+        let mut full = vec!["--config", cfg];
+        full.extend_from_slice(args);
+        run("docker", &full)
+    };
+    login_docker(cfg, &s.addr, ADMIN, ADMIN_TOKEN);
+    docker(&["import", tar.to_str().unwrap(), &image]);
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
+    docker(&["push", &image]);
+    let repo_digest = docker(&["image", "inspect", "--format", "{{index .RepoDigests 0}}", &image]).trim().to_string();
     assert!(repo_digest.contains("@sha256:"), "{repo_digest}");
-    run("docker", &["rmi", &image]);
-    assert!(fails("docker", &["image", "inspect", &image]));
+    docker(&["rmi", &image]);
+    assert!(fails("docker", &["--config", cfg, "image", "inspect", &image]));
 
-    run("docker", &["pull", &image]);
-    let pulled = run("docker", &["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
+    docker(&["pull", &image]);
+    let pulled = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
     assert_eq!(pulled, id, "same image (config and layer diff ids) after the round trip");
-    run("docker", &["rmi", &image]);
+    docker(&["rmi", &image]);
 
-    run("docker", &["pull", &repo_digest]);
-    let by_digest = run("docker", &["image", "inspect", "--format", "{{.Id}}", &repo_digest]).trim().to_string();
+    docker(&["pull", &repo_digest]);
+    let by_digest = docker(&["image", "inspect", "--format", "{{.Id}}", &repo_digest]).trim().to_string();
     assert_eq!(by_digest, id);
 
     // The content itself: save the pulled image and find the file in one of its layers.
     let saved = work.path().join("saved.tar");
-    run("docker", &["save", "-o", saved.to_str().unwrap(), &repo_digest]);
+    docker(&["save", "-o", saved.to_str().unwrap(), &repo_digest]);
     let unpacked = work.path().join("saved");
     std::fs::create_dir_all(&unpacked).unwrap();
     run("tar", &["-C", unpacked.to_str().unwrap(), "-xf", saved.to_str().unwrap()]);
@@ -264,5 +295,28 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
         unpacked.display()
     )]);
     assert_eq!(found, "hello from berth\n", "the file inside the pulled image");
-    run("docker", &["rmi", &repo_digest]);
+    // Anonymous pulls: a public package works, a private one does not.
+    let public = format!("{}/acme/docker-public:v1", s.addr);
+    docker(&["tag", &repo_digest, &public]);
+    docker(&["push", &public]);
+    run(
+        "curl",
+        &[
+            "-sf",
+            "-X",
+            "PATCH",
+            "-u",
+            &format!("{ADMIN}:{ADMIN_TOKEN}"),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"visibility":"public"}"#,
+            &format!("{}/api/packages/acme/docker-public", s.url),
+        ],
+    );
+    docker(&["logout", &s.addr]);
+    docker(&["rmi", &public, &repo_digest]);
+    docker(&["pull", &public]);
+    assert!(fails("docker", &["--config", cfg, "pull", &image]), "an anonymous pull of a private package fails");
+    docker(&["rmi", &public]);
 }

@@ -29,6 +29,16 @@ pub struct StandaloneArgs {
     /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
     #[arg(long, env = "BERTH_GC_GRACE_SECS")]
     pub gc_grace_secs: Option<u64>,
+    /// USER:TOKEN — the site administrator to create (if missing) with this token, instead of
+    /// a generated one printed at first start.
+    #[arg(long, env = "BERTH_BOOTSTRAP_ADMIN", hide_env_values = true)]
+    pub bootstrap_admin: Option<String>,
+    /// The `service` name of registry tokens [default: berth].
+    #[arg(long, env = "BERTH_SERVICE")]
+    pub service: Option<String>,
+    /// Lifetime of registry tokens in seconds [default: 300].
+    #[arg(long, env = "BERTH_TOKEN_TTL_SECS")]
+    pub token_ttl_secs: Option<u64>,
 }
 
 /// The TOML file's shape.
@@ -55,6 +65,12 @@ pub struct StandaloneConfig {
     pub upload_timeout: Duration,
     /// Age an unlinked blob must reach before deletion.
     pub gc_grace: Duration,
+    /// Site administrator to ensure, as (user, token).
+    pub bootstrap_admin: Option<(String, String)>,
+    /// Token service name.
+    pub service: String,
+    /// Registry token lifetime.
+    pub token_ttl: Duration,
 }
 
 impl StandaloneConfig {
@@ -77,6 +93,19 @@ impl StandaloneConfig {
                     .unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()),
             ),
             gc_grace: Duration::from_secs(args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600)),
+            bootstrap_admin: match args.bootstrap_admin {
+                Some(s) => {
+                    let (u, t) = s.split_once(':').context("--bootstrap-admin takes USER:TOKEN")?;
+                    anyhow::ensure!(
+                        !u.is_empty() && t.len() >= 8,
+                        "--bootstrap-admin needs a user and a token of 8+ characters"
+                    );
+                    Some((u.to_string(), t.to_string()))
+                }
+                None => None,
+            },
+            service: args.service.unwrap_or_else(|| "berth".into()),
+            token_ttl: Duration::from_secs(args.token_ttl_secs.unwrap_or(300).max(1)),
         })
     }
 }

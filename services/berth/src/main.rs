@@ -3,6 +3,7 @@
 //! `berth standalone` runs all roles in one process on one data directory: the storage
 //! engine, a single-voter metadata group and the HTTP frontend.
 
+mod admin;
 mod config;
 mod standalone;
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Role {
     /// Every role in one process, on one data directory (the embedded default).
     Standalone(config::StandaloneArgs),
+    /// Manage users, organizations, teams, tokens and packages of a running registry.
+    Admin(admin::AdminArgs),
 }
 
 /// glibc's allocator keeps up to eight arenas per core and, after a large buffer is freed,
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
+        Role::Admin(args) => runtime.block_on(admin::run(args)),
     }
 }

@@ -4,7 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use berth_core::access::Scope;
+use berth_core::store::{DirectoryChange, TokenOwner, User};
 use berth_core::{BlobStore, MetaStore};
+use berth_frontend::auth::{new_token, record_for, AuthConfig};
 use berth_frontend::{FrontendConfig, Registry};
 use berth_meta::{MetaConfig, MetaService};
 use berth_storage::{StorageConfig, StorageEngine};
@@ -29,10 +32,13 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     .context("starting the metadata service")?;
     let blobs: Arc<dyn BlobStore> = Arc::new(storage);
     let metas: Arc<dyn MetaStore> = Arc::new(meta.clone());
+    let key = signing_key(&*metas).await?;
+    bootstrap(&*metas, &config).await?;
     let registry = Registry::new(
         blobs.clone(),
         metas.clone(),
         FrontendConfig { max_blob: config.max_blob, upload_timeout: config.upload_timeout, ..Default::default() },
+        AuthConfig { key, service: config.service.clone(), ttl: config.token_ttl },
     );
 
     let listener =
@@ -58,6 +64,42 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     }
     let _ = housekeeping.await;
     meta.shutdown().await;
+    Ok(())
+}
+
+/// The registry's token-signing key, made on first start and kept in the metadata service.
+async fn signing_key(meta: &dyn MetaStore) -> Result<Vec<u8>> {
+    if meta.signing_key().await?.is_none() {
+        let key: [u8; 32] = rand::random();
+        meta.change_directory(DirectoryChange::InitSigningKey { key: hex::encode(key) }).await?;
+    }
+    let key = meta.signing_key().await?.context("signing key missing after creating it")?;
+    Ok(hex::decode(key)?)
+}
+
+/// Ensures a site administrator exists: the one named by `--bootstrap-admin`, or on a first
+/// start `admin` with a generated token, printed this once.
+async fn bootstrap(meta: &dyn MetaStore, config: &StandaloneConfig) -> Result<()> {
+    let all = vec![Scope::ReadPackages, Scope::WritePackages, Scope::DeletePackages];
+    let admin = |name: &str| User { name: name.into(), site_admin: true, created_ms: 0 };
+    match &config.bootstrap_admin {
+        Some((user, token)) => {
+            meta.change_directory(DirectoryChange::CreateUser(admin(user))).await?;
+            let record = record_for(token, TokenOwner::User(user.clone()), "bootstrap", all, None);
+            meta.change_directory(DirectoryChange::CreateToken(record)).await?;
+        }
+        None if meta.users().await?.is_empty() => {
+            meta.change_directory(DirectoryChange::CreateUser(admin("admin"))).await?;
+            let (token, record) = new_token("pat", TokenOwner::User("admin".into()), "bootstrap", all, None);
+            meta.change_directory(DirectoryChange::CreateToken(record)).await?;
+            eprintln!(
+                "berth: created the site administrator 'admin'. Its token, shown only now:\n  {token}\n\
+                 log in with: docker login {} -u admin --password-stdin",
+                config.listen
+            );
+        }
+        None => {}
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! (bytes, owned by storage nodes) and [`MetaStore`] (everything agreed on through Raft).
 //! Standalone wires in-process implementations of both; the cluster wires gRPC clients.
 
+pub mod access;
 pub mod digest;
 pub mod error;
 pub mod manifest;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{AccessFacts, Grants, Identity, OrgRole, Perm, Principal, Scope, SourceRepo, Visibility};
 use crate::error::Result;
 use crate::Digest;
 
@@ -105,6 +106,135 @@ pub struct UploadSession {
     pub started_at_ms: u64,
 }
 
+/// A user account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Login name (also the user's namespace).
+    pub name: String,
+    /// Administers the whole registry.
+    pub site_admin: bool,
+    /// When it was created (ms since the epoch).
+    pub created_ms: u64,
+}
+
+/// Whom a token acts for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenOwner {
+    /// A personal access token of this user.
+    User(String),
+    /// A CI token bound to this source repository (`ORG/REPO`).
+    Ci(String),
+}
+
+/// A stored token: never the secret itself, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public id (part of the token string).
+    pub id: String,
+    /// Whom it acts for.
+    pub owner: TokenOwner,
+    /// A name for humans.
+    pub name: String,
+    /// Scopes (personal access tokens).
+    pub scopes: Vec<Scope>,
+    /// SHA-256 (hex) of the whole token string.
+    pub sha256: String,
+    /// When it was created (ms since the epoch).
+    pub created_ms: u64,
+    /// When it stops working (ms since the epoch), if ever.
+    pub expires_ms: Option<u64>,
+    /// Last time it authenticated a request (ms since the epoch; updated at most once a minute).
+    pub last_used_ms: Option<u64>,
+}
+
+/// A change to accounts, organizations, tokens or package settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectoryChange {
+    /// Sets the token-signing key if none is set yet.
+    InitSigningKey {
+        /// Hex of the HMAC key.
+        key: String,
+    },
+    /// Creates a user (answers false if it exists).
+    CreateUser(User),
+    /// Deletes a user and its tokens.
+    DeleteUser(String),
+    /// Stores a token.
+    CreateToken(TokenRecord),
+    /// Deletes a token.
+    RevokeToken(String),
+    /// Records a token's use.
+    TouchToken {
+        /// Token id.
+        id: String,
+        /// When (ms since the epoch).
+        now_ms: u64,
+    },
+    /// Creates an organization with its first owner (false if it exists, or the name is a user's).
+    CreateOrg {
+        /// Organization name.
+        name: String,
+        /// First owner.
+        owner: String,
+    },
+    /// Adds, changes or (with `None`) removes a member.
+    SetOrgMember {
+        /// Organization.
+        org: String,
+        /// User.
+        user: String,
+        /// Role.
+        role: Option<OrgRole>,
+    },
+    /// Creates a team.
+    CreateTeam {
+        /// Organization.
+        org: String,
+        /// Team.
+        team: String,
+    },
+    /// Adds or removes a team member.
+    SetTeamMember {
+        /// Organization.
+        org: String,
+        /// Team.
+        team: String,
+        /// User.
+        user: String,
+        /// Whether the user is in the team.
+        member: bool,
+    },
+    /// Registers or updates a source repository.
+    PutSourceRepo(SourceRepo),
+    /// Creates a package on first push (private), linked to `source` if given; no-op if it exists.
+    EnsurePackage {
+        /// Repository.
+        repo: String,
+        /// Source repository to link (`ORG/REPO`).
+        source: Option<String>,
+        /// When (ms since the epoch).
+        now_ms: u64,
+    },
+    /// Links a package without a source to the source repository registered under `url`.
+    LinkSourceByUrl {
+        /// Repository.
+        repo: String,
+        /// The `org.opencontainers.image.source` value.
+        url: String,
+    },
+    /// Changes a package's settings.
+    UpdatePackage {
+        /// Repository.
+        repo: String,
+        /// New visibility.
+        visibility: Option<Visibility>,
+        /// A grant to set (`Some`) or remove (`None`).
+        grant: Option<(Principal, Option<Perm>)>,
+        /// Whether to inherit the source repository's grants.
+        inherit: Option<bool>,
+    },
+}
+
 /// Everything that must be agreed on: repositories, links, manifests, tags, upload sessions.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
@@ -162,6 +292,47 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// The storage engine has deleted `digest`; lifts its fence.
     async fn blob_reaped(&self, digest: &Digest) -> Result<()>;
+
+    // ---- accounts and permissions ----------------------------------------------------------
+
+    /// Applies a directory change; answers whether it changed anything (false: already so,
+    /// or refused as a conflict, e.g. a name taken).
+    async fn change_directory(&self, change: DirectoryChange) -> Result<bool>;
+
+    /// The token-signing key (hex), once set.
+    async fn signing_key(&self) -> Result<Option<String>>;
+
+    /// A user.
+    async fn user(&self, name: &str) -> Result<Option<User>>;
+
+    /// Every user.
+    async fn users(&self) -> Result<Vec<User>>;
+
+    /// A token by id.
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>>;
+
+    /// A user's tokens.
+    async fn tokens_of(&self, user: &str) -> Result<Vec<TokenRecord>>;
+
+    /// Members of an organization and their roles; `None` if it does not exist.
+    async fn org_members(&self, org: &str) -> Result<Option<std::collections::BTreeMap<String, OrgRole>>>;
+
+    /// A source repository.
+    async fn source_repo(&self, org: &str, name: &str) -> Result<Option<SourceRepo>>;
+
+    /// What bears on `who`'s access to `repo`.
+    async fn access_facts(&self, who: &Identity, repo: &str) -> Result<AccessFacts>;
+}
+
+/// Grants written as `user:NAME=perm` / `team:ORG/TEAM=perm` pairs, for APIs and the CLI.
+pub fn parse_grants(items: &[String]) -> std::result::Result<Grants, String> {
+    items
+        .iter()
+        .map(|i| {
+            let (p, perm) = i.rsplit_once('=').ok_or_else(|| format!("{i:?} is not PRINCIPAL=PERM"))?;
+            Ok((p.parse()?, perm.parse()?))
+        })
+        .collect()
 }
 
 /// Upper bound of `n` in a tag or catalog listing; a larger request is trimmed to it.

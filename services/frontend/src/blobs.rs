@@ -6,7 +6,10 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
+use berth_core::access::{Action, Identity};
 use berth_core::{Digest, ErrorCode, RegistryError, UploadSession};
+
+use crate::auth::{self, Caller};
 
 use crate::{body_stream, content_length, empty, header_value, parse_digest, query_param, Registry};
 
@@ -151,15 +154,26 @@ fn now_ms() -> u64 {
 }
 
 /// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session.
-pub async fn start(reg: &Registry, name: &str, req: Request) -> Result<Response, RegistryError> {
+pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) -> Result<Response, RegistryError> {
     if let Some(mount) = query_param(req.uri(), "mount") {
-        // A mount that cannot be honoured falls back to a new session, as the spec says.
+        // A mount that cannot be honoured falls back to a new session, as the spec says; so
+        // does one from a repository the caller may not pull from, which reveals nothing.
         if let Ok(digest) = mount.parse::<Digest>() {
             let source = match query_param(req.uri(), "from") {
-                Some(from) if berth_core::name::valid_name(&from) => reg.meta.blob_link(&from, &digest).await?,
+                Some(from) if berth_core::name::valid_name(&from) => {
+                    if auth::actions(reg, caller, &from).await?.contains(&Action::Pull) {
+                        reg.meta.blob_link(&from, &digest).await?
+                    } else {
+                        None
+                    }
+                }
                 Some(_) => None,
-                // Without `from`, any stored blob can be mounted.
-                None => reg.blobs.stat(&digest).await?,
+                // Without `from` the blob may be anywhere: only site administrators, who may
+                // read everything, mount that way.
+                None if matches!(caller.identity, Identity::User { site_admin: true, .. }) => {
+                    reg.blobs.stat(&digest).await?
+                }
+                None => None,
             };
             if let Some(size) = source {
                 if reg.blobs.stat(&digest).await?.is_some() && reg.meta.link_blob(name, &digest, size).await.is_ok() {

@@ -6,6 +6,8 @@
 //! validate, call the stores and map the result; every failure becomes one [`RegistryError`]
 //! and one response in [`error_response`].
 
+mod admin;
+pub mod auth;
 mod blobs;
 mod manifests;
 pub mod routes;
@@ -19,6 +21,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use berth_core::access::Action;
 use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -60,14 +63,20 @@ pub struct Registry {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     config: FrontendConfig,
+    auth: auth::AuthConfig,
     manifests: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
 }
 
 impl Registry {
     /// A registry API over the two stores.
-    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, config: FrontendConfig) -> Arc<Registry> {
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        config: FrontendConfig,
+        auth: auth::AuthConfig,
+    ) -> Arc<Registry> {
         let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
-        Arc::new(Registry { blobs, meta, config, manifests })
+        Arc::new(Registry { blobs, meta, config, auth, manifests })
     }
 }
 
@@ -116,17 +125,34 @@ async fn drain(body: Body) -> bool {
 }
 
 async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    // The token endpoint and the REST API read their (small, bounded) bodies themselves.
+    if path == "/token" || path.starts_with("/api/") {
+        let mut resp =
+            if path == "/token" { auth::token_endpoint(&reg, req).await } else { admin::handle(&reg, req).await };
+        resp.headers_mut().insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+        return resp;
+    }
     let (parts, body) = req.into_parts();
     let slot = BodySlot(Arc::new(std::sync::Mutex::new(Some(body))));
     let mut req = Request::from_parts(parts, Body::empty());
     req.extensions_mut().insert(slot.clone());
-    let mut resp = match routes::parse(req.uri().path()) {
-        None => error_response(RegistryError::new(ErrorCode::Unsupported, "no such endpoint").with_status(404)),
-        Some(Err(e)) => error_response(e),
-        Some(Ok(route)) => match handle(&reg, route, req).await {
-            Ok(r) => r,
-            Err(e) => error_response(e),
-        },
+    let mut resp = {
+        match routes::parse(&path) {
+            None => error_response(RegistryError::new(ErrorCode::Unsupported, "no such endpoint").with_status(404)),
+            Some(Err(e)) => error_response(e),
+            Some(Ok(route)) => match auth::caller(&reg, req.headers()).await {
+                Err(e) => {
+                    let mut r = error_response(e);
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, auth::challenge(&reg, req.headers(), None, false));
+                    r
+                }
+                Ok(caller) => match authorize(&reg, &caller, &route, req.method(), req.headers()).await {
+                    Err(refused) => refused,
+                    Ok(()) => handle(&reg, &caller, route, req).await.unwrap_or_else(error_response),
+                },
+            },
+        }
     };
     if let Some(body) = slot.take() {
         if !drain(body).await {
@@ -137,12 +163,58 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     resp
 }
 
-async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response, RegistryError> {
+/// The repository and action a `/v2/` request needs, if any.
+fn required(route: &Route, method: &Method) -> Option<(String, Action)> {
+    let action = match *method {
+        Method::GET | Method::HEAD => Action::Pull,
+        Method::DELETE => Action::Delete,
+        _ => Action::Push,
+    };
+    match route {
+        Route::Base | Route::Catalog => None,
+        Route::Tags { name } | Route::Referrers { name, .. } => Some((name.clone(), Action::Pull)),
+        Route::Manifest { name, .. } | Route::Blob { name, .. } => Some((name.clone(), action)),
+        // Everything on an upload is part of a push, its status and cancellation included.
+        Route::UploadStart { name } | Route::Upload { name, .. } => Some((name.clone(), Action::Push)),
+    }
+}
+
+/// Lets the request through, or answers for it (401 with a challenge, or 403).
+async fn authorize(
+    reg: &Registry,
+    caller: &auth::Caller,
+    route: &Route,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), Response> {
+    if let Route::Base = route {
+        // `docker login` checks its credentials here: anonymous callers get the challenge.
+        if !caller.presented {
+            let mut r = error_response(RegistryError::new(ErrorCode::Unauthorized, "authentication required"));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, auth::challenge(reg, headers, None, false));
+            return Err(r);
+        }
+        return Ok(());
+    }
+    let Some((repo, action)) = required(route, method) else { return Ok(()) };
+    let allowed = auth::actions(reg, caller, &repo).await.map_err(error_response)?;
+    if !allowed.contains(&action) {
+        return Err(auth::refuse(reg, caller, headers, &repo, action));
+    }
+    let starts_push = matches!(route, Route::UploadStart { .. })
+        || (matches!(route, Route::Manifest { .. }) && method == Method::PUT);
+    if starts_push {
+        admin::ensure_package(reg, &caller.identity, &repo).await.map_err(error_response)?;
+    }
+    Ok(())
+}
+
+async fn handle(reg: &Registry, caller: &auth::Caller, route: Route, req: Request) -> Result<Response, RegistryError> {
     let method = req.method().clone();
     let unsupported = || Err(RegistryError::new(ErrorCode::Unsupported, format!("{method} is not supported here")));
     match (route, &method) {
         (Route::Base, &Method::GET | &Method::HEAD) => Ok(json_response(StatusCode::OK, "{}".into())),
-        (Route::Catalog, &Method::GET) => manifests::catalog(reg, req.uri()).await,
+        (Route::Catalog, &Method::GET) => manifests::catalog(reg, caller, req.uri()).await,
         (Route::Tags { name }, &Method::GET) => manifests::tags(reg, &name, req.uri()).await,
         (Route::Manifest { name, reference }, &Method::GET | &Method::HEAD) => {
             manifests::get(reg, &name, &reference, req.headers(), method == Method::HEAD).await
@@ -154,7 +226,7 @@ async fn handle(reg: &Registry, route: Route, req: Request) -> Result<Response, 
             blobs::get(reg, &name, &digest, req.headers(), method == Method::HEAD).await
         }
         (Route::Blob { name, digest }, &Method::DELETE) => blobs::delete(reg, &name, &digest).await,
-        (Route::UploadStart { name }, &Method::POST) => blobs::start(reg, &name, req).await,
+        (Route::UploadStart { name }, &Method::POST) => blobs::start(reg, caller, &name, req).await,
         (Route::Upload { name, id }, &Method::PATCH) => blobs::patch(reg, &name, &id, req).await,
         (Route::Upload { name, id }, &Method::PUT) => blobs::finish(reg, &name, &id, req).await,
         (Route::Upload { name, id }, &Method::GET) => blobs::status(reg, &name, &id).await,

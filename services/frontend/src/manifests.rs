@@ -168,6 +168,10 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
         }
     };
     let parsed = manifest::parse(content_type.as_deref(), &body)?;
+    let parsed_source = crate::admin::SourceHint {
+        annotation: parsed.annotations.get(crate::admin::SOURCE_KEY).cloned(),
+        config: parsed.blobs.first().cloned().filter(|_| !manifest::is_index(&parsed.media_type)),
+    };
     let record = ManifestRecord {
         digest: digest.clone(),
         media_type: parsed.media_type,
@@ -182,6 +186,7 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     reg.blobs.put_small(&digest, body.clone()).await?;
     reg.meta.put_manifest(name, record, tags).await?;
     reg.manifests.insert(digest.clone(), body);
+    crate::admin::link_source(reg, name, &parsed_source).await;
     let mut headers =
         vec![("location", format!("/v2/{name}/manifests/{digest}")), ("docker-content-digest", digest.to_string())];
     if let Some(subject) = parsed.subject {
@@ -251,12 +256,31 @@ pub async fn tags(reg: &Registry, name: &str, uri: &Uri) -> Result<Response, Reg
     listing(body, next_link(&format!("/v2/{name}/tags/list"), &tags, n, more))
 }
 
-/// `GET /v2/_catalog[?n=&last=]`.
-pub async fn catalog(reg: &Registry, uri: &Uri) -> Result<Response, RegistryError> {
-    let (n, last, _) = page(uri)?;
-    let mut repos = reg.meta.repositories(last.as_deref(), n + 1).await?;
-    let more = repos.len() > n;
-    repos.truncate(n);
+/// `GET /v2/_catalog[?n=&last=]`: the repositories the caller may pull from.
+pub async fn catalog(reg: &Registry, caller: &crate::auth::Caller, uri: &Uri) -> Result<Response, RegistryError> {
+    let (n, mut last, _) = page(uri)?;
+    // The catalog is judged per repository from the caller's identity, whatever the token says.
+    let who = crate::auth::Caller { identity: caller.identity.clone(), claims: None, presented: caller.presented };
+    let mut repos = vec![];
+    let mut more = false;
+    'pages: loop {
+        let batch = reg.meta.repositories(last.as_deref(), MAX_PAGE).await?;
+        let exhausted = batch.len() < MAX_PAGE;
+        for repo in batch {
+            last = Some(repo.clone());
+            if !crate::auth::actions(reg, &who, &repo).await?.contains(&berth_core::access::Action::Pull) {
+                continue;
+            }
+            if repos.len() == n {
+                more = true;
+                break 'pages;
+            }
+            repos.push(repo);
+        }
+        if exhausted {
+            break;
+        }
+    }
     #[derive(Serialize)]
     struct Catalog<'a> {
         repositories: &'a [String],

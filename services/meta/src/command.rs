@@ -1,5 +1,6 @@
 //! The writes of the metadata service, as Raft log entries, and what applying them answers.
 
+use berth_core::store::DirectoryChange;
 use berth_core::{Digest, ErrorCode, ManifestRecord, RegistryError, UploadSession};
 use serde::{Deserialize, Serialize};
 
@@ -82,6 +83,8 @@ pub enum Command {
         /// Blob.
         digest: Digest,
     },
+    /// A change to accounts, organizations, tokens or package settings.
+    Directory(DirectoryChange),
     /// Several independent commands in one log entry, applied in order; each succeeds or is
     /// refused on its own. Concurrent writers share one entry, and so one log fsync.
     Batch(Vec<Command>),

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
 use berth_core::error::Result;
+use berth_core::store::{DirectoryChange, TokenRecord, User};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -329,6 +331,92 @@ impl MetaStore for MetaService {
 
     async fn blob_reaped(&self, digest: &Digest) -> Result<()> {
         self.write(Command::BlobReaped { digest: digest.clone() }).await.map(|_| ())
+    }
+
+    async fn change_directory(&self, change: DirectoryChange) -> Result<bool> {
+        Ok(self.write(Command::Directory(change)).await? == Outcome::Existed(true))
+    }
+
+    async fn signing_key(&self) -> Result<Option<String>> {
+        self.read(|v| v.get(b"A")).await
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<User>> {
+        let name = name.to_string();
+        self.read(move |v| v.user(&name)).await
+    }
+
+    async fn users(&self) -> Result<Vec<User>> {
+        self.read(|v| {
+            v.scan(b"U", None, usize::MAX)?.into_iter().map(|(_, u)| Ok(serde_json::from_slice(&u)?)).collect()
+        })
+        .await
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let k = key(b'K', &[id]);
+        self.read(move |v| v.get(&k)).await
+    }
+
+    async fn tokens_of(&self, user: &str) -> Result<Vec<TokenRecord>> {
+        let user = user.to_string();
+        self.read(move |v| {
+            let mut out = vec![];
+            for (id, _) in v.scan(&key(b'k', &[&user, ""]), None, usize::MAX)? {
+                if let Some(t) = v.get(&key(b'K', &[&String::from_utf8_lossy(&id)]))? {
+                    out.push(t);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn org_members(&self, org: &str) -> Result<Option<BTreeMap<String, OrgRole>>> {
+        let org = org.to_string();
+        self.read(move |v| {
+            if v.raw(&key(b'O', &[&org]))?.is_none() {
+                return Ok(None);
+            }
+            let mut out = BTreeMap::new();
+            for (user, role) in v.scan(&key(b'M', &[&org, ""]), None, usize::MAX)? {
+                out.insert(String::from_utf8_lossy(&user).into_owned(), serde_json::from_slice(&role)?);
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn source_repo(&self, org: &str, name: &str) -> Result<Option<SourceRepo>> {
+        let k = key(b'S', &[org, name]);
+        self.read(move |v| v.get(&k)).await
+    }
+
+    async fn access_facts(&self, who: &Identity, repo: &str) -> Result<AccessFacts> {
+        let (who, repo) = (who.clone(), repo.to_string());
+        self.read(move |v| {
+            let owner = owner_of(&repo);
+            let mut facts = AccessFacts { owner_is_org: v.raw(&key(b'O', &[owner]))?.is_some(), ..Default::default() };
+            if let (Identity::User { name, .. }, true) = (&who, facts.owner_is_org) {
+                facts.org_role = v.get::<OrgRole>(&key(b'M', &[owner, name]))?;
+                for (rest, _) in v.scan(&key(b'N', &[owner, ""]), None, usize::MAX)? {
+                    let rest = String::from_utf8_lossy(&rest).into_owned();
+                    if let Some((team, member)) = rest.split_once('\0') {
+                        if member == name {
+                            facts.teams.insert(team.to_string());
+                        }
+                    }
+                }
+            }
+            facts.package = v.get::<Package>(&key(b'P', &[&repo]))?;
+            if let Some(source) = facts.package.as_ref().and_then(|p| p.source.clone()) {
+                if let Some((org, name)) = source.split_once('/') {
+                    facts.source = v.get(&key(b'S', &[org, name]))?;
+                }
+            }
+            Ok(facts)
+        })
+        .await
     }
 }
 

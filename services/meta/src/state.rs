@@ -14,11 +14,24 @@
 //! | `t` repo `\0` tag | manifest digest |
 //! | `s` repo `\0` subject `\0` digest | (a referrer of subject) |
 //! | `u` id | [`UploadSession`] |
+//! | `A` | token-signing key (hex) |
+//! | `U` user | [`User`] |
+//! | `K` token id | [`TokenRecord`] |
+//! | `k` user `\0` token id | (index of a user's tokens) |
+//! | `O` org | creation time |
+//! | `M` org `\0` user | [`OrgRole`] |
+//! | `T` org `\0` team | (the team exists) |
+//! | `N` org `\0` team `\0` user | (team membership) |
+//! | `P` repo | [`Package`] |
+//! | `S` org `\0` name | [`SourceRepo`] |
+//! | `X` url | `ORG/NAME` of the source repository registered under it |
 //! | `~a`, `~m` | last applied log id, last membership (Raft's own) |
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use berth_core::access::{owner_of, OrgRole, Package, SourceRepo};
+use berth_core::store::{DirectoryChange, TokenOwner, TokenRecord, User};
 use berth_core::{Digest, ErrorCode, ManifestRecord, UploadSession};
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
@@ -131,6 +144,11 @@ impl StateView {
         Ok(out)
     }
 
+    /// A user.
+    pub fn user(&self, name: &str) -> Result<Option<User>, StateError> {
+        self.get(&key(b'U', &[name]))
+    }
+
     /// A manifest record.
     pub fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>, StateError> {
         self.get(&key(b'm', &[repo, &digest.to_string()]))
@@ -219,6 +237,7 @@ impl<'a> Tx<'a> {
     fn apply_unchecked(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
         match cmd {
             Command::Batch(cmds) => cmds.iter().map(|c| self.apply(c)).collect::<Result<_, _>>().map(Outcome::Batch),
+            Command::Directory(change) => self.directory(change).map(Outcome::Existed),
             Command::LinkBlob { repo, digest, size, now_ms } => self.link(repo, digest, *size, *now_ms),
             Command::UnlinkBlob { repo, digest, now_ms } => Ok(Outcome::Existed(self.unlink(repo, digest, *now_ms)?)),
             Command::PutManifest { repo, record, tags, now_ms } => self.put_manifest(repo, record, tags, *now_ms),
@@ -352,6 +371,144 @@ impl<'a> Tx<'a> {
         }
         self.unlink(repo, digest, now_ms)?;
         Ok(Outcome::Existed(true))
+    }
+
+    /// Applies a directory change; answers whether it changed anything.
+    fn directory(&mut self, change: &DirectoryChange) -> Result<bool, StateError> {
+        match change {
+            DirectoryChange::InitSigningKey { key: k } => {
+                if self.exists(b"A")? {
+                    return Ok(false);
+                }
+                self.put(b"A".to_vec(), k)?;
+            }
+            DirectoryChange::CreateUser(user) => {
+                if self.exists(&key(b'U', &[&user.name]))? || self.exists(&key(b'O', &[&user.name]))? {
+                    return Ok(false);
+                }
+                self.put(key(b'U', &[&user.name]), user)?;
+            }
+            DirectoryChange::DeleteUser(name) => {
+                if !self.exists(&key(b'U', &[name]))? {
+                    return Ok(false);
+                }
+                self.delete(key(b'U', &[name]));
+                let prefix = key(b'k', &[name, ""]);
+                for (id, _) in self.view.scan(&prefix, None, usize::MAX)? {
+                    let id = String::from_utf8_lossy(&id).into_owned();
+                    self.delete(key(b'K', &[&id]));
+                    self.delete([prefix.as_slice(), id.as_bytes()].concat());
+                }
+            }
+            DirectoryChange::CreateToken(t) => {
+                if self.exists(&key(b'K', &[&t.id]))? {
+                    return Ok(false);
+                }
+                if let TokenOwner::User(u) = &t.owner {
+                    self.put(key(b'k', &[u, &t.id]), &())?;
+                }
+                self.put(key(b'K', &[&t.id]), t)?;
+            }
+            DirectoryChange::RevokeToken(id) => {
+                let Some(t) = self.get::<TokenRecord>(&key(b'K', &[id]))? else { return Ok(false) };
+                if let TokenOwner::User(u) = &t.owner {
+                    self.delete(key(b'k', &[u, id]));
+                }
+                self.delete(key(b'K', &[id]));
+            }
+            DirectoryChange::TouchToken { id, now_ms } => {
+                let Some(mut t) = self.get::<TokenRecord>(&key(b'K', &[id]))? else { return Ok(false) };
+                t.last_used_ms = Some(*now_ms);
+                self.put(key(b'K', &[id]), &t)?;
+            }
+            DirectoryChange::CreateOrg { name, owner } => {
+                if self.exists(&key(b'O', &[name]))? || self.exists(&key(b'U', &[name]))? {
+                    return Ok(false);
+                }
+                self.put(key(b'O', &[name]), &0u64)?;
+                self.put(key(b'M', &[name, owner]), &OrgRole::Owner)?;
+            }
+            DirectoryChange::SetOrgMember { org, user, role } => {
+                if !self.exists(&key(b'O', &[org]))? {
+                    return Ok(false);
+                }
+                match role {
+                    Some(r) => self.put(key(b'M', &[org, user]), r)?,
+                    None => self.delete(key(b'M', &[org, user])),
+                }
+            }
+            DirectoryChange::CreateTeam { org, team } => {
+                if !self.exists(&key(b'O', &[org]))? || self.exists(&key(b'T', &[org, team]))? {
+                    return Ok(false);
+                }
+                self.put(key(b'T', &[org, team]), &())?;
+            }
+            DirectoryChange::SetTeamMember { org, team, user, member } => {
+                if !self.exists(&key(b'T', &[org, team]))? {
+                    return Ok(false);
+                }
+                if *member {
+                    self.put(key(b'N', &[org, team, user]), &())?;
+                } else {
+                    self.delete(key(b'N', &[org, team, user]));
+                }
+            }
+            DirectoryChange::PutSourceRepo(repo) => {
+                if !self.exists(&key(b'O', &[&repo.org]))? {
+                    return Ok(false);
+                }
+                let k = key(b'S', &[&repo.org, &repo.name]);
+                if let Some(old) = self.get::<SourceRepo>(&k)? {
+                    self.delete(key(b'X', &[&old.url]));
+                }
+                self.put(key(b'X', &[&repo.url]), &format!("{}/{}", repo.org, repo.name))?;
+                self.put(k, repo)?;
+            }
+            DirectoryChange::EnsurePackage { repo, source, now_ms } => {
+                let k = key(b'P', &[repo]);
+                if self.exists(&k)? {
+                    return Ok(false);
+                }
+                let p = Package {
+                    name: repo.clone(),
+                    visibility: Default::default(),
+                    grants: Default::default(),
+                    source: source.clone(),
+                    inherit: true,
+                    created_ms: *now_ms,
+                };
+                self.put(k, &p)?;
+            }
+            DirectoryChange::LinkSourceByUrl { repo, url } => {
+                let k = key(b'P', &[repo]);
+                let Some(mut p) = self.get::<Package>(&k)? else { return Ok(false) };
+                let Some(source) = self.get::<String>(&key(b'X', &[url]))? else { return Ok(false) };
+                // Only a source of the package's own owner, and only once.
+                if p.source.is_some() || owner_of(&source) != owner_of(repo) {
+                    return Ok(false);
+                }
+                p.source = Some(source);
+                self.put(k, &p)?;
+            }
+            DirectoryChange::UpdatePackage { repo, visibility, grant, inherit } => {
+                let k = key(b'P', &[repo]);
+                let Some(mut p) = self.get::<Package>(&k)? else { return Ok(false) };
+                if let Some(v) = visibility {
+                    p.visibility = *v;
+                }
+                if let Some((who, perm)) = grant {
+                    match perm {
+                        Some(perm) => p.grants.insert(who.clone(), *perm),
+                        None => p.grants.remove(who),
+                    };
+                }
+                if let Some(i) = inherit {
+                    p.inherit = *i;
+                }
+                self.put(k, &p)?;
+            }
+        }
+        Ok(true)
     }
 
     fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {

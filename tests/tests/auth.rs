@@ -1,0 +1,476 @@
+//! Accounts, tokens and permissions over the real HTTP API: the permission matrix of actors ×
+//! visibility × action, and the attacks that must fail.
+
+use std::collections::BTreeMap;
+
+use berth_tests::{client, client_with, push_image, Server};
+use serde_json::{json, Value};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Admin API call as the site administrator; asserts success and returns the JSON answer.
+async fn admin(s: &Server, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let c = client();
+    let mut req = c.request(method.clone(), format!("{}/api/{path}", s.url));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "{method} {path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+async fn user_with_token(s: &Server, name: &str, scopes: &[&str], expires_in_days: Option<u64>) -> String {
+    if name != "admin" {
+        let c = client();
+        let _ = c.post(format!("{}/api/admin/users", s.url)).json(&json!({"name": name})).send().await.unwrap();
+    }
+    let t = admin(
+        s,
+        reqwest::Method::POST,
+        &format!("admin/users/{name}/tokens"),
+        Some(json!({"name": "t", "scopes": scopes, "expires_in_days": expires_in_days})),
+    )
+    .await;
+    t["token"].as_str().unwrap().to_string()
+}
+
+const ALL: &[&str] = &["read:packages", "write:packages", "delete:packages"];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Act {
+    Pull,
+    Push,
+    Delete,
+    List,
+}
+
+/// Tries `act` on `repo` with `creds`; returns whether it was allowed. A refusal must be a
+/// 401 (with a challenge when anonymous) or a 403.
+async fn attempt(s: &Server, creds: Option<(&str, &str)>, repo: &str, act: Act) -> bool {
+    let c = client_with(creds);
+    let r = match act {
+        Act::Pull => c.get(format!("{}/v2/{repo}/manifests/v1", s.url)).send().await.unwrap(),
+        Act::List => c.get(format!("{}/v2/{repo}/tags/list", s.url)).send().await.unwrap(),
+        Act::Push => c.post(format!("{}/v2/{repo}/blobs/uploads/", s.url)).send().await.unwrap(),
+        Act::Delete => {
+            // A fresh tag for each attempt, so that attempts do not depend on each other.
+            let tag = format!("d{}", rand_tag());
+            let admin = client();
+            let body =
+                admin.get(format!("{}/v2/{repo}/manifests/v1", s.url)).send().await.unwrap().bytes().await.unwrap();
+            let put = admin
+                .put(format!("{}/v2/{repo}/manifests/{tag}", s.url))
+                .header("content-type", OCI_MANIFEST)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(put.status(), 201);
+            c.delete(format!("{}/v2/{repo}/manifests/{tag}", s.url)).send().await.unwrap()
+        }
+    };
+    let status = r.status().as_u16();
+    match status {
+        200 | 202 => true,
+        401 | 403 => {
+            if creds.is_none() {
+                assert_eq!(status, 401);
+                assert!(r.headers().contains_key("www-authenticate"), "a challenge for anonymous callers");
+            }
+            false
+        }
+        other => panic!("{act:?} on {repo} answered {other}: {:?}", r.text().await),
+    }
+}
+
+fn rand_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn permission_matrix() {
+    let s = Server::start();
+    let admin_c = client();
+    // Accounts: an organization with an owner, members, teams with each grant, an outsider.
+    let alice = user_with_token(&s, "alice", ALL, None).await;
+    admin(&s, reqwest::Method::POST, "admin/orgs", Some(json!({"name": "acme", "owner": "alice"}))).await;
+    let mut tokens: BTreeMap<&str, String> = BTreeMap::new();
+    for (u, role) in [("mem", "member"), ("tread", "member"), ("twrite", "member"), ("tadmin", "member")] {
+        tokens.insert(u, user_with_token(&s, u, ALL, None).await);
+        admin(&s, reqwest::Method::PUT, &format!("admin/orgs/acme/members/{u}"), Some(json!({"role": role}))).await;
+    }
+    tokens.insert("mallory", user_with_token(&s, "mallory", ALL, None).await);
+    for (team, user) in [("r", "tread"), ("w", "twrite"), ("a", "tadmin")] {
+        admin(&s, reqwest::Method::POST, "admin/orgs/acme/teams", Some(json!({"name": team}))).await;
+        admin(&s, reqwest::Method::PUT, &format!("admin/orgs/acme/teams/{team}/members/{user}"), None).await;
+    }
+    // Tokens with each scope, an expired and a revoked one, one of a deleted user.
+    tokens.insert("alice-read", user_with_token(&s, "alice", &["read:packages"], None).await);
+    tokens.insert("alice-write", user_with_token(&s, "alice", &["write:packages"], None).await);
+    tokens.insert("alice-delete", user_with_token(&s, "alice", &["read:packages", "delete:packages"], None).await);
+    tokens.insert("expired", user_with_token(&s, "alice", ALL, Some(0)).await);
+    let revoked = user_with_token(&s, "alice", ALL, None).await;
+    let revoked_id = revoked.split('_').nth(2).unwrap().to_string();
+    admin(&s, reqwest::Method::DELETE, &format!("admin/tokens/{revoked_id}"), None).await;
+    tokens.insert("revoked", revoked);
+    tokens.insert("gone", user_with_token(&s, "gone", ALL, None).await);
+    admin(&s, reqwest::Method::DELETE, "admin/users/gone", None).await;
+    // Source repositories and CI tokens.
+    admin(&s, reqwest::Method::PUT, "admin/orgs/acme/repos/src", Some(json!({"url": "https://git.example/acme/src"})))
+        .await;
+    admin(
+        &s,
+        reqwest::Method::PUT,
+        "admin/orgs/acme/repos/other",
+        Some(json!({"url": "https://git.example/acme/other"})),
+    )
+    .await;
+    let ci = admin(&s, reqwest::Method::POST, "admin/orgs/acme/repos/src/ci-tokens", None).await;
+    tokens.insert("ci-src", ci["token"].as_str().unwrap().to_string());
+    let ci = admin(&s, reqwest::Method::POST, "admin/orgs/acme/repos/other/ci-tokens", None).await;
+    tokens.insert("ci-other", ci["token"].as_str().unwrap().to_string());
+    tokens.insert("alice", alice.clone());
+
+    // Packages: one per visibility, pushed by the org owner, with a grant per team; one linked
+    // to acme/src through its source annotation.
+    let alice_c = client_with(Some(("alice", &alice)));
+    for vis in ["private", "public", "internal"] {
+        let repo = format!("acme/p-{vis}");
+        push_image(&alice_c, &s.url, &repo, "v1", 1, &[100]).await;
+        for (team, perm) in [("r", "read"), ("w", "write"), ("a", "admin")] {
+            admin(
+                &s,
+                reqwest::Method::PATCH,
+                &format!("packages/{repo}"),
+                Some(json!({"grant": format!("team:acme/{team}={perm}")})),
+            )
+            .await;
+        }
+        admin(&s, reqwest::Method::PATCH, &format!("packages/{repo}"), Some(json!({"visibility": vis}))).await;
+    }
+    let linked = berth_tests::image_manifest(
+        (&berth_tests::push_blob(&alice_c, &s.url, "acme/linked", b"{}").await, 2),
+        &[],
+        r#","annotations":{"org.opencontainers.image.source":"https://git.example/acme/src"}"#,
+    );
+    let r = alice_c
+        .put(format!("{}/v2/acme/linked/manifests/v1", s.url))
+        .header("content-type", OCI_MANIFEST)
+        .body(linked)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let p = admin(&s, reqwest::Method::GET, "packages/acme/linked", None).await;
+    assert_eq!(p["source"], "acme/src", "the source annotation links the package");
+    assert_eq!(p["visibility"], "private", "packages are private on first push");
+
+    use Act::*;
+    let everything = vec![Pull, Push, Delete, List];
+    let read = vec![Pull, List];
+    let write = vec![Pull, Push, List];
+    let none: Vec<Act> = vec![];
+    // (actor, package) → allowed actions.
+    let expect = |actor: &str, vis: &str| -> Vec<Act> {
+        match (actor, vis) {
+            // The linked package has no grants of its own: only its org owner and CI of its
+            // source repository reach it.
+            ("tadmin" | "tread" | "twrite" | "mem", "linked") => none.clone(),
+            ("alice", _) | ("tadmin", _) => everything.clone(),
+            ("alice-read", _) => read.clone(),
+            ("alice-write", _) => write.clone(),
+            ("alice-delete", _) => vec![Pull, Delete, List],
+            ("tread", _) => read.clone(),
+            ("twrite", _) => write.clone(),
+            ("mem", "public" | "internal") => read.clone(),
+            ("mallory" | "anonymous", "public") => read.clone(),
+            ("ci-src" | "ci-other", "public" | "internal") => read.clone(),
+            ("ci-src", "linked") => write.clone(),
+            _ => none.clone(),
+        }
+    };
+    let mut actors: Vec<&str> = tokens.keys().copied().collect();
+    actors.push("anonymous");
+    let mut failures = vec![];
+    for actor in actors {
+        for vis in ["private", "public", "internal", "linked"] {
+            let repo = if vis == "linked" { "acme/linked".to_string() } else { format!("acme/p-{vis}") };
+            let creds = tokens.get(actor).map(|t| ("x", t.as_str()));
+            let want = expect(actor, vis);
+            for act in [Pull, Push, Delete, List] {
+                let got = attempt(&s, creds, &repo, act).await;
+                if got != want.contains(&act) {
+                    failures.push(format!("{actor} {act:?} {repo}: allowed={got}, expected {}", !got));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "permission matrix mismatches:\n{}", failures.join("\n"));
+
+    // A CI token may create a package in its owner's namespace, which becomes linked...
+    let ci_c = client_with(Some(("ci", tokens["ci-src"].as_str())));
+    push_image(&ci_c, &s.url, "acme/ci-made", "v1", 7, &[10]).await;
+    let p = admin(&s, reqwest::Method::GET, "packages/acme/ci-made", None).await;
+    assert_eq!(p["source"], "acme/src");
+    // ...but not in another namespace.
+    assert!(!attempt(&s, Some(("ci", tokens["ci-src"].as_str())), "mallory/x", Push).await);
+
+    // Outsiders learn nothing: a private package and an absent one answer alike.
+    let m = client_with(Some(("mallory", tokens["mallory"].as_str())));
+    let a = m.get(format!("{}/v2/acme/p-private/manifests/v1", s.url)).send().await.unwrap();
+    let b = m.get(format!("{}/v2/acme/nothing-here/manifests/v1", s.url)).send().await.unwrap();
+    assert_eq!(a.status(), b.status());
+    assert_eq!(a.text().await.unwrap(), b.text().await.unwrap());
+    // The catalog and tag lists show only what the caller may read.
+    let cat: Value = m.get(format!("{}/v2/_catalog", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(cat["repositories"], json!(["acme/p-public"]));
+    let cat: Value =
+        client_with(None).get(format!("{}/v2/_catalog", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(cat["repositories"], json!(["acme/p-public"]));
+    let all: Value = admin_c.get(format!("{}/v2/_catalog", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(all["repositories"].as_array().unwrap().len(), 5);
+}
+
+/// A registry token for `scope`, fetched the way docker does (GET with Basic).
+async fn registry_token(s: &Server, creds: Option<(&str, &str)>, scope: &str) -> (u16, Value) {
+    let c = client_with(creds);
+    let r = c.get(format!("{}/token?service=berth&scope={scope}", s.url)).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The actions a token response's JWT grants on its first scope.
+fn granted(t: &Value) -> Vec<String> {
+    use base64::Engine as _;
+    let jwt = t["token"].as_str().unwrap();
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(jwt.split('.').nth(1).unwrap()).unwrap();
+    let claims: Value = serde_json::from_slice(&payload).unwrap();
+    claims["access"][0]["actions"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+fn bearer(t: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+    reqwest::Client::builder().default_headers(h).build().unwrap()
+}
+
+#[tokio::test]
+async fn token_auth_flow_and_attacks() {
+    let s = Server::start_with(&["--token-ttl-secs", "2"]);
+    let alice = user_with_token(&s, "alice", ALL, None).await;
+    let alice_c = client_with(Some(("alice", &alice)));
+    push_image(&alice_c, &s.url, "alice/app", "v1", 3, &[100]).await;
+    let manifest_url = format!("{}/v2/alice/app/manifests/v1", s.url);
+
+    // The challenge.
+    let r = client_with(None).get(format!("{}/v2/", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let ch = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert!(
+        ch.starts_with("Bearer realm=\"http://") && ch.contains("/token\"") && ch.contains("service=\"berth\""),
+        "{ch}"
+    );
+    let r = client_with(None).get(&manifest_url).send().await.unwrap();
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("scope=\"repository:alice/app:pull\""));
+
+    // GET with Basic, and the OAuth2 form POST; the token alone as password works too.
+    let (status, t) = registry_token(&s, Some(("alice", &alice)), "repository:alice/app:pull,push").await;
+    assert_eq!(status, 200);
+    let jwt = t["token"].as_str().unwrap().to_string();
+    assert_eq!(t["access_token"], t["token"]);
+    assert_eq!(bearer(&jwt).get(&manifest_url).send().await.unwrap().status(), 200);
+    let form = client_with(None)
+        .post(format!("{}/token", s.url))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "alice"),
+            ("password", alice.as_str()),
+            ("service", "berth"),
+            ("scope", "repository:alice/app:pull"),
+            ("client_id", "test"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 200);
+    let (status, _) = registry_token(&s, Some(("", &alice)), "repository:alice/app:pull").await;
+    assert_eq!(status, 200);
+    let (status, _) =
+        registry_token(&s, Some(("alice", "berth_pat_000000000000_wrong")), "repository:alice/app:pull").await;
+    assert_eq!(status, 401, "bad credentials are refused, not downgraded to anonymous");
+
+    // A changed signature.
+    let mut forged = jwt.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(bearer(&forged).get(&manifest_url).send().await.unwrap().status(), 401);
+    // Algorithm `none` with the same claims.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let claims = jwt.split('.').nth(1).unwrap();
+    let none = format!("{}.{claims}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#));
+    assert_eq!(bearer(&none).get(&manifest_url).send().await.unwrap().status(), 401);
+    // Claims edited to grant more, signature kept.
+    let mut c: Value = serde_json::from_slice(&b64.decode(claims).unwrap()).unwrap();
+    c["access"][0]["name"] = json!("bob/app");
+    let edited =
+        format!("{}.{}.{}", jwt.split('.').next().unwrap(), b64.encode(c.to_string()), jwt.split('.').nth(2).unwrap());
+    assert_eq!(bearer(&edited).get(format!("{}/v2/bob/app/manifests/v1", s.url)).send().await.unwrap().status(), 401);
+    // A token of another service (another registry with its own key).
+    let other = Server::start_with(&["--service", "other"]);
+    let other_alice = user_with_token(&other, "alice", ALL, None).await;
+    let t: Value = client_with(Some(("alice", &other_alice)))
+        .get(format!("{}/token?service=other&scope=repository:alice/app:pull", other.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let foreign = t["token"].as_str().unwrap();
+    assert_eq!(bearer(foreign).get(&manifest_url).send().await.unwrap().status(), 401);
+    let (status, _) = registry_token(&s, Some(("alice", &alice)), "repository:alice/app:pull").await;
+    assert_eq!(status, 200);
+    let r = client_with(Some(("alice", &alice)))
+        .get(format!("{}/token?service=other&scope=repository:alice/app:pull", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "tokens for another service are not issued");
+    // Expired: the test server's tokens live 2 s.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(bearer(&jwt).get(&manifest_url).send().await.unwrap().status(), 401);
+
+    // Asking for `*` or for another owner's repository grants nothing beyond what is allowed.
+    let mallory = user_with_token(&s, "mallory", ALL, None).await;
+    let (status, t) = registry_token(&s, Some(("mallory", &mallory)), "repository:alice/app:*").await;
+    assert_eq!(status, 200, "asking too much is never an error");
+    assert_eq!(granted(&t), Vec::<String>::new());
+    let r = bearer(t["token"].as_str().unwrap()).get(&manifest_url).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("insufficient_scope"));
+    let (_, t) = registry_token(&s, Some(("mallory", &mallory)), "repository:alice/app:pull,push,delete").await;
+    assert_eq!(granted(&t), Vec::<String>::new());
+    let (_, t) = registry_token(&s, Some(("alice", &alice)), "repository:alice/app:*").await;
+    assert_eq!(granted(&t), vec!["pull", "push", "delete"]);
+    // Anonymous tokens: pull on public packages only.
+    let (_, t) = registry_token(&s, None, "repository:alice/app:pull").await;
+    assert_eq!(bearer(t["token"].as_str().unwrap()).get(&manifest_url).send().await.unwrap().status(), 403);
+    admin(&s, reqwest::Method::PATCH, "packages/alice/app", Some(json!({"visibility": "public"}))).await;
+    let (_, t) = registry_token(&s, None, "repository:alice/app:pull,push").await;
+    let anon = bearer(t["token"].as_str().unwrap());
+    assert_eq!(anon.get(&manifest_url).send().await.unwrap().status(), 200);
+    assert_eq!(anon.post(format!("{}/v2/alice/app/blobs/uploads/", s.url)).send().await.unwrap().status(), 403);
+
+    // A read-only token cannot push; a deleted user's token stops working.
+    let ro = user_with_token(&s, "alice", &["read:packages"], None).await;
+    let r =
+        client_with(Some(("alice", &ro))).post(format!("{}/v2/alice/app/blobs/uploads/", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let (_, t) = registry_token(&s, Some(("alice", &ro)), "repository:alice/app:pull,push").await;
+    assert_eq!(granted(&t), vec!["pull"]);
+    let gone = user_with_token(&s, "gone", ALL, None).await;
+    admin(&s, reqwest::Method::DELETE, "admin/users/gone", None).await;
+    let (status, _) = registry_token(&s, Some(("gone", &gone)), "repository:gone/x:pull").await;
+    assert_eq!(status, 401);
+    // Non-admins cannot use the admin API.
+    let r = client_with(Some(("mallory", &mallory)))
+        .post(format!("{}/api/admin/users", s.url))
+        .json(&json!({"name": "evil"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Tokens record their last use.
+    let list = admin(&s, reqwest::Method::GET, "admin/users/alice/tokens", None).await;
+    assert!(list.as_array().unwrap().iter().any(|t| t["last_used_ms"].is_u64()), "{list}");
+}
+
+#[tokio::test]
+async fn admin_cli_manages_users_tokens_and_packages() {
+    let s = Server::start();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new(berth_tests::berth_bin())
+            .args(["admin", "--url", &s.url, "--token", berth_tests::ADMIN_TOKEN])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "berth admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["user", "create", "carol"]);
+    let t: Value =
+        serde_json::from_str(&cli(&["token", "create", "carol", "--scopes", "read:packages,write:packages"])).unwrap();
+    let token = t["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("berth_pat_"), "recognisable prefix: {token}");
+    let carol = client_with(Some(("carol", &token)));
+    push_image(&carol, &s.url, "carol/tool", "v1", 9, &[10]).await;
+    assert_eq!(
+        client_with(None).get(format!("{}/v2/carol/tool/manifests/v1", s.url)).send().await.unwrap().status(),
+        401
+    );
+    cli(&["package", "set", "carol/tool", "--visibility", "public"]);
+    assert_eq!(
+        client_with(None).get(format!("{}/v2/carol/tool/manifests/v1", s.url)).send().await.unwrap().status(),
+        200
+    );
+    let list: Value = serde_json::from_str(&cli(&["token", "list", "carol"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(list.to_string().find(&token[10..]).is_none(), "listing never shows secrets");
+    cli(&["token", "revoke", t["id"].as_str().unwrap()]);
+    let r = carol.get(format!("{}/v2/carol/tool/tags/list", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a revoked token stops working");
+    cli(&["org", "create", "orgx", "--owner", "carol"]);
+    cli(&["team", "create", "orgx", "devs"]);
+    cli(&["team", "member", "orgx", "devs", "carol"]);
+    cli(&["repo", "set", "orgx", "web", "--url", "https://git.example/orgx/web", "--grant", "team:orgx/devs=write"]);
+    let ci: Value = serde_json::from_str(&cli(&["repo", "ci-token", "orgx", "web"])).unwrap();
+    assert!(ci["token"].as_str().unwrap().starts_with("berth_ci_"));
+
+    // Grants inherited from the source repository, until inheritance is turned off.
+    cli(&["user", "create", "dan"]);
+    let t: Value = serde_json::from_str(&cli(&["token", "create", "dan", "--scopes", "write:packages"])).unwrap();
+    let dan = client_with(Some(("dan", t["token"].as_str().unwrap())));
+    cli(&["org", "member", "orgx", "dan", "member"]);
+    cli(&["team", "member", "orgx", "devs", "dan"]);
+    let carol = client_with(Some(("carol", &cli_token(&cli, "carol"))));
+    let cfg = berth_tests::push_blob(
+        &carol,
+        &s.url,
+        "orgx/site",
+        br#"{"config":{"Labels":{"org.opencontainers.image.source":"https://git.example/orgx/web"}}}"#,
+    )
+    .await;
+    let m = berth_tests::image_manifest((&cfg, 80), &[], "");
+    let r = carol
+        .put(format!("{}/v2/orgx/site/manifests/v1", s.url))
+        .header("content-type", OCI_MANIFEST)
+        .body(m)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let shown: Value = serde_json::from_str(&cli(&["package", "show", "orgx/site"])).unwrap();
+    assert_eq!(shown["source"], "orgx/web", "linked through the config's label");
+    assert_eq!(dan.post(format!("{}/v2/orgx/site/blobs/uploads/", s.url)).send().await.unwrap().status(), 202);
+    cli(&["package", "set", "orgx/site", "--inherit", "false"]);
+    assert_eq!(dan.post(format!("{}/v2/orgx/site/blobs/uploads/", s.url)).send().await.unwrap().status(), 403);
+}
+
+/// A new all-scope token for `user`, made with the CLI.
+fn cli_token(cli: &dyn Fn(&[&str]) -> String, user: &str) -> String {
+    let t: Value = serde_json::from_str(&cli(&[
+        "token",
+        "create",
+        user,
+        "--scopes",
+        "read:packages,write:packages,delete:packages",
+    ]))
+    .unwrap();
+    t["token"].as_str().unwrap().to_string()
+}
