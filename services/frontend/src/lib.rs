@@ -65,6 +65,8 @@ pub struct Registry {
     config: FrontendConfig,
     auth: auth::AuthConfig,
     manifests: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
+    /// Registry tokens already verified, by their text.
+    verified: quick_cache::sync::Cache<String, Arc<auth::Claims>>,
 }
 
 impl Registry {
@@ -76,9 +78,19 @@ impl Registry {
         auth: auth::AuthConfig,
     ) -> Arc<Registry> {
         let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
-        Arc::new(Registry { blobs, meta, config, auth, manifests })
+        Arc::new(Registry {
+            blobs,
+            meta,
+            config,
+            auth,
+            manifests,
+            verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
+        })
     }
 }
+
+/// Verified registry tokens remembered; each is a few hundred bytes.
+const VERIFIED_TOKENS: usize = 10_000;
 
 /// The HTTP application: the `/v2/` API.
 pub fn router(registry: Arc<Registry>) -> Router {
