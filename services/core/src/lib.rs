@@ -13,5 +13,10 @@ pub mod name;
 pub mod store;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
+
+/// The wall-clock time in milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 pub use error::{ErrorCode, RegistryError};
 pub use store::{BlobInfo, BlobStore, ByteStream, ManifestRecord, MetaStore, UploadSession};

@@ -14,8 +14,6 @@
 //!
 //! Callers authenticate with a personal access token (Basic, or `Authorization: Bearer`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::extract::Request;
 use axum::http::{header, Method, StatusCode};
 use axum::response::Response;
@@ -42,9 +40,7 @@ pub struct SourceHint {
 /// Largest config read for its labels.
 const MAX_CONFIG: u64 = 1024 * 1024;
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use berth_core::now_ms;
 
 /// Creates the package on its first push: private, and linked to the CI token's repository
 /// when a CI token creates it.

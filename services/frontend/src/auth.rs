@@ -52,9 +52,7 @@ fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn now_ms() -> u64 {
-    now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use berth_core::now_ms;
 
 // ---- tokens ---------------------------------------------------------------------------------
 

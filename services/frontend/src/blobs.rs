@@ -1,7 +1,5 @@
 //! Blob reads and deletes, and the upload protocol (monolithic, chunked, streamed, mount).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -149,9 +147,7 @@ fn upload_accepted(status: StatusCode, name: &str, id: &str, size: u64) -> Resul
     )
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use berth_core::now_ms;
 
 /// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session.
 pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) -> Result<Response, RegistryError> {

@@ -1,7 +1,5 @@
 //! Manifests, tags, the catalog and the referrers API.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
@@ -139,9 +137,7 @@ async fn read_manifest_body(req: Request) -> Result<Bytes, RegistryError> {
     Ok(buf.freeze())
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use berth_core::now_ms;
 
 /// `PUT /v2/<name>/manifests/<reference>[?tag=...]`.
 pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> Result<Response, RegistryError> {

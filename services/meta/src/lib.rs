@@ -17,7 +17,7 @@ pub mod state;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
@@ -135,9 +135,7 @@ fn unavailable(e: &dyn std::fmt::Display) -> RegistryError {
     RegistryError::new(ErrorCode::Unknown, format!("metadata write failed: {e}")).with_status(503)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use berth_core::now_ms;
 
 fn internal(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::internal(e)

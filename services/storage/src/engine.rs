@@ -79,9 +79,7 @@ fn internal(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::internal(e)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use berth_core::now_ms;
 
 fn too_big(limit: u64) -> RegistryError {
     RegistryError::new(ErrorCode::SizeInvalid, format!("blob exceeds the limit of {limit} bytes")).with_status(413)
