@@ -212,6 +212,22 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: &s
     )
 }
 
+/// `PUT /v2/<repo>/manifests/<reference>` of an OCI image manifest.
+pub async fn put_manifest(
+    c: &reqwest::Client,
+    url: &str,
+    repo: &str,
+    reference: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    c.put(format!("{url}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(body)
+        .send()
+        .await
+        .expect("push manifest")
+}
+
 /// Pushes a small image (config + layers of the given sizes) and tags it; returns the
 /// manifest's digest.
 pub async fn push_image(
@@ -231,13 +247,7 @@ pub async fn push_image(
     }
     let refs: Vec<(&str, usize)> = layers.iter().map(|(d, n)| (d.as_str(), *n)).collect();
     let m = image_manifest((&cd, config.len()), &refs, "");
-    let r = c
-        .put(format!("{url}/v2/{repo}/manifests/{tag}"))
-        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-        .body(m.clone())
-        .send()
-        .await
-        .expect("push manifest");
+    let r = put_manifest(c, url, repo, tag, m.clone()).await;
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
     digest(m.as_bytes())
 }

@@ -3,10 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use berth_tests::{client, client_with, push_image, Server};
+use berth_tests::{client, client_with, push_image, put_manifest, Server};
 use serde_json::{json, Value};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Admin API call as the site administrator; asserts success and returns the JSON answer.
 async fn admin(s: &Server, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
@@ -61,13 +59,7 @@ async fn attempt(s: &Server, creds: Option<(&str, &str)>, repo: &str, act: Act) 
             let admin = client();
             let body =
                 admin.get(format!("{}/v2/{repo}/manifests/v1", s.url)).send().await.unwrap().bytes().await.unwrap();
-            let put = admin
-                .put(format!("{}/v2/{repo}/manifests/{tag}", s.url))
-                .header("content-type", OCI_MANIFEST)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
+            let put = put_manifest(&admin, &s.url, &repo, &tag, body).await;
             assert_eq!(put.status(), 201);
             c.delete(format!("{}/v2/{repo}/manifests/{tag}", s.url)).send().await.unwrap()
         }
@@ -158,13 +150,7 @@ async fn permission_matrix() {
         &[],
         r#","annotations":{"org.opencontainers.image.source":"https://git.example/acme/src"}"#,
     );
-    let r = alice_c
-        .put(format!("{}/v2/acme/linked/manifests/v1", s.url))
-        .header("content-type", OCI_MANIFEST)
-        .body(linked)
-        .send()
-        .await
-        .unwrap();
+    let r = put_manifest(&alice_c, &s.url, "acme/linked", "v1", linked).await;
     assert_eq!(r.status(), 201);
     let p = admin(&s, reqwest::Method::GET, "packages/acme/linked", None).await;
     assert_eq!(p["source"], "acme/src", "the source annotation links the package");
@@ -447,13 +433,7 @@ async fn admin_cli_manages_users_tokens_and_packages() {
     )
     .await;
     let m = berth_tests::image_manifest((&cfg, 80), &[], "");
-    let r = carol
-        .put(format!("{}/v2/orgx/site/manifests/v1", s.url))
-        .header("content-type", OCI_MANIFEST)
-        .body(m)
-        .send()
-        .await
-        .unwrap();
+    let r = put_manifest(&carol, &s.url, "orgx/site", "v1", m).await;
     assert_eq!(r.status(), 201);
     let shown: Value = serde_json::from_str(&cli(&["package", "show", "orgx/site"])).unwrap();
     assert_eq!(shown["source"], "orgx/web", "linked through the config's label");

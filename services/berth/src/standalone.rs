@@ -37,7 +37,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     let registry = Registry::new(
         blobs.clone(),
         metas.clone(),
-        FrontendConfig { max_blob: config.max_blob, upload_timeout: config.upload_timeout, ..Default::default() },
+        FrontendConfig { max_blob: config.max_blob, ..Default::default() },
         AuthConfig { key, service: config.service.clone(), ttl: config.token_ttl },
     );
 

@@ -7,6 +7,7 @@
 //! registry's key) listing the granted actions per repository; frontends verify it locally.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -238,7 +239,7 @@ pub struct Caller {
     /// The identity.
     pub identity: Identity,
     /// With a registry token: exactly what it grants.
-    pub claims: Option<Claims>,
+    pub claims: Option<Arc<Claims>>,
     /// Whether any credentials came with the request.
     pub presented: bool,
 }
@@ -273,10 +274,10 @@ pub async fn caller(reg: &Registry, headers: &HeaderMap) -> Result<Caller, Regis
         // every request, and a lookup is far cheaper than HMAC and JSON each time.
         let now = secs(now());
         if let Some(claims) = reg.verified.get(t).filter(|c| c.exp > now) {
-            return Ok(Caller { identity: claims.identity(), claims: Some((*claims).clone()), presented: true });
+            return Ok(Caller { identity: claims.identity(), claims: Some(claims), presented: true });
         }
-        let claims = verify(&reg.auth, t)?;
-        reg.verified.insert(t.to_string(), std::sync::Arc::new(claims.clone()));
+        let claims = Arc::new(verify(&reg.auth, t)?);
+        reg.verified.insert(t.to_string(), claims.clone());
         return Ok(Caller { identity: claims.identity(), claims: Some(claims), presented: true });
     }
     if let Some(b) = auth.strip_prefix("Basic ").or_else(|| auth.strip_prefix("basic ")) {

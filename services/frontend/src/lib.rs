@@ -33,19 +33,13 @@ use routes::Route;
 pub struct FrontendConfig {
     /// Largest blob accepted, in bytes.
     pub max_blob: u64,
-    /// Idle time after which an upload session expires.
-    pub upload_timeout: Duration,
     /// Bytes of manifests kept in memory by digest.
     pub manifest_cache_bytes: u64,
 }
 
 impl Default for FrontendConfig {
     fn default() -> Self {
-        FrontendConfig {
-            max_blob: berth_core::store::DEFAULT_MAX_BLOB,
-            upload_timeout: berth_core::store::DEFAULT_UPLOAD_TIMEOUT,
-            manifest_cache_bytes: 16 * 1024 * 1024,
-        }
+        FrontendConfig { max_blob: berth_core::store::DEFAULT_MAX_BLOB, manifest_cache_bytes: 16 * 1024 * 1024 }
     }
 }
 
