@@ -36,6 +36,9 @@ pub struct Registry {
     tokens: Arc<Mutex<HashMap<String, String>>>,
 }
 
+/// Stands in the token table for "this registry wants Basic credentials on every request".
+const BASIC: &str = "\0basic";
+
 fn parse_challenge(v: &str) -> Option<HashMap<String, String>> {
     let rest = v.strip_prefix("Bearer ")?;
     let mut out = HashMap::new();
@@ -61,6 +64,11 @@ impl Registry {
     }
 
     /// Sends a request built by `build` (called again after authenticating), timing it as `kind`.
+    ///
+    /// Authenticates as docker does: the first request of a scope goes out anonymously; a 401
+    /// with a Bearer challenge makes it fetch a registry token for the scope (with the
+    /// credentials, if any) and use that token from then on. A Basic challenge makes it send
+    /// the credentials with every request.
     pub async fn send(
         &self,
         rec: &Recorder,
@@ -70,13 +78,7 @@ impl Registry {
     ) -> Result<Response> {
         let token = self.tokens.lock().map_err(|_| anyhow!("token lock"))?.get(scope).cloned();
         let start = Instant::now();
-        let mut req = build(&self.http);
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        } else if let (Some(u), Some(p)) = (&self.creds.username, &self.creds.token) {
-            req = req.basic_auth(u, Some(p));
-        }
-        let resp = req.send().await?;
+        let resp = self.authenticated(build(&self.http), token.as_deref()).send().await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             rec.record(kind, start.elapsed());
             return Ok(resp);
@@ -85,24 +87,42 @@ impl Registry {
             .headers()
             .get(header::WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_challenge)
-            .ok_or_else(|| anyhow!("401 without a Bearer challenge"))?;
-        let t = self.fetch_token(&challenge).await?;
+            .ok_or_else(|| anyhow!("401 without a challenge"))?
+            .to_string();
+        let t = if challenge.starts_with("Basic") {
+            BASIC.to_string()
+        } else {
+            let challenge = parse_challenge(&challenge).ok_or_else(|| anyhow!("unreadable challenge {challenge:?}"))?;
+            self.fetch_token(&challenge, scope).await?
+        };
         self.tokens.lock().map_err(|_| anyhow!("token lock"))?.insert(scope.to_string(), t.clone());
         let start = Instant::now();
-        let resp = build(&self.http).bearer_auth(t).send().await?;
+        let resp = self.authenticated(build(&self.http), Some(&t)).send().await?;
         rec.record(kind, start.elapsed());
         Ok(resp)
     }
 
-    async fn fetch_token(&self, ch: &HashMap<String, String>) -> Result<String> {
+    /// `req` with the scope's token: a registry token as Bearer, or the credentials as Basic.
+    fn authenticated(&self, req: RequestBuilder, token: Option<&str>) -> RequestBuilder {
+        match token {
+            Some(BASIC) => match (&self.creds.username, &self.creds.token) {
+                (Some(u), Some(p)) => req.basic_auth(u, Some(p)),
+                _ => req,
+            },
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// A registry token for `scope` from the challenge's realm. As docker does, it asks for
+    /// the scope the operation needs (a push needs `pull,push`), not the one the challenge
+    /// named (a HEAD before a push is challenged for `pull` only).
+    async fn fetch_token(&self, ch: &HashMap<String, String>, scope: &str) -> Result<String> {
         let realm = ch.get("realm").ok_or_else(|| anyhow!("challenge without realm"))?;
         let mut req = self.http.get(realm);
-        let mut q = vec![];
-        for k in ["service", "scope"] {
-            if let Some(v) = ch.get(k) {
-                q.push((k, v.clone()));
-            }
+        let mut q = vec![("scope", scope.to_string())];
+        if let Some(v) = ch.get("service") {
+            q.push(("service", v.clone()));
         }
         req = req.query(&q);
         if let (Some(u), Some(p)) = (&self.creds.username, &self.creds.token) {
@@ -195,14 +215,13 @@ impl Registry {
         let mut loc = self.start_upload(rec, repo).await?;
         match chunk {
             None => {
-                let body = reqwest::Body::wrap_stream(source.stream(0, total));
                 let r = self
-                    .http
-                    .patch(&loc)
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .header(header::CONTENT_LENGTH, total)
-                    .body(body)
-                    .send()
+                    .send(rec, "upload PATCH", &Self::push_scope(repo), |c| {
+                        c.patch(&loc)
+                            .header(header::CONTENT_TYPE, "application/octet-stream")
+                            .header(header::CONTENT_LENGTH, total)
+                            .body(reqwest::Body::wrap_stream(source.stream(0, total)))
+                    })
                     .await?;
                 if r.status() != StatusCode::ACCEPTED {
                     bail!("PATCH: {}", r.status());
@@ -215,15 +234,14 @@ impl Registry {
                 let mut off = 0;
                 while off < total {
                     let n = size.min(total - off);
-                    let body = reqwest::Body::wrap_stream(source.stream(off, n));
                     let r = self
-                        .http
-                        .patch(&loc)
-                        .header(header::CONTENT_TYPE, "application/octet-stream")
-                        .header(header::CONTENT_LENGTH, n)
-                        .header(header::CONTENT_RANGE, format!("{off}-{}", off + n - 1))
-                        .body(body)
-                        .send()
+                        .send(rec, "upload PATCH", &Self::push_scope(repo), |c| {
+                            c.patch(&loc)
+                                .header(header::CONTENT_TYPE, "application/octet-stream")
+                                .header(header::CONTENT_LENGTH, n)
+                                .header(header::CONTENT_RANGE, format!("{off}-{}", off + n - 1))
+                                .body(reqwest::Body::wrap_stream(source.stream(off, n)))
+                        })
                         .await?;
                     if r.status() != StatusCode::ACCEPTED {
                         bail!("PATCH at {off}: {}", r.status());
@@ -236,7 +254,9 @@ impl Registry {
             }
         }
         let put = Self::with_digest(&loc, d);
-        let r = self.http.put(&put).header(header::CONTENT_LENGTH, 0).send().await?;
+        let r = self
+            .send(rec, "upload PUT", &Self::push_scope(repo), |c| c.put(&put).header(header::CONTENT_LENGTH, 0))
+            .await?;
         if r.status() != StatusCode::CREATED {
             bail!("PUT upload: {}", r.status());
         }

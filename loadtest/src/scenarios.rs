@@ -193,6 +193,15 @@ pub async fn pull_image(reg: &Registry, rec: &Recorder, img: &Image) -> Result<u
     Ok(n)
 }
 
+/// Shows a failed operation's error: above the progress bar, or on stderr when there is none.
+fn report_error(bar: &ProgressBar, e: &anyhow::Error) {
+    if bar.is_hidden() {
+        eprintln!("error: {e:#}");
+    } else {
+        bar.println(format!("error: {e:#}"));
+    }
+}
+
 /// Runs `op` over items `0..n` with `workers` concurrent workers.
 async fn fan_out<F, Fut>(n: usize, workers: usize, bar: &ProgressBar, op: F) -> (u64, Duration)
 where
@@ -214,7 +223,7 @@ where
                 }
                 if let Err(e) = op(i).await {
                     if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                        bar.println(format!("error: {e:#}"));
+                        report_error(&bar, &e);
                     }
                 }
                 bar.inc(1);
@@ -250,7 +259,7 @@ where
                     }
                     Err(e) => {
                         if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                            bar.println(format!("error: {e:#}"));
+                            report_error(&bar, &e);
                         }
                     }
                 }

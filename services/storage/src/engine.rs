@@ -15,10 +15,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
+use crate::mapped::read_mapped;
 use crate::staging::{sync_dir, Staging};
 use crate::{INLINE_THRESHOLD, READ_CHUNK, WRITE_BUFFER};
 
@@ -141,10 +141,11 @@ impl StorageEngine {
     }
 
     /// The index entry of a blob, if stored.
+    ///
+    /// Index entries are tiny and hot, so the lookup runs on the calling task: a hop to the
+    /// blocking pool would cost more than the read.
     pub async fn entry(&self, digest: &Digest) -> Result<Option<BlobEntry>> {
-        let inner = self.inner.clone();
-        let key = digest.to_string();
-        blocking(move || inner.entry(&key)).await
+        self.inner.entry(&digest.to_string())
     }
 
     /// Recomputes a stored blob's BLAKE3 and compares it with the index: `Some(true)` when
@@ -409,12 +410,34 @@ impl BlobStore for StorageEngine {
                 Ok(futures::stream::once(async move { Ok(part) }).boxed())
             }
             Location::File => {
-                let mut file = tokio::fs::File::open(self.inner.blob_path(digest)).await.map_err(internal)?;
-                if first > 0 {
-                    file.seek(io::SeekFrom::Start(first)).await.map_err(internal)?;
-                }
-                let reader = file.take(last + 1 - first);
-                Ok(tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK).boxed())
+                let path = self.inner.blob_path(digest);
+                let size = entry.size;
+                let file = blocking(move || {
+                    let file = fs::File::open(path).map_err(internal)?;
+                    // A map past the end of a file faults; a blob file shorter than its entry
+                    // was damaged outside Berth.
+                    if file.metadata().map_err(internal)?.len() < size {
+                        return Err(internal(format!("blob file of {size} bytes is short")));
+                    }
+                    Ok(file)
+                })
+                .await?;
+                let file = Arc::new(file);
+                let end = last + 1;
+                // Chunks go out in order, each mapped on the blocking pool while the one before
+                // it is being sent.
+                let chunks = (first..end).step_by(READ_CHUNK).map(move |o| (o, (end - o).min(READ_CHUNK as u64)));
+                Ok(futures::stream::iter(chunks)
+                    .map(move |(offset, len)| {
+                        let file = file.clone();
+                        async move {
+                            tokio::task::spawn_blocking(move || read_mapped(&file, offset, len as usize))
+                                .await
+                                .map_err(io::Error::other)?
+                        }
+                    })
+                    .buffered(2)
+                    .boxed())
             }
         }
     }

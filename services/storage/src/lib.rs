@@ -24,6 +24,7 @@
 //! from the staged file when the session is next touched.
 
 mod engine;
+mod mapped;
 mod staging;
 
 pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};
@@ -37,6 +38,7 @@ pub const INLINE_THRESHOLD: u64 = 256 * 1024;
 /// enough that the hop to the pool is negligible next to hashing, small enough to bound memory.
 pub const WRITE_BUFFER: usize = 1024 * 1024;
 
-/// Size of the chunks a blob file is read and sent in: each read is one hop to the blocking
-/// pool, so large reads keep the hops rare; bounded, so a pull's memory stays small.
+/// Size of the chunks a blob file is sent in. Each chunk's pages are faulted in by one hop to
+/// the blocking pool, so large chunks keep the hops rare; the bytes stay in the page cache
+/// (the file is memory-mapped), so a pull's memory does not grow with the chunk size.
 pub const READ_CHUNK: usize = 1024 * 1024;

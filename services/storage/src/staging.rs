@@ -35,7 +35,15 @@ pub(crate) struct Staging {
     pub touched: SystemTime,
     sha256: DigestHasher,
     blake3: blake3::Hasher,
+    /// Bytes of the file whose writeback has been started (see [`WRITEBACK_STEP`]).
+    written_back: u64,
 }
+
+/// Bytes written to a staging file between two starts of their writeback. The kernel would
+/// otherwise hold a large upload's pages dirty until the final fsync, which then waits for the
+/// whole blob to reach the disk; started early, the disk writes while the network delivers and
+/// the fsync finds little left to do.
+const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 
 /// Hash state saved before an append, to undo it if the request fails part way.
 pub(crate) struct Mark {
@@ -56,6 +64,7 @@ impl Staging {
             touched: SystemTime::now(),
             sha256: Algorithm::Sha256.hasher(),
             blake3: blake3::Hasher::new(),
+            written_back: 0,
         }
     }
 
@@ -69,7 +78,17 @@ impl Staging {
             blake3.update(b);
         })?;
         let touched = file.metadata().and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
-        Ok(Staging { path, file: Some(file), memory: Vec::new(), budget, size, touched, sha256, blake3 })
+        Ok(Staging {
+            path,
+            file: Some(file),
+            memory: Vec::new(),
+            budget,
+            size,
+            touched,
+            sha256,
+            blake3,
+            written_back: 0,
+        })
     }
 
     /// The state to return to if the next appends must be undone.
@@ -80,7 +99,10 @@ impl Staging {
     /// Undoes every append since `mark`.
     pub fn rollback(&mut self, mark: Mark) -> io::Result<()> {
         match &self.file {
-            Some(f) => f.set_len(mark.size)?,
+            Some(f) => {
+                f.set_len(mark.size)?;
+                self.written_back = self.written_back.min(mark.size);
+            }
             None => {
                 let drop = self.memory.len() as u64 - mark.size;
                 self.memory.truncate(mark.size as usize);
@@ -114,6 +136,10 @@ impl Staging {
         }
         if let Some(f) = &mut self.file {
             f.write_all(buf)?;
+            if grown - self.written_back >= WRITEBACK_STEP {
+                start_writeback(f, self.written_back, grown - self.written_back);
+                self.written_back = grown;
+            }
         }
         self.size = grown;
         self.touched = SystemTime::now();
@@ -207,6 +233,18 @@ fn hash_file(file: &mut File, mut feed: impl FnMut(&[u8])) -> io::Result<u64> {
         }
         feed(&buf[..n]);
         total += n as u64;
+    }
+}
+
+/// Asks the kernel to start writing `len` bytes of `file` from `offset` to the disk, without
+/// waiting for them. Durability still comes from the fsync at commit; this only moves the work
+/// earlier. Failure is harmless (the fsync then does all of it), so it is ignored.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for
+    // the duration of the call because `file` is borrowed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
