@@ -14,7 +14,8 @@
 //! [`INLINE_THRESHOLD`] bytes (manifests, configs, small layers) live inside RocksDB instead: one
 //! synced write batch makes them durable, and RocksDB's WAL group commit fsyncs many concurrent
 //! small pushes together, where a file each would cost a file and a directory fsync each.
-//! Deleting an inline blob is a RocksDB delete; compaction reclaims the space.
+//! Deleting an inline blob is a RocksDB delete; once [`RECLAIM_AFTER`] bytes of them are
+//! deleted, a compaction with blob GC rewrites the blob files without them.
 //!
 //! # Durability and visibility
 //! A blob is visible only through its index entry, and the entry is written (synced) only
@@ -33,6 +34,9 @@ pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};
 /// small layers stay below this; above it a blob gets a file of its own, whose rename-based
 /// commit avoids copying its bytes.
 pub const INLINE_THRESHOLD: u64 = 256 * 1024;
+
+/// Bytes of deleted inline blobs after which a compaction reclaims their space.
+pub const RECLAIM_AFTER: u64 = 64 * 1024 * 1024;
 
 /// Bytes gathered from the network before one hash-and-write step on the blocking pool: big
 /// enough that the hop to the pool is negligible next to hashing, small enough to bound memory.

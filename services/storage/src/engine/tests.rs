@@ -152,3 +152,49 @@ async fn idle_uploads_expire_and_bad_ids_are_unknown() {
     let err = e.upload_append("../../etc", None, body(vec![]), 10).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
 }
+
+/// Bytes of the inline column family's blob files on disk.
+fn blob_file_bytes(dir: &std::path::Path) -> u64 {
+    fs::read_dir(dir.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".blob"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum()
+}
+
+#[tokio::test]
+async fn deleted_inline_blobs_give_their_space_back() {
+    let (d, e) = engine();
+    // More than RECLAIM_AFTER bytes of inline blobs, each a different content.
+    let n = (RECLAIM_AFTER / INLINE_THRESHOLD) as usize + 8;
+    let mut digests = vec![];
+    for i in 0..n {
+        let mut bytes = data(INLINE_THRESHOLD as usize);
+        bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let digest = Digest::sha256_of(&bytes);
+        e.put_small(&digest, Bytes::from(bytes)).await.unwrap();
+        digests.push(digest);
+    }
+    let cf = e.inner.cf(CF_INLINE).unwrap();
+    e.inner.db.flush_cf(cf).unwrap();
+    let before = blob_file_bytes(d.path());
+    assert!(before >= RECLAIM_AFTER, "inline blobs were written to blob files: {before} bytes");
+    // Keep the last one; deleting the rest passes the threshold and starts a reclaim.
+    let (keep, gone) = digests.split_last().unwrap();
+    for g in gone {
+        assert!(e.delete(g).await.unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = blob_file_bytes(d.path());
+        if now < 4 * INLINE_THRESHOLD && !e.inner.reclaiming.load(Ordering::Acquire) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {now} bytes of blob files after deleting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What was kept is intact, what was deleted is gone.
+    assert_eq!(e.scrub(keep).await.unwrap(), Some(true));
+    assert_eq!(e.stat(&gone[0]).await.unwrap(), None);
+}
