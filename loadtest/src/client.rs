@@ -174,6 +174,18 @@ impl Registry {
         format!("{loc}{sep}digest={d}")
     }
 
+    /// Ends an upload at `loc` with `PUT ?digest=`, expecting `201 Created`.
+    async fn finish_upload(&self, rec: &Recorder, repo: &str, loc: &str, d: &str) -> Result<()> {
+        let put = Self::with_digest(loc, d);
+        let r = self
+            .send(rec, "upload PUT", &Self::push_scope(repo), |c| c.put(&put).header(header::CONTENT_LENGTH, 0))
+            .await?;
+        if r.status() != StatusCode::CREATED {
+            bail!("PUT upload: {}", r.status());
+        }
+        Ok(())
+    }
+
     /// Uploads a blob the way docker does: POST, one PATCH with the whole body, PUT ?digest=.
     pub async fn push_blob(&self, rec: &Recorder, repo: &str, d: &str, data: Bytes) -> Result<()> {
         let loc = self.start_upload(rec, repo).await?;
@@ -191,14 +203,7 @@ impl Registry {
         }
         let loc =
             r.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()).map(|l| self.absolute(l)).unwrap_or(loc);
-        let put = Self::with_digest(&loc, d);
-        let r = self
-            .send(rec, "upload PUT", &Self::push_scope(repo), |c| c.put(&put).header(header::CONTENT_LENGTH, 0))
-            .await?;
-        if r.status() != StatusCode::CREATED {
-            bail!("PUT upload: {}", r.status());
-        }
-        Ok(())
+        self.finish_upload(rec, repo, &loc, d).await
     }
 
     /// Uploads a large blob produced by `chunks` (called per attempt), either as one streamed
@@ -253,14 +258,7 @@ impl Registry {
                 }
             }
         }
-        let put = Self::with_digest(&loc, d);
-        let r = self
-            .send(rec, "upload PUT", &Self::push_scope(repo), |c| c.put(&put).header(header::CONTENT_LENGTH, 0))
-            .await?;
-        if r.status() != StatusCode::CREATED {
-            bail!("PUT upload: {}", r.status());
-        }
-        Ok(())
+        self.finish_upload(rec, repo, &loc, d).await
     }
 
     /// Pushes a manifest by tag.
