@@ -221,6 +221,14 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("{} {} r{round}", name(scenario), target.registry.url));
+        // Each round starts on a quiet disk: what the previous round left unsynced (a registry
+        // that does not fsync leaves much) is written back now, not during the next round,
+        // where the next registry's fsyncs would wait behind it.
+        tokio::task::spawn_blocking(|| {
+            // SAFETY: sync(2) takes no arguments and cannot fail.
+            unsafe { libc::sync() }
+        })
+        .await?;
         let fut = run_once(scenario, &target.registry, &target.recorder, &params, round, &bar);
         let work = match tokio::time::timeout(Duration::from_secs(cli.max_seconds), fut).await {
             Ok(w) => w.with_context(|| format!("{} against {}", name(scenario), target.registry.url))?,
