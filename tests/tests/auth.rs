@@ -454,3 +454,22 @@ fn cli_token(cli: &dyn Fn(&[&str]) -> String, user: &str) -> String {
     .unwrap();
     t["token"].as_str().unwrap().to_string()
 }
+
+/// A bad start-up argument (a bootstrap token too short to be safe) ends `berth` with a
+/// one-line error and a failing exit code, also when RUST_BACKTRACE asks for stack traces.
+#[test]
+fn bad_bootstrap_token_is_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(berth_tests::berth_bin())
+        .args(["standalone", "--listen", "127.0.0.1:0", "--bootstrap-admin", "admin:short"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("berth: ") && lines[0].contains("8"), "{err}");
+}

@@ -7,7 +7,8 @@ mod admin;
 mod config;
 mod standalone;
 
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 /// Berth, a self-hosted OCI container registry cluster.
@@ -38,7 +39,19 @@ fn bound_allocator_memory() {
     }
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line on stderr (the error and its causes), not anyhow's
+/// debug form, which prints a stack trace whenever `RUST_BACKTRACE` is set.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
