@@ -4,11 +4,14 @@
 # berth-loadtest run against both with --compare (Berth first, so ratios read Berth ÷ reference).
 #
 # Usage: loadtest/bench.sh [extra berth-loadtest flags...]   (e.g. --images 100 --duration 5)
-# Needs: docker-registry (apt), a release build (cargo build --release --workspace).
+# Needs: docker-registry (apt). Builds the release binaries first (set CARGO_TARGET_DIR as for
+# the tests, e.g. ~/.cache/berth-target, to share their build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target="${CARGO_TARGET_DIR:-target}/release"
-[ -x "$target/berth" ] && [ -x "$target/berth-loadtest" ] || cargo build --release --workspace
+# Always build (a no-op when up to date), so the benchmark never runs stale binaries, and ask
+# cargo where they are: CARGO_TARGET_DIR, a config file or ./target, whichever applies.
+cargo build --release --workspace --quiet
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
 command -v docker-registry >/dev/null || { echo "docker-registry is not installed (apt-get install docker-registry)"; exit 1; }
 
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.bench.XXXXXX")

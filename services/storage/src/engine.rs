@@ -19,6 +19,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
 use crate::mapped::read_mapped;
+use crate::segment::Segments;
 use crate::staging::{sync_dir, Staging};
 use crate::{INLINE_THRESHOLD, READ_CHUNK, RECLAIM_AFTER, WRITE_BUFFER};
 
@@ -35,10 +36,23 @@ pub struct StorageConfig {
 /// Where a blob's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Location {
-    /// In the `inline` column family, under the same key.
+    /// In the `inline` column family, under the same key: where small blobs went before
+    /// segments. Still read, deleted and reclaimed; no longer written.
     Inline,
     /// In its own file under `blobs/`.
     File,
+    /// In segment file `segments/<segment>.seg`, `offset` bytes in.
+    Segment {
+        /// The segment's id.
+        segment: u32,
+        /// Where the blob's bytes start.
+        offset: u64,
+    },
+}
+
+/// Key (in the `blobs` column family, beside digests) of a segment's count of deleted bytes.
+fn dead_key(segment: u32) -> String {
+    format!("~dead/{segment:08}")
 }
 
 /// The index entry of one verified blob.
@@ -74,6 +88,13 @@ struct Inner {
     deleted_inline: AtomicU64,
     /// Whether a reclaiming compaction is running.
     reclaiming: AtomicBool,
+    /// Small blobs (see [`crate::segment`]).
+    segments: Segments,
+    /// Held while deleting a segment blob or moving a compacted segment's live blobs, so that
+    /// neither undoes the other's index writes.
+    segment_index: Mutex<()>,
+    /// Whether a segment compaction is running.
+    compacting: AtomicBool,
     uploads: Mutex<HashMap<String, Arc<AsyncMutex<Slot>>>>,
     /// Bytes of uploads staged in memory (see [`Staging`]).
     staged_in_memory: Arc<AtomicU64>,
@@ -141,12 +162,16 @@ impl StorageEngine {
             ColumnFamilyDescriptor::new(CF_INLINE, inline_opts),
         ];
         let db = DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
+        let segments = Segments::open(dir.join("segments"))?;
         Ok(StorageEngine {
             inner: Arc::new(Inner {
                 dir,
                 db,
                 deleted_inline: AtomicU64::new(0),
                 reclaiming: AtomicBool::new(false),
+                segments,
+                segment_index: Mutex::new(()),
+                compacting: AtomicBool::new(false),
                 uploads: Mutex::new(HashMap::new()),
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
             }),
@@ -173,12 +198,12 @@ impl StorageEngine {
             };
             let mut h = blake3::Hasher::new();
             match entry.location {
-                Location::Inline => {
-                    let data = inner.inline(&key)?.unwrap_or_default();
-                    h.update(&data);
-                }
                 Location::File => {
                     h.update_reader(fs::File::open(inner.blob_path(&digest)).map_err(internal)?).map_err(internal)?;
+                }
+                _ => {
+                    let Some(data) = inner.small_bytes(&key)? else { return Ok(None) };
+                    h.update(&data);
                 }
             }
             Ok(Some(*h.finalize().as_bytes() == entry.blake3))
@@ -355,6 +380,99 @@ impl Inner {
         self.db.get_cf(self.cf(CF_INLINE)?, key).map_err(internal)
     }
 
+    /// The bytes of a small blob (inline or in a segment) by its key, `None` if not stored.
+    /// A segment read can race with the segment's compaction; the entry is then looked up
+    /// again and names the blob's new place.
+    fn small_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        for _ in 0..3 {
+            let Some(entry) = self.entry(key)? else { return Ok(None) };
+            match entry.location {
+                Location::Inline => return self.inline(key)?.ok_or_else(|| internal("inline bytes missing")).map(Some),
+                Location::Segment { segment, offset } => match self.segments.read(segment, offset, entry.size) {
+                    Ok(data) => return Ok(Some(data)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(internal(e)),
+                },
+                Location::File => return Err(internal("not a small blob")),
+            }
+        }
+        Err(internal(format!("blob {key} kept moving while being read")))
+    }
+
+    /// Deletes a segment blob's entry and counts its bytes dead in its segment; compacts the
+    /// segment once half of it is dead.
+    fn delete_from_segment(self: &Arc<Self>, key: &str) -> Result<bool> {
+        let _g = self.segment_index.lock().map_err(internal)?;
+        let Some(entry) = self.entry(key)? else { return Ok(false) };
+        let Location::Segment { segment, .. } = entry.location else {
+            return Err(internal("not a segment blob"));
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_BLOBS)?, key);
+        self.count_dead(batch, segment, entry.size)?;
+        Ok(true)
+    }
+
+    /// Writes `batch` (synced) with `bytes` more counted dead in `segment`, and starts the
+    /// segment's compaction once half of it is dead. The caller holds `segment_index`.
+    fn count_dead(self: &Arc<Self>, mut batch: WriteBatch, segment: u32, bytes: u64) -> Result<()> {
+        let blobs = self.cf(CF_BLOBS)?;
+        let dead = match self.db.get_cf(blobs, dead_key(segment)).map_err(internal)? {
+            Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().map_err(internal)?),
+            _ => 0,
+        } + bytes;
+        batch.put_cf(blobs, dead_key(segment), dead.to_le_bytes());
+        self.synced_write(batch)?;
+        let size = self.segments.size(segment).unwrap_or(0);
+        if segment != self.segments.active_id()
+            && dead * 2 >= size
+            && !self.compacting.swap(true, Ordering::AcqRel)
+        {
+            let inner = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = inner.compact_segment(segment) {
+                    tracing::warn!(error = %e, segment, "compacting a segment");
+                }
+                inner.compacting.store(false, Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves the live blobs of sealed segment `segment` to the active one, points their
+    /// entries there and deletes the segment.
+    fn compact_segment(&self, segment: u32) -> Result<()> {
+        let mut moved = vec![];
+        for rec in self.segments.records(segment).map_err(internal)? {
+            let live = matches!(self.entry(&rec.key)?,
+                Some(BlobEntry { location: Location::Segment { segment: s, offset }, .. }) if s == segment && offset == rec.offset);
+            if live {
+                let data = self.segments.read(segment, rec.offset, rec.len).map_err(internal)?;
+                let (s, offset) = self.segments.append(&rec.key, &data).map_err(internal)?;
+                moved.push((rec.key, rec.offset, Location::Segment { segment: s, offset }));
+            }
+        }
+        let _g = self.segment_index.lock().map_err(internal)?;
+        let blobs = self.cf(CF_BLOBS)?;
+        let mut batch = WriteBatch::default();
+        let mut kept = 0u64;
+        for (key, old, new) in &moved {
+            // A blob deleted while it was being copied stays deleted.
+            if let Some(mut e) = self.entry(key)? {
+                if e.location == (Location::Segment { segment, offset: *old }) {
+                    kept += e.size;
+                    e.location = *new;
+                    batch.put_cf(blobs, key, bincode::serialize(&e).map_err(internal)?);
+                }
+            }
+        }
+        batch.delete_cf(blobs, dead_key(segment));
+        self.synced_write(batch)?;
+        self.segments.remove(segment).map_err(internal)?;
+        tracing::info!(segment, live_bytes = kept, "compacted a segment");
+        Ok(())
+    }
+
     /// Rewrites the inline column family with blob GC on, so that blob files holding deleted
     /// blobs are rewritten without them and their space returns to the disk.
     fn reclaim_inline_space(&self) -> Result<()> {
@@ -380,18 +498,27 @@ impl Inner {
     }
 
     /// Makes verified staged bytes a durable blob (see the crate docs for the order of steps).
-    fn commit(&self, mut st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<u64> {
+    fn commit(self: &Arc<Self>, mut st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<u64> {
         let key = digest.to_string();
         let size = st.size;
         if let Some(existing) = self.entry(&key)? {
             st.discard();
             return Ok(existing.size);
         }
-        let mut entry = BlobEntry { size, blake3: checksum, created_at_ms: now_ms(), location: Location::Inline };
+        let mut entry = BlobEntry { size, blake3: checksum, created_at_ms: now_ms(), location: Location::File };
         let mut batch = WriteBatch::default();
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
-            batch.put_cf(self.cf(CF_INLINE)?, &key, data);
+            let (segment, offset) = self.segments.append(&key, &data).map_err(internal)?;
+            // The same blob pushed twice at once (CI jobs sharing a base layer) is appended
+            // twice; the later copy is counted dead so that compaction reclaims it.
+            if let Some(existing) = self.entry(&key)? {
+                let _g = self.segment_index.lock().map_err(internal)?;
+                self.count_dead(WriteBatch::default(), segment, size)?;
+                st.discard();
+                return Ok(existing.size);
+            }
+            entry.location = Location::Segment { segment, offset };
         } else {
             st.sync().map_err(internal)?;
             let path = self.blob_path(digest);
@@ -404,11 +531,10 @@ impl Inner {
             }
             fs::rename(&st.path, &path).map_err(internal)?;
             sync_dir(parent).map_err(internal)?;
-            entry.location = Location::File;
         }
         batch.put_cf(self.cf(CF_BLOBS)?, &key, bincode::serialize(&entry).map_err(internal)?);
         self.synced_write(batch)?;
-        if entry.location == Location::Inline {
+        if entry.location != Location::File {
             st.discard();
         }
         Ok(size)
@@ -430,11 +556,12 @@ impl BlobStore for StorageEngine {
             return Ok(futures::stream::empty().boxed());
         }
         match entry.location {
-            Location::Inline => {
+            Location::Inline | Location::Segment { .. } => {
                 let inner = self.inner.clone();
                 let key = digest.to_string();
-                let data =
-                    blocking(move || inner.inline(&key)).await?.ok_or_else(|| internal("inline bytes missing"))?;
+                let data = blocking(move || inner.small_bytes(&key))
+                    .await?
+                    .ok_or_else(|| RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()))?;
                 let data = Bytes::from(data);
                 let end = (last as usize + 1).min(data.len());
                 let part = data.slice((first as usize).min(end)..end);
@@ -485,8 +612,11 @@ impl BlobStore for StorageEngine {
                 return Err(internal(format!("blob {key} is larger than {limit} bytes")));
             }
             let data = match entry.location {
-                Location::Inline => inner.inline(&key)?.ok_or_else(|| internal("inline bytes missing"))?,
                 Location::File => fs::read(inner.blob_path(&digest)).map_err(internal)?,
+                _ => match inner.small_bytes(&key)? {
+                    Some(d) => d,
+                    None => return Ok(None),
+                },
             };
             Ok(Some(Bytes::from(data)))
         })
@@ -665,6 +795,9 @@ impl BlobStore for StorageEngine {
             let Some(entry) = inner.entry(&key)? else {
                 return Ok(false);
             };
+            if let Location::Segment { .. } = entry.location {
+                return inner.delete_from_segment(&key);
+            }
             let mut batch = WriteBatch::default();
             batch.delete_cf(inner.cf(CF_BLOBS)?, &key);
             if entry.location == Location::Inline {

@@ -2,37 +2,42 @@
 //!
 //! # Layout of a node's directory
 //! - `index/`: RocksDB. Column family `blobs` maps a digest to a [`BlobEntry`] (size, BLAKE3
-//!   checksum, creation time, where the bytes are); column family `inline` holds the bytes of
-//!   small blobs.
+//!   checksum, creation time, where the bytes are) and holds each segment's count of deleted
+//!   bytes; column family `inline` holds small blobs stored before segments existed.
+//! - `segments/<id>.seg`: small blobs back to back (see the `segment` module).
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: one file per large blob.
 //! - `uploads/<id>`: one append-only staging file per upload session.
 //!
-//! # Why one file per large blob and small blobs inline
+//! # Why one file per large blob and segments for small ones
 //! Layers are written once, read many times and deleted whole. A file per blob lets deletion
-//! reclaim space at once (unlink) with no shard compaction to schedule, and lets a finished
-//! upload become a blob by a rename, so its bytes are written exactly once. Blobs of at most
-//! [`INLINE_THRESHOLD`] bytes (manifests, configs, small layers) live inside RocksDB instead: one
-//! synced write batch makes them durable, and RocksDB's WAL group commit fsyncs many concurrent
-//! small pushes together, where a file each would cost a file and a directory fsync each.
-//! Deleting an inline blob is a RocksDB delete; once [`RECLAIM_AFTER`] bytes of them are
-//! deleted, a compaction with blob GC rewrites the blob files without them.
+//! reclaim space at once (unlink) with no compaction to schedule, and lets a finished upload
+//! become a blob by a rename, so its bytes are written exactly once. Blobs of at most
+//! [`INLINE_THRESHOLD`] bytes (manifests, configs, small layers) are appended to a shared
+//! segment instead: concurrent small pushes share one `fdatasync` (group commit) and no inode
+//! is created per blob. Their bytes are also written once: kept in RocksDB they went to the
+//! WAL and again to a blob file at memtable flush, which on a push of many 256 KiB layers
+//! wrote twice the pushed bytes and took more CPU in copies than hashing did. Deleting a
+//! segment blob counts its bytes dead in its segment; once half of a sealed segment is dead,
+//! its live blobs move to the active segment and the file is deleted. Inline blobs of older
+//! nodes are still served; once [`RECLAIM_AFTER`] bytes of them are deleted, a compaction
+//! with blob GC rewrites the blob files without them.
 //!
 //! # Durability and visibility
 //! A blob is visible only through its index entry, and the entry is written (synced) only
-//! after the digest matched and the bytes were fsynced (file and directory, or in the same WAL
-//! write for inline blobs). A crash at any point leaves either no entry (nothing served) or a
-//! complete, verified blob. Staged uploads survive a restart: their hash state is rebuilt
+//! after the digest matched and the bytes were fsynced (file and directory, or the segment).
+//! A crash at any point leaves either no entry (nothing served) or a complete, verified blob. Staged uploads survive a restart: their hash state is rebuilt
 //! from the staged file when the session is next touched.
 
 mod engine;
 mod mapped;
+mod segment;
 mod staging;
 
 pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};
 
-/// Largest blob kept inline in RocksDB. Images' configs and manifests are a few KiB and many
-/// small layers stay below this; above it a blob gets a file of its own, whose rename-based
-/// commit avoids copying its bytes.
+/// Largest blob kept in a segment. Images' configs and manifests are a few KiB and many small
+/// layers stay below this; above it a blob gets a file of its own, whose rename-based commit
+/// avoids copying its bytes.
 pub const INLINE_THRESHOLD: u64 = 256 * 1024;
 
 /// Bytes of deleted inline blobs after which a compaction reclaims their space.

@@ -153,6 +153,85 @@ async fn idle_uploads_expire_and_bad_ids_are_unknown() {
     assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
 }
 
+/// Bytes of segment files on disk.
+fn segment_bytes(dir: &std::path::Path) -> u64 {
+    fs::read_dir(dir.join("segments")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+fn distinct(i: u64, n: usize) -> (Digest, Vec<u8>) {
+    let mut bytes = data(n);
+    bytes[..8].copy_from_slice(&i.to_le_bytes());
+    (Digest::sha256_of(&bytes), bytes)
+}
+
+#[tokio::test]
+async fn small_blobs_share_segments_and_deleted_ones_give_space_back() {
+    let (d, e) = engine();
+    // Enough small blobs to fill more than one segment, pushed concurrently as a CI fleet
+    // would, so appends and their group-committed flushes interleave.
+    let n = (crate::segment::SEGMENT_SIZE / INLINE_THRESHOLD) as usize + 40;
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..n).map(|i| distinct(i as u64, INLINE_THRESHOLD as usize)).collect();
+    futures::stream::iter(blobs.iter().cloned())
+        .for_each_concurrent(16, |(digest, bytes)| {
+            let e = e.clone();
+            async move { e.put_small(&digest, Bytes::from(bytes)).await.unwrap() }
+        })
+        .await;
+    let first = fs::read_dir(d.path().join("segments")).unwrap().count();
+    assert!(first >= 2, "{n} blobs of {INLINE_THRESHOLD} bytes fill more than one segment: {first}");
+    for (digest, bytes) in &blobs {
+        assert!(matches!(e.entry(digest).await.unwrap().unwrap().location, Location::Segment { .. }));
+        assert_eq!(&collect(e.read(digest, None).await.unwrap()).await, bytes);
+    }
+    // Deleting all but the last blob leaves the sealed segments mostly dead: they are compacted
+    // away and only the kept blob's bytes and the active segment stay.
+    let before = segment_bytes(d.path());
+    let (keep, gone) = blobs.split_last().unwrap();
+    for (g, _) in gone {
+        assert!(e.delete(g).await.unwrap());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = segment_bytes(d.path());
+        if now < before / 2 && !e.inner.compacting.load(Ordering::Acquire) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {now} of {before} bytes of segments after deleting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(e.scrub(&keep.0).await.unwrap(), Some(true));
+    assert_eq!(collect(e.read(&keep.0, Some((5, 20))).await.unwrap()).await, keep.1[5..=20].to_vec());
+    assert_eq!(e.stat(&gone[0].0).await.unwrap(), None);
+    assert!(e.read(&gone[0].0, None).await.is_err());
+    // What is left survives a restart, and new blobs append after it.
+    drop(e);
+    let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
+    assert_eq!(e.scrub(&keep.0).await.unwrap(), Some(true));
+    let (late, bytes) = distinct(u64::MAX, 1000);
+    e.put_small(&late, Bytes::from(bytes.clone())).await.unwrap();
+    assert_eq!(e.read_small(&late, 4096).await.unwrap().unwrap(), bytes);
+    assert_eq!(e.scrub(&keep.0).await.unwrap(), Some(true));
+}
+
+#[tokio::test]
+async fn torn_segment_tail_is_skipped_after_a_crash() {
+    let (d, e) = engine();
+    let (a, bytes) = distinct(1, 5000);
+    e.put_small(&a, Bytes::from(bytes.clone())).await.unwrap();
+    drop(e);
+    // A crash mid-append leaves part of a record that no index entry names.
+    let seg = fs::read_dir(d.path().join("segments")).unwrap().next().unwrap().unwrap().path();
+    let mut f = fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, b"BSG1\x47\x00\x00\x10").unwrap();
+    drop(f);
+    let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
+    let (b, more) = distinct(2, 7000);
+    e.put_small(&b, Bytes::from(more.clone())).await.unwrap();
+    assert_eq!(e.read_small(&a, 1 << 20).await.unwrap().unwrap(), bytes);
+    assert_eq!(e.read_small(&b, 1 << 20).await.unwrap().unwrap(), more);
+    assert_eq!(e.inner.segments.records(1).unwrap().len(), 1, "the walk stops at the torn record");
+}
+
 /// Bytes of the inline column family's blob files on disk.
 fn blob_file_bytes(dir: &std::path::Path) -> u64 {
     fs::read_dir(dir.join("index"))
@@ -163,23 +242,38 @@ fn blob_file_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Stores a small blob the way nodes did before segments: bytes in the `inline` column family.
+fn put_inline(e: &StorageEngine, digest: &Digest, bytes: Vec<u8>) {
+    let key = digest.to_string();
+    let entry = BlobEntry {
+        size: bytes.len() as u64,
+        blake3: *blake3::hash(&bytes).as_bytes(),
+        created_at_ms: now_ms(),
+        location: Location::Inline,
+    };
+    let mut batch = WriteBatch::default();
+    batch.put_cf(e.inner.cf(CF_INLINE).unwrap(), &key, bytes);
+    batch.put_cf(e.inner.cf(CF_BLOBS).unwrap(), &key, bincode::serialize(&entry).unwrap());
+    e.inner.synced_write(batch).unwrap();
+}
+
 #[tokio::test]
-async fn deleted_inline_blobs_give_their_space_back() {
+async fn inline_blobs_of_earlier_nodes_are_served_and_give_their_space_back() {
     let (d, e) = engine();
     // More than RECLAIM_AFTER bytes of inline blobs, each a different content.
     let n = (RECLAIM_AFTER / INLINE_THRESHOLD) as usize + 8;
     let mut digests = vec![];
     for i in 0..n {
-        let mut bytes = data(INLINE_THRESHOLD as usize);
-        bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let digest = Digest::sha256_of(&bytes);
-        e.put_small(&digest, Bytes::from(bytes)).await.unwrap();
+        let (digest, bytes) = distinct(i as u64, INLINE_THRESHOLD as usize);
+        put_inline(&e, &digest, bytes);
         digests.push(digest);
     }
     let cf = e.inner.cf(CF_INLINE).unwrap();
     e.inner.db.flush_cf(cf).unwrap();
     let before = blob_file_bytes(d.path());
     assert!(before >= RECLAIM_AFTER, "inline blobs were written to blob files: {before} bytes");
+    assert_eq!(collect(e.read(&digests[3], None).await.unwrap()).await, distinct(3, INLINE_THRESHOLD as usize).1);
+    assert_eq!(e.scrub(&digests[3]).await.unwrap(), Some(true));
     // Keep the last one; deleting the rest passes the threshold and starts a reclaim.
     let (keep, gone) = digests.split_last().unwrap();
     for g in gone {

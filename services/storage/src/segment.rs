@@ -1,0 +1,211 @@
+//! Segments: append-only files that hold small blobs back to back.
+//!
+//! A small blob is written once, at the end of the active segment, and made durable by an
+//! `fdatasync` that covers every append finished before it started (group commit): concurrent
+//! pushes of many small blobs share one flush and write their bytes once. Its index entry
+//! names the segment and offset. Keeping small blobs in RocksDB instead wrote them twice (WAL,
+//! then the blob file at memtable flush) and copied them four times in user space; a file per
+//! small blob costs an inode and a directory update each.
+//!
+//! A record is a header (`MAGIC`, key length u16, data length u32, little-endian), the key
+//! (the digest) and the data. Headers make a segment readable without the index, which is
+//! what compaction walks. A segment grows to [`SEGMENT_SIZE`], then the next one starts.
+//! A crash can leave a torn record at the end of the active segment; no index entry points
+//! at it, and later records are appended after it.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::staging::sync_dir;
+
+/// Size after which a segment is sealed and the next one starts.
+pub(crate) const SEGMENT_SIZE: u64 = 64 << 20;
+
+const MAGIC: [u8; 4] = *b"BSG1";
+const HEADER: usize = 4 + 2 + 4;
+
+/// One record of a segment, as compaction finds it.
+pub(crate) struct Record {
+    pub key: String,
+    /// Offset of the data (after the header and key).
+    pub offset: u64,
+    pub len: u64,
+}
+
+struct Active {
+    id: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// The segments of one node.
+pub(crate) struct Segments {
+    dir: PathBuf,
+    active: Mutex<Active>,
+    /// How far the active segment is known durable: (segment id, bytes).
+    synced: Mutex<(u32, u64)>,
+    /// Open files to read from, by segment id.
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+fn lock_err<T>(_: T) -> io::Error {
+    io::Error::other("segment lock poisoned")
+}
+
+fn name(id: u32) -> String {
+    format!("{id:08}.seg")
+}
+
+fn create(dir: &Path, id: u32) -> io::Result<File> {
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(dir.join(name(id)))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+impl Segments {
+    /// Opens `dir` (created if missing); appends continue in the newest segment.
+    pub fn open(dir: PathBuf) -> io::Result<Segments> {
+        fs::create_dir_all(&dir)?;
+        let mut newest = None;
+        for e in fs::read_dir(&dir)? {
+            let e = e?;
+            let n = e.file_name();
+            let Some(id) = n.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            newest = newest.max(Some(id));
+        }
+        let (id, file) = match newest {
+            Some(id) => (id, OpenOptions::new().read(true).write(true).open(dir.join(name(id)))?),
+            None => (1, create(&dir, 1)?),
+        };
+        let len = file.metadata()?.len();
+        Ok(Segments {
+            dir,
+            active: Mutex::new(Active { id, file: Arc::new(file), len }),
+            synced: Mutex::new((id, len)),
+            readers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Id of the segment appends go to now.
+    pub fn active_id(&self) -> u32 {
+        self.active.lock().map(|a| a.id).unwrap_or(0)
+    }
+
+    /// Appends a record and returns once it is durable: (segment id, offset of the data).
+    pub fn append(&self, key: &str, data: &[u8]) -> io::Result<(u32, u64)> {
+        let key_len = u16::try_from(key.len()).map_err(io::Error::other)?;
+        let data_len = u32::try_from(data.len()).map_err(io::Error::other)?;
+        let mut head = Vec::with_capacity(HEADER + key.len());
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&key_len.to_le_bytes());
+        head.extend_from_slice(&data_len.to_le_bytes());
+        head.extend_from_slice(key.as_bytes());
+        let total = (head.len() + data.len()) as u64;
+        let (id, file, end, at) = {
+            let mut a = self.active.lock().map_err(lock_err)?;
+            if a.len > 0 && a.len + total > SEGMENT_SIZE {
+                self.roll(&mut a)?;
+            }
+            let at = a.len;
+            a.file.write_all_at(&head, at)?;
+            a.file.write_all_at(data, at + head.len() as u64)?;
+            a.len += total;
+            (a.id, a.file.clone(), a.len, at)
+        };
+        self.sync_through(id, &file, end)?;
+        Ok((id, at + head.len() as u64))
+    }
+
+    /// Seals the active segment (flushed whole) and starts the next.
+    fn roll(&self, a: &mut Active) -> io::Result<()> {
+        a.file.sync_data()?;
+        let id = a.id + 1;
+        let file = create(&self.dir, id)?;
+        *a = Active { id, file: Arc::new(file), len: 0 };
+        Ok(())
+    }
+
+    /// Makes segment `id` durable through `end`. Whoever flushes covers every append finished
+    /// before the flush began; the others waiting on the lock then find themselves covered.
+    fn sync_through(&self, id: u32, file: &File, end: u64) -> io::Result<()> {
+        let mut synced = self.synced.lock().map_err(lock_err)?;
+        if synced.0 > id || (synced.0 == id && synced.1 >= end) {
+            return Ok(());
+        }
+        let (now_id, now_len) = {
+            let a = self.active.lock().map_err(lock_err)?;
+            (a.id, a.len)
+        };
+        if now_id != id {
+            // Segment `id` was sealed since, and sealing flushed it whole.
+            *synced = (now_id, 0);
+            return Ok(());
+        }
+        file.sync_data()?;
+        *synced = (id, now_len);
+        Ok(())
+    }
+
+    fn reader(&self, id: u32) -> io::Result<Arc<File>> {
+        if let Some(f) = self.readers.lock().map_err(lock_err)?.get(&id) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(self.dir.join(name(id)))?);
+        self.readers.lock().map_err(lock_err)?.insert(id, f.clone());
+        Ok(f)
+    }
+
+    /// `len` bytes at `offset` of segment `id`. `NotFound` when the segment was compacted
+    /// away meanwhile: the caller looks the blob up again.
+    pub fn read(&self, id: u32, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let f = self.reader(id)?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Bytes in segment `id`.
+    pub fn size(&self, id: u32) -> io::Result<u64> {
+        Ok(fs::metadata(self.dir.join(name(id)))?.len())
+    }
+
+    /// Every whole record of segment `id`, in order; stops at a torn or foreign tail.
+    pub fn records(&self, id: u32) -> io::Result<Vec<Record>> {
+        let f = self.reader(id)?;
+        let size = f.metadata()?.len();
+        let mut out = vec![];
+        let mut at = 0u64;
+        let mut head = [0u8; HEADER];
+        while at + HEADER as u64 <= size {
+            f.read_exact_at(&mut head, at)?;
+            if head[..4] != MAGIC {
+                break;
+            }
+            let key_len = u16::from_le_bytes([head[4], head[5]]) as u64;
+            let len = u32::from_le_bytes([head[6], head[7], head[8], head[9]]) as u64;
+            let offset = at + HEADER as u64 + key_len;
+            if offset + len > size {
+                break;
+            }
+            let mut key = vec![0u8; key_len as usize];
+            f.read_exact_at(&mut key, at + HEADER as u64)?;
+            let Ok(key) = String::from_utf8(key) else { break };
+            out.push(Record { key, offset, len });
+            at = offset + len;
+        }
+        Ok(out)
+    }
+
+    /// Deletes sealed segment `id`. Readers holding it open finish their reads.
+    pub fn remove(&self, id: u32) -> io::Result<()> {
+        self.readers.lock().map_err(lock_err)?.remove(&id);
+        fs::remove_file(self.dir.join(name(id)))?;
+        sync_dir(&self.dir)
+    }
+}
