@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +13,7 @@ use berth_core::error::Result;
 use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError};
 use bytes::Bytes;
 use futures::StreamExt;
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
@@ -93,8 +93,13 @@ struct Inner {
     /// Held while deleting a segment blob or moving a compacted segment's live blobs, so that
     /// neither undoes the other's index writes.
     segment_index: Mutex<()>,
-    /// Whether a segment compaction is running.
+    /// Whether a sweep of segment compactions is running.
     compacting: AtomicBool,
+    /// Whether a sweep was asked for since the running one began.
+    compact_again: AtomicBool,
+    /// The active segment as commits last saw it; when it changes, the segment just sealed
+    /// may already be half dead.
+    last_segment: AtomicU32,
     uploads: Mutex<HashMap<String, Arc<AsyncMutex<Slot>>>>,
     /// Bytes of uploads staged in memory (see [`Staging`]).
     staged_in_memory: Arc<AtomicU64>,
@@ -163,6 +168,7 @@ impl StorageEngine {
         ];
         let db = DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
         let segments = Segments::open(dir.join("segments"))?;
+        let active = segments.active_id();
         Ok(StorageEngine {
             inner: Arc::new(Inner {
                 dir,
@@ -172,6 +178,8 @@ impl StorageEngine {
                 segments,
                 segment_index: Mutex::new(()),
                 compacting: AtomicBool::new(false),
+                compact_again: AtomicBool::new(false),
+                last_segment: AtomicU32::new(active),
                 uploads: Mutex::new(HashMap::new()),
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
             }),
@@ -416,27 +424,58 @@ impl Inner {
     /// Writes `batch` (synced) with `bytes` more counted dead in `segment`, and starts the
     /// segment's compaction once half of it is dead. The caller holds `segment_index`.
     fn count_dead(self: &Arc<Self>, mut batch: WriteBatch, segment: u32, bytes: u64) -> Result<()> {
-        let blobs = self.cf(CF_BLOBS)?;
-        let dead = match self.db.get_cf(blobs, dead_key(segment)).map_err(internal)? {
-            Some(v) if v.len() == 8 => u64::from_le_bytes(v[..8].try_into().map_err(internal)?),
-            _ => 0,
-        } + bytes;
-        batch.put_cf(blobs, dead_key(segment), dead.to_le_bytes());
+        let dead = self.dead_in(segment)? + bytes;
+        batch.put_cf(self.cf(CF_BLOBS)?, dead_key(segment), dead.to_le_bytes());
         self.synced_write(batch)?;
-        let size = self.segments.size(segment).unwrap_or(0);
-        if segment != self.segments.active_id()
-            && dead * 2 >= size
-            && !self.compacting.swap(true, Ordering::AcqRel)
-        {
-            let inner = self.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = inner.compact_segment(segment) {
-                    tracing::warn!(error = %e, segment, "compacting a segment");
-                }
-                inner.compacting.store(false, Ordering::Release);
-            });
+        if segment != self.segments.active_id() && dead * 2 >= self.segments.size(segment).unwrap_or(0) {
+            self.compact_segments();
         }
         Ok(())
+    }
+
+    /// Bytes counted dead in `segment`.
+    fn dead_in(&self, segment: u32) -> Result<u64> {
+        let v = self.db.get_cf(self.cf(CF_BLOBS)?, dead_key(segment)).map_err(internal)?;
+        Ok(v.and_then(|v| v.get(..8).and_then(|b| b.try_into().ok())).map(u64::from_le_bytes).unwrap_or(0))
+    }
+
+    /// Sealed segments at least half dead.
+    fn compactable(&self) -> Result<Vec<u32>> {
+        let blobs = self.cf(CF_BLOBS)?;
+        let active = self.segments.active_id();
+        let mut out = vec![];
+        for kv in self.db.iterator_cf(blobs, IteratorMode::From(b"~dead/", Direction::Forward)) {
+            let (k, v) = kv.map_err(internal)?;
+            let Some(id) = k.strip_prefix(b"~dead/") else { break };
+            let Some(id) = std::str::from_utf8(id).ok().and_then(|i| i.parse::<u32>().ok()) else { continue };
+            let dead = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+            if id != active && dead * 2 >= self.segments.size(id).unwrap_or(0) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compacts every sealed segment that is at least half dead, on the blocking pool; one
+    /// sweep at a time, and a request made during a sweep runs another after it.
+    fn compact_segments(self: &Arc<Self>) {
+        self.compact_again.store(true, Ordering::Release);
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || {
+            while inner.compact_again.swap(false, Ordering::AcqRel) {
+                let r = inner.compactable().and_then(|ids| ids.into_iter().try_for_each(|id| inner.compact_segment(id)));
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "compacting segments");
+                }
+            }
+            inner.compacting.store(false, Ordering::Release);
+            if inner.compact_again.load(Ordering::Acquire) {
+                inner.compact_segments();
+            }
+        });
     }
 
     /// Moves the live blobs of sealed segment `segment` to the active one, points their
@@ -449,25 +488,33 @@ impl Inner {
             if live {
                 let data = self.segments.read(segment, rec.offset, rec.len).map_err(internal)?;
                 let (s, offset) = self.segments.append(&rec.key, &data).map_err(internal)?;
-                moved.push((rec.key, rec.offset, Location::Segment { segment: s, offset }));
+                moved.push((rec.key, rec.offset, rec.len, s, offset));
             }
         }
         let _g = self.segment_index.lock().map_err(internal)?;
         let blobs = self.cf(CF_BLOBS)?;
         let mut batch = WriteBatch::default();
         let mut kept = 0u64;
-        for (key, old, new) in &moved {
-            // A blob deleted while it was being copied stays deleted.
-            if let Some(mut e) = self.entry(key)? {
-                if e.location == (Location::Segment { segment, offset: *old }) {
+        // Copies of blobs deleted while they were being copied: dead from the start.
+        let mut orphaned: HashMap<u32, u64> = HashMap::new();
+        for (key, old, len, new_segment, new_offset) in &moved {
+            match self.entry(key)? {
+                Some(mut e) if e.location == (Location::Segment { segment, offset: *old }) => {
                     kept += e.size;
-                    e.location = *new;
+                    e.location = Location::Segment { segment: *new_segment, offset: *new_offset };
                     batch.put_cf(blobs, key, bincode::serialize(&e).map_err(internal)?);
                 }
+                _ => *orphaned.entry(*new_segment).or_default() += len,
             }
+        }
+        for (s, bytes) in &orphaned {
+            batch.put_cf(blobs, dead_key(*s), (self.dead_in(*s)? + bytes).to_le_bytes());
         }
         batch.delete_cf(blobs, dead_key(segment));
         self.synced_write(batch)?;
+        if !orphaned.is_empty() {
+            self.compact_again.store(true, Ordering::Release);
+        }
         self.segments.remove(segment).map_err(internal)?;
         tracing::info!(segment, live_bytes = kept, "compacted a segment");
         Ok(())
@@ -510,6 +557,9 @@ impl Inner {
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let (segment, offset) = self.segments.append(&key, &data).map_err(internal)?;
+            if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
+                self.compact_segments();
+            }
             // The same blob pushed twice at once (CI jobs sharing a base layer) is appended
             // twice; the later copy is counted dead so that compaction reclaims it.
             if let Some(existing) = self.entry(&key)? {
