@@ -481,8 +481,15 @@ impl Inner {
     /// Moves the live blobs of sealed segment `segment` to the active one, points their
     /// entries there and deletes the segment.
     fn compact_segment(&self, segment: u32) -> Result<()> {
+        let records = self.segments.records(segment).map_err(internal)?;
+        // A walk that stops short of the end would leave blobs behind in a deleted file.
+        let walked = records.last().map(|r| r.offset + r.len).unwrap_or(0);
+        let size = self.segments.size(segment).map_err(internal)?;
+        if walked != size {
+            return Err(internal(format!("segment {segment}: records end at {walked} of {size} bytes; not compacted")));
+        }
         let mut moved = vec![];
-        for rec in self.segments.records(segment).map_err(internal)? {
+        for rec in records {
             let live = matches!(self.entry(&rec.key)?,
                 Some(BlobEntry { location: Location::Segment { segment: s, offset }, .. }) if s == segment && offset == rec.offset);
             if live {

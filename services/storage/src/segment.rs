@@ -10,8 +10,10 @@
 //! A record is a header (`MAGIC`, key length u16, data length u32, little-endian), the key
 //! (the digest) and the data. Headers make a segment readable without the index, which is
 //! what compaction walks. A segment grows to [`SEGMENT_SIZE`], then the next one starts.
-//! A crash can leave a torn record at the end of the active segment; no index entry points
-//! at it, and later records are appended after it.
+//! A crash can leave a torn record at the end of the active segment. No index entry points at
+//! it (entries are written only after the flush that covers their record), so opening the
+//! segments cuts the newest one back to its last whole record, and a segment's records can
+//! always be walked from its start to its end.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -83,13 +85,24 @@ impl Segments {
             Some(id) => (id, OpenOptions::new().read(true).write(true).open(dir.join(name(id)))?),
             None => (1, create(&dir, 1)?),
         };
-        let len = file.metadata()?.len();
-        Ok(Segments {
+        let segments = Segments {
             dir,
-            active: Mutex::new(Active { id, file: Arc::new(file), len }),
-            synced: Mutex::new((id, len)),
+            active: Mutex::new(Active { id, file: Arc::new(file), len: 0 }),
+            synced: Mutex::new((id, 0)),
             readers: Mutex::new(HashMap::new()),
-        })
+        };
+        let whole = segments.records(id)?.last().map(|r| r.offset + r.len).unwrap_or(0);
+        {
+            let mut a = segments.active.lock().map_err(lock_err)?;
+            if a.file.metadata()?.len() > whole {
+                tracing::warn!(segment = id, keep = whole, "cutting a torn record off the end of a segment");
+                a.file.set_len(whole)?;
+                a.file.sync_all()?;
+            }
+            a.len = whole;
+        }
+        *segments.synced.lock().map_err(lock_err)? = (id, whole);
+        Ok(segments)
     }
 
     /// Id of the segment appends go to now.
@@ -113,8 +126,13 @@ impl Segments {
                 self.roll(&mut a)?;
             }
             let at = a.len;
-            a.file.write_all_at(&head, at)?;
-            a.file.write_all_at(data, at + head.len() as u64)?;
+            let written =
+                a.file.write_all_at(&head, at).and_then(|()| a.file.write_all_at(data, at + head.len() as u64));
+            if let Err(e) = written {
+                // Nothing may follow a partial record: cut it off before the next append.
+                let _ = a.file.set_len(at);
+                return Err(e);
+            }
             a.len += total;
             (a.id, a.file.clone(), a.len, at)
         };
