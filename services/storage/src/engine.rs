@@ -50,6 +50,9 @@ pub enum Location {
     },
 }
 
+/// How long a compaction sweep waits after being asked for.
+const COMPACT_DELAY: Duration = Duration::from_secs(1);
+
 /// Key (in the `blobs` column family, beside digests) of a segment's count of deleted bytes.
 fn dead_key(segment: u32) -> String {
     format!("~dead/{segment:08}")
@@ -465,6 +468,9 @@ impl Inner {
         }
         let inner = self.clone();
         tokio::task::spawn_blocking(move || {
+            // Deletes come in bursts (garbage collection reaps in batches): waiting for the
+            // burst to pass keeps compaction from copying blobs that are about to be deleted.
+            std::thread::sleep(COMPACT_DELAY);
             while inner.compact_again.swap(false, Ordering::AcqRel) {
                 let r = inner.compactable().and_then(|ids| ids.into_iter().try_for_each(|id| inner.compact_segment(id)));
                 if let Err(e) = r {
