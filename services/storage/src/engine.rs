@@ -100,6 +100,8 @@ struct Inner {
     compacting: AtomicBool,
     /// Whether a sweep was asked for since the running one began.
     compact_again: AtomicBool,
+    /// Blobs being committed, each with the lock its commits take in turn.
+    committing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// The active segment as commits last saw it; when it changes, the segment just sealed
     /// may already be half dead.
     last_segment: AtomicU32,
@@ -182,6 +184,7 @@ impl StorageEngine {
                 segment_index: Mutex::new(()),
                 compacting: AtomicBool::new(false),
                 compact_again: AtomicBool::new(false),
+                committing: Mutex::new(HashMap::new()),
                 last_segment: AtomicU32::new(active),
                 uploads: Mutex::new(HashMap::new()),
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
@@ -558,10 +561,29 @@ impl Inner {
     }
 
     /// Makes verified staged bytes a durable blob (see the crate docs for the order of steps).
-    fn commit(self: &Arc<Self>, mut st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<u64> {
+    ///
+    /// Commits of one blob run one at a time: the same blob pushed by several clients at once
+    /// (CI jobs sharing a base layer) is stored once, and the others find it stored.
+    fn commit(self: &Arc<Self>, st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<u64> {
         let key = digest.to_string();
+        let lock = self.committing.lock().map_err(internal)?.entry(key.clone()).or_default().clone();
+        let result = match lock.lock() {
+            Ok(_g) => self.commit_one(st, digest, &key, checksum),
+            Err(e) => Err(internal(e)),
+        };
+        if let Ok(mut map) = self.committing.lock() {
+            // Clones are only taken under the map's lock: two (the map's and this one) means no
+            // other commit of this blob is waiting.
+            if Arc::strong_count(&lock) == 2 {
+                map.remove(&key);
+            }
+        }
+        result
+    }
+
+    fn commit_one(self: &Arc<Self>, mut st: Box<Staging>, digest: &Digest, key: &str, checksum: [u8; 32]) -> Result<u64> {
         let size = st.size;
-        if let Some(existing) = self.entry(&key)? {
+        if let Some(existing) = self.entry(key)? {
             st.discard();
             return Ok(existing.size);
         }
@@ -569,17 +591,9 @@ impl Inner {
         let mut batch = WriteBatch::default();
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
-            let (segment, offset) = self.segments.append(&key, &data).map_err(internal)?;
+            let (segment, offset) = self.segments.append(key, &data).map_err(internal)?;
             if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
                 self.compact_segments();
-            }
-            // The same blob pushed twice at once (CI jobs sharing a base layer) is appended
-            // twice; the later copy is counted dead so that compaction reclaims it.
-            if let Some(existing) = self.entry(&key)? {
-                let _g = self.segment_index.lock().map_err(internal)?;
-                self.count_dead(WriteBatch::default(), segment, size)?;
-                st.discard();
-                return Ok(existing.size);
             }
             entry.location = Location::Segment { segment, offset };
         } else {
@@ -595,7 +609,7 @@ impl Inner {
             fs::rename(&st.path, &path).map_err(internal)?;
             sync_dir(parent).map_err(internal)?;
         }
-        batch.put_cf(self.cf(CF_BLOBS)?, &key, bincode::serialize(&entry).map_err(internal)?);
+        batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
         self.synced_write(batch)?;
         if entry.location != Location::File {
             st.discard();

@@ -250,6 +250,22 @@ async fn segment_emptied_while_active_is_compacted_once_sealed() {
 }
 
 #[tokio::test]
+async fn same_small_blob_pushed_at_once_is_stored_once() {
+    let (d, e) = engine();
+    let (digest, bytes) = distinct(7, 100_000);
+    futures::stream::iter(0..16)
+        .for_each_concurrent(16, |_| {
+            let (e, digest, bytes) = (e.clone(), digest.clone(), bytes.clone());
+            async move { e.put_small(&digest, Bytes::from(bytes)).await.unwrap() }
+        })
+        .await;
+    assert_eq!(e.inner.segments.records(1).unwrap().len(), 1);
+    assert!(segment_bytes(d.path()) < 2 * 100_000);
+    assert_eq!(e.read_small(&digest, 1 << 20).await.unwrap().unwrap(), bytes);
+    assert!(e.inner.committing.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn torn_segment_tail_is_cut_off_after_a_crash() {
     let (d, e) = engine();
     let (a, bytes) = distinct(1, 5000);
