@@ -547,3 +547,30 @@ async fn sha512_blobs() {
     let got = c.get(format!("{}/v2/acme/s512/blobs/{d}", s.url)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.as_ref(), &data[..]);
 }
+
+/// Started with a low soft limit on open files (1024 is a common default), `berth` raises it to
+/// the hard limit, so that the number of clients it serves at once is not capped by it.
+#[test]
+fn open_files_limit_is_raised_to_the_hard_limit() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -S -n 256 && exec \"$0\" \"$@\"")
+        .arg(berth_tests::berth_bin())
+        .args(["standalone", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line on stdout says the registry is listening, so start-up is over.
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let row = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<&str> = row.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit not raised: {row}");
+    assert_ne!(nums[0], "256", "{row}");
+}

@@ -39,6 +39,22 @@ fn bound_allocator_memory() {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit. Each connection is a descriptor and
+/// the default soft limit (often 1024) caps a registry at about that many clients at once;
+/// the hard limit is what the operator allowed.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open files limit");
+            }
+        }
+    }
+}
+
 /// Errors end the process with one line on stderr (the error and its causes), not anyhow's
 /// debug form, which prints a stack trace whenever `RUST_BACKTRACE` is set.
 fn main() -> ExitCode {
@@ -60,6 +76,7 @@ fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     bound_allocator_memory();
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),

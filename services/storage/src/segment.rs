@@ -27,6 +27,10 @@ use crate::staging::sync_dir;
 /// Size after which a segment is sealed and the next one starts.
 pub(crate) const SEGMENT_SIZE: u64 = 64 << 20;
 
+/// Most segment files kept open for reading. A large node has thousands of segments; keeping
+/// all open would run into the process's file descriptor limit, which connections share.
+const MAX_OPEN: usize = 256;
+
 const MAGIC: [u8; 4] = *b"BSG1";
 const HEADER: usize = 4 + 2 + 4;
 
@@ -175,7 +179,14 @@ impl Segments {
             return Ok(f.clone());
         }
         let f = Arc::new(File::open(self.dir.join(name(id)))?);
-        self.readers.lock().map_err(lock_err)?.insert(id, f.clone());
+        let mut readers = self.readers.lock().map_err(lock_err)?;
+        if readers.len() >= MAX_OPEN {
+            // Any one will do: a reader still using it holds its own handle.
+            if let Some(&old) = readers.keys().next() {
+                readers.remove(&old);
+            }
+        }
+        readers.insert(id, f.clone());
         Ok(f)
     }
 
@@ -225,5 +236,23 @@ impl Segments {
         self.readers.lock().map_err(lock_err)?.remove(&id);
         fs::remove_file(self.dir.join(name(id)))?;
         sync_dir(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_segment_files_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path().to_path_buf()).unwrap();
+        let (_, at) = segments.append("sha256:x", b"kept").unwrap();
+        for id in 2..(MAX_OPEN as u32 + 50) {
+            File::create(dir.path().join(name(id))).unwrap();
+            assert!(segments.read(id, 0, 0).unwrap().is_empty());
+            assert!(segments.readers.lock().unwrap().len() <= MAX_OPEN);
+        }
+        assert_eq!(segments.read(1, at, 4).unwrap(), b"kept");
     }
 }
