@@ -475,7 +475,8 @@ impl Inner {
             // burst to pass keeps compaction from copying blobs that are about to be deleted.
             std::thread::sleep(COMPACT_DELAY);
             while inner.compact_again.swap(false, Ordering::AcqRel) {
-                let r = inner.compactable().and_then(|ids| ids.into_iter().try_for_each(|id| inner.compact_segment(id)));
+                let r =
+                    inner.compactable().and_then(|ids| ids.into_iter().try_for_each(|id| inner.compact_segment(id)));
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "compacting segments");
                 }
@@ -581,7 +582,13 @@ impl Inner {
         result
     }
 
-    fn commit_one(self: &Arc<Self>, mut st: Box<Staging>, digest: &Digest, key: &str, checksum: [u8; 32]) -> Result<u64> {
+    fn commit_one(
+        self: &Arc<Self>,
+        mut st: Box<Staging>,
+        digest: &Digest,
+        key: &str,
+        checksum: [u8; 32],
+    ) -> Result<u64> {
         let size = st.size;
         if let Some(existing) = self.entry(key)? {
             st.discard();
