@@ -58,6 +58,11 @@ fn dead_key(segment: u32) -> String {
     format!("~dead/{segment:08}")
 }
 
+/// The count stored under a [`dead_key`].
+fn dead_bytes(v: &[u8]) -> u64 {
+    v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
 /// The index entry of one verified blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobEntry {
@@ -216,7 +221,7 @@ impl StorageEngine {
                     h.update_reader(fs::File::open(inner.blob_path(&digest)).map_err(internal)?).map_err(internal)?;
                 }
                 _ => {
-                    let Some(data) = inner.small_bytes(&key)? else { return Ok(None) };
+                    let Some(data) = inner.small_bytes(&key, entry.clone())? else { return Ok(None) };
                     h.update(&data);
                 }
             }
@@ -394,17 +399,19 @@ impl Inner {
         self.db.get_cf(self.cf(CF_INLINE)?, key).map_err(internal)
     }
 
-    /// The bytes of a small blob (inline or in a segment) by its key, `None` if not stored.
-    /// A segment read can race with the segment's compaction; the entry is then looked up
-    /// again and names the blob's new place.
-    fn small_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    /// The bytes of a small blob (inline or in a segment) whose index entry the caller read,
+    /// `None` if it is no longer stored. A segment read can race with the segment's
+    /// compaction; the entry is then looked up again and names the blob's new place.
+    fn small_bytes(&self, key: &str, mut entry: BlobEntry) -> Result<Option<Vec<u8>>> {
         for _ in 0..3 {
-            let Some(entry) = self.entry(key)? else { return Ok(None) };
             match entry.location {
                 Location::Inline => return self.inline(key)?.ok_or_else(|| internal("inline bytes missing")).map(Some),
                 Location::Segment { segment, offset } => match self.segments.read(segment, offset, entry.size) {
                     Ok(data) => return Ok(Some(data)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => match self.entry(key)? {
+                        Some(moved) => entry = moved,
+                        None => return Ok(None),
+                    },
                     Err(e) => return Err(internal(e)),
                 },
                 Location::File => return Err(internal("not a small blob")),
@@ -441,8 +448,7 @@ impl Inner {
 
     /// Bytes counted dead in `segment`.
     fn dead_in(&self, segment: u32) -> Result<u64> {
-        let v = self.db.get_cf(self.cf(CF_BLOBS)?, dead_key(segment)).map_err(internal)?;
-        Ok(v.and_then(|v| v.get(..8).and_then(|b| b.try_into().ok())).map(u64::from_le_bytes).unwrap_or(0))
+        Ok(self.db.get_cf(self.cf(CF_BLOBS)?, dead_key(segment)).map_err(internal)?.map_or(0, |v| dead_bytes(&v)))
     }
 
     /// Sealed segments at least half dead.
@@ -454,7 +460,7 @@ impl Inner {
             let (k, v) = kv.map_err(internal)?;
             let Some(id) = k.strip_prefix(b"~dead/") else { break };
             let Some(id) = std::str::from_utf8(id).ok().and_then(|i| i.parse::<u32>().ok()) else { continue };
-            let dead = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+            let dead = dead_bytes(&v);
             if id != active && dead * 2 >= self.segments.size(id).unwrap_or(0) {
                 out.push(id);
             }
@@ -493,7 +499,7 @@ impl Inner {
     fn compact_segment(&self, segment: u32) -> Result<()> {
         let records = self.segments.records(segment).map_err(internal)?;
         // A walk that stops short of the end would leave blobs behind in a deleted file.
-        let walked = records.last().map(|r| r.offset + r.len).unwrap_or(0);
+        let walked = records.last().map_or(0, |r| r.end());
         let size = self.segments.size(segment).map_err(internal)?;
         if walked != size {
             return Err(internal(format!("segment {segment}: records end at {walked} of {size} bytes; not compacted")));
@@ -595,7 +601,6 @@ impl Inner {
             return Ok(existing.size);
         }
         let mut entry = BlobEntry { size, blake3: checksum, created_at_ms: now_ms(), location: Location::File };
-        let mut batch = WriteBatch::default();
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let (segment, offset) = self.segments.append(key, &data).map_err(internal)?;
@@ -616,6 +621,7 @@ impl Inner {
             fs::rename(&st.path, &path).map_err(internal)?;
             sync_dir(parent).map_err(internal)?;
         }
+        let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
         self.synced_write(batch)?;
         if entry.location != Location::File {
@@ -643,7 +649,7 @@ impl BlobStore for StorageEngine {
             Location::Inline | Location::Segment { .. } => {
                 let inner = self.inner.clone();
                 let key = digest.to_string();
-                let data = blocking(move || inner.small_bytes(&key))
+                let data = blocking(move || inner.small_bytes(&key, entry))
                     .await?
                     .ok_or_else(|| RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()))?;
                 let data = Bytes::from(data);
@@ -697,7 +703,7 @@ impl BlobStore for StorageEngine {
             }
             let data = match entry.location {
                 Location::File => fs::read(inner.blob_path(&digest)).map_err(internal)?,
-                _ => match inner.small_bytes(&key)? {
+                _ => match inner.small_bytes(&key, entry)? {
                     Some(d) => d,
                     None => return Ok(None),
                 },

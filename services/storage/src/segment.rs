@@ -42,6 +42,13 @@ pub(crate) struct Record {
     pub len: u64,
 }
 
+impl Record {
+    /// Offset just past the record.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
 struct Active {
     id: u32,
     file: Arc<File>,
@@ -95,7 +102,7 @@ impl Segments {
             synced: Mutex::new((id, 0)),
             readers: Mutex::new(HashMap::new()),
         };
-        let whole = segments.records(id)?.last().map(|r| r.offset + r.len).unwrap_or(0);
+        let whole = segments.records(id)?.last().map_or(0, Record::end);
         {
             let mut a = segments.active.lock().map_err(lock_err)?;
             if a.file.metadata()?.len() > whole {
