@@ -59,7 +59,7 @@ async fn attempt(s: &Server, creds: Option<(&str, &str)>, repo: &str, act: Act) 
             let admin = client();
             let body =
                 admin.get(format!("{}/v2/{repo}/manifests/v1", s.url)).send().await.unwrap().bytes().await.unwrap();
-            let put = put_manifest(&admin, &s.url, &repo, &tag, body).await;
+            let put = put_manifest(&admin, &s.url, repo, &tag, body).await;
             assert_eq!(put.status(), 201);
             c.delete(format!("{}/v2/{repo}/manifests/{tag}", s.url)).send().await.unwrap()
         }
@@ -472,4 +472,240 @@ fn bad_bootstrap_token_is_one_line_error() {
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one line, got:\n{err}");
     assert!(lines[0].starts_with("berth: ") && lines[0].contains("8"), "{err}");
+}
+
+/// The parameters of a `WWW-Authenticate: Bearer ...` challenge.
+fn challenge_of(r: &reqwest::Response) -> BTreeMap<String, String> {
+    let v = r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let rest = v.strip_prefix("Bearer ").unwrap_or("");
+    rest.split("\",")
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+/// Clients that follow the Docker token protocol: the challenge names the scope the request
+/// needs, and a token that lacks it gets `401` with `insufficient_scope`, so that the client
+/// fetches a better token, as docker and the OCI conformance suite do.
+#[tokio::test]
+async fn challenges_name_the_scope_each_request_needs() {
+    let s = Server::start();
+    let alice = user_with_token(&s, "alice", ALL, None).await;
+    let alice_c = client_with(Some(("alice", &alice)));
+    let m = push_image(&alice_c, &s.url, "alice/app", "v1", 31, &[100]).await;
+    let anon = client_with(None);
+
+    let r = anon.delete(format!("{}/v2/alice/app/manifests/{m}", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(challenge_of(&r)["scope"], "repository:alice/app:delete");
+    let r = anon.post(format!("{}/v2/alice/app/blobs/uploads/", s.url)).send().await.unwrap();
+    assert_eq!(challenge_of(&r)["scope"], "repository:alice/app:pull,push");
+
+    // A push token cannot delete: 401 asking for delete, then a delete token can.
+    let (_, t) = registry_token(&s, Some(("alice", &alice)), "repository:alice/app:pull,push").await;
+    let push_token = t["token"].as_str().unwrap().to_string();
+    let r = bearer(&push_token).delete(format!("{}/v2/alice/app/manifests/{m}", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let ch = challenge_of(&r);
+    assert_eq!((ch["scope"].as_str(), ch["error"].as_str()), ("repository:alice/app:delete", "insufficient_scope"));
+    let (_, t) = registry_token(&s, Some(("alice", &alice)), &ch["scope"]).await;
+    let r = bearer(t["token"].as_str().unwrap()).delete(format!("{}/v2/alice/app/manifests/{m}", s.url)).send().await;
+    assert_eq!(r.unwrap().status(), 202);
+
+    // An upload's status needs what its PATCH needs; a pull token is sent for a push token.
+    let up = bearer(&push_token).post(format!("{}/v2/alice/app/blobs/uploads/", s.url)).send().await.unwrap();
+    assert_eq!(up.status(), 202);
+    let location = up.headers()["location"].to_str().unwrap().to_string();
+    let (_, t) = registry_token(&s, Some(("alice", &alice)), "repository:alice/app:pull").await;
+    let r = bearer(t["token"].as_str().unwrap()).get(format!("{}{location}", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(challenge_of(&r)["scope"], "repository:alice/app:pull,push");
+    let r = bearer(&push_token).get(format!("{}{location}", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+
+    // A mount from a repository the token does not name: 401 asking for both scopes.
+    push_image(&alice_c, &s.url, "alice/base", "v1", 32, &[100]).await;
+    let base: Value =
+        alice_c.get(format!("{}/v2/alice/base/manifests/v1", s.url)).send().await.unwrap().json().await.unwrap();
+    let layer = base["layers"][0]["digest"].as_str().unwrap();
+    let mount = format!("{}/v2/alice/app/blobs/uploads/?mount={layer}&from=alice/base", s.url);
+    let r = bearer(&push_token).post(&mount).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let scope = challenge_of(&r)["scope"].clone();
+    assert_eq!(scope, "repository:alice/app:pull,push repository:alice/base:pull");
+    let (_, t) = registry_token(&s, Some(("alice", &alice)), &scope).await;
+    assert_eq!(bearer(t["token"].as_str().unwrap()).post(&mount).send().await.unwrap().status(), 201);
+    // Someone who may not read the source gets a plain upload session: nothing is revealed.
+    let mallory = user_with_token(&s, "mallory", ALL, None).await;
+    let (_, t) = registry_token(&s, Some(("mallory", &mallory)), "repository:mallory/x:pull,push").await;
+    let r = bearer(t["token"].as_str().unwrap())
+        .post(format!("{}/v2/mallory/x/blobs/uploads/?mount={layer}&from=alice/base", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+/// A token does no more than its scopes allow, on the admin API too and for site
+/// administrators too.
+#[tokio::test]
+async fn token_scopes_bind_site_administrators_and_the_admin_api() {
+    let s = Server::start();
+    let alice = user_with_token(&s, "alice", &["read:packages"], None).await;
+    let r = client_with(Some(("alice", &alice)))
+        .post(format!("{}/api/admin/users/alice/tokens", s.url))
+        .json(&json!({"name": "escalate", "scopes": ["read:packages", "write:packages", "delete:packages"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a read token cannot mint a token with more scopes");
+    let writer = user_with_token(&s, "alice", &["read:packages", "write:packages"], None).await;
+    let r = client_with(Some(("alice", &writer)))
+        .post(format!("{}/api/admin/users/alice/tokens", s.url))
+        .json(&json!({"name": "more", "scopes": ["delete:packages"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "nor a write token one that can delete");
+
+    let admin_c = client();
+    push_image(&admin_c, &s.url, "admin/app", "v1", 41, &[100]).await;
+    let ro = user_with_token(&s, "admin", &["read:packages"], None).await;
+    let ro_c = client_with(Some(("admin", &ro)));
+    assert_eq!(ro_c.get(format!("{}/v2/admin/app/manifests/v1", s.url)).send().await.unwrap().status(), 200);
+    let r = ro_c.delete(format!("{}/v2/admin/app/manifests/v1", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 403, "a site administrator's read token deletes no tag");
+    let r = ro_c.post(format!("{}/api/admin/users", s.url)).json(&json!({"name": "evil"})).send().await.unwrap();
+    assert_eq!(r.status(), 403, "nor creates users");
+    assert_eq!(ro_c.get(format!("{}/api/admin/users", s.url)).send().await.unwrap().status(), 200);
+    assert_eq!(admin_c.get(format!("{}/v2/admin/app/manifests/v1", s.url)).send().await.unwrap().status(), 200);
+}
+
+/// A member of an organization who publishes a new package in it administers that package,
+/// and the package links to its source repository whatever the order of the manifest's blobs.
+#[tokio::test]
+async fn package_creators_administer_and_labels_link_in_any_blob_order() {
+    let s = Server::start();
+    let owner = user_with_token(&s, "olga", ALL, None).await;
+    admin(&s, reqwest::Method::POST, "admin/orgs", Some(json!({"name": "acme", "owner": "olga"}))).await;
+    let _ = owner;
+    let mem = user_with_token(&s, "mia", &["read:packages", "write:packages"], None).await;
+    admin(&s, reqwest::Method::PUT, "admin/orgs/acme/members/mia", Some(json!({"role": "member"}))).await;
+    let mia = client_with(Some(("mia", &mem)));
+    // The whole push, chunked: POST, PATCH, PUT, then the manifest.
+    let data = berth_tests::bytes(51, 5000);
+    let d = berth_tests::digest(&data);
+    let r = mia.post(format!("{}/v2/acme/new/blobs/uploads/", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = mia.patch(format!("{}{loc}", s.url)).body(data.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 202, "the creator may go on with the push it started");
+    let r = mia.put(format!("{}{loc}?digest={d}", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    admin(
+        &s,
+        reqwest::Method::PUT,
+        "admin/orgs/acme/repos/web",
+        Some(json!({"url": "https://git.example/acme/web", "grants": []})),
+    )
+    .await;
+    // A config that sorts after the layer: the label is found all the same.
+    let mut config = None;
+    for i in 0.. {
+        let c = format!(
+            r#"{{"i":{i},"config":{{"Labels":{{"org.opencontainers.image.source":"https://git.example/acme/web"}}}}}}"#
+        );
+        if berth_tests::digest(c.as_bytes()) > d {
+            config = Some(c);
+            break;
+        }
+    }
+    let config = config.unwrap();
+    let cd = berth_tests::push_blob(&mia, &s.url, "acme/new", config.as_bytes()).await;
+    let m = berth_tests::image_manifest((&cd, config.len()), &[(&d, data.len())], "");
+    assert_eq!(put_manifest(&mia, &s.url, "acme/new", "v1", m).await.status(), 201);
+    let r = mia.get(format!("{}/api/packages/acme/new", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["source"], "acme/web");
+    assert_eq!(p["grants"]["user:mia"], "admin", "{p}");
+    let r = mia
+        .patch(format!("{}/api/packages/acme/new", s.url))
+        .json(&json!({"visibility": "internal"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the creator changes its settings");
+}
+
+/// The bootstrap credential is created once: revoking it lasts across restarts, and it never
+/// attaches to an existing account that is not a site administrator.
+#[tokio::test]
+async fn the_bootstrap_token_is_created_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
+    let tokens = admin(&s, reqwest::Method::GET, "admin/users/admin/tokens", None).await;
+    let id = tokens[0]["id"].as_str().unwrap().to_string();
+    admin(&s, reqwest::Method::DELETE, &format!("admin/tokens/{id}"), None).await;
+    s.stop();
+    let s = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
+    let r = client().get(format!("{}/v2/_catalog", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a revoked bootstrap token stays revoked after a restart");
+    drop(s);
+
+    // A name taken by an ordinary user is not turned into an administrator with a known token.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
+    admin(&s, reqwest::Method::POST, "admin/users", Some(json!({"name": "bob"}))).await;
+    s.stop();
+    let out = std::process::Command::new(berth_tests::berth_bin())
+        .args(["standalone", "--listen", "127.0.0.1:0", "--bootstrap-admin", "bob:a-token-bob-never-had"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a site administrator"));
+}
+
+/// Registry tokens are signed with a frontend's Ed25519 key named by key id; the public keys
+/// are published as a JWKS; rotation switches keys while tokens of the old key keep working
+/// until they expire; no key that could sign lies in the data directory.
+#[tokio::test]
+async fn signing_keys_rotate_and_are_published() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path(), "127.0.0.1:0", &[]);
+    let (_, t) = registry_token(&s, Some(("admin", berth_tests::ADMIN_TOKEN)), "repository:admin/x:pull").await;
+    let old = t["token"].as_str().unwrap().to_string();
+    let header: Value = serde_json::from_slice(&b64.decode(old.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["alg"], "EdDSA");
+    let kid = header["kid"].as_str().unwrap().to_string();
+    let jwks: Value =
+        client_with(None).get(format!("{}/.well-known/jwks.json", s.url)).send().await.unwrap().json().await.unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert!(keys.iter().any(|k| k["kid"] == kid.as_str() && k["kty"] == "OKP" && k["crv"] == "Ed25519"), "{jwks}");
+    assert!(keys.iter().all(|k| k.get("d").is_none()), "no private part is published");
+
+    let out = std::process::Command::new(berth_tests::berth_bin())
+        .args(["admin", "--url", &s.url, "--token", berth_tests::ADMIN_TOKEN, "keys", "rotate"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, t) = registry_token(&s, Some(("admin", berth_tests::ADMIN_TOKEN)), "repository:admin/x:pull").await;
+    let new = t["token"].as_str().unwrap().to_string();
+    let header: Value = serde_json::from_slice(&b64.decode(new.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_ne!(header["kid"], kid.as_str(), "new tokens are signed with the new key");
+    for token in [&old, &new] {
+        let r = bearer(token).get(format!("{}/v2/admin/x/tags/list", s.url)).send().await.unwrap();
+        assert_ne!(r.status(), 401, "tokens of both keys verify");
+    }
+    let jwks: Value =
+        client_with(None).get(format!("{}/.well-known/jwks.json", s.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    // An HS256 token over the same claims, keyed with anything public, is refused.
+    let claims = old.split('.').nth(1).unwrap();
+    let hs = format!("{}.{claims}.AAAA", b64.encode(format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#)));
+    assert_eq!(bearer(&hs).get(format!("{}/v2/admin/x/tags/list", s.url)).send().await.unwrap().status(), 401);
 }

@@ -38,6 +38,17 @@ enum AdminCommand {
     /// Package settings: visibility, grants, inheritance.
     #[command(subcommand)]
     Package(PackageCmd),
+    /// The keys that sign registry tokens.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCmd {
+    /// Makes every frontend sign with a new key; old keys verify until their tokens expire.
+    Rotate,
+    /// Lists the published token-verifying keys.
+    List,
 }
 
 #[derive(Subcommand, Debug)]
@@ -143,6 +154,8 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         }
         AdminCommand::User(UserCmd::Delete { name }) => (reqwest::Method::DELETE, format!("admin/users/{name}"), None),
         AdminCommand::User(UserCmd::List) => (reqwest::Method::GET, "admin/users".into(), None),
+        AdminCommand::Keys(KeysCmd::Rotate) => (reqwest::Method::POST, "admin/keys/rotate".into(), None),
+        AdminCommand::Keys(KeysCmd::List) => (reqwest::Method::GET, "admin/keys".into(), None),
         AdminCommand::Token(TokenCmd::Create { user, scopes, name, expires_days }) => (
             reqwest::Method::POST,
             format!("admin/users/{user}/tokens"),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use berth_frontend::serve as defaults;
 use serde::Deserialize;
 
 /// Flags of `berth standalone` (each also read from its environment variable).
@@ -39,6 +40,25 @@ pub struct StandaloneArgs {
     /// Lifetime of registry tokens in seconds [default: 300].
     #[arg(long, env = "BERTH_TOKEN_TTL_SECS")]
     pub token_ttl_secs: Option<u64>,
+    /// The registry's public base URL when clients reach it through a proxy (e.g.
+    /// https://registry.example.com); the token realm and Location headers use it.
+    #[arg(long, env = "BERTH_EXTERNAL_URL")]
+    pub external_url: Option<String>,
+    /// Seconds a client has to send a request's header [default: 20].
+    #[arg(long, env = "BERTH_HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Seconds a request body may send nothing before the request fails [default: 60].
+    #[arg(long, env = "BERTH_IDLE_BODY_TIMEOUT_SECS")]
+    pub idle_body_timeout_secs: Option<u64>,
+    /// Seconds a request other than an upload has to answer [default: 60].
+    #[arg(long, env = "BERTH_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Open connections per client address [default: 1000].
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Open upload sessions per caller [default: 1000].
+    #[arg(long, env = "BERTH_MAX_UPLOADS_PER_CALLER")]
+    pub max_uploads_per_caller: Option<usize>,
 }
 
 /// The TOML file's shape.
@@ -71,6 +91,16 @@ pub struct StandaloneConfig {
     pub service: String,
     /// Registry token lifetime.
     pub token_ttl: Duration,
+    /// Public base URL, without a trailing slash.
+    pub external_url: Option<String>,
+    /// Connection limits.
+    pub limits: berth_frontend::serve::ServeLimits,
+    /// Idle request body limit.
+    pub idle_body_timeout: Duration,
+    /// Whole-request limit for requests other than uploads.
+    pub request_timeout: Duration,
+    /// Open uploads per caller.
+    pub max_uploads_per_caller: usize,
 }
 
 impl StandaloneConfig {
@@ -106,6 +136,35 @@ impl StandaloneConfig {
             },
             service: args.service.unwrap_or_else(|| "berth".into()),
             token_ttl: Duration::from_secs(args.token_ttl_secs.unwrap_or(300).max(1)),
+            external_url: match args.external_url {
+                Some(u) => {
+                    let u = u.trim_end_matches('/').to_string();
+                    anyhow::ensure!(
+                        u.starts_with("http://") || u.starts_with("https://"),
+                        "--external-url must start with http:// or https://"
+                    );
+                    Some(u)
+                }
+                None => None,
+            },
+            limits: berth_frontend::serve::ServeLimits {
+                header_read_timeout: secs_or(args.header_read_timeout_secs, defaults::DEFAULT_HEADER_READ_TIMEOUT),
+                max_connections_per_ip: args
+                    .max_connections_per_ip
+                    .unwrap_or(defaults::DEFAULT_MAX_CONNECTIONS_PER_IP)
+                    .max(1),
+            },
+            idle_body_timeout: secs_or(args.idle_body_timeout_secs, berth_frontend::DEFAULT_IDLE_BODY_TIMEOUT),
+            request_timeout: secs_or(args.request_timeout_secs, berth_frontend::DEFAULT_REQUEST_TIMEOUT),
+            max_uploads_per_caller: args
+                .max_uploads_per_caller
+                .unwrap_or(berth_frontend::DEFAULT_MAX_UPLOADS_PER_CALLER)
+                .max(1),
         })
     }
+}
+
+/// `secs` seconds (at least one), or `default`.
+fn secs_or(secs: Option<u64>, default: Duration) -> Duration {
+    secs.map_or(default, |s| Duration::from_secs(s.max(1)))
 }

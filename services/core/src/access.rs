@@ -200,6 +200,17 @@ pub enum Identity {
 }
 
 impl Identity {
+    /// Whether the credentials carry `scope` (`write:packages` implies `read:packages`); only
+    /// personal access tokens have scopes.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        match self {
+            Identity::User { scopes, .. } => {
+                scopes.contains(&scope) || (scope == Scope::ReadPackages && scopes.contains(&Scope::WritePackages))
+            }
+            _ => false,
+        }
+    }
+
     /// The name put in a token's `sub`.
     pub fn subject(&self) -> String {
         match self {
@@ -313,12 +324,12 @@ pub fn allowed_actions(who: &Identity, repo: &str, facts: &AccessFacts) -> BTree
     let mut out = BTreeSet::new();
     let Some(perm) = permission(who, repo, facts) else { return out };
     let (read, write, delete) = match who {
-        Identity::User { scopes, site_admin: false, .. } => (
-            scopes.contains(&Scope::ReadPackages) || scopes.contains(&Scope::WritePackages),
-            scopes.contains(&Scope::WritePackages),
-            scopes.contains(&Scope::DeletePackages),
+        // A site administrator's token is cut down by its scopes like anyone's.
+        Identity::User { .. } => (
+            who.has_scope(Scope::ReadPackages),
+            who.has_scope(Scope::WritePackages),
+            who.has_scope(Scope::DeletePackages),
         ),
-        Identity::User { site_admin: true, .. } => (true, true, true),
         // CI tokens push and pull; they never delete.
         Identity::Ci { .. } => (true, true, false),
         // Anonymous reads only what is public, which the visibility rule decided.
@@ -416,6 +427,25 @@ mod tests {
         p.source = Some("acme/repo".into());
         let linked = AccessFacts { owner_is_org: true, package: Some(p), ..Default::default() };
         assert_eq!(allowed_actions(&ci, "acme/app", &linked), [Action::Pull, Action::Push].into());
+    }
+
+    #[test]
+    fn site_admin_tokens_are_cut_down_by_their_scopes() {
+        let admin = |scopes: &[Scope]| Identity::User {
+            name: "root".into(),
+            scopes: scopes.iter().copied().collect(),
+            site_admin: true,
+        };
+        let facts = AccessFacts { owner_is_org: true, package: Some(pkg(Visibility::Private)), ..Default::default() };
+        assert_eq!(allowed_actions(&admin(&[Scope::ReadPackages]), "acme/app", &facts), [Action::Pull].into());
+        assert_eq!(
+            allowed_actions(&admin(&[Scope::WritePackages]), "acme/app", &facts),
+            [Action::Pull, Action::Push].into()
+        );
+        assert_eq!(
+            allowed_actions(&admin(&ALL), "acme/app", &facts),
+            [Action::Pull, Action::Push, Action::Delete].into()
+        );
     }
 
     #[test]

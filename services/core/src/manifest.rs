@@ -2,8 +2,9 @@
 //!
 //! OCI image manifests and indexes and Docker schema 2 manifests and manifest lists are
 //! parsed (with `oci-spec`'s types, which the Docker formats share) to learn the blobs and
-//! child manifests they need, their `subject`, `artifactType` and annotations. Any other
-//! media type is stored as received, provided it is JSON.
+//! child manifests they need, their `subject`, `artifactType` and annotations. Those four
+//! are the manifest types; artifacts are image manifests with an `artifactType` (OCI 1.1).
+//! Any other media type is refused.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +40,8 @@ pub struct ParsedManifest {
     pub media_type: String,
     /// Blobs that must be linked in the repository (config and distributable layers).
     pub blobs: Vec<Digest>,
+    /// The config blob of an image manifest.
+    pub config: Option<Digest>,
     /// Child manifests that must exist in the repository (of an index).
     pub manifests: Vec<Digest>,
     /// `subject`, if present.
@@ -101,14 +104,11 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<ParsedManifest> 
             let i: ImageIndex = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
             parse_index(media_type, &i)
         }
-        _ => Ok(ParsedManifest {
-            media_type,
-            blobs: vec![],
-            manifests: vec![],
-            subject: None,
-            artifact_type: None,
-            annotations: BTreeMap::new(),
-        }),
+        // Anything else would be stored and served back with the type the pusher chose: a
+        // `text/html` "manifest" on the registry's origin is stored cross-site scripting.
+        other => Err(invalid(format!(
+            "manifest media type {other:?} is not supported; use an OCI or Docker image manifest or index"
+        ))),
     }
 }
 
@@ -133,7 +133,8 @@ fn annotations(a: &Option<std::collections::HashMap<String, String>>) -> BTreeMa
 }
 
 fn parse_image(media_type: String, m: &ImageManifest) -> Result<ParsedManifest> {
-    let mut blobs = vec![descriptor_digest(m.config())?];
+    let config = descriptor_digest(m.config())?;
+    let mut blobs = vec![config.clone()];
     for layer in m.layers() {
         let d = descriptor_digest(layer)?;
         if !is_foreign(layer) {
@@ -147,6 +148,7 @@ fn parse_image(media_type: String, m: &ImageManifest) -> Result<ParsedManifest> 
     Ok(ParsedManifest {
         media_type,
         blobs,
+        config: Some(config),
         manifests: vec![],
         subject: m.subject().as_ref().map(descriptor_digest).transpose()?,
         artifact_type,
@@ -161,6 +163,7 @@ fn parse_index(media_type: String, i: &ImageIndex) -> Result<ParsedManifest> {
     Ok(ParsedManifest {
         media_type,
         blobs: vec![],
+        config: None,
         manifests,
         subject: i.subject().as_ref().map(descriptor_digest).transpose()?,
         artifact_type: i.artifact_type().as_ref().map(|t| t.to_string()),
@@ -225,6 +228,14 @@ mod tests {
         assert_eq!(parse(None, v1.as_bytes()).unwrap_err().code, ErrorCode::ManifestInvalid);
         let big = vec![b' '; MAX_MANIFEST_SIZE + 1];
         assert_eq!(parse(None, &big).unwrap_err().status, 413);
+    }
+
+    #[test]
+    fn only_manifest_media_types() {
+        let html = br#"{"schemaVersion":2,"mediaType":"text/html","x":"<script>alert(1)</script>"}"#;
+        assert_eq!(parse(Some("text/html"), html).unwrap_err().code, ErrorCode::ManifestInvalid);
+        let body = br#"{"schemaVersion":2,"foo":1}"#;
+        assert_eq!(parse(Some("application/vnd.example+json"), body).unwrap_err().code, ErrorCode::ManifestInvalid);
     }
 
     #[test]

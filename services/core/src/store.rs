@@ -19,20 +19,26 @@ use crate::Digest;
 /// A body moving through Berth: chunks of bytes, never the whole blob at once.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 
-/// What the storage engine knows of a stored, verified blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobInfo {
-    /// The blob's content digest (verified).
-    pub digest: Digest,
+/// A verified blob as stored: its size and the stamp of the copy that holds it.
+///
+/// Stamps order copies: a storage node gives every copy it writes a stamp greater than any it
+/// gave before, and gives an existing copy a fresh one whenever a write finds it already there.
+/// Garbage collection records the highest stamp it deleted (the reap floor); a link that names
+/// a stamp at or below the floor is refused, so a link can never succeed for bytes the collector
+/// has taken, however the two race (see `berth_meta::state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
     /// Length in bytes.
     pub size: u64,
+    /// The stamp of the copy.
+    pub stamp: u64,
 }
 
 /// Bytes: verified blobs, and upload sessions being staged.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
-    /// Size of a stored blob, or `None`.
-    async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// Size and stamp of a stored blob, or `None`.
+    async fn stat(&self, digest: &Digest) -> Result<Option<Stored>>;
 
     /// Streams a stored blob, whole or the inclusive byte range `(first, last)` (already
     /// checked against its size by the caller). `BLOB_UNKNOWN` if absent.
@@ -42,11 +48,11 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>>;
 
     /// Stores `data` under `digest` after checking it hashes to it; durable on return.
-    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<()>;
+    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored>;
 
     /// Streams a whole blob in (monolithic upload), verifying it hashes to `digest` and is at
-    /// most `limit` bytes; durable on return. Returns its size.
-    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<u64>;
+    /// most `limit` bytes; durable on return.
+    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored>;
 
     /// Opens an empty staging area for upload `id`.
     async fn upload_start(&self, id: &str) -> Result<()>;
@@ -59,8 +65,8 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn upload_size(&self, id: &str) -> Result<Option<u64>>;
 
     /// Verifies upload `id` against `digest` and makes it a durable blob. The upload is gone
-    /// afterwards whatever the outcome, except when it is unknown. Returns the blob's size.
-    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<u64>;
+    /// afterwards whatever the outcome, except when it is unknown.
+    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored>;
 
     /// Drops upload `id` and its staged bytes.
     async fn upload_cancel(&self, id: &str) -> Result<()>;
@@ -68,8 +74,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Drops uploads that made no progress for `idle`; returns their ids.
     async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>>;
 
-    /// Removes a blob and reclaims its space. Returns whether it existed.
-    async fn delete(&self, digest: &Digest) -> Result<bool>;
+    /// Removes a blob and reclaims its space. Returns the stamp of the copy deleted, if any.
+    async fn delete(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    /// Stored blobs in digest order after `after`, at most `n`, with their stamps: the
+    /// inventory that garbage collection compares with what the metadata service knows.
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>>;
 }
 
 /// One manifest as the metadata service indexes it.
@@ -104,6 +114,9 @@ pub struct UploadSession {
     pub repo: String,
     /// When it started (milliseconds since the Unix epoch).
     pub started_at_ms: u64,
+    /// Who started it (the token subject), for the cap on open uploads per caller.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// A user account.
@@ -147,14 +160,48 @@ pub struct TokenRecord {
     pub last_used_ms: Option<u64>,
 }
 
+/// A public key that verifies registry tokens (Ed25519), as the metadata service keeps it for
+/// every frontend. Private keys are never stored anywhere: each frontend makes its own at
+/// start and on rotation, and publishes only the public half.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicSigningKey {
+    /// Key id, the `kid` of the tokens it verifies.
+    pub kid: String,
+    /// The public key, base64url without padding (a JWK's `x`).
+    pub x: String,
+    /// The frontend that signs with it (a restarted frontend retires its predecessor's keys).
+    pub owner: String,
+    /// When it was published (ms since the epoch).
+    pub created_ms: u64,
+    /// After this time (ms since the epoch) it verifies nothing: every token it signed has
+    /// expired. `None` while it may still sign.
+    pub retire_after_ms: Option<u64>,
+}
+
 /// A change to accounts, organizations, tokens or package settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DirectoryChange {
-    /// Sets the token-signing key if none is set yet.
+    /// Sets the token-signing key if none is set yet (the shared HMAC key of earlier
+    /// versions; only replayed from old logs, never written now).
     InitSigningKey {
         /// Hex of the HMAC key.
         key: String,
     },
+    /// Deletes the shared HMAC key of earlier versions from the state.
+    DropLegacySigningKey,
+    /// Publishes a frontend's new token-verifying key. Keys published earlier by the same
+    /// frontend (the same `owner`) retire at `retire_after_ms`, once the tokens they signed
+    /// have expired; keys retired before `now_ms` are removed.
+    PublishKey {
+        /// The new key.
+        key: PublicSigningKey,
+        /// When the replaced keys stop verifying (ms since the epoch).
+        retire_after_ms: u64,
+        /// Now (ms since the epoch).
+        now_ms: u64,
+    },
+    /// Asks every frontend to replace its signing key.
+    RotateKeys,
     /// Creates a user (answers false if it exists).
     CreateUser(User),
     /// Deletes a user and its tokens.
@@ -212,6 +259,9 @@ pub enum DirectoryChange {
         repo: String,
         /// Source repository to link (`ORG/REPO`).
         source: Option<String>,
+        /// The user whose push creates it; granted admin on it.
+        #[serde(default)]
+        creator: Option<String>,
         /// When (ms since the epoch).
         now_ms: u64,
     },
@@ -238,18 +288,21 @@ pub enum DirectoryChange {
 /// Everything that must be agreed on: repositories, links, manifests, tags, upload sessions.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
-    /// Makes `digest` (of `size` bytes) pullable from `repo`.
-    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()>;
+    /// Makes `digest` (stored as `blob`) pullable from `repo`. Refused with `BLOB_UNKNOWN` when
+    /// the collector is deleting it or has deleted the copy `blob` names.
+    async fn link_blob(&self, repo: &str, digest: &Digest, blob: Stored) -> Result<()>;
 
     /// Size of `digest` if it is linked in `repo`.
     async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
 
-    /// Removes the link; returns whether there was one.
+    /// Removes the link; returns whether there was one. Refused (`DENIED`, 409) while a
+    /// manifest of the repository references the blob, or when the blob is a manifest.
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool>;
 
-    /// Commits a manifest (linking its bytes into `repo`) and points `tags` at it, in one
-    /// write. Fails with `MANIFEST_BLOB_UNKNOWN` when a blob or child it needs is missing.
-    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>) -> Result<()>;
+    /// Commits a manifest (linking its bytes, stored as `bytes`, into `repo`) and points `tags`
+    /// at it, in one write. Fails with `MANIFEST_BLOB_UNKNOWN` when a blob or child it needs is
+    /// missing.
+    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>, bytes: Stored) -> Result<()>;
 
     /// A manifest of `repo` by digest.
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;
@@ -257,7 +310,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// What `tag` points at in `repo`.
     async fn tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>>;
 
-    /// Deletes a manifest and every tag pointing at it; returns whether it existed.
+    /// Deletes a manifest and every tag pointing at it; returns whether it existed. Its config
+    /// and layers stay linked for the grace period and are then collected unless another
+    /// manifest references them; children of an index that are left untagged and unreferenced
+    /// are deleted with it. Refused (`DENIED`, 409) while an index references the manifest.
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool>;
 
     /// Deletes one tag; returns whether it existed.
@@ -266,13 +322,25 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Tags of `repo` in lexical order after `last`, at most `n`; `None` if the repository is unknown.
     async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> Result<Option<Vec<String>>>;
 
-    /// Repository names in lexical order after `last`, at most `n`.
+    /// Names of repositories that hold at least one manifest, in lexical order after `last`,
+    /// at most `n`.
     async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>>;
 
-    /// Manifests of `repo` whose `subject` is `subject`.
-    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>>;
+    /// Names of public repositories that hold at least one manifest, in lexical order after
+    /// `last`, at most `n` (the anonymous catalog).
+    async fn public_repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>>;
 
-    /// Whether anything was ever pushed to `repo` (and not all deleted).
+    /// Manifests of `repo` whose `subject` is `subject`, in digest order after `after`, at
+    /// most `n`.
+    async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        after: Option<&Digest>,
+        n: usize,
+    ) -> Result<Vec<ManifestRecord>>;
+
+    /// Whether `repo` holds at least one manifest.
     async fn repo_exists(&self, repo: &str) -> Result<bool>;
 
     /// Records a new upload session.
@@ -281,17 +349,34 @@ pub trait MetaStore: Send + Sync + 'static {
     /// An upload session by id.
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>>;
 
-    /// Ends a session; with `link`, links the finished blob `(digest, size)` into its repository
-    /// in the same write.
-    async fn end_upload(&self, id: &str, link: Option<(Digest, u64)>) -> Result<()>;
+    /// Upload sessions in id order after `after`, at most `n`.
+    async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>>;
 
-    /// Blobs no repository links any more, unlinked for at least `grace`: candidates for
-    /// deletion. Each one returned is fenced: it cannot be linked again until
-    /// [`MetaStore::blob_reaped`] is called for it.
+    /// Open upload sessions of `caller` (a token subject), counted for the per-caller cap.
+    async fn uploads_of(&self, caller: &str) -> Result<usize>;
+
+    /// Ends a session; with `link`, links the finished blob into its repository in the same
+    /// write.
+    async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()>;
+
+    /// One step of garbage collection. Links that no manifest references and that have been
+    /// loose for at least `grace` are removed (except in repositories with an upload in
+    /// progress); then blobs no repository links, unlinked for at least `grace`, are fenced and
+    /// returned as candidates for deletion, at most `max`. A fenced blob cannot be linked
+    /// until [`MetaStore::blob_reaped`] is called for it.
     async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>>;
 
-    /// The storage engine has deleted `digest`; lifts its fence.
-    async fn blob_reaped(&self, digest: &Digest) -> Result<()>;
+    /// The storage engine has deleted `digest` (the copy with `stamp`, if there was one); lifts
+    /// its fence and raises the reap floor.
+    async fn blob_reaped(&self, digest: &Digest, stamp: Option<u64>) -> Result<()>;
+
+    /// Of `digests`, those the metadata service has no record of: linked nowhere, not a
+    /// deletion candidate and not being deleted.
+    async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>>;
+
+    /// Stored blobs the metadata service may not know of (bytes of a refused manifest, or of
+    /// a push cut short by a crash): those it has no record of become deletion candidates.
+    async fn note_strays(&self, digests: Vec<Digest>) -> Result<()>;
 
     // ---- accounts and permissions ----------------------------------------------------------
 
@@ -299,8 +384,14 @@ pub trait MetaStore: Send + Sync + 'static {
     /// or refused as a conflict, e.g. a name taken).
     async fn change_directory(&self, change: DirectoryChange) -> Result<bool>;
 
-    /// The token-signing key (hex), once set.
-    async fn signing_key(&self) -> Result<Option<String>>;
+    /// Token-verifying keys published by frontends, retired ones included until removed.
+    async fn signing_keys(&self) -> Result<Vec<PublicSigningKey>>;
+
+    /// How many times every frontend was asked to rotate its signing key.
+    async fn key_generation(&self) -> Result<u64>;
+
+    /// Whether the shared HMAC key of earlier versions is still in the state.
+    async fn has_legacy_signing_key(&self) -> Result<bool>;
 
     /// A user.
     async fn user(&self, name: &str) -> Result<Option<User>>;

@@ -11,6 +11,7 @@
 //! | `PUT /api/admin/orgs/{org}/repos/{repo}` (a source repository) | site admins, org owners |
 //! | `POST /api/admin/orgs/{org}/repos/{repo}/ci-tokens` | site admins, org owners, admins of the repo |
 //! | `GET/PATCH /api/packages/{name}` | readers / package admins |
+//! | `POST /api/admin/keys/rotate`, `GET /api/admin/keys` | site admins |
 //!
 //! Callers authenticate with a personal access token (Basic, or `Authorization: Bearer`).
 
@@ -42,18 +43,21 @@ const MAX_CONFIG: u64 = 1024 * 1024;
 
 use berth_core::now_ms;
 
-/// Creates the package on its first push: private, and linked to the CI token's repository
-/// when a CI token creates it.
+/// Creates the package on its first push: private, administered by the user who pushed it
+/// (as on GHCR, where the account that first publishes a package administers it), and linked
+/// to the CI token's repository when a CI token creates it.
 pub async fn ensure_package(reg: &Registry, who: &Identity, repo: &str) -> Result<(), RegistryError> {
     let facts = reg.meta.access_facts(who, repo).await?;
     if facts.package.is_some() {
         return Ok(());
     }
-    let source = match who {
-        Identity::Ci { source } => Some(source.clone()),
-        _ => None,
+    let (source, creator) = match who {
+        Identity::Ci { source } => (Some(source.clone()), None),
+        Identity::User { name, .. } => (None, Some(name.clone())),
+        Identity::Anonymous => (None, None),
     };
-    reg.meta.change_directory(DirectoryChange::EnsurePackage { repo: repo.into(), source, now_ms: now_ms() }).await?;
+    let change = DirectoryChange::EnsurePackage { repo: repo.into(), source, creator, now_ms: now_ms() };
+    reg.meta.change_directory(change).await?;
     Ok(())
 }
 
@@ -196,12 +200,43 @@ struct PackagePatch {
     grant: Option<String>,
 }
 
+/// The scope a call of the API needs: reading needs `read:packages`, any change
+/// `write:packages` (site administrators included: a token does no more than its scopes).
+fn needed_scope(method: &Method) -> Scope {
+    match *method {
+        Method::GET | Method::HEAD => Scope::ReadPackages,
+        _ => Scope::WritePackages,
+    }
+}
+
+fn lacks_scope(scope: Scope) -> RegistryError {
+    let name = serde_json::to_value(scope).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    RegistryError::new(ErrorCode::Denied, format!("this token lacks the {name} scope"))
+}
+
 async fn route(reg: &Registry, who: &Identity, req: Request) -> Result<Response, RegistryError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
+    let scope = needed_scope(&method);
+    if !who.has_scope(scope) {
+        return Err(lacks_scope(scope));
+    }
     let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
     let meta = &reg.meta;
     match (method, parts.as_slice()) {
+        (Method::POST, ["admin", "keys", "rotate"]) => {
+            if !is_site_admin(who) {
+                return Err(denied());
+            }
+            let kid = reg.auth.keys.rotate_everywhere().await?;
+            ok_json(StatusCode::OK, json!({"kid": kid}))
+        }
+        (Method::GET, ["admin", "keys"]) => {
+            if !is_site_admin(who) {
+                return Err(denied());
+            }
+            ok_json(StatusCode::OK, json!(meta.signing_keys().await?))
+        }
         (Method::GET, ["admin", "users"]) => {
             if !is_site_admin(who) {
                 return Err(denied());
@@ -254,6 +289,10 @@ async fn route(reg: &Registry, who: &Identity, req: Request) -> Result<Response,
             let t: NewToken = body_json(req).await?;
             if t.scopes.is_empty() {
                 return Err(bad_request("a token needs at least one scope"));
+            }
+            // A token never makes a token that can do more than itself.
+            if let Some(missing) = t.scopes.iter().find(|s| !who.has_scope(**s)) {
+                return Err(lacks_scope(*missing));
             }
             let expires_ms = t.expires_in_days.map(|d| now_ms() + d * 86_400_000);
             let (token, record) = new_token("pat", TokenOwner::User(name.to_string()), &t.name, t.scopes, expires_ms);

@@ -3,8 +3,9 @@
 //!
 //! Personal access tokens and CI tokens are checked against the metadata service (only their
 //! SHA-256 is stored: they are long random strings, so a slow password hash would add nothing
-//! but latency). The token endpoint turns one into a short-lived JWT (HS256, signed with the
-//! registry's key) listing the granted actions per repository; frontends verify it locally.
+//! but latency). The token endpoint turns one into a short-lived JWT (EdDSA, signed with the
+//! frontend's key and naming it by key id; see [`crate::keys`]) listing the granted actions per
+//! repository; any frontend verifies it with the published public keys.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use base64::Engine as _;
 use berth_core::access::{allowed_actions, Action, Identity, Scope};
 use berth_core::store::{DirectoryChange, TokenOwner, TokenRecord};
 use berth_core::{ErrorCode, RegistryError};
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -37,12 +38,16 @@ const ISSUER: &str = "berth";
 /// Token-signing settings of a frontend.
 #[derive(Clone)]
 pub struct AuthConfig {
-    /// HMAC key.
-    pub key: Vec<u8>,
+    /// Signing and verifying keys.
+    pub keys: Arc<crate::keys::KeyRing>,
     /// The `service` of challenges and the `aud` of tokens.
     pub service: String,
     /// Lifetime of registry tokens.
     pub ttl: Duration,
+    /// The registry's public base URL (`https://registry.example.com`), when clients reach it
+    /// through a proxy; the token realm and `Location` headers use it. Without it the realm
+    /// is `http://` and the request's `Host`.
+    pub external_url: Option<String>,
 }
 
 fn now() -> SystemTime {
@@ -215,21 +220,29 @@ fn sign(cfg: &AuthConfig, who: &Identity, access: Vec<AccessEntry>) -> Result<St
         scopes,
         site_admin,
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&cfg.key))
-        .map_err(RegistryError::internal)
+    let (kid, key) = cfg.keys.signing()?;
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(kid);
+    jsonwebtoken::encode(&header, &claims, &key).map_err(RegistryError::internal)
 }
 
-/// Verifies a registry token: HS256 only, our issuer and service, within its lifetime.
-pub fn verify(cfg: &AuthConfig, token: &str) -> Result<Claims, RegistryError> {
-    let mut v = Validation::new(Algorithm::HS256);
+/// Verifies a registry token: EdDSA only, signed by a published key that has not retired, our
+/// issuer and service, within its lifetime.
+pub async fn verify(cfg: &AuthConfig, token: &str) -> Result<Claims, RegistryError> {
+    let bad = || unauthorized("invalid or expired token");
+    let header = jsonwebtoken::decode_header(token).map_err(|_| bad())?;
+    if header.alg != Algorithm::EdDSA {
+        return Err(bad());
+    }
+    let kid = header.kid.ok_or_else(bad)?;
+    let key = cfg.keys.verifying(&kid).await?.ok_or_else(bad)?;
+    let mut v = Validation::new(Algorithm::EdDSA);
     v.set_issuer(&[ISSUER]);
     v.set_audience(&[cfg.service.as_str()]);
     v.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
     v.validate_nbf = true;
     v.leeway = 0;
-    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(&cfg.key), &v)
-        .map(|d| d.claims)
-        .map_err(|_| unauthorized("invalid or expired token"))
+    jsonwebtoken::decode::<Claims>(token, &key, &v).map(|d| d.claims).map_err(|_| bad())
 }
 
 // ---- callers --------------------------------------------------------------------------------
@@ -276,7 +289,7 @@ pub async fn caller(reg: &Registry, headers: &HeaderMap) -> Result<Caller, Regis
         if let Some(claims) = reg.verified.get(t).filter(|c| c.exp > now) {
             return Ok(Caller { identity: claims.identity(), claims: Some(claims), presented: true });
         }
-        let claims = Arc::new(verify(&reg.auth, t)?);
+        let claims = Arc::new(verify(&reg.auth, t).await?);
         reg.verified.insert(t.to_string(), claims.clone());
         return Ok(Caller { identity: claims.identity(), claims: Some(claims), presented: true });
     }
@@ -297,10 +310,17 @@ pub async fn actions(reg: &Registry, caller: &Caller, repo: &str) -> Result<BTre
     Ok(allowed_actions(&caller.identity, repo, &facts))
 }
 
-/// The challenge that sends a client to the token endpoint.
+/// The challenge that sends a client to the token endpoint, asking for `scope` (one or more
+/// scope strings separated by spaces).
 pub fn challenge(reg: &Registry, headers: &HeaderMap, scope: Option<&str>, insufficient: bool) -> HeaderValue {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    let mut v = format!("Bearer realm=\"http://{host}/token\",service=\"{}\"", reg.auth.service);
+    let realm = match &reg.auth.external_url {
+        Some(base) => format!("{base}/token"),
+        None => {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            format!("http://{host}/token")
+        }
+    };
+    let mut v = format!("Bearer realm=\"{realm}\",service=\"{}\"", reg.auth.service);
     if let Some(s) = scope {
         v.push_str(&format!(",scope=\"{s}\""));
     }
@@ -310,17 +330,42 @@ pub fn challenge(reg: &Registry, headers: &HeaderMap, scope: Option<&str>, insuf
     HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
 }
 
+/// The scope string a request for `action` on `repo` needs, as the Docker token protocol
+/// names it: pushing needs pull too, deleting needs delete.
+pub fn scope_for(repo: &str, action: Action) -> String {
+    let actions = match action {
+        Action::Pull => "pull",
+        Action::Push => "pull,push",
+        Action::Delete => "delete",
+    };
+    format!("repository:{repo}:{actions}")
+}
+
+/// `401` with a challenge for `scope`: the caller's token lacks it but a new token may carry it.
+pub fn upgrade(reg: &Registry, headers: &HeaderMap, scope: &str, insufficient: bool) -> Response {
+    let mut r = error_response(unauthorized("authentication required"));
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(reg, headers, Some(scope), insufficient));
+    r
+}
+
 /// The response to a request the caller may not make.
-pub fn refuse(reg: &Registry, caller: &Caller, headers: &HeaderMap, repo: &str, action: Action) -> Response {
-    let scope = format!("repository:{repo}:{}", if action == Action::Pull { "pull" } else { "pull,push" });
+///
+/// Anonymous callers and registry tokens that lack the action get `401` with a challenge
+/// naming the scope the request needs (with `error="insufficient_scope"` for a token), as the
+/// Docker token protocol has it, so that clients fetch a token for it. When the identity
+/// behind the credentials could not get that scope anyway, the answer is `403 DENIED`, the
+/// same whether the repository exists or not.
+pub async fn refuse(reg: &Registry, caller: &Caller, headers: &HeaderMap, repo: &str, action: Action) -> Response {
+    let scope = scope_for(repo, action);
     if !caller.presented {
-        let mut r = error_response(unauthorized("authentication required"));
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(reg, headers, Some(&scope), false));
-        return r;
+        return upgrade(reg, headers, &scope, false);
     }
-    // Credentials that do not reach: the same answer whether the repository exists or not. A
-    // registry token that lacks the action also carries a challenge, so that clients which
-    // cache one token (oras-py) fetch a new one for this scope.
+    if caller.claims.is_some() {
+        let facts = reg.meta.access_facts(&caller.identity, repo).await;
+        if facts.is_ok_and(|f| allowed_actions(&caller.identity, repo, &f).contains(&action)) {
+            return upgrade(reg, headers, &scope, true);
+        }
+    }
     let mut r = error_response(RegistryError::new(ErrorCode::Denied, "requested access to the resource is denied"));
     if caller.claims.is_some() {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(reg, headers, Some(&scope), true));

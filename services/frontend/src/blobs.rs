@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
-use berth_core::access::{Action, Identity};
+use berth_core::access::{allowed_actions, Action, Identity};
 use berth_core::{Digest, ErrorCode, RegistryError, UploadSession};
 
 use crate::auth::{self, Caller};
@@ -88,7 +88,7 @@ pub async fn get(
     if reg.meta.blob_link(name, &digest).await?.is_none() {
         return Err(blob_unknown(&digest));
     }
-    let Some(size) = reg.blobs.stat(&digest).await? else {
+    let Some(size) = reg.blobs.stat(&digest).await?.map(|b| b.size) else {
         return Err(blob_unknown(&digest));
     };
     let d = digest.to_string();
@@ -120,6 +120,7 @@ pub async fn get(
 }
 
 /// `DELETE /v2/<name>/blobs/<digest>`: unlinks the blob; its bytes go once nothing links it.
+/// A blob that a manifest of the repository references is refused (409): delete the manifest.
 pub async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<Response, RegistryError> {
     let digest = parse_digest(digest)?;
     if !reg.meta.unlink_blob(name, &digest).await? {
@@ -128,19 +129,28 @@ pub async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<Response
     empty(StatusCode::ACCEPTED, &[("docker-content-digest", digest.to_string())])
 }
 
-fn created(name: &str, digest: &Digest) -> Result<Response, RegistryError> {
+fn created(reg: &Registry, name: &str, digest: &Digest) -> Result<Response, RegistryError> {
     empty(
         StatusCode::CREATED,
-        &[("location", format!("/v2/{name}/blobs/{digest}")), ("docker-content-digest", digest.to_string())],
+        &[
+            ("location", reg.location(&format!("/v2/{name}/blobs/{digest}"))),
+            ("docker-content-digest", digest.to_string()),
+        ],
     )
 }
 
-fn upload_accepted(status: StatusCode, name: &str, id: &str, size: u64) -> Result<Response, RegistryError> {
+fn upload_accepted(
+    reg: &Registry,
+    status: StatusCode,
+    name: &str,
+    id: &str,
+    size: u64,
+) -> Result<Response, RegistryError> {
     // `Range` is inclusive; an empty upload reports 0-0 as docker and distribution do.
     empty(
         status,
         &[
-            ("location", format!("/v2/{name}/blobs/uploads/{id}")),
+            ("location", reg.location(&format!("/v2/{name}/blobs/uploads/{id}"))),
             ("range", format!("0-{}", size.saturating_sub(1))),
             ("docker-upload-uuid", id.to_string()),
         ],
@@ -155,25 +165,39 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         // A mount that cannot be honoured falls back to a new session, as the spec says; so
         // does one from a repository the caller may not pull from, which reveals nothing.
         if let Ok(digest) = mount.parse::<Digest>() {
-            let source = match query_param(req.uri(), "from") {
+            let readable = match query_param(req.uri(), "from") {
                 Some(from) if berth_core::name::valid_name(&from) => {
-                    if auth::actions(reg, caller, &from).await?.contains(&Action::Pull) {
-                        reg.meta.blob_link(&from, &digest).await?
+                    if !auth::actions(reg, caller, &from).await?.contains(&Action::Pull) {
+                        // A registry token for this repository alone: if a token may also
+                        // name the source, say so, as docker asks for both scopes up front.
+                        if caller.claims.is_some() {
+                            let facts = reg.meta.access_facts(&caller.identity, &from).await?;
+                            if allowed_actions(&caller.identity, &from, &facts).contains(&Action::Pull) {
+                                let scope = format!(
+                                    "{} {}",
+                                    auth::scope_for(name, Action::Push),
+                                    auth::scope_for(&from, Action::Pull)
+                                );
+                                return Ok(auth::upgrade(reg, req.headers(), &scope, true));
+                            }
+                        }
+                        false
                     } else {
-                        None
+                        reg.meta.blob_link(&from, &digest).await?.is_some()
                     }
                 }
-                Some(_) => None,
+                Some(_) => false,
                 // Without `from` the blob may be anywhere: only site administrators, who may
                 // read everything, mount that way.
-                None if matches!(caller.identity, Identity::User { site_admin: true, .. }) => {
-                    reg.blobs.stat(&digest).await?
-                }
-                None => None,
+                None => matches!(caller.identity, Identity::User { site_admin: true, .. }),
             };
-            if let Some(size) = source {
-                if reg.blobs.stat(&digest).await?.is_some() && reg.meta.link_blob(name, &digest, size).await.is_ok() {
-                    return created(name, &digest);
+            // The stored copy's stamp goes with the link, so a copy the collector took in the
+            // meantime is refused and the client uploads instead.
+            if readable {
+                if let Some(stored) = reg.blobs.stat(&digest).await? {
+                    if reg.meta.link_blob(name, &digest, stored).await.is_ok() {
+                        return created(reg, name, &digest);
+                    }
                 }
             }
         }
@@ -183,18 +207,28 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         if content_length(req.headers()).is_some_and(|n| n > reg.config.max_blob) {
             return Err(too_big(reg.config.max_blob));
         }
-        let size = reg.blobs.put(&digest, body_stream(&req), reg.config.max_blob).await?;
-        reg.meta.link_blob(name, &digest, size).await?;
-        return created(name, &digest);
+        let stored =
+            reg.blobs.put(&digest, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob).await?;
+        reg.meta.link_blob(name, &digest, stored).await?;
+        return created(reg, name, &digest);
+    }
+    let owner = caller.identity.subject();
+    if reg.meta.uploads_of(&owner).await? >= reg.config.max_uploads_per_caller {
+        return Err(RegistryError::new(
+            ErrorCode::TooManyRequests,
+            format!("{} uploads are open already; finish or cancel some", reg.config.max_uploads_per_caller),
+        ));
     }
     let id = uuid::Uuid::new_v4().to_string();
     reg.blobs.upload_start(&id).await?;
-    let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms() };
+    let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms(), owner };
     if let Err(e) = reg.meta.create_upload(session).await {
-        let _ = reg.blobs.upload_cancel(&id).await;
+        if let Err(c) = reg.blobs.upload_cancel(&id).await {
+            tracing::warn!(upload = %id, error = %c, "dropping the staging area of an upload not recorded");
+        }
         return Err(e);
     }
-    upload_accepted(StatusCode::ACCEPTED, name, &id, 0)
+    upload_accepted(reg, StatusCode::ACCEPTED, name, &id, 0)
 }
 
 /// The session `id` of repository `name`, or `BLOB_UPLOAD_UNKNOWN`.
@@ -248,13 +282,19 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
             return Err(too_big(reg.config.max_blob));
         }
     }
-    let size = reg.blobs.upload_append(id, offset, body_stream(&req), reg.config.max_blob).await?;
+    let size = reg
+        .blobs
+        .upload_append(id, offset, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob)
+        .await?;
     Ok(Some(size))
 }
 
 /// Ends a session whose staged bytes are gone, so that it stops being reported.
 async fn forget(reg: &Registry, id: &str) {
-    let _ = reg.meta.end_upload(id, None).await;
+    if let Err(e) = reg.meta.end_upload(id, None).await {
+        // Housekeeping ends sessions whose staging area is gone; nothing is lost meanwhile.
+        tracing::warn!(upload = %id, error = %e, "ending an upload whose bytes are gone");
+    }
 }
 
 /// `PATCH /v2/<name>/blobs/uploads/<id>`: a chunk, or the whole blob streamed.
@@ -270,7 +310,7 @@ pub async fn patch(reg: &Registry, name: &str, id: &str, req: Request) -> Result
             return Err(e);
         }
     };
-    upload_accepted(StatusCode::ACCEPTED, name, id, size)
+    upload_accepted(reg, StatusCode::ACCEPTED, name, id, size)
 }
 
 /// `PUT /v2/<name>/blobs/uploads/<id>?digest=`: the last chunk (optional), then verification.
@@ -286,9 +326,9 @@ pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Resul
         return Err(e);
     }
     match reg.blobs.upload_finish(id, &digest).await {
-        Ok(size) => {
-            reg.meta.end_upload(id, Some((digest.clone(), size))).await?;
-            created(name, &digest)
+        Ok(stored) => {
+            reg.meta.end_upload(id, Some((digest.clone(), stored))).await?;
+            created(reg, name, &digest)
         }
         Err(e) => {
             // The staged bytes are gone (a mismatch discards them), so is the session.
@@ -302,7 +342,7 @@ pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Resul
 pub async fn status(reg: &Registry, name: &str, id: &str) -> Result<Response, RegistryError> {
     session(reg, name, id).await?;
     match reg.blobs.upload_size(id).await? {
-        Some(size) => upload_accepted(StatusCode::NO_CONTENT, name, id, size),
+        Some(size) => upload_accepted(reg, StatusCode::NO_CONTENT, name, id, size),
         None => {
             forget(reg, id).await;
             Err(upload_unknown(id))
@@ -313,7 +353,10 @@ pub async fn status(reg: &Registry, name: &str, id: &str) -> Result<Response, Re
 /// `DELETE /v2/<name>/blobs/uploads/<id>`: cancels the upload.
 pub async fn cancel(reg: &Registry, name: &str, id: &str) -> Result<Response, RegistryError> {
     session(reg, name, id).await?;
-    let _ = reg.blobs.upload_cancel(id).await;
+    if let Err(e) = reg.blobs.upload_cancel(id).await {
+        // The session ends anyway; expiry removes a staging file left behind.
+        tracing::warn!(upload = %id, error = %e, "cancelling an upload's staging area");
+    }
     reg.meta.end_upload(id, None).await?;
     empty(StatusCode::NO_CONTENT, &[])
 }

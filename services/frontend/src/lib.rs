@@ -9,8 +9,10 @@
 mod admin;
 pub mod auth;
 mod blobs;
+pub mod keys;
 mod manifests;
 pub mod routes;
+pub mod serve;
 
 use std::io;
 use std::sync::Arc;
@@ -35,11 +37,35 @@ pub struct FrontendConfig {
     pub max_blob: u64,
     /// Bytes of manifests kept in memory by digest.
     pub manifest_cache_bytes: u64,
+    /// Upload sessions one caller may have open at once.
+    pub max_uploads_per_caller: usize,
+    /// Time a request body may go without a byte before the request fails (a stalled upload
+    /// then releases its session for the next `PATCH` and for expiry).
+    pub idle_body_timeout: Duration,
+    /// Time a request other than an upload has to produce its response.
+    pub request_timeout: Duration,
 }
+
+/// Default time a body may stall: a minute of silence is a broken client, not a slow one.
+pub const DEFAULT_IDLE_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default time for a request other than an upload: they read at most a manifest's 4 MiB.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Open uploads one caller may hold by default: docker pushes three layers at a time and a CI
+/// runner a few images at once; a thousand leaves room for a fleet behind one token while
+/// bounding the staging space one token can pin.
+pub const DEFAULT_MAX_UPLOADS_PER_CALLER: usize = 1000;
 
 impl Default for FrontendConfig {
     fn default() -> Self {
-        FrontendConfig { max_blob: berth_core::store::DEFAULT_MAX_BLOB, manifest_cache_bytes: 16 * 1024 * 1024 }
+        FrontendConfig {
+            max_blob: berth_core::store::DEFAULT_MAX_BLOB,
+            manifest_cache_bytes: 16 * 1024 * 1024,
+            max_uploads_per_caller: DEFAULT_MAX_UPLOADS_PER_CALLER,
+            idle_body_timeout: DEFAULT_IDLE_BODY_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
     }
 }
 
@@ -80,6 +106,17 @@ impl Registry {
             manifests,
             verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
         })
+    }
+}
+
+impl Registry {
+    /// The URL a `Location` header gives for `path`: absolute under the external URL when one
+    /// is configured, relative otherwise (clients resolve it against the URL they used).
+    fn location(&self, path: &str) -> String {
+        match &self.auth.external_url {
+            Some(base) => format!("{base}{path}"),
+            None => path.to_string(),
+        }
     }
 }
 
@@ -130,34 +167,84 @@ async fn drain(body: Body) -> bool {
     tokio::time::timeout(DRAIN_TIMEOUT, all).await.unwrap_or(false)
 }
 
+/// Headers every response carries: the API version; `nosniff` and a policy that lets nothing
+/// run, so that no byte served from the registry's origin is ever taken for a page or script.
+const FIXED_HEADERS: [(&str, &str); 3] =
+    [API_VERSION, ("x-content-type-options", "nosniff"), ("content-security-policy", "default-src 'none'; sandbox")];
+
 async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+    use tracing::Instrument as _;
+    // Errors are logged under this id and clients get it back, never the internal detail.
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    let span = tracing::info_span!("request", id = %request_id, method = %req.method(), path = %req.uri().path());
+    let mut resp = route_request(reg, req).instrument(span).await;
+    let headers = resp.headers_mut();
+    for (k, v) in FIXED_HEADERS {
+        headers.insert(k, HeaderValue::from_static(v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Where the public keys that verify registry tokens are published, as a JSON Web Key Set.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// Whether a request streams a body of unbounded length (an upload): those are bounded by
+/// the idle-body timeout, not the whole-request one.
+fn streams_body(route: &Route, method: &Method) -> bool {
+    matches!(route, Route::UploadStart { .. } | Route::Upload { .. })
+        && matches!(*method, Method::POST | Method::PATCH | Method::PUT)
+}
+
+async fn route_request(reg: Arc<Registry>, req: Request) -> Response {
     let path = req.uri().path().to_string();
+    if path == JWKS_PATH {
+        return match reg.auth.keys.jwks().await {
+            Ok(v) => json_response(StatusCode::OK, v.to_string()),
+            Err(e) => error_response(e),
+        };
+    }
     // The token endpoint and the REST API read their (small, bounded) bodies themselves.
     if path == "/token" || path.starts_with("/api/") {
-        let mut resp =
-            if path == "/token" { auth::token_endpoint(&reg, req).await } else { admin::handle(&reg, req).await };
-        resp.headers_mut().insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
-        return resp;
+        let work = async {
+            if path == "/token" {
+                auth::token_endpoint(&reg, req).await
+            } else {
+                admin::handle(&reg, req).await
+            }
+        };
+        return within(reg.config.request_timeout, work).await;
     }
     let (parts, body) = req.into_parts();
     let slot = BodySlot(Arc::new(std::sync::Mutex::new(Some(body))));
     let mut req = Request::from_parts(parts, Body::empty());
     req.extensions_mut().insert(slot.clone());
-    let mut resp = {
-        match routes::parse(&path) {
-            None => error_response(RegistryError::new(ErrorCode::Unsupported, "no such endpoint").with_status(404)),
-            Some(Err(e)) => error_response(e),
-            Some(Ok(route)) => match auth::caller(&reg, req.headers()).await {
-                Err(e) => {
-                    let mut r = error_response(e);
-                    r.headers_mut().insert(header::WWW_AUTHENTICATE, auth::challenge(&reg, req.headers(), None, false));
-                    r
+    let mut resp = match routes::parse(&path) {
+        None => error_response(RegistryError::new(ErrorCode::Unsupported, "no such endpoint").with_status(404)),
+        Some(Err(e)) => error_response(e),
+        Some(Ok(route)) => {
+            let unbounded = streams_body(&route, req.method());
+            let work = async {
+                match auth::caller(&reg, req.headers()).await {
+                    Err(e) => {
+                        let mut r = error_response(e);
+                        r.headers_mut()
+                            .insert(header::WWW_AUTHENTICATE, auth::challenge(&reg, req.headers(), None, false));
+                        r
+                    }
+                    Ok(caller) => match authorize(&reg, &caller, &route, req.method(), req.headers()).await {
+                        Err(refused) => refused,
+                        Ok(()) => handle(&reg, &caller, route, req).await.unwrap_or_else(error_response),
+                    },
                 }
-                Ok(caller) => match authorize(&reg, &caller, &route, req.method(), req.headers()).await {
-                    Err(refused) => refused,
-                    Ok(()) => handle(&reg, &caller, route, req).await.unwrap_or_else(error_response),
-                },
-            },
+            };
+            if unbounded {
+                work.await
+            } else {
+                within(reg.config.request_timeout, work).await
+            }
         }
     };
     if let Some(body) = slot.take() {
@@ -165,8 +252,18 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
     }
-    resp.headers_mut().insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
     resp
+}
+
+/// Runs a request's work with a deadline; past it the client gets `503` and may retry.
+async fn within(limit: Duration, work: impl std::future::Future<Output = Response>) -> Response {
+    match tokio::time::timeout(limit, work).await {
+        Ok(r) => r,
+        Err(_) => error_response(
+            RegistryError::new(ErrorCode::Unknown, format!("the request took longer than {} s", limit.as_secs()))
+                .with_status(503),
+        ),
+    }
 }
 
 /// The repository and action a `/v2/` request needs, if any.
@@ -205,7 +302,7 @@ async fn authorize(
     let Some((repo, action)) = required(route, method) else { return Ok(()) };
     let allowed = auth::actions(reg, caller, &repo).await.map_err(error_response)?;
     if !allowed.contains(&action) {
-        return Err(auth::refuse(reg, caller, headers, &repo, action));
+        return Err(auth::refuse(reg, caller, headers, &repo, action).await);
     }
     let starts_push = matches!(route, Route::UploadStart { .. })
         || (matches!(route, Route::Manifest { .. }) && method == Method::PUT);
@@ -243,13 +340,24 @@ async fn handle(reg: &Registry, caller: &auth::Caller, route: Route, req: Reques
 
 // ---- response helpers -------------------------------------------------------------------
 
-/// The one place a [`RegistryError`] becomes an HTTP response.
+/// The one place a [`RegistryError`] becomes an HTTP response. A server fault's detail is
+/// logged (under the request's id) and never sent: it may name files, nodes or states.
 pub fn error_response(e: RegistryError) -> Response {
-    if e.code == ErrorCode::Unknown {
-        tracing::error!(detail = %e.detail, status = e.status, "request failed");
-    }
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = json_response(status, e.body());
+    let body = if e.code == ErrorCode::Unknown {
+        tracing::error!(detail = %e.detail, status = e.status, "request failed");
+        RegistryError::new(
+            ErrorCode::Unknown,
+            "internal error; the server log has it under this response's X-Request-Id",
+        )
+        .body()
+    } else {
+        e.body()
+    };
+    let mut resp = json_response(status, body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     if e.status == 416 {
         // The upload's state travels in the message; clients recover with a GET of the upload.
         resp.headers_mut().insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes */*"));
@@ -275,12 +383,50 @@ fn empty(status: StatusCode, headers: &[(&'static str, String)]) -> Result<Respo
     resp.header(header::CONTENT_LENGTH, "0").body(Body::empty()).map_err(RegistryError::internal)
 }
 
-/// The request body as a stream of chunks (empty when already taken).
-fn body_stream(req: &Request) -> ByteStream {
+/// The request body as a stream of chunks (empty when already taken). A body that sends
+/// nothing for `idle` fails with `TimedOut`, which ends the request and releases what it held.
+fn body_stream(req: &Request, idle: Duration) -> ByteStream {
     match req.extensions().get::<BodySlot>().and_then(BodySlot::take) {
-        Some(body) => Box::pin(body.into_data_stream().map_err(io::Error::other)),
+        Some(body) => with_idle_timeout(Box::pin(body.into_data_stream().map_err(io::Error::other)), idle),
         None => Box::pin(futures::stream::empty()),
     }
+}
+
+/// Bytes a request body must deliver in each idle window to count as moving: a client
+/// trickling a byte a second holds its upload as surely as one that sends nothing.
+pub const MIN_BODY_PROGRESS: u64 = 64 * 1024;
+
+/// `body`, failing once a window of `idle` passes in which it delivered fewer than
+/// [`MIN_BODY_PROGRESS`] bytes without ending.
+fn with_idle_timeout(body: ByteStream, idle: Duration) -> ByteStream {
+    struct Watch {
+        body: ByteStream,
+        deadline: tokio::time::Instant,
+        moved: u64,
+    }
+    let start = Watch { body, deadline: tokio::time::Instant::now() + idle, moved: 0 };
+    Box::pin(futures::stream::unfold(Some(start), move |state| async move {
+        let mut w = state?;
+        match tokio::time::timeout_at(w.deadline, futures::StreamExt::next(&mut w.body)).await {
+            Ok(Some(Ok(chunk))) => {
+                w.moved += chunk.len() as u64;
+                if w.moved >= MIN_BODY_PROGRESS {
+                    w.moved = 0;
+                    w.deadline = tokio::time::Instant::now() + idle;
+                }
+                Some((Ok(chunk), Some(w)))
+            }
+            Ok(Some(Err(e))) => Some((Err(e), None)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the body sent less than {MIN_BODY_PROGRESS} bytes in {} s", idle.as_secs()),
+                )),
+                None,
+            )),
+        }
+    }))
 }
 
 /// `Content-Length` of the request, if given and numeric.

@@ -120,12 +120,12 @@ async fn manifest_bytes(reg: &Registry, digest: &Digest) -> Result<Bytes, Regist
 }
 
 /// Reads a manifest body, refusing more than [`MAX_MANIFEST_SIZE`] bytes as soon as it shows.
-async fn read_manifest_body(req: Request) -> Result<Bytes, RegistryError> {
+async fn read_manifest_body(req: Request, idle: std::time::Duration) -> Result<Bytes, RegistryError> {
     let too_big = || RegistryError::new(ErrorCode::ManifestInvalid, "manifest exceeds 4 MiB").with_status(413);
     if content_length(req.headers()).is_some_and(|n| n > MAX_MANIFEST_SIZE as u64) {
         return Err(too_big());
     }
-    let mut body = body_stream(&req);
+    let mut body = body_stream(&req, idle);
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| RegistryError::new(ErrorCode::ManifestInvalid, format!("reading body: {e}")))?;
@@ -149,8 +149,10 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
         }
         tags.push(t);
     }
+    // The tags given as `?tag=` are echoed in `OCI-Tag`, which tells the client they were set.
+    let tag_params = tags.clone();
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let body = read_manifest_body(req).await?;
+    let body = read_manifest_body(req, reg.config.idle_body_timeout).await?;
     let digest = match &reference {
         Reference::Digest(d) => {
             if !d.matches(&body) {
@@ -166,7 +168,7 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     let parsed = manifest::parse(content_type.as_deref(), &body)?;
     let parsed_source = crate::admin::SourceHint {
         annotation: parsed.annotations.get(crate::admin::SOURCE_KEY).cloned(),
-        config: parsed.blobs.first().cloned().filter(|_| !manifest::is_index(&parsed.media_type)),
+        config: parsed.config.clone(),
     };
     let record = ManifestRecord {
         digest: digest.clone(),
@@ -179,15 +181,19 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
         manifests: parsed.manifests,
         pushed_at_ms: now_ms(),
     };
-    reg.blobs.put_small(&digest, body.clone()).await?;
-    reg.meta.put_manifest(name, record, tags).await?;
+    // Bytes of a manifest the metadata service then refuses are collected as strays.
+    let stored = reg.blobs.put_small(&digest, body.clone()).await?;
+    reg.meta.put_manifest(name, record, tags, stored).await?;
     reg.manifests.insert(digest.clone(), body);
     crate::admin::link_source(reg, name, &parsed_source).await;
-    let mut headers =
-        vec![("location", format!("/v2/{name}/manifests/{digest}")), ("docker-content-digest", digest.to_string())];
+    let mut headers = vec![
+        ("location", reg.location(&format!("/v2/{name}/manifests/{digest}"))),
+        ("docker-content-digest", digest.to_string()),
+    ];
     if let Some(subject) = parsed.subject {
         headers.push(("oci-subject", subject.to_string()));
     }
+    headers.extend(tag_params.into_iter().map(|t| ("oci-tag", t)));
     empty(StatusCode::CREATED, &headers)
 }
 
@@ -252,37 +258,77 @@ pub async fn tags(reg: &Registry, name: &str, uri: &Uri) -> Result<Response, Reg
     listing(body, next_link(&format!("/v2/{name}/tags/list"), &tags, n, more))
 }
 
+/// Repositories a catalog request examines at most for a caller whose access is checked per
+/// repository: the request's work stays bounded however many private repositories there are.
+/// A page that runs out of this budget ends early and links to the rest.
+pub const CATALOG_SCAN: usize = 10_000;
+
 /// `GET /v2/_catalog[?n=&last=]`: the repositories the caller may pull from.
 pub async fn catalog(reg: &Registry, caller: &crate::auth::Caller, uri: &Uri) -> Result<Response, RegistryError> {
-    let (n, mut last, _) = page(uri)?;
-    // The catalog is judged per repository from the caller's identity, whatever the token says.
-    let who = crate::auth::Caller { identity: caller.identity.clone(), claims: None, presented: caller.presented };
-    let mut repos = vec![];
-    let mut more = false;
-    'pages: loop {
-        let batch = reg.meta.repositories(last.as_deref(), MAX_PAGE).await?;
-        let exhausted = batch.len() < MAX_PAGE;
-        for repo in batch {
-            last = Some(repo.clone());
-            if !crate::auth::actions(reg, &who, &repo).await?.contains(&berth_core::access::Action::Pull) {
-                continue;
-            }
-            if repos.len() == n {
-                more = true;
-                break 'pages;
-            }
-            repos.push(repo);
+    use berth_core::access::{Action, Identity};
+    let (n, last, _) = page(uri)?;
+    let (repos, more, resume) = match &caller.identity {
+        // Anonymous callers see public packages only, listed from their own index.
+        Identity::Anonymous => {
+            let mut repos = reg.meta.public_repositories(last.as_deref(), n + 1).await?;
+            let more = repos.len() > n;
+            repos.truncate(n);
+            (repos, more, None)
         }
-        if exhausted {
-            break;
+        // Site administrators may pull from everything.
+        Identity::User { site_admin: true, .. } => {
+            let mut repos = reg.meta.repositories(last.as_deref(), n + 1).await?;
+            let more = repos.len() > n;
+            repos.truncate(n);
+            (repos, more, None)
         }
-    }
+        // The catalog is judged per repository from the caller's identity, whatever the token says.
+        _ => {
+            let who =
+                crate::auth::Caller { identity: caller.identity.clone(), claims: None, presented: caller.presented };
+            let mut repos = vec![];
+            let mut cursor = last;
+            let mut examined = 0;
+            let mut more = false;
+            'pages: while examined < CATALOG_SCAN {
+                let batch = reg.meta.repositories(cursor.as_deref(), MAX_PAGE.min(CATALOG_SCAN - examined)).await?;
+                let exhausted = batch.is_empty();
+                for repo in batch {
+                    if !crate::auth::actions(reg, &who, &repo).await?.contains(&Action::Pull) {
+                        cursor = Some(repo);
+                        examined += 1;
+                        continue;
+                    }
+                    if repos.len() == n {
+                        more = true;
+                        break 'pages;
+                    }
+                    cursor = Some(repo.clone());
+                    examined += 1;
+                    repos.push(repo);
+                }
+                if exhausted {
+                    break;
+                }
+            }
+            // Out of budget before the page filled: the next page starts where this one stopped.
+            let resume = (!more && examined >= CATALOG_SCAN).then_some(cursor).flatten();
+            (repos, more, resume)
+        }
+    };
     #[derive(Serialize)]
     struct Catalog<'a> {
         repositories: &'a [String],
     }
     let body = serde_json::to_string(&Catalog { repositories: &repos }).map_err(RegistryError::internal)?;
-    listing(body, next_link("/v2/_catalog", &repos, n, more))
+    let link = match resume {
+        Some(cursor) => {
+            let cursor: String = form_urlencoded::byte_serialize(cursor.as_bytes()).collect();
+            Some(format!("</v2/_catalog?n={n}&last={cursor}>; rel=\"next\""))
+        }
+        None => next_link("/v2/_catalog", &repos, n, more),
+    };
+    listing(body, link)
 }
 
 #[derive(Serialize)]
@@ -305,12 +351,27 @@ struct ReferrersIndex<'a> {
     manifests: Vec<ReferrerDescriptor<'a>>,
 }
 
-/// `GET /v2/<name>/referrers/<digest>[?artifactType=]`: an image index of the manifests whose
-/// `subject` is `digest` (empty, never 404, when there are none).
+/// Referrers listed per page at most: a subject with thousands of signatures or attestations
+/// still answers in bounded memory and time; the rest follow through `Link`.
+pub const REFERRERS_PAGE: usize = 1000;
+
+/// `GET /v2/<name>/referrers/<digest>[?artifactType=][&n=&last=]`: an image index of the
+/// manifests whose `subject` is `digest` (empty, never 404, when there are none), a page at a
+/// time.
 pub async fn referrers(reg: &Registry, name: &str, digest: &str, uri: &Uri) -> Result<Response, RegistryError> {
     let subject = parse_digest(digest)?;
     let filter = query_param(uri, "artifactType");
-    let records = reg.meta.referrers(name, &subject).await?;
+    let n = match query_param(uri, "n") {
+        Some(n) => n.parse::<usize>().map_err(|_| {
+            RegistryError::new(ErrorCode::Unsupported, format!("n={n:?} is not a number")).with_status(400)
+        })?,
+        None => REFERRERS_PAGE,
+    }
+    .clamp(1, REFERRERS_PAGE);
+    let after = query_param(uri, "last").map(|l| parse_digest(&l)).transpose()?;
+    let mut records = reg.meta.referrers(name, &subject, after.as_ref(), n + 1).await?;
+    let more = records.len() > n;
+    records.truncate(n);
     let manifests = records
         .iter()
         .filter(|r| filter.as_deref().is_none_or(|f| r.artifact_type.as_deref() == Some(f)))
@@ -328,6 +389,14 @@ pub async fn referrers(reg: &Registry, name: &str, digest: &str, uri: &Uri) -> R
     resp.headers_mut().insert(header::CONTENT_TYPE, header_value(OCI_INDEX)?);
     if filter.is_some() {
         resp.headers_mut().insert("oci-filters-applied", header_value("artifactType")?);
+    }
+    if let (true, Some(last)) = (more, records.last()) {
+        let mut next = format!("/v2/{name}/referrers/{subject}?n={n}&last={}", last.digest);
+        if let Some(f) = &filter {
+            next.push_str("&artifactType=");
+            next.extend(form_urlencoded::byte_serialize(f.as_bytes()));
+        }
+        resp.headers_mut().insert(header::LINK, header_value(&format!("<{next}>; rel=\"next\""))?);
     }
     Ok(resp)
 }

@@ -1,7 +1,7 @@
 //! The writes of the metadata service, as Raft log entries, and what applying them answers.
 
 use berth_core::store::DirectoryChange;
-use berth_core::{Digest, ErrorCode, ManifestRecord, RegistryError, UploadSession};
+use berth_core::{Digest, ErrorCode, ManifestRecord, RegistryError, Stored, UploadSession};
 use serde::{Deserialize, Serialize};
 
 /// One state change, replicated through the Raft log and applied in log order.
@@ -16,8 +16,8 @@ pub enum Command {
         repo: String,
         /// Blob.
         digest: Digest,
-        /// Blob size.
-        size: u64,
+        /// Its size and the stamp of its stored copy.
+        blob: Stored,
         /// Time of the request (ms since the epoch).
         now_ms: u64,
     },
@@ -38,6 +38,8 @@ pub enum Command {
         record: ManifestRecord,
         /// Tags to point at it.
         tags: Vec<String>,
+        /// The manifest's bytes as stored.
+        bytes: Stored,
         /// Time of the request (ms since the epoch).
         now_ms: u64,
     },
@@ -66,22 +68,32 @@ pub enum Command {
     EndUpload {
         /// Session id.
         id: String,
-        /// The finished blob and its size, if it completed.
-        link: Option<(Digest, u64)>,
+        /// The finished blob as stored, if it completed.
+        link: Option<(Digest, Stored)>,
         /// Time of the request (ms since the epoch).
         now_ms: u64,
     },
-    /// Fence unlinked blobs older than a cutoff so that they can be deleted.
+    /// One step of garbage collection: remove loose links and fence unlinked blobs older than
+    /// a cutoff, so that they can be deleted.
     BeginReap {
-        /// Blobs unlinked at or before this time (ms since the epoch) qualify.
+        /// Links loose and blobs unlinked at or before this time (ms since the epoch) qualify.
         cutoff_ms: u64,
         /// At most this many.
         max: usize,
     },
-    /// A fenced blob's bytes are gone; lift the fence.
+    /// A fenced blob's bytes are gone; lift the fence and raise the reap floor.
     BlobReaped {
         /// Blob.
         digest: Digest,
+        /// The stamp of the copy deleted, if there was one.
+        stamp: Option<u64>,
+    },
+    /// Stored blobs the state may not know of; unknown ones become deletion candidates.
+    NoteStrays {
+        /// Blobs found in storage.
+        digests: Vec<Digest>,
+        /// Time of the request (ms since the epoch).
+        now_ms: u64,
     },
     /// A change to accounts, organizations, tokens or package settings.
     Directory(DirectoryChange),
@@ -108,19 +120,33 @@ pub enum Outcome {
         code: ErrorCode,
         /// Detail for humans.
         detail: String,
+        /// HTTP status, when not the code's usual one.
+        #[serde(default)]
+        status: Option<u16>,
     },
 }
 
 impl Outcome {
     /// A refusal.
     pub fn rejected(code: ErrorCode, detail: impl Into<String>) -> Outcome {
-        Outcome::Rejected { code, detail: detail.into() }
+        Outcome::Rejected { code, detail: detail.into(), status: None }
+    }
+
+    /// A refusal with an HTTP status of its own (409 for a conflict with the state).
+    pub fn refused(code: ErrorCode, status: u16, detail: impl Into<String>) -> Outcome {
+        Outcome::Rejected { code, detail: detail.into(), status: Some(status) }
     }
 
     /// The refusal as an error, anything else as success.
     pub fn into_result(self) -> Result<Outcome, RegistryError> {
         match self {
-            Outcome::Rejected { code, detail } => Err(RegistryError::new(code, detail)),
+            Outcome::Rejected { code, detail, status } => {
+                let e = RegistryError::new(code, detail);
+                Err(match status {
+                    Some(s) => e.with_status(s),
+                    None => e,
+                })
+            }
             other => Ok(other),
         }
     }

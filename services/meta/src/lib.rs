@@ -11,6 +11,7 @@
 //! and log purge that the cluster uses, with [`raft::NoPeers`] as its network.
 
 pub mod command;
+pub mod gc;
 pub mod raft;
 pub mod state;
 
@@ -22,8 +23,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, TokenRecord, User};
-use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, UploadSession};
+use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -227,8 +228,8 @@ fn names(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<String> {
 
 #[async_trait]
 impl MetaStore for MetaService {
-    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
-        self.write(Command::LinkBlob { repo: repo.into(), digest: digest.clone(), size, now_ms: now_ms() }).await?;
+    async fn link_blob(&self, repo: &str, digest: &Digest, blob: Stored) -> Result<()> {
+        self.write(Command::LinkBlob { repo: repo.into(), digest: digest.clone(), blob, now_ms: now_ms() }).await?;
         Ok(())
     }
 
@@ -242,8 +243,8 @@ impl MetaStore for MetaService {
         Ok(o == Outcome::Existed(true))
     }
 
-    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>) -> Result<()> {
-        let o = self.write(Command::PutManifest { repo: repo.into(), record, tags, now_ms: now_ms() }).await;
+    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>, bytes: Stored) -> Result<()> {
+        let o = self.write(Command::PutManifest { repo: repo.into(), record, tags, bytes, now_ms: now_ms() }).await;
         o.map(|_| ()).map_err(|e| if e.code == ErrorCode::Unknown { e.with_status(503) } else { e })
     }
 
@@ -273,7 +274,7 @@ impl MetaStore for MetaService {
         let repo = repo.to_string();
         let last = last.map(str::to_string);
         self.read(move |v| {
-            if v.raw(&key(b'r', &[&repo]))?.is_none() {
+            if v.raw(&key(b'n', &[&repo]))?.is_none() {
                 return Ok(None);
             }
             let prefix = key(b't', &[&repo, ""]);
@@ -284,15 +285,46 @@ impl MetaStore for MetaService {
 
     async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
         let last = last.map(str::to_string);
-        self.read(move |v| Ok(names(v.scan(b"r", last.as_deref().map(str::as_bytes), n)?))).await
+        self.read(move |v| Ok(names(v.scan(b"n", last.as_deref().map(str::as_bytes), n)?))).await
     }
 
-    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>> {
-        let (repo, subject) = (repo.to_string(), subject.to_string());
+    async fn public_repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        let last = last.map(str::to_string);
+        self.read(move |v| {
+            let mut out = vec![];
+            let mut after = last;
+            // Public packages that were never pushed to (or whose manifests are all deleted)
+            // are skipped; each round reads a page of the public index.
+            while out.len() < n {
+                let page = names(v.scan(b"p", after.as_deref().map(str::as_bytes), n)?);
+                let exhausted = page.len() < n;
+                for repo in page {
+                    after = Some(repo.clone());
+                    if out.len() < n && v.raw(&key(b'n', &[&repo]))?.is_some() {
+                        out.push(repo);
+                    }
+                }
+                if exhausted {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        after: Option<&Digest>,
+        n: usize,
+    ) -> Result<Vec<ManifestRecord>> {
+        let (repo, subject, after) = (repo.to_string(), subject.to_string(), after.map(Digest::to_string));
         self.read(move |v| {
             let prefix = key(b's', &[&repo, &subject, ""]);
             let mut out = vec![];
-            for (d, _) in v.scan(&prefix, None, usize::MAX)? {
+            for (d, _) in v.scan(&prefix, after.as_deref().map(str::as_bytes), n)? {
                 let d = String::from_utf8_lossy(&d).into_owned();
                 if let Some(r) = v.get::<ManifestRecord>(&key(b'm', &[&repo, &d]))? {
                     out.push(r);
@@ -304,7 +336,7 @@ impl MetaStore for MetaService {
     }
 
     async fn repo_exists(&self, repo: &str) -> Result<bool> {
-        let k = key(b'r', &[repo]);
+        let k = key(b'n', &[repo]);
         self.read(move |v| Ok(v.raw(&k)?.is_some())).await
     }
 
@@ -317,7 +349,23 @@ impl MetaStore for MetaService {
         self.read(move |v| v.get(&k)).await
     }
 
-    async fn end_upload(&self, id: &str, link: Option<(Digest, u64)>) -> Result<()> {
+    async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>> {
+        let after = after.map(str::to_string);
+        self.read(move |v| {
+            v.scan(b"u", after.as_deref().map(str::as_bytes), n)?
+                .into_iter()
+                .map(|(_, s)| Ok(serde_json::from_slice(&s)?))
+                .collect()
+        })
+        .await
+    }
+
+    async fn uploads_of(&self, caller: &str) -> Result<usize> {
+        let prefix = key(b'v', &[caller, ""]);
+        self.read(move |v| Ok(v.scan(&prefix, None, usize::MAX)?.len())).await
+    }
+
+    async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {
         self.write(Command::EndUpload { id: id.into(), link, now_ms: now_ms() }).await.map(|_| ())
     }
 
@@ -329,16 +377,48 @@ impl MetaStore for MetaService {
         }
     }
 
-    async fn blob_reaped(&self, digest: &Digest) -> Result<()> {
-        self.write(Command::BlobReaped { digest: digest.clone() }).await.map(|_| ())
+    async fn blob_reaped(&self, digest: &Digest, stamp: Option<u64>) -> Result<()> {
+        self.write(Command::BlobReaped { digest: digest.clone(), stamp }).await.map(|_| ())
+    }
+
+    async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        self.read(move |v| {
+            let mut out = vec![];
+            for d in digests {
+                let s = d.to_string();
+                let known = v.raw(&key(b'c', &[&s]))?.is_some()
+                    || v.raw(&key(b'o', &[&s]))?.is_some()
+                    || v.raw(&key(b'f', &[&s]))?.is_some();
+                if !known {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
+        self.write(Command::NoteStrays { digests, now_ms: now_ms() }).await.map(|_| ())
     }
 
     async fn change_directory(&self, change: DirectoryChange) -> Result<bool> {
         Ok(self.write(Command::Directory(change)).await? == Outcome::Existed(true))
     }
 
-    async fn signing_key(&self) -> Result<Option<String>> {
-        self.read(|v| v.get(b"A")).await
+    async fn signing_keys(&self) -> Result<Vec<PublicSigningKey>> {
+        self.read(|v| {
+            v.scan(b"J", None, usize::MAX)?.into_iter().map(|(_, k)| Ok(serde_json::from_slice(&k)?)).collect()
+        })
+        .await
+    }
+
+    async fn key_generation(&self) -> Result<u64> {
+        self.read(|v| Ok(v.get(b"G")?.unwrap_or(0))).await
+    }
+
+    async fn has_legacy_signing_key(&self) -> Result<bool> {
+        self.read(|v| Ok(v.raw(b"A")?.is_some())).await
     }
 
     async fn user(&self, name: &str) -> Result<Option<User>> {

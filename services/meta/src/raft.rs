@@ -248,6 +248,20 @@ impl StateMachine {
     }
 }
 
+/// Replaces `path` with `bytes` so that a crash leaves either the old file or the new one,
+/// complete: written beside it, fsynced, renamed over it, and the directory fsynced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
         let view = self.view.clone();
@@ -274,10 +288,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
             let file = SnapshotFile { meta: meta.clone(), data: data.clone() };
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&file).map_err(write_err)?).map_err(write_err)?;
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(write_err)?;
-            std::fs::rename(&tmp, &path).map_err(write_err)?;
+            write_durably(&path, &serde_json::to_vec(&file).map_err(write_err)?).map_err(write_err)?;
             Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
         })
         .await
@@ -353,8 +364,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.put_cf(state, KEY_APPLIED, serde_json::to_vec(&meta.last_log_id).map_err(write_err)?);
             batch.put_cf(state, KEY_MEMBERSHIP, serde_json::to_vec(&meta.last_membership).map_err(write_err)?);
             db.write_opt(batch, &synced()).map_err(write_err)?;
+            // The state above is durable before the file that describes it replaces the old one,
+            // and the replacement is atomic: a crash leaves the old snapshot or the new, whole.
             let file = SnapshotFile { meta, data };
-            std::fs::write(&path, serde_json::to_vec(&file).map_err(write_err)?).map_err(write_err)?;
+            write_durably(&path, &serde_json::to_vec(&file).map_err(write_err)?).map_err(write_err)?;
             Ok(())
         })
         .await

@@ -5,16 +5,25 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `r` repo | first-push time |
+//! | `n` repo | number of manifests (the repository exists while it has one) |
 //! | `l` repo `\0` digest | blob size (the blob is linked in the repository) |
+//! | `h` repo `\0` digest | how many manifests of the repository reference the blob or child manifest |
+//! | `q` repo `\0` digest | since when the link is loose (no manifest references it) |
+//! | `x` time `\0` repo `\0` digest | (loose links by time; time is 8 bytes big-endian) |
+//! | `w` repo `\0` upload id | (an upload in progress in the repository) |
 //! | `c` digest | number of repositories linking the blob |
-//! | `o` digest | time the last link went (unlinked blob, deletion candidate) |
+//! | `o` digest | since when no repository links the blob (deletion candidate) |
+//! | `y` time `\0` digest | (deletion candidates by time) |
 //! | `f` digest | fenced: being deleted, cannot be linked |
+//! | `z` | the reap floor: the highest stamp of a copy the collector deleted |
 //! | `m` repo `\0` digest | [`ManifestRecord`] |
 //! | `t` repo `\0` tag | manifest digest |
 //! | `s` repo `\0` subject `\0` digest | (a referrer of subject) |
 //! | `u` id | [`UploadSession`] |
-//! | `A` | token-signing key (hex) |
+//! | `v` caller `\0` id | (an upload in progress of a caller) |
+//! | `A` | shared HMAC token key of earlier versions (removed at start) |
+//! | `J` kid | [`PublicSigningKey`]: a frontend's token-verifying key |
+//! | `G` | key generation: how many times frontends were asked to rotate |
 //! | `U` user | [`User`] |
 //! | `K` token id | [`TokenRecord`] |
 //! | `k` user `\0` token id | (index of a user's tokens) |
@@ -23,16 +32,39 @@
 //! | `T` org `\0` team | (the team exists) |
 //! | `N` org `\0` team `\0` user | (team membership) |
 //! | `P` repo | [`Package`] |
+//! | `p` repo | (the package is public) |
 //! | `S` org `\0` name | [`SourceRepo`] |
 //! | `X` url | `ORG/NAME` of the source repository registered under it |
 //! | `~a`, `~m` | last applied log id, last membership (Raft's own) |
+//!
+//! # Garbage collection
+//! Reference counts, kept by the state machine in the same writes as the changes they count:
+//! - A manifest of a repository *holds* its config and layers and, for an index, its child
+//!   manifests (`h`); its own bytes are held by its record. A pushed blob that nothing holds is
+//!   *loose* (`q`, `x`): an upload whose manifest has not come yet, a layer of a deleted image,
+//!   a push abandoned half way. Deleting a blob that is held, or a manifest that an index
+//!   holds, is refused; deleting a manifest releases what it held, and deletes the children
+//!   it leaves untagged and unheld.
+//! - A loose link is removed once it has been loose for the grace period, unless an upload is
+//!   in progress in its repository (a slow multi-layer push keeps its first layers).
+//! - A blob no repository links (`c` at zero) becomes a deletion candidate (`o`, `y`); after
+//!   the grace period it is fenced (`f`), the storage engine deletes it, and the fence is
+//!   lifted. Bytes that reached storage but no repository (a refused manifest, a crash between
+//!   storing and linking) are found by comparing the storage inventory with `c`, `o` and `f`
+//!   ([`Command::NoteStrays`]) and follow the same path.
+//! - **The generation check.** Every stored copy has a stamp (see [`berth_core::Stored`]); the
+//!   fence is lifted with the stamp of the copy deleted, which raises the reap floor `z`. A
+//!   link to a blob that no repository links is accepted only with a stamp above the floor.
+//!   A push that found the blob "already stored" just before the collector took it carries
+//!   the old copy's stamp: the fence refuses it while the deletion runs, the floor after. A
+//!   copy written (or found, and re-stamped) after the deletion has a greater stamp and links.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use berth_core::access::{owner_of, OrgRole, Package, SourceRepo};
-use berth_core::store::{DirectoryChange, TokenOwner, TokenRecord, User};
-use berth_core::{Digest, ErrorCode, ManifestRecord, UploadSession};
+use berth_core::access::{owner_of, OrgRole, Package, Perm, Principal, SourceRepo, Visibility};
+use berth_core::store::{DirectoryChange, PublicSigningKey, TokenOwner, TokenRecord, User};
+use berth_core::{Digest, ErrorCode, ManifestRecord, Stored, UploadSession};
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,6 +80,9 @@ pub const KEY_MEMBERSHIP: &[u8] = b"~m";
 
 /// Raw key-value pairs of a scan.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One key-value pair as a RocksDB iterator yields it.
+pub type RawEntry = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>;
 
 /// Builds a key from a kind byte and parts separated by NUL.
 pub fn key(kind: u8, parts: &[&str]) -> Vec<u8> {
@@ -130,6 +165,11 @@ impl StateView {
             out.push((rest.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Key-value pairs from `start` on, in key order.
+    pub fn iter_from<'s>(&'s self, start: &[u8]) -> Result<impl Iterator<Item = RawEntry> + 's, StateError> {
+        Ok(self.db.iterator_cf(self.cf()?, IteratorMode::From(start, Direction::Forward)))
     }
 
     /// Every key-value pair of the state, Raft's own keys excluded (for snapshots).
@@ -221,6 +261,65 @@ impl<'a> Tx<'a> {
         Ok(batch)
     }
 
+    // ---- reads that see this transaction's writes --------------------------------------------
+
+    /// Keys under `prefix` (with the prefix stripped) and their values, in key order, as this
+    /// transaction sees them: the database with the transaction's writes laid over it. Commands
+    /// folded into one batch share the transaction, so each sees every earlier one's writes.
+    fn scan(&self, prefix: &[u8], limit: usize) -> Result<Pairs, StateError> {
+        let mut local: Vec<(&[u8], &Option<Vec<u8>>)> =
+            self.overlay.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.as_slice(), v)).collect();
+        local.sort_by(|a, b| a.0.cmp(b.0));
+        let mut local = local.into_iter().peekable();
+        let mut stored = self.view.iter_from(prefix)?.peekable();
+        let mut out = vec![];
+        while out.len() < limit {
+            let next_stored = match stored.peek() {
+                Some(Ok((k, _))) if k.starts_with(prefix) => Some(k.clone()),
+                Some(Err(_)) => {
+                    if let Some(Err(e)) = stored.next() {
+                        return Err(e.into());
+                    }
+                    None
+                }
+                _ => None,
+            };
+            let take_local = match (&next_stored, local.peek()) {
+                (None, None) => break,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (Some(s), Some((l, _))) => *l <= s.as_ref(),
+            };
+            if take_local {
+                let Some((k, v)) = local.next() else { break };
+                if next_stored.as_deref() == Some(k) {
+                    stored.next();
+                }
+                if let Some(v) = v {
+                    out.push((k[prefix.len()..].to_vec(), v.clone()));
+                }
+            } else if let Some(Ok((k, v))) = stored.next() {
+                out.push((k[prefix.len()..].to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn count(&self, k: &[u8]) -> Result<u64, StateError> {
+        Ok(self.get::<u64>(k)?.unwrap_or(0))
+    }
+
+    /// Adds `delta` to the counter at `k`, deleting it at zero; returns the new value.
+    fn add(&mut self, k: Vec<u8>, delta: i64) -> Result<u64, StateError> {
+        let n = self.count(&k)?.saturating_add_signed(delta);
+        if n == 0 {
+            self.delete(k);
+        } else {
+            self.put(k, &n)?;
+        }
+        Ok(n)
+    }
+
     // ---- the commands ---------------------------------------------------------------------
 
     /// Applies one command; a refused command leaves no change behind.
@@ -238,9 +337,17 @@ impl<'a> Tx<'a> {
         match cmd {
             Command::Batch(cmds) => cmds.iter().map(|c| self.apply(c)).collect::<Result<_, _>>().map(Outcome::Batch),
             Command::Directory(change) => self.directory(change).map(Outcome::Existed),
-            Command::LinkBlob { repo, digest, size, now_ms } => self.link(repo, digest, *size, *now_ms),
-            Command::UnlinkBlob { repo, digest, now_ms } => Ok(Outcome::Existed(self.unlink(repo, digest, *now_ms)?)),
-            Command::PutManifest { repo, record, tags, now_ms } => self.put_manifest(repo, record, tags, *now_ms),
+            Command::LinkBlob { repo, digest, blob, now_ms } => {
+                let linked = self.link(repo, digest, *blob, *now_ms)?;
+                if linked == Outcome::Done {
+                    self.mark_loose_unless_held(repo, digest, *now_ms)?;
+                }
+                Ok(linked)
+            }
+            Command::UnlinkBlob { repo, digest, now_ms } => self.unlink_blob(repo, digest, *now_ms),
+            Command::PutManifest { repo, record, tags, bytes, now_ms } => {
+                self.put_manifest(repo, record, tags, *bytes, *now_ms)
+            }
             Command::DeleteManifest { repo, digest, now_ms } => self.delete_manifest(repo, digest, *now_ms),
             Command::DeleteTag { repo, tag } => {
                 let k = key(b't', &[repo, tag]);
@@ -250,6 +357,8 @@ impl<'a> Tx<'a> {
             }
             Command::CreateUpload { session } => {
                 self.put(key(b'u', &[&session.id]), session)?;
+                self.put(key(b'w', &[&session.repo, &session.id]), &())?;
+                self.put(key(b'v', &[&session.owner, &session.id]), &())?;
                 Ok(Outcome::Done)
             }
             Command::EndUpload { id, link, now_ms } => {
@@ -257,69 +366,140 @@ impl<'a> Tx<'a> {
                 let Some(session) = self.get::<UploadSession>(&k)? else {
                     return Ok(Outcome::rejected(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown")));
                 };
-                if let Some((digest, size)) = link {
-                    let linked = self.link(&session.repo, digest, *size, *now_ms)?;
+                if let Some((digest, blob)) = link {
+                    let linked = self.link(&session.repo, digest, *blob, *now_ms)?;
                     if matches!(linked, Outcome::Rejected { .. }) {
                         return Ok(linked);
                     }
+                    self.mark_loose_unless_held(&session.repo, digest, *now_ms)?;
                 }
                 self.delete(k);
+                self.delete(key(b'w', &[&session.repo, id]));
+                self.delete(key(b'v', &[&session.owner, id]));
                 Ok(Outcome::Done)
             }
             Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
-            Command::BlobReaped { digest } => {
-                let d = digest.to_string();
-                self.delete(key(b'f', &[&d]));
-                if self.get::<u64>(&key(b'c', &[&d]))?.unwrap_or(0) == 0 {
-                    self.delete(key(b'c', &[&d]));
+            Command::BlobReaped { digest, stamp } => {
+                self.delete(key(b'f', &[&digest.to_string()]));
+                if let Some(stamp) = stamp {
+                    if *stamp > self.count(b"z")? {
+                        self.put(b"z".to_vec(), stamp)?;
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+            Command::NoteStrays { digests, now_ms } => {
+                for d in digests {
+                    let d = d.to_string();
+                    let known = self.exists(&key(b'c', &[&d]))?
+                        || self.exists(&key(b'o', &[&d]))?
+                        || self.exists(&key(b'f', &[&d]))?;
+                    if !known {
+                        self.orphan(&d, *now_ms)?;
+                    }
                 }
                 Ok(Outcome::Done)
             }
         }
     }
 
-    fn ensure_repo(&mut self, repo: &str, now_ms: u64) -> Result<(), StateError> {
-        let k = key(b'r', &[repo]);
-        if !self.exists(&k)? {
-            self.put(k, &now_ms)?;
+    /// Records that no repository links blob `d` since `since`.
+    fn orphan(&mut self, d: &str, since: u64) -> Result<(), StateError> {
+        self.put(key(b'o', &[d]), &since)?;
+        self.put(time_key(b'y', since, &[d]), &())
+    }
+
+    fn unorphan(&mut self, d: &str) -> Result<(), StateError> {
+        if let Some(since) = self.get::<u64>(&key(b'o', &[d]))? {
+            self.delete(key(b'o', &[d]));
+            self.delete(time_key(b'y', since, &[d]));
         }
         Ok(())
     }
 
-    fn link(&mut self, repo: &str, digest: &Digest, size: u64, now_ms: u64) -> Result<Outcome, StateError> {
+    fn set_loose(&mut self, repo: &str, d: &str, since: Option<u64>) -> Result<(), StateError> {
+        let qk = key(b'q', &[repo, d]);
+        if let Some(old) = self.get::<u64>(&qk)? {
+            self.delete(time_key(b'x', old, &[repo, d]));
+        }
+        match since {
+            Some(t) => {
+                self.put(qk, &t)?;
+                self.put(time_key(b'x', t, &[repo, d]), &())?;
+            }
+            None => self.delete(qk),
+        }
+        Ok(())
+    }
+
+    /// A link nothing holds (a blob just uploaded, or re-uploaded) is loose from now.
+    fn mark_loose_unless_held(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<(), StateError> {
+        let d = digest.to_string();
+        if !self.exists(&key(b'h', &[repo, &d]))? && !self.exists(&key(b'm', &[repo, &d]))? {
+            self.set_loose(repo, &d, Some(now_ms))?;
+        }
+        Ok(())
+    }
+
+    fn link(&mut self, repo: &str, digest: &Digest, blob: Stored, _now_ms: u64) -> Result<Outcome, StateError> {
         let d = digest.to_string();
         if self.exists(&key(b'f', &[&d]))? {
             return Ok(Outcome::rejected(
                 ErrorCode::BlobUnknown,
-                format!("blob {d} is being deleted; upload it again"),
+                format!("blob {d} is being garbage collected; upload it again"),
+            ));
+        }
+        let ck = key(b'c', &[&d]);
+        let count = self.count(&ck)?;
+        // Linked somewhere means not collected since; otherwise the copy must be younger than
+        // every copy the collector has deleted.
+        if count == 0 && blob.stamp <= self.count(b"z")? {
+            return Ok(Outcome::rejected(
+                ErrorCode::BlobUnknown,
+                format!("blob {d} was garbage collected; upload it again"),
             ));
         }
         let lk = key(b'l', &[repo, &d]);
         if !self.exists(&lk)? {
-            self.put(lk, &size)?;
-            let ck = key(b'c', &[&d]);
-            let count = self.get::<u64>(&ck)?.unwrap_or(0);
+            self.put(lk, &blob.size)?;
             self.put(ck, &(count + 1))?;
-            self.delete(key(b'o', &[&d]));
+            self.unorphan(&d)?;
         }
-        self.ensure_repo(repo, now_ms)?;
         Ok(Outcome::Done)
     }
 
-    fn unlink(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<bool, StateError> {
-        let d = digest.to_string();
-        let lk = key(b'l', &[repo, &d]);
+    /// Removes a link; the blob becomes a deletion candidate (as of `since`) when it was the last.
+    fn unlink(&mut self, repo: &str, d: &str, since: u64) -> Result<bool, StateError> {
+        let lk = key(b'l', &[repo, d]);
         if !self.exists(&lk)? {
             return Ok(false);
         }
         self.delete(lk);
-        let ck = key(b'c', &[&d]);
-        let count = self.get::<u64>(&ck)?.unwrap_or(1).saturating_sub(1);
-        self.put(ck, &count)?;
-        if count == 0 {
-            self.put(key(b'o', &[&d]), &now_ms)?;
+        self.set_loose(repo, d, None)?;
+        if self.add(key(b'c', &[d]), -1)? == 0 {
+            self.orphan(d, since)?;
         }
         Ok(true)
+    }
+
+    fn unlink_blob(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<Outcome, StateError> {
+        let d = digest.to_string();
+        if self.exists(&key(b'm', &[repo, &d]))? {
+            return Ok(Outcome::refused(
+                ErrorCode::Denied,
+                409,
+                format!("{d} is a manifest of {repo}: delete it as a manifest"),
+            ));
+        }
+        let holders = self.count(&key(b'h', &[repo, &d]))?;
+        if holders > 0 {
+            return Ok(Outcome::refused(
+                ErrorCode::Denied,
+                409,
+                format!("blob {d} is referenced by {holders} manifest(s) of {repo}: delete them first"),
+            ));
+        }
+        Ok(Outcome::Existed(self.unlink(repo, &d, now_ms)?))
     }
 
     fn put_manifest(
@@ -327,25 +507,39 @@ impl<'a> Tx<'a> {
         repo: &str,
         record: &ManifestRecord,
         tags: &[String],
+        bytes: Stored,
         now_ms: u64,
     ) -> Result<Outcome, StateError> {
-        for b in &record.blobs {
-            if !self.exists(&key(b'l', &[repo, &b.to_string()]))? {
-                return Ok(Outcome::rejected(ErrorCode::ManifestBlobUnknown, format!("blob {b} is not in {repo}")));
-            }
-        }
-        for m in &record.manifests {
-            if !self.exists(&key(b'm', &[repo, &m.to_string()]))? {
-                return Ok(Outcome::rejected(ErrorCode::ManifestBlobUnknown, format!("manifest {m} is not in {repo}")));
-            }
-        }
         let d = record.digest.to_string();
-        if let Outcome::Rejected { detail, .. } = self.link(repo, &record.digest, record.size, now_ms)? {
-            return Ok(Outcome::rejected(ErrorCode::Unknown, detail));
-        }
-        self.put(key(b'm', &[repo, &d]), record)?;
-        if let Some(subject) = &record.subject {
-            self.put(key(b's', &[repo, &subject.to_string(), &d]), &())?;
+        let mk = key(b'm', &[repo, &d]);
+        if !self.exists(&mk)? {
+            for b in &record.blobs {
+                if !self.exists(&key(b'l', &[repo, &b.to_string()]))? {
+                    return Ok(Outcome::rejected(ErrorCode::ManifestBlobUnknown, format!("blob {b} is not in {repo}")));
+                }
+            }
+            for m in &record.manifests {
+                if !self.exists(&key(b'm', &[repo, &m.to_string()]))? {
+                    return Ok(Outcome::rejected(
+                        ErrorCode::ManifestBlobUnknown,
+                        format!("manifest {m} is not in {repo}"),
+                    ));
+                }
+            }
+            if let Outcome::Rejected { code, detail, .. } = self.link(repo, &record.digest, bytes, now_ms)? {
+                return Ok(Outcome::rejected(code, detail));
+            }
+            self.set_loose(repo, &d, None)?;
+            for held in record.blobs.iter().chain(&record.manifests) {
+                let h = held.to_string();
+                self.add(key(b'h', &[repo, &h]), 1)?;
+                self.set_loose(repo, &h, None)?;
+            }
+            self.put(mk, record)?;
+            self.add(key(b'n', &[repo]), 1)?;
+            if let Some(subject) = &record.subject {
+                self.put(key(b's', &[repo, &subject.to_string(), &d]), &())?;
+            }
         }
         for tag in tags {
             self.put(key(b't', &[repo, tag]), &d)?;
@@ -353,24 +547,95 @@ impl<'a> Tx<'a> {
         Ok(Outcome::Done)
     }
 
-    fn delete_manifest(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<Outcome, StateError> {
-        let d = digest.to_string();
-        let mk = key(b'm', &[repo, &d]);
-        let Some(record) = self.get::<ManifestRecord>(&mk)? else {
-            return Ok(Outcome::Existed(false));
-        };
-        self.delete(mk);
-        if let Some(subject) = &record.subject {
-            self.delete(key(b's', &[repo, &subject.to_string(), &d]));
-        }
-        let prefix = key(b't', &[repo, ""]);
-        for (tag, target) in self.view.scan(&prefix, None, usize::MAX)? {
+    /// Tags of `repo` pointing at manifest `d`.
+    fn tags_of(&self, repo: &str, d: &str) -> Result<Vec<String>, StateError> {
+        let mut out = vec![];
+        for (tag, target) in self.scan(&key(b't', &[repo, ""]), usize::MAX)? {
             if serde_json::from_slice::<String>(&target)? == d {
-                self.delete([prefix.as_slice(), &tag].concat());
+                out.push(String::from_utf8_lossy(&tag).into_owned());
             }
         }
-        self.unlink(repo, digest, now_ms)?;
+        Ok(out)
+    }
+
+    fn delete_manifest(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<Outcome, StateError> {
+        let d = digest.to_string();
+        if !self.exists(&key(b'm', &[repo, &d]))? {
+            return Ok(Outcome::Existed(false));
+        }
+        let holders = self.count(&key(b'h', &[repo, &d]))?;
+        if holders > 0 {
+            return Ok(Outcome::refused(
+                ErrorCode::Denied,
+                409,
+                format!("manifest {d} is referenced by {holders} index(es) of {repo}: delete them first"),
+            ));
+        }
+        // Children an index leaves untagged and unreferenced go with it, and theirs with them.
+        let mut doomed = vec![d];
+        while let Some(d) = doomed.pop() {
+            let mk = key(b'm', &[repo, &d]);
+            let Some(record) = self.get::<ManifestRecord>(&mk)? else { continue };
+            self.delete(mk);
+            self.add(key(b'n', &[repo]), -1)?;
+            if let Some(subject) = &record.subject {
+                self.delete(key(b's', &[repo, &subject.to_string(), &d]));
+            }
+            for tag in self.tags_of(repo, &d)? {
+                self.delete(key(b't', &[repo, &tag]));
+            }
+            self.unlink(repo, &d, now_ms)?;
+            for b in &record.blobs {
+                let b = b.to_string();
+                if self.add(key(b'h', &[repo, &b]), -1)? == 0 && self.exists(&key(b'l', &[repo, &b]))? {
+                    self.set_loose(repo, &b, Some(now_ms))?;
+                }
+            }
+            for child in &record.manifests {
+                let c = child.to_string();
+                if self.add(key(b'h', &[repo, &c]), -1)? == 0 && self.tags_of(repo, &c)?.is_empty() {
+                    doomed.push(c);
+                }
+            }
+        }
         Ok(Outcome::Existed(true))
+    }
+
+    /// Whether an upload is in progress in `repo`.
+    fn uploading(&self, repo: &str) -> Result<bool, StateError> {
+        Ok(!self.scan(&key(b'w', &[repo, ""]), 1)?.is_empty())
+    }
+
+    fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {
+        // Loose links past the grace period go first, so that blobs they were the last link of
+        // can be fenced in the same step. A sweep looks at a bounded number of them.
+        let mut unlinked = 0;
+        for (rest, _) in self.scan(b"x", max.saturating_mul(4))? {
+            let Some((since, parts)) = split_time_key(&rest) else { continue };
+            if since > cutoff_ms || unlinked >= max {
+                break;
+            }
+            let Some((repo, d)) = parts.split_once('\0') else { continue };
+            if self.uploading(repo)? {
+                continue;
+            }
+            self.unlink(repo, d, since)?;
+            unlinked += 1;
+        }
+        // Blobs fenced by an earlier sweep whose deletion did not finish come first.
+        let mut fenced: Vec<Digest> =
+            self.scan(b"f", max)?.into_iter().filter_map(|(d, _)| String::from_utf8_lossy(&d).parse().ok()).collect();
+        for (rest, _) in self.scan(b"y", max)? {
+            let Some((since, d)) = split_time_key(&rest) else { continue };
+            if since > cutoff_ms || fenced.len() >= max {
+                break;
+            }
+            self.unorphan(&d)?;
+            let Ok(digest) = d.parse::<Digest>() else { continue };
+            self.put(key(b'f', &[&d]), &())?;
+            fenced.push(digest);
+        }
+        Ok(Outcome::Fenced(fenced))
     }
 
     /// Applies a directory change; answers whether it changed anything.
@@ -381,6 +646,29 @@ impl<'a> Tx<'a> {
                     return Ok(false);
                 }
                 self.put(b"A".to_vec(), k)?;
+            }
+            DirectoryChange::DropLegacySigningKey => {
+                if !self.exists(b"A")? {
+                    return Ok(false);
+                }
+                self.delete(b"A".to_vec());
+            }
+            DirectoryChange::PublishKey { key: k, retire_after_ms, now_ms } => {
+                for (kid, v) in self.scan(b"J", usize::MAX)? {
+                    let mut old: PublicSigningKey = serde_json::from_slice(&v)?;
+                    let jk = [b"J".as_slice(), &kid].concat();
+                    if old.retire_after_ms.is_some_and(|t| t < *now_ms) {
+                        self.delete(jk);
+                    } else if old.owner == k.owner && old.retire_after_ms.is_none() {
+                        old.retire_after_ms = Some(*retire_after_ms);
+                        self.put(jk, &old)?;
+                    }
+                }
+                self.put(key(b'J', &[&k.kid]), k)?;
+            }
+            DirectoryChange::RotateKeys => {
+                let generation = self.count(b"G")? + 1;
+                self.put(b"G".to_vec(), &generation)?;
             }
             DirectoryChange::CreateUser(user) => {
                 if self.exists(&key(b'U', &[&user.name]))? || self.exists(&key(b'O', &[&user.name]))? {
@@ -394,7 +682,7 @@ impl<'a> Tx<'a> {
                 }
                 self.delete(key(b'U', &[name]));
                 let prefix = key(b'k', &[name, ""]);
-                for (id, _) in self.view.scan(&prefix, None, usize::MAX)? {
+                for (id, _) in self.scan(&prefix, usize::MAX)? {
                     let id = String::from_utf8_lossy(&id).into_owned();
                     self.delete(key(b'K', &[&id]));
                     self.delete([prefix.as_slice(), id.as_bytes()].concat());
@@ -464,15 +752,21 @@ impl<'a> Tx<'a> {
                 self.put(key(b'X', &[&repo.url]), &format!("{}/{}", repo.org, repo.name))?;
                 self.put(k, repo)?;
             }
-            DirectoryChange::EnsurePackage { repo, source, now_ms } => {
+            DirectoryChange::EnsurePackage { repo, source, creator, now_ms } => {
                 let k = key(b'P', &[repo]);
                 if self.exists(&k)? {
                     return Ok(false);
                 }
+                // In a user's own namespace the owner administers everything already.
+                let grants = creator
+                    .iter()
+                    .filter(|c| c.as_str() != owner_of(repo))
+                    .map(|c| (Principal::User(c.clone()), Perm::Admin))
+                    .collect();
                 let p = Package {
                     name: repo.clone(),
                     visibility: Default::default(),
-                    grants: Default::default(),
+                    grants,
                     source: source.clone(),
                     inherit: true,
                     created_ms: *now_ms,
@@ -495,6 +789,11 @@ impl<'a> Tx<'a> {
                 let Some(mut p) = self.get::<Package>(&k)? else { return Ok(false) };
                 if let Some(v) = visibility {
                     p.visibility = *v;
+                    // The anonymous catalog lists public packages from this index alone.
+                    match v {
+                        Visibility::Public => self.put(key(b'p', &[repo]), &())?,
+                        _ => self.delete(key(b'p', &[repo])),
+                    }
                 }
                 if let Some((who, perm)) = grant {
                     match perm {
@@ -510,31 +809,19 @@ impl<'a> Tx<'a> {
         }
         Ok(true)
     }
+}
 
-    fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {
-        // Blobs fenced by an earlier sweep whose deletion did not finish come first.
-        let mut fenced: Vec<Digest> = self
-            .view
-            .scan(b"f", None, max)?
-            .into_iter()
-            .filter_map(|(d, _)| String::from_utf8_lossy(&d).parse().ok())
-            .collect();
-        for (d, since) in self.view.scan(b"o", None, usize::MAX)? {
-            if fenced.len() >= max {
-                break;
-            }
-            let since: u64 = serde_json::from_slice(&since)?;
-            let d = String::from_utf8_lossy(&d).into_owned();
-            if since > cutoff_ms || self.get::<u64>(&key(b'c', &[&d]))?.unwrap_or(0) > 0 {
-                continue;
-            }
-            let Ok(digest) = d.parse::<Digest>() else {
-                continue;
-            };
-            self.delete(key(b'o', &[&d]));
-            self.put(key(b'f', &[&d]), &())?;
-            fenced.push(digest);
-        }
-        Ok(Outcome::Fenced(fenced))
-    }
+/// A key of a time index: `kind`, the time as 8 big-endian bytes (so that keys sort by time),
+/// then the parts separated by NUL.
+fn time_key(kind: u8, time_ms: u64, parts: &[&str]) -> Vec<u8> {
+    let mut k = vec![kind];
+    k.extend_from_slice(&time_ms.to_be_bytes());
+    k.extend_from_slice(&key(0, parts)[1..]);
+    k
+}
+
+/// The time and the parts (still NUL-separated) of a [`time_key`] with its kind stripped.
+fn split_time_key(rest: &[u8]) -> Option<(u64, String)> {
+    let time = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    Some((time, String::from_utf8_lossy(&rest[8..]).into_owned()))
 }

@@ -1,7 +1,14 @@
 use super::*;
+use berth_core::access::Scope;
+use berth_core::store::TokenOwner;
 
 fn d(s: &str) -> Digest {
     Digest::sha256_of(s.as_bytes())
+}
+
+/// A stored copy with a stamp above any reap floor these tests reach.
+fn stored(size: u64) -> Stored {
+    Stored { size, stamp: 1_000 }
 }
 
 fn record(name: &str, blobs: Vec<Digest>, subject: Option<Digest>) -> ManifestRecord {
@@ -18,6 +25,15 @@ fn record(name: &str, blobs: Vec<Digest>, subject: Option<Digest>) -> ManifestRe
     }
 }
 
+fn index(name: &str, children: Vec<Digest>) -> ManifestRecord {
+    ManifestRecord {
+        media_type: berth_core::manifest::OCI_INDEX.into(),
+        blobs: vec![],
+        manifests: children,
+        ..record(name, vec![], None)
+    }
+}
+
 async fn open(dir: &std::path::Path) -> MetaService {
     MetaService::open_single(MetaConfig { dir: dir.to_path_buf(), node_id: 1, advertise: "127.0.0.1:0".into() })
         .await
@@ -29,12 +45,17 @@ async fn links_manifests_tags_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let m = open(dir.path()).await;
-        m.link_blob("a/b", &d("layer"), 5).await.unwrap();
-        let err = m.put_manifest("a/b", record("m1", vec![d("missing")], None), vec!["v1".into()]).await.unwrap_err();
+        m.link_blob("a/b", &d("layer"), stored(5)).await.unwrap();
+        let err = m
+            .put_manifest("a/b", record("m1", vec![d("missing")], None), vec!["v1".into()], stored(100))
+            .await
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::ManifestBlobUnknown);
         assert_eq!(m.manifest("a/b", &d("m1")).await.unwrap(), None);
-        m.put_manifest("a/b", record("m1", vec![d("layer")], None), vec!["v1".into(), "latest".into()]).await.unwrap();
-        m.put_manifest("a/b", record("sig", vec![d("layer")], Some(d("m1"))), vec![]).await.unwrap();
+        m.put_manifest("a/b", record("m1", vec![d("layer")], None), vec!["v1".into(), "latest".into()], stored(100))
+            .await
+            .unwrap();
+        m.put_manifest("a/b", record("sig", vec![d("layer")], Some(d("m1"))), vec![], stored(100)).await.unwrap();
         m.shutdown().await;
     }
     let m = open(dir.path()).await;
@@ -42,7 +63,7 @@ async fn links_manifests_tags_survive_restart() {
     assert_eq!(m.tags("a/b", None, 10).await.unwrap(), Some(vec!["latest".to_string(), "v1".to_string()]));
     assert_eq!(m.tags("a/b", Some("latest"), 10).await.unwrap(), Some(vec!["v1".to_string()]));
     assert_eq!(m.tags("a/c", None, 10).await.unwrap(), None);
-    assert_eq!(m.referrers("a/b", &d("m1")).await.unwrap()[0].digest, d("sig"));
+    assert_eq!(m.referrers("a/b", &d("m1"), None, 10).await.unwrap()[0].digest, d("sig"));
     assert_eq!(m.blob_link("a/b", &d("layer")).await.unwrap(), Some(5));
     assert_eq!(m.blob_link("a/b", &d("m1")).await.unwrap(), Some(100));
     assert_eq!(m.repositories(None, 10).await.unwrap(), vec!["a/b".to_string()]);
@@ -58,7 +79,7 @@ async fn snapshot_purges_log_and_restores() {
     {
         let m = open(dir.path()).await;
         for i in 0..50 {
-            m.link_blob("x/y", &d(&i.to_string()), i).await.unwrap();
+            m.link_blob("x/y", &d(&i.to_string()), stored(i)).await.unwrap();
         }
         m.snapshot().await.unwrap();
         let mut metrics = m.raft().metrics();
@@ -76,26 +97,128 @@ async fn snapshot_purges_log_and_restores() {
         m.shutdown().await;
     }
     assert!(dir.path().join("snapshot").exists());
+    assert!(!dir.path().join("snapshot.tmp").exists());
     let m = open(dir.path()).await;
     assert_eq!(m.blob_link("x/y", &d("49")).await.unwrap(), Some(49));
     m.shutdown().await;
 }
 
 #[tokio::test]
-async fn unlinked_blobs_are_fenced_then_reaped() {
+async fn unlinked_blobs_are_fenced_then_reaped_and_stale_copies_refused() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
-    m.link_blob("a/one", &d("b"), 1).await.unwrap();
-    m.link_blob("a/two", &d("b"), 1).await.unwrap();
+    m.link_blob("a/one", &d("b"), stored(1)).await.unwrap();
+    m.link_blob("a/two", &d("b"), stored(1)).await.unwrap();
     assert!(m.unlink_blob("a/one", &d("b")).await.unwrap());
-    assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().is_empty(), "still linked in a/two");
+    assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().is_empty(), "still linked in a/two");
     assert!(m.unlink_blob("a/two", &d("b")).await.unwrap());
     assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().is_empty(), "within grace");
     assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("b")]);
-    let err = m.link_blob("a/one", &d("b"), 1).await.unwrap_err();
+    // Fenced: no link while the bytes are being deleted.
+    let err = m.link_blob("a/one", &d("b"), stored(1)).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::BlobUnknown);
-    m.blob_reaped(&d("b")).await.unwrap();
-    m.link_blob("a/one", &d("b"), 1).await.unwrap();
+    m.blob_reaped(&d("b"), Some(1_000)).await.unwrap();
+    // A push that found the deleted copy "already stored" carries its stamp: refused.
+    let err = m.link_blob("a/one", &d("b"), Stored { size: 1, stamp: 1_000 }).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::BlobUnknown);
+    // A copy written after the deletion links.
+    m.link_blob("a/one", &d("b"), Stored { size: 1, stamp: 1_001 }).await.unwrap();
+    // Once linked somewhere, the bytes exist: a link with an older stamp is safe.
+    m.link_blob("a/two", &d("b"), Stored { size: 1, stamp: 5 }).await.unwrap();
+    m.shutdown().await;
+}
+
+#[tokio::test]
+async fn manifests_hold_their_blobs_and_release_them_when_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    for b in ["cfg", "l1", "shared"] {
+        m.link_blob("a/app", &d(b), stored(1)).await.unwrap();
+    }
+    m.put_manifest("a/app", record("img1", vec![d("cfg"), d("l1"), d("shared")], None), vec!["v1".into()], stored(9))
+        .await
+        .unwrap();
+    m.put_manifest("a/app", record("img2", vec![d("shared")], None), vec!["v2".into()], stored(9)).await.unwrap();
+    // Referenced blobs and manifests' own bytes cannot be deleted as blobs.
+    for b in ["l1", "shared", "img1"] {
+        let e = m.unlink_blob("a/app", &d(b)).await.unwrap_err();
+        assert_eq!((e.code, e.status), (ErrorCode::Denied, 409), "{b}");
+    }
+    // Loose links are kept within the grace period, and while an upload is in progress.
+    assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().is_empty());
+    assert!(m.delete_manifest("a/app", &d("img1")).await.unwrap());
+    let up = UploadSession { id: "u1".into(), repo: "a/app".into(), started_at_ms: 1, owner: "x".into() };
+    m.create_upload(up).await.unwrap();
+    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("img1")], "only the manifest's bytes");
+    m.blob_reaped(&d("img1"), Some(1_000)).await.unwrap();
+    m.end_upload("u1", None).await.unwrap();
+    let mut reaped = m.begin_reap(Duration::ZERO, 10).await.unwrap();
+    reaped.sort();
+    let mut expected = vec![d("cfg"), d("l1")];
+    expected.sort();
+    assert_eq!(reaped, expected, "what only img1 held goes; what img2 holds stays");
+    assert_eq!(m.blob_link("a/app", &d("shared")).await.unwrap(), Some(1));
+    assert!(m.repo_exists("a/app").await.unwrap());
+    assert!(m.delete_manifest("a/app", &d("img2")).await.unwrap());
+    assert!(!m.repo_exists("a/app").await.unwrap(), "an emptied repository is gone");
+    assert_eq!(m.tags("a/app", None, 10).await.unwrap(), None);
+    assert!(m.repositories(None, 10).await.unwrap().is_empty());
+    m.shutdown().await;
+}
+
+#[tokio::test]
+async fn index_children_are_held_and_go_with_their_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    m.link_blob("a/multi", &d("layer"), stored(1)).await.unwrap();
+    m.put_manifest("a/multi", record("amd64", vec![d("layer")], None), vec![], stored(9)).await.unwrap();
+    m.put_manifest("a/multi", record("arm64", vec![d("layer")], None), vec!["arm".into()], stored(9)).await.unwrap();
+    m.put_manifest("a/multi", index("idx", vec![d("amd64"), d("arm64")]), vec!["v1".into()], stored(9)).await.unwrap();
+    let e = m.delete_manifest("a/multi", &d("amd64")).await.unwrap_err();
+    assert_eq!((e.code, e.status), (ErrorCode::Denied, 409));
+    assert!(m.delete_manifest("a/multi", &d("idx")).await.unwrap());
+    assert_eq!(m.manifest("a/multi", &d("amd64")).await.unwrap(), None, "untagged child goes with its index");
+    assert!(m.manifest("a/multi", &d("arm64")).await.unwrap().is_some(), "a tagged child stays");
+    m.shutdown().await;
+}
+
+#[tokio::test]
+async fn commands_of_one_batch_see_each_others_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    m.link_blob("a/b", &d("layer"), stored(5)).await.unwrap();
+    let put = Command::PutManifest {
+        repo: "a/b".into(),
+        record: record("m1", vec![d("layer")], None),
+        tags: vec!["v1".into()],
+        bytes: stored(100),
+        now_ms: 1,
+    };
+    let delete = Command::DeleteManifest { repo: "a/b".into(), digest: d("m1"), now_ms: 2 };
+    m.write(Command::Batch(vec![put, delete])).await.unwrap();
+    assert_eq!(m.manifest("a/b", &d("m1")).await.unwrap(), None);
+    assert_eq!(m.tag("a/b", "v1").await.unwrap(), None, "no tag left pointing at a deleted manifest");
+
+    let user = User { name: "carol".into(), site_admin: false, created_ms: 1 };
+    m.change_directory(DirectoryChange::CreateUser(user)).await.unwrap();
+    let token = TokenRecord {
+        id: "t1".into(),
+        owner: TokenOwner::User("carol".into()),
+        name: "t".into(),
+        scopes: vec![Scope::ReadPackages],
+        sha256: "00".into(),
+        created_ms: 1,
+        expires_ms: None,
+        last_used_ms: None,
+    };
+    m.write(Command::Batch(vec![
+        Command::Directory(DirectoryChange::CreateToken(token)),
+        Command::Directory(DirectoryChange::DeleteUser("carol".into())),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(m.token("t1").await.unwrap(), None, "a token created beside its user's deletion goes with it");
+    assert!(m.tokens_of("carol").await.unwrap().is_empty());
     m.shutdown().await;
 }
 
@@ -103,12 +226,27 @@ async fn unlinked_blobs_are_fenced_then_reaped() {
 async fn upload_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
-    let s = UploadSession { id: "u1".into(), repo: "r/s".into(), started_at_ms: 7 };
+    let s = UploadSession { id: "u1".into(), repo: "r/s".into(), started_at_ms: 7, owner: "alice".into() };
     m.create_upload(s.clone()).await.unwrap();
     assert_eq!(m.upload("u1").await.unwrap(), Some(s));
-    m.end_upload("u1", Some((d("blob"), 3))).await.unwrap();
+    assert_eq!(m.uploads_of("alice").await.unwrap(), 1);
+    m.end_upload("u1", Some((d("blob"), stored(3)))).await.unwrap();
     assert_eq!(m.upload("u1").await.unwrap(), None);
+    assert_eq!(m.uploads_of("alice").await.unwrap(), 0);
     assert_eq!(m.blob_link("r/s", &d("blob")).await.unwrap(), Some(3));
     assert_eq!(m.end_upload("u1", None).await.unwrap_err().code, ErrorCode::BlobUploadUnknown);
+    m.shutdown().await;
+}
+
+#[tokio::test]
+async fn strays_become_candidates_unless_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    m.link_blob("a/b", &d("known"), stored(1)).await.unwrap();
+    m.put_manifest("a/b", record("img", vec![d("known")], None), vec![], stored(9)).await.unwrap();
+    let unknown = m.unknown_blobs(vec![d("known"), d("stray")]).await.unwrap();
+    assert_eq!(unknown, vec![d("stray")]);
+    m.note_strays(unknown).await.unwrap();
+    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("stray")]);
     m.shutdown().await;
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use berth_core::error::Result;
-use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError};
+use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
 use bytes::Bytes;
 use futures::StreamExt;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::mapped::read_mapped;
 use crate::segment::Segments;
-use crate::staging::{sync_dir, Staging};
+use crate::staging::{create_dirs_durably, sync_dir, Staging};
 use crate::{INLINE_THRESHOLD, READ_CHUNK, RECLAIM_AFTER, WRITE_BUFFER};
 
 const CF_BLOBS: &str = "blobs";
@@ -50,6 +50,20 @@ pub enum Location {
     },
 }
 
+/// Key (in the `blobs` column family) of the stamp reservation: no stamp above it was given.
+const STAMP_KEY: &str = "~stamp";
+
+/// Stamps reserved by one durable write: a node gives this many (an hour's worth at one a
+/// millisecond) before it writes the reservation again, and never reuses one after a restart
+/// even when the clock went back.
+const STAMP_LEASE: u64 = 3_600_000;
+
+/// The stamps given so far, and the reservation on disk.
+struct Stamps {
+    last: u64,
+    reserved: u64,
+}
+
 /// How long a compaction sweep waits after being asked for.
 const COMPACT_DELAY: Duration = Duration::from_secs(1);
 
@@ -58,8 +72,9 @@ fn dead_key(segment: u32) -> String {
     format!("~dead/{segment:08}")
 }
 
-/// The count stored under a [`dead_key`].
-fn dead_bytes(v: &[u8]) -> u64 {
+/// A little-endian u64 value: a segment's dead bytes under its [`dead_key`], the stamp
+/// reservation under [`STAMP_KEY`].
+fn le_u64(v: &[u8]) -> u64 {
     v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
 }
 
@@ -70,8 +85,10 @@ pub struct BlobEntry {
     pub size: u64,
     /// BLAKE3 of the bytes, checked on scrub and repair.
     pub blake3: [u8; 32],
-    /// When the blob was stored (milliseconds since the Unix epoch).
-    pub created_at_ms: u64,
+    /// The copy's stamp (see [`berth_core::Stored`]): when it was stored, in milliseconds since
+    /// the Unix epoch, made strictly increasing on this node, and renewed whenever a write
+    /// finds the blob already stored.
+    pub stamp: u64,
     /// Where the bytes are.
     pub location: Location,
 }
@@ -105,8 +122,10 @@ struct Inner {
     compacting: AtomicBool,
     /// Whether a sweep was asked for since the running one began.
     compact_again: AtomicBool,
-    /// Blobs being committed, each with the lock its commits take in turn.
+    /// Blobs being committed or deleted, each with the lock these take in turn.
     committing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Stamps for copies (see [`BlobEntry::stamp`]).
+    stamps: Mutex<Stamps>,
     /// The active segment as commits last saw it; when it changes, the segment just sealed
     /// may already be half dead.
     last_segment: AtomicU32,
@@ -179,6 +198,10 @@ impl StorageEngine {
         let db = DB::open_cf_descriptors(&opts, dir.join("index"), cfs).map_err(io::Error::other)?;
         let segments = Segments::open(dir.join("segments"))?;
         let active = segments.active_id();
+        let reserved = db
+            .get_cf(db.cf_handle(CF_BLOBS).ok_or_else(|| io::Error::other("blobs column family missing"))?, STAMP_KEY)
+            .map_err(io::Error::other)?
+            .map_or(0, |v| le_u64(&v));
         Ok(StorageEngine {
             inner: Arc::new(Inner {
                 dir,
@@ -190,6 +213,7 @@ impl StorageEngine {
                 compacting: AtomicBool::new(false),
                 compact_again: AtomicBool::new(false),
                 committing: Mutex::new(HashMap::new()),
+                stamps: Mutex::new(Stamps { last: reserved, reserved }),
                 last_segment: AtomicU32::new(active),
                 uploads: Mutex::new(HashMap::new()),
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
@@ -422,16 +446,16 @@ impl Inner {
 
     /// Deletes a segment blob's entry and counts its bytes dead in its segment; compacts the
     /// segment once half of it is dead.
-    fn delete_from_segment(self: &Arc<Self>, key: &str) -> Result<bool> {
+    fn delete_from_segment(self: &Arc<Self>, key: &str) -> Result<Option<u64>> {
         let _g = self.segment_index.lock().map_err(internal)?;
-        let Some(entry) = self.entry(key)? else { return Ok(false) };
+        let Some(entry) = self.entry(key)? else { return Ok(None) };
         let Location::Segment { segment, .. } = entry.location else {
             return Err(internal("not a segment blob"));
         };
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS)?, key);
         self.count_dead(batch, segment, entry.size)?;
-        Ok(true)
+        Ok(Some(entry.stamp))
     }
 
     /// Writes `batch` (synced) with `bytes` more counted dead in `segment`, and starts the
@@ -448,7 +472,7 @@ impl Inner {
 
     /// Bytes counted dead in `segment`.
     fn dead_in(&self, segment: u32) -> Result<u64> {
-        Ok(self.db.get_cf(self.cf(CF_BLOBS)?, dead_key(segment)).map_err(internal)?.map_or(0, |v| dead_bytes(&v)))
+        Ok(self.db.get_cf(self.cf(CF_BLOBS)?, dead_key(segment)).map_err(internal)?.map_or(0, |v| le_u64(&v)))
     }
 
     /// Sealed segments at least half dead.
@@ -460,7 +484,7 @@ impl Inner {
             let (k, v) = kv.map_err(internal)?;
             let Some(id) = k.strip_prefix(b"~dead/") else { break };
             let Some(id) = std::str::from_utf8(id).ok().and_then(|i| i.parse::<u32>().ok()) else { continue };
-            let dead = dead_bytes(&v);
+            let dead = le_u64(&v);
             if id != active && dead * 2 >= self.segments.size(id).unwrap_or(0) {
                 out.push(id);
             }
@@ -567,25 +591,45 @@ impl Inner {
         self.db.write_opt(batch, &wo).map_err(internal)
     }
 
-    /// Makes verified staged bytes a durable blob (see the crate docs for the order of steps).
-    ///
-    /// Commits of one blob run one at a time: the same blob pushed by several clients at once
-    /// (CI jobs sharing a base layer) is stored once, and the others find it stored.
-    fn commit(self: &Arc<Self>, st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<u64> {
-        let key = digest.to_string();
-        let lock = self.committing.lock().map_err(internal)?.entry(key.clone()).or_default().clone();
+    /// A stamp greater than every one this node gave before (see [`BlobEntry::stamp`]).
+    fn next_stamp(&self) -> Result<u64> {
+        let mut st = self.stamps.lock().map_err(internal)?;
+        let stamp = now_ms().max(st.last + 1);
+        if stamp > st.reserved {
+            let reserved = stamp + STAMP_LEASE;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(CF_BLOBS)?, STAMP_KEY, reserved.to_le_bytes());
+            self.synced_write(batch)?;
+            st.reserved = reserved;
+        }
+        st.last = stamp;
+        Ok(stamp)
+    }
+
+    /// Runs `f` holding blob `key`'s lock: commits and deletes of one blob run one at a time.
+    fn with_blob_lock<T>(&self, key: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let lock = self.committing.lock().map_err(internal)?.entry(key.to_string()).or_default().clone();
         let result = match lock.lock() {
-            Ok(_g) => self.commit_one(st, digest, &key, checksum),
+            Ok(_g) => f(),
             Err(e) => Err(internal(e)),
         };
         if let Ok(mut map) = self.committing.lock() {
             // Clones are only taken under the map's lock: two (the map's and this one) means no
-            // other commit of this blob is waiting.
+            // other caller of this blob is waiting.
             if Arc::strong_count(&lock) == 2 {
-                map.remove(&key);
+                map.remove(key);
             }
         }
         result
+    }
+
+    /// Makes verified staged bytes a durable blob (see the crate docs for the order of steps).
+    ///
+    /// Commits of one blob run one at a time: the same blob pushed by several clients at once
+    /// (CI jobs sharing a base layer) is stored once, and the others find it stored.
+    fn commit(self: &Arc<Self>, st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<Stored> {
+        let key = digest.to_string();
+        self.with_blob_lock(&key, || self.commit_one(st, digest, &key, checksum))
     }
 
     fn commit_one(
@@ -594,13 +638,14 @@ impl Inner {
         digest: &Digest,
         key: &str,
         checksum: [u8; 32],
-    ) -> Result<u64> {
+    ) -> Result<Stored> {
         let size = st.size;
-        if let Some(existing) = self.entry(key)? {
+        if self.entry(key)?.is_some() {
             st.discard();
-            return Ok(existing.size);
+            return self.restamp(key);
         }
-        let mut entry = BlobEntry { size, blake3: checksum, created_at_ms: now_ms(), location: Location::File };
+        let stamp = self.next_stamp()?;
+        let mut entry = BlobEntry { size, blake3: checksum, stamp, location: Location::File };
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let (segment, offset) = self.segments.append(key, &data).map_err(internal)?;
@@ -612,12 +657,7 @@ impl Inner {
             st.sync().map_err(internal)?;
             let path = self.blob_path(digest);
             let parent = path.parent().ok_or_else(|| internal("blob path has no parent"))?;
-            if !parent.exists() {
-                fs::create_dir_all(parent).map_err(internal)?;
-                if let Some(grand) = parent.parent() {
-                    sync_dir(grand).map_err(internal)?;
-                }
-            }
+            create_dirs_durably(parent).map_err(internal)?;
             fs::rename(&st.path, &path).map_err(internal)?;
             sync_dir(parent).map_err(internal)?;
         }
@@ -627,14 +667,27 @@ impl Inner {
         if entry.location != Location::File {
             st.discard();
         }
-        Ok(size)
+        Ok(Stored { size, stamp })
+    }
+
+    /// Gives the stored copy of blob `key` a fresh stamp: a write that found it already stored
+    /// links it as a copy younger than any the collector deleted. The caller holds the blob's
+    /// lock; `segment_index` keeps a compaction from writing the entry back with its old stamp.
+    fn restamp(&self, key: &str) -> Result<Stored> {
+        let _g = self.segment_index.lock().map_err(internal)?;
+        let mut entry = self.entry(key)?.ok_or_else(|| internal(format!("blob {key} vanished while locked")))?;
+        entry.stamp = self.next_stamp()?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
+        self.synced_write(batch)?;
+        Ok(Stored { size: entry.size, stamp: entry.stamp })
     }
 }
 
 #[async_trait]
 impl BlobStore for StorageEngine {
-    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
-        Ok(self.entry(digest).await?.map(|e| e.size))
+    async fn stat(&self, digest: &Digest) -> Result<Option<Stored>> {
+        Ok(self.entry(digest).await?.map(|e| Stored { size: e.size, stamp: e.stamp }))
     }
 
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
@@ -713,7 +766,7 @@ impl BlobStore for StorageEngine {
         .await
     }
 
-    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<()> {
+    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored> {
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
@@ -727,7 +780,7 @@ impl BlobStore for StorageEngine {
                 Ok(checksum)
             });
             match r {
-                Ok(checksum) => inner.commit(st, &digest, checksum).map(|_| ()),
+                Ok(checksum) => inner.commit(st, &digest, checksum),
                 Err(e) => {
                     st.discard();
                     Err(e)
@@ -737,7 +790,7 @@ impl BlobStore for StorageEngine {
         .await
     }
 
-    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<u64> {
+    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
         let id = format!("put-{}", uuid::Uuid::new_v4());
         self.upload_start(&id).await?;
         let appended = self.upload_append(&id, Some(0), body, limit).await;
@@ -796,7 +849,7 @@ impl BlobStore for StorageEngine {
         }
     }
 
-    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<u64> {
+    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
         let mut guard = self.lock_upload(id).await?;
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
             return Err(upload_unknown(id));
@@ -877,45 +930,78 @@ impl BlobStore for StorageEngine {
         Ok(stale)
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<bool> {
+    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
             let key = digest.to_string();
-            let Some(entry) = inner.entry(&key)? else {
-                return Ok(false);
-            };
-            if let Location::Segment { .. } = entry.location {
-                return inner.delete_from_segment(&key);
-            }
-            let mut batch = WriteBatch::default();
-            batch.delete_cf(inner.cf(CF_BLOBS)?, &key);
-            if entry.location == Location::Inline {
-                batch.delete_cf(inner.cf(CF_INLINE)?, &key);
-            }
-            inner.synced_write(batch)?;
-            if entry.location == Location::Inline {
-                let deleted = inner.deleted_inline.fetch_add(entry.size, Ordering::Relaxed) + entry.size;
-                if deleted >= RECLAIM_AFTER && !inner.reclaiming.swap(true, Ordering::AcqRel) {
-                    let inner = inner.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(e) = inner.reclaim_inline_space() {
-                            tracing::warn!(error = %e, "reclaiming the space of deleted inline blobs");
-                        }
-                        inner.reclaiming.store(false, Ordering::Release);
-                    });
-                }
-            }
-            if entry.location == Location::File {
-                match fs::remove_file(inner.blob_path(&digest)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(internal(e)),
-                }
-            }
-            Ok(true)
+            inner.with_blob_lock(&key, || inner.delete_one(&digest, &key))
         })
         .await
+    }
+
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
+        let inner = self.inner.clone();
+        let start = after.map(Digest::to_string);
+        blocking(move || {
+            let blobs = inner.cf(CF_BLOBS)?;
+            let from = start.as_deref().unwrap_or("");
+            let mut out = vec![];
+            for kv in inner.db.iterator_cf(blobs, IteratorMode::From(from.as_bytes(), Direction::Forward)) {
+                let (k, v) = kv.map_err(internal)?;
+                // Digest keys sort before the `~` bookkeeping keys.
+                if k.starts_with(b"~") || out.len() >= n {
+                    break;
+                }
+                if start.as_deref().is_some_and(|s| s.as_bytes() == &*k) {
+                    continue;
+                }
+                let Ok(digest) = String::from_utf8_lossy(&k).parse::<Digest>() else { continue };
+                let entry: BlobEntry = bincode::deserialize(&v).map_err(internal)?;
+                out.push((digest, entry.stamp));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl Inner {
+    /// Deletes blob `key` and reclaims its space; returns the stamp of the copy deleted. The
+    /// caller holds the blob's lock.
+    fn delete_one(self: &Arc<Self>, digest: &Digest, key: &str) -> Result<Option<u64>> {
+        let Some(entry) = self.entry(key)? else {
+            return Ok(None);
+        };
+        if let Location::Segment { .. } = entry.location {
+            return self.delete_from_segment(key);
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_BLOBS)?, key);
+        if entry.location == Location::Inline {
+            batch.delete_cf(self.cf(CF_INLINE)?, key);
+        }
+        self.synced_write(batch)?;
+        if entry.location == Location::Inline {
+            let deleted = self.deleted_inline.fetch_add(entry.size, Ordering::Relaxed) + entry.size;
+            if deleted >= RECLAIM_AFTER && !self.reclaiming.swap(true, Ordering::AcqRel) {
+                let inner = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = inner.reclaim_inline_space() {
+                        tracing::warn!(error = %e, "reclaiming the space of deleted inline blobs");
+                    }
+                    inner.reclaiming.store(false, Ordering::Release);
+                });
+            }
+        }
+        if entry.location == Location::File {
+            match fs::remove_file(self.blob_path(digest)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Ok(Some(entry.stamp))
     }
 }
 

@@ -1,7 +1,7 @@
 //! An upload being staged: its bytes (in memory while small, then in a file) and the running
 //! hashes of them.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,4 +251,29 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// fsyncs a directory, making a rename or creation inside it durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and any missing parents, fsyncing the directory that holds each one it makes,
+/// so that a blob renamed into it survives a crash together with every directory on its path.
+pub(crate) fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = vec![];
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at.to_path_buf());
+        at = match at.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = d.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }

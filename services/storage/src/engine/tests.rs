@@ -42,9 +42,9 @@ async fn chunked_upload_large_and_small() {
         assert_eq!(gap.status, 416);
         assert_eq!(e.upload_size(&id).await.unwrap(), Some(half as u64));
         e.upload_append(&id, Some(half as u64), body(vec![bytes[half..].to_vec()]), u64::MAX).await.unwrap();
-        assert_eq!(e.upload_finish(&id, &digest).await.unwrap(), n as u64);
+        assert_eq!(e.upload_finish(&id, &digest).await.unwrap().size, n as u64);
         assert_eq!(e.upload_size(&id).await.unwrap(), None);
-        assert_eq!(e.stat(&digest).await.unwrap(), Some(n as u64));
+        assert_eq!(e.stat(&digest).await.unwrap().map(|b| b.size), Some(n as u64));
         assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
         if n > 10 {
             assert_eq!(collect(e.read(&digest, Some((3, 9))).await.unwrap()).await, bytes[3..=9].to_vec());
@@ -70,7 +70,7 @@ async fn sha512_is_verified() {
     let mut h = Algorithm::Sha512.hasher();
     h.update(&bytes);
     let digest = h.finish();
-    assert_eq!(e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap(), 500_000);
+    assert_eq!(e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap().size, 500_000);
     assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, bytes);
 }
 
@@ -84,7 +84,7 @@ async fn limit_refuses_and_rolls_back() {
     assert_eq!((err.code, err.status), (ErrorCode::SizeInvalid, 413));
     assert_eq!(e.upload_size(&id).await.unwrap(), Some(100));
     let digest = Digest::sha256_of(&data(100));
-    assert_eq!(e.upload_finish(&id, &digest).await.unwrap(), 100);
+    assert_eq!(e.upload_finish(&id, &digest).await.unwrap().size, 100);
 }
 
 #[tokio::test]
@@ -116,13 +116,13 @@ async fn delete_reclaims_space() {
     let hex = digest.hex().to_string();
     let file = d.path().join("blobs/sha256").join(&hex[..2]).join(&hex);
     assert!(file.exists());
-    assert!(e.delete(&digest).await.unwrap());
+    assert!(e.delete(&digest).await.unwrap().is_some());
     assert!(!file.exists());
     assert_eq!(e.stat(&digest).await.unwrap(), None);
-    assert!(!e.delete(&digest).await.unwrap());
+    assert!(e.delete(&digest).await.unwrap().is_none());
     let small = Digest::sha256_of(b"hello");
     e.put_small(&small, Bytes::from_static(b"hello")).await.unwrap();
-    assert!(e.delete(&small).await.unwrap());
+    assert!(e.delete(&small).await.unwrap().is_some());
     assert!(e.read(&small, None).await.is_err());
 }
 
@@ -174,7 +174,9 @@ async fn small_blobs_share_segments_and_deleted_ones_give_space_back() {
     futures::stream::iter(blobs.iter().cloned())
         .for_each_concurrent(16, |(digest, bytes)| {
             let e = e.clone();
-            async move { e.put_small(&digest, Bytes::from(bytes)).await.unwrap() }
+            async move {
+                e.put_small(&digest, Bytes::from(bytes)).await.unwrap();
+            }
         })
         .await;
     let first = fs::read_dir(d.path().join("segments")).unwrap().count();
@@ -188,7 +190,7 @@ async fn small_blobs_share_segments_and_deleted_ones_give_space_back() {
     let before = segment_bytes(d.path());
     let (keep, gone) = blobs.split_last().unwrap();
     for (g, _) in gone {
-        assert!(e.delete(g).await.unwrap());
+        assert!(e.delete(g).await.unwrap().is_some());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -224,14 +226,14 @@ async fn small_blobs_share_segments_and_deleted_ones_give_space_back() {
 #[tokio::test]
 async fn segment_emptied_while_active_is_compacted_once_sealed() {
     let (d, e) = engine();
-    let per_segment = (crate::segment::SEGMENT_SIZE / INLINE_THRESHOLD) as u64;
+    let per_segment = crate::segment::SEGMENT_SIZE / INLINE_THRESHOLD;
     let first: Vec<(Digest, Vec<u8>)> = (0..per_segment - 10).map(|i| distinct(i, INLINE_THRESHOLD as usize)).collect();
     for (digest, bytes) in &first {
         e.put_small(digest, Bytes::from(bytes.clone())).await.unwrap();
     }
     // Deleted while their segment takes appends: nothing to compact yet.
     for (digest, _) in &first[..first.len() - 10] {
-        assert!(e.delete(digest).await.unwrap());
+        assert!(e.delete(digest).await.unwrap().is_some());
     }
     assert!(d.path().join("segments/00000001.seg").exists());
     // Filling the segment seals it; by then most of it is dead, so it is compacted.
@@ -256,7 +258,9 @@ async fn same_small_blob_pushed_at_once_is_stored_once() {
     futures::stream::iter(0..16)
         .for_each_concurrent(16, |_| {
             let (e, digest, bytes) = (e.clone(), digest.clone(), bytes.clone());
-            async move { e.put_small(&digest, Bytes::from(bytes)).await.unwrap() }
+            async move {
+                e.put_small(&digest, Bytes::from(bytes)).await.unwrap();
+            }
         })
         .await;
     assert_eq!(e.inner.segments.records(1).unwrap().len(), 1);
@@ -303,7 +307,7 @@ fn put_inline(e: &StorageEngine, digest: &Digest, bytes: Vec<u8>) {
     let entry = BlobEntry {
         size: bytes.len() as u64,
         blake3: *blake3::hash(&bytes).as_bytes(),
-        created_at_ms: now_ms(),
+        stamp: now_ms(),
         location: Location::Inline,
     };
     let mut batch = WriteBatch::default();
@@ -332,7 +336,7 @@ async fn inline_blobs_of_earlier_nodes_are_served_and_give_their_space_back() {
     // Keep the last one; deleting the rest passes the threshold and starts a reclaim.
     let (keep, gone) = digests.split_last().unwrap();
     for g in gone {
-        assert!(e.delete(g).await.unwrap());
+        assert!(e.delete(g).await.unwrap().is_some());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -346,4 +350,35 @@ async fn inline_blobs_of_earlier_nodes_are_served_and_give_their_space_back() {
     // What was kept is intact, what was deleted is gone.
     assert_eq!(e.scrub(keep).await.unwrap(), Some(true));
     assert_eq!(e.stat(&gone[0]).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn stamps_grow_are_renewed_by_a_second_write_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = data(300_000);
+    let digest = Digest::sha256_of(&bytes);
+    let small = Bytes::from_static(b"small blob");
+    let small_digest = Digest::sha256_of(&small);
+    let (first, again, deleted);
+    {
+        let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
+        first = e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap();
+        let s1 = e.put_small(&small_digest, small.clone()).await.unwrap();
+        assert!(s1.stamp > first.stamp);
+        // A write that finds the blob stored gives it a fresh stamp: the copy it links is
+        // younger than any the collector could have deleted before.
+        again = e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap();
+        assert!(again.stamp > s1.stamp);
+        assert_eq!(e.stat(&digest).await.unwrap(), Some(again));
+        let s2 = e.put_small(&small_digest, small.clone()).await.unwrap();
+        assert!(s2.stamp > again.stamp);
+        deleted = e.delete(&small_digest).await.unwrap().unwrap();
+        assert_eq!(deleted, s2.stamp, "delete reports the stamp of the copy it took");
+        let listed = e.list(None, 10).await.unwrap();
+        assert_eq!(listed, vec![(digest.clone(), again.stamp)]);
+    }
+    let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
+    let after = e.put_small(&small_digest, small).await.unwrap();
+    assert!(after.stamp > deleted, "stamps keep growing across a restart");
+    assert_eq!(first.size, 300_000);
 }

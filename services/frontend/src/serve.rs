@@ -1,0 +1,123 @@
+//! Serving the API over TCP: hyper's HTTP/1 connections, with the limits a registry open to
+//! many clients needs against ones that hold connections open without finishing requests.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// Connection limits.
+#[derive(Debug, Clone)]
+pub struct ServeLimits {
+    /// Time a client has to send a request's whole header (the first request of a connection,
+    /// and each next one on a kept-alive connection); past it the connection is closed.
+    pub header_read_timeout: Duration,
+    /// Open connections one client address may hold; more are closed as they arrive.
+    pub max_connections_per_ip: usize,
+}
+
+/// Default time to send a request header: generous for a slow link (headers are a few hundred
+/// bytes), short enough that a client sending half a header frees its connection soon.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Default connections per client address: a CI fleet behind one NAT address pushes with
+/// hundreds at once; one client cannot take all the process's descriptors.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1000;
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+        }
+    }
+}
+
+/// Open connections per client address.
+type Counts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// A connection counted against its address until dropped.
+struct Counted {
+    counts: Counts,
+    ip: IpAddr,
+}
+
+impl Counted {
+    fn take(counts: &Counts, ip: IpAddr, max: usize) -> Option<Counted> {
+        let mut map = counts.lock().ok()?;
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Counted { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock() {
+            if let Some(n) = map.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then waits for the requests in
+/// flight to finish (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let counts: Counts = Arc::default();
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for connections to close.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Some(counted) = Counted::take(&counts, peer.ip(), limits.max_connections_per_ip) else {
+            tracing::debug!(peer = %peer.ip(), "connection refused: too many from this address");
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY");
+        }
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _counted = counted;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
