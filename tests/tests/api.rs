@@ -557,6 +557,23 @@ async fn sha512_blobs() {
     assert_eq!(r.status(), 201);
     let got = c.get(format!("{}/v2/acme/s512/blobs/{d}", s.url)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.as_ref(), &data[..]);
+    // A manifest pushed by tag is addressed with the algorithm the client asks for.
+    let m = image_manifest((&d, data.len()), &[], "");
+    let m512 = format!("sha512:{}", hex::encode(sha2::Sha512::digest(m.as_bytes())));
+    for query in ["?digest-algorithm=sha512".to_string(), format!("?digest={m512}")] {
+        let r = c
+            .put(format!("{}/v2/acme/s512/manifests/v1{query}", s.url))
+            .header("content-type", OCI_MANIFEST)
+            .body(m.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{query}");
+        assert_eq!(header(&r, "docker-content-digest"), m512);
+    }
+    let r = c.get(format!("{}/v2/acme/s512/manifests/{m512}", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), m512);
 }
 
 /// Started with a low soft limit on open files (1024 is a common default), `berth` raises it to

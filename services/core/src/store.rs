@@ -352,8 +352,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Upload sessions in id order after `after`, at most `n`.
     async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>>;
 
-    /// Open upload sessions of `caller` (a token subject), counted for the per-caller cap.
-    async fn uploads_of(&self, caller: &str) -> Result<usize>;
+    /// Open upload sessions of `caller` (a token subject), counted up to `at_most` (the
+    /// per-caller cap, so that the count costs no more than the cap).
+    async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize>;
 
     /// Ends a session; with `link`, links the finished blob into its repository in the same
     /// write.

@@ -213,7 +213,7 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         return created(reg, name, &digest);
     }
     let owner = caller.identity.subject();
-    if reg.meta.uploads_of(&owner).await? >= reg.config.max_uploads_per_caller {
+    if reg.meta.uploads_of(&owner, reg.config.max_uploads_per_caller).await? >= reg.config.max_uploads_per_caller {
         return Err(RegistryError::new(
             ErrorCode::TooManyRequests,
             format!("{} uploads are open already; finish or cancel some", reg.config.max_uploads_per_caller),

@@ -152,6 +152,7 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     // The tags given as `?tag=` are echoed in `OCI-Tag`, which tells the client they were set.
     let tag_params = tags.clone();
     let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let uri = req.uri().clone();
     let body = read_manifest_body(req, reg.config.idle_body_timeout).await?;
     let digest = match &reference {
         Reference::Digest(d) => {
@@ -162,7 +163,7 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
         }
         Reference::Tag(t) => {
             tags.insert(0, t.clone());
-            Digest::sha256_of(&body)
+            digest_of_tagged(&uri, &body)?
         }
     };
     let parsed = manifest::parse(content_type.as_deref(), &body)?;
@@ -195,6 +196,31 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     }
     headers.extend(tag_params.into_iter().map(|t| ("oci-tag", t)));
     empty(StatusCode::CREATED, &headers)
+}
+
+/// The digest of a manifest pushed by tag: sha256, unless the client names the digest it
+/// expects (`?digest=`, checked) or the algorithm to use (`?digest-algorithm=`, as for blobs).
+fn digest_of_tagged(uri: &Uri, body: &[u8]) -> Result<Digest, RegistryError> {
+    if let Some(d) = query_param(uri, "digest") {
+        let d = parse_digest(&d)?;
+        if !d.matches(body) {
+            return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("manifest does not hash to {d}")));
+        }
+        return Ok(d);
+    }
+    let algorithm = match query_param(uri, "digest-algorithm").as_deref() {
+        None | Some("sha256") => berth_core::Algorithm::Sha256,
+        Some("sha512") => berth_core::Algorithm::Sha512,
+        Some(other) => {
+            return Err(RegistryError::new(
+                ErrorCode::DigestInvalid,
+                format!("digest algorithm {other:?} is not supported"),
+            ))
+        }
+    };
+    let mut h = algorithm.hasher();
+    h.update(body);
+    Ok(h.finish())
 }
 
 /// `DELETE /v2/<name>/manifests/<reference>`: a digest deletes the manifest and its tags, a

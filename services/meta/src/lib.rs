@@ -360,9 +360,9 @@ impl MetaStore for MetaService {
         .await
     }
 
-    async fn uploads_of(&self, caller: &str) -> Result<usize> {
+    async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize> {
         let prefix = key(b'v', &[caller, ""]);
-        self.read(move |v| Ok(v.scan(&prefix, None, usize::MAX)?.len())).await
+        self.read(move |v| Ok(v.scan(&prefix, None, at_most)?.len())).await
     }
 
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {

@@ -338,16 +338,14 @@ impl<'a> Tx<'a> {
             Command::Batch(cmds) => cmds.iter().map(|c| self.apply(c)).collect::<Result<_, _>>().map(Outcome::Batch),
             Command::Directory(change) => self.directory(change).map(Outcome::Existed),
             Command::LinkBlob { repo, digest, blob, now_ms } => {
-                let linked = self.link(repo, digest, *blob, *now_ms)?;
+                let linked = self.link(repo, digest, *blob)?;
                 if linked == Outcome::Done {
                     self.mark_loose_unless_held(repo, digest, *now_ms)?;
                 }
                 Ok(linked)
             }
             Command::UnlinkBlob { repo, digest, now_ms } => self.unlink_blob(repo, digest, *now_ms),
-            Command::PutManifest { repo, record, tags, bytes, now_ms } => {
-                self.put_manifest(repo, record, tags, *bytes, *now_ms)
-            }
+            Command::PutManifest { repo, record, tags, bytes, .. } => self.put_manifest(repo, record, tags, *bytes),
             Command::DeleteManifest { repo, digest, now_ms } => self.delete_manifest(repo, digest, *now_ms),
             Command::DeleteTag { repo, tag } => {
                 let k = key(b't', &[repo, tag]);
@@ -367,7 +365,7 @@ impl<'a> Tx<'a> {
                     return Ok(Outcome::rejected(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown")));
                 };
                 if let Some((digest, blob)) = link {
-                    let linked = self.link(&session.repo, digest, *blob, *now_ms)?;
+                    let linked = self.link(&session.repo, digest, *blob)?;
                     if matches!(linked, Outcome::Rejected { .. }) {
                         return Ok(linked);
                     }
@@ -441,7 +439,7 @@ impl<'a> Tx<'a> {
         Ok(())
     }
 
-    fn link(&mut self, repo: &str, digest: &Digest, blob: Stored, _now_ms: u64) -> Result<Outcome, StateError> {
+    fn link(&mut self, repo: &str, digest: &Digest, blob: Stored) -> Result<Outcome, StateError> {
         let d = digest.to_string();
         if self.exists(&key(b'f', &[&d]))? {
             return Ok(Outcome::rejected(
@@ -508,7 +506,6 @@ impl<'a> Tx<'a> {
         record: &ManifestRecord,
         tags: &[String],
         bytes: Stored,
-        now_ms: u64,
     ) -> Result<Outcome, StateError> {
         let d = record.digest.to_string();
         let mk = key(b'm', &[repo, &d]);
@@ -526,7 +523,7 @@ impl<'a> Tx<'a> {
                     ));
                 }
             }
-            if let Outcome::Rejected { code, detail, .. } = self.link(repo, &record.digest, bytes, now_ms)? {
+            if let Outcome::Rejected { code, detail, .. } = self.link(repo, &record.digest, bytes)? {
                 return Ok(Outcome::rejected(code, detail));
             }
             self.set_loose(repo, &d, None)?;

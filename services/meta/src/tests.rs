@@ -229,10 +229,10 @@ async fn upload_sessions() {
     let s = UploadSession { id: "u1".into(), repo: "r/s".into(), started_at_ms: 7, owner: "alice".into() };
     m.create_upload(s.clone()).await.unwrap();
     assert_eq!(m.upload("u1").await.unwrap(), Some(s));
-    assert_eq!(m.uploads_of("alice").await.unwrap(), 1);
+    assert_eq!(m.uploads_of("alice", 10).await.unwrap(), 1);
     m.end_upload("u1", Some((d("blob"), stored(3)))).await.unwrap();
     assert_eq!(m.upload("u1").await.unwrap(), None);
-    assert_eq!(m.uploads_of("alice").await.unwrap(), 0);
+    assert_eq!(m.uploads_of("alice", 10).await.unwrap(), 0);
     assert_eq!(m.blob_link("r/s", &d("blob")).await.unwrap(), Some(3));
     assert_eq!(m.end_upload("u1", None).await.unwrap_err().code, ErrorCode::BlobUploadUnknown);
     m.shutdown().await;
