@@ -361,8 +361,8 @@ impl MetaStore for MetaService {
     }
 
     async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize> {
-        let prefix = key(b'v', &[caller, ""]);
-        self.read(move |v| Ok(v.scan(&prefix, None, at_most)?.len())).await
+        let k = key(b'v', &[caller]);
+        self.read(move |v| Ok(v.get::<u64>(&k)?.map_or(0, |n| (n as usize).min(at_most)))).await
     }
 
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {

@@ -10,7 +10,7 @@
 //! | `h` repo `\0` digest | how many manifests of the repository reference the blob or child manifest |
 //! | `q` repo `\0` digest | since when the link is loose (no manifest references it) |
 //! | `x` time `\0` repo `\0` digest | (loose links by time; time is 8 bytes big-endian) |
-//! | `w` repo `\0` upload id | (an upload in progress in the repository) |
+//! | `w` repo | number of uploads in progress in the repository |
 //! | `c` digest | number of repositories linking the blob |
 //! | `o` digest | since when no repository links the blob (deletion candidate) |
 //! | `y` time `\0` digest | (deletion candidates by time) |
@@ -20,7 +20,7 @@
 //! | `t` repo `\0` tag | manifest digest |
 //! | `s` repo `\0` subject `\0` digest | (a referrer of subject) |
 //! | `u` id | [`UploadSession`] |
-//! | `v` caller `\0` id | (an upload in progress of a caller) |
+//! | `v` caller | number of uploads in progress of a caller (a token subject) |
 //! | `A` | shared HMAC token key of earlier versions (removed at start) |
 //! | `J` kid | [`PublicSigningKey`]: a frontend's token-verifying key |
 //! | `G` | key generation: how many times frontends were asked to rotate |
@@ -137,6 +137,11 @@ impl StateView {
         Ok(self.db.get_cf(self.cf()?, k)?)
     }
 
+    /// Whether `k` has a value (read without copying it).
+    pub fn exists(&self, k: &[u8]) -> Result<bool, StateError> {
+        Ok(self.db.get_pinned_cf(self.cf()?, k)?.is_some())
+    }
+
     /// Decoded value at `k`.
     pub fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StateError> {
         match self.db.get_pinned_cf(self.cf()?, k)? {
@@ -201,37 +206,40 @@ pub struct Tx<'a> {
     view: &'a StateView,
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     order: Vec<Vec<u8>>,
+    /// For each command being applied (a batch nests its commands), what each of its writes
+    /// replaced in the overlay, in order: undone backwards when the command is refused.
+    undo: Vec<Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>>,
 }
 
 impl<'a> Tx<'a> {
     /// A transaction over `view`.
     pub fn new(view: &'a StateView) -> Tx<'a> {
-        Tx { view, overlay: HashMap::new(), order: vec![] }
-    }
-
-    fn raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        match self.overlay.get(k) {
-            Some(v) => Ok(v.clone()),
-            None => self.view.raw(k),
-        }
+        Tx { view, overlay: HashMap::new(), order: vec![], undo: vec![] }
     }
 
     fn exists(&self, k: &[u8]) -> Result<bool, StateError> {
-        Ok(self.raw(k)?.is_some())
+        match self.overlay.get(k) {
+            Some(v) => Ok(v.is_some()),
+            None => self.view.exists(k),
+        }
     }
 
     fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StateError> {
-        match self.raw(k)? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
+        match self.overlay.get(k) {
+            Some(Some(v)) => Ok(Some(serde_json::from_slice(v)?)),
+            Some(None) => Ok(None),
+            None => self.view.get(k),
         }
     }
 
     fn set(&mut self, k: Vec<u8>, v: Option<Vec<u8>>) {
-        if !self.overlay.contains_key(&k) {
+        let replaced = self.overlay.insert(k.clone(), v);
+        if replaced.is_none() {
             self.order.push(k.clone());
         }
-        self.overlay.insert(k, v);
+        if let Some(frame) = self.undo.last_mut() {
+            frame.push((k, replaced));
+        }
     }
 
     fn put<T: Serialize>(&mut self, k: Vec<u8>, v: &T) -> Result<(), StateError> {
@@ -324,11 +332,22 @@ impl<'a> Tx<'a> {
 
     /// Applies one command; a refused command leaves no change behind.
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
-        let (overlay, order) = (self.overlay.clone(), self.order.len());
-        let outcome = self.apply_unchecked(cmd)?;
+        let order = self.order.len();
+        self.undo.push(vec![]);
+        let outcome = self.apply_unchecked(cmd);
+        let frame = self.undo.pop().unwrap_or_default();
+        let outcome = outcome?;
         if matches!(outcome, Outcome::Rejected { .. }) {
-            self.overlay = overlay;
+            for (k, replaced) in frame.into_iter().rev() {
+                match replaced {
+                    Some(v) => self.overlay.insert(k, v),
+                    None => self.overlay.remove(&k),
+                };
+            }
             self.order.truncate(order);
+        } else if let Some(outer) = self.undo.last_mut() {
+            // A refusal of the enclosing command must undo this one's writes too.
+            outer.extend(frame);
         }
         Ok(outcome)
     }
@@ -355,8 +374,10 @@ impl<'a> Tx<'a> {
             }
             Command::CreateUpload { session } => {
                 self.put(key(b'u', &[&session.id]), session)?;
-                self.put(key(b'w', &[&session.repo, &session.id]), &())?;
-                self.put(key(b'v', &[&session.owner, &session.id]), &())?;
+                // Counters, not an index of sessions: a count read is one lookup, while a scan
+                // of a range where sessions come and go walks every deleted key still there.
+                self.add(key(b'w', &[&session.repo]), 1)?;
+                self.add(key(b'v', &[&session.owner]), 1)?;
                 Ok(Outcome::Done)
             }
             Command::EndUpload { id, link, now_ms } => {
@@ -372,8 +393,8 @@ impl<'a> Tx<'a> {
                     self.mark_loose_unless_held(&session.repo, digest, *now_ms)?;
                 }
                 self.delete(k);
-                self.delete(key(b'w', &[&session.repo, id]));
-                self.delete(key(b'v', &[&session.owner, id]));
+                self.add(key(b'w', &[&session.repo]), -1)?;
+                self.add(key(b'v', &[&session.owner]), -1)?;
                 Ok(Outcome::Done)
             }
             Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
@@ -600,7 +621,7 @@ impl<'a> Tx<'a> {
 
     /// Whether an upload is in progress in `repo`.
     fn uploading(&self, repo: &str) -> Result<bool, StateError> {
-        Ok(!self.scan(&key(b'w', &[repo, ""]), 1)?.is_empty())
+        self.exists(&key(b'w', &[repo]))
     }
 
     fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {
