@@ -208,8 +208,11 @@ pub struct Tx<'a> {
     order: Vec<Vec<u8>>,
     /// For each command being applied (a batch nests its commands), what each of its writes
     /// replaced in the overlay, in order: undone backwards when the command is refused.
-    undo: Vec<Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>>,
+    undo: Vec<Vec<Replaced>>,
 }
+
+/// A key and the overlay entry a write replaced (`None`: the key was not in the overlay).
+type Replaced = (Vec<u8>, Option<Option<Vec<u8>>>);
 
 impl<'a> Tx<'a> {
     /// A transaction over `view`.
