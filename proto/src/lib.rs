@@ -13,3 +13,8 @@ pub mod storage {
 pub mod meta {
     tonic::include_proto!("berth.meta.v1");
 }
+
+/// Forming and changing the metadata group.
+pub mod cluster {
+    tonic::include_proto!("berth.cluster.v1");
+}

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
+pub mod meta_group;
+
 /// The `berth` binary built beside the test executables (or `$BERTH_BIN`).
 pub fn berth_bin() -> PathBuf {
     if let Ok(p) = std::env::var("BERTH_BIN") {

@@ -11,9 +11,9 @@ pub struct AdminArgs {
     /// The registry's URL.
     #[arg(long, env = "BERTH_URL", default_value = "http://127.0.0.1:5000")]
     url: String,
-    /// A personal access token (a site admin's for most commands).
+    /// A personal access token (a site admin's for most commands; `cluster` needs none).
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
-    token: String,
+    token: Option<String>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -41,6 +41,8 @@ enum AdminCommand {
     /// The keys that sign registry tokens.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// The metadata group: form it, add and remove nodes, show its state (over gRPC).
+    Cluster(crate::cluster_admin::ClusterArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,6 +151,7 @@ enum PackageCmd {
 /// Runs one admin command and prints the answer.
 pub async fn run(args: AdminArgs) -> Result<()> {
     let (method, path, body): (reqwest::Method, String, Option<Value>) = match args.command {
+        AdminCommand::Cluster(c) => return crate::cluster_admin::run(c).await,
         AdminCommand::User(UserCmd::Create { name, site_admin }) => {
             (reqwest::Method::POST, "admin/users".into(), Some(json!({"name": name, "site_admin": site_admin})))
         }
@@ -196,7 +199,8 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         ),
     };
     let url = format!("{}/api/{path}", args.url.trim_end_matches('/'));
-    let mut req = reqwest::Client::new().request(method, &url).basic_auth("berth-admin", Some(&args.token));
+    let token = args.token.context("--token (or BERTH_TOKEN) is required")?;
+    let mut req = reqwest::Client::new().request(method, &url).basic_auth("berth-admin", Some(&token));
     if let Some(b) = body {
         req = req.json(&b);
     }

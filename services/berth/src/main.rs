@@ -4,7 +4,9 @@
 //! engine, a single-voter metadata group and the HTTP frontend.
 
 mod admin;
+mod cluster_admin;
 mod config;
+mod meta;
 mod standalone;
 
 use std::process::ExitCode;
@@ -23,7 +25,10 @@ struct Cli {
 enum Role {
     /// Every role in one process, on one data directory (the embedded default).
     Standalone(config::StandaloneArgs),
-    /// Manage users, organizations, teams, tokens and packages of a running registry.
+    /// One node of the metadata group (Raft), serving gRPC.
+    Meta(meta::MetaArgs),
+    /// Manage users, organizations, teams, tokens and packages of a running registry, and
+    /// the metadata group of a cluster.
     Admin(admin::AdminArgs),
 }
 
@@ -80,6 +85,26 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
+        Role::Meta(args) => runtime.block_on(meta::run(args)),
         Role::Admin(args) => runtime.block_on(admin::run(args)),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT: every role stops gracefully on either.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::error!(error = %e, "cannot listen for SIGINT either");
+            }
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

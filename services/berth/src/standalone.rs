@@ -69,7 +69,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
         },
     ));
 
-    shutdown_signal().await;
+    crate::shutdown_signal().await;
     tracing::info!("shutting down");
     stop_tx.send_replace(true);
     // In-flight requests get a bounded time to finish.
@@ -118,22 +118,6 @@ async fn bootstrap(meta: &dyn MetaStore, config: &StandaloneConfig) -> Result<()
         None => {}
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// Sessions checked against their staging areas per round.

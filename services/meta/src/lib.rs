@@ -8,12 +8,18 @@
 //! Reads go to the local state, which on the leader reflects every acknowledged write.
 //!
 //! Standalone runs a single-voter group; it is the same Raft, log, state machine, snapshots
-//! and log purge that the cluster uses, with [`raft::NoPeers`] as its network.
+//! and log purge that the cluster uses, with the gRPC network ([`network`]) that it never
+//! needs to use.
 
+pub mod client;
+pub mod cluster;
 pub mod command;
 pub mod gc;
+pub mod network;
 pub mod raft;
+pub mod server;
 pub mod state;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,7 +36,8 @@ use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 pub use command::{Command, Outcome};
-use raft::{LogStore, NoPeers, NodeId, StateMachine, TypeConfig, CF_LOG, CF_RAFT};
+use network::{Channels, GrpcNetwork};
+use raft::{LogStore, NodeId, StateMachine, TypeConfig, CF_LOG, CF_RAFT};
 use state::{key, StateView, CF_STATE};
 
 /// Log entries between snapshots; after a snapshot the log before it is purged, so the log
@@ -80,6 +87,7 @@ pub struct MetaService {
     raft: Raft<TypeConfig>,
     view: StateView,
     writes: mpsc::Sender<PendingWrite>,
+    node_id: NodeId,
 }
 
 /// Feeds Raft: every command that arrived while the previous entry was being committed goes
@@ -143,9 +151,8 @@ fn internal(e: impl std::fmt::Display) -> RegistryError {
 }
 
 impl MetaService {
-    /// Opens the node's store and starts a single-voter group (initialising it on first
-    /// start), returning once this node leads it.
-    pub async fn open_single(config: MetaConfig) -> Result<MetaService, MetaError> {
+    /// Opens the node's store and its Raft (not yet part of any group on a first start).
+    async fn open_raft(config: &MetaConfig, channels: Channels) -> Result<(Raft<TypeConfig>, StateView), MetaError> {
         std::fs::create_dir_all(&config.dir)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -163,18 +170,41 @@ impl MetaService {
         let sm = StateMachine::new(view.clone(), config.dir.join("snapshot"));
         let raft_config = Config {
             cluster_name: "berth-meta".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 500,
-            election_timeout_max: 1000,
+            // A leader's silence is noticed within about a second: a follower campaigns once
+            // its lease (election_timeout_max) and its own election timeout have passed.
+            // heartbeat_interval is also the deadline of every AppendEntries, the follower's
+            // log fsync included, which takes a few ms on the disks Berth runs on.
+            heartbeat_interval: 100,
+            election_timeout_min: 250,
+            election_timeout_max: 400,
+            // Per snapshot chunk, the last one including the install (the default 200 ms
+            // would keep a follower with a large state from ever catching up).
+            install_snapshot_timeout: 30_000,
+            snapshot_max_chunk_size: 1 << 20,
+            // An entry may be a batch of hundreds of commands: keep a replication message small.
+            max_payload_entries: 64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 1000,
             ..Default::default()
         }
         .validate()
         .map_err(|e| MetaError::Raft(e.to_string()))?;
-        let raft = Raft::new(config.node_id, Arc::new(raft_config), NoPeers, log, sm)
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), GrpcNetwork::new(channels), log, sm)
             .await
             .map_err(|e| MetaError::Raft(e.to_string()))?;
+        Ok((raft, view))
+    }
+
+    fn serving(raft: Raft<TypeConfig>, view: StateView, node_id: NodeId) -> MetaService {
+        let (writes, rx) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(batch_writes(raft.clone(), rx));
+        MetaService { raft, view, writes, node_id }
+    }
+
+    /// Opens the node's store and starts a single-voter group (initialising it on first
+    /// start), returning once this node leads it.
+    pub async fn open_single(config: MetaConfig) -> Result<MetaService, MetaError> {
+        let (raft, view) = Self::open_raft(&config, Channels::default()).await?;
         if !raft.is_initialized().await.map_err(|e| MetaError::Raft(e.to_string()))? {
             let members = BTreeMap::from([(config.node_id, BasicNode::new(config.advertise.clone()))]);
             raft.initialize(members).await.map_err(|e| MetaError::Raft(e.to_string()))?;
@@ -183,9 +213,15 @@ impl MetaService {
             .state(ServerState::Leader, "single voter becomes leader")
             .await
             .map_err(|e| MetaError::Raft(e.to_string()))?;
-        let (writes, rx) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(batch_writes(raft.clone(), rx));
-        Ok(MetaService { raft, view, writes })
+        Ok(Self::serving(raft, view, config.node_id))
+    }
+
+    /// Opens a node of a metadata group reached over gRPC through `channels`. A new node waits
+    /// to be made a member ([`MetaService::initialize`] on one node, or `add_member` on the
+    /// leader); a restarted one rejoins its group.
+    pub async fn open_node(config: MetaConfig, channels: Channels) -> Result<MetaService, MetaError> {
+        let (raft, view) = Self::open_raft(&config, channels).await?;
+        Ok(Self::serving(raft, view, config.node_id))
     }
 
     /// Stops the Raft node.

@@ -1,5 +1,5 @@
-//! openraft glue: the type configuration, the RocksDB log store, the state machine over
-//! [`crate::state`], snapshots, and the network (none yet: a single voter has no peers).
+//! openraft glue: the type configuration, the RocksDB log store, and the state machine over
+//! [`crate::state`] with its snapshots. The network is in [`crate::network`].
 
 // openraft's `StorageError` is what its traits return; its size is not ours to change.
 #![allow(clippy::result_large_err)]
@@ -384,67 +384,5 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) => Err(read_err(e)),
         })
         .await
-    }
-}
-
-// ---- network --------------------------------------------------------------------------------
-
-/// The network of a group without peers: every RPC reports the target unreachable. A
-/// single-voter group never sends one; the cluster replaces this with a gRPC transport.
-pub struct NoPeers;
-
-/// The connection [`NoPeers`] hands out.
-pub struct NoPeer;
-
-fn unreachable<E: std::error::Error>() -> openraft::error::RPCError<NodeId, BasicNode, E> {
-    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(&std::io::Error::other(
-        "this metadata group has no peers",
-    )))
-}
-
-impl openraft::RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeer;
-
-    async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> NoPeer {
-        NoPeer
-    }
-}
-
-impl openraft::RaftNetwork<TypeConfig> for NoPeer {
-    async fn append_entries(
-        &mut self,
-        _rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::AppendEntriesResponse<NodeId>,
-        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
-        Err(unreachable())
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        _rpc: openraft::raft::InstallSnapshotRequest<TypeConfig>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::InstallSnapshotResponse<NodeId>,
-        openraft::error::RPCError<
-            NodeId,
-            BasicNode,
-            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
-        >,
-    > {
-        Err(unreachable())
-    }
-
-    async fn vote(
-        &mut self,
-        _rpc: openraft::raft::VoteRequest<NodeId>,
-        _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::VoteResponse<NodeId>,
-        openraft::error::RPCError<NodeId, BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
-        Err(unreachable())
     }
 }

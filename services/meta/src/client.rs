@@ -1,0 +1,552 @@
+//! A [`MetaStore`] over gRPC: the metadata group as frontends and storage nodes see it.
+//!
+//! The client knows the metadata nodes' addresses and remembers which one leads. Every call
+//! goes to the leader. A node that does not lead answers NotLeader, naming the leader when it
+//! knows it, and the client follows. With no leader known, or a node out of reach, it tries
+//! the next node after a short backoff, for a bounded time, then answers 503.
+//!
+//! Retries never apply a write twice. A write is retried only when it certainly never reached a
+//! leader: NotLeader, or no connection was made. A write that timed out, or whose connection
+//! broke mid-call, may or may not have been applied; it is answered 503 and the caller
+//! decides. Reads are retried after any transport failure.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_core::access::{AccessFacts, Identity, OrgRole, SourceRepo};
+use berth_core::error::Result;
+use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
+use berth_proto::meta as pb;
+use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use crate::wire::{count, from_all, from_opt, not_leader_of, registry_error_of, required, to_all, Wire};
+
+/// First pause before trying another node: about one Raft heartbeat, so a retry after a lost
+/// leader usually finds the new one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Longest pause between attempts: an election takes 0.5–1 s, so a few tries span it.
+const MAX_BACKOFF: Duration = Duration::from_millis(400);
+
+/// The client's time limits.
+#[derive(Debug, Clone)]
+pub struct MetaClientConfig {
+    /// How long one call may take, retries included, before it fails with 503.
+    pub retry_for: Duration,
+    /// How long one attempt waits for its answer.
+    pub request_timeout: Duration,
+    /// How long connecting to a node may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for MetaClientConfig {
+    /// Five seconds for a call covers a leader election with room to spare; half a second to
+    /// connect is generous on a LAN and short enough to move on from a dead node.
+    fn default() -> Self {
+        MetaClientConfig {
+            retry_for: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaClientError {
+    /// The list of metadata nodes was empty.
+    #[error("no metadata node addresses given")]
+    NoNodes,
+    /// An address is not a `host:port` a channel can dial.
+    #[error("bad metadata node address {addr:?}: {source}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why it was refused.
+        source: tonic::transport::Error,
+    },
+}
+
+/// Where the next call goes.
+#[derive(Debug, Default)]
+struct Route {
+    /// The node believed to lead.
+    leader: Option<String>,
+    /// Index into the node list of the next node to try when no leader is known.
+    next: usize,
+}
+
+/// A [`MetaStore`] that calls the metadata group's leader over gRPC.
+pub struct MetaClient {
+    nodes: Vec<String>,
+    config: MetaClientConfig,
+    route: Mutex<Route>,
+    /// One lazily connected channel per address (the leader may name a node not in `nodes`).
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Whether a call may be repeated after a failure that may have reached the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Repeating it changes nothing.
+    Read,
+    /// Repeating it might apply it twice.
+    Write,
+}
+
+/// What a failed attempt means for the call.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// The node does not lead; it named the leader, or knows none.
+    NotLeader(Option<String>),
+    /// The request never left this client (no connection could be made).
+    Unsent,
+    /// The request may have reached the node and the answer was lost.
+    Lost,
+    /// An answer: the call is over.
+    Final(RegistryError),
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (each update is one
+/// assignment), so a poisoned lock is used as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The endpoint of a metadata node.
+fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(config.connect_timeout).tcp_nodelay(true))
+}
+
+/// Whether the status says the request never left this client: a connection error anywhere in
+/// its cause chain.
+fn never_sent(status: &Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// What a failed attempt means.
+fn classify(status: &Status) -> Failure {
+    if let Some(e) = registry_error_of(status) {
+        return Failure::Final(e);
+    }
+    if let Some(n) = not_leader_of(status) {
+        return Failure::NotLeader(n.leader);
+    }
+    if never_sent(status) {
+        return Failure::Unsent;
+    }
+    match status.code() {
+        // tonic reports its own timeouts as CANCELLED, a broken connection as UNAVAILABLE or
+        // UNKNOWN.
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown => Failure::Lost,
+        // INVALID_ARGUMENT, UNIMPLEMENTED and the like: the two sides disagree on the contract.
+        _ => Failure::Final(RegistryError::internal(format!("metadata service: {status}"))),
+    }
+}
+
+/// The answer when the metadata group cannot be reached in time.
+fn unavailable(detail: impl std::fmt::Display) -> RegistryError {
+    RegistryError::new(ErrorCode::Unknown, format!("metadata service unavailable: {detail}")).with_status(503)
+}
+
+impl MetaClient {
+    /// A client of the metadata nodes at `nodes` (`host:port` each). Connects on first use.
+    pub fn new(nodes: Vec<String>, config: MetaClientConfig) -> std::result::Result<MetaClient, MetaClientError> {
+        if nodes.is_empty() {
+            return Err(MetaClientError::NoNodes);
+        }
+        for addr in &nodes {
+            endpoint(addr, &config).map_err(|source| MetaClientError::Address { addr: addr.clone(), source })?;
+        }
+        Ok(MetaClient { nodes, config, route: Mutex::default(), channels: Mutex::default() })
+    }
+
+    /// The node the next call should try first.
+    fn target(&self) -> String {
+        let route = lock(&self.route);
+        route.leader.clone().unwrap_or_else(|| self.nodes[route.next % self.nodes.len()].clone())
+    }
+
+    /// Remembers a leader: a node that answered, or one a follower named.
+    fn follow(&self, leader: &str) {
+        lock(&self.route).leader = Some(leader.to_string());
+    }
+
+    /// Gives up on `addr` for now: it is no longer the leader, and the rotation moves past it
+    /// (only once, however many calls saw it fail together).
+    fn pass(&self, addr: &str) {
+        let mut route = lock(&self.route);
+        if route.leader.as_deref() == Some(addr) {
+            route.leader = None;
+        }
+        if self.nodes[route.next % self.nodes.len()] == addr {
+            route.next = route.next.wrapping_add(1);
+        }
+    }
+
+    /// The channel to `addr`, made on first use.
+    fn channel(&self, addr: &str) -> std::result::Result<Channel, tonic::transport::Error> {
+        let mut channels = lock(&self.channels);
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = endpoint(addr, &self.config)?.connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Sends `msg` with `rpc` to the leader, following NotLeader answers and trying other nodes
+    /// as [`Kind`] allows, until an answer or `retry_for` has passed.
+    async fn call<Q, A, F, Fut>(&self, kind: Kind, msg: Q, rpc: F) -> Result<A>
+    where
+        Q: Clone + Send,
+        F: Fn(MetaGrpc<Channel>, Request<Q>) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<Response<A>, Status>> + Send,
+    {
+        let deadline = Instant::now() + self.config.retry_for;
+        let mut backoff = FIRST_BACKOFF;
+        let mut target = self.target();
+        let mut redirected = false;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let (failure, detail) = match self.channel(&target) {
+                Ok(channel) => {
+                    let mut request = Request::new(msg.clone());
+                    request.set_timeout(self.config.request_timeout.min(remaining));
+                    match rpc(MetaGrpc::new(channel), request).await {
+                        Ok(reply) => {
+                            self.follow(&target);
+                            return Ok(reply.into_inner());
+                        }
+                        Err(status) => (classify(&status), status.to_string()),
+                    }
+                }
+                // Only a leader's name can be undialable (the node list was checked).
+                Err(e) => (Failure::Unsent, format!("cannot dial {target:?}: {e}")),
+            };
+            let pause = match failure {
+                Failure::Final(e) => return Err(e),
+                Failure::Lost if kind == Kind::Write => {
+                    return Err(unavailable(format!("a write to {target} may or may not have been applied: {detail}")));
+                }
+                Failure::NotLeader(Some(leader)) if leader != target => {
+                    self.follow(&leader);
+                    target = leader;
+                    // Follow a fresh redirect at once; two in a row mean the nodes disagree
+                    // (an election is under way), so pause like any other retry.
+                    std::mem::replace(&mut redirected, true)
+                }
+                failure => {
+                    tracing::debug!(node = %target, ?failure, %detail, "metadata call failed; trying another node");
+                    self.pass(&target);
+                    target = self.target();
+                    redirected = false;
+                    true
+                }
+            };
+            if pause {
+                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            if Instant::now() >= deadline {
+                let waited = self.config.retry_for;
+                return Err(unavailable(format!("no leader answered within {waited:?}; last failure: {detail}")));
+            }
+        }
+    }
+
+    /// A query: retried on any transport failure.
+    async fn read<Q, A, F, Fut>(&self, msg: Q, rpc: F) -> Result<A>
+    where
+        Q: Clone + Send,
+        F: Fn(MetaGrpc<Channel>, Request<Q>) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<Response<A>, Status>> + Send,
+    {
+        self.call(Kind::Read, msg, rpc).await
+    }
+
+    /// A command: retried only when it certainly reached no leader. A timeout or a connection
+    /// broken mid-call is answered 503 although the write may have been applied.
+    async fn write<Q, A, F, Fut>(&self, msg: Q, rpc: F) -> Result<A>
+    where
+        Q: Clone + Send,
+        F: Fn(MetaGrpc<Channel>, Request<Q>) -> Fut + Send + Sync,
+        Fut: Future<Output = std::result::Result<Response<A>, Status>> + Send,
+    {
+        self.call(Kind::Write, msg, rpc).await
+    }
+}
+
+#[async_trait]
+impl MetaStore for MetaClient {
+    async fn link_blob(&self, repo: &str, digest: &Digest, blob: Stored) -> Result<()> {
+        let msg = pb::LinkBlobRequest { repo: repo.into(), digest: digest.to_string(), blob: Some(blob.to_proto()) };
+        self.write(msg, |mut c, r| async move { c.link_blob(r).await }).await.map(|_| ())
+    }
+
+    async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
+        let msg = pb::BlobLinkRequest { repo: repo.into(), digest: digest.to_string() };
+        Ok(self.read(msg, |mut c, r| async move { c.blob_link(r).await }).await?.size)
+    }
+
+    async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let msg = pb::UnlinkBlobRequest { repo: repo.into(), digest: digest.to_string() };
+        Ok(self.write(msg, |mut c, r| async move { c.unlink_blob(r).await }).await?.existed)
+    }
+
+    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>, bytes: Stored) -> Result<()> {
+        let msg = pb::PutManifestRequest {
+            repo: repo.into(),
+            record: Some(record.to_proto()),
+            tags,
+            bytes: Some(bytes.to_proto()),
+        };
+        self.write(msg, |mut c, r| async move { c.put_manifest(r).await }).await.map(|_| ())
+    }
+
+    async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        let msg = pb::ManifestRequest { repo: repo.into(), digest: digest.to_string() };
+        let reply = self.read(msg, |mut c, r| async move { c.manifest(r).await }).await?;
+        Ok(from_opt(reply.record)?)
+    }
+
+    async fn tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
+        let msg = pb::TagRequest { repo: repo.into(), tag: tag.into() };
+        Ok(from_opt(self.read(msg, |mut c, r| async move { c.tag(r).await }).await?.digest)?)
+    }
+
+    async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let msg = pb::DeleteManifestRequest { repo: repo.into(), digest: digest.to_string() };
+        Ok(self.write(msg, |mut c, r| async move { c.delete_manifest(r).await }).await?.existed)
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        let msg = pb::DeleteTagRequest { repo: repo.into(), tag: tag.into() };
+        Ok(self.write(msg, |mut c, r| async move { c.delete_tag(r).await }).await?.existed)
+    }
+
+    async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> Result<Option<Vec<String>>> {
+        let msg = pb::TagsRequest { repo: repo.into(), last: last.map(str::to_string), n: n as u64 };
+        Ok(self.read(msg, |mut c, r| async move { c.tags(r).await }).await?.list.map(|l| l.tags))
+    }
+
+    async fn repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        let msg = pb::RepositoriesRequest { last: last.map(str::to_string), n: n as u64 };
+        Ok(self.read(msg, |mut c, r| async move { c.repositories(r).await }).await?.names)
+    }
+
+    async fn public_repositories(&self, last: Option<&str>, n: usize) -> Result<Vec<String>> {
+        let msg = pb::PublicRepositoriesRequest { last: last.map(str::to_string), n: n as u64 };
+        Ok(self.read(msg, |mut c, r| async move { c.public_repositories(r).await }).await?.names)
+    }
+
+    async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        after: Option<&Digest>,
+        n: usize,
+    ) -> Result<Vec<ManifestRecord>> {
+        let msg = pb::ReferrersRequest {
+            repo: repo.into(),
+            subject: subject.to_string(),
+            after: after.map(Digest::to_string),
+            n: n as u64,
+        };
+        let reply = self.read(msg, |mut c, r| async move { c.referrers(r).await }).await?;
+        Ok(from_all::<ManifestRecord, _>(reply.records)?)
+    }
+
+    async fn repo_exists(&self, repo: &str) -> Result<bool> {
+        let msg = pb::RepoExistsRequest { repo: repo.into() };
+        Ok(self.read(msg, |mut c, r| async move { c.repo_exists(r).await }).await?.exists)
+    }
+
+    async fn create_upload(&self, session: UploadSession) -> Result<()> {
+        let msg = pb::CreateUploadRequest { session: Some(session.to_proto()) };
+        self.write(msg, |mut c, r| async move { c.create_upload(r).await }).await.map(|_| ())
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {
+        let msg = pb::UploadRequest { id: id.into() };
+        Ok(from_opt(self.read(msg, |mut c, r| async move { c.upload(r).await }).await?.session)?)
+    }
+
+    async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>> {
+        let msg = pb::UploadsRequest { after: after.map(str::to_string), n: n as u64 };
+        let reply = self.read(msg, |mut c, r| async move { c.uploads(r).await }).await?;
+        Ok(from_all::<UploadSession, _>(reply.sessions)?)
+    }
+
+    async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize> {
+        let msg = pb::UploadsOfRequest { caller: caller.into(), at_most: at_most as u64 };
+        Ok(count(self.read(msg, |mut c, r| async move { c.uploads_of(r).await }).await?.count))
+    }
+
+    async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {
+        let msg = pb::EndUploadRequest { id: id.into(), link: link.map(Wire::to_proto) };
+        self.write(msg, |mut c, r| async move { c.end_upload(r).await }).await.map(|_| ())
+    }
+
+    async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>> {
+        // Whole milliseconds suffice for a grace period of minutes; u64 milliseconds outlast
+        // any Duration a caller could mean.
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let msg = pb::BeginReapRequest { grace_ms, max: max as u64 };
+        let reply = self.write(msg, |mut c, r| async move { c.begin_reap(r).await }).await?;
+        Ok(from_all::<Digest, _>(reply.digests)?)
+    }
+
+    async fn blob_reaped(&self, digest: &Digest, stamp: Option<u64>) -> Result<()> {
+        let msg = pb::BlobReapedRequest { digest: digest.to_string(), stamp };
+        self.write(msg, |mut c, r| async move { c.blob_reaped(r).await }).await.map(|_| ())
+    }
+
+    async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        let msg = pb::UnknownBlobsRequest { digests: to_all(digests) };
+        let reply = self.read(msg, |mut c, r| async move { c.unknown_blobs(r).await }).await?;
+        Ok(from_all::<Digest, _>(reply.digests)?)
+    }
+
+    async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
+        let msg = pb::NoteStraysRequest { digests: to_all(digests) };
+        self.write(msg, |mut c, r| async move { c.note_strays(r).await }).await.map(|_| ())
+    }
+
+    async fn change_directory(&self, change: DirectoryChange) -> Result<bool> {
+        let msg = pb::ChangeDirectoryRequest { change: Some(change.to_proto()) };
+        Ok(self.write(msg, |mut c, r| async move { c.change_directory(r).await }).await?.changed)
+    }
+
+    async fn signing_keys(&self) -> Result<Vec<PublicSigningKey>> {
+        let reply = self.read(pb::SigningKeysRequest {}, |mut c, r| async move { c.signing_keys(r).await }).await?;
+        Ok(from_all::<PublicSigningKey, _>(reply.keys)?)
+    }
+
+    async fn key_generation(&self) -> Result<u64> {
+        let msg = pb::KeyGenerationRequest {};
+        Ok(self.read(msg, |mut c, r| async move { c.key_generation(r).await }).await?.generation)
+    }
+
+    async fn has_legacy_signing_key(&self) -> Result<bool> {
+        let msg = pb::HasLegacySigningKeyRequest {};
+        Ok(self.read(msg, |mut c, r| async move { c.has_legacy_signing_key(r).await }).await?.present)
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<User>> {
+        let msg = pb::UserRequest { name: name.into() };
+        Ok(from_opt(self.read(msg, |mut c, r| async move { c.user(r).await }).await?.user)?)
+    }
+
+    async fn users(&self) -> Result<Vec<User>> {
+        let reply = self.read(pb::UsersRequest {}, |mut c, r| async move { c.users(r).await }).await?;
+        Ok(from_all::<User, _>(reply.users)?)
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        let msg = pb::TokenRequest { id: id.into() };
+        Ok(from_opt(self.read(msg, |mut c, r| async move { c.token(r).await }).await?.token)?)
+    }
+
+    async fn tokens_of(&self, user: &str) -> Result<Vec<TokenRecord>> {
+        let msg = pb::TokensOfRequest { user: user.into() };
+        let reply = self.read(msg, |mut c, r| async move { c.tokens_of(r).await }).await?;
+        Ok(from_all::<TokenRecord, _>(reply.tokens)?)
+    }
+
+    async fn org_members(&self, org: &str) -> Result<Option<std::collections::BTreeMap<String, OrgRole>>> {
+        let msg = pb::OrgMembersRequest { org: org.into() };
+        Ok(from_opt(self.read(msg, |mut c, r| async move { c.org_members(r).await }).await?.members)?)
+    }
+
+    async fn source_repo(&self, org: &str, name: &str) -> Result<Option<SourceRepo>> {
+        let msg = pb::SourceRepoRequest { org: org.into(), name: name.into() };
+        Ok(from_opt(self.read(msg, |mut c, r| async move { c.source_repo(r).await }).await?.source)?)
+    }
+
+    async fn access_facts(&self, who: &Identity, repo: &str) -> Result<AccessFacts> {
+        let msg = pb::AccessFactsRequest { who: Some(who.clone().to_proto()), repo: repo.into() };
+        let reply = self.read(msg, |mut c, r| async move { c.access_facts(r).await }).await?;
+        Ok(AccessFacts::from_proto(required(reply.facts, "AccessFactsReply.facts")?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::NotLeader;
+    use crate::wire::{not_leader_status, status_of};
+
+    #[test]
+    fn failures_are_classified() {
+        let e = RegistryError::new(ErrorCode::ManifestBlobUnknown, "layer sha256:… is not linked");
+        assert_eq!(classify(&status_of(e.clone())), Failure::Final(e));
+        let redirect = not_leader_status(&NotLeader { leader: Some("10.0.0.2:7001".into()) });
+        assert_eq!(classify(&redirect), Failure::NotLeader(Some("10.0.0.2:7001".into())));
+        assert_eq!(classify(&not_leader_status(&NotLeader { leader: None })), Failure::NotLeader(None));
+        for lost in [Status::cancelled("Timeout expired"), Status::unavailable("connection reset"), Status::unknown("")]
+        {
+            assert_eq!(classify(&lost), Failure::Lost, "{lost}");
+        }
+        for broken in [Status::invalid_argument("bad digest"), Status::unimplemented(""), Status::internal("")] {
+            match classify(&broken) {
+                Failure::Final(e) => assert_eq!((e.code, e.status), (ErrorCode::Unknown, 500)),
+                other => panic!("{broken} classified as {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_known_unsent() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let channel = endpoint(&addr.to_string(), &MetaClientConfig::default()).unwrap().connect_lazy();
+        let status = MetaGrpc::new(channel).key_generation(pb::KeyGenerationRequest {}).await.unwrap_err();
+        assert_eq!(classify(&status), Failure::Unsent, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_nodes_give_503_within_the_budget() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let config = MetaClientConfig { retry_for: Duration::from_millis(300), ..Default::default() };
+        let c = MetaClient::new(vec![addr.to_string()], config).unwrap();
+        let started = std::time::Instant::now();
+        let err = c.key_generation().await.unwrap_err();
+        assert_eq!((err.code, err.status), (ErrorCode::Unknown, 503), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn bad_node_lists_are_refused() {
+        assert!(matches!(MetaClient::new(vec![], MetaClientConfig::default()), Err(MetaClientError::NoNodes)));
+        let bad = MetaClient::new(vec!["meta-1:7001".into(), "not an address".into()], MetaClientConfig::default());
+        assert!(matches!(bad, Err(MetaClientError::Address { addr, .. }) if addr == "not an address"));
+    }
+
+    #[test]
+    fn the_rotation_moves_past_a_failed_node_once() {
+        let nodes = vec!["a:1".to_string(), "b:1".to_string(), "c:1".to_string()];
+        let c = MetaClient::new(nodes, MetaClientConfig::default()).unwrap();
+        assert_eq!(c.target(), "a:1");
+        c.pass("a:1");
+        c.pass("a:1");
+        assert_eq!(c.target(), "b:1", "two calls that saw a:1 fail move the rotation once");
+        c.follow("c:1");
+        assert_eq!(c.target(), "c:1");
+        c.pass("c:1");
+        assert_eq!(c.target(), "b:1", "a failed leader is forgotten");
+    }
+}

@@ -1,0 +1,229 @@
+//! The metadata group as a cluster: its membership, the leadership gate in front of the Meta
+//! service, and the `Cluster` gRPC service that `berth admin cluster` talks to.
+//!
+//! Reads and writes are answered by the leader only. Before each, the gate confirms with a
+//! quorum that this node still leads (openraft's read-index: one heartbeat round, then the
+//! state has applied everything committed before the read began), so a tag read through
+//! any frontend sees every write acknowledged before it. No clock is trusted for this: a
+//! leader cut off from its majority fails the check and answers nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_proto::cluster as pb;
+use berth_proto::cluster::cluster_server::{Cluster, ClusterServer};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tonic::{Request, Response, Status};
+
+use crate::raft::NodeId;
+use crate::server::{Leadership, NotLeader};
+use crate::wire::not_leader_status;
+use crate::MetaService;
+
+/// How long a leadership check may wait for a quorum's answer before the caller is told to
+/// retry elsewhere: a few heartbeat rounds.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long adding a member may take: catching up as a learner, then two membership entries.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A membership change that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Another node leads (or none does yet); ask it.
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    /// The request itself is wrong (e.g. an empty membership, an unknown node).
+    #[error("{0}")]
+    Invalid(String),
+    /// Raft failed or took too long.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl MetaService {
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The leader as this node knows it: its id and gRPC address.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    fn not_leader(&self) -> NotLeader {
+        NotLeader { leader: self.leader().filter(|(id, _)| *id != self.node_id).map(|(_, a)| a) }
+    }
+
+    /// Makes `members` (id → gRPC address) the group's first voters. Asked of one of them,
+    /// once; asking again with the same members changes nothing.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, String>) -> Result<(), ClusterError> {
+        if !members.contains_key(&self.node_id) {
+            return Err(ClusterError::Invalid(format!("node {} must be one of the first members", self.node_id)));
+        }
+        let nodes: BTreeMap<NodeId, BasicNode> = members.into_iter().map(|(id, a)| (id, BasicNode::new(a))).collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ClusterError::Failed(e.to_string())),
+        }
+    }
+
+    fn change_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ClusterError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ClusterError::NotLeader(self.not_leader()),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => ClusterError::Invalid(c.to_string()),
+            other => ClusterError::Failed(other.to_string()),
+        }
+    }
+
+    /// Adds node `id` at `addr`: first as a learner, which receives the log (or a snapshot)
+    /// without voting, and once it has caught up, as a voter. On the leader only.
+    pub async fn add_member(&self, id: NodeId, addr: String) -> Result<(), ClusterError> {
+        let work = async {
+            self.raft.add_learner(id, BasicNode::new(addr), true).await.map_err(|e| self.change_error(e))?;
+            let voters = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+            self.raft.change_membership(voters, false).await.map_err(|e| self.change_error(e))?;
+            Ok(())
+        };
+        tokio::time::timeout(CHANGE_TIMEOUT, work)
+            .await
+            .map_err(|_| ClusterError::Failed(format!("adding node {id} took longer than {CHANGE_TIMEOUT:?}")))?
+    }
+
+    /// Removes node `id` from the group, voter or learner. On the leader only.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ClusterError> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        if membership.voter_ids().any(|v| v == id) {
+            let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+            self.raft.change_membership(change, false).await.map_err(|e| self.change_error(e))?;
+        } else if membership.learner_ids().any(|l| l == id) {
+            let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+            self.raft.change_membership(change, false).await.map_err(|e| self.change_error(e))?;
+        } else {
+            return Err(ClusterError::Invalid(format!("node {id} is not a member")));
+        }
+        Ok(())
+    }
+
+    /// Confirms that this node leads and that its state has applied every write committed
+    /// before the call (a quorum answered a heartbeat of this term).
+    pub async fn ensure_leader(&self) -> Result<(), NotLeader> {
+        match tokio::time::timeout(CHECK_TIMEOUT, self.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(NotLeader { leader: f.leader_node.map(|n| n.addr) })
+            }
+            // No quorum answered, or the node is stopping: this node cannot answer.
+            Ok(Err(_)) | Err(_) => Err(self.not_leader()),
+        }
+    }
+
+    /// This node's view of the group.
+    pub fn status(&self) -> pb::NodeStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let member =
+            |id: NodeId| pb::Member { id, addr: membership.get_node(&id).map(|n| n.addr.clone()).unwrap_or_default() };
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        pb::NodeStatus {
+            id: self.node_id,
+            addr: membership.get_node(&self.node_id).map(|n| n.addr.clone()).unwrap_or_default(),
+            state: state.into(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            voters: membership.voter_ids().map(member).collect(),
+            learners: membership.learner_ids().map(member).collect(),
+            replicated: m
+                .replication
+                .map(|r| r.into_iter().filter_map(|(id, l)| l.map(|l| (id, l.index))).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The Meta service's gate on a cluster node: answer only as a confirmed leader.
+pub struct RaftGate {
+    meta: MetaService,
+}
+
+impl RaftGate {
+    /// The gate of `meta`'s node.
+    pub fn new(meta: MetaService) -> RaftGate {
+        RaftGate { meta }
+    }
+}
+
+#[async_trait]
+impl Leadership for RaftGate {
+    async fn check(&self) -> Result<(), NotLeader> {
+        self.meta.ensure_leader().await
+    }
+}
+
+// ---- the Cluster service ------------------------------------------------------------------
+
+/// The `Cluster` gRPC service of a metadata node.
+pub struct ClusterRpc {
+    meta: MetaService,
+}
+
+/// The service to add to the node's gRPC server.
+pub fn cluster_server(meta: MetaService) -> ClusterServer<ClusterRpc> {
+    ClusterServer::new(ClusterRpc { meta })
+}
+
+fn status_of(e: ClusterError) -> Status {
+    match e {
+        ClusterError::NotLeader(n) => not_leader_status(&n),
+        ClusterError::Invalid(d) => Status::invalid_argument(d),
+        ClusterError::Failed(d) => Status::unavailable(d),
+    }
+}
+
+fn member(m: Option<pb::Member>) -> Result<(NodeId, String), Status> {
+    let m = m.ok_or_else(|| Status::invalid_argument("a member is required"))?;
+    if m.addr.is_empty() {
+        return Err(Status::invalid_argument(format!("node {} needs an address", m.id)));
+    }
+    Ok((m.id, m.addr))
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterRpc {
+    async fn init(&self, req: Request<pb::InitRequest>) -> Result<Response<pb::Done>, Status> {
+        let members =
+            req.into_inner().members.into_iter().map(|m| member(Some(m))).collect::<Result<BTreeMap<_, _>, _>>()?;
+        self.meta.initialize(members).await.map_err(status_of)?;
+        Ok(Response::new(pb::Done {}))
+    }
+
+    async fn add_meta(&self, req: Request<pb::AddMetaRequest>) -> Result<Response<pb::Done>, Status> {
+        let (id, addr) = member(req.into_inner().member)?;
+        self.meta.add_member(id, addr).await.map_err(status_of)?;
+        Ok(Response::new(pb::Done {}))
+    }
+
+    async fn remove_meta(&self, req: Request<pb::RemoveMetaRequest>) -> Result<Response<pb::Done>, Status> {
+        self.meta.remove_member(req.into_inner().id).await.map_err(status_of)?;
+        Ok(Response::new(pb::Done {}))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
+        Ok(Response::new(self.meta.status()))
+    }
+}

@@ -1,0 +1,535 @@
+//! The Meta service over gRPC: a thin adapter from `proto/meta.proto` to a [`MetaStore`].
+//!
+//! Each call first asks the node's [`Leadership`] gate whether it may answer (reads too: a
+//! follower's state may lag the leader's), then decodes the request into the registry's
+//! types, calls the store and encodes its answer. A refused gate becomes a NotLeader status,
+//! a registry error an ABORTED status that the client reads back unchanged, a malformed
+//! request INVALID_ARGUMENT (see [`crate::wire`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_core::access::{AccessFacts, Identity, SourceRepo};
+use berth_core::error::Result;
+use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::{Digest, ManifestRecord, MetaStore, Stored, UploadSession};
+use berth_proto::meta as pb;
+use berth_proto::meta::meta_server::{Meta, MetaServer};
+use tonic::{Request, Response, Status};
+
+use crate::wire::{count, from_all, from_opt, not_leader_status, required, status_of, to_all, Wire};
+
+/// Why this node may not answer: another node leads, or none does yet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not the leader (leader: {})", .leader.as_deref().unwrap_or("unknown"))]
+pub struct NotLeader {
+    /// The leader's gRPC address, when this node knows it.
+    pub leader: Option<String>,
+}
+
+/// Decides, before every call, whether this node may answer it.
+#[async_trait]
+pub trait Leadership: Send + Sync + 'static {
+    /// `Ok` when this node leads and its state reflects every acknowledged write.
+    async fn check(&self) -> Result<(), NotLeader>;
+}
+
+/// The gate of a single-voter group, whose one node always leads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlwaysLeader;
+
+#[async_trait]
+impl Leadership for AlwaysLeader {
+    async fn check(&self) -> Result<(), NotLeader> {
+        Ok(())
+    }
+}
+
+/// The Meta service's handlers over one store and its gate.
+pub struct MetaRpc {
+    store: Arc<dyn MetaStore>,
+    gate: Arc<dyn Leadership>,
+}
+
+/// The Meta service to add to a tonic server.
+pub fn meta_server(store: Arc<dyn MetaStore>, gate: Arc<dyn Leadership>) -> MetaServer<MetaRpc> {
+    MetaServer::new(MetaRpc { store, gate })
+}
+
+/// A handler's outcome: the reply, or the status that carries the error.
+type Answer<T> = std::result::Result<Response<T>, Status>;
+
+/// The store's answer, encoded.
+fn answer<T, R>(result: Result<T>, encode: impl FnOnce(T) -> R) -> Answer<R> {
+    result.map(|v| Response::new(encode(v))).map_err(status_of)
+}
+
+impl MetaRpc {
+    /// The request's message, once the gate lets this node answer.
+    async fn admit<T>(&self, request: Request<T>) -> std::result::Result<T, Status> {
+        self.gate.check().await.map_err(|n| not_leader_status(&n))?;
+        Ok(request.into_inner())
+    }
+}
+
+#[tonic::async_trait]
+impl Meta for MetaRpc {
+    // ---- blobs, manifests and tags --------------------------------------------------------
+
+    async fn link_blob(&self, request: Request<pb::LinkBlobRequest>) -> Answer<pb::LinkBlobReply> {
+        let r = self.admit(request).await?;
+        let (digest, blob) = (Digest::from_proto(r.digest)?, Stored::from_proto(required(r.blob, "blob")?)?);
+        answer(self.store.link_blob(&r.repo, &digest, blob).await, |()| pb::LinkBlobReply {})
+    }
+
+    async fn blob_link(&self, request: Request<pb::BlobLinkRequest>) -> Answer<pb::BlobLinkReply> {
+        let r = self.admit(request).await?;
+        let digest = Digest::from_proto(r.digest)?;
+        answer(self.store.blob_link(&r.repo, &digest).await, |size| pb::BlobLinkReply { size })
+    }
+
+    async fn unlink_blob(&self, request: Request<pb::UnlinkBlobRequest>) -> Answer<pb::UnlinkBlobReply> {
+        let r = self.admit(request).await?;
+        let digest = Digest::from_proto(r.digest)?;
+        answer(self.store.unlink_blob(&r.repo, &digest).await, |existed| pb::UnlinkBlobReply { existed })
+    }
+
+    async fn put_manifest(&self, request: Request<pb::PutManifestRequest>) -> Answer<pb::PutManifestReply> {
+        let r = self.admit(request).await?;
+        let record = ManifestRecord::from_proto(required(r.record, "record")?)?;
+        let bytes = Stored::from_proto(required(r.bytes, "bytes")?)?;
+        answer(self.store.put_manifest(&r.repo, record, r.tags, bytes).await, |()| pb::PutManifestReply {})
+    }
+
+    async fn manifest(&self, request: Request<pb::ManifestRequest>) -> Answer<pb::ManifestReply> {
+        let r = self.admit(request).await?;
+        let digest = Digest::from_proto(r.digest)?;
+        answer(self.store.manifest(&r.repo, &digest).await, |m| pb::ManifestReply { record: m.map(Wire::to_proto) })
+    }
+
+    async fn tag(&self, request: Request<pb::TagRequest>) -> Answer<pb::TagReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.tag(&r.repo, &r.tag).await, |d| pb::TagReply { digest: d.map(Wire::to_proto) })
+    }
+
+    async fn delete_manifest(&self, request: Request<pb::DeleteManifestRequest>) -> Answer<pb::DeleteManifestReply> {
+        let r = self.admit(request).await?;
+        let digest = Digest::from_proto(r.digest)?;
+        answer(self.store.delete_manifest(&r.repo, &digest).await, |existed| pb::DeleteManifestReply { existed })
+    }
+
+    async fn delete_tag(&self, request: Request<pb::DeleteTagRequest>) -> Answer<pb::DeleteTagReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.delete_tag(&r.repo, &r.tag).await, |existed| pb::DeleteTagReply { existed })
+    }
+
+    async fn tags(&self, request: Request<pb::TagsRequest>) -> Answer<pb::TagsReply> {
+        let r = self.admit(request).await?;
+        let tags = self.store.tags(&r.repo, r.last.as_deref(), count(r.n)).await;
+        answer(tags, |t| pb::TagsReply { list: t.map(|tags| pb::TagList { tags }) })
+    }
+
+    async fn repositories(&self, request: Request<pb::RepositoriesRequest>) -> Answer<pb::RepositoriesReply> {
+        let r = self.admit(request).await?;
+        let names = self.store.repositories(r.last.as_deref(), count(r.n)).await;
+        answer(names, |names| pb::RepositoriesReply { names })
+    }
+
+    async fn public_repositories(
+        &self,
+        request: Request<pb::PublicRepositoriesRequest>,
+    ) -> Answer<pb::PublicRepositoriesReply> {
+        let r = self.admit(request).await?;
+        let names = self.store.public_repositories(r.last.as_deref(), count(r.n)).await;
+        answer(names, |names| pb::PublicRepositoriesReply { names })
+    }
+
+    async fn referrers(&self, request: Request<pb::ReferrersRequest>) -> Answer<pb::ReferrersReply> {
+        let r = self.admit(request).await?;
+        let (subject, after) = (Digest::from_proto(r.subject)?, from_opt::<Digest>(r.after)?);
+        let records = self.store.referrers(&r.repo, &subject, after.as_ref(), count(r.n)).await;
+        answer(records, |records| pb::ReferrersReply { records: to_all(records) })
+    }
+
+    async fn repo_exists(&self, request: Request<pb::RepoExistsRequest>) -> Answer<pb::RepoExistsReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.repo_exists(&r.repo).await, |exists| pb::RepoExistsReply { exists })
+    }
+
+    // ---- upload sessions ------------------------------------------------------------------
+
+    async fn create_upload(&self, request: Request<pb::CreateUploadRequest>) -> Answer<pb::CreateUploadReply> {
+        let r = self.admit(request).await?;
+        let session = UploadSession::from_proto(required(r.session, "session")?)?;
+        answer(self.store.create_upload(session).await, |()| pb::CreateUploadReply {})
+    }
+
+    async fn upload(&self, request: Request<pb::UploadRequest>) -> Answer<pb::UploadReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.upload(&r.id).await, |s| pb::UploadReply { session: s.map(Wire::to_proto) })
+    }
+
+    async fn uploads(&self, request: Request<pb::UploadsRequest>) -> Answer<pb::UploadsReply> {
+        let r = self.admit(request).await?;
+        let sessions = self.store.uploads(r.after.as_deref(), count(r.n)).await;
+        answer(sessions, |sessions| pb::UploadsReply { sessions: to_all(sessions) })
+    }
+
+    async fn uploads_of(&self, request: Request<pb::UploadsOfRequest>) -> Answer<pb::UploadsOfReply> {
+        let r = self.admit(request).await?;
+        let n = self.store.uploads_of(&r.caller, count(r.at_most)).await;
+        answer(n, |n| pb::UploadsOfReply { count: n as u64 })
+    }
+
+    async fn end_upload(&self, request: Request<pb::EndUploadRequest>) -> Answer<pb::EndUploadReply> {
+        let r = self.admit(request).await?;
+        let link = from_opt::<(Digest, Stored)>(r.link)?;
+        answer(self.store.end_upload(&r.id, link).await, |()| pb::EndUploadReply {})
+    }
+
+    // ---- garbage collection ---------------------------------------------------------------
+
+    async fn begin_reap(&self, request: Request<pb::BeginReapRequest>) -> Answer<pb::BeginReapReply> {
+        let r = self.admit(request).await?;
+        let fenced = self.store.begin_reap(Duration::from_millis(r.grace_ms), count(r.max)).await;
+        answer(fenced, |digests| pb::BeginReapReply { digests: to_all(digests) })
+    }
+
+    async fn blob_reaped(&self, request: Request<pb::BlobReapedRequest>) -> Answer<pb::BlobReapedReply> {
+        let r = self.admit(request).await?;
+        let digest = Digest::from_proto(r.digest)?;
+        answer(self.store.blob_reaped(&digest, r.stamp).await, |()| pb::BlobReapedReply {})
+    }
+
+    async fn unknown_blobs(&self, request: Request<pb::UnknownBlobsRequest>) -> Answer<pb::UnknownBlobsReply> {
+        let r = self.admit(request).await?;
+        let unknown = self.store.unknown_blobs(from_all::<Digest, _>(r.digests)?).await;
+        answer(unknown, |digests| pb::UnknownBlobsReply { digests: to_all(digests) })
+    }
+
+    async fn note_strays(&self, request: Request<pb::NoteStraysRequest>) -> Answer<pb::NoteStraysReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.note_strays(from_all::<Digest, _>(r.digests)?).await, |()| pb::NoteStraysReply {})
+    }
+
+    // ---- accounts and permissions ---------------------------------------------------------
+
+    async fn change_directory(&self, request: Request<pb::ChangeDirectoryRequest>) -> Answer<pb::ChangeDirectoryReply> {
+        let r = self.admit(request).await?;
+        let change = DirectoryChange::from_proto(required(r.change, "change")?)?;
+        answer(self.store.change_directory(change).await, |changed| pb::ChangeDirectoryReply { changed })
+    }
+
+    async fn signing_keys(&self, request: Request<pb::SigningKeysRequest>) -> Answer<pb::SigningKeysReply> {
+        self.admit(request).await?;
+        answer(self.store.signing_keys().await, |keys: Vec<PublicSigningKey>| pb::SigningKeysReply {
+            keys: to_all(keys),
+        })
+    }
+
+    async fn key_generation(&self, request: Request<pb::KeyGenerationRequest>) -> Answer<pb::KeyGenerationReply> {
+        self.admit(request).await?;
+        answer(self.store.key_generation().await, |generation| pb::KeyGenerationReply { generation })
+    }
+
+    async fn has_legacy_signing_key(
+        &self,
+        request: Request<pb::HasLegacySigningKeyRequest>,
+    ) -> Answer<pb::HasLegacySigningKeyReply> {
+        self.admit(request).await?;
+        answer(self.store.has_legacy_signing_key().await, |present| pb::HasLegacySigningKeyReply { present })
+    }
+
+    async fn user(&self, request: Request<pb::UserRequest>) -> Answer<pb::UserReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.user(&r.name).await, |u: Option<User>| pb::UserReply { user: u.map(Wire::to_proto) })
+    }
+
+    async fn users(&self, request: Request<pb::UsersRequest>) -> Answer<pb::UsersReply> {
+        self.admit(request).await?;
+        answer(self.store.users().await, |users| pb::UsersReply { users: to_all(users) })
+    }
+
+    async fn token(&self, request: Request<pb::TokenRequest>) -> Answer<pb::TokenReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.token(&r.id).await, |t: Option<TokenRecord>| pb::TokenReply { token: t.map(Wire::to_proto) })
+    }
+
+    async fn tokens_of(&self, request: Request<pb::TokensOfRequest>) -> Answer<pb::TokensOfReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.tokens_of(&r.user).await, |tokens| pb::TokensOfReply { tokens: to_all(tokens) })
+    }
+
+    async fn org_members(&self, request: Request<pb::OrgMembersRequest>) -> Answer<pb::OrgMembersReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.org_members(&r.org).await, |m| pb::OrgMembersReply { members: m.map(Wire::to_proto) })
+    }
+
+    async fn source_repo(&self, request: Request<pb::SourceRepoRequest>) -> Answer<pb::SourceRepoReply> {
+        let r = self.admit(request).await?;
+        let source = self.store.source_repo(&r.org, &r.name).await;
+        answer(source, |s: Option<SourceRepo>| pb::SourceRepoReply { source: s.map(Wire::to_proto) })
+    }
+
+    async fn access_facts(&self, request: Request<pb::AccessFactsRequest>) -> Answer<pb::AccessFactsReply> {
+        let r = self.admit(request).await?;
+        let who = Identity::from_proto(required(r.who, "who")?)?;
+        let facts = self.store.access_facts(&who, &r.repo).await;
+        answer(facts, |f: AccessFacts| pb::AccessFactsReply { facts: Some(f.to_proto()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use berth_core::access::{OrgRole, Scope};
+    use berth_core::ErrorCode;
+    use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+    use tonic::transport::server::TcpIncoming;
+    use tonic::transport::Server;
+    use tonic::Code;
+
+    use super::*;
+    use crate::client::{MetaClient, MetaClientConfig};
+    use crate::{MetaConfig, MetaService};
+
+    /// A gate that counts the calls it sees, waits `delay`, then admits them or refuses them.
+    struct Gate {
+        refuse: Option<NotLeader>,
+        delay: Duration,
+        asked: AtomicUsize,
+    }
+
+    impl Gate {
+        fn new(refuse: Option<NotLeader>, delay: Duration) -> Arc<Gate> {
+            Arc::new(Gate { refuse, delay, asked: AtomicUsize::new(0) })
+        }
+
+        fn asked(&self) -> usize {
+            self.asked.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl Leadership for Gate {
+        async fn check(&self) -> Result<(), NotLeader> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.refuse.clone().map_or(Ok(()), Err)
+        }
+    }
+
+    /// A Meta server on a loopback port.
+    struct Running {
+        addr: SocketAddr,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    }
+
+    async fn serve(store: Arc<dyn MetaStore>, gate: Arc<dyn Leadership>) -> Running {
+        let incoming = TcpIncoming::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap().with_nodelay(Some(true));
+        let addr = incoming.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = Server::builder().add_service(meta_server(store, gate));
+        let task = tokio::spawn(server.serve_with_incoming_shutdown(incoming, async move {
+            // A dropped sender stops the server as well as a sent stop.
+            stopped.await.unwrap_or_default()
+        }));
+        Running { addr, stop, task }
+    }
+
+    impl Running {
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    async fn open(dir: &std::path::Path) -> MetaService {
+        let config = MetaConfig { dir: dir.to_path_buf(), node_id: 1, advertise: "127.0.0.1:0".into() };
+        MetaService::open_single(config).await.unwrap()
+    }
+
+    fn client(nodes: &[SocketAddr], config: MetaClientConfig) -> MetaClient {
+        MetaClient::new(nodes.iter().map(SocketAddr::to_string).collect(), config).unwrap()
+    }
+
+    fn d(s: &str) -> Digest {
+        Digest::sha256_of(s.as_bytes())
+    }
+
+    /// A stored copy with a stamp above any reap floor these tests reach.
+    fn stored(size: u64) -> Stored {
+        Stored { size, stamp: 1_000 }
+    }
+
+    fn record(name: &str, blobs: Vec<Digest>) -> ManifestRecord {
+        ManifestRecord {
+            digest: d(name),
+            media_type: berth_core::manifest::OCI_MANIFEST.into(),
+            size: 100,
+            subject: None,
+            artifact_type: Some("application/x-test".into()),
+            annotations: [("org.opencontainers.image.description".to_string(), "a test".to_string())].into(),
+            blobs,
+            manifests: vec![],
+            pushed_at_ms: 1,
+        }
+    }
+
+    /// An address nothing listens on.
+    fn dead_address() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_client_drives_a_real_metadata_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let server = serve(Arc::new(meta.clone()), Arc::new(AlwaysLeader)).await;
+        let c = client(&[server.addr], MetaClientConfig::default());
+
+        c.link_blob("a/b", &d("layer"), stored(5)).await.unwrap();
+        assert_eq!(c.blob_link("a/b", &d("layer")).await.unwrap(), Some(5));
+        assert_eq!(c.blob_link("a/b", &d("other")).await.unwrap(), None);
+
+        // A registry error comes back exactly as the store made it.
+        let refused = || record("m0", vec![d("missing")]);
+        let err = c.put_manifest("a/b", refused(), vec!["v0".into()], stored(100)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::ManifestBlobUnknown);
+        let direct = meta.put_manifest("a/b", refused(), vec!["v0".into()], stored(100)).await.unwrap_err();
+        assert_eq!(err, direct);
+
+        let m1 = record("m1", vec![d("layer")]);
+        c.put_manifest("a/b", m1.clone(), vec!["v1".into(), "latest".into()], stored(100)).await.unwrap();
+        assert_eq!(c.tag("a/b", "v1").await.unwrap(), Some(d("m1")));
+        assert_eq!(c.tags("a/b", None, 10).await.unwrap(), Some(vec!["latest".to_string(), "v1".to_string()]));
+        assert_eq!(c.tags("a/b", Some("latest"), 10).await.unwrap(), Some(vec!["v1".to_string()]));
+        assert_eq!(c.tags("x/y", None, 10).await.unwrap(), None);
+        assert_eq!(c.manifest("a/b", &d("m1")).await.unwrap(), Some(m1));
+        assert_eq!(c.repositories(None, 10).await.unwrap(), vec!["a/b".to_string()]);
+        assert!(c.delete_manifest("a/b", &d("m1")).await.unwrap());
+        assert!(!c.delete_manifest("a/b", &d("m1")).await.unwrap());
+        assert_eq!(c.tag("a/b", "v1").await.unwrap(), None);
+
+        let alice = User { name: "alice".into(), site_admin: false, created_ms: 3 };
+        assert!(c.change_directory(DirectoryChange::CreateUser(alice.clone())).await.unwrap());
+        assert!(!c.change_directory(DirectoryChange::CreateUser(alice.clone())).await.unwrap());
+        assert_eq!(c.user("alice").await.unwrap(), Some(alice));
+        assert_eq!(c.user("nobody").await.unwrap(), None);
+
+        let org = DirectoryChange::CreateOrg { name: "acme".into(), owner: "alice".into() };
+        assert!(c.change_directory(org).await.unwrap());
+        let package = DirectoryChange::EnsurePackage {
+            repo: "acme/app".into(),
+            source: None,
+            creator: Some("alice".into()),
+            now_ms: 1,
+        };
+        c.change_directory(package).await.unwrap();
+        let who = Identity::User { name: "alice".into(), scopes: [Scope::ReadPackages].into(), site_admin: false };
+        let facts = c.access_facts(&who, "acme/app").await.unwrap();
+        assert!(facts.owner_is_org);
+        assert_eq!(facts.org_role, Some(OrgRole::Owner));
+        assert!(facts.package.is_some());
+        assert_eq!(facts, meta.access_facts(&who, "acme/app").await.unwrap());
+        assert_eq!(c.access_facts(&Identity::Anonymous, "bob/app").await.unwrap(), AccessFacts::default());
+
+        server.stop().await;
+        meta.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn the_client_follows_not_leader_and_remembers_the_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let store: Arc<dyn MetaStore> = Arc::new(meta.clone());
+        let leader = serve(store.clone(), Arc::new(AlwaysLeader)).await;
+        let gate = Gate::new(Some(NotLeader { leader: Some(leader.addr.to_string()) }), Duration::ZERO);
+        let follower = serve(store, gate.clone()).await;
+        // The client knows only the follower; the leader's address comes from its answer.
+        let c = client(&[follower.addr], MetaClientConfig::default());
+
+        c.link_blob("a/b", &d("layer"), stored(5)).await.unwrap();
+        assert_eq!(gate.asked(), 1);
+        assert_eq!(c.blob_link("a/b", &d("layer")).await.unwrap(), Some(5));
+        assert_eq!(gate.asked(), 1, "the second call went straight to the leader");
+
+        follower.stop().await;
+        leader.stop().await;
+        meta.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn writes_skip_unreachable_nodes_and_give_up_with_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let server = serve(Arc::new(meta.clone()), Arc::new(AlwaysLeader)).await;
+        let c = client(&[dead_address(), server.addr], MetaClientConfig::default());
+        c.link_blob("a/b", &d("layer"), stored(5)).await.unwrap();
+
+        // No leader anywhere: the call ends after `retry_for` with 503.
+        let gate = Gate::new(Some(NotLeader { leader: None }), Duration::ZERO);
+        let leaderless = serve(Arc::new(meta.clone()), gate.clone()).await;
+        let config = MetaClientConfig { retry_for: Duration::from_millis(300), ..Default::default() };
+        let c = client(&[leaderless.addr, dead_address()], config);
+        let err = c.link_blob("a/b", &d("layer"), stored(5)).await.unwrap_err();
+        assert_eq!((err.code, err.status), (ErrorCode::Unknown, 503), "{err}");
+        assert!(gate.asked() >= 2, "asked {} times", gate.asked());
+
+        leaderless.stop().await;
+        server.stop().await;
+        meta.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_write_is_not_repeated_but_a_read_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let gate = Gate::new(None, Duration::from_millis(300));
+        let server = serve(Arc::new(meta.clone()), gate.clone()).await;
+        let config = MetaClientConfig {
+            retry_for: Duration::from_millis(600),
+            request_timeout: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let c = client(&[server.addr], config);
+
+        let err = c.link_blob("a/b", &d("layer"), stored(5)).await.unwrap_err();
+        assert_eq!(err.status, 503);
+        assert!(err.detail.contains("may or may not have been applied"), "{err}");
+        assert_eq!(gate.asked(), 1);
+
+        let err = c.blob_link("a/b", &d("layer")).await.unwrap_err();
+        assert_eq!(err.status, 503);
+        assert!(gate.asked() >= 3, "the read was tried again ({} calls in all)", gate.asked());
+
+        server.stop().await;
+        meta.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_are_invalid_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let server = serve(Arc::new(meta.clone()), Arc::new(AlwaysLeader)).await;
+        let mut raw = MetaGrpc::connect(format!("http://{}", server.addr)).await.unwrap();
+
+        let bad_digest = pb::BlobLinkRequest { repo: "a/b".into(), digest: "sha256:nope".into() };
+        assert_eq!(raw.blob_link(bad_digest).await.unwrap_err().code(), Code::InvalidArgument);
+        let no_blob = pb::LinkBlobRequest { repo: "a/b".into(), digest: d("x").to_string(), blob: None };
+        assert_eq!(raw.link_blob(no_blob).await.unwrap_err().code(), Code::InvalidArgument);
+        let no_change = pb::ChangeDirectoryRequest { change: None };
+        assert_eq!(raw.change_directory(no_change).await.unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(meta.blob_link("a/b", &d("x")).await.unwrap(), None, "nothing was linked");
+
+        server.stop().await;
+        meta.shutdown().await;
+    }
+}
