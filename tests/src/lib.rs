@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
+pub mod cluster;
 pub mod meta_group;
 
 /// The `berth` binary built beside the test executables (or `$BERTH_BIN`).

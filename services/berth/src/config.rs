@@ -3,33 +3,26 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use berth_frontend::serve as defaults;
+use berth_frontend::auth::AuthConfig;
+use berth_frontend::keys::KeyRing;
+use berth_frontend::serve::{self as defaults, ServeLimits};
+use berth_frontend::FrontendConfig;
 use serde::Deserialize;
 
-/// Flags of `berth standalone` (each also read from its environment variable).
+/// Flags of the HTTP frontend, shared by `berth standalone` and `berth frontend` (each also
+/// read from its environment variable).
 #[derive(clap::Args, Debug, Default)]
-pub struct StandaloneArgs {
+pub struct FrontendFlags {
     /// Address to serve the registry API on [default: 127.0.0.1:5000].
     #[arg(long, env = "BERTH_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory holding all data [default: ./berth-data].
-    #[arg(long, env = "BERTH_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// TOML file with any of: listen, data_dir, max_blob_bytes, upload_timeout_secs, gc_grace_secs.
-    #[arg(long, env = "BERTH_CONFIG")]
-    pub config: Option<PathBuf>,
     /// Largest blob accepted, in bytes [default: 10 GB].
     #[arg(long, env = "BERTH_MAX_BLOB_BYTES")]
     pub max_blob_bytes: Option<u64>,
-    /// Seconds without progress after which an upload session expires [default: 600].
-    #[arg(long, env = "BERTH_UPLOAD_TIMEOUT_SECS")]
-    pub upload_timeout_secs: Option<u64>,
-    /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
-    #[arg(long, env = "BERTH_GC_GRACE_SECS")]
-    pub gc_grace_secs: Option<u64>,
     /// USER:TOKEN — the site administrator to create (if missing) with this token, instead of
     /// a generated one printed at first start.
     #[arg(long, env = "BERTH_BOOTSTRAP_ADMIN", hide_env_values = true)]
@@ -61,6 +54,26 @@ pub struct StandaloneArgs {
     pub max_uploads_per_caller: Option<usize>,
 }
 
+/// Flags of `berth standalone` (each also read from its environment variable).
+#[derive(clap::Args, Debug, Default)]
+pub struct StandaloneArgs {
+    /// The HTTP frontend's flags.
+    #[command(flatten)]
+    pub http: FrontendFlags,
+    /// Directory holding all data [default: ./berth-data].
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML file with any of: listen, data_dir, max_blob_bytes, upload_timeout_secs, gc_grace_secs.
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Seconds without progress after which an upload session expires [default: 600].
+    #[arg(long, env = "BERTH_UPLOAD_TIMEOUT_SECS")]
+    pub upload_timeout_secs: Option<u64>,
+    /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
+    #[arg(long, env = "BERTH_GC_GRACE_SECS")]
+    pub gc_grace_secs: Option<u64>,
+}
+
 /// The TOML file's shape.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
@@ -72,19 +85,13 @@ struct FileConfig {
     gc_grace_secs: Option<u64>,
 }
 
-/// Everything `berth standalone` runs with.
+/// Everything an HTTP frontend runs with.
 #[derive(Debug, Clone)]
-pub struct StandaloneConfig {
+pub struct FrontendSettings {
     /// API address.
     pub listen: SocketAddr,
-    /// Data directory.
-    pub data_dir: PathBuf,
     /// Largest blob accepted.
     pub max_blob: u64,
-    /// Idle upload lifetime.
-    pub upload_timeout: Duration,
-    /// Age an unlinked blob must reach before deletion.
-    pub gc_grace: Duration,
     /// Site administrator to ensure, as (user, token).
     pub bootstrap_admin: Option<(String, String)>,
     /// Token service name.
@@ -94,13 +101,94 @@ pub struct StandaloneConfig {
     /// Public base URL, without a trailing slash.
     pub external_url: Option<String>,
     /// Connection limits.
-    pub limits: berth_frontend::serve::ServeLimits,
+    pub limits: ServeLimits,
     /// Idle request body limit.
     pub idle_body_timeout: Duration,
     /// Whole-request limit for requests other than uploads.
     pub request_timeout: Duration,
     /// Open uploads per caller.
     pub max_uploads_per_caller: usize,
+}
+
+impl FrontendSettings {
+    /// Merges defaults, the config file's values, the environment and the flags.
+    fn load(flags: FrontendFlags, file_listen: Option<SocketAddr>, file_max_blob: Option<u64>) -> Result<Self> {
+        Ok(FrontendSettings {
+            listen: flags.listen.or(file_listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
+            max_blob: flags.max_blob_bytes.or(file_max_blob).unwrap_or(berth_core::store::DEFAULT_MAX_BLOB),
+            bootstrap_admin: match flags.bootstrap_admin {
+                Some(s) => {
+                    let (u, t) = s.split_once(':').context("--bootstrap-admin takes USER:TOKEN")?;
+                    anyhow::ensure!(
+                        !u.is_empty() && t.len() >= 8,
+                        "--bootstrap-admin needs a user and a token of 8+ characters"
+                    );
+                    Some((u.to_string(), t.to_string()))
+                }
+                None => None,
+            },
+            service: flags.service.unwrap_or_else(|| "berth".into()),
+            token_ttl: Duration::from_secs(flags.token_ttl_secs.unwrap_or(300).max(1)),
+            external_url: match flags.external_url {
+                Some(u) => {
+                    let u = u.trim_end_matches('/').to_string();
+                    anyhow::ensure!(
+                        u.starts_with("http://") || u.starts_with("https://"),
+                        "--external-url must start with http:// or https://"
+                    );
+                    Some(u)
+                }
+                None => None,
+            },
+            limits: ServeLimits {
+                header_read_timeout: secs_or(flags.header_read_timeout_secs, defaults::DEFAULT_HEADER_READ_TIMEOUT),
+                max_connections_per_ip: flags
+                    .max_connections_per_ip
+                    .unwrap_or(defaults::DEFAULT_MAX_CONNECTIONS_PER_IP)
+                    .max(1),
+            },
+            idle_body_timeout: secs_or(flags.idle_body_timeout_secs, berth_frontend::DEFAULT_IDLE_BODY_TIMEOUT),
+            request_timeout: secs_or(flags.request_timeout_secs, berth_frontend::DEFAULT_REQUEST_TIMEOUT),
+            max_uploads_per_caller: flags
+                .max_uploads_per_caller
+                .unwrap_or(berth_frontend::DEFAULT_MAX_UPLOADS_PER_CALLER)
+                .max(1),
+        })
+    }
+
+    /// Settings from flags and the environment alone (`berth frontend` has no config file).
+    pub fn from_flags(flags: FrontendFlags) -> Result<Self> {
+        Self::load(flags, None, None)
+    }
+
+    /// The API's limits.
+    pub fn frontend_config(&self) -> FrontendConfig {
+        FrontendConfig {
+            max_blob: self.max_blob,
+            max_uploads_per_caller: self.max_uploads_per_caller,
+            idle_body_timeout: self.idle_body_timeout,
+            request_timeout: self.request_timeout,
+            ..Default::default()
+        }
+    }
+
+    /// The token settings, signing with `keys`.
+    pub fn auth_config(&self, keys: Arc<KeyRing>) -> AuthConfig {
+        AuthConfig { keys, service: self.service.clone(), ttl: self.token_ttl, external_url: self.external_url.clone() }
+    }
+}
+
+/// Everything `berth standalone` runs with.
+#[derive(Debug, Clone)]
+pub struct StandaloneConfig {
+    /// The HTTP frontend.
+    pub http: FrontendSettings,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Idle upload lifetime.
+    pub upload_timeout: Duration,
+    /// Age an unlinked blob must reach before deletion.
+    pub gc_grace: Duration,
 }
 
 impl StandaloneConfig {
@@ -114,52 +202,14 @@ impl StandaloneConfig {
             None => FileConfig::default(),
         };
         Ok(StandaloneConfig {
-            listen: args.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5000))),
+            http: FrontendSettings::load(args.http, file.listen, file.max_blob_bytes)?,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("berth-data")),
-            max_blob: args.max_blob_bytes.or(file.max_blob_bytes).unwrap_or(berth_core::store::DEFAULT_MAX_BLOB),
             upload_timeout: Duration::from_secs(
                 args.upload_timeout_secs
                     .or(file.upload_timeout_secs)
                     .unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()),
             ),
             gc_grace: Duration::from_secs(args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600)),
-            bootstrap_admin: match args.bootstrap_admin {
-                Some(s) => {
-                    let (u, t) = s.split_once(':').context("--bootstrap-admin takes USER:TOKEN")?;
-                    anyhow::ensure!(
-                        !u.is_empty() && t.len() >= 8,
-                        "--bootstrap-admin needs a user and a token of 8+ characters"
-                    );
-                    Some((u.to_string(), t.to_string()))
-                }
-                None => None,
-            },
-            service: args.service.unwrap_or_else(|| "berth".into()),
-            token_ttl: Duration::from_secs(args.token_ttl_secs.unwrap_or(300).max(1)),
-            external_url: match args.external_url {
-                Some(u) => {
-                    let u = u.trim_end_matches('/').to_string();
-                    anyhow::ensure!(
-                        u.starts_with("http://") || u.starts_with("https://"),
-                        "--external-url must start with http:// or https://"
-                    );
-                    Some(u)
-                }
-                None => None,
-            },
-            limits: berth_frontend::serve::ServeLimits {
-                header_read_timeout: secs_or(args.header_read_timeout_secs, defaults::DEFAULT_HEADER_READ_TIMEOUT),
-                max_connections_per_ip: args
-                    .max_connections_per_ip
-                    .unwrap_or(defaults::DEFAULT_MAX_CONNECTIONS_PER_IP)
-                    .max(1),
-            },
-            idle_body_timeout: secs_or(args.idle_body_timeout_secs, berth_frontend::DEFAULT_IDLE_BODY_TIMEOUT),
-            request_timeout: secs_or(args.request_timeout_secs, berth_frontend::DEFAULT_REQUEST_TIMEOUT),
-            max_uploads_per_caller: args
-                .max_uploads_per_caller
-                .unwrap_or(berth_frontend::DEFAULT_MAX_UPLOADS_PER_CALLER)
-                .max(1),
         })
     }
 }

@@ -6,8 +6,12 @@
 mod admin;
 mod cluster_admin;
 mod config;
+mod frontend;
+mod housekeeping;
+mod http;
 mod meta;
 mod standalone;
+mod storage;
 
 use std::process::ExitCode;
 
@@ -27,6 +31,10 @@ enum Role {
     Standalone(config::StandaloneArgs),
     /// One node of the metadata group (Raft), serving gRPC.
     Meta(meta::MetaArgs),
+    /// A storage node: blob bytes, served over gRPC.
+    Storage(storage::StorageArgs),
+    /// The registry's HTTP API over the metadata group and a storage node.
+    Frontend(frontend::FrontendArgs),
     /// Manage users, organizations, teams, tokens and packages of a running registry, and
     /// the metadata group of a cluster.
     Admin(admin::AdminArgs),
@@ -86,6 +94,8 @@ fn run() -> anyhow::Result<()> {
     match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
         Role::Meta(args) => runtime.block_on(meta::run(args)),
+        Role::Storage(args) => runtime.block_on(storage::run(args)),
+        Role::Frontend(args) => runtime.block_on(frontend::run(args)),
         Role::Admin(args) => runtime.block_on(admin::run(args)),
     }
 }

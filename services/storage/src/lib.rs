@@ -32,6 +32,10 @@ mod engine;
 mod mapped;
 mod segment;
 mod staging;
+mod wire;
+
+pub mod client;
+pub mod server;
 
 pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};
 

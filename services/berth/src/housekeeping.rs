@@ -1,0 +1,80 @@
+//! Storage housekeeping: expiring idle uploads, ending sessions whose staging is gone, and
+//! garbage collection; run beside a storage engine (in `berth standalone` and `berth storage`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::{BlobStore, MetaStore};
+use berth_meta::gc::Collector;
+use tokio::sync::watch;
+
+/// Sessions checked against their staging areas per round.
+const SESSIONS_PER_ROUND: usize = 1000;
+
+/// A session younger than this is not ended for lack of a staging area: it may be between
+/// the two writes that start it.
+const SESSION_SETTLE: Duration = Duration::from_secs(60);
+
+/// Expires uploads idle for `upload_timeout` and runs garbage collection with `gc_grace`,
+/// until `stop` turns true.
+pub async fn run(
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    upload_timeout: Duration,
+    gc_grace: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let period = (upload_timeout / 4).min(gc_grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let collector = Collector::new(blobs.clone(), meta.clone(), gc_grace);
+    let mut sessions_cursor: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match blobs.expire_uploads(upload_timeout).await {
+            Ok(ids) => {
+                for id in ids {
+                    if let Err(e) = meta.end_upload(&id, None).await {
+                        tracing::debug!(upload = %id, error = %e, "ending an expired upload");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "expiring uploads"),
+        }
+        if let Err(e) = end_sessions_without_staging(&*blobs, &*meta, &mut sessions_cursor).await {
+            tracing::warn!(error = %e, "checking upload sessions");
+        }
+        match collector.round().await {
+            Ok(r) if r.deleted > 0 || r.strays > 0 => {
+                tracing::info!(
+                    deleted = r.deleted,
+                    freed_bytes = r.freed_bytes,
+                    strays = r.strays,
+                    "garbage collection"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "garbage collection"),
+        }
+    }
+}
+
+/// Ends sessions whose staging area is gone (lost with a restart before its first bytes
+/// reached disk), so that they neither count against their caller nor keep their
+/// repository's loose links from being collected.
+async fn end_sessions_without_staging(
+    blobs: &dyn BlobStore,
+    meta: &dyn MetaStore,
+    cursor: &mut Option<String>,
+) -> berth_core::error::Result<()> {
+    let page = meta.uploads(cursor.as_deref(), SESSIONS_PER_ROUND).await?;
+    *cursor = if page.len() < SESSIONS_PER_ROUND { None } else { page.last().map(|s| s.id.clone()) };
+    let settled = berth_core::now_ms().saturating_sub(SESSION_SETTLE.as_millis() as u64);
+    for s in page {
+        if s.started_at_ms <= settled && blobs.upload_size(&s.id).await?.is_none() {
+            meta.end_upload(&s.id, None).await?;
+        }
+    }
+    Ok(())
+}

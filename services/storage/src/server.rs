@@ -1,0 +1,377 @@
+//! The storage node's gRPC service: a thin adapter from `proto/storage.proto` to a
+//! [`BlobStore`] (the node's [`StorageEngine`](crate::StorageEngine)).
+//!
+//! Each call decodes its message, calls the store and encodes the answer; a refused call
+//! answers the store's [`RegistryError`] through [`status_of`]. Request bodies reach the store
+//! as a [`ByteStream`] frame by frame, and reads leave it in frames of at most [`FRAME_SIZE`]
+//! bytes, so no call holds a whole blob. A request the contract does not allow (no header, a
+//! header where data belongs, a bad digest) answers INVALID_ARGUMENT.
+
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use berth_core::{BlobStore, ByteStream, Digest, RegistryError};
+use berth_proto::storage as pb;
+use berth_proto::storage::storage_server::{Storage, StorageServer};
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, BoxStream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::wire::{
+    frames, parse_digest, status_of, stored_to_proto, EXPIRE_BATCH, LIST_PAGE, MAX_MESSAGE, SMALL_LIMIT,
+};
+
+/// The service over `store`, with message bounds set for [`FRAME_SIZE`] frames.
+pub fn storage_server(store: Arc<dyn BlobStore>) -> StorageServer<StorageRpc> {
+    StorageServer::new(StorageRpc { store })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+/// The gRPC handlers of a storage node.
+pub struct StorageRpc {
+    store: Arc<dyn BlobStore>,
+}
+
+/// A frame stream of a read: a head, then data.
+type FrameStream = BoxStream<'static, Result<pb::ReadFrame, Status>>;
+
+/// A received digest, or INVALID_ARGUMENT.
+fn digest(s: &str) -> Result<Digest, Status> {
+    parse_digest(s).map_err(Status::invalid_argument)
+}
+
+/// A head frame.
+fn head(found: bool, size: u64) -> pb::ReadFrame {
+    pb::ReadFrame { part: Some(pb::read_frame::Part::Head(pb::ReadHead { found, size })) }
+}
+
+/// A data frame.
+fn data(b: Bytes) -> pb::ReadFrame {
+    pb::ReadFrame { part: Some(pb::read_frame::Part::Data(b.to_vec())) }
+}
+
+/// What a client-streamed body found wrong with its frames, if anything. The store only sees
+/// an io error and answers its own code; the handler answers INVALID_ARGUMENT instead.
+#[derive(Clone, Default)]
+struct Malformed(Arc<Mutex<Option<String>>>);
+
+impl Malformed {
+    fn set(&self, why: String) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
+    /// The store's answer, unless the body was malformed.
+    fn answer<T>(&self, result: berth_core::error::Result<T>) -> Result<T, Status> {
+        match (self.take(), result) {
+            (Some(why), _) => Err(Status::invalid_argument(why)),
+            (None, r) => r.map_err(status_of),
+        }
+    }
+}
+
+/// A message of a streamed body after its header.
+enum BodyPart {
+    /// Bytes.
+    Data(Vec<u8>),
+    /// The end frame, with the number of bytes sent.
+    End(u64),
+    /// Anything else (a second header, an empty message).
+    Other,
+}
+
+/// The data frames after a header as the store's body: `part` says what each message is. The
+/// body ends cleanly only at an end frame that counts the bytes received and is the last
+/// message; anything else ends it in an error (recorded in `malformed` when the peer broke the
+/// contract rather than the connection).
+fn body<T: Send + 'static>(frames: Streaming<T>, malformed: Malformed, part: fn(T) -> BodyPart) -> ByteStream {
+    stream::unfold(Some((frames, 0u64)), move |state| {
+        let malformed = malformed.clone();
+        async move {
+            let (mut s, got) = state?;
+            let refuse = |why: String| {
+                malformed.set(why.clone());
+                Some((Err(io::Error::new(io::ErrorKind::InvalidData, why)), None))
+            };
+            let broken = |status: Status| Some((Err(io::Error::other(status)), None));
+            match s.message().await {
+                Ok(Some(m)) => match part(m) {
+                    BodyPart::Data(d) => {
+                        let got = got + d.len() as u64;
+                        Some((Ok(Bytes::from(d)), Some((s, got))))
+                    }
+                    BodyPart::End(n) if n == got => match s.message().await {
+                        Ok(None) => None,
+                        Ok(Some(_)) => refuse("a message after the end frame".to_string()),
+                        Err(status) => broken(status),
+                    },
+                    BodyPart::End(n) => refuse(format!("the end frame counts {n} bytes but {got} arrived")),
+                    BodyPart::Other => refuse("a data or end frame was expected after the header".to_string()),
+                },
+                Ok(None) => refuse("the body stopped without its end frame".to_string()),
+                Err(status) => broken(status),
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Runs a store call that consumes a request body to its end in a task of its own. hyper drops
+/// a handler whose client reset the stream; the task instead lets the store see the body fail
+/// and roll back (an upload stays usable). It is bounded by its body, which ends with the
+/// stream, and the handler awaits it whenever it is not dropped.
+async fn run_to_end<T: Send + 'static>(
+    call: impl std::future::Future<Output = berth_core::error::Result<T>> + Send + 'static,
+) -> berth_core::error::Result<T> {
+    tokio::spawn(call).await.map_err(RegistryError::internal)?
+}
+
+/// The blob's bytes as data frames after a head announcing `size` of them; an io error ends
+/// the stream with an error status, never a silent cut.
+fn read_frames(size: u64, bytes: ByteStream) -> FrameStream {
+    let data = bytes.flat_map(|chunk| match chunk {
+        Ok(b) => stream::iter(frames(b).map(|f| Ok(data(f)))).left_stream(),
+        Err(e) => stream::once(async move { Err(Status::internal(format!("reading blob: {e}"))) }).right_stream(),
+    });
+    stream::once(async move { Ok(head(true, size)) }).chain(data).boxed()
+}
+
+#[tonic::async_trait]
+impl Storage for StorageRpc {
+    type ReadStream = FrameStream;
+    type ReadSmallStream = FrameStream;
+    type ExpireUploadsStream = BoxStream<'static, Result<pb::UploadIds, Status>>;
+
+    async fn stat(&self, req: Request<pb::BlobRef>) -> Result<Response<pb::StatReply>, Status> {
+        let d = digest(&req.into_inner().digest)?;
+        let stored = self.store.stat(&d).await.map_err(status_of)?;
+        Ok(Response::new(pb::StatReply { stored: stored.map(stored_to_proto) }))
+    }
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<FrameStream>, Status> {
+        let r = req.into_inner();
+        let d = digest(&r.digest)?;
+        let range = match (r.first, r.last) {
+            (None, None) => None,
+            (Some(first), Some(last)) if first <= last => Some((first, last)),
+            _ => return Err(Status::invalid_argument("a range needs first <= last")),
+        };
+        // The head must announce the length, and only the index knows the whole blob's.
+        let Some(stored) = self.store.stat(&d).await.map_err(status_of)? else {
+            return Err(status_of(RegistryError::new(berth_core::ErrorCode::BlobUnknown, d.to_string())));
+        };
+        // The same clamp the engine applies, so the announced length is what it sends.
+        let (first, end) = range.map_or((0, stored.size), |(f, l)| (f, l.saturating_add(1).min(stored.size)));
+        let size = if stored.size == 0 { 0 } else { end.saturating_sub(first) };
+        let bytes = self.store.read(&d, range).await.map_err(status_of)?;
+        Ok(Response::new(read_frames(size, bytes)))
+    }
+
+    async fn read_small(&self, req: Request<pb::ReadSmallRequest>) -> Result<Response<FrameStream>, Status> {
+        let r = req.into_inner();
+        let d = digest(&r.digest)?;
+        let reply = match self.store.read_small(&d, r.limit).await.map_err(status_of)? {
+            None => stream::once(async { Ok(head(false, 0)) }).boxed(),
+            Some(b) => {
+                let size = b.len() as u64;
+                stream::iter(std::iter::once(head(true, size)).chain(frames(b).map(data)).map(Ok)).boxed()
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn put_small(&self, req: Request<Streaming<pb::PutSmallRequest>>) -> Result<Response<pb::Stored>, Status> {
+        use pb::put_small_request::Part;
+        let mut s = req.into_inner();
+        let Some(pb::PutSmallRequest { part: Some(Part::Header(h)) }) = s.message().await? else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let d = digest(&h.digest)?;
+        if h.size > SMALL_LIMIT {
+            return Err(Status::invalid_argument(format!("a small blob is at most {SMALL_LIMIT} bytes")));
+        }
+        let malformed = Malformed::default();
+        let mut bytes = body(s, malformed.clone(), |m: pb::PutSmallRequest| match m.part {
+            Some(Part::Data(d)) => BodyPart::Data(d),
+            Some(Part::End(e)) => BodyPart::End(e.size),
+            _ => BodyPart::Other,
+        });
+        // Bounded by SMALL_LIMIT: the store takes a small blob whole.
+        let mut buf = BytesMut::with_capacity(h.size as usize);
+        while let Some(chunk) = bytes.next().await {
+            let chunk = match (chunk, malformed.take()) {
+                (_, Some(why)) => return Err(Status::invalid_argument(why)),
+                (Err(e), None) => return Err(Status::cancelled(format!("reading body: {e}"))),
+                (Ok(c), None) => c,
+            };
+            if buf.len() as u64 + chunk.len() as u64 > h.size {
+                return Err(Status::invalid_argument(format!("more than the {} bytes announced", h.size)));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() as u64 != h.size {
+            return Err(Status::invalid_argument(format!("{} bytes announced, {} sent", h.size, buf.len())));
+        }
+        let stored = self.store.put_small(&d, buf.freeze()).await.map_err(status_of)?;
+        Ok(Response::new(stored_to_proto(stored)))
+    }
+
+    async fn put(&self, req: Request<Streaming<pb::PutRequest>>) -> Result<Response<pb::Stored>, Status> {
+        use pb::put_request::Part;
+        let mut s = req.into_inner();
+        let Some(pb::PutRequest { part: Some(Part::Header(h)) }) = s.message().await? else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let d = digest(&h.digest)?;
+        let malformed = Malformed::default();
+        let bytes = body(s, malformed.clone(), |m: pb::PutRequest| match m.part {
+            Some(Part::Data(d)) => BodyPart::Data(d),
+            Some(Part::End(e)) => BodyPart::End(e.size),
+            _ => BodyPart::Other,
+        });
+        let store = self.store.clone();
+        let stored = malformed.answer(run_to_end(async move { store.put(&d, bytes, h.limit).await }).await)?;
+        Ok(Response::new(stored_to_proto(stored)))
+    }
+
+    async fn upload_start(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::Empty>, Status> {
+        self.store.upload_start(&req.into_inner().id).await.map_err(status_of)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn upload_append(
+        &self,
+        req: Request<Streaming<pb::AppendRequest>>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        use pb::append_request::Part;
+        let mut s = req.into_inner();
+        let Some(pb::AppendRequest { part: Some(Part::Header(h)) }) = s.message().await? else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let malformed = Malformed::default();
+        let bytes = body(s, malformed.clone(), |m: pb::AppendRequest| match m.part {
+            Some(Part::Data(d)) => BodyPart::Data(d),
+            Some(Part::End(e)) => BodyPart::End(e.size),
+            _ => BodyPart::Other,
+        });
+        let store = self.store.clone();
+        let size = malformed
+            .answer(run_to_end(async move { store.upload_append(&h.id, h.offset, bytes, h.limit).await }).await)?;
+        Ok(Response::new(pb::AppendReply { size }))
+    }
+
+    async fn upload_size(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::UploadSizeReply>, Status> {
+        let size = self.store.upload_size(&req.into_inner().id).await.map_err(status_of)?;
+        Ok(Response::new(pb::UploadSizeReply { size }))
+    }
+
+    async fn upload_finish(&self, req: Request<pb::FinishRequest>) -> Result<Response<pb::Stored>, Status> {
+        let r = req.into_inner();
+        let d = digest(&r.digest)?;
+        let stored = self.store.upload_finish(&r.id, &d).await.map_err(status_of)?;
+        Ok(Response::new(stored_to_proto(stored)))
+    }
+
+    async fn upload_cancel(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::Empty>, Status> {
+        self.store.upload_cancel(&req.into_inner().id).await.map_err(status_of)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn expire_uploads(
+        &self,
+        req: Request<pb::ExpireRequest>,
+    ) -> Result<Response<Self::ExpireUploadsStream>, Status> {
+        let idle = Duration::from_secs(req.into_inner().idle_seconds);
+        let ids = self.store.expire_uploads(idle).await.map_err(status_of)?;
+        let batches: Vec<pb::UploadIds> = ids.chunks(EXPIRE_BATCH).map(|c| pb::UploadIds { ids: c.to_vec() }).collect();
+        Ok(Response::new(stream::iter(batches.into_iter().map(Ok)).boxed()))
+    }
+
+    async fn delete(&self, req: Request<pb::BlobRef>) -> Result<Response<pb::DeleteReply>, Status> {
+        let d = digest(&req.into_inner().digest)?;
+        let stamp = self.store.delete(&d).await.map_err(status_of)?;
+        Ok(Response::new(pb::DeleteReply { stamp }))
+    }
+
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
+        let r = req.into_inner();
+        let after = r.after.as_deref().map(digest).transpose()?;
+        // A page, not the whole inventory: the reply must fit in one message.
+        let n = usize::try_from(r.n).unwrap_or(usize::MAX).min(LIST_PAGE);
+        let blobs = self.store.list(after.as_ref(), n).await.map_err(status_of)?;
+        let blobs = blobs.into_iter().map(|(d, stamp)| pb::ListedBlob { digest: d.to_string(), stamp }).collect();
+        Ok(Response::new(pb::ListReply { blobs }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::FRAME_SIZE;
+
+    #[tokio::test]
+    async fn reads_are_reframed_and_errors_end_the_stream() {
+        let big = Bytes::from(vec![7u8; FRAME_SIZE * 2 + 1]);
+        let src: ByteStream = stream::iter(vec![Ok(big), Err(io::Error::other("disk gone"))]).boxed();
+        let out: Vec<Result<pb::ReadFrame, Status>> = read_frames(9, src).collect().await;
+        assert_eq!(out.len(), 5);
+        assert_eq!(out[0].as_ref().ok(), Some(&head(true, 9)));
+        let sizes: Vec<usize> = out[1..4]
+            .iter()
+            .map(|f| match f {
+                Ok(pb::ReadFrame { part: Some(pb::read_frame::Part::Data(d)) }) => d.len(),
+                _ => usize::MAX,
+            })
+            .collect();
+        assert_eq!(sizes, vec![FRAME_SIZE, FRAME_SIZE, 1]);
+        assert!(out[4].is_err());
+    }
+
+    /// Requests that break the contract are refused as such and change nothing.
+    #[tokio::test]
+    async fn malformed_bodies_are_invalid_arguments() {
+        use berth_proto::storage::storage_client::StorageClient as Grpc;
+        use pb::append_request::Part;
+        use tonic::transport::server::TcpIncoming;
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let svc = storage_server(engine.clone());
+        tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming_shutdown(
+            incoming,
+            async move {
+                stopped.await.ok();
+            },
+        ));
+        let mut g = Grpc::connect(format!("http://{addr}")).await.unwrap();
+        let id = "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0e";
+        engine.upload_start(id).await.unwrap();
+        let data = |d: &[u8]| pb::AppendRequest { part: Some(Part::Data(d.to_vec())) };
+        let header = pb::AppendRequest {
+            part: Some(Part::Header(pb::AppendHeader { id: id.to_string(), offset: None, limit: u64::MAX })),
+        };
+        let end = |size| pb::AppendRequest { part: Some(Part::End(pb::BodyEnd { size })) };
+        let cases = [
+            vec![data(b"no header")],
+            vec![header.clone(), data(b"no end frame")],
+            vec![header.clone(), data(b"abc"), end(4)],
+            vec![header.clone(), data(b"abc"), end(3), data(b"after the end")],
+        ];
+        for case in cases {
+            let err = g.upload_append(stream::iter(case)).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert_eq!(engine.upload_size(id).await.unwrap(), Some(0));
+        }
+        let ok = g.upload_append(stream::iter(vec![header, data(b"abc"), end(3)])).await.unwrap();
+        assert_eq!(ok.into_inner().size, 3);
+    }
+}
