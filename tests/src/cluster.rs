@@ -1,4 +1,4 @@
-//! A small cluster of real `berth` processes: a metadata group, a storage node and frontends.
+//! A cluster of real `berth` processes: a metadata group, storage nodes and frontends.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -40,38 +40,41 @@ impl RoleProcess {
     }
 }
 
-impl Drop for RoleProcess {
-    fn drop(&mut self) {
+impl RoleProcess {
+    /// SIGKILL, like a power cut of the process.
+    pub fn kill(&mut self) {
         // An already exited child is as good as killed.
         self.child.kill().ok();
         self.child.wait().ok();
     }
 }
 
-/// Three metadata nodes, one storage node and two frontends on loopback.
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three metadata nodes, three storage nodes and two frontends on loopback (each blob on three
+/// nodes, a push acknowledged once two have it).
 pub struct Cluster {
     /// The metadata group.
     pub meta: MetaGroup,
-    /// The storage node.
-    pub storage: RoleProcess,
+    /// The storage nodes.
+    pub storage: Vec<RoleProcess>,
     /// The frontends.
     pub frontends: Vec<RoleProcess>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts the cluster, with the test administrator bootstrapped.
-    pub fn start(extra_storage: &[&str]) -> Cluster {
+    pub fn start() -> Cluster {
         let dir = tempfile::Builder::new().prefix("berth-cluster-").tempdir().expect("temp dir");
         let meta = MetaGroup::start(3);
-        let addrs = meta.addrs();
-        let mut args: Vec<String> = ["storage", "--listen", "127.0.0.1:0", "--meta", &addrs, "--data-dir"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.push(dir.path().join("storage").display().to_string());
-        args.extend(extra_storage.iter().map(|s| s.to_string()));
-        let storage = RoleProcess::start(&args);
+        let storage: Vec<RoleProcess> =
+            (0..3).map(|i| RoleProcess::start(&Self::storage_args(&meta, dir.path(), i, "127.0.0.1:0"))).collect();
+        let storage_addrs = storage.iter().map(|s| s.addr.clone()).collect::<Vec<_>>().join(",");
         let frontends = (0..2)
             .map(|i| {
                 RoleProcess::start(&[
@@ -79,9 +82,9 @@ impl Cluster {
                     "--listen".into(),
                     "127.0.0.1:0".into(),
                     "--meta".into(),
-                    addrs.clone(),
+                    meta.addrs(),
                     "--storage".into(),
-                    storage.addr.clone(),
+                    storage_addrs.clone(),
                     "--name".into(),
                     format!("frontend-{i}"),
                     "--bootstrap-admin".into(),
@@ -89,6 +92,35 @@ impl Cluster {
                 ])
             })
             .collect();
-        Cluster { meta, storage, frontends, _dir: dir }
+        Cluster { meta, storage, frontends, dir }
+    }
+
+    fn storage_args(meta: &MetaGroup, dir: &std::path::Path, i: usize, listen: &str) -> Vec<String> {
+        vec![
+            "storage".into(),
+            "--listen".into(),
+            listen.into(),
+            "--meta".into(),
+            meta.addrs(),
+            "--data-dir".into(),
+            dir.join(format!("storage{i}")).display().to_string(),
+        ]
+    }
+
+    /// SIGKILLs storage node `i`.
+    pub fn kill_storage(&mut self, i: usize) {
+        self.storage[i].kill();
+    }
+
+    /// Starts storage node `i` again on its data and address.
+    pub fn restart_storage(&mut self, i: usize) {
+        let addr = self.storage[i].addr.clone();
+        for _ in 0..50 {
+            if std::net::TcpListener::bind(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.storage[i] = RoleProcess::start(&Self::storage_args(&self.meta, self.dir.path(), i, &addr));
     }
 }

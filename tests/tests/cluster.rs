@@ -1,5 +1,5 @@
-//! Berth as a cluster of processes (three metadata nodes, a storage node, two frontends): any
-//! frontend serves any request, uploads included.
+//! Berth as a cluster of processes (three metadata nodes, three storage nodes, two frontends):
+//! any frontend serves any request, uploads included, and losing a storage node stops nothing.
 
 use berth_tests::cluster::Cluster;
 use berth_tests::{bytes, client, digest, push_image};
@@ -7,7 +7,7 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_through_one_frontend_pull_through_the_other() {
-    let cl = tokio::task::block_in_place(|| Cluster::start(&[]));
+    let cl = tokio::task::block_in_place(Cluster::start);
     let (a, b) = (cl.frontends[0].url(), cl.frontends[1].url());
     let c = client();
     let m = push_image(&c, &a, "acme/app", "v1", 1, &[300_000, 2000]).await;
@@ -42,7 +42,7 @@ async fn push_through_one_frontend_pull_through_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_whose_chunks_alternate_between_frontends() {
-    let cl = tokio::task::block_in_place(|| Cluster::start(&[]));
+    let cl = tokio::task::block_in_place(Cluster::start);
     let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
     let c = client();
     let data = bytes(7, 5 * 1024 * 1024 + 11);
@@ -93,7 +93,7 @@ fn docker_pushes_through_one_frontend_and_pulls_through_the_other() {
         eprintln!("SKIPPED: no docker engine");
         return;
     }
-    let cl = Cluster::start(&[]);
+    let cl = Cluster::start();
     let (a, b) = (&cl.frontends[0].addr, &cl.frontends[1].addr);
     let work = tempfile::tempdir().unwrap();
     let rootfs = work.path().join("rootfs");
@@ -133,4 +133,137 @@ fn docker_pushes_through_one_frontend_and_pulls_through_the_other() {
     let got = docker(&["image", "inspect", "--format", "{{.Id}}", &pulled]).trim().to_string();
     assert_eq!(got, id, "the same image through the other frontend");
     docker(&["rmi", &pulled]);
+}
+
+/// Pushes images through alternating frontends while storage node 0 is SIGKILLed and later
+/// restarted, pulling every acknowledged image through the other frontend meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_a_storage_node_stops_no_push_and_no_pull() {
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let c = client();
+    let mut acked = vec![];
+    let mut failed_pushes = 0;
+    let mut failed_pulls = 0;
+    for i in 0..30u64 {
+        if i == 10 {
+            tokio::task::block_in_place(|| cl.kill_storage(0));
+        }
+        if i == 20 {
+            tokio::task::block_in_place(|| cl.restart_storage(0));
+        }
+        let front = &fronts[i as usize % 2];
+        let repo = format!("acme/img{}", i % 3);
+        match try_push(&c, front, &repo, i).await {
+            Some(m) => acked.push((repo, m)),
+            None => failed_pushes += 1,
+        }
+        // Every image acknowledged so far pulls through the other frontend.
+        for (repo, m) in &acked {
+            if !pulls(&c, &fronts[(i as usize + 1) % 2], repo, m).await {
+                failed_pulls += 1;
+            }
+        }
+    }
+    eprintln!(
+        "storage node loss: {} pushes acknowledged, {failed_pushes} failed, {failed_pulls} failed pulls",
+        acked.len()
+    );
+    assert_eq!(failed_pushes, 0);
+    assert_eq!(failed_pulls, 0);
+}
+
+/// A small image (config and two layers) pushed through `front`; its manifest digest, or
+/// `None` if any request failed.
+async fn try_push(c: &reqwest::Client, front: &str, repo: &str, seed: u64) -> Option<String> {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#).into_bytes();
+    let mut blobs = vec![];
+    for data in [config.clone(), bytes(seed, 300_000), bytes(seed + 1000, 3000)] {
+        let d = digest(&data);
+        let r = c.post(format!("{front}/v2/{repo}/blobs/uploads/?digest={d}")).body(data.clone()).send().await.ok()?;
+        if r.status() != 201 {
+            eprintln!("blob push answered {}: {:?}", r.status(), r.text().await);
+            return None;
+        }
+        blobs.push((d, data.len()));
+    }
+    let layers: Vec<(&str, usize)> = blobs[1..].iter().map(|(d, n)| (d.as_str(), *n)).collect();
+    let m = berth_tests::image_manifest((&blobs[0].0, blobs[0].1), &layers, "");
+    let r = berth_tests::put_manifest(c, front, repo, &format!("v{seed}"), m.clone()).await;
+    if r.status() != 201 {
+        eprintln!("manifest push answered {}: {:?}", r.status(), r.text().await);
+        return None;
+    }
+    Some(digest(m.as_bytes()))
+}
+
+/// Whether manifest `m` and every blob it names pull through `front` and verify.
+async fn pulls(c: &reqwest::Client, front: &str, repo: &str, m: &str) -> bool {
+    let Ok(r) = c.get(format!("{front}/v2/{repo}/manifests/{m}")).send().await else { return false };
+    if r.status() != 200 {
+        return false;
+    }
+    let Ok(body) = r.bytes().await else { return false };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else { return false };
+    let mut digests = vec![v["config"]["digest"].as_str().unwrap_or_default().to_string()];
+    digests.extend(v["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str().map(String::from)));
+    for d in digests {
+        let Ok(r) = c.get(format!("{front}/v2/{repo}/blobs/{d}")).send().await else { return false };
+        if r.status() != 200 {
+            return false;
+        }
+        match r.bytes().await {
+            Ok(b) if digest(&b) == d => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// `deploy/local/cluster.sh up DIR` starts a 3/3/2 cluster that serves, writes `cluster.env`
+/// as its contract says, and `down DIR` stops every process it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_script_starts_a_cluster_that_serves() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let bin = berth_tests::berth_bin();
+    let up = std::process::Command::new("bash").arg(&script).args(["up", &d]).env("BERTH_BIN", &bin).output().unwrap();
+    assert!(up.status.success(), "cluster.sh up: {}", String::from_utf8_lossy(&up.stderr));
+    // Read the environment file the way a shell user would.
+    let var = |name: &str| -> String {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(". '{d}/cluster.env' && printf %s \"${name}\""))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let fronts: Vec<String> = var("BERTH_FRONTENDS").split_whitespace().map(String::from).collect();
+    assert_eq!(fronts.len(), 2);
+    let pids: Vec<u32> =
+        ["META_1", "META_2", "META_3", "STORAGE_1", "STORAGE_2", "STORAGE_3", "FRONTEND_1", "FRONTEND_2"]
+            .iter()
+            .map(|p| var(&format!("BERTH_PID_{p}")).parse().unwrap())
+            .collect();
+    assert!(var("BERTH_CMD_STORAGE_2").contains("storage"), "restart commands are recorded");
+    let c = berth_tests::client_with(Some((&var("BERTH_ADMIN_USER"), &var("BERTH_ADMIN_TOKEN"))));
+    let m = push_image(&c, &fronts[0], "acme/local", "v1", 5, &[300_000]).await;
+    let r = c.get(format!("{}/v2/acme/local/manifests/v1", fronts[1])).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(digest(&r.bytes().await.unwrap()), m);
+    let down = std::process::Command::new("bash").arg(&script).args(["down", &d]).output().unwrap();
+    assert!(down.status.success(), "cluster.sh down: {}", String::from_utf8_lossy(&down.stderr));
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+        assert!(!alive || is_zombie(pid), "process {pid} still runs after down");
+    }
+}
+
+/// Whether `pid` has exited and only waits to be reaped.
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
 }

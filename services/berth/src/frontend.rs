@@ -1,5 +1,6 @@
 //! `berth frontend`: the registry's HTTP API, holding no state of its own: metadata through
-//! the metadata group's gRPC service, bytes through a storage node's.
+//! the metadata group's gRPC service, bytes through the storage nodes' (each blob on R of them,
+//! see `berth_storage::router`).
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use anyhow::{Context, Result};
 use berth_core::{BlobStore, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::client::{StorageClient, StorageClientConfig};
+use berth_storage::router::Replicated;
 use tokio::sync::watch;
 
 use crate::config::{FrontendFlags, FrontendSettings};
@@ -20,9 +22,15 @@ pub struct FrontendArgs {
     /// Metadata nodes' gRPC addresses, `ADDR,...` (any of them; the leader is found).
     #[arg(long, env = "BERTH_META", value_delimiter = ',', required = true)]
     pub meta: Vec<String>,
-    /// The storage node's gRPC address.
-    #[arg(long, env = "BERTH_STORAGE", required = true)]
-    pub storage: String,
+    /// Storage nodes' gRPC addresses, `ADDR,...`.
+    #[arg(long, env = "BERTH_STORAGE", value_delimiter = ',', required = true)]
+    pub storage: Vec<String>,
+    /// Copies of each blob (at most the number of storage nodes).
+    #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
+    pub replicas: usize,
+    /// Copies durable before a push is acknowledged.
+    #[arg(long, env = "BERTH_WRITE_QUORUM", default_value_t = 2)]
+    pub write_quorum: usize,
     /// This frontend's name, stable across its restarts (it names the keys it signs tokens
     /// with) [default: its listen address].
     #[arg(long, env = "BERTH_NAME")]
@@ -34,8 +42,16 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
     let settings = FrontendSettings::from_flags(args.http)?;
     let metas: Arc<dyn MetaStore> =
         Arc::new(MetaClient::new(args.meta, MetaClientConfig::default()).context("the metadata nodes")?);
+    let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
+    for addr in &args.storage {
+        let client = StorageClient::new(addr, StorageClientConfig::default()).context("a storage node")?;
+        nodes.push((addr.clone(), Arc::new(client)));
+    }
+    // Fewer nodes than replicas: every node holds every blob, and the quorum shrinks with it.
+    let replicas = args.replicas.clamp(1, nodes.len());
+    let quorum = args.write_quorum.clamp(1, replicas);
     let blobs: Arc<dyn BlobStore> =
-        Arc::new(StorageClient::new(&args.storage, StorageClientConfig::default()).context("the storage node")?);
+        Arc::new(Replicated::new(nodes, replicas, quorum).map_err(|e| anyhow::anyhow!("storage: {e}"))?);
     let name = args.name.unwrap_or_else(|| format!("frontend-{}", settings.listen));
     let (stop_tx, stop_rx) = watch::channel(false);
     let signal = tokio::spawn(async move {

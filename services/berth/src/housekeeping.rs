@@ -17,11 +17,16 @@ const SESSION_SETTLE: Duration = Duration::from_secs(60);
 
 /// Expires uploads idle for `upload_timeout` and runs garbage collection with `gc_grace`,
 /// until `stop` turns true.
+///
+/// With `all_staging`, `blobs` stages every upload of the registry, so a session whose staging
+/// area it does not have is one whose staging was lost, and is ended. A storage node of a
+/// cluster stages only some uploads and must not judge the others.
 pub async fn run(
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     upload_timeout: Duration,
     gc_grace: Duration,
+    all_staging: bool,
     mut stop: watch::Receiver<bool>,
 ) {
     let period = (upload_timeout / 4).min(gc_grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -42,8 +47,10 @@ pub async fn run(
             }
             Err(e) => tracing::warn!(error = %e, "expiring uploads"),
         }
-        if let Err(e) = end_sessions_without_staging(&*blobs, &*meta, &mut sessions_cursor).await {
-            tracing::warn!(error = %e, "checking upload sessions");
+        if all_staging {
+            if let Err(e) = end_sessions_without_staging(&*blobs, &*meta, &mut sessions_cursor).await {
+                tracing::warn!(error = %e, "checking upload sessions");
+            }
         }
         match collector.round().await {
             Ok(r) if r.deleted > 0 || r.strays > 0 => {

@@ -30,6 +30,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
         metas.clone(),
         config.upload_timeout,
         config.gc_grace,
+        true,
         stop_rx.clone(),
     ));
     let signal = tokio::spawn(async move {

@@ -54,7 +54,9 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         args.upload_timeout_secs.unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()).max(1),
     );
     let gc_grace = Duration::from_secs(args.gc_grace_secs.unwrap_or(3600));
-    let housekeeping = tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, stop_rx));
+    // Sessions staged on other nodes are not this node's to judge (see housekeeping::run).
+    let housekeeping =
+        tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, false, stop_rx));
     let served = Server::builder()
         .http2_adaptive_window(Some(true))
         .add_service(storage_server(blobs))

@@ -35,6 +35,8 @@ mod staging;
 mod wire;
 
 pub mod client;
+pub mod placement;
+pub mod router;
 pub mod server;
 
 pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};

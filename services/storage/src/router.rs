@@ -1,0 +1,450 @@
+//! A [`BlobStore`] over several storage nodes: each blob on its R owners by rendezvous
+//! hashing ([`crate::placement`]), a write acknowledged once W of them have it durably, reads
+//! from the first owner that has the blob.
+//!
+//! A node that failed a call is passed over for a moment ([`DOWN_FOR`]), so that the next node
+//! in rendezvous order stands in for it. An upload is staged on the first node up in the
+//! ranking of its id (any frontend finds it by asking the nodes in that order); finishing it
+//! verifies the digest there, then the router copies the blob to the blob's other owners.
+//!
+//! Stamps: a write reports the lowest stamp among the copies it wrote, so that if any of them
+//! is later taken by the collector, whose reap floor then covers that copy's stamp, a link
+//! naming the write is refused; a delete reports the highest stamp it took. Comparing copies
+//! of different nodes this way is safe whatever their clocks; skewed clocks can only make a
+//! link be refused needlessly (the client pushes again).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use berth_core::error::Result;
+use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::placement::ranked;
+
+/// How long a node that failed a call is passed over.
+pub const DOWN_FOR: Duration = Duration::from_secs(2);
+
+/// Chunks of a streamed write buffered per copy: a slow node holds back the others by at
+/// most this many chunks, and memory stays bounded.
+const TEE_DEPTH: usize = 4;
+
+/// One storage node as the router sees it.
+struct Node {
+    name: String,
+    store: Arc<dyn BlobStore>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// Blob bytes spread over storage nodes.
+pub struct Replicated {
+    nodes: Vec<Node>,
+    names: Vec<String>,
+    replicas: usize,
+    write_quorum: usize,
+    /// Where uploads this frontend has seen are staged.
+    staged: Mutex<HashMap<String, usize>>,
+}
+
+/// Uploads whose staging node is remembered; past this the memory starts over (a forgotten
+/// upload is found again by asking the nodes in order).
+const STAGED_REMEMBERED: usize = 100_000;
+
+fn unavailable(detail: impl Into<String>) -> RegistryError {
+    RegistryError::new(ErrorCode::Unknown, detail).with_status(503)
+}
+
+/// Whether an error says the node, not the request, is the problem.
+fn node_failure(e: &RegistryError) -> bool {
+    e.code == ErrorCode::Unknown
+}
+
+impl Replicated {
+    /// A router over `nodes` (name, store) keeping `replicas` copies of each blob and
+    /// acknowledging writes once `write_quorum` of them are durable (both at most the number
+    /// of nodes).
+    pub fn new(
+        nodes: Vec<(String, Arc<dyn BlobStore>)>,
+        replicas: usize,
+        write_quorum: usize,
+    ) -> std::result::Result<Replicated, String> {
+        if nodes.is_empty() {
+            return Err("no storage nodes".into());
+        }
+        let replicas = replicas.clamp(1, nodes.len());
+        if write_quorum == 0 || write_quorum > replicas {
+            return Err(format!("the write quorum must be between 1 and the replica count ({replicas})"));
+        }
+        let names = nodes.iter().map(|(n, _)| n.clone()).collect();
+        let nodes = nodes.into_iter().map(|(name, store)| Node { name, store, down_until: Mutex::new(None) }).collect();
+        Ok(Replicated { nodes, names, replicas, write_quorum, staged: Mutex::new(HashMap::new()) })
+    }
+
+    fn is_down(&self, i: usize) -> bool {
+        self.nodes[i].down_until.lock().map(|d| d.is_some_and(|t| t > Instant::now())).unwrap_or(false)
+    }
+
+    fn mark(&self, i: usize, result: &Result<impl Sized>) {
+        let down = matches!(result, Err(e) if node_failure(e));
+        if let Ok(mut d) = self.nodes[i].down_until.lock() {
+            *d = down.then(|| Instant::now() + DOWN_FOR);
+        }
+        if down {
+            tracing::warn!(node = %self.nodes[i].name, "storage node failed a call; passing it over for a moment");
+        }
+    }
+
+    /// Nodes in rendezvous order for `digest`, the ones believed up first.
+    fn order(&self, digest: &Digest) -> Vec<usize> {
+        let (up, down): (Vec<usize>, Vec<usize>) =
+            ranked(&self.names, digest).into_iter().partition(|i| !self.is_down(*i));
+        up.into_iter().chain(down).collect()
+    }
+
+    /// Nodes in the order an upload is staged on them: the first up one in the ranking of
+    /// its id takes it, so every frontend finds it by asking in the same order.
+    fn upload_order(&self, id: &str) -> Vec<usize> {
+        ranked(&self.names, &Digest::sha256_of(id.as_bytes()))
+    }
+
+    fn remember(&self, id: &str, node: Option<usize>) {
+        if let Ok(mut m) = self.staged.lock() {
+            match node {
+                Some(i) => {
+                    if m.len() >= STAGED_REMEMBERED {
+                        m.clear();
+                    }
+                    m.insert(id.to_string(), i);
+                }
+                None => {
+                    m.remove(id);
+                }
+            }
+        }
+    }
+
+    /// The node upload `id` is staged on: remembered, or the first in its order that has it.
+    async fn staging(&self, id: &str) -> usize {
+        if let Some(i) = self.staged.lock().ok().and_then(|m| m.get(id).copied()) {
+            return i;
+        }
+        let order = self.upload_order(id);
+        for &i in &order {
+            let r = self.nodes[i].store.upload_size(id).await;
+            self.mark(i, &r);
+            if let Ok(Some(_)) = r {
+                self.remember(id, Some(i));
+                return i;
+            }
+        }
+        order[0]
+    }
+
+    /// Asks nodes in order until one has the blob.
+    async fn first_found<T, F, Fut>(&self, digest: &Digest, mut ask: F) -> Result<Option<T>>
+    where
+        F: FnMut(Arc<dyn BlobStore>) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let mut failure = None;
+        for i in self.order(digest) {
+            let r = ask(self.nodes[i].store.clone()).await;
+            self.mark(i, &r);
+            match r {
+                Ok(Some(v)) => return Ok(Some(v)),
+                Ok(None) => {}
+                Err(e) if node_failure(&e) => failure = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Combines the outcomes of writing copies: the lowest stamp once enough are durable.
+    fn quorum(&self, outcomes: Vec<(usize, Result<Stored>)>) -> Result<Stored> {
+        let mut stored: Option<Stored> = None;
+        let mut acked = 0;
+        let mut failure = None;
+        for (i, r) in outcomes {
+            self.mark(i, &r);
+            match r {
+                Ok(s) => {
+                    acked += 1;
+                    stored = Some(match stored {
+                        Some(prev) => Stored { size: s.size, stamp: prev.stamp.min(s.stamp) },
+                        None => s,
+                    });
+                }
+                // The request itself is refused (a digest mismatch, a size over the limit):
+                // every node would say the same.
+                Err(e) if !node_failure(&e) => return Err(e),
+                Err(e) => failure = Some(e),
+            }
+        }
+        match stored {
+            Some(s) if acked >= self.write_quorum => {
+                if acked < self.replicas {
+                    tracing::warn!(acked, replicas = self.replicas, "blob stored with fewer copies than wanted");
+                }
+                Ok(s)
+            }
+            _ => Err(unavailable(format!(
+                "{acked} of {} copies written, {} needed: {}",
+                self.replicas,
+                self.write_quorum,
+                failure.map(|e| e.detail).unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// Copies a finished upload from the node it was staged on to the blob's other owners.
+    async fn replicate(&self, digest: &Digest, from: usize, first: Stored) -> Result<Stored> {
+        let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
+        let mut outcomes = vec![(from, Ok(first))];
+        let copies = owners.into_iter().filter(|i| *i != from).map(|i| async move {
+            let r = async {
+                let body = self.nodes[from].store.read(digest, None).await?;
+                self.nodes[i].store.put(digest, body, first.size).await
+            }
+            .await;
+            (i, r)
+        });
+        outcomes.extend(futures::future::join_all(copies).await);
+        self.quorum(outcomes)
+    }
+}
+
+#[async_trait]
+impl BlobStore for Replicated {
+    async fn stat(&self, digest: &Digest) -> Result<Option<Stored>> {
+        self.first_found(digest, |s| async move { s.stat(digest).await }).await
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
+        let found = self
+            .first_found(digest, |s| async move {
+                match s.read(digest, range).await {
+                    Ok(stream) => Ok(Some(stream)),
+                    Err(e) if e.code == ErrorCode::BlobUnknown => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        found.ok_or_else(|| RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()))
+    }
+
+    async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
+        self.first_found(digest, |s| async move { s.read_small(digest, limit).await }).await
+    }
+
+    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored> {
+        let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
+        let writes = owners.into_iter().map(|i| {
+            let data = data.clone();
+            async move { (i, self.nodes[i].store.put_small(digest, data).await) }
+        });
+        self.quorum(futures::future::join_all(writes).await)
+    }
+
+    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
+        let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
+        // One channel per copy; the body is read once and each chunk handed to every copy.
+        let mut senders = vec![];
+        let mut writes = vec![];
+        for i in owners {
+            let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(TEE_DEPTH);
+            senders.push(tx);
+            let stream: ByteStream =
+                futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).boxed();
+            let store = self.nodes[i].store.clone();
+            let digest = digest.clone();
+            writes.push(tokio::spawn(async move { (i, store.put(&digest, stream, limit).await) }));
+        }
+        let mut body = body;
+        while let Some(chunk) = body.next().await {
+            let failed = chunk.is_err();
+            let mut alive = vec![];
+            for tx in senders {
+                let c = match &chunk {
+                    Ok(b) => Ok(b.clone()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                // A copy whose write has ended (failed) no longer takes chunks.
+                if tx.send(c).await.is_ok() {
+                    alive.push(tx);
+                }
+            }
+            senders = alive;
+            if failed || senders.is_empty() {
+                break;
+            }
+        }
+        drop(senders);
+        let mut outcomes = vec![];
+        for w in writes {
+            match w.await {
+                Ok(o) => outcomes.push(o),
+                Err(e) => return Err(RegistryError::internal(e)),
+            }
+        }
+        self.quorum(outcomes)
+    }
+
+    async fn upload_start(&self, id: &str) -> Result<()> {
+        let mut failure = unavailable("no storage node is up to stage an upload");
+        for i in self.upload_order(id) {
+            if self.is_down(i) {
+                continue;
+            }
+            let r = self.nodes[i].store.upload_start(id).await;
+            self.mark(i, &r);
+            match r {
+                Ok(()) => {
+                    self.remember(id, Some(i));
+                    return Ok(());
+                }
+                Err(e) if node_failure(&e) => failure = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(failure)
+    }
+
+    async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
+        let i = self.staging(id).await;
+        let r = self.nodes[i].store.upload_append(id, offset, body, limit).await;
+        self.mark(i, &r);
+        r
+    }
+
+    async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
+        let i = self.staging(id).await;
+        let r = self.nodes[i].store.upload_size(id).await;
+        self.mark(i, &r);
+        r
+    }
+
+    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
+        let i = self.staging(id).await;
+        let r = self.nodes[i].store.upload_finish(id, digest).await;
+        self.mark(i, &r);
+        self.remember(id, None);
+        self.replicate(digest, i, r?).await
+    }
+
+    async fn upload_cancel(&self, id: &str) -> Result<()> {
+        let i = self.staging(id).await;
+        let r = self.nodes[i].store.upload_cancel(id).await;
+        self.mark(i, &r);
+        self.remember(id, None);
+        r
+    }
+
+    async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>> {
+        let mut out = vec![];
+        for n in &self.nodes {
+            out.extend(n.store.expire_uploads(idle).await?);
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
+        let mut taken: Option<u64> = None;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let r = n.store.delete(digest).await;
+            self.mark(i, &r);
+            if let Some(stamp) = r? {
+                taken = Some(taken.map_or(stamp, |t| t.max(stamp)));
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
+        let mut all: Vec<(Digest, u64)> = vec![];
+        for node in &self.nodes {
+            all.extend(node.store.list(after, n).await?);
+        }
+        all.sort();
+        // One entry per blob, with its lowest stamp (as a write would report it).
+        all.dedup_by(|b, a| a.0 == b.0);
+        all.truncate(n);
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{StorageConfig, StorageEngine};
+
+    /// Storage nodes as the router takes them: a name and a store.
+    type Nodes = Vec<(String, Arc<dyn BlobStore>)>;
+
+    fn engines(n: usize) -> (Vec<tempfile::TempDir>, Nodes) {
+        let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let nodes = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
+                (format!("node{i}"), Arc::new(e) as Arc<dyn BlobStore>)
+            })
+            .collect();
+        (dirs, nodes)
+    }
+
+    fn body(data: &[u8]) -> ByteStream {
+        let chunks: Vec<std::io::Result<Bytes>> = data.chunks(100_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        futures::stream::iter(chunks).boxed()
+    }
+
+    #[tokio::test]
+    async fn writes_reach_r_nodes_and_reads_find_them() {
+        let (_dirs, nodes) = engines(4);
+        let stores: Vec<Arc<dyn BlobStore>> = nodes.iter().map(|(_, s)| s.clone()).collect();
+        let r = Replicated::new(nodes, 3, 2).unwrap();
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let d = Digest::sha256_of(&data);
+        let stored = r.put(&d, body(&data), u64::MAX).await.unwrap();
+        assert_eq!(stored.size, 700_000);
+        let mut copies = 0;
+        for s in &stores {
+            if let Some(c) = s.stat(&d).await.unwrap() {
+                copies += 1;
+                assert!(c.stamp >= stored.stamp, "the reported stamp is the lowest of the copies");
+            }
+        }
+        assert_eq!(copies, 3);
+        let mut got = vec![];
+        let mut s = r.read(&d, None).await.unwrap();
+        while let Some(c) = s.next().await {
+            got.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(got, data);
+        // An upload staged on one node ends with R copies too.
+        let small = Bytes::from_static(b"a small blob");
+        let sd = Digest::sha256_of(&small);
+        r.upload_start("u-1").await.unwrap();
+        r.upload_append("u-1", Some(0), body(&small), u64::MAX).await.unwrap();
+        r.upload_finish("u-1", &sd).await.unwrap();
+        let mut copies = 0;
+        for s in &stores {
+            copies += usize::from(s.stat(&sd).await.unwrap().is_some());
+        }
+        assert_eq!(copies, 3);
+        // A wrong digest is refused as such, not as a node failure.
+        let wrong = Digest::sha256_of(b"other");
+        let e = r.put(&wrong, body(&data), u64::MAX).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
+        assert!(r.delete(&d).await.unwrap().is_some());
+        assert!(r.stat(&d).await.unwrap().is_none());
+    }
+}
