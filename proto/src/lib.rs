@@ -4,6 +4,8 @@
 //! through [`storage`] and the metadata group through [`meta`]; metadata nodes replicate
 //! through [`meta::raft_client`] / [`meta::raft_server`].
 
+pub mod status;
+
 /// Storage node service: blob bytes and upload staging.
 pub mod storage {
     tonic::include_proto!("berth.storage.v1");

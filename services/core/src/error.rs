@@ -43,6 +43,30 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::BlobUnknown,
+        ErrorCode::BlobUploadInvalid,
+        ErrorCode::BlobUploadUnknown,
+        ErrorCode::DigestInvalid,
+        ErrorCode::ManifestBlobUnknown,
+        ErrorCode::ManifestInvalid,
+        ErrorCode::ManifestUnknown,
+        ErrorCode::NameInvalid,
+        ErrorCode::NameUnknown,
+        ErrorCode::SizeInvalid,
+        ErrorCode::Unauthorized,
+        ErrorCode::Denied,
+        ErrorCode::Unsupported,
+        ErrorCode::TooManyRequests,
+        ErrorCode::Unknown,
+    ];
+
+    /// The code spelled `name` (as [`ErrorCode::as_str`] spells it).
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
     /// The code as the spec spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -159,3 +183,38 @@ impl std::error::Error for RegistryError {}
 
 /// Shorthand for results whose error reaches a client.
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails to compile when a code is added, so [`ErrorCode::ALL`] cannot silently miss it.
+    fn listed(code: ErrorCode) -> bool {
+        match code {
+            ErrorCode::BlobUnknown
+            | ErrorCode::BlobUploadInvalid
+            | ErrorCode::BlobUploadUnknown
+            | ErrorCode::DigestInvalid
+            | ErrorCode::ManifestBlobUnknown
+            | ErrorCode::ManifestInvalid
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::NameInvalid
+            | ErrorCode::NameUnknown
+            | ErrorCode::SizeInvalid
+            | ErrorCode::Unauthorized
+            | ErrorCode::Denied
+            | ErrorCode::Unsupported
+            | ErrorCode::TooManyRequests
+            | ErrorCode::Unknown => ErrorCode::ALL.contains(&code),
+        }
+    }
+
+    #[test]
+    fn every_code_is_listed_and_read_back_from_its_name() {
+        for code in ErrorCode::ALL {
+            assert!(listed(code));
+            assert_eq!(ErrorCode::from_name(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::from_name("NOT_A_CODE"), None);
+    }
+}

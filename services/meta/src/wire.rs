@@ -10,17 +10,13 @@ mod directory;
 mod records;
 
 use berth_core::digest::DigestError;
-use berth_core::{Digest, ErrorCode, RegistryError};
+use berth_core::{Digest, RegistryError};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Status};
 
 use crate::server::NotLeader;
 
-/// Metadata entry naming the OCI error code of a registry error (`MANIFEST_BLOB_UNKNOWN`).
-pub const ERROR_CODE: &str = "x-berth-error-code";
-
-/// Metadata entry carrying the HTTP status of a registry error (`404`).
-pub const ERROR_STATUS: &str = "x-berth-error-status";
+pub use berth_proto::status::{registry_error_of, status_of};
 
 /// Metadata entry with the leader's gRPC address in a NotLeader answer.
 pub const LEADER: &str = "x-berth-leader";
@@ -129,51 +125,6 @@ impl Wire for Digest {
 
 // ---- errors and NotLeader in a status ----------------------------------------------------
 
-/// Every error code, for reading one back from its name.
-const ERROR_CODES: [ErrorCode; 15] = [
-    ErrorCode::BlobUnknown,
-    ErrorCode::BlobUploadInvalid,
-    ErrorCode::BlobUploadUnknown,
-    ErrorCode::DigestInvalid,
-    ErrorCode::ManifestBlobUnknown,
-    ErrorCode::ManifestInvalid,
-    ErrorCode::ManifestUnknown,
-    ErrorCode::NameInvalid,
-    ErrorCode::NameUnknown,
-    ErrorCode::SizeInvalid,
-    ErrorCode::Unauthorized,
-    ErrorCode::Denied,
-    ErrorCode::Unsupported,
-    ErrorCode::TooManyRequests,
-    ErrorCode::Unknown,
-];
-
-/// The error code spelled `name` (as [`ErrorCode::as_str`] spells it).
-fn error_code(name: &str) -> Option<ErrorCode> {
-    ERROR_CODES.into_iter().find(|c| c.as_str() == name)
-}
-
-/// A registry error as a status: ABORTED, the detail as message, code and HTTP status as
-/// metadata.
-pub fn status_of(e: RegistryError) -> Status {
-    let mut md = MetadataMap::new();
-    // Every code is upper-case ASCII and underscores, a valid metadata value.
-    md.insert(ERROR_CODE, AsciiMetadataValue::from_static(e.code.as_str()));
-    md.insert(ERROR_STATUS, AsciiMetadataValue::from(e.status));
-    Status::with_metadata(Code::Aborted, e.detail, md)
-}
-
-/// The registry error a status carries, if it is one [`status_of`] made.
-pub fn registry_error_of(status: &Status) -> Option<RegistryError> {
-    if status.code() != Code::Aborted {
-        return None;
-    }
-    let md = status.metadata();
-    let code = error_code(md.get(ERROR_CODE)?.to_str().ok()?)?;
-    let http = md.get(ERROR_STATUS)?.to_str().ok()?.parse().ok()?;
-    Some(RegistryError { code, status: http, detail: status.message().to_string() })
-}
-
 /// A NotLeader answer: FAILED_PRECONDITION, with the leader's address when known.
 pub fn not_leader_status(n: &NotLeader) -> Status {
     let mut md = MetadataMap::new();
@@ -196,54 +147,14 @@ pub fn not_leader_of(status: &Status) -> Option<NotLeader> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Fails to compile when a code is added to [`ErrorCode`], so [`ERROR_CODES`] cannot
-    /// silently miss it.
-    fn listed(code: ErrorCode) -> bool {
-        match code {
-            ErrorCode::BlobUnknown
-            | ErrorCode::BlobUploadInvalid
-            | ErrorCode::BlobUploadUnknown
-            | ErrorCode::DigestInvalid
-            | ErrorCode::ManifestBlobUnknown
-            | ErrorCode::ManifestInvalid
-            | ErrorCode::ManifestUnknown
-            | ErrorCode::NameInvalid
-            | ErrorCode::NameUnknown
-            | ErrorCode::SizeInvalid
-            | ErrorCode::Unauthorized
-            | ErrorCode::Denied
-            | ErrorCode::Unsupported
-            | ErrorCode::TooManyRequests
-            | ErrorCode::Unknown => ERROR_CODES.contains(&code),
-        }
-    }
+    use berth_core::ErrorCode;
 
     #[test]
-    fn every_registry_error_round_trips() {
-        for code in ERROR_CODES {
-            assert!(listed(code));
-            for e in [
-                RegistryError::new(code, "détail with \"quotes\", newline\nand % signs"),
-                RegistryError::new(code, "").with_status(503),
-                RegistryError::new(code, "too big").with_status(413),
-            ] {
-                let status = status_of(e.clone());
-                assert_eq!(status.code(), Code::Aborted);
-                assert_eq!(registry_error_of(&status), Some(e));
-                assert_eq!(not_leader_of(&status), None);
-            }
+    fn registry_errors_are_not_not_leader_answers() {
+        for code in ErrorCode::ALL {
+            let status = status_of(RegistryError::new(code, "detail"));
+            assert_eq!(not_leader_of(&status), None);
         }
-    }
-
-    #[test]
-    fn other_statuses_are_not_registry_errors() {
-        assert_eq!(registry_error_of(&Status::aborted("no metadata")), None);
-        assert_eq!(registry_error_of(&Status::unavailable("down")), None);
-        let mut md = MetadataMap::new();
-        md.insert(ERROR_CODE, AsciiMetadataValue::from_static("NOT_A_CODE"));
-        md.insert(ERROR_STATUS, AsciiMetadataValue::from(404u16));
-        assert_eq!(registry_error_of(&Status::with_metadata(Code::Aborted, "x", md)), None);
     }
 
     #[test]

@@ -1,0 +1,58 @@
+//! Registry errors in a gRPC status, the same way for every service: code ABORTED, the detail
+//! as message, the OCI error code and the HTTP status as metadata, so that a client reads back
+//! exactly the error the server's store returned.
+
+use berth_core::{ErrorCode, RegistryError};
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::{Code, Status};
+
+/// Metadata entry naming the OCI error code of a registry error (`BLOB_UNKNOWN`).
+pub const ERROR_CODE: &str = "x-berth-error-code";
+
+/// Metadata entry carrying the HTTP status of a registry error (`404`).
+pub const ERROR_STATUS: &str = "x-berth-error-status";
+
+/// A registry error as a status.
+pub fn status_of(e: RegistryError) -> Status {
+    let mut md = MetadataMap::new();
+    // Every code is upper-case ASCII and underscores, a valid metadata value.
+    md.insert(ERROR_CODE, AsciiMetadataValue::from_static(e.code.as_str()));
+    md.insert(ERROR_STATUS, AsciiMetadataValue::from(e.status));
+    Status::with_metadata(Code::Aborted, e.detail, md)
+}
+
+/// The registry error a status carries, if it is one [`status_of`] made.
+pub fn registry_error_of(status: &Status) -> Option<RegistryError> {
+    if status.code() != Code::Aborted {
+        return None;
+    }
+    let md = status.metadata();
+    let code = ErrorCode::from_name(md.get(ERROR_CODE)?.to_str().ok()?)?;
+    let http = md.get(ERROR_STATUS)?.to_str().ok()?.parse().ok()?;
+    Some(RegistryError { code, status: http, detail: status.message().to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registry_error_round_trips() {
+        for code in ErrorCode::ALL {
+            for e in [
+                RegistryError::new(code, "détail with \"quotes\", newline\nand % signs"),
+                RegistryError::new(code, "").with_status(503),
+                RegistryError::new(code, "too big").with_status(413),
+            ] {
+                let status = status_of(e.clone());
+                assert_eq!(status.code(), Code::Aborted);
+                assert_eq!(registry_error_of(&status), Some(e));
+            }
+        }
+        assert_eq!(registry_error_of(&Status::unavailable("down")), None);
+        let mut md = MetadataMap::new();
+        md.insert(ERROR_CODE, AsciiMetadataValue::from_static("NOT_A_CODE"));
+        md.insert(ERROR_STATUS, AsciiMetadataValue::from(404u16));
+        assert_eq!(registry_error_of(&Status::with_metadata(Code::Aborted, "x", md)), None);
+    }
+}
