@@ -1,10 +1,9 @@
 //! A cluster of real `berth` processes: a metadata group, storage nodes and frontends.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use crate::meta_group::MetaGroup;
-use crate::{berth_bin, ADMIN, ADMIN_TOKEN};
+use crate::{spawn_berth, ADMIN, ADMIN_TOKEN};
 
 /// One `berth` role process, killed when dropped.
 pub struct RoleProcess {
@@ -14,23 +13,9 @@ pub struct RoleProcess {
 }
 
 impl RoleProcess {
-    /// Starts `berth ARGS...` and reads the address from its first line (`http://` or `grpc://`).
+    /// Starts `berth ARGS...`.
     pub fn start(args: &[String]) -> RoleProcess {
-        let mut child = Command::new(berth_bin())
-            .args(args)
-            .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting berth");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines.next().expect("berth printed nothing").expect("reading its stdout");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http://").or_else(|| w.strip_prefix("grpc://")))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        std::thread::spawn(move || for _ in lines {});
+        let (child, addr) = spawn_berth(args);
         RoleProcess { child, addr }
     }
 

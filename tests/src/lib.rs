@@ -44,6 +44,28 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
+/// Starts `berth ARGS...` and reads the address it serves on from the first line it prints
+/// (`... http://ADDR ...` or `... grpc://ADDR ...`); the rest of its output is drained.
+pub fn spawn_berth<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Child, String) {
+    let mut child = Command::new(berth_bin())
+        .args(args)
+        .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting berth");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().expect("berth printed nothing").expect("reading berth's stdout");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http://").or_else(|| w.strip_prefix("grpc://")))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
 /// The site administrator every test server is bootstrapped with.
 pub const ADMIN: &str = "admin";
 /// Its token.
@@ -78,31 +100,12 @@ impl Server {
 
     /// Starts a server on `dir` (kept after the server stops) listening on `listen`.
     pub fn start_in(dir: &Path, listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(berth_bin())
-            .arg("standalone")
-            .arg("--listen")
-            .arg(listen)
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--bootstrap-admin")
-            .arg(format!("{ADMIN}:{ADMIN_TOKEN}"))
-            .args(extra)
-            .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting berth");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines.next().expect("berth printed nothing").expect("reading berth's stdout");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        let addr = url.trim_start_matches("http://").to_string();
-        Server { child, url, addr, data_dir: dir.to_path_buf(), _tmp: None }
+        let mut args: Vec<std::ffi::OsString> = vec!["standalone".into(), "--listen".into(), listen.into()];
+        args.extend(["--data-dir".into(), dir.as_os_str().to_owned(), "--bootstrap-admin".into()]);
+        args.push(format!("{ADMIN}:{ADMIN_TOKEN}").into());
+        args.extend(extra.iter().map(|a| a.into()));
+        let (child, addr) = spawn_berth(&args);
+        Server { child, url: format!("http://{addr}"), addr, data_dir: dir.to_path_buf(), _tmp: None }
     }
 
     /// The process id.

@@ -1,14 +1,13 @@
 //! A metadata group of real `berth meta` processes on loopback: start, SIGKILL, restart,
 //! and the group's state as `berth admin cluster status` reports it.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::berth_bin;
+use crate::{berth_bin, spawn_berth};
 
 /// One `berth meta` process and how to start it again on its own data.
 pub struct MetaNode {
@@ -30,22 +29,10 @@ impl MetaNode {
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(berth_bin())
-            .args(["meta", "--id", &self.id.to_string(), "--listen", &self.addr, "--data-dir"])
-            .arg(&self.dir)
-            .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting berth meta");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines.next().expect("berth meta printed nothing").expect("reading its stdout");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("grpc://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        std::thread::spawn(move || for _ in lines {});
+        let args = ["meta", "--id", &self.id.to_string(), "--listen", &self.addr, "--data-dir"].map(String::from);
+        let mut args = args.to_vec();
+        args.push(self.dir.display().to_string());
+        let (child, addr) = spawn_berth(&args);
         self.addr = addr;
         self.child = Some(child);
     }
