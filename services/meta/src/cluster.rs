@@ -8,6 +8,7 @@
 //! leader cut off from its majority fails the check and answers nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use berth_proto::cluster as pb;
 use berth_proto::cluster::cluster_server::{Cluster, ClusterServer};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::raft::NodeId;
@@ -157,21 +159,61 @@ impl MetaService {
 }
 
 /// The Meta service's gate on a cluster node: answer only as a confirmed leader.
+///
+/// Concurrent callers share confirmations: a caller waits for the next confirmation that
+/// starts after it arrived (one heartbeat round for however many callers are waiting), never
+/// for one already under way, whose quorum may predate the writes the caller has seen.
 pub struct RaftGate {
     meta: MetaService,
+    waiting: Arc<Mutex<Confirmations>>,
+}
+
+/// Callers waiting for the next confirmation, and whether a round is running.
+#[derive(Default)]
+struct Confirmations {
+    running: bool,
+    next: Vec<oneshot::Sender<Result<(), NotLeader>>>,
 }
 
 impl RaftGate {
     /// The gate of `meta`'s node.
     pub fn new(meta: MetaService) -> RaftGate {
-        RaftGate { meta }
+        RaftGate { meta, waiting: Arc::default() }
+    }
+
+    /// Runs confirmation rounds while callers wait for one.
+    async fn confirm(meta: MetaService, waiting: Arc<Mutex<Confirmations>>) {
+        loop {
+            let batch = match waiting.lock() {
+                Ok(mut w) if !w.next.is_empty() => std::mem::take(&mut w.next),
+                Ok(mut w) => {
+                    w.running = false;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let outcome = meta.ensure_leader().await;
+            for caller in batch {
+                // A caller that gave up waiting is gone; nothing to tell it.
+                caller.send(outcome.clone()).ok();
+            }
+        }
     }
 }
 
 #[async_trait]
 impl Leadership for RaftGate {
     async fn check(&self) -> Result<(), NotLeader> {
-        self.meta.ensure_leader().await
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut w = self.waiting.lock().map_err(|_| self.meta.not_leader())?;
+            w.next.push(tx);
+            !std::mem::replace(&mut w.running, true)
+        };
+        if start {
+            tokio::spawn(Self::confirm(self.meta.clone(), self.waiting.clone()));
+        }
+        rx.await.unwrap_or_else(|_| Err(self.meta.not_leader()))
     }
 }
 
