@@ -182,3 +182,33 @@ async fn leader_kills_lose_no_acknowledged_write_and_reads_stay_linearizable() {
     assert_eq!(status.len(), 3, "{status:?}");
     assert!(status.iter().all(|n| n["voters"].as_array().map(Vec::len) == Some(3)), "{status:?}");
 }
+
+/// `berth admin cluster add-meta` makes a new node a learner, then a voter, while the group
+/// serves; `remove-meta` takes it out again. Both may be asked of a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_and_leave_while_the_group_serves() {
+    use berth_tests::meta_group::{cluster_cli, MetaNode};
+    let g = MetaGroup::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let fourth = MetaNode::start(4, "127.0.0.1:0", dir.path().join("meta4"));
+    let nodes: Vec<String> = g.nodes.iter().map(|n| n.addr.clone()).collect();
+    let client = MetaClient::new(nodes, MetaClientConfig::default()).unwrap();
+    let stored = Stored { size: 100, stamp: u64::MAX / 2 };
+    client.put_manifest(REPO, manifest(1), vec![TAG.into()], stored).await.unwrap();
+    let leader = g.leader().unwrap();
+    let follower = g.nodes.iter().find(|n| n.id != leader).unwrap().addr.clone();
+    tokio::task::block_in_place(|| cluster_cli(&follower, &["add-meta", "4", &fourth.addr])).unwrap();
+    let seen = tokio::task::block_in_place(|| cluster_cli(&fourth.addr, &["status"])).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&seen).unwrap();
+    let voters: Vec<u64> = status[0]["voters"].as_array().unwrap().iter().filter_map(|v| v["id"].as_u64()).collect();
+    assert_eq!(voters, vec![1, 2, 3, 4], "{seen}");
+    // The new node has the state written before it joined.
+    assert!(status[0]["applied_index"].as_u64().unwrap() >= 2, "{seen}");
+    client.put_manifest(REPO, manifest(2), vec![TAG.into()], stored).await.unwrap();
+    tokio::task::block_in_place(|| cluster_cli(&follower, &["remove-meta", "4"])).unwrap();
+    let leader_addr = g.nodes[leader as usize - 1].addr.clone();
+    let seen = tokio::task::block_in_place(|| cluster_cli(&leader_addr, &["status"])).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(status[0]["voters"].as_array().unwrap().len(), 3, "{seen}");
+    assert_eq!(client.tag(REPO, TAG).await.unwrap(), Some(manifest(2).digest));
+}
