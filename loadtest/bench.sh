@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark of record: the CNCF distribution registry (Debian's docker-registry, 2.8) and
 # `berth standalone`, side by side on loopback with data on the same disk, every scenario of
-# berth-loadtest run against both with --compare (Berth first, so ratios read Berth ÷ reference).
+# berth-loadtest run against both with --compare (Berth first, so ratios read Berth ÷ reference);
+# then the same against a 3/3/2 cluster of Berth processes (deploy/local/cluster.sh; CLUSTER=0
+# skips it).
 #
 # Usage: loadtest/bench.sh [extra berth-loadtest flags...]   (e.g. --images 100 --duration 5)
 # Needs: docker-registry (apt). Builds the release binaries first (set CARGO_TARGET_DIR as for
@@ -52,7 +54,23 @@ done
 
 echo "reference: docker-registry $(docker-registry --version 2>/dev/null | awk '{print $NF}') pid $ref_pid, berth pid $berth_pid, data under $work"
 "$target/berth-loadtest" limits --dir "$work" --quiet
+echo "== standalone ÷ reference =="
 "$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
   --url "http://127.0.0.1:$berth_port" --pid "$berth_pid" --username bench --token "$bench_token" \
   --compare "http://127.0.0.1:$ref_port" --compare-pid "$ref_pid" \
   --json "${BENCH_JSON:-/dev/null}" "$@"
+
+# The cluster row: a 3 metadata / 3 storage / 2 frontend cluster of processes on this machine
+# (three fsynced copies of every blob on the one disk), its frontends sharing the load.
+[ "${CLUSTER:-1}" = 0 ] && exit 0
+kill "$berth_pid"
+BERTH_BIN="$target/berth" deploy/local/cluster.sh up "$work/cluster" >/dev/null
+cluster_down() { deploy/local/cluster.sh down "$work/cluster" >/dev/null || true; cleanup; }
+trap cluster_down EXIT
+# shellcheck disable=SC1091
+. "$work/cluster/cluster.env"
+echo "== cluster ÷ reference =="
+"$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
+  --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" \
+  --compare "http://127.0.0.1:$ref_port" --compare-pid "$ref_pid" \
+  --json "${BENCH_CLUSTER_JSON:-/dev/null}" "$@"

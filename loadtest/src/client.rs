@@ -25,11 +25,14 @@ pub struct Credentials {
     pub token: Option<String>,
 }
 
-/// A registry at one base URL.
+/// A registry at one base URL, or a cluster's frontends at several (requests go to them in
+/// turn: any frontend serves any request, the chunks of one upload included).
 #[derive(Clone)]
 pub struct Registry {
-    /// `http://host:port`.
+    /// `http://host:port`, or several separated by spaces (for reports).
     pub url: String,
+    urls: Arc<Vec<String>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
     http: reqwest::Client,
     creds: Credentials,
     /// Bearer tokens by scope.
@@ -54,13 +57,31 @@ fn parse_challenge(v: &str) -> Option<HashMap<String, String>> {
 }
 
 impl Registry {
-    /// A client for `url`.
+    /// A client for `url`: one base URL, or several separated by commas (a cluster's frontends).
     pub fn new(url: &str, creds: Credentials) -> Result<Registry> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(256)
             .build()?;
-        Ok(Registry { url: url.trim_end_matches('/').to_string(), http, creds, tokens: Default::default() })
+        let urls: Vec<String> =
+            url.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() {
+            bail!("no registry URL in {url:?}");
+        }
+        Ok(Registry {
+            url: urls.join(" "),
+            urls: Arc::new(urls),
+            next: Default::default(),
+            http,
+            creds,
+            tokens: Default::default(),
+        })
+    }
+
+    /// The base URL of the next request.
+    fn base(&self) -> &str {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.urls[i % self.urls.len()]
     }
 
     /// Sends a request built by `build` (called again after authenticating), timing it as `kind`.
@@ -146,13 +167,13 @@ impl Registry {
 
     /// Whether a blob exists (the HEAD docker makes before uploading).
     pub async fn blob_exists(&self, rec: &Recorder, repo: &str, d: &str) -> Result<bool> {
-        let url = format!("{}/v2/{repo}/blobs/{d}", self.url);
+        let url = format!("{}/v2/{repo}/blobs/{d}", self.base());
         let r = self.send(rec, "blob HEAD", &Self::push_scope(repo), |c| c.head(&url)).await?;
         Ok(r.status() == StatusCode::OK)
     }
 
     async fn start_upload(&self, rec: &Recorder, repo: &str) -> Result<String> {
-        let url = format!("{}/v2/{repo}/blobs/uploads/", self.url);
+        let url = format!("{}/v2/{repo}/blobs/uploads/", self.base());
         let r = self.send(rec, "upload POST", &Self::push_scope(repo), |c| c.post(&url)).await?;
         if r.status() != StatusCode::ACCEPTED {
             bail!("POST upload: {}", r.status());
@@ -165,7 +186,7 @@ impl Registry {
         if loc.starts_with("http://") || loc.starts_with("https://") {
             loc.to_string()
         } else {
-            format!("{}{loc}", self.url)
+            format!("{}{loc}", self.base())
         }
     }
 
@@ -270,7 +291,7 @@ impl Registry {
         media_type: &str,
         body: Bytes,
     ) -> Result<()> {
-        let url = format!("{}/v2/{repo}/manifests/{tag}", self.url);
+        let url = format!("{}/v2/{repo}/manifests/{tag}", self.base());
         let r = self
             .send(rec, "manifest PUT", &Self::push_scope(repo), |c| {
                 c.put(&url).header(header::CONTENT_TYPE, media_type).body(body.clone())
@@ -284,7 +305,7 @@ impl Registry {
 
     /// Fetches a manifest by tag or digest; returns its bytes.
     pub async fn get_manifest(&self, rec: &Recorder, repo: &str, reference: &str, accept: &str) -> Result<Bytes> {
-        let url = format!("{}/v2/{repo}/manifests/{reference}", self.url);
+        let url = format!("{}/v2/{repo}/manifests/{reference}", self.base());
         let r = self
             .send(rec, "manifest GET", &Self::pull_scope(repo), |c| c.get(&url).header(header::ACCEPT, accept))
             .await?;
@@ -298,7 +319,7 @@ impl Registry {
     /// transfer.
     pub async fn get_blob(&self, rec: &Recorder, repo: &str, d: &str, verify: bool) -> Result<u64> {
         use futures::StreamExt;
-        let url = format!("{}/v2/{repo}/blobs/{d}", self.url);
+        let url = format!("{}/v2/{repo}/blobs/{d}", self.base());
         let start = Instant::now();
         let r = self.send(rec, "blob GET (headers)", &Self::pull_scope(repo), |c| c.get(&url)).await?;
         if r.status() != StatusCode::OK {

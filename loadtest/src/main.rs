@@ -46,7 +46,8 @@ struct Cli {
     /// What to run.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// The registry under test.
+    /// The registry under test; several base URLs separated by commas (a cluster's frontends)
+    /// share the load, request by request.
     #[arg(long, default_value = "http://127.0.0.1:5000")]
     url: String,
     /// User name for the registry (Docker token auth or Basic).
