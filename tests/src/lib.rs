@@ -257,3 +257,18 @@ pub async fn push_image(
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
     digest(m.as_bytes())
 }
+
+/// `docker --config CONFIG login ADDR -u USER --password-stdin`, with `token` on stdin.
+pub fn docker_login(config: &str, addr: &str, user: &str, token: &str) {
+    use std::io::Write;
+    let mut child = Command::new("docker")
+        .args(["--config", config, "login", addr, "-u", user, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker login");
+    child.stdin.take().expect("stdin").write_all(token.as_bytes()).expect("writing the token");
+    let out = child.wait_with_output().expect("docker login");
+    assert!(out.status.success(), "docker login {addr} failed: {}", String::from_utf8_lossy(&out.stderr));
+}

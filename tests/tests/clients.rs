@@ -95,21 +95,6 @@ fn add_index(layout: &Path, tags: &[(&str, &str)]) {
     std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
-/// `docker --config DIR login HOST -u USER --password-stdin`.
-fn login_docker(config: &str, addr: &str, user: &str, token: &str) {
-    use std::io::Write;
-    let mut child = Command::new("docker")
-        .args(["--config", config, "login", addr, "-u", user, "--password-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("docker login");
-    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "docker login failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// skopeo with a private auth file (`--authfile` goes after the subcommand).
 fn skopeo(auth: &Path, args: &[&str]) -> String {
     let mut full = vec![args[0], "--authfile", auth.to_str().unwrap()];
@@ -266,7 +251,7 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
         full.extend_from_slice(args);
         run("docker", &full)
     };
-    login_docker(cfg, &s.addr, ADMIN, ADMIN_TOKEN);
+    berth_tests::docker_login(cfg, &s.addr, ADMIN, ADMIN_TOKEN);
     docker(&["import", tar.to_str().unwrap(), &image]);
     let id = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
     docker(&["push", &image]);

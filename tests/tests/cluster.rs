@@ -111,17 +111,7 @@ fn docker_pushes_through_one_frontend_and_pulls_through_the_other() {
         run("docker", &full)
     };
     for addr in [a, b] {
-        use std::io::Write;
-        let mut child = std::process::Command::new("docker")
-            .args(["--config", cfg, "login", addr, "-u", berth_tests::ADMIN, "--password-stdin"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(berth_tests::ADMIN_TOKEN.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "docker login {addr}: {}", String::from_utf8_lossy(&out.stderr));
+        berth_tests::docker_login(cfg, addr, berth_tests::ADMIN, berth_tests::ADMIN_TOKEN);
     }
     let pushed = format!("{a}/acme/cluster:v1");
     let pulled = format!("{b}/acme/cluster:v1");
