@@ -258,17 +258,65 @@ pub async fn push_image(
     digest(m.as_bytes())
 }
 
-/// `docker --config CONFIG login ADDR -u USER --password-stdin`, with `token` on stdin.
-pub fn docker_login(config: &str, addr: &str, user: &str, token: &str) {
-    use std::io::Write;
-    let mut child = Command::new("docker")
-        .args(["--config", config, "login", addr, "-u", user, "--password-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("docker login");
-    child.stdin.take().expect("stdin").write_all(token.as_bytes()).expect("writing the token");
-    let out = child.wait_with_output().expect("docker login");
-    assert!(out.status.success(), "docker login {addr} failed: {}", String::from_utf8_lossy(&out.stderr));
+/// Runs a command-line tool; its stdout, or a panic with its output.
+pub fn run_tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The docker CLI with a private config directory, so that its logins stay with one test.
+pub struct DockerCli {
+    config: tempfile::TempDir,
+}
+
+impl DockerCli {
+    /// The CLI, when docker and a running engine are here; in CI their absence fails the test.
+    pub fn available() -> Option<DockerCli> {
+        if !have_tool("docker") {
+            return None;
+        }
+        if !Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success()) {
+            assert!(!in_ci(), "the docker engine must be running in CI");
+            eprintln!("SKIPPED: no docker engine");
+            return None;
+        }
+        Some(DockerCli { config: tempfile::tempdir().expect("docker config dir") })
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut full = vec!["--config", self.config.path().to_str().expect("utf-8 temp path")];
+        full.extend_from_slice(args);
+        full
+    }
+
+    /// `docker ARGS...`; its stdout, or a panic.
+    pub fn run(&self, args: &[&str]) -> String {
+        run_tool("docker", &self.args(args))
+    }
+
+    /// Whether `docker ARGS...` fails.
+    pub fn fails(&self, args: &[&str]) -> bool {
+        !Command::new("docker").args(self.args(args)).output().expect("running docker").status.success()
+    }
+
+    /// `docker login ADDR -u USER --password-stdin`, with `token` on stdin.
+    pub fn login(&self, addr: &str, user: &str, token: &str) {
+        use std::io::Write;
+        let mut child = Command::new("docker")
+            .args(self.args(&["login", addr, "-u", user, "--password-stdin"]))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("docker login");
+        child.stdin.take().expect("stdin").write_all(token.as_bytes()).expect("writing the token");
+        let out = child.wait_with_output().expect("docker login");
+        assert!(out.status.success(), "docker login {addr} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

@@ -11,14 +11,7 @@ use berth_tests::{have_tool, Server, ADMIN, ADMIN_TOKEN};
 use serde_json::Value;
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    berth_tests::run_tool(cmd, args)
 }
 
 fn fails(cmd: &str, args: &[&str]) -> bool {
@@ -226,14 +219,7 @@ fn oras_artifacts_and_referrers() {
 
 #[test]
 fn docker_push_rmi_pull_by_tag_and_digest() {
-    if !have_tool("docker") {
-        return;
-    }
-    if fails("docker", &["info"]) {
-        assert!(!berth_tests::in_ci(), "the docker engine must be running in CI");
-        eprintln!("SKIPPED: no docker engine");
-        return;
-    }
+    let Some(cli) = berth_tests::DockerCli::available() else { return };
     let s = Server::start();
     let work = tempfile::tempdir().unwrap();
     let rootfs = work.path().join("rootfs");
@@ -242,23 +228,15 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
     let tar = work.path().join("rootfs.tar");
     run("tar", &["-C", rootfs.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
     let image = format!("{}/acme/docker:v1", s.addr);
-    // A private docker config, so that the login stays with this test.
-    let config = work.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    let cfg = config.to_str().unwrap();
-    let docker = |args: &[&str]| {
-        let mut full = vec!["--config", cfg];
-        full.extend_from_slice(args);
-        run("docker", &full)
-    };
-    berth_tests::docker_login(cfg, &s.addr, ADMIN, ADMIN_TOKEN);
+    let docker = |args: &[&str]| cli.run(args);
+    cli.login(&s.addr, ADMIN, ADMIN_TOKEN);
     docker(&["import", tar.to_str().unwrap(), &image]);
     let id = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
     docker(&["push", &image]);
     let repo_digest = docker(&["image", "inspect", "--format", "{{index .RepoDigests 0}}", &image]).trim().to_string();
     assert!(repo_digest.contains("@sha256:"), "{repo_digest}");
     docker(&["rmi", &image]);
-    assert!(fails("docker", &["--config", cfg, "image", "inspect", &image]));
+    assert!(cli.fails(&["image", "inspect", &image]));
 
     docker(&["pull", &image]);
     let pulled = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
@@ -302,6 +280,6 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
     docker(&["logout", &s.addr]);
     docker(&["rmi", &public, &repo_digest]);
     docker(&["pull", &public]);
-    assert!(fails("docker", &["--config", cfg, "pull", &image]), "an anonymous pull of a private package fails");
+    assert!(cli.fails(&["pull", &image]), "an anonymous pull of a private package fails");
     docker(&["rmi", &public]);
 }

@@ -76,23 +76,11 @@ async fn an_upload_whose_chunks_alternate_between_frontends() {
     assert_eq!(digest(&r.bytes().await.unwrap()), d);
 }
 
-/// Runs a command; its stdout, or a panic with its stderr.
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use berth_tests::run_tool as run;
 
 #[test]
 fn docker_pushes_through_one_frontend_and_pulls_through_the_other() {
-    if !berth_tests::have_tool("docker") {
-        return;
-    }
-    if !std::process::Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success()) {
-        assert!(!berth_tests::in_ci(), "the docker engine must be running in CI");
-        eprintln!("SKIPPED: no docker engine");
-        return;
-    }
+    let Some(cli) = berth_tests::DockerCli::available() else { return };
     let cl = Cluster::start();
     let (a, b) = (&cl.frontends[0].addr, &cl.frontends[1].addr);
     let work = tempfile::tempdir().unwrap();
@@ -102,16 +90,9 @@ fn docker_pushes_through_one_frontend_and_pulls_through_the_other() {
     std::fs::write(rootfs.join("random.bin"), bytes(99, 2_000_000)).unwrap();
     let tar = work.path().join("rootfs.tar");
     run("tar", &["-C", rootfs.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
-    let config = work.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
-    let cfg = config.to_str().unwrap();
-    let docker = |args: &[&str]| {
-        let mut full = vec!["--config", cfg];
-        full.extend_from_slice(args);
-        run("docker", &full)
-    };
+    let docker = |args: &[&str]| cli.run(args);
     for addr in [a, b] {
-        berth_tests::docker_login(cfg, addr, berth_tests::ADMIN, berth_tests::ADMIN_TOKEN);
+        cli.login(addr, berth_tests::ADMIN, berth_tests::ADMIN_TOKEN);
     }
     let pushed = format!("{a}/acme/cluster:v1");
     let pulled = format!("{b}/acme/cluster:v1");
