@@ -23,6 +23,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     role: Role,
+    /// Worker threads of the process (default: one per core). Several roles sharing a
+    /// machine's cores run faster with fewer each: `deploy/local/cluster.sh` gives each of its
+    /// eight processes one.
+    #[arg(long, global = true, env = "BERTH_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,7 +95,11 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     bound_allocator_memory();
     raise_open_files_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        runtime.worker_threads(n.into());
+    }
+    let runtime = runtime.enable_all().build()?;
     match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
         Role::Meta(args) => runtime.block_on(meta::run(args)),

@@ -85,7 +85,7 @@ pub async fn get(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let digest = parse_digest(digest)?;
-    if reg.meta.blob_link(name, &digest).await?.is_none() {
+    if reg.recall.blob_link(name, &digest, reg.meta.blob_link(name, &digest)).await?.is_none() {
         return Err(blob_unknown(&digest));
     }
     let Some(size) = reg.blobs.stat(&digest).await?.map(|b| b.size) else {

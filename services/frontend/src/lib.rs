@@ -11,6 +11,7 @@ pub mod auth;
 mod blobs;
 pub mod keys;
 mod manifests;
+mod recall;
 pub mod routes;
 pub mod serve;
 
@@ -87,6 +88,8 @@ pub struct Registry {
     manifests: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
     /// Registry tokens already verified, by their text.
     verified: quick_cache::sync::Cache<String, Arc<auth::Claims>>,
+    /// Answers to pulls by digest, for when the metadata service cannot answer.
+    recall: recall::Recall,
 }
 
 impl Registry {
@@ -105,6 +108,7 @@ impl Registry {
             auth,
             manifests,
             verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
+            recall: recall::Recall::default(),
         })
     }
 }

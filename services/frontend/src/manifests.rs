@@ -39,14 +39,11 @@ fn manifest_unknown(name: &str, r: &str) -> RegistryError {
 
 /// The digest a reference points at in `name`, or `MANIFEST_UNKNOWN` / `NAME_UNKNOWN`.
 async fn resolve(reg: &Registry, name: &str, reference: &str) -> Result<ManifestRecord, RegistryError> {
-    let digest = match parse_reference(reference)? {
-        Reference::Digest(d) => d,
-        Reference::Tag(t) => match reg.meta.tag(name, &t).await? {
-            Some(d) => d,
-            None => return Err(unknown(reg, name, reference).await),
-        },
+    let record = match parse_reference(reference)? {
+        Reference::Digest(d) => reg.recall.manifest(name, &d, reg.meta.manifest(name, &d)).await?,
+        Reference::Tag(t) => reg.meta.tagged_manifest(name, &t).await?,
     };
-    match reg.meta.manifest(name, &digest).await? {
+    match record {
         Some(r) => Ok(r),
         None => Err(unknown(reg, name, reference).await),
     }

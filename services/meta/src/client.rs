@@ -329,6 +329,12 @@ impl MetaStore for MetaClient {
         Ok(from_opt(self.read(msg, |mut c, r| async move { c.tag(r).await }).await?.digest)?)
     }
 
+    async fn tagged_manifest(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>> {
+        let msg = pb::TagRequest { repo: repo.into(), tag: tag.into() };
+        let reply = self.read(msg, |mut c, r| async move { c.tagged_manifest(r).await }).await?;
+        Ok(from_opt(reply.record)?)
+    }
+
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
         let msg = pb::DeleteManifestRequest { repo: repo.into(), digest: digest.to_string() };
         Ok(self.write(msg, |mut c, r| async move { c.delete_manifest(r).await }).await?.existed)

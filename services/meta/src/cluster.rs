@@ -1,22 +1,34 @@
 //! The metadata group as a cluster: its membership, the leadership gate in front of the Meta
 //! service, and the `Cluster` gRPC service that `berth admin cluster` talks to.
 //!
-//! Reads and writes are answered by the leader only. Before each, the gate confirms with a
-//! quorum that this node still leads (openraft's read-index: one heartbeat round, then the
-//! state has applied everything committed before the read began), so a tag read through
-//! any frontend sees every write acknowledged before it. No clock is trusted for this: a
-//! leader cut off from its majority fails the check and answers nothing.
+//! Reads and writes are answered by the leader only, and only while it knows that it leads,
+//! so a tag read through any frontend sees every write acknowledged before it.
+//!
+//! **How a leader knows: a lease, else a heartbeat round.** openraft records the send time of
+//! the newest heartbeat a quorum acknowledged. A follower that acknowledged it refuses to vote
+//! for anyone until `election_timeout_max` (400 ms) after it *received* it, so no other leader
+//! can be elected, and no write acknowledged elsewhere, before that send time + 400 ms. The
+//! gate answers without asking anyone while less than [`READ_LEASE`] (250 ms) has passed since
+//! that send time, on a node that leads and has applied an entry of its own term (so its state
+//! holds everything committed by earlier leaders; its own writes are applied before they are
+//! acknowledged). Past the lease (the followers are slow or cut off) it falls back to
+//! openraft's read-index: one heartbeat round answered by a quorum.
+//!
+//! The clock assumption: each node's monotonic clock runs at a rate within a third of every
+//! other's (400 ms on a follower is more than 250 ms on the leader). Clocks need not agree
+//! on the time; only elapsed durations are compared, each on one machine. A leader cut off
+//! from its majority answers for at most the rest of its lease, then nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_proto::cluster as pb;
 use berth_proto::cluster::cluster_server::{Cluster, ClusterServer};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ChangeMembers, ServerState};
-use tokio::sync::oneshot;
+use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState};
+use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status};
 
 use crate::raft::NodeId;
@@ -27,6 +39,10 @@ use crate::MetaService;
 /// How long a leadership check may wait for a quorum's answer before the caller is told to
 /// retry elsewhere: a few heartbeat rounds.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long after the send time of a heartbeat that a quorum acknowledged the leader
+/// answers reads without a new round (see the module's documentation).
+pub const READ_LEASE: Duration = Duration::from_millis(250);
 
 /// How long adding a member may take: catching up as a learner, then two membership entries.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -166,6 +182,45 @@ impl MetaService {
 pub struct RaftGate {
     meta: MetaService,
     waiting: Arc<Mutex<Confirmations>>,
+    lease: Arc<Mutex<Option<Lease>>>,
+}
+
+/// Until when this node may answer as leader of `term` without a heartbeat round.
+#[derive(Clone, Copy)]
+struct Lease {
+    term: u64,
+    until: Instant,
+}
+
+/// Keeps `lease` current from the node's metrics: each report carries how long ago the send
+/// time a quorum acknowledged was. The moment of receiving the report is later than the
+/// moment of the measurement, so the lease computed from it ends early, never late.
+async fn watch_lease(
+    mut metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
+    id: NodeId,
+    lease: Arc<Mutex<Option<Lease>>>,
+) {
+    loop {
+        let next = {
+            let m = metrics.borrow_and_update();
+            let own_term_applied = m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term);
+            match m.millis_since_quorum_ack {
+                // The report rounds the age down to whole milliseconds: count one more.
+                Some(ms) if m.state == ServerState::Leader && m.current_leader == Some(id) && own_term_applied => {
+                    Instant::now()
+                        .checked_sub(Duration::from_millis(ms + 1))
+                        .map(|acked| Lease { term: m.current_term, until: acked + READ_LEASE })
+                }
+                _ => None,
+            }
+        };
+        if let Ok(mut l) = lease.lock() {
+            *l = next;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Callers waiting for the next confirmation, and whether a round is running.
@@ -178,7 +233,21 @@ struct Confirmations {
 impl RaftGate {
     /// The gate of `meta`'s node.
     pub fn new(meta: MetaService) -> RaftGate {
-        RaftGate { meta, waiting: Arc::default() }
+        let lease = Arc::new(Mutex::new(None));
+        tokio::spawn(watch_lease(meta.raft.metrics(), meta.node_id, lease.clone()));
+        RaftGate { meta, waiting: Arc::default(), lease }
+    }
+
+    /// Whether this node holds a read lease now: it leads in the lease's term, per the
+    /// newest metrics (a step down shows there before the lease watcher hears of it).
+    fn leased(&self) -> bool {
+        let Some(lease) = self.lease.lock().ok().and_then(|l| *l) else { return false };
+        if Instant::now() >= lease.until {
+            return false;
+        }
+        let metrics = self.meta.raft.metrics();
+        let m = metrics.borrow();
+        m.state == ServerState::Leader && m.current_term == lease.term && m.current_leader == Some(self.meta.node_id)
     }
 
     /// Runs confirmation rounds while callers wait for one.
@@ -204,6 +273,9 @@ impl RaftGate {
 #[async_trait]
 impl Leadership for RaftGate {
     async fn check(&self) -> Result<(), NotLeader> {
+        if self.leased() {
+            return Ok(());
+        }
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut w = self.waiting.lock().map_err(|_| self.meta.not_leader())?;

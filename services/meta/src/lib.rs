@@ -295,6 +295,15 @@ impl MetaStore for MetaService {
         d.map(|s| s.parse().map_err(internal)).transpose()
     }
 
+    async fn tagged_manifest(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>> {
+        let (repo, k) = (repo.to_string(), key(b't', &[repo, tag]));
+        self.read(move |v| {
+            let Some(d) = v.get::<String>(&k)? else { return Ok(None) };
+            v.get(&key(b'm', &[&repo, &d]))
+        })
+        .await
+    }
+
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
         let o =
             self.write(Command::DeleteManifest { repo: repo.into(), digest: digest.clone(), now_ms: now_ms() }).await?;

@@ -113,6 +113,13 @@ impl Meta for MetaRpc {
         answer(self.store.tag(&r.repo, &r.tag).await, |d| pb::TagReply { digest: d.map(Wire::to_proto) })
     }
 
+    async fn tagged_manifest(&self, request: Request<pb::TagRequest>) -> Answer<pb::ManifestReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.tagged_manifest(&r.repo, &r.tag).await, |m| pb::ManifestReply {
+            record: m.map(Wire::to_proto),
+        })
+    }
+
     async fn delete_manifest(&self, request: Request<pb::DeleteManifestRequest>) -> Answer<pb::DeleteManifestReply> {
         let r = self.admit(request).await?;
         let digest = Digest::from_proto(r.digest)?;
