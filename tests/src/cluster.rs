@@ -10,13 +10,26 @@ pub struct RoleProcess {
     child: Child,
     /// The address it printed (`host:port`).
     pub addr: String,
+    args: Vec<String>,
 }
 
 impl RoleProcess {
     /// Starts `berth ARGS...`.
     pub fn start(args: &[String]) -> RoleProcess {
         let (child, addr) = spawn_berth(args);
-        RoleProcess { child, addr }
+        RoleProcess { child, addr, args: args.to_vec() }
+    }
+
+    /// Kills it if it runs, then starts it again with the same arguments, on the address it
+    /// had (its data stays where its arguments put it).
+    pub fn restart(&mut self) {
+        self.kill();
+        wait_until_free(&self.addr);
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = self.addr.clone();
+        }
+        *self = RoleProcess::start(&args);
     }
 
     /// `http://ADDR`.
@@ -99,13 +112,29 @@ impl Cluster {
 
     /// Starts storage node `i` again on its data and address.
     pub fn restart_storage(&mut self, i: usize) {
-        let addr = self.storage[i].addr.clone();
-        for _ in 0..50 {
-            if std::net::TcpListener::bind(&addr).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        self.storage[i].restart();
+    }
+
+    /// SIGKILLs every process: frontends, storage nodes, metadata nodes.
+    pub fn kill_all(&mut self) {
+        self.frontends.iter_mut().chain(self.storage.iter_mut()).for_each(RoleProcess::kill);
+        self.meta.nodes.iter_mut().for_each(|n| n.kill());
+    }
+
+    /// Starts every process again on its data and address: metadata nodes, storage nodes,
+    /// frontends.
+    pub fn restart_all(&mut self) {
+        self.meta.nodes.iter_mut().for_each(|n| n.restart());
+        self.storage.iter_mut().chain(self.frontends.iter_mut()).for_each(RoleProcess::restart);
+    }
+}
+
+/// Waits (a few seconds at most) until nothing holds `addr`, a port a killed process had.
+fn wait_until_free(addr: &str) {
+    for _ in 0..50 {
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return;
         }
-        self.storage[i] = RoleProcess::start(&Self::storage_args(&self.meta, self.dir.path(), i, &addr));
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

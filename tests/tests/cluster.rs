@@ -3,6 +3,8 @@
 
 use berth_tests::cluster::Cluster;
 use berth_tests::{bytes, client, digest, push_image};
+use std::time::{Duration, Instant};
+
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,4 +281,104 @@ fn skopeo_copies_through_one_frontend_and_back_through_the_other() {
     }
     let original = rt.block_on(async { client().get(format!("http://{b}/v2/acme/sk/manifests/{m}")).send().await });
     assert_eq!(original.unwrap().status(), 200);
+}
+
+/// A registry token for `scope` from `front`, and a client that sends it.
+async fn token_client(front: &str, scope: &str) -> reqwest::Client {
+    let t: Value =
+        client().get(format!("{front}/token?service=berth&scope={scope}")).send().await.unwrap().json().await.unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    let bearer = format!("Bearer {}", t["token"].as_str().unwrap());
+    headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// One metadata node stopped (a minority): pushes go on. Two stopped (a majority): writes
+/// answer 503 with Retry-After within a bounded time, and pulls by digest of what the
+/// frontends served before go on through both. Both restarted: the group heals, pushes work
+/// again and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_minority_and_majority_loss() {
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let repo = "acme/quorum";
+    let c = token_client(&fronts[0], &format!("repository:{repo}:pull,push")).await;
+    let m1 = push_image(&c, &fronts[0], repo, "v1", 31, &[200_000]).await;
+
+    let leader = tokio::task::block_in_place(|| cl.meta.wait_for_leader(Duration::from_secs(10))).unwrap();
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    tokio::task::block_in_place(|| cl.meta.nodes[followers[0] as usize - 1].kill());
+    let m2 = push_image(&c, &fronts[1], repo, "v2", 32, &[3000]).await;
+    for (f, m) in fronts.iter().flat_map(|f| [(f, &m1), (f, &m2)]) {
+        assert!(pulls(&c, f, repo, m).await, "{m} pulls through {f} with one metadata node down");
+    }
+
+    // The leader goes too: two of three are down.
+    tokio::task::block_in_place(|| cl.meta.nodes[leader as usize - 1].kill());
+    let manifest = c.get(format!("{}/v2/{repo}/manifests/{m1}", fronts[0])).send().await.unwrap().text().await.unwrap();
+    let started = Instant::now();
+    let r = berth_tests::put_manifest(&c, &fronts[0], repo, "v3", manifest).await;
+    let took = started.elapsed();
+    assert_eq!(r.status(), 503, "a tag write without a metadata majority");
+    assert!(r.headers().contains_key("retry-after"), "503 carries Retry-After");
+    assert!(took < Duration::from_secs(15), "the write was answered in {took:?}");
+    let r = c.post(format!("{}/v2/{repo}/blobs/uploads/", fronts[1])).send().await.unwrap();
+    assert_eq!(r.status(), 503, "an upload cannot start without a metadata majority");
+    assert!(r.headers().contains_key("retry-after"));
+    eprintln!("without a metadata majority: a tag write answered 503 in {took:?}");
+    for (f, m) in fronts.iter().flat_map(|f| [(f, &m1), (f, &m2)]) {
+        assert!(pulls(&c, f, repo, m).await, "{m} pulls by digest through {f} without a metadata majority");
+    }
+    // A tag cannot be read without the group: the frontend says it cannot answer.
+    let r = c.get(format!("{}/v2/{repo}/manifests/v1", fronts[1])).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+
+    // Both come back: the group elects a leader and writes go on.
+    tokio::task::block_in_place(|| {
+        cl.meta.nodes[leader as usize - 1].restart();
+        cl.meta.nodes[followers[0] as usize - 1].restart();
+        cl.meta.wait_for_leader(Duration::from_secs(20)).expect("a leader after the restart");
+    });
+    let m4 = push_image(&c, &fronts[1], repo, "v4", 34, &[5000]).await;
+    for (tag, m) in [("v1", &m1), ("v2", &m2), ("v4", &m4)] {
+        for f in &fronts {
+            let r = c.get(format!("{f}/v2/{repo}/manifests/{tag}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{tag} through {f} after the group healed");
+            assert_eq!(&digest(&r.bytes().await.unwrap()), m);
+        }
+    }
+    let r = c.get(format!("{}/v2/{repo}/manifests/v3", fronts[0])).send().await.unwrap();
+    assert_eq!(r.status(), 404, "the write answered 503 did not happen later");
+}
+
+/// Every process SIGKILLed at once, then started again on its data: every image acknowledged
+/// before pulls through both frontends by tag and verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_killed_and_restarted_keeps_everything_acknowledged() {
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let c = client();
+    let mut pushed = vec![];
+    for i in 0..6u64 {
+        let repo = format!("acme/restart{}", i % 2);
+        let m = push_image(&c, &fronts[i as usize % 2], &repo, &format!("v{i}"), 40 + i, &[100_000, 2000]).await;
+        pushed.push((repo, format!("v{i}"), m));
+    }
+    tokio::task::block_in_place(|| {
+        cl.kill_all();
+        cl.restart_all();
+        cl.meta.wait_for_leader(Duration::from_secs(20)).expect("a leader after the restart");
+    });
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    for (repo, tag, m) in &pushed {
+        for f in &fronts {
+            let r = c.get(format!("{f}/v2/{repo}/manifests/{tag}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{repo}:{tag} through {f} after the restart");
+            assert_eq!(&digest(&r.bytes().await.unwrap()), m);
+            assert!(pulls(&c, f, repo, m).await, "{repo}@{m} and its blobs through {f}");
+        }
+    }
+    // And the restarted cluster takes new pushes.
+    let m = push_image(&c, &fronts[1], "acme/restart0", "after", 50, &[4000]).await;
+    assert!(pulls(&c, &fronts[0], "acme/restart0", &m).await);
 }
