@@ -62,7 +62,8 @@ pub struct Cluster {
     pub storage: Vec<RoleProcess>,
     /// The frontends.
     pub frontends: Vec<RoleProcess>,
-    dir: tempfile::TempDir,
+    /// Where the storage nodes keep their data, removed when dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -90,7 +91,7 @@ impl Cluster {
                 ])
             })
             .collect();
-        Cluster { meta, storage, frontends, dir }
+        Cluster { meta, storage, frontends, _dir: dir }
     }
 
     fn storage_args(meta: &MetaGroup, dir: &std::path::Path, i: usize, listen: &str) -> Vec<String> {

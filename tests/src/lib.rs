@@ -10,6 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 pub mod cluster;
 pub mod meta_group;
+pub mod netns;
 
 /// The `berth` binary built beside the test executables (or `$BERTH_BIN`).
 pub fn berth_bin() -> PathBuf {
@@ -47,7 +48,21 @@ pub fn have_tool(tool: &str) -> bool {
 /// Starts `berth ARGS...` and reads the address it serves on from the first line it prints
 /// (`... http://ADDR ...` or `... grpc://ADDR ...`); the rest of its output is drained.
 pub fn spawn_berth<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Child, String) {
-    let mut child = Command::new(berth_bin())
+    spawn_berth_via(&[], args)
+}
+
+/// [`spawn_berth`] through a command prefix such as `ip netns exec NS` (which execs berth, so
+/// the child is berth itself).
+pub fn spawn_berth_via<S: AsRef<std::ffi::OsStr>>(prefix: &[String], args: &[S]) -> (Child, String) {
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(berth_bin());
+            c
+        }
+        None => Command::new(berth_bin()),
+    };
+    let mut child = command
         .args(args)
         .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())

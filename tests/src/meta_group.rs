@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{berth_bin, spawn_berth};
+use crate::netns::Lan;
+use crate::{berth_bin, spawn_berth_via};
 
 /// One `berth meta` process and how to start it again on its own data.
 pub struct MetaNode {
@@ -17,13 +18,20 @@ pub struct MetaNode {
     pub addr: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// A command prefix it runs under (e.g. `ip netns exec NS`), or none.
+    prefix: Vec<String>,
 }
 
 impl MetaNode {
     /// Starts node `id` on `listen` (`127.0.0.1:0` picks a port; a restart reuses the one
     /// bound first) with its data in `dir`.
     pub fn start(id: u64, listen: &str, dir: PathBuf) -> MetaNode {
-        let mut n = MetaNode { id, addr: listen.to_string(), dir, child: None };
+        Self::start_via(vec![], id, listen, dir)
+    }
+
+    /// [`MetaNode::start`] under a command prefix (e.g. `ip netns exec NS`).
+    pub fn start_via(prefix: Vec<String>, id: u64, listen: &str, dir: PathBuf) -> MetaNode {
+        let mut n = MetaNode { id, addr: listen.to_string(), dir, child: None, prefix };
         n.spawn();
         n
     }
@@ -32,7 +40,7 @@ impl MetaNode {
         let args = ["meta", "--id", &self.id.to_string(), "--listen", &self.addr, "--data-dir"].map(String::from);
         let mut args = args.to_vec();
         args.push(self.dir.display().to_string());
-        let (child, addr) = spawn_berth(&args);
+        let (child, addr) = spawn_berth_via(&self.prefix, &args);
         self.addr = addr;
         self.child = Some(child);
     }
@@ -103,6 +111,22 @@ impl MetaGroup {
         let dir = tempfile::Builder::new().prefix("berth-meta-group-").tempdir().expect("temp dir");
         let nodes: Vec<MetaNode> =
             (1..=n).map(|id| MetaNode::start(id, "127.0.0.1:0", dir.path().join(format!("meta{id}")))).collect();
+        Self::form(nodes, dir)
+    }
+
+    /// One node on each host of `lan` (node id = host number), and the group formed.
+    pub fn start_on(lan: &Lan) -> MetaGroup {
+        let dir = tempfile::Builder::new().prefix("berth-meta-group-").tempdir().expect("temp dir");
+        let nodes: Vec<MetaNode> = (1..=lan.addrs.len())
+            .map(|i| {
+                let listen = format!("{}:7100", lan.addrs[i - 1]);
+                MetaNode::start_via(lan.exec_prefix(i), i as u64, &listen, dir.path().join(format!("meta{i}")))
+            })
+            .collect();
+        Self::form(nodes, dir)
+    }
+
+    fn form(nodes: Vec<MetaNode>, dir: tempfile::TempDir) -> MetaGroup {
         let members: Vec<String> = nodes.iter().map(|m| format!("{}={}", m.id, m.addr)).collect();
         cluster_cli(&members.join(","), &["init"]).expect("cluster init");
         let g = MetaGroup { nodes, _dir: dir };

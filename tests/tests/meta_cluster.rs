@@ -212,3 +212,70 @@ async fn nodes_join_and_leave_while_the_group_serves() {
     assert_eq!(status[0]["voters"].as_array().unwrap().len(), 3, "{seen}");
     assert_eq!(client.tag(REPO, TAG).await.unwrap(), Some(manifest(2).digest));
 }
+
+/// The leader cut off from the other two (iptables in its network namespace; clients still
+/// reach it): it acknowledges no write from then on, the other two elect a leader that
+/// acknowledges writes, and once that happened no read through the old leader returns the
+/// old value. Healed, the old leader follows and serves the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_majority_acknowledges_nothing() {
+    let Some(lan) = berth_tests::netns::Lan::create(3) else { return };
+    let group = tokio::task::block_in_place(|| MetaGroup::start_on(&lan));
+    let quick = MetaClientConfig {
+        retry_for: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let all = MetaClient::new(group.nodes.iter().map(|n| n.addr.clone()).collect(), quick.clone()).unwrap();
+    let stored = Stored { size: 100, stamp: u64::MAX / 2 };
+    all.put_manifest(REPO, manifest(1), vec![TAG.into()], stored).await.expect("a write before the cut");
+    let old = tokio::task::block_in_place(|| group.wait_for_leader(Duration::from_secs(10))).unwrap() as usize;
+    let others: Vec<usize> = (1..=3).filter(|i| *i != old).collect();
+    let through_old = MetaClient::new(vec![group.nodes[old - 1].addr.clone()], quick.clone()).unwrap();
+    let through_others =
+        MetaClient::new(others.iter().map(|i| group.nodes[i - 1].addr.clone()).collect(), quick).unwrap();
+    let value = |d: Option<Digest>| d.and_then(|d| (1..=1000).find(|k| manifest(*k).digest == d));
+
+    lan.cut(old, &others);
+    let cut_at = Instant::now();
+    // Writes through the old leader, and a new leader's first acknowledged write.
+    let mut acked_by_old = vec![];
+    let mut new_acked_at = None;
+    let mut k = 100;
+    while new_acked_at.is_none() && cut_at.elapsed() < Duration::from_secs(20) {
+        k += 1;
+        if through_old.put_manifest(REPO, manifest(k), vec![TAG.into()], stored).await.is_ok() {
+            acked_by_old.push(k);
+        }
+        if through_others.put_manifest(REPO, manifest(2), vec![TAG.into()], stored).await.is_ok() {
+            new_acked_at = Some(Instant::now());
+        }
+    }
+    let new_acked_at = new_acked_at.expect("the other two elect a leader that acknowledges writes");
+    eprintln!("leader cut off: a new leader acknowledged a write {:?} after the cut", new_acked_at - cut_at);
+    assert!(acked_by_old.is_empty(), "the cut-off leader acknowledged writes {acked_by_old:?}");
+    // After the new leader's write, reads through the old one fail or see it: never the old value.
+    let mut stale = vec![];
+    let mut answered = 0;
+    while new_acked_at.elapsed() < Duration::from_secs(3) {
+        match through_old.tag(REPO, TAG).await {
+            Ok(d) if value(d.clone()) == Some(2) => answered += 1,
+            Ok(d) => stale.push(value(d)),
+            Err(_) => {}
+        }
+    }
+    assert!(stale.is_empty(), "the cut-off leader answered stale reads {stale:?}");
+    eprintln!("reads through the cut-off leader after the new write: {answered} saw it, the rest failed");
+
+    lan.heal(old);
+    let healed = Instant::now();
+    loop {
+        if let Ok(d) = through_old.tag(REPO, TAG).await {
+            assert_eq!(value(d), Some(2), "the old leader, healed, serves what the new one committed");
+            break;
+        }
+        assert!(healed.elapsed() < Duration::from_secs(20), "the old leader rejoins");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(group);
+}

@@ -85,11 +85,16 @@ pub async fn get(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let digest = parse_digest(digest)?;
-    if reg.recall.blob_link(name, &digest, reg.meta.blob_link(name, &digest)).await?.is_none() {
+    let Some(linked) = reg.recall.blob_link(name, &digest, reg.meta.blob_link(name, &digest)).await? else {
         return Err(blob_unknown(&digest));
-    }
-    let Some(size) = reg.blobs.stat(&digest).await?.map(|b| b.size) else {
-        return Err(blob_unknown(&digest));
+    };
+    // A GET learns whether the bytes are there from the read it opens below (before any
+    // header is sent), so only a HEAD asks the storage first; the link records the size.
+    let size = if head {
+        let Some(stored) = reg.blobs.stat(&digest).await? else { return Err(blob_unknown(&digest)) };
+        stored.size
+    } else {
+        linked
     };
     let d = digest.to_string();
     let resp = Response::builder()
