@@ -3,7 +3,12 @@
 
 use berth_tests::cluster::Cluster;
 use berth_tests::{bytes, client, digest, push_image};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use berth_core::{BlobStore, Digest};
+use berth_storage::client::{StorageClient, StorageClientConfig};
 
 use serde_json::Value;
 
@@ -108,54 +113,157 @@ fn docker_pushes_through_one_frontend_and_pulls_through_the_other() {
     docker(&["rmi", &pulled]);
 }
 
-/// Pushes images through alternating frontends while storage node 0 is SIGKILLed and later
-/// restarted, pulling every acknowledged image through the other frontend meanwhile.
+/// Storage node 0 SIGKILLed while pushes (monolithic and chunked) and pulls run through both
+/// frontends, and started again a few seconds later: pushes go on (a push whose upload was
+/// staged on the killed node is retried once, as clients do), no pull of an acknowledged image
+/// fails, and once the node is back, repair gives every blob of every acknowledged image a
+/// copy on each of the three nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_a_storage_node_stops_no_push_and_no_pull() {
     let mut cl = tokio::task::block_in_place(Cluster::start);
     let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
-    let c = client();
-    let mut acked = vec![];
-    let mut failed_pushes = 0;
-    let mut failed_pulls = 0;
-    for i in 0..30u64 {
-        if i == 10 {
-            tokio::task::block_in_place(|| cl.kill_storage(0));
-        }
-        if i == 20 {
-            tokio::task::block_in_place(|| cl.restart_storage(0));
-        }
-        let front = &fronts[i as usize % 2];
-        let repo = format!("acme/img{}", i % 3);
-        match try_push(&c, front, &repo, i).await {
-            Some(m) => acked.push((repo, m)),
-            None => failed_pushes += 1,
-        }
-        // Every image acknowledged so far pulls through the other frontend.
-        for (repo, m) in &acked {
-            if !pulls(&c, &fronts[(i as usize + 1) % 2], repo, m).await {
-                failed_pulls += 1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Pushed>>> = Arc::default();
+    let (failed_pushes, failed_pulls, pulled) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = vec![];
+    for w in 0..2usize {
+        let front = fronts[w].clone();
+        let (stop_pushing, acked_pushes, failed_pushes) = (stop.clone(), acked.clone(), failed_pushes.clone());
+        load.push(tokio::spawn(async move {
+            let (stop, acked) = (stop_pushing, acked_pushes);
+            let c = client();
+            let mut seed = 1000 * (w as u64 + 1);
+            while !stop.load(Ordering::Relaxed) && seed < 1000 * (w as u64 + 1) + 200 {
+                seed += 1;
+                let repo = format!("acme/load{w}");
+                let chunked = seed.is_multiple_of(2);
+                let mut pushed = try_push_image(&c, &front, &repo, seed, chunked).await;
+                if pushed.is_none() {
+                    pushed = try_push_image(&c, &front, &repo, seed, chunked).await;
+                }
+                match pushed {
+                    Some((m, blobs)) => acked.lock().unwrap().push((repo, m, blobs)),
+                    None => {
+                        failed_pushes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
-        }
+        }));
+        let (stop, acked, failed_pulls, pulled) = (stop.clone(), acked.clone(), failed_pulls.clone(), pulled.clone());
+        let other = fronts[1 - w].clone();
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let mut k = w;
+            while !stop.load(Ordering::Relaxed) {
+                let pick = {
+                    let a = acked.lock().unwrap();
+                    (!a.is_empty()).then(|| a[k % a.len()].clone())
+                };
+                k += 7;
+                let Some((repo, m, _)) = pick else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                if pulls(&c, &other, &repo, &m).await {
+                    pulled.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    eprintln!("pull of {repo}@{m} through {other} failed");
+                    failed_pulls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
     }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| cl.kill_storage(0));
+    let before_kill = acked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during_kill = acked.lock().unwrap().len() - before_kill;
+    tokio::task::block_in_place(|| cl.restart_storage(0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let (failed_pushes, failed_pulls) = (failed_pushes.load(Ordering::Relaxed), failed_pulls.load(Ordering::Relaxed));
     eprintln!(
-        "storage node loss: {} pushes acknowledged, {failed_pushes} failed, {failed_pulls} failed pulls",
-        acked.len()
+        "storage node loss: {} pushes acknowledged ({during_kill} while the node was down), {failed_pushes} failed, \
+         {} pulls, {failed_pulls} failed",
+        acked.len(),
+        pulled.load(Ordering::Relaxed)
     );
+    assert!(during_kill > 0, "pushes went on while the node was down");
     assert_eq!(failed_pushes, 0);
     assert_eq!(failed_pulls, 0);
+
+    // Repair: every blob of every acknowledged image on all three nodes.
+    let nodes: Vec<StorageClient> =
+        cl.storage.iter().map(|s| StorageClient::new(&s.addr, StorageClientConfig::default()).unwrap()).collect();
+    let blobs: Vec<Digest> = acked.iter().flat_map(|(_, _, b)| b.iter().map(|d| d.parse().unwrap())).collect();
+    let started = Instant::now();
+    let mut short = blobs.len();
+    while started.elapsed() < Duration::from_secs(60) {
+        short = 0;
+        for d in &blobs {
+            for n in &nodes {
+                if !matches!(n.stat(d).await, Ok(Some(_))) {
+                    short += 1;
+                }
+            }
+        }
+        if short == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("{} blobs on three nodes each {:?} after the restart", blobs.len(), started.elapsed());
+    assert_eq!(short, 0, "copies still missing after repair");
+    for (repo, m, _) in &acked {
+        assert!(pulls(&client(), &fronts[0], repo, m).await, "{repo}@{m} after the repair");
+    }
 }
 
-/// A small image (config and two layers) pushed through `front`; its manifest digest, or
-/// `None` if any request failed.
-async fn try_push(c: &reqwest::Client, front: &str, repo: &str, seed: u64) -> Option<String> {
+/// An acknowledged push: repository, manifest digest, and the digests of every blob stored
+/// (the manifest's bytes included).
+type Pushed = (String, String, Vec<String>);
+
+/// An image (config and two layers) pushed through `front`, its blobs monolithically or, with
+/// `chunked`, as an upload session with a PATCH then a PUT (staged on one storage node); its
+/// manifest digest and blob digests, or `None` if any request failed.
+async fn try_push_image(
+    c: &reqwest::Client,
+    front: &str,
+    repo: &str,
+    seed: u64,
+    chunked: bool,
+) -> Option<(String, Vec<String>)> {
     let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#).into_bytes();
     let mut blobs = vec![];
-    for data in [config.clone(), bytes(seed, 300_000), bytes(seed + 1000, 3000)] {
+    for data in [config.clone(), bytes(seed, 200_000), bytes(seed + 100_000, 3000)] {
         let d = digest(&data);
-        let r = c.post(format!("{front}/v2/{repo}/blobs/uploads/?digest={d}")).body(data.clone()).send().await.ok()?;
-        if r.status() != 201 {
-            eprintln!("blob push answered {}: {:?}", r.status(), r.text().await);
+        let status = if chunked {
+            let r = c.post(format!("{front}/v2/{repo}/blobs/uploads/")).send().await.ok()?;
+            let loc = r.headers().get("location")?.to_str().ok()?.to_string();
+            let r = c
+                .patch(format!("{front}{loc}"))
+                .header("content-type", "application/octet-stream")
+                .body(data.clone())
+                .send()
+                .await
+                .ok()?;
+            let loc = r.headers().get("location")?.to_str().ok()?.to_string();
+            c.put(format!("{front}{loc}?digest={d}")).send().await.ok()?.status()
+        } else {
+            c.post(format!("{front}/v2/{repo}/blobs/uploads/?digest={d}"))
+                .body(data.clone())
+                .send()
+                .await
+                .ok()?
+                .status()
+        };
+        if status != 201 {
+            eprintln!("blob push answered {status}");
             return None;
         }
         blobs.push((d, data.len()));
@@ -164,10 +272,13 @@ async fn try_push(c: &reqwest::Client, front: &str, repo: &str, seed: u64) -> Op
     let m = berth_tests::image_manifest((&blobs[0].0, blobs[0].1), &layers, "");
     let r = berth_tests::put_manifest(c, front, repo, &format!("v{seed}"), m.clone()).await;
     if r.status() != 201 {
-        eprintln!("manifest push answered {}: {:?}", r.status(), r.text().await);
+        eprintln!("manifest push answered {}", r.status());
         return None;
     }
-    Some(digest(m.as_bytes()))
+    let md = digest(m.as_bytes());
+    let mut all: Vec<String> = blobs.into_iter().map(|(d, _)| d).collect();
+    all.push(md.clone());
+    Some((md, all))
 }
 
 /// Whether manifest `m` and every blob it names pull through `front` and verify.

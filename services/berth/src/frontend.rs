@@ -3,9 +3,10 @@
 //! see `berth_storage::router`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use berth_core::{BlobStore, MetaStore};
+use berth_core::{BlobStore, Digest, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::client::{StorageClient, StorageClientConfig};
 use berth_storage::router::Replicated;
@@ -50,8 +51,11 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
     // Fewer nodes than replicas: every node holds every blob, and the quorum shrinks with it.
     let replicas = args.replicas.clamp(1, nodes.len());
     let quorum = args.write_quorum.clamp(1, replicas);
-    let blobs: Arc<dyn BlobStore> =
-        Arc::new(Replicated::new(nodes, replicas, quorum).map_err(|e| anyhow::anyhow!("storage: {e}"))?);
+    let router = Arc::new(
+        Replicated::new(nodes, replicas, quorum)
+            .map_err(|e| anyhow::anyhow!("storage: {e}"))?
+            .with_repair_record(metas.clone()),
+    );
     let name = args.name.unwrap_or_else(|| format!("frontend-{}", settings.listen));
     let (stop_tx, stop_rx) = watch::channel(false);
     let signal = tokio::spawn(async move {
@@ -59,7 +63,55 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
     });
+    let repairs = tokio::spawn(repair_copies(router.clone(), metas.clone(), stop_rx.clone()));
+    let blobs: Arc<dyn BlobStore> = router;
     let served = crate::http::serve_registry(blobs, metas, &settings, "frontend", "", &name, stop_rx).await;
     signal.abort();
+    repairs.abort();
     served
+}
+
+/// How often the record of blobs short of copies is worked through.
+const REPAIR_PERIOD: Duration = Duration::from_secs(2);
+
+/// Blobs repaired per page of the record.
+const REPAIR_PAGE: usize = 256;
+
+/// Brings blobs recorded short of copies back to R, until `stop` turns true: every
+/// [`REPAIR_PERIOD`], the whole record, a page at a time. Every frontend does this; two
+/// repairing one blob at once write the same verified bytes, which is harmless.
+async fn repair_copies(router: Arc<Replicated>, meta: Arc<dyn MetaStore>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REPAIR_PERIOD) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = match meta.short_copies(after.as_ref(), REPAIR_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the blobs short of copies");
+                    break;
+                }
+            };
+            for d in &page {
+                match router.repair(d).await {
+                    Ok(true) => {
+                        if let Err(e) = meta.copies_repaired(d).await {
+                            tracing::debug!(digest = %d, error = %e, "clearing a repaired blob's record");
+                        } else {
+                            tracing::info!(digest = %d, "blob back to its full copy count");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(digest = %d, error = %e, "repairing a blob's copies"),
+                }
+            }
+            if page.len() < REPAIR_PAGE {
+                break;
+            }
+            after = page.last().cloned();
+        }
+    }
 }

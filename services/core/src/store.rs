@@ -307,6 +307,18 @@ pub trait MetaStore: Send + Sync + 'static {
     /// A manifest of `repo` by digest.
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;
 
+    /// Records blobs stored with fewer copies than the replica count (a write acknowledged by
+    /// a quorum while an owner was down, or a read that found an owner without its copy), so
+    /// that repair brings each back to every owner. Nothing records them in a store of one
+    /// node, which never calls this.
+    async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()>;
+
+    /// Blobs recorded short of copies, in digest order after `after`, at most `n`.
+    async fn short_copies(&self, after: Option<&Digest>, n: usize) -> Result<Vec<Digest>>;
+
+    /// Clears the record of `digest` once every owner holds a copy.
+    async fn copies_repaired(&self, digest: &Digest) -> Result<()>;
+
     /// What `tag` points at in `repo`.
     async fn tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>>;
 

@@ -433,6 +433,22 @@ impl MetaStore for MetaClient {
         self.write(msg, |mut c, r| async move { c.note_strays(r).await }).await.map(|_| ())
     }
 
+    async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()> {
+        let msg = pb::NoteShortCopiesRequest { digests: to_all(digests) };
+        self.write(msg, |mut c, r| async move { c.note_short_copies(r).await }).await.map(|_| ())
+    }
+
+    async fn short_copies(&self, after: Option<&Digest>, n: usize) -> Result<Vec<Digest>> {
+        let msg = pb::ShortCopiesRequest { after: after.map(Digest::to_string), n: n as u64 };
+        let reply = self.read(msg, |mut c, r| async move { c.short_copies(r).await }).await?;
+        Ok(from_all::<Digest, _>(reply.digests)?)
+    }
+
+    async fn copies_repaired(&self, digest: &Digest) -> Result<()> {
+        let msg = pb::CopiesRepairedRequest { digest: digest.to_string() };
+        self.write(msg, |mut c, r| async move { c.copies_repaired(r).await }).await.map(|_| ())
+    }
+
     async fn change_directory(&self, change: DirectoryChange) -> Result<bool> {
         let msg = pb::ChangeDirectoryRequest { change: Some(change.to_proto()) };
         Ok(self.write(msg, |mut c, r| async move { c.change_directory(r).await }).await?.changed)

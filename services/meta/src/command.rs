@@ -100,6 +100,16 @@ pub enum Command {
     /// Several independent commands in one log entry, applied in order; each succeeds or is
     /// refused on its own. Concurrent writers share one entry, and so one log fsync.
     Batch(Vec<Command>),
+    /// Blobs stored with fewer copies than wanted, to be repaired.
+    NoteShortCopies {
+        /// Blobs.
+        digests: Vec<Digest>,
+    },
+    /// Every owner of a blob holds a copy again.
+    CopiesRepaired {
+        /// Blob.
+        digest: Digest,
+    },
 }
 
 /// What applying a [`Command`] answers.

@@ -443,6 +443,20 @@ impl MetaStore for MetaService {
         .await
     }
 
+    async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()> {
+        self.write(Command::NoteShortCopies { digests }).await.map(|_| ())
+    }
+
+    async fn short_copies(&self, after: Option<&Digest>, n: usize) -> Result<Vec<Digest>> {
+        let after = after.map(|d| d.to_string());
+        let names = self.read(move |v| Ok(names(v.scan(b"r", after.as_deref().map(str::as_bytes), n)?))).await?;
+        names.into_iter().map(|s| s.parse().map_err(internal)).collect()
+    }
+
+    async fn copies_repaired(&self, digest: &Digest) -> Result<()> {
+        self.write(Command::CopiesRepaired { digest: digest.clone() }).await.map(|_| ())
+    }
+
     async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
         self.write(Command::NoteStrays { digests, now_ms: now_ms() }).await.map(|_| ())
     }

@@ -220,6 +220,27 @@ impl Meta for MetaRpc {
         answer(self.store.note_strays(from_all::<Digest, _>(r.digests)?).await, |()| pb::NoteStraysReply {})
     }
 
+    async fn note_short_copies(
+        &self,
+        request: Request<pb::NoteShortCopiesRequest>,
+    ) -> Answer<pb::NoteShortCopiesReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.note_short_copies(from_all::<Digest, _>(r.digests)?).await, |()| pb::NoteShortCopiesReply {})
+    }
+
+    async fn short_copies(&self, request: Request<pb::ShortCopiesRequest>) -> Answer<pb::ShortCopiesReply> {
+        let r = self.admit(request).await?;
+        let after = r.after.map(Digest::from_proto).transpose()?;
+        let short = self.store.short_copies(after.as_ref(), count(r.n)).await;
+        answer(short, |digests| pb::ShortCopiesReply { digests: to_all(digests) })
+    }
+
+    async fn copies_repaired(&self, request: Request<pb::CopiesRepairedRequest>) -> Answer<pb::CopiesRepairedReply> {
+        let r = self.admit(request).await?;
+        let digest = Digest::from_proto(r.digest)?;
+        answer(self.store.copies_repaired(&digest).await, |()| pb::CopiesRepairedReply {})
+    }
+
     // ---- accounts and permissions ---------------------------------------------------------
 
     async fn change_directory(&self, request: Request<pb::ChangeDirectoryRequest>) -> Answer<pb::ChangeDirectoryReply> {

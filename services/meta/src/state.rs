@@ -401,7 +401,19 @@ impl<'a> Tx<'a> {
                 Ok(Outcome::Done)
             }
             Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
+            Command::NoteShortCopies { digests } => {
+                for d in digests {
+                    self.put(key(b'r', &[&d.to_string()]), &())?;
+                }
+                Ok(Outcome::Done)
+            }
+            Command::CopiesRepaired { digest } => {
+                self.delete(key(b'r', &[&digest.to_string()]));
+                Ok(Outcome::Done)
+            }
             Command::BlobReaped { digest, stamp } => {
+                // Its copies are gone on purpose: none is short any more.
+                self.delete(key(b'r', &[&digest.to_string()]));
                 self.delete(key(b'f', &[&digest.to_string()]));
                 if let Some(stamp) = stamp {
                     if *stamp > self.count(b"z")? {

@@ -7,6 +7,12 @@
 //! ranking of its id (any frontend finds it by asking the nodes in that order); finishing it
 //! verifies the digest there, then the router copies the blob to the blob's other owners.
 //!
+//! Copies short of R: a write acknowledged by W ≤ k < R owners, and a read that found an owner
+//! without its copy, are recorded in the metadata service ([`Replicated::with_repair_record`])
+//! before the write is acknowledged; [`Replicated::repair`] copies such a blob from a node
+//! that holds it to every owner lacking it (the copy is verified as it is written, like any
+//! write), and the record is cleared once every owner holds one.
+//!
 //! Stamps: a write reports the lowest stamp among the copies it wrote, so that if any of them
 //! is later taken by the collector, whose reap floor then covers that copy's stamp, a link
 //! naming the write is refused; a delete reports the highest stamp it took. Comparing copies
@@ -19,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_core::error::Result;
-use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
+use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, MetaStore, RegistryError, Stored};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -48,6 +54,8 @@ pub struct Replicated {
     write_quorum: usize,
     /// Where uploads this frontend has seen are staged.
     staged: Mutex<HashMap<String, usize>>,
+    /// Where blobs short of copies are recorded for repair.
+    repairs: Option<Arc<dyn MetaStore>>,
 }
 
 /// Uploads whose staging node is remembered; past this the memory starts over (a forgotten
@@ -81,7 +89,60 @@ impl Replicated {
         }
         let names = nodes.iter().map(|(n, _)| n.clone()).collect();
         let nodes = nodes.into_iter().map(|(name, store)| Node { name, store, down_until: Mutex::new(None) }).collect();
-        Ok(Replicated { nodes, names, replicas, write_quorum, staged: Mutex::new(HashMap::new()) })
+        Ok(Replicated { nodes, names, replicas, write_quorum, staged: Mutex::new(HashMap::new()), repairs: None })
+    }
+
+    /// Records blobs short of copies in `meta`, for [`Replicated::repair`]. Without it, a
+    /// write with fewer than R copies is refused (503), never acknowledged unrecorded.
+    pub fn with_repair_record(mut self, meta: Arc<dyn MetaStore>) -> Replicated {
+        self.repairs = Some(meta);
+        self
+    }
+
+    /// Records `digest` as short of copies.
+    async fn note_short(&self, digest: &Digest) -> Result<()> {
+        match &self.repairs {
+            Some(meta) => meta.note_short_copies(vec![digest.clone()]).await,
+            None => Err(unavailable(format!("{digest} has fewer copies than wanted and nowhere to record it"))),
+        }
+    }
+
+    /// Brings `digest` back to a copy on each of its R owners, copying from any node that has
+    /// one. `Ok(true)` once every owner holds a copy; `Ok(false)` when that cannot be done now
+    /// (an owner is down, or no node has a copy to copy from).
+    pub async fn repair(&self, digest: &Digest) -> Result<bool> {
+        let ranking = ranked(&self.names, digest);
+        let owners = &ranking[..self.replicas];
+        let mut source = None;
+        let mut missing = vec![];
+        for &i in &ranking {
+            let r = self.nodes[i].store.stat(digest).await;
+            self.mark(i, &r);
+            match r {
+                Ok(Some(s)) => {
+                    // Prefer an owner's copy; any will do.
+                    if source.is_none() || owners.contains(&i) && !source.is_some_and(|(j, _)| owners.contains(&j)) {
+                        source = Some((i, s));
+                    }
+                }
+                Ok(None) if owners.contains(&i) => missing.push(i),
+                Ok(None) => {}
+                Err(e) if node_failure(&e) && owners.contains(&i) => return Ok(false),
+                Err(e) if node_failure(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((from, stored)) = source else { return Ok(false) };
+        for i in missing {
+            let r = async {
+                let body = self.nodes[from].store.read(digest, None).await?;
+                self.nodes[i].store.put(digest, body, stored.size).await
+            }
+            .await;
+            self.mark(i, &r);
+            r?;
+        }
+        Ok(true)
     }
 
     fn is_down(&self, i: usize) -> bool {
@@ -151,12 +212,24 @@ impl Replicated {
         Fut: std::future::Future<Output = Result<Option<T>>>,
     {
         let mut failure = None;
+        let owners: Vec<usize> = ranked(&self.names, digest).into_iter().take(self.replicas).collect();
+        let mut lacking = false;
         for i in self.order(digest) {
             let r = ask(self.nodes[i].store.clone()).await;
             self.mark(i, &r);
             match r {
-                Ok(Some(v)) => return Ok(Some(v)),
-                Ok(None) => {}
+                Ok(Some(v)) => {
+                    if lacking {
+                        // An owner up and without its copy: have it repaired, without holding
+                        // up this read.
+                        if let Some(meta) = self.repairs.clone() {
+                            let d = digest.clone();
+                            tokio::spawn(async move { meta.note_short_copies(vec![d]).await });
+                        }
+                    }
+                    return Ok(Some(v));
+                }
+                Ok(None) => lacking |= owners.contains(&i),
                 Err(e) if node_failure(&e) => failure = Some(e),
                 Err(e) => return Err(e),
             }
@@ -167,8 +240,19 @@ impl Replicated {
         }
     }
 
-    /// Combines the outcomes of writing copies: the lowest stamp once enough are durable.
-    fn quorum(&self, outcomes: Vec<(usize, Result<Stored>)>) -> Result<Stored> {
+    /// Combines the outcomes of writing copies of `digest`: the lowest stamp once enough are
+    /// durable, recorded for repair when fewer than R are.
+    async fn settle(&self, digest: &Digest, outcomes: Vec<(usize, Result<Stored>)>) -> Result<Stored> {
+        let (stored, copies) = self.quorum(outcomes)?;
+        if copies < self.replicas {
+            tracing::warn!(%digest, copies, replicas = self.replicas, "blob stored with fewer copies than wanted");
+            self.note_short(digest).await?;
+        }
+        Ok(stored)
+    }
+
+    /// The lowest stamp and the number of copies, once enough are durable.
+    fn quorum(&self, outcomes: Vec<(usize, Result<Stored>)>) -> Result<(Stored, usize)> {
         let mut stored: Option<Stored> = None;
         let mut acked = 0;
         let mut failure = None;
@@ -189,12 +273,7 @@ impl Replicated {
             }
         }
         match stored {
-            Some(s) if acked >= self.write_quorum => {
-                if acked < self.replicas {
-                    tracing::warn!(acked, replicas = self.replicas, "blob stored with fewer copies than wanted");
-                }
-                Ok(s)
-            }
+            Some(s) if acked >= self.write_quorum => Ok((s, acked)),
             _ => Err(unavailable(format!(
                 "{acked} of {} copies written, {} needed: {}",
                 self.replicas,
@@ -207,7 +286,8 @@ impl Replicated {
     /// Copies a finished upload from the node it was staged on to the blob's other owners.
     async fn replicate(&self, digest: &Digest, from: usize, first: Stored) -> Result<Stored> {
         let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
-        let mut outcomes = vec![(from, Ok(first))];
+        // Only owners' copies count towards R; a copy left where it was staged does not.
+        let mut outcomes = if owners.contains(&from) { vec![(from, Ok(first))] } else { vec![] };
         let copies = owners.into_iter().filter(|i| *i != from).map(|i| async move {
             let r = async {
                 let body = self.nodes[from].store.read(digest, None).await?;
@@ -217,7 +297,7 @@ impl Replicated {
             (i, r)
         });
         outcomes.extend(futures::future::join_all(copies).await);
-        self.quorum(outcomes)
+        self.settle(digest, outcomes).await
     }
 }
 
@@ -250,7 +330,7 @@ impl BlobStore for Replicated {
             let data = data.clone();
             async move { (i, self.nodes[i].store.put_small(digest, data).await) }
         });
-        self.quorum(futures::future::join_all(writes).await)
+        self.settle(digest, futures::future::join_all(writes).await).await
     }
 
     async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
@@ -294,7 +374,7 @@ impl BlobStore for Replicated {
                 Err(e) => return Err(RegistryError::internal(e)),
             }
         }
-        self.quorum(outcomes)
+        self.settle(digest, outcomes).await
     }
 
     async fn upload_start(&self, id: &str) -> Result<()> {
