@@ -493,3 +493,119 @@ async fn every_process_killed_and_restarted_keeps_everything_acknowledged() {
     let m = push_image(&c, &fronts[1], "acme/restart0", "after", 50, &[4000]).await;
     assert!(pulls(&c, &fronts[0], "acme/restart0", &m).await);
 }
+
+/// The manifest whose tag write is value `k` of the register the leader-kill test checks.
+fn register_manifest(config: &str, config_len: usize, k: u64) -> String {
+    berth_tests::image_manifest((config, config_len), &[], &format!(r#","annotations":{{"k":"{k}"}}"#))
+}
+
+/// The metadata leader SIGKILLed five times while one writer moves a tag through alternating
+/// frontends (manifest PUTs) and two readers read it, one through each frontend: every time a
+/// new leader is elected and writes resume, no acknowledged write is lost, and the recorded
+/// history of tag writes and reads is linearizable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kills_through_both_frontends_keep_tags_linearizable() {
+    use berth_tests::linearizability::{violations, History, Op};
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let repo = "acme/register";
+    let c = token_client(&fronts[0], &format!("repository:{repo}:pull,push")).await;
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let config_digest = berth_tests::push_blob(&c, &fronts[0], repo, config).await;
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let writer = {
+        let (c, fronts, history, stop, cd) =
+            (c.clone(), fronts.clone(), history.clone(), stop.clone(), config_digest.clone());
+        tokio::spawn(async move {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) && k < 100_000 {
+                k += 1;
+                let body = register_manifest(&cd, config.len(), k);
+                let start = Instant::now();
+                let r = c
+                    .put(format!("{}/v2/{repo}/manifests/live", fronts[k as usize % 2]))
+                    .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                    .body(body)
+                    .send()
+                    .await;
+                let acked = r.is_ok_and(|r| r.status() == 201);
+                history.lock().unwrap().writes.push(Op { start, end: Instant::now(), value: Some(k), acked });
+            }
+        })
+    };
+    let readers: Vec<_> = fronts
+        .iter()
+        .map(|front| {
+            let (c, front, history, stop) = (c.clone(), front.clone(), history.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
+                    n += 1;
+                    let start = Instant::now();
+                    let Ok(r) = c.get(format!("{front}/v2/{repo}/manifests/live")).send().await else { continue };
+                    let value = match r.status().as_u16() {
+                        200 => {
+                            let Ok(body) = r.json::<Value>().await else { continue };
+                            body["annotations"]["k"].as_str().and_then(|k| k.parse().ok())
+                        }
+                        404 => None,
+                        // No answer (503 while there is no leader): not part of the history.
+                        _ => continue,
+                    };
+                    history.lock().unwrap().reads.push(Op { start, end: Instant::now(), value, acked: true });
+                }
+            })
+        })
+        .collect();
+
+    let mut failovers = vec![];
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let leader =
+            tokio::task::block_in_place(|| cl.meta.wait_for_leader(Duration::from_secs(10))).expect("a leader");
+        tokio::task::block_in_place(|| cl.meta.nodes[leader as usize - 1].kill());
+        let killed = Instant::now();
+        let first_ack = loop {
+            let ack =
+                history.lock().unwrap().writes.iter().filter(|w| w.acked && w.start > killed).map(|w| w.end).min();
+            if let Some(t) = ack {
+                break t;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(20), "no tag write acknowledged within 20 s of the kill");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        failovers.push(first_ack.duration_since(killed));
+        tokio::task::block_in_place(|| cl.meta.nodes[leader as usize - 1].restart());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+
+    let h = std::mem::take(&mut *history.lock().unwrap());
+    let acked: Vec<u64> = h.writes.iter().filter(|w| w.acked).filter_map(|w| w.value).collect();
+    for k in &acked {
+        let d = digest(register_manifest(&config_digest, config.len(), *k).as_bytes());
+        let r = c.get(format!("{}/v2/{repo}/manifests/{d}", fronts[(*k as usize + 1) % 2])).send().await.unwrap();
+        assert_eq!(r.status(), 200, "acknowledged write {k} is lost");
+    }
+    let bad = violations(&h);
+    let mut sorted = failovers.clone();
+    sorted.sort();
+    eprintln!(
+        "through both frontends: {} tag writes acknowledged, {} not, {} reads; leader kill to the first \
+         acknowledged tag write sent after it: median {:?}, max {:?} (all: {failovers:?}); {} linearizability violations",
+        acked.len(),
+        h.writes.len() - acked.len(),
+        h.reads.len(),
+        sorted[sorted.len() / 2],
+        sorted.last().unwrap(),
+        bad.len()
+    );
+    assert!(bad.is_empty(), "{bad:?}");
+    assert!(acked.len() > 50, "too few writes to mean anything");
+}

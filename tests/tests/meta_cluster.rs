@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use berth_core::{Digest, ManifestRecord, MetaStore, Stored};
 use berth_meta::client::{MetaClient, MetaClientConfig};
+use berth_tests::linearizability::{violations, History, Op};
 use berth_tests::meta_group::MetaGroup;
 
 const REPO: &str = "acme/app";
@@ -26,23 +27,6 @@ fn manifest(k: u64) -> ManifestRecord {
         manifests: vec![],
         pushed_at_ms: k,
     }
-}
-
-/// One operation on the tag, as the client saw it.
-#[derive(Debug, Clone)]
-struct Op {
-    start: Instant,
-    end: Instant,
-    /// The value written (a write) or read (`None`: the tag was not there yet).
-    value: Option<u64>,
-    /// For a write: whether it was acknowledged.
-    acked: bool,
-}
-
-#[derive(Default)]
-struct History {
-    writes: Vec<Op>,
-    reads: Vec<Op>,
 }
 
 async fn writer(client: Arc<MetaClient>, history: Arc<Mutex<History>>, stop: Arc<AtomicBool>) {
@@ -67,34 +51,6 @@ async fn reader(client: Arc<MetaClient>, history: Arc<Mutex<History>>, stop: Arc
             history.lock().unwrap().reads.push(Op { start, end: Instant::now(), value, acked: true });
         }
     }
-}
-
-/// Checks a single-writer register history with increasing values: a read never returns a
-/// value older than one acknowledged before it began, nor one not yet written when it ended,
-/// and reads that follow each other in time never go backwards. Returns the violations.
-fn violations(h: &History) -> Vec<String> {
-    let mut out = vec![];
-    for r in &h.reads {
-        let latest_acked = h.writes.iter().filter(|w| w.acked && w.end < r.start).filter_map(|w| w.value).max();
-        if r.value < latest_acked {
-            out.push(format!("stale read: {:?} after {:?} was acknowledged", r.value, latest_acked));
-        }
-        if let Some(v) = r.value {
-            if !h.writes.iter().any(|w| w.value == Some(v) && w.start < r.end) {
-                out.push(format!("read {v} before it was written"));
-            }
-        }
-    }
-    let mut reads = h.reads.clone();
-    reads.sort_by_key(|r| r.start);
-    for (i, r2) in reads.iter().enumerate() {
-        if let Some(r1) = reads[..i].iter().filter(|r1| r1.end < r2.start).max_by_key(|r1| r1.value) {
-            if r2.value < r1.value {
-                out.push(format!("read went back from {:?} to {:?}", r1.value, r2.value));
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
