@@ -107,8 +107,18 @@ for i in 1 2 3; do
   start storage "$i" storage --listen "${storage_addrs[$((i-1))]}" --meta "$meta_list" --data-dir "$dir/storage$i"
 done
 for a in "${storage_addrs[@]}"; do wait_port "$a"; done
+# The frontends place blobs on the storage nodes registered with the metadata group: start
+# them once all three have registered, so that the first pushes find every blob's owners.
+registered=0
+for _ in $(seq 1 200); do
+  registered=$("$bin" admin cluster --meta "$meta_list" storage 2>/dev/null \
+    | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["nodes"]))' 2>/dev/null || echo 0)
+  [ "$registered" -ge 3 ] && break
+  sleep 0.1
+done
+[ "$registered" -ge 3 ] || { echo "only $registered storage nodes registered; see $dir/logs" >&2; exit 1; }
 for i in 1 2; do
-  start frontend "$i" frontend --listen "${front_addrs[$((i-1))]}" --meta "$meta_list" --storage "$storage_list" \
+  start frontend "$i" frontend --listen "${front_addrs[$((i-1))]}" --meta "$meta_list" \
     --name "frontend-$i" --bootstrap-admin "$admin_user:$admin_token"
 done
 urls=()

@@ -73,7 +73,8 @@ impl Cluster {
         let meta = MetaGroup::start(3);
         let storage: Vec<RoleProcess> =
             (0..3).map(|i| RoleProcess::start(&Self::storage_args(&meta, dir.path(), i, "127.0.0.1:0"))).collect();
-        let storage_addrs = storage.iter().map(|s| s.addr.clone()).collect::<Vec<_>>().join(",");
+        // The frontends place blobs on the registered storage nodes: wait for all three.
+        wait_for_storage(&meta, 3);
         let frontends = (0..2)
             .map(|i| {
                 RoleProcess::start(&[
@@ -82,8 +83,6 @@ impl Cluster {
                     "127.0.0.1:0".into(),
                     "--meta".into(),
                     meta.addrs(),
-                    "--storage".into(),
-                    storage_addrs.clone(),
                     "--name".into(),
                     format!("frontend-{i}"),
                     "--bootstrap-admin".into(),
@@ -104,6 +103,13 @@ impl Cluster {
             "--data-dir".into(),
             dir.join(format!("storage{i}")).display().to_string(),
         ]
+    }
+
+    /// Starts one more storage node (it registers itself); returns its index.
+    pub fn add_storage(&mut self) -> usize {
+        let i = self.storage.len();
+        self.storage.push(RoleProcess::start(&Self::storage_args(&self.meta, self._dir.path(), i, "127.0.0.1:0")));
+        i
     }
 
     /// SIGKILLs storage node `i`.
@@ -128,6 +134,23 @@ impl Cluster {
         self.meta.nodes.iter_mut().for_each(|n| n.restart());
         self.storage.iter_mut().chain(self.frontends.iter_mut()).for_each(RoleProcess::restart);
     }
+}
+
+/// Waits (ten seconds at most) until `n` storage nodes have registered with `meta`.
+pub fn wait_for_storage(meta: &MetaGroup, n: usize) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(10) {
+        let registered = crate::meta_group::cluster_cli(&meta.addrs(), &["storage"])
+            .ok()
+            .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
+            .and_then(|v| v["nodes"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if registered >= n {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("fewer than {n} storage nodes registered within 10 s");
 }
 
 /// Waits (a few seconds at most) until nothing holds `addr`, a port a killed process had.

@@ -609,3 +609,47 @@ async fn leader_kills_through_both_frontends_keep_tags_linearizable() {
     assert!(bad.is_empty(), "{bad:?}");
     assert!(acked.len() > 50, "too few writes to mean anything");
 }
+
+/// A storage node started while the cluster serves registers itself; the placement map's
+/// version moves, both frontends place blobs on it without a restart, and every blob still
+/// has exactly three copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_node_that_registers_takes_its_share_of_new_blobs() {
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let map = |cl: &Cluster| -> Value {
+        serde_json::from_str(&berth_tests::meta_group::cluster_cli(&cl.meta.addrs(), &["storage"]).unwrap()).unwrap()
+    };
+    let before = map(&cl);
+    assert_eq!(before["nodes"].as_array().unwrap().len(), 3);
+    let added = tokio::task::block_in_place(|| {
+        let i = cl.add_storage();
+        berth_tests::cluster::wait_for_storage(&cl.meta, 4);
+        i
+    });
+    let after = map(&cl);
+    assert!(after["version"].as_u64() > before["version"].as_u64(), "{after}");
+    // The frontends poll the map every 2 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let c = client();
+    let mut blobs = vec![];
+    for i in 0..24u64 {
+        blobs.push(berth_tests::push_blob(&c, &fronts[i as usize % 2], "acme/grow", &bytes(500 + i, 2000)).await);
+    }
+    let nodes: Vec<StorageClient> =
+        cl.storage.iter().map(|s| StorageClient::new(&s.addr, StorageClientConfig::default()).unwrap()).collect();
+    let mut on_new = 0;
+    for d in &blobs {
+        let d: Digest = d.parse().unwrap();
+        let mut copies = 0;
+        for (i, n) in nodes.iter().enumerate() {
+            if matches!(n.stat(&d).await, Ok(Some(_))) {
+                copies += 1;
+                on_new += usize::from(i == added);
+            }
+        }
+        assert_eq!(copies, 3, "{d} has {copies} copies");
+    }
+    eprintln!("{on_new} of {} new blobs have a copy on the node that joined", blobs.len());
+    assert!(on_new > 0, "the new node holds none of the new blobs");
+}

@@ -33,6 +33,9 @@ pub enum ClusterCmd {
     },
     /// Each listed node's view of the group, as JSON.
     Status,
+    /// The storage nodes registered with the group (the placement map), as JSON: name,
+    /// address, zone, capacity and milliseconds since each one's last heartbeat.
+    Storage,
 }
 
 /// Flags of `berth admin cluster`.
@@ -143,6 +146,24 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
                 out.push(status);
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        ClusterCmd::Storage => {
+            use berth_core::MetaStore;
+            let nodes = args.meta.iter().map(|n| split(n).1.to_string()).collect();
+            let meta = berth_meta::client::MetaClient::new(nodes, berth_meta::client::MetaClientConfig::default())?;
+            let map = meta.placement().await.map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+            let now = berth_core::now_ms();
+            let nodes: Vec<_> = map
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "name": n.name, "addr": n.addr, "zone": n.zone, "capacity": n.capacity,
+                        "ms_since_heartbeat": now.saturating_sub(n.seen_ms),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json!({"version": map.version, "nodes": nodes}))?);
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! `berth frontend`: the registry's HTTP API, holding no state of its own: metadata through
 //! the metadata group's gRPC service, bytes through the storage nodes' (each blob on R of them,
-//! see `berth_storage::router`).
+//! see `berth_storage::router`). The storage nodes are the ones registered in the metadata
+//! group's placement map, polled every [`MAP_POLL`] (or a fixed list given with `--storage`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 use berth_core::{BlobStore, Digest, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::client::{StorageClient, StorageClientConfig};
-use berth_storage::router::Replicated;
+use berth_storage::router::{CurrentRouter, Replicated};
 use tokio::sync::watch;
 
 use crate::config::{FrontendFlags, FrontendSettings};
@@ -23,8 +25,9 @@ pub struct FrontendArgs {
     /// Metadata nodes' gRPC addresses, `ADDR,...` (any of them; the leader is found).
     #[arg(long, env = "BERTH_META", value_delimiter = ',', required = true)]
     pub meta: Vec<String>,
-    /// Storage nodes' gRPC addresses, `ADDR,...`.
-    #[arg(long, env = "BERTH_STORAGE", value_delimiter = ',', required = true)]
+    /// A fixed list of storage nodes' gRPC addresses, `ADDR,...`, instead of the nodes
+    /// registered with the metadata group.
+    #[arg(long, env = "BERTH_STORAGE", value_delimiter = ',')]
     pub storage: Vec<String>,
     /// Copies of each blob (at most the number of storage nodes).
     #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
@@ -43,19 +46,23 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
     let settings = FrontendSettings::from_flags(args.http)?;
     let metas: Arc<dyn MetaStore> =
         Arc::new(MetaClient::new(args.meta, MetaClientConfig::default()).context("the metadata nodes")?);
-    let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
-    for addr in &args.storage {
-        let client = StorageClient::new(addr, StorageClientConfig::default()).context("a storage node")?;
-        nodes.push((addr.clone(), Arc::new(client)));
-    }
-    // Fewer nodes than replicas: every node holds every blob, and the quorum shrinks with it.
-    let replicas = args.replicas.clamp(1, nodes.len());
-    let quorum = args.write_quorum.clamp(1, replicas);
-    let router = Arc::new(
-        Replicated::new(nodes, replicas, quorum)
+    let router = Arc::new(CurrentRouter::default());
+    if !args.storage.is_empty() {
+        let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
+        for addr in &args.storage {
+            let client = StorageClient::new(addr, StorageClientConfig::default()).context("a storage node")?;
+            nodes.push((addr.clone(), Arc::new(client)));
+        }
+        // Fewer nodes than replicas: every node holds every blob, and the quorum shrinks with it.
+        let replicas = args.replicas.clamp(1, nodes.len());
+        let quorum = args.write_quorum.clamp(1, replicas);
+        let fixed = Replicated::new(nodes, replicas, quorum)
             .map_err(|e| anyhow::anyhow!("storage: {e}"))?
-            .with_repair_record(metas.clone()),
-    );
+            .with_repair_record(metas.clone());
+        router.set(0, fixed);
+    } else if args.write_quorum == 0 || args.write_quorum > args.replicas {
+        anyhow::bail!("the write quorum must be between 1 and the replica count ({})", args.replicas);
+    }
     let name = args.name.unwrap_or_else(|| format!("frontend-{}", settings.listen));
     let (stop_tx, stop_rx) = watch::channel(false);
     let signal = tokio::spawn(async move {
@@ -63,12 +70,79 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
         tracing::info!("shutting down");
         stop_tx.send_replace(true);
     });
+    let follow = args.storage.is_empty().then(|| {
+        let placement = Placement { replicas: args.replicas, write_quorum: args.write_quorum };
+        tokio::spawn(follow_placement(router.clone(), metas.clone(), placement, stop_rx.clone()))
+    });
     let repairs = tokio::spawn(repair_copies(router.clone(), metas.clone(), stop_rx.clone()));
     let blobs: Arc<dyn BlobStore> = router;
     let served = crate::http::serve_registry(blobs, metas, &settings, "frontend", "", &name, stop_rx).await;
     signal.abort();
     repairs.abort();
+    if let Some(f) = follow {
+        f.abort();
+    }
     served
+}
+
+/// How often a frontend asks for the placement map.
+const MAP_POLL: Duration = Duration::from_secs(2);
+
+/// How blobs are placed on the nodes of the map.
+#[derive(Clone, Copy)]
+struct Placement {
+    replicas: usize,
+    write_quorum: usize,
+}
+
+/// Keeps `router` on the current placement map until `stop` turns true: asks for the map every
+/// [`MAP_POLL`] (at once at start) and, when its version changed, puts a router over its nodes
+/// in place, keeping the connections to nodes it already knew.
+async fn follow_placement(
+    router: Arc<CurrentRouter>,
+    meta: Arc<dyn MetaStore>,
+    placement: Placement,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut clients: HashMap<String, Arc<StorageClient>> = HashMap::new();
+    loop {
+        match meta.placement().await {
+            Ok(map) if !map.nodes.is_empty() && router.version() != Some(map.version) => {
+                let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
+                let mut zones = vec![];
+                let mut kept = HashMap::new();
+                for n in &map.nodes {
+                    let client = match clients.get(&n.addr) {
+                        Some(c) => c.clone(),
+                        None => match StorageClient::new(&n.addr, StorageClientConfig::default()) {
+                            Ok(c) => Arc::new(c),
+                            Err(e) => {
+                                tracing::warn!(node = %n.name, addr = %n.addr, error = %e, "a storage node's address");
+                                continue;
+                            }
+                        },
+                    };
+                    kept.insert(n.addr.clone(), client.clone());
+                    nodes.push((n.name.clone(), client));
+                    zones.push(n.zone.clone());
+                }
+                clients = kept;
+                match Replicated::new(nodes, placement.replicas, placement.write_quorum) {
+                    Ok(r) => {
+                        router.set(map.version, r.with_zones(zones).with_repair_record(meta.clone()));
+                        tracing::info!(version = map.version, nodes = map.nodes.len(), "placement map");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "placement map"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the placement map"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(MAP_POLL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// How often the record of blobs short of copies is worked through.
@@ -80,7 +154,7 @@ const REPAIR_PAGE: usize = 256;
 /// Brings blobs recorded short of copies back to R, until `stop` turns true: every
 /// [`REPAIR_PERIOD`], the whole record, a page at a time. Every frontend does this; two
 /// repairing one blob at once write the same verified bytes, which is harmless.
-async fn repair_copies(router: Arc<Replicated>, meta: Arc<dyn MetaStore>, mut stop: watch::Receiver<bool>) {
+async fn repair_copies(router: Arc<CurrentRouter>, meta: Arc<dyn MetaStore>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPAIR_PERIOD) => {}
@@ -95,8 +169,9 @@ async fn repair_copies(router: Arc<Replicated>, meta: Arc<dyn MetaStore>, mut st
                     break;
                 }
             };
+            let Ok(current) = router.get() else { break };
             for d in &page {
-                match router.repair(d).await {
+                match current.repair(d).await {
                     Ok(true) => {
                         if let Err(e) = meta.copies_repaired(d).await {
                             tracing::debug!(digest = %d, error = %e, "clearing a repaired blob's record");

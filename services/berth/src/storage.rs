@@ -1,12 +1,15 @@
 //! `berth storage`: a storage node, serving its blob store over gRPC and keeping it: expiring
-//! idle uploads and collecting garbage against the metadata group.
+//! idle uploads and collecting garbage against the metadata group. It registers itself with
+//! the metadata group (name, address, zone, capacity) at start and sends a heartbeat every
+//! [`HEARTBEAT`]; frontends place blobs on the nodes of that map.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use berth_core::store::StorageNode;
 use berth_core::{BlobStore, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::server::storage_server;
@@ -33,6 +36,73 @@ pub struct StorageArgs {
     /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
     #[arg(long, env = "BERTH_GC_GRACE_SECS")]
     pub gc_grace_secs: Option<u64>,
+    /// The address frontends and other nodes reach this node at [default: the address bound].
+    #[arg(long, env = "BERTH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The node's name, which placement hashes: keep it for the life of the data [default: one
+    /// made at first start and kept in the data directory].
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    pub name: Option<String>,
+    /// The node's zone (rack, room, data centre): copies of a blob go to different zones.
+    #[arg(long, env = "BERTH_ZONE")]
+    pub zone: Option<String>,
+    /// Bytes this node offers [default: the size of the data directory's file system].
+    #[arg(long, env = "BERTH_CAPACITY_BYTES")]
+    pub capacity_bytes: Option<u64>,
+}
+
+/// How often a storage node renews its registration.
+pub const HEARTBEAT: Duration = Duration::from_secs(3);
+
+/// The node's name: `given`, else the one kept in `dir`, else a new one (kept there).
+fn node_name(dir: &Path, given: Option<String>) -> Result<String> {
+    let file = dir.join("node-name");
+    let kept = std::fs::read_to_string(&file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let name = match (given, kept) {
+        (Some(g), Some(k)) if g != k => {
+            tracing::warn!(given = %g, kept = %k, "the node's name changed: blobs move to the owners the new name gives");
+            g
+        }
+        (Some(g), _) => g,
+        (None, Some(k)) => return Ok(k),
+        (None, None) => format!("storage-{}", hex::encode(rand::random::<[u8; 6]>())),
+    };
+    std::fs::write(&file, format!("{name}\n")).with_context(|| format!("writing {}", file.display()))?;
+    Ok(name)
+}
+
+/// The size of the file system holding `dir`, in bytes.
+fn filesystem_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: `path` is a NUL-terminated string and `st` a properly sized out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) == 0 {
+            (st.f_blocks as u64).saturating_mul(st.f_frsize as u64)
+        } else {
+            0
+        }
+    }
+}
+
+/// Registers `node` now and every [`HEARTBEAT`] until `stop` turns true.
+async fn heartbeat(meta: Arc<dyn MetaStore>, node: StorageNode, mut stop: watch::Receiver<bool>) {
+    let mut registered = false;
+    loop {
+        match meta.register_storage(node.clone()).await {
+            Ok(()) if !registered => {
+                registered = true;
+                tracing::info!(name = %node.name, addr = %node.addr, "registered with the metadata group");
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "registering with the metadata group"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Runs the node until SIGTERM or SIGINT.
@@ -48,13 +118,21 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", args.listen))?
         .with_nodelay(Some(true));
     let bound = incoming.local_addr().context("reading the bound address")?;
-    println!("berth storage: serving grpc://{bound} (data in {})", data_dir.display());
+    let node = StorageNode {
+        name: node_name(&data_dir, args.name)?,
+        addr: args.advertise.unwrap_or_else(|| bound.to_string()),
+        zone: args.zone,
+        capacity: args.capacity_bytes.unwrap_or_else(|| filesystem_bytes(&data_dir)),
+        seen_ms: 0,
+    };
+    println!("berth storage: serving grpc://{bound} as {} (data in {})", node.name, data_dir.display());
     let (stop_tx, stop_rx) = watch::channel(false);
     let upload_timeout = Duration::from_secs(
         args.upload_timeout_secs.unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()).max(1),
     );
     let gc_grace = Duration::from_secs(args.gc_grace_secs.unwrap_or(3600));
     // Sessions staged on other nodes are not this node's to judge (see housekeeping::run).
+    let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stop_rx.clone()));
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, false, stop_rx));
     let served = Server::builder()
@@ -64,6 +142,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .await
         .context("serving gRPC");
     stop_tx.send_replace(true);
+    heartbeats.abort();
     if let Err(e) = housekeeping.await {
         tracing::warn!(error = %e, "housekeeping ended abnormally");
     }

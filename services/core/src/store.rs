@@ -285,6 +285,32 @@ pub enum DirectoryChange {
     },
 }
 
+/// A storage node as it registers itself with the metadata service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageNode {
+    /// Its name, stable across restarts and address changes: placement hashes it.
+    pub name: String,
+    /// The gRPC address frontends and other nodes reach it at.
+    pub addr: String,
+    /// Its zone (a rack, a data centre), if it has one: a blob's copies go to different
+    /// zones while there are enough.
+    pub zone: Option<String>,
+    /// Bytes its disk holds.
+    pub capacity: u64,
+    /// When it last registered or sent a heartbeat (ms since the epoch, the leader's clock).
+    pub seen_ms: u64,
+}
+
+/// The storage nodes blobs are placed on, and a version that changes whenever a node joins or
+/// changes its address, zone or capacity (heartbeats leave it as it is).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementMap {
+    /// Raised by every change of the nodes.
+    pub version: u64,
+    /// The nodes, by name.
+    pub nodes: Vec<StorageNode>,
+}
+
 /// Everything that must be agreed on: repositories, links, manifests, tags, upload sessions.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
@@ -306,6 +332,13 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// A manifest of `repo` by digest.
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;
+
+    /// Registers a storage node, or renews its heartbeat (`seen_ms` is set by the metadata
+    /// service from its own clock).
+    async fn register_storage(&self, node: StorageNode) -> Result<()>;
+
+    /// The storage nodes blobs are placed on.
+    async fn placement(&self) -> Result<PlacementMap>;
 
     /// Records blobs stored with fewer copies than the replica count (a write acknowledged by
     /// a quorum while an owner was down, or a read that found an owner without its copy), so

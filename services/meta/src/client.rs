@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, OrgRole, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::store::{DirectoryChange, PlacementMap, PublicSigningKey, StorageNode, TokenRecord, User};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
@@ -431,6 +431,16 @@ impl MetaStore for MetaClient {
     async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
         let msg = pb::NoteStraysRequest { digests: to_all(digests) };
         self.write(msg, |mut c, r| async move { c.note_strays(r).await }).await.map(|_| ())
+    }
+
+    async fn register_storage(&self, node: StorageNode) -> Result<()> {
+        let msg = pb::RegisterStorageRequest { node: Some(node.to_proto()) };
+        self.write(msg, |mut c, r| async move { c.register_storage(r).await }).await.map(|_| ())
+    }
+
+    async fn placement(&self) -> Result<PlacementMap> {
+        let reply = self.read(pb::PlacementRequest {}, |mut c, r| async move { c.placement(r).await }).await?;
+        Ok(PlacementMap::from_proto(reply)?)
     }
 
     async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()> {

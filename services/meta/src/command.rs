@@ -100,6 +100,13 @@ pub enum Command {
     /// Several independent commands in one log entry, applied in order; each succeeds or is
     /// refused on its own. Concurrent writers share one entry, and so one log fsync.
     Batch(Vec<Command>),
+    /// A storage node registers itself, or renews its heartbeat.
+    RegisterStorage {
+        /// The node.
+        node: berth_core::store::StorageNode,
+        /// Time of the request (ms since the epoch, the leader's clock).
+        now_ms: u64,
+    },
     /// Blobs stored with fewer copies than wanted, to be repaired.
     NoteShortCopies {
         /// Blobs.

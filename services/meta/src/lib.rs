@@ -29,7 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::store::{DirectoryChange, PlacementMap, PublicSigningKey, StorageNode, TokenRecord, User};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -441,6 +441,14 @@ impl MetaStore for MetaService {
             Ok(out)
         })
         .await
+    }
+
+    async fn register_storage(&self, node: StorageNode) -> Result<()> {
+        self.write(Command::RegisterStorage { node, now_ms: now_ms() }).await.map(|_| ())
+    }
+
+    async fn placement(&self) -> Result<PlacementMap> {
+        self.read(|v| Ok(v.get(b"g")?.unwrap_or_default())).await
     }
 
     async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()> {

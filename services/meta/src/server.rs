@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::store::{DirectoryChange, PublicSigningKey, StorageNode, TokenRecord, User};
 use berth_core::{Digest, ManifestRecord, MetaStore, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_server::{Meta, MetaServer};
@@ -218,6 +218,17 @@ impl Meta for MetaRpc {
     async fn note_strays(&self, request: Request<pb::NoteStraysRequest>) -> Answer<pb::NoteStraysReply> {
         let r = self.admit(request).await?;
         answer(self.store.note_strays(from_all::<Digest, _>(r.digests)?).await, |()| pb::NoteStraysReply {})
+    }
+
+    async fn register_storage(&self, request: Request<pb::RegisterStorageRequest>) -> Answer<pb::RegisterStorageReply> {
+        let r = self.admit(request).await?;
+        let node = StorageNode::from_proto(required(r.node, "node")?)?;
+        answer(self.store.register_storage(node).await, |()| pb::RegisterStorageReply {})
+    }
+
+    async fn placement(&self, request: Request<pb::PlacementRequest>) -> Answer<pb::PlacementMap> {
+        self.admit(request).await?;
+        answer(self.store.placement().await, Wire::to_proto)
     }
 
     async fn note_short_copies(

@@ -401,6 +401,27 @@ impl<'a> Tx<'a> {
                 Ok(Outcome::Done)
             }
             Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
+            Command::RegisterStorage { node, now_ms } => {
+                let mut map: berth_core::store::PlacementMap = self.get(b"g")?.unwrap_or_default();
+                let node = berth_core::store::StorageNode { seen_ms: *now_ms, ..node.clone() };
+                match map.nodes.iter_mut().find(|n| n.name == node.name) {
+                    Some(known) => {
+                        let same =
+                            known.addr == node.addr && known.zone == node.zone && known.capacity == node.capacity;
+                        *known = node;
+                        if !same {
+                            map.version += 1;
+                        }
+                    }
+                    None => {
+                        map.nodes.push(node);
+                        map.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                        map.version += 1;
+                    }
+                }
+                self.put(b"g".to_vec(), &map)?;
+                Ok(Outcome::Done)
+            }
             Command::NoteShortCopies { digests } => {
                 for d in digests {
                     self.put(key(b'r', &[&d.to_string()]), &())?;

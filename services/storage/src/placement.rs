@@ -26,9 +26,68 @@ pub fn ranked(nodes: &[String], digest: &Digest) -> Vec<usize> {
     order.into_iter().map(|(_, i)| i).collect()
 }
 
+/// Indices of `nodes` in placement order for `digest`, where `zones[i]` is node `i`'s zone: the
+/// first `r` are the blob's owners, the rest stand in for owners that are down. Without zones
+/// this is [`ranked`]. With zones, owners are taken in rendezvous order but one per zone while
+/// a zone without a copy remains, so that copies spread over as many zones as there are (up to
+/// `r`); a node without a zone counts as one zone of its own kind.
+pub fn placed(nodes: &[String], zones: &[Option<String>], digest: &Digest, r: usize) -> Vec<usize> {
+    let ranking = ranked(nodes, digest);
+    if zones.iter().all(Option::is_none) {
+        return ranking;
+    }
+    let zone = |i: usize| zones.get(i).and_then(Option::as_deref).unwrap_or("");
+    let mut owners: Vec<usize> = Vec::with_capacity(r);
+    let mut used: Vec<&str> = vec![];
+    for &i in &ranking {
+        if owners.len() == r {
+            break;
+        }
+        if !used.contains(&zone(i)) {
+            used.push(zone(i));
+            owners.push(i);
+        }
+    }
+    for &i in &ranking {
+        if owners.len() == r {
+            break;
+        }
+        if !owners.contains(&i) {
+            owners.push(i);
+        }
+    }
+    let rest: Vec<usize> = ranking.into_iter().filter(|i| !owners.contains(i)).collect();
+    owners.extend(rest);
+    owners
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_spread_over_zones() {
+        let ns = nodes(9);
+        let zones: Vec<Option<String>> = (0..9).map(|i| Some(format!("zone{}", i % 3))).collect();
+        for i in 0..10_000 {
+            let order = placed(&ns, &zones, &digest(i), 3);
+            assert_eq!(order.len(), 9);
+            let mut owner_zones: Vec<&Option<String>> = order[..3].iter().map(|o| &zones[*o]).collect();
+            owner_zones.dedup();
+            owner_zones.sort();
+            owner_zones.dedup();
+            assert_eq!(owner_zones.len(), 3, "three copies in three zones");
+        }
+        // Two zones for three copies: both zones hold one, the third goes by rank.
+        let two: Vec<Option<String>> = (0..9).map(|i| Some(format!("zone{}", i % 2))).collect();
+        let order = placed(&ns, &two, &digest(1), 3);
+        let mut z: Vec<&Option<String>> = order[..3].iter().map(|o| &two[*o]).collect();
+        z.sort();
+        z.dedup();
+        assert_eq!(z.len(), 2);
+        // No zones: plain rendezvous order.
+        assert_eq!(placed(&ns, &vec![None; 9], &digest(2), 3), ranked(&ns, &digest(2)));
+    }
 
     fn nodes(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("10.0.0.{i}:7100")).collect()

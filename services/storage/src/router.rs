@@ -30,7 +30,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::placement::ranked;
+use crate::placement::placed;
 
 /// How long a node that failed a call is passed over.
 pub const DOWN_FOR: Duration = Duration::from_secs(2);
@@ -50,6 +50,7 @@ struct Node {
 pub struct Replicated {
     nodes: Vec<Node>,
     names: Vec<String>,
+    zones: Vec<Option<String>>,
     replicas: usize,
     write_quorum: usize,
     /// Where uploads this frontend has seen are staged.
@@ -73,8 +74,9 @@ fn node_failure(e: &RegistryError) -> bool {
 
 impl Replicated {
     /// A router over `nodes` (name, store) keeping `replicas` copies of each blob and
-    /// acknowledging writes once `write_quorum` of them are durable (both at most the number
-    /// of nodes).
+    /// acknowledging writes once `write_quorum` of them are durable. With fewer nodes than
+    /// `replicas`, every node holds every blob and each write is recorded as short of copies
+    /// (repaired once enough nodes exist); with fewer than `write_quorum`, writes are refused.
     pub fn new(
         nodes: Vec<(String, Arc<dyn BlobStore>)>,
         replicas: usize,
@@ -83,13 +85,36 @@ impl Replicated {
         if nodes.is_empty() {
             return Err("no storage nodes".into());
         }
-        let replicas = replicas.clamp(1, nodes.len());
+        let replicas = replicas.max(1);
         if write_quorum == 0 || write_quorum > replicas {
             return Err(format!("the write quorum must be between 1 and the replica count ({replicas})"));
         }
-        let names = nodes.iter().map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+        let zones = vec![None; names.len()];
         let nodes = nodes.into_iter().map(|(name, store)| Node { name, store, down_until: Mutex::new(None) }).collect();
-        Ok(Replicated { nodes, names, replicas, write_quorum, staged: Mutex::new(HashMap::new()), repairs: None })
+        Ok(Replicated {
+            nodes,
+            names,
+            zones,
+            replicas,
+            write_quorum,
+            staged: Mutex::new(HashMap::new()),
+            repairs: None,
+        })
+    }
+
+    /// Gives the nodes zones (in the order they were given): a blob's copies go to different
+    /// zones while there are enough ([`placed`]).
+    pub fn with_zones(mut self, zones: Vec<Option<String>>) -> Replicated {
+        if zones.len() == self.names.len() {
+            self.zones = zones;
+        }
+        self
+    }
+
+    /// The placement order of `digest`: its owners first, then the nodes that stand in.
+    fn placement(&self, digest: &Digest) -> Vec<usize> {
+        placed(&self.names, &self.zones, digest, self.replicas)
     }
 
     /// Records blobs short of copies in `meta`, for [`Replicated::repair`]. Without it, a
@@ -111,7 +136,11 @@ impl Replicated {
     /// one. `Ok(true)` once every owner holds a copy; `Ok(false)` when that cannot be done now
     /// (an owner is down, or no node has a copy to copy from).
     pub async fn repair(&self, digest: &Digest) -> Result<bool> {
-        let ranking = ranked(&self.names, digest);
+        if self.nodes.len() < self.replicas {
+            // Not enough nodes for R copies yet: keep the record until there are.
+            return Ok(false);
+        }
+        let ranking = self.placement(digest);
         let owners = &ranking[..self.replicas];
         let mut source = None;
         let mut missing = vec![];
@@ -161,15 +190,14 @@ impl Replicated {
 
     /// Nodes in rendezvous order for `digest`, the ones believed up first.
     fn order(&self, digest: &Digest) -> Vec<usize> {
-        let (up, down): (Vec<usize>, Vec<usize>) =
-            ranked(&self.names, digest).into_iter().partition(|i| !self.is_down(*i));
+        let (up, down): (Vec<usize>, Vec<usize>) = self.placement(digest).into_iter().partition(|i| !self.is_down(*i));
         up.into_iter().chain(down).collect()
     }
 
     /// Nodes in the order an upload is staged on them: the first up one in the ranking of
     /// its id takes it, so every frontend finds it by asking in the same order.
     fn upload_order(&self, id: &str) -> Vec<usize> {
-        ranked(&self.names, &Digest::sha256_of(id.as_bytes()))
+        crate::placement::ranked(&self.names, &Digest::sha256_of(id.as_bytes()))
     }
 
     fn remember(&self, id: &str, node: Option<usize>) {
@@ -212,7 +240,7 @@ impl Replicated {
         Fut: std::future::Future<Output = Result<Option<T>>>,
     {
         let mut failure = None;
-        let owners: Vec<usize> = ranked(&self.names, digest).into_iter().take(self.replicas).collect();
+        let owners: Vec<usize> = self.placement(digest).into_iter().take(self.replicas).collect();
         let mut lacking = false;
         for i in self.order(digest) {
             let r = ask(self.nodes[i].store.clone()).await;
@@ -457,6 +485,92 @@ impl BlobStore for Replicated {
         all.dedup_by(|b, a| a.0 == b.0);
         all.truncate(n);
         Ok(all)
+    }
+}
+
+/// The router of the current placement map: replaced as a whole when the map changes (a node
+/// joins, moves or changes zone), each call going to the router current when it starts. Until
+/// the first map arrives, every call answers 503.
+#[derive(Default)]
+pub struct CurrentRouter {
+    current: std::sync::RwLock<Option<(u64, Arc<Replicated>)>>,
+}
+
+impl CurrentRouter {
+    /// Makes `router` current, for placement map `version`.
+    pub fn set(&self, version: u64, router: Replicated) {
+        if let Ok(mut c) = self.current.write() {
+            *c = Some((version, Arc::new(router)));
+        }
+    }
+
+    /// The version of the current placement map, if there is one.
+    pub fn version(&self) -> Option<u64> {
+        self.current.read().ok().and_then(|c| c.as_ref().map(|(v, _)| *v))
+    }
+
+    /// The current router.
+    pub fn get(&self) -> Result<Arc<Replicated>> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(_, r)| r.clone()))
+            .ok_or_else(|| unavailable("no storage node has registered yet"))
+    }
+}
+
+#[async_trait]
+impl BlobStore for CurrentRouter {
+    async fn stat(&self, digest: &Digest) -> Result<Option<Stored>> {
+        self.get()?.stat(digest).await
+    }
+
+    async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
+        self.get()?.read(digest, range).await
+    }
+
+    async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
+        self.get()?.read_small(digest, limit).await
+    }
+
+    async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored> {
+        self.get()?.put_small(digest, data).await
+    }
+
+    async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
+        self.get()?.put(digest, body, limit).await
+    }
+
+    async fn upload_start(&self, id: &str) -> Result<()> {
+        self.get()?.upload_start(id).await
+    }
+
+    async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
+        self.get()?.upload_append(id, offset, body, limit).await
+    }
+
+    async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
+        self.get()?.upload_size(id).await
+    }
+
+    async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
+        self.get()?.upload_finish(id, digest).await
+    }
+
+    async fn upload_cancel(&self, id: &str) -> Result<()> {
+        self.get()?.upload_cancel(id).await
+    }
+
+    async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>> {
+        self.get()?.expire_uploads(idle).await
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
+        self.get()?.delete(digest).await
+    }
+
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
+        self.get()?.list(after, n).await
     }
 }
 

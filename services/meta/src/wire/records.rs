@@ -4,7 +4,7 @@
 //! message fails to compile here until it travels.
 
 use berth_core::access::Scope;
-use berth_core::store::{PublicSigningKey, TokenOwner, TokenRecord, User};
+use berth_core::store::{PlacementMap, PublicSigningKey, StorageNode, TokenOwner, TokenRecord, User};
 use berth_core::{Digest, ManifestRecord, Stored, UploadSession};
 use berth_proto::meta as pb;
 
@@ -185,6 +185,38 @@ impl Wire for PublicSigningKey {
     fn from_proto(p: pb::PublicSigningKey) -> Result<PublicSigningKey, WireError> {
         let pb::PublicSigningKey { kid, x, owner, created_ms, retire_after_ms } = p;
         Ok(PublicSigningKey { kid, x, owner, created_ms, retire_after_ms })
+    }
+}
+
+impl Wire for StorageNode {
+    type Proto = pb::StorageNode;
+
+    fn to_proto(self) -> pb::StorageNode {
+        let StorageNode { name, addr, zone, capacity, seen_ms } = self;
+        pb::StorageNode { name, addr, zone, capacity, seen_ms }
+    }
+
+    fn from_proto(p: pb::StorageNode) -> Result<StorageNode, WireError> {
+        let pb::StorageNode { name, addr, zone, capacity, seen_ms } = p;
+        if name.is_empty() {
+            return Err(WireError::Missing("StorageNode.name"));
+        }
+        if addr.is_empty() {
+            return Err(WireError::Missing("StorageNode.addr"));
+        }
+        Ok(StorageNode { name, addr, zone, capacity, seen_ms })
+    }
+}
+
+impl Wire for PlacementMap {
+    type Proto = pb::PlacementMap;
+
+    fn to_proto(self) -> pb::PlacementMap {
+        pb::PlacementMap { version: self.version, nodes: to_all(self.nodes) }
+    }
+
+    fn from_proto(p: pb::PlacementMap) -> Result<PlacementMap, WireError> {
+        Ok(PlacementMap { version: p.version, nodes: from_all(p.nodes)? })
     }
 }
 
