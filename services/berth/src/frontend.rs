@@ -58,6 +58,7 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
         let quorum = args.write_quorum.clamp(1, replicas);
         let fixed = Replicated::new(nodes, replicas, quorum)
             .map_err(|e| anyhow::anyhow!("storage: {e}"))?
+            .with_addrs(args.storage.clone())
             .with_repair_record(metas.clone());
         router.set(0, fixed);
     } else if args.write_quorum == 0 || args.write_quorum > args.replicas {
@@ -110,6 +111,7 @@ async fn follow_placement(
             Ok(map) if !map.nodes.is_empty() && router.version() != Some(map.version) => {
                 let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
                 let mut zones = vec![];
+                let mut addrs = vec![];
                 let mut kept = HashMap::new();
                 for n in &map.nodes {
                     let client = match clients.get(&n.addr) {
@@ -125,11 +127,12 @@ async fn follow_placement(
                     kept.insert(n.addr.clone(), client.clone());
                     nodes.push((n.name.clone(), client));
                     zones.push(n.zone.clone());
+                    addrs.push(n.addr.clone());
                 }
                 clients = kept;
                 match Replicated::new(nodes, placement.replicas, placement.write_quorum) {
                     Ok(r) => {
-                        router.set(map.version, r.with_zones(zones).with_repair_record(meta.clone()));
+                        router.set(map.version, r.with_zones(zones).with_addrs(addrs).with_repair_record(meta.clone()));
                         tracing::info!(version = map.version, nodes = map.nodes.len(), "placement map");
                     }
                     Err(e) => tracing::warn!(error = %e, "placement map"),

@@ -414,6 +414,32 @@ impl BlobStore for StorageClient {
         }
         Ok(out)
     }
+
+    async fn transfer(&self, digest: &Digest, targets: &[String]) -> Result<Option<Vec<Result<Stored>>>> {
+        let req = self.request(pb::TransferRequest { digest: digest.to_string(), targets: targets.to_vec() });
+        let reply = self.grpc.clone().transfer(req).await.map_err(|s| self.failure(s))?.into_inner();
+        if reply.outcomes.len() != targets.len() {
+            return Err(RegistryError::internal(format!(
+                "node {} answered {} outcomes for {} targets",
+                self.addr,
+                reply.outcomes.len(),
+                targets.len()
+            )));
+        }
+        let outcomes = reply
+            .outcomes
+            .into_iter()
+            .map(|o| match o.stored {
+                Some(s) => Ok(stored_from_proto(s)),
+                None => {
+                    let code = ErrorCode::from_name(&o.error_code).unwrap_or(ErrorCode::Unknown);
+                    let status = u16::try_from(o.error_status).unwrap_or(503);
+                    Err(RegistryError { code, status, detail: format!("{}: {}", o.target, o.error) })
+                }
+            })
+            .collect();
+        Ok(Some(outcomes))
+    }
 }
 
 #[cfg(test)]
@@ -695,6 +721,12 @@ mod tests {
                 Err(Status::unimplemented(""))
             }
             async fn list(&self, _: Request<pb::ListRequest>) -> std::result::Result<Response<pb::ListReply>, Status> {
+                Err(Status::unimplemented(""))
+            }
+            async fn transfer(
+                &self,
+                _: Request<pb::TransferRequest>,
+            ) -> std::result::Result<Response<pb::TransferReply>, Status> {
                 Err(Status::unimplemented(""))
             }
         }

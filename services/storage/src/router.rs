@@ -5,7 +5,8 @@
 //! A node that failed a call is passed over for a moment ([`DOWN_FOR`]), so that the next node
 //! in rendezvous order stands in for it. An upload is staged on the first node up in the
 //! ranking of its id (any frontend finds it by asking the nodes in that order); finishing it
-//! verifies the digest there, then the router copies the blob to the blob's other owners.
+//! verifies the digest there, then that node copies the blob to the blob's other owners
+//! (replica transfer, node to node; through the router for stores that are not nodes).
 //!
 //! Copies short of R: a write acknowledged by W ≤ k < R owners, and a read that found an owner
 //! without its copy, are recorded in the metadata service ([`Replicated::with_repair_record`])
@@ -51,6 +52,9 @@ pub struct Replicated {
     nodes: Vec<Node>,
     names: Vec<String>,
     zones: Vec<Option<String>>,
+    /// The nodes' gRPC addresses, when they are nodes of a cluster: a node then copies a blob
+    /// straight to the others ([`BlobStore::transfer`]).
+    addrs: Option<Vec<String>>,
     replicas: usize,
     write_quorum: usize,
     /// Where uploads this frontend has seen are staged.
@@ -96,6 +100,7 @@ impl Replicated {
             nodes,
             names,
             zones,
+            addrs: None,
             replicas,
             write_quorum,
             staged: Mutex::new(HashMap::new()),
@@ -110,6 +115,38 @@ impl Replicated {
             self.zones = zones;
         }
         self
+    }
+
+    /// Gives the nodes their gRPC addresses (in the order they were given), so that copies
+    /// go from node to node instead of through this router.
+    pub fn with_addrs(mut self, addrs: Vec<String>) -> Replicated {
+        if addrs.len() == self.names.len() {
+            self.addrs = Some(addrs);
+        }
+        self
+    }
+
+    /// Copies `digest` (of `size` bytes) from node `from` to nodes `to`: straight from node to
+    /// node when it can, else through this router. The outcome per target, in order.
+    async fn copy(&self, digest: &Digest, size: u64, from: usize, to: &[usize]) -> Vec<(usize, Result<Stored>)> {
+        if let Some(addrs) = &self.addrs {
+            let targets: Vec<String> = to.iter().map(|i| addrs[*i].clone()).collect();
+            match self.nodes[from].store.transfer(digest, &targets).await {
+                Ok(Some(outcomes)) => return to.iter().copied().zip(outcomes).collect(),
+                Ok(None) => {}
+                // The source failed: no copy was made.
+                Err(e) => return to.iter().map(|i| (*i, Err(e.clone()))).collect(),
+            }
+        }
+        let copies = to.iter().map(|&i| async move {
+            let r = async {
+                let body = self.nodes[from].store.read(digest, None).await?;
+                self.nodes[i].store.put(digest, body, size).await
+            }
+            .await;
+            (i, r)
+        });
+        futures::future::join_all(copies).await
     }
 
     /// The placement order of `digest`: its owners first, then the nodes that stand in.
@@ -162,12 +199,7 @@ impl Replicated {
             }
         }
         let Some((from, stored)) = source else { return Ok(false) };
-        for i in missing {
-            let r = async {
-                let body = self.nodes[from].store.read(digest, None).await?;
-                self.nodes[i].store.put(digest, body, stored.size).await
-            }
-            .await;
+        for (i, r) in self.copy(digest, stored.size, from, &missing).await {
             self.mark(i, &r);
             r?;
         }
@@ -316,15 +348,8 @@ impl Replicated {
         let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
         // Only owners' copies count towards R; a copy left where it was staged does not.
         let mut outcomes = if owners.contains(&from) { vec![(from, Ok(first))] } else { vec![] };
-        let copies = owners.into_iter().filter(|i| *i != from).map(|i| async move {
-            let r = async {
-                let body = self.nodes[from].store.read(digest, None).await?;
-                self.nodes[i].store.put(digest, body, first.size).await
-            }
-            .await;
-            (i, r)
-        });
-        outcomes.extend(futures::future::join_all(copies).await);
+        let others: Vec<usize> = owners.into_iter().filter(|i| *i != from).collect();
+        outcomes.extend(self.copy(digest, first.size, from, &others).await);
         self.settle(digest, outcomes).await
     }
 }

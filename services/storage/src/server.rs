@@ -24,7 +24,7 @@ use crate::wire::{
 
 /// The service over `store`, with message bounds set for [`FRAME_SIZE`] frames.
 pub fn storage_server(store: Arc<dyn BlobStore>) -> StorageServer<StorageRpc> {
-    StorageServer::new(StorageRpc { store })
+    StorageServer::new(StorageRpc { store, peers: Mutex::default() })
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE)
 }
@@ -32,6 +32,29 @@ pub fn storage_server(store: Arc<dyn BlobStore>) -> StorageServer<StorageRpc> {
 /// The gRPC handlers of a storage node.
 pub struct StorageRpc {
     store: Arc<dyn BlobStore>,
+    /// Clients of the other nodes this one has copied blobs to, by address.
+    peers: Mutex<std::collections::HashMap<String, crate::client::StorageClient>>,
+}
+
+impl StorageRpc {
+    /// The client of the node at `addr`, made on first use.
+    fn peer(&self, addr: &str) -> Result<crate::client::StorageClient, RegistryError> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = peers.get(addr) {
+            return Ok(p.clone());
+        }
+        let p = crate::client::StorageClient::new(addr, crate::client::StorageClientConfig::default())
+            .map_err(|e| RegistryError::new(berth_core::ErrorCode::Unknown, e.to_string()).with_status(503))?;
+        peers.insert(addr.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Copies `d` (`size` bytes, held here) to the node at `target`.
+    async fn copy_to(&self, d: &Digest, size: u64, target: &str) -> Result<berth_core::Stored, RegistryError> {
+        let peer = self.peer(target)?;
+        let body = self.store.read(d, None).await?;
+        peer.put(d, body, size).await
+    }
 }
 
 /// A frame stream of a read: a head, then data.
@@ -306,6 +329,31 @@ impl Storage for StorageRpc {
         let blobs = self.store.list(after.as_ref(), n).await.map_err(status_of)?;
         let blobs = blobs.into_iter().map(|(d, stamp)| pb::ListedBlob { digest: d.to_string(), stamp }).collect();
         Ok(Response::new(pb::ListReply { blobs }))
+    }
+
+    async fn transfer(&self, req: Request<pb::TransferRequest>) -> Result<Response<pb::TransferReply>, Status> {
+        let r = req.into_inner();
+        let d = digest(&r.digest)?;
+        let Some(held) = self.store.stat(&d).await.map_err(status_of)? else {
+            return Err(status_of(RegistryError::new(berth_core::ErrorCode::BlobUnknown, format!("{d} is not here"))));
+        };
+        let copies = r.targets.iter().map(|t| self.copy_to(&d, held.size, t));
+        let outcomes = futures::future::join_all(copies)
+            .await
+            .into_iter()
+            .zip(r.targets)
+            .map(|(outcome, target)| match outcome {
+                Ok(s) => pb::TransferOutcome { target, stored: Some(stored_to_proto(s)), ..Default::default() },
+                Err(e) => pb::TransferOutcome {
+                    target,
+                    stored: None,
+                    error_code: e.code.as_str().to_string(),
+                    error_status: e.status.into(),
+                    error: e.detail,
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::TransferReply { outcomes }))
     }
 }
 
