@@ -266,15 +266,29 @@ impl Replicated {
     }
 
     /// Asks nodes in order until one has the blob.
-    async fn first_found<T, F, Fut>(&self, digest: &Digest, mut ask: F) -> Result<Option<T>>
+    async fn first_found<T, F, Fut>(&self, digest: &Digest, ask: F) -> Result<Option<T>>
     where
         F: FnMut(Arc<dyn BlobStore>) -> Fut,
         Fut: std::future::Future<Output = Result<Option<T>>>,
     {
+        Ok(self.first_found_at(digest, ask).await?.map(|(_, v)| v))
+    }
+
+    /// [`Replicated::first_found`], with the stores in order after the one that answered.
+    async fn first_found_at<T, F, Fut>(
+        &self,
+        digest: &Digest,
+        mut ask: F,
+    ) -> Result<Option<(Vec<Arc<dyn BlobStore>>, T)>>
+    where
+        F: FnMut(Arc<dyn BlobStore>) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>>>,
+    {
+        let order = self.order(digest);
         let mut failure = None;
         let owners: Vec<usize> = self.placement(digest).into_iter().take(self.replicas).collect();
         let mut lacking = false;
-        for i in self.order(digest) {
+        for (at, &i) in order.iter().enumerate() {
             let r = ask(self.nodes[i].store.clone()).await;
             self.mark(i, &r);
             match r {
@@ -287,7 +301,8 @@ impl Replicated {
                             tokio::spawn(async move { meta.note_short_copies(vec![d]).await });
                         }
                     }
-                    return Ok(Some(v));
+                    let rest = order[at + 1..].iter().map(|j| self.nodes[*j].store.clone()).collect();
+                    return Ok(Some((rest, v)));
                 }
                 Ok(None) => lacking |= owners.contains(&i),
                 Err(e) if node_failure(&e) => failure = Some(e),
@@ -362,7 +377,7 @@ impl BlobStore for Replicated {
 
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
         let found = self
-            .first_found(digest, |s| async move {
+            .first_found_at(digest, |s| async move {
                 match s.read(digest, range).await {
                     Ok(stream) => Ok(Some(stream)),
                     Err(e) if e.code == ErrorCode::BlobUnknown => Ok(None),
@@ -370,7 +385,8 @@ impl BlobStore for Replicated {
                 }
             })
             .await?;
-        found.ok_or_else(|| RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()))
+        let (rest, stream) = found.ok_or_else(|| RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()))?;
+        Ok(resuming(stream, digest.clone(), range, rest))
     }
 
     async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
@@ -511,6 +527,66 @@ impl BlobStore for Replicated {
         all.truncate(n);
         Ok(all)
     }
+}
+
+/// A read that, when its node fails mid-stream, goes on from the next store in `rest` at the
+/// offset reached, so the reader sees one unbroken body. Only when no store can go on does the
+/// stream end with the first failure.
+fn resuming(first: ByteStream, digest: Digest, range: Option<(u64, u64)>, rest: Vec<Arc<dyn BlobStore>>) -> ByteStream {
+    struct Resume {
+        current: ByteStream,
+        digest: Digest,
+        /// The next byte to send, and the last one wanted (`None`: to the end).
+        next: u64,
+        last: Option<u64>,
+        rest: std::collections::VecDeque<Arc<dyn BlobStore>>,
+    }
+    let start = Resume {
+        current: first,
+        digest,
+        next: range.map_or(0, |(f, _)| f),
+        last: range.map(|(_, l)| l),
+        rest: rest.into(),
+    };
+    futures::stream::unfold(Some(start), |state| async move {
+        let mut s = state?;
+        let mut failure: Option<std::io::Error> = None;
+        loop {
+            match s.current.next().await {
+                Some(Ok(chunk)) => {
+                    s.next += chunk.len() as u64;
+                    return Some((Ok(chunk), Some(s)));
+                }
+                None => return None,
+                Some(Err(e)) => {
+                    tracing::warn!(digest = %s.digest, offset = s.next, error = %e, "a read failed mid-stream");
+                    let first = failure.get_or_insert(e);
+                    let mut switched = false;
+                    while let Some(store) = s.rest.pop_front() {
+                        let last = match s.last {
+                            Some(l) => l,
+                            None => match store.stat(&s.digest).await {
+                                Ok(Some(b)) if b.size > s.next => b.size - 1,
+                                // Nothing is left to send.
+                                Ok(Some(_)) => return None,
+                                _ => continue,
+                            },
+                        };
+                        if let Ok(stream) = store.read(&s.digest, Some((s.next, last))).await {
+                            s.current = stream;
+                            switched = true;
+                            break;
+                        }
+                    }
+                    if !switched {
+                        let e = std::io::Error::new(first.kind(), first.to_string());
+                        return Some((Err(e), None));
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 /// The router of the current placement map: replaced as a whole when the map changes (a node
@@ -665,5 +741,123 @@ mod tests {
         assert_eq!(e.code, ErrorCode::DigestInvalid);
         assert!(r.delete(&d).await.unwrap().is_some());
         assert!(r.stat(&d).await.unwrap().is_none());
+    }
+
+    /// A store whose reads, while `broken`, fail after `after` bytes.
+    struct Flaky {
+        inner: Arc<dyn BlobStore>,
+        after: usize,
+        broken: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl BlobStore for Flaky {
+        async fn stat(&self, d: &Digest) -> Result<Option<Stored>> {
+            self.inner.stat(d).await
+        }
+        async fn read(&self, d: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
+            let inner = self.inner.read(d, range).await?;
+            if !self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(inner);
+            }
+            let cut = futures::stream::unfold((inner, self.after, false), |(mut inner, left, over)| async move {
+                if over {
+                    return None;
+                }
+                if left == 0 {
+                    return Some((Err(std::io::Error::other("the disk went away")), (inner, 0, true)));
+                }
+                match inner.next().await {
+                    Some(Ok(c)) => {
+                        let n = c.len().min(left);
+                        Some((Ok(c.slice(..n)), (inner, left - n, false)))
+                    }
+                    Some(Err(e)) => Some((Err(e), (inner, left, true))),
+                    None => None,
+                }
+            })
+            .boxed();
+            Ok(cut)
+        }
+        async fn read_small(&self, d: &Digest, limit: u64) -> Result<Option<Bytes>> {
+            self.inner.read_small(d, limit).await
+        }
+        async fn put_small(&self, d: &Digest, data: Bytes) -> Result<Stored> {
+            self.inner.put_small(d, data).await
+        }
+        async fn put(&self, d: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
+            self.inner.put(d, body, limit).await
+        }
+        async fn upload_start(&self, id: &str) -> Result<()> {
+            self.inner.upload_start(id).await
+        }
+        async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
+            self.inner.upload_append(id, offset, body, limit).await
+        }
+        async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
+            self.inner.upload_size(id).await
+        }
+        async fn upload_finish(&self, id: &str, d: &Digest) -> Result<Stored> {
+            self.inner.upload_finish(id, d).await
+        }
+        async fn upload_cancel(&self, id: &str) -> Result<()> {
+            self.inner.upload_cancel(id).await
+        }
+        async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>> {
+            self.inner.expire_uploads(idle).await
+        }
+        async fn delete(&self, d: &Digest) -> Result<Option<u64>> {
+            self.inner.delete(d).await
+        }
+        async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
+            self.inner.list(after, n).await
+        }
+    }
+
+    async fn collect(mut s: ByteStream) -> std::io::Result<Vec<u8>> {
+        let mut out = vec![];
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_read_that_breaks_mid_stream_goes_on_from_another_copy() {
+        use std::sync::atomic::Ordering;
+        let (_dirs, nodes) = engines(3);
+        let names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
+        let flaky: Vec<Arc<Flaky>> = nodes
+            .into_iter()
+            .map(|(_, inner)| Arc::new(Flaky { inner, after: 400_000, broken: false.into() }))
+            .collect();
+        let stores: Nodes = names.iter().cloned().zip(flaky.iter().map(|f| f.clone() as Arc<dyn BlobStore>)).collect();
+        let r = Replicated::new(stores, 3, 2).unwrap();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let d = Digest::sha256_of(&data);
+        r.put(&d, body(&data), u64::MAX).await.unwrap();
+        // The node a read goes to first breaks 400 kB in; the reader notices nothing.
+        let first = placed(&names, &[None, None, None], &d, 3)[0];
+        flaky[first].broken.store(true, Ordering::Relaxed);
+        let got = collect(r.read(&d, None).await.unwrap()).await;
+        let got = got.map(|g| (g.len(), g.iter().zip(&data).position(|(a, b)| a != b)));
+        assert_eq!(got.unwrap(), (data.len(), None));
+        assert!(collect(r.read(&d, Some((100_000, 899_999))).await.unwrap()).await.unwrap() == data[100_000..900_000]);
+        // Every copy breaks (each 400 kB further on than the last): the body still arrives whole.
+        for f in &flaky {
+            f.broken.store(true, Ordering::Relaxed);
+        }
+        assert!(collect(r.read(&d, None).await.unwrap()).await.unwrap() == data);
+        // Breaking before the end on every copy: the stream ends in an error, never short.
+        let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+        let bd = Digest::sha256_of(&big);
+        for f in &flaky {
+            f.broken.store(false, Ordering::Relaxed);
+        }
+        r.put(&bd, body(&big), u64::MAX).await.unwrap();
+        for f in &flaky {
+            f.broken.store(true, Ordering::Relaxed);
+        }
+        assert!(collect(r.read(&bd, None).await.unwrap()).await.is_err());
     }
 }
