@@ -162,3 +162,20 @@ fn wait_until_free(addr: &str) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A cluster seen as one registry: the API tests' target when they run against a cluster.
+pub struct ClusterTarget {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// The URL of the frontend the tests talk to.
+    pub url: String,
+}
+
+impl ClusterTarget {
+    /// Starts a cluster; the tests talk to its second frontend.
+    pub fn start() -> ClusterTarget {
+        let cluster = Cluster::start();
+        let url = cluster.frontends[1].url();
+        ClusterTarget { cluster, url }
+    }
+}
