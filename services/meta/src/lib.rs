@@ -386,6 +386,8 @@ impl MetaStore for MetaService {
     }
 
     async fn create_upload(&self, session: UploadSession) -> Result<()> {
+        // The session's start is the metadata service's time, as every time in a command is.
+        let session = UploadSession { started_at_ms: now_ms(), ..session };
         self.write(Command::CreateUpload { session }).await.map(|_| ())
     }
 

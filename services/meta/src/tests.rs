@@ -227,8 +227,12 @@ async fn upload_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
     let s = UploadSession { id: "u1".into(), repo: "r/s".into(), started_at_ms: 7, owner: "alice".into() };
+    let before = berth_core::now_ms();
     m.create_upload(s.clone()).await.unwrap();
-    assert_eq!(m.upload("u1").await.unwrap(), Some(s));
+    // The start is the service's own time, not the caller's.
+    let got = m.upload("u1").await.unwrap().unwrap();
+    assert!(got.started_at_ms >= before, "{got:?}");
+    assert_eq!(got, UploadSession { started_at_ms: got.started_at_ms, ..s });
     assert_eq!(m.uploads_of("alice", 10).await.unwrap(), 1);
     m.end_upload("u1", Some((d("blob"), stored(3)))).await.unwrap();
     assert_eq!(m.upload("u1").await.unwrap(), None);
