@@ -29,7 +29,9 @@ pub struct FrontendArgs {
     /// registered with the metadata group.
     #[arg(long, env = "BERTH_STORAGE", value_delimiter = ',')]
     pub storage: Vec<String>,
-    /// Copies of each blob (at most the number of storage nodes).
+    /// Copies of each blob. With a fixed `--storage` list of fewer nodes, every node holds every
+    /// blob; with the registered nodes, a blob that has fewer copies is recorded and repaired
+    /// once enough nodes have registered.
     #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
     pub replicas: usize,
     /// Copies durable before a push is acknowledged.

@@ -81,12 +81,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// inventory that garbage collection compares with what the metadata service knows.
     async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>>;
 
-    /// Copies `digest` from this store straight to the storage nodes at `targets` (their gRPC
-    /// addresses), each copy verified and made durable there as any write: the outcome per
-    /// target, in order. `None` from a store that cannot reach other nodes (the default): the
-    /// caller copies the bytes itself.
-    async fn transfer(&self, digest: &Digest, targets: &[String]) -> Result<Option<Vec<Result<Stored>>>> {
-        let _ = (digest, targets);
+    /// Copies `digest` (`size` bytes) from this store straight to the storage nodes at
+    /// `targets` (their gRPC addresses), each copy verified and made durable there as any
+    /// write: the outcome per target, in order. `None` from a store that cannot reach other
+    /// nodes (the default): the caller copies the bytes itself.
+    async fn transfer(&self, digest: &Digest, size: u64, targets: &[String]) -> Result<Option<Vec<Result<Stored>>>> {
+        let _ = (digest, size, targets);
         Ok(None)
     }
 }

@@ -128,6 +128,7 @@ pub async fn get(
 /// A blob that a manifest of the repository references is refused (409): delete the manifest.
 pub async fn delete(reg: &Registry, name: &str, digest: &str) -> Result<Response, RegistryError> {
     let digest = parse_digest(digest)?;
+    reg.recall.forget(name, &digest);
     if !reg.meta.unlink_blob(name, &digest).await? {
         return Err(blob_unknown(&digest));
     }

@@ -224,7 +224,10 @@ fn digest_of_tagged(uri: &Uri, body: &[u8]) -> Result<Digest, RegistryError> {
 /// tag deletes only the tag.
 pub async fn delete(reg: &Registry, name: &str, reference: &str) -> Result<Response, RegistryError> {
     let existed = match parse_reference(reference)? {
-        Reference::Digest(d) => reg.meta.delete_manifest(name, &d).await?,
+        Reference::Digest(d) => {
+            reg.recall.forget(name, &d);
+            reg.meta.delete_manifest(name, &d).await?
+        }
         Reference::Tag(t) => reg.meta.delete_tag(name, &t).await?,
     };
     if !existed {

@@ -4,9 +4,10 @@
 //! Content by digest never changes, so a remembered answer ("this blob is linked in this
 //! repository, this size"; "this manifest is in this repository, this record") stays true
 //! until someone deletes it. The metadata service is still asked first on every pull, so a
-//! deletion is seen at once while it answers; a remembered answer is used only when it does
-//! not answer in time or answers 503. After such a failure, remembered answers are used
-//! without asking for a short while, so that a pull of many blobs does not wait once per blob.
+//! deletion is seen at once while it answers (and a deletion through this frontend forgets the
+//! answer at once); a remembered answer is used only when it does not answer in time or
+//! answers 503. After such a failure, pulls wait a much shorter time for a while, so that a
+//! pull of many blobs does not wait a second per blob.
 //! What the frontend never saw, it cannot answer without the metadata service: such pulls fail
 //! with the service's 503.
 
@@ -21,9 +22,11 @@ use berth_core::{Digest, ManifestRecord};
 /// leader change takes when a majority is up.
 const WAIT: Duration = Duration::from_secs(1);
 
-/// After the metadata service failed to answer, how long remembered answers are used without
-/// asking it.
+/// After the metadata service failed to answer, for how long pulls wait only [`QUIET_WAIT`].
 const QUIET: Duration = Duration::from_secs(2);
+
+/// How long a pull whose answer is remembered waits while the metadata service has just failed.
+const QUIET_WAIT: Duration = Duration::from_millis(100);
 
 /// Remembered answers at most (each a few hundred bytes).
 const CAPACITY: usize = 65_536;
@@ -95,6 +98,13 @@ impl Recall {
         }))
     }
 
+    /// Forgets what was remembered of `digest` in `repo` (it was deleted through this frontend).
+    pub fn forget(&self, repo: &str, digest: &Digest) {
+        for kind in [b'b', b'm'] {
+            self.answers.remove(&(kind, repo.to_string(), digest.clone()));
+        }
+    }
+
     /// The answer from `ask`, or the one remembered under `kind`, `repo` and `digest` when
     /// the metadata service does not answer.
     async fn answer<F>(&self, kind: u8, repo: &str, digest: &Digest, ask: F) -> Result<Option<Answer>>
@@ -113,10 +123,8 @@ impl Recall {
             }
             return Ok(answer);
         };
-        if self.quiet() {
-            return Ok(Some(known));
-        }
-        match tokio::time::timeout(WAIT, ask).await {
+        let wait = if self.quiet() { QUIET_WAIT } else { WAIT };
+        match tokio::time::timeout(wait, ask).await {
             Ok(Ok(answer)) => {
                 match &answer {
                     Some(a) => self.answers.insert(key, a.clone()),

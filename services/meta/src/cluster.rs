@@ -4,15 +4,16 @@
 //! Reads and writes are answered by the leader only, and only while it knows that it leads,
 //! so a tag read through any frontend sees every write acknowledged before it.
 //!
-//! **How a leader knows: a lease, else a heartbeat round.** openraft records the send time of
-//! the newest heartbeat a quorum acknowledged. A follower that acknowledged it refuses to vote
-//! for anyone until `election_timeout_max` (400 ms) after it *received* it, so no other leader
-//! can be elected, and no write acknowledged elsewhere, before that send time + 400 ms. The
-//! gate answers without asking anyone while less than [`READ_LEASE`] (250 ms) has passed since
-//! that send time, on a node that leads and has applied an entry of its own term (so its state
-//! holds everything committed by earlier leaders; its own writes are applied before they are
-//! acknowledged). Past the lease (the followers are slow or cut off) it falls back to
-//! openraft's read-index: one heartbeat round answered by a quorum.
+//! **How a leader knows: a lease, else a heartbeat round.** Every 100 ms the leader runs a
+//! confirmation round (openraft's read-index: heartbeats sent after the round is asked for,
+//! answered by a quorum). A follower that answered refuses to vote for anyone until
+//! `election_timeout_max` (400 ms) after it *received* its heartbeat, so no other leader can
+//! be elected, and no write acknowledged elsewhere, until 400 ms after the moment the round
+//! was asked for. The gate answers without asking anyone while less than [`READ_LEASE`] (250 ms)
+//! has passed since that moment, on a node that still leads in the same term; the round also
+//! waited until the state applied an entry of this term (so it holds everything committed by
+//! earlier leaders; the leader's own writes are applied before they are acknowledged). Past
+//! the lease (the followers are slow or cut off) every read waits for a round of its own.
 //!
 //! The clock assumption: each node's monotonic clock runs at a rate within a third of every
 //! other's (400 ms on a follower is more than 250 ms on the leader). Clocks need not agree
@@ -27,8 +28,8 @@ use async_trait::async_trait;
 use berth_proto::cluster as pb;
 use berth_proto::cluster::cluster_server::{Cluster, ClusterServer};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState};
-use tokio::sync::{oneshot, watch};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::raft::NodeId;
@@ -192,32 +193,40 @@ struct Lease {
     until: Instant,
 }
 
-/// Keeps `lease` current from the node's metrics: each report carries how long ago the send
-/// time a quorum acknowledged was. The moment of receiving the report is later than the
-/// moment of the measurement, so the lease computed from it ends early, never late.
-async fn watch_lease(
-    mut metrics: watch::Receiver<RaftMetrics<NodeId, BasicNode>>,
-    id: NodeId,
-    lease: Arc<Mutex<Option<Lease>>>,
-) {
+/// How often a leader renews its read lease (one heartbeat round each time).
+const LEASE_RENEWAL: Duration = Duration::from_millis(100);
+
+/// Keeps `lease` current while this node leads: every [`LEASE_RENEWAL`] a confirmation round
+/// (openraft's read-index, whose heartbeats are sent after it is asked for); once a quorum has
+/// answered, the lease runs [`READ_LEASE`] from the moment *before* the round was asked for,
+/// which is earlier than any follower received its heartbeat, so the lease ends early, never
+/// late. The round also waits until the state has applied an entry of this term.
+async fn keep_lease(meta: MetaService, lease: Arc<Mutex<Option<Lease>>>) {
+    let mut metrics = meta.raft.metrics();
     loop {
-        let next = {
+        let term = {
             let m = metrics.borrow_and_update();
-            let own_term_applied = m.last_applied.is_some_and(|l| l.leader_id.term == m.current_term);
-            match m.millis_since_quorum_ack {
-                // The report rounds the age down to whole milliseconds: count one more.
-                Some(ms) if m.state == ServerState::Leader && m.current_leader == Some(id) && own_term_applied => {
-                    Instant::now()
-                        .checked_sub(Duration::from_millis(ms + 1))
-                        .map(|acked| Lease { term: m.current_term, until: acked + READ_LEASE })
+            (m.state == ServerState::Leader && m.current_leader == Some(meta.node_id)).then_some(m.current_term)
+        };
+        let next = match term {
+            Some(term) => {
+                let asked = Instant::now();
+                match meta.ensure_leader().await {
+                    Ok(()) if meta.raft.metrics().borrow().current_term == term => {
+                        Some(Lease { term, until: asked + READ_LEASE })
+                    }
+                    _ => None,
                 }
-                _ => None,
             }
+            None => None,
         };
         if let Ok(mut l) = lease.lock() {
             *l = next;
         }
-        if metrics.changed().await.is_err() {
+        if term.is_some() {
+            tokio::time::sleep(LEASE_RENEWAL).await;
+        } else if metrics.changed().await.is_err() {
+            // The node is shutting down.
             return;
         }
     }
@@ -234,12 +243,12 @@ impl RaftGate {
     /// The gate of `meta`'s node.
     pub fn new(meta: MetaService) -> RaftGate {
         let lease = Arc::new(Mutex::new(None));
-        tokio::spawn(watch_lease(meta.raft.metrics(), meta.node_id, lease.clone()));
+        tokio::spawn(keep_lease(meta.clone(), lease.clone()));
         RaftGate { meta, waiting: Arc::default(), lease }
     }
 
     /// Whether this node holds a read lease now: it leads in the lease's term, per the
-    /// newest metrics (a step down shows there before the lease watcher hears of it).
+    /// newest metrics (a step down shows there before the lease is renewed or dropped).
     fn leased(&self) -> bool {
         let Some(lease) = self.lease.lock().ok().and_then(|l| *l) else { return false };
         if Instant::now() >= lease.until {

@@ -21,6 +21,8 @@
 //! | `s` repo `\0` subject `\0` digest | (a referrer of subject) |
 //! | `u` id | [`UploadSession`] |
 //! | `v` caller | number of uploads in progress of a caller (a token subject) |
+//! | `r` digest | (the blob has fewer copies than wanted: repair it) |
+//! | `g` | the placement map: registered storage nodes and its version |
 //! | `A` | shared HMAC token key of earlier versions (removed at start) |
 //! | `J` kid | [`PublicSigningKey`]: a frontend's token-verifying key |
 //! | `G` | key generation: how many times frontends were asked to rotate |

@@ -415,8 +415,12 @@ impl BlobStore for StorageClient {
         Ok(out)
     }
 
-    async fn transfer(&self, digest: &Digest, targets: &[String]) -> Result<Option<Vec<Result<Stored>>>> {
-        let req = self.request(pb::TransferRequest { digest: digest.to_string(), targets: targets.to_vec() });
+    async fn transfer(&self, digest: &Digest, size: u64, targets: &[String]) -> Result<Option<Vec<Result<Stored>>>> {
+        // The copies stream in frames (each bounded by the frame timeout on the nodes); the
+        // call as a whole gets the usual time plus a second per MiB, so a large layer is not
+        // cut off while it moves at any sensible rate.
+        let mut req = Request::new(pb::TransferRequest { digest: digest.to_string(), targets: targets.to_vec() });
+        req.set_timeout(self.config.request_timeout + Duration::from_secs(size >> 20));
         let reply = self.grpc.clone().transfer(req).await.map_err(|s| self.failure(s))?.into_inner();
         if reply.outcomes.len() != targets.len() {
             return Err(RegistryError::internal(format!(

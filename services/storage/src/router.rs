@@ -131,11 +131,16 @@ impl Replicated {
     async fn copy(&self, digest: &Digest, size: u64, from: usize, to: &[usize]) -> Vec<(usize, Result<Stored>)> {
         if let Some(addrs) = &self.addrs {
             let targets: Vec<String> = to.iter().map(|i| addrs[*i].clone()).collect();
-            match self.nodes[from].store.transfer(digest, &targets).await {
+            match self.nodes[from].store.transfer(digest, size, &targets).await {
                 Ok(Some(outcomes)) => return to.iter().copied().zip(outcomes).collect(),
                 Ok(None) => {}
-                // The source failed: no copy was made.
-                Err(e) => return to.iter().map(|i| (*i, Err(e.clone()))).collect(),
+                // The source failed, not the targets: no copy was made, and only the source
+                // is passed over for a while.
+                Err(e) => {
+                    tracing::warn!(%digest, node = %self.nodes[from].name, error = %e, "copying a blob from a node");
+                    self.mark(from, &Err::<(), _>(e));
+                    return vec![];
+                }
             }
         }
         let copies = to.iter().map(|&i| async move {
@@ -181,7 +186,15 @@ impl Replicated {
         let owners = &ranking[..self.replicas];
         let mut source = None;
         let mut missing = vec![];
+        let mut unanswered = false;
         for &i in &ranking {
+            if self.is_down(i) {
+                if owners.contains(&i) {
+                    return Ok(false);
+                }
+                unanswered = true;
+                continue;
+            }
             let r = self.nodes[i].store.stat(digest).await;
             self.mark(i, &r);
             match r {
@@ -194,12 +207,26 @@ impl Replicated {
                 Ok(None) if owners.contains(&i) => missing.push(i),
                 Ok(None) => {}
                 Err(e) if node_failure(&e) && owners.contains(&i) => return Ok(false),
-                Err(e) if node_failure(&e) => {}
+                Err(e) if node_failure(&e) => unanswered = true,
                 Err(e) => return Err(e),
             }
         }
-        let Some((from, stored)) = source else { return Ok(false) };
-        for (i, r) in self.copy(digest, stored.size, from, &missing).await {
+        // No copy anywhere: when every node answered, the blob is gone (collected), and there
+        // is nothing to do; else the copy may be on a node that did not answer.
+        let Some((from, stored)) = source else {
+            if !unanswered {
+                tracing::warn!(%digest, "no node holds a copy of a blob recorded short of copies; dropping the record");
+            }
+            return Ok(!unanswered);
+        };
+        if missing.is_empty() {
+            return Ok(true);
+        }
+        let copies = self.copy(digest, stored.size, from, &missing).await;
+        if copies.len() < missing.len() {
+            return Ok(false);
+        }
+        for (i, r) in copies {
             self.mark(i, &r);
             r?;
         }
@@ -318,7 +345,12 @@ impl Replicated {
     /// Combines the outcomes of writing copies of `digest`: the lowest stamp once enough are
     /// durable, recorded for repair when fewer than R are.
     async fn settle(&self, digest: &Digest, outcomes: Vec<(usize, Result<Stored>)>) -> Result<Stored> {
-        let (stored, copies) = self.quorum(outcomes)?;
+        // Copies count towards R only at the blob's owners by placement: a copy on a node
+        // standing in for an owner that is down keeps the write durable, and the owner's
+        // missing copy is recorded all the same.
+        let owners: Vec<usize> = self.placement(digest).into_iter().take(self.replicas).collect();
+        let copies = outcomes.iter().filter(|(i, r)| r.is_ok() && owners.contains(i)).count();
+        let (stored, _) = self.quorum(outcomes)?;
         if copies < self.replicas {
             tracing::warn!(%digest, copies, replicas = self.replicas, "blob stored with fewer copies than wanted");
             self.note_short(digest).await?;
@@ -326,7 +358,7 @@ impl Replicated {
         Ok(stored)
     }
 
-    /// The lowest stamp and the number of copies, once enough are durable.
+    /// The lowest stamp and the number of copies written, once enough are durable.
     fn quorum(&self, outcomes: Vec<(usize, Result<Stored>)>) -> Result<(Stored, usize)> {
         let mut stored: Option<Stored> = None;
         let mut acked = 0;
@@ -559,6 +591,10 @@ fn resuming(first: ByteStream, digest: Digest, range: Option<(u64, u64)>, rest: 
                 }
                 None => return None,
                 Some(Err(e)) => {
+                    if s.last.is_some_and(|l| s.next > l) {
+                        // Every byte wanted was sent; only the stream's end went wrong.
+                        return None;
+                    }
                     tracing::warn!(digest = %s.digest, offset = s.next, error = %e, "a read failed mid-stream");
                     let first = failure.get_or_insert(e);
                     let mut switched = false;
