@@ -136,7 +136,9 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, false, stop_rx));
     let served = Server::builder()
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(berth_storage::client::STREAM_WINDOW)
+        .initial_connection_window_size(berth_storage::client::CONNECTION_WINDOW)
+        .max_frame_size(berth_storage::client::MAX_FRAME)
         .add_service(storage_server(blobs))
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal())
         .await

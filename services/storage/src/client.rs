@@ -72,6 +72,16 @@ pub struct StorageClient {
     config: StorageClientConfig,
 }
 
+/// HTTP/2 flow control of a storage channel: a stream may have 4 MiB in flight (sixteen read
+/// frames, so a blob streams without waiting for window updates), a connection 16 MiB (the
+/// most a node's answers can hold in this process's buffers per connection).
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// See [`STREAM_WINDOW`].
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest HTTP/2 frame a storage channel takes: a 256 KiB read frame in a few frames
+/// rather than sixteen of the default 16 KiB.
+pub const MAX_FRAME: u32 = 1 << 20;
+
 impl StorageClient {
     /// A client of the node at `addr` (`host:port`).
     pub fn new(addr: &str, config: StorageClientConfig) -> std::result::Result<StorageClient, StorageClientError> {
@@ -80,7 +90,9 @@ impl StorageClient {
             .map_err(bad)?
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
-            .http2_adaptive_window(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .connect_lazy();
         let grpc =
             StorageGrpc::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
