@@ -61,7 +61,15 @@ pub struct Replicated {
     staged: Mutex<HashMap<String, usize>>,
     /// Where blobs short of copies are recorded for repair.
     repairs: Option<Arc<dyn MetaStore>>,
+    /// When reads last recorded a blob as short of copies.
+    noted: Mutex<HashMap<Digest, Instant>>,
 }
+
+/// How long after a read recorded a blob as short of copies another read records it again.
+const NOTE_AGAIN_AFTER: Duration = Duration::from_secs(60);
+
+/// Blobs whose recording time is remembered; past this the memory starts over.
+const NOTED_REMEMBERED: usize = 10_000;
 
 /// Uploads whose staging node is remembered; past this the memory starts over (a forgotten
 /// upload is found again by asking the nodes in order).
@@ -105,6 +113,7 @@ impl Replicated {
             write_quorum,
             staged: Mutex::new(HashMap::new()),
             repairs: None,
+            noted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -164,6 +173,22 @@ impl Replicated {
     pub fn with_repair_record(mut self, meta: Arc<dyn MetaStore>) -> Replicated {
         self.repairs = Some(meta);
         self
+    }
+
+    /// Whether reads should record `digest` as short of copies now: not when this router did
+    /// so within [`NOTE_AGAIN_AFTER`] (every read of such a blob would otherwise be a write to
+    /// the metadata group until it is repaired).
+    fn first_note_in_a_while(&self, digest: &Digest) -> bool {
+        let Ok(mut noted) = self.noted.lock() else { return true };
+        let now = Instant::now();
+        if noted.get(digest).is_some_and(|t| now.duration_since(*t) < NOTE_AGAIN_AFTER) {
+            return false;
+        }
+        if noted.len() >= NOTED_REMEMBERED {
+            noted.clear();
+        }
+        noted.insert(digest.clone(), now);
+        true
     }
 
     /// Records `digest` as short of copies.
@@ -320,7 +345,7 @@ impl Replicated {
             self.mark(i, &r);
             match r {
                 Ok(Some(v)) => {
-                    if lacking {
+                    if lacking && self.first_note_in_a_while(digest) {
                         // An owner up and without its copy: have it repaired, without holding
                         // up this read.
                         if let Some(meta) = self.repairs.clone() {
@@ -895,5 +920,15 @@ mod tests {
             f.broken.store(true, Ordering::Relaxed);
         }
         assert!(collect(r.read(&bd, None).await.unwrap()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_record_a_short_blob_once_in_a_while() {
+        let (_dirs, nodes) = engines(3);
+        let r = Replicated::new(nodes, 3, 2).unwrap();
+        let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+        assert!(r.first_note_in_a_while(&a));
+        assert!(!r.first_note_in_a_while(&a), "noted again at once");
+        assert!(r.first_note_in_a_while(&b));
     }
 }
