@@ -406,6 +406,13 @@ impl<'a> Tx<'a> {
             Command::RegisterStorage { node, now_ms } => {
                 let mut map: berth_core::store::PlacementMap = self.get(b"g")?.unwrap_or_default();
                 let node = berth_core::store::StorageNode { seen_ms: *now_ms, ..node.clone() };
+                // An address belongs to one node: a node that took a new name replaces its old
+                // entry, so that no two "copies" of a blob land on one disk.
+                let before = map.nodes.len();
+                map.nodes.retain(|n| n.addr != node.addr || n.name == node.name);
+                if map.nodes.len() != before {
+                    map.version += 1;
+                }
                 match map.nodes.iter_mut().find(|n| n.name == node.name) {
                     Some(known) => {
                         let same =

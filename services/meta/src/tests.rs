@@ -254,3 +254,36 @@ async fn strays_become_candidates_unless_known() {
     assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("stray")]);
     m.shutdown().await;
 }
+
+#[tokio::test]
+async fn storage_nodes_register_and_the_map_version_moves_only_on_change() {
+    use berth_core::store::StorageNode;
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let node = |name: &str, addr: &str| StorageNode {
+        name: name.into(),
+        addr: addr.into(),
+        zone: Some("a".into()),
+        capacity: 100,
+        seen_ms: 0,
+    };
+    assert_eq!(m.placement().await.unwrap().nodes.len(), 0);
+    m.register_storage(node("s1", "10.0.0.1:7100")).await.unwrap();
+    m.register_storage(node("s2", "10.0.0.2:7100")).await.unwrap();
+    let map = m.placement().await.unwrap();
+    assert_eq!(map.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["s1", "s2"]);
+    assert!(map.nodes.iter().all(|n| n.seen_ms > 0), "the service stamps the heartbeat");
+    // A heartbeat changes nothing but the time seen.
+    m.register_storage(node("s1", "10.0.0.1:7100")).await.unwrap();
+    assert_eq!(m.placement().await.unwrap().version, map.version);
+    // A new address is a change.
+    m.register_storage(node("s1", "10.0.0.9:7100")).await.unwrap();
+    let moved = m.placement().await.unwrap();
+    assert!(moved.version > map.version);
+    // A node under a new name at an address already known replaces the old entry.
+    m.register_storage(node("s2-renamed", "10.0.0.2:7100")).await.unwrap();
+    let renamed = m.placement().await.unwrap();
+    assert_eq!(renamed.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["s1", "s2-renamed"]);
+    assert!(renamed.version > moved.version);
+    m.shutdown().await;
+}
