@@ -22,6 +22,7 @@ use berth_core::store::{DirectoryChange, PlacementMap, PublicSigningKey, Storage
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
@@ -90,6 +91,41 @@ pub struct MetaClient {
     route: Mutex<Route>,
     /// One lazily connected channel per address (the leader may name a node not in `nodes`).
     channels: Mutex<HashMap<String, Channel>>,
+    /// Hot reads waiting to go out together ([`MetaClient::batched`]).
+    batching: Mutex<Batching>,
+    /// Wakes waiting readers when a batch has ended (a slot is free, or results arrived).
+    turn: Notify,
+}
+
+/// Reads a batch answers: what a pending read asked, and where its answer goes.
+type Pending = (pb::Read, oneshot::Sender<Result<ReadAnswer>>);
+
+/// One answer of a batch.
+type ReadAnswer = pb::read_result::Result;
+
+/// Reads waiting for a batch, and how many batches are under way.
+#[derive(Default)]
+struct Batching {
+    queue: Vec<Pending>,
+    in_flight: usize,
+}
+
+/// Batches of reads under way at once: more reads than this many round trips' worth wait and
+/// go out together.
+const BATCHES_IN_FLIGHT: usize = 8;
+
+/// Reads in one batch at most.
+const BATCH_MAX: usize = 128;
+
+/// A batch slot, given back (and waiting readers woken) when dropped, also when the reader
+/// sending the batch gives up half way.
+struct Slot<'a>(&'a MetaClient);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.batching).in_flight -= 1;
+        self.0.turn.notify_waiters();
+    }
 }
 
 /// Whether a call may be repeated after a failure that may have reached the leader.
@@ -158,6 +194,11 @@ fn classify(status: &Status) -> Failure {
     }
 }
 
+/// A batch answered a read with an answer of another kind.
+fn mismatched() -> RegistryError {
+    RegistryError::internal("the metadata service answered a read with a result of another kind")
+}
+
 /// The answer when the metadata group cannot be reached in time.
 fn unavailable(detail: impl std::fmt::Display) -> RegistryError {
     RegistryError::new(ErrorCode::Unknown, format!("metadata service unavailable: {detail}")).with_status(503)
@@ -172,7 +213,99 @@ impl MetaClient {
         for addr in &nodes {
             endpoint(addr, &config).map_err(|source| MetaClientError::Address { addr: addr.clone(), source })?;
         }
-        Ok(MetaClient { nodes, config, route: Mutex::default(), channels: Mutex::default() })
+        Ok(MetaClient {
+            nodes,
+            config,
+            route: Mutex::default(),
+            channels: Mutex::default(),
+            batching: Mutex::default(),
+            turn: Notify::new(),
+        })
+    }
+
+    /// Asks `read` of the leader together with whatever other reads are waiting: while fewer
+    /// than [`BATCHES_IN_FLIGHT`] batches are under way, a reader sends the waiting reads (its
+    /// own, and others') as one batch; otherwise it waits for its answer or a free slot. Under
+    /// load, many reads share one round trip and one leadership check; alone, a read goes out
+    /// at once, by itself.
+    async fn batched(&self, read: pb::read::Read) -> Result<ReadAnswer> {
+        let read = pb::Read { read: Some(read) };
+        let (tx, mut rx) = oneshot::channel();
+        lock(&self.batching).queue.push((read.clone(), tx));
+        loop {
+            let notified = self.turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match rx.try_recv() {
+                Ok(answer) => return answer,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    // The reader that took it into a batch gave up: ask again.
+                    let (again, wait) = oneshot::channel();
+                    lock(&self.batching).queue.push((read.clone(), again));
+                    rx = wait;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            let batch = {
+                let mut b = lock(&self.batching);
+                if !b.queue.is_empty() && b.in_flight < BATCHES_IN_FLIGHT {
+                    b.in_flight += 1;
+                    let n = b.queue.len().min(BATCH_MAX);
+                    Some(b.queue.drain(..n).collect::<Vec<_>>())
+                } else {
+                    None
+                }
+            };
+            match batch {
+                Some(batch) => {
+                    let _slot = Slot(self);
+                    self.send_batch(batch).await;
+                }
+                None => {
+                    tokio::select! {
+                        answer = &mut rx => match answer {
+                            Ok(answer) => return answer,
+                            Err(_) => {
+                                // The reader that took it into a batch gave up: ask again.
+                                let (again, wait) = oneshot::channel();
+                                lock(&self.batching).queue.push((read.clone(), again));
+                                rx = wait;
+                            }
+                        },
+                        _ = notified => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `batch` as one call and hands each reader its answer.
+    async fn send_batch(&self, batch: Vec<Pending>) {
+        let (reads, answers): (Vec<pb::Read>, Vec<_>) = batch.into_iter().unzip();
+        let asked = answers.len();
+        let reply = self.read(pb::ReadBatchRequest { reads }, |mut c, r| async move { c.read_batch(r).await }).await;
+        match reply {
+            Ok(reply) if reply.results.len() == asked => {
+                for (to, result) in answers.into_iter().zip(reply.results) {
+                    let answer = match result.result {
+                        Some(pb::read_result::Result::Error(e)) => Err(RegistryError {
+                            code: ErrorCode::from_name(&e.code).unwrap_or(ErrorCode::Unknown),
+                            status: u16::try_from(e.status).unwrap_or(500),
+                            detail: e.detail,
+                        }),
+                        Some(answer) => Ok(answer),
+                        None => Err(RegistryError::internal("the metadata service sent an empty read result")),
+                    };
+                    // A reader that gave up waiting is gone; nothing to tell it.
+                    to.send(answer).ok();
+                }
+            }
+            Ok(reply) => {
+                let e = RegistryError::internal(format!("{asked} reads answered with {} results", reply.results.len()));
+                answers.into_iter().for_each(|to| drop(to.send(Err(e.clone()))));
+            }
+            Err(e) => answers.into_iter().for_each(|to| drop(to.send(Err(e.clone())))),
+        }
     }
 
     /// The node the next call should try first.
@@ -300,7 +433,10 @@ impl MetaStore for MetaClient {
 
     async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
         let msg = pb::BlobLinkRequest { repo: repo.into(), digest: digest.to_string() };
-        Ok(self.read(msg, |mut c, r| async move { c.blob_link(r).await }).await?.size)
+        match self.batched(pb::read::Read::BlobLink(msg)).await? {
+            ReadAnswer::BlobLink(r) => Ok(r.size),
+            _ => Err(mismatched()),
+        }
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
@@ -320,8 +456,10 @@ impl MetaStore for MetaClient {
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
         let msg = pb::ManifestRequest { repo: repo.into(), digest: digest.to_string() };
-        let reply = self.read(msg, |mut c, r| async move { c.manifest(r).await }).await?;
-        Ok(from_opt(reply.record)?)
+        match self.batched(pb::read::Read::Manifest(msg)).await? {
+            ReadAnswer::Manifest(r) => Ok(from_opt(r.record)?),
+            _ => Err(mismatched()),
+        }
     }
 
     async fn tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
@@ -331,8 +469,10 @@ impl MetaStore for MetaClient {
 
     async fn tagged_manifest(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>> {
         let msg = pb::TagRequest { repo: repo.into(), tag: tag.into() };
-        let reply = self.read(msg, |mut c, r| async move { c.tagged_manifest(r).await }).await?;
-        Ok(from_opt(reply.record)?)
+        match self.batched(pb::read::Read::TaggedManifest(msg)).await? {
+            ReadAnswer::Manifest(r) => Ok(from_opt(r.record)?),
+            _ => Err(mismatched()),
+        }
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
@@ -389,7 +529,10 @@ impl MetaStore for MetaClient {
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {
         let msg = pb::UploadRequest { id: id.into() };
-        Ok(from_opt(self.read(msg, |mut c, r| async move { c.upload(r).await }).await?.session)?)
+        match self.batched(pb::read::Read::Upload(msg)).await? {
+            ReadAnswer::Upload(r) => Ok(from_opt(r.session)?),
+            _ => Err(mismatched()),
+        }
     }
 
     async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>> {

@@ -113,6 +113,44 @@ impl Meta for MetaRpc {
         answer(self.store.tag(&r.repo, &r.tag).await, |d| pb::TagReply { digest: d.map(Wire::to_proto) })
     }
 
+    async fn read_batch(&self, request: Request<pb::ReadBatchRequest>) -> Answer<pb::ReadBatchReply> {
+        use pb::read::Read;
+        use pb::read_result::Result as R;
+        let r = self.admit(request).await?;
+        let mut results = Vec::with_capacity(r.reads.len());
+        for read in r.reads {
+            let outcome: Result<R> = match read.read {
+                Some(Read::TaggedManifest(q)) => self
+                    .store
+                    .tagged_manifest(&q.repo, &q.tag)
+                    .await
+                    .map(|m| R::Manifest(pb::ManifestReply { record: m.map(Wire::to_proto) })),
+                Some(Read::Manifest(q)) => {
+                    let digest = Digest::from_proto(q.digest)?;
+                    self.store
+                        .manifest(&q.repo, &digest)
+                        .await
+                        .map(|m| R::Manifest(pb::ManifestReply { record: m.map(Wire::to_proto) }))
+                }
+                Some(Read::BlobLink(q)) => {
+                    let digest = Digest::from_proto(q.digest)?;
+                    self.store.blob_link(&q.repo, &digest).await.map(|size| R::BlobLink(pb::BlobLinkReply { size }))
+                }
+                Some(Read::Upload(q)) => self
+                    .store
+                    .upload(&q.id)
+                    .await
+                    .map(|s| R::Upload(pb::UploadReply { session: s.map(Wire::to_proto) })),
+                None => return Err(Status::invalid_argument("a read without a query")),
+            };
+            let result = outcome.unwrap_or_else(|e| {
+                R::Error(pb::ReadError { code: e.code.as_str().to_string(), status: e.status.into(), detail: e.detail })
+            });
+            results.push(pb::ReadResult { result: Some(result) });
+        }
+        Ok(Response::new(pb::ReadBatchReply { results }))
+    }
+
     async fn tagged_manifest(&self, request: Request<pb::TagRequest>) -> Answer<pb::ManifestReply> {
         let r = self.admit(request).await?;
         answer(self.store.tagged_manifest(&r.repo, &r.tag).await, |m| pb::ManifestReply {
@@ -425,6 +463,39 @@ mod tests {
     fn dead_address() -> SocketAddr {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_share_batches_and_each_gets_its_own_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let server = serve(Arc::new(meta.clone()), Arc::new(AlwaysLeader)).await;
+        let c = Arc::new(client(&[server.addr], MetaClientConfig::default()));
+        for i in 0..50u64 {
+            c.link_blob("a/b", &d(&format!("blob{i}")), stored(i + 1)).await.unwrap();
+        }
+        let m1 = record("m1", vec![d("blob1")]);
+        c.put_manifest("a/b", m1.clone(), vec!["v1".into()], stored(100)).await.unwrap();
+        // 400 reads of four kinds at once, each answered with its own result, unknowns too.
+        let reads = (0..400u64).map(|i| {
+            let (c, m1) = (c.clone(), m1.clone());
+            async move {
+                match i % 4 {
+                    0 => assert_eq!(
+                        c.blob_link("a/b", &d(&format!("blob{}", i % 60))).await.unwrap(),
+                        (i % 60 < 50).then_some(i % 60 + 1)
+                    ),
+                    1 => assert_eq!(
+                        c.tagged_manifest("a/b", if i % 8 == 1 { "v1" } else { "none" }).await.unwrap(),
+                        (i % 8 == 1).then(|| m1.clone())
+                    ),
+                    2 => assert_eq!(c.manifest("a/b", &d("m1")).await.unwrap(), Some(m1.clone())),
+                    _ => assert_eq!(c.upload(&format!("u{i}")).await.unwrap(), None),
+                }
+            }
+        });
+        futures::future::join_all(reads).await;
+        server.stop().await;
     }
 
     #[tokio::test]
