@@ -32,9 +32,35 @@ pub fn registry_error_of(status: &Status) -> Option<RegistryError> {
     Some(RegistryError { code, status: http, detail: status.message().to_string() })
 }
 
+/// A registry error as the three fields a message carries it in where one call answers several
+/// requests and a status could carry only one: its code's name, its HTTP status, its detail.
+pub fn error_fields(e: RegistryError) -> (String, u32, String) {
+    (e.code.as_str().to_string(), e.status.into(), e.detail)
+}
+
+/// The registry error [`error_fields`] made; a code this side does not know reads as
+/// `UNKNOWN`, a status out of range as 500.
+pub fn error_from_fields(code: &str, status: u32, detail: String) -> RegistryError {
+    RegistryError {
+        code: ErrorCode::from_name(code).unwrap_or(ErrorCode::Unknown),
+        status: u16::try_from(status).unwrap_or(500),
+        detail,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_registry_error_round_trips_as_fields() {
+        for code in ErrorCode::ALL {
+            let e = RegistryError::new(code, "why").with_status(409);
+            let (c, s, d) = error_fields(e.clone());
+            assert_eq!(error_from_fields(&c, s, d), e);
+        }
+        assert_eq!(error_from_fields("NO_SUCH_CODE", 70_000, "x".into()).code, ErrorCode::Unknown);
+    }
 
     #[test]
     fn every_registry_error_round_trips() {

@@ -288,11 +288,9 @@ impl MetaClient {
             Ok(reply) if reply.results.len() == asked => {
                 for (to, result) in answers.into_iter().zip(reply.results) {
                     let answer = match result.result {
-                        Some(pb::read_result::Result::Error(e)) => Err(RegistryError {
-                            code: ErrorCode::from_name(&e.code).unwrap_or(ErrorCode::Unknown),
-                            status: u16::try_from(e.status).unwrap_or(500),
-                            detail: e.detail,
-                        }),
+                        Some(pb::read_result::Result::Error(e)) => {
+                            Err(berth_proto::status::error_from_fields(&e.code, e.status, e.detail))
+                        }
                         Some(answer) => Ok(answer),
                         None => Err(RegistryError::internal("the metadata service sent an empty read result")),
                     };

@@ -144,7 +144,8 @@ impl Meta for MetaRpc {
                 None => return Err(Status::invalid_argument("a read without a query")),
             };
             let result = outcome.unwrap_or_else(|e| {
-                R::Error(pb::ReadError { code: e.code.as_str().to_string(), status: e.status.into(), detail: e.detail })
+                let (code, status, detail) = berth_proto::status::error_fields(e);
+                R::Error(pb::ReadError { code, status, detail })
             });
             results.push(pb::ReadResult { result: Some(result) });
         }

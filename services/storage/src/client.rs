@@ -448,9 +448,8 @@ impl BlobStore for StorageClient {
             .map(|o| match o.stored {
                 Some(s) => Ok(stored_from_proto(s)),
                 None => {
-                    let code = ErrorCode::from_name(&o.error_code).unwrap_or(ErrorCode::Unknown);
-                    let status = u16::try_from(o.error_status).unwrap_or(503);
-                    Err(RegistryError { code, status, detail: format!("{}: {}", o.target, o.error) })
+                    let detail = format!("{}: {}", o.target, o.error);
+                    Err(berth_proto::status::error_from_fields(&o.error_code, o.error_status, detail))
                 }
             })
             .collect();

@@ -344,13 +344,10 @@ impl Storage for StorageRpc {
             .zip(r.targets)
             .map(|(outcome, target)| match outcome {
                 Ok(s) => pb::TransferOutcome { target, stored: Some(stored_to_proto(s)), ..Default::default() },
-                Err(e) => pb::TransferOutcome {
-                    target,
-                    stored: None,
-                    error_code: e.code.as_str().to_string(),
-                    error_status: e.status.into(),
-                    error: e.detail,
-                },
+                Err(e) => {
+                    let (error_code, error_status, error) = berth_proto::status::error_fields(e);
+                    pb::TransferOutcome { target, stored: None, error_code, error_status, error }
+                }
             })
             .collect();
         Ok(Response::new(pb::TransferReply { outcomes }))
