@@ -108,6 +108,9 @@ pub struct FrontendSettings {
     pub request_timeout: Duration,
     /// Open uploads per caller.
     pub max_uploads_per_caller: usize,
+    /// Whether the metadata service is another process (a cluster's frontend), whose answers
+    /// to pulls by digest are worth remembering for when it cannot answer.
+    pub remote_metadata: bool,
 }
 
 impl FrontendSettings {
@@ -153,6 +156,7 @@ impl FrontendSettings {
                 .max_uploads_per_caller
                 .unwrap_or(berth_frontend::DEFAULT_MAX_UPLOADS_PER_CALLER)
                 .max(1),
+            remote_metadata: false,
         })
     }
 
@@ -168,6 +172,7 @@ impl FrontendSettings {
             max_uploads_per_caller: self.max_uploads_per_caller,
             idle_body_timeout: self.idle_body_timeout,
             request_timeout: self.request_timeout,
+            remember_pulls: self.remote_metadata,
             ..Default::default()
         }
     }

@@ -45,7 +45,7 @@ pub struct FrontendArgs {
 
 /// Runs the frontend until SIGTERM or SIGINT.
 pub async fn run(args: FrontendArgs) -> Result<()> {
-    let settings = FrontendSettings::from_flags(args.http)?;
+    let settings = FrontendSettings { remote_metadata: true, ..FrontendSettings::from_flags(args.http)? };
     let metas: Arc<dyn MetaStore> =
         Arc::new(MetaClient::new(args.meta, MetaClientConfig::default()).context("the metadata nodes")?);
     let router = Arc::new(CurrentRouter::default());

@@ -366,12 +366,7 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// The manifest `tag` points at in `repo`: [`MetaStore::tag`] and
     /// [`MetaStore::manifest`] in one read (one call, where a call crosses the network).
-    async fn tagged_manifest(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>> {
-        match self.tag(repo, tag).await? {
-            Some(d) => self.manifest(repo, &d).await,
-            None => Ok(None),
-        }
-    }
+    async fn tagged_manifest(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>>;
 
     /// Deletes a manifest and every tag pointing at it; returns whether it existed. Its config
     /// and layers stay linked for the grace period and are then collected unless another

@@ -45,6 +45,9 @@ pub struct FrontendConfig {
     pub idle_body_timeout: Duration,
     /// Time a request other than an upload has to produce its response.
     pub request_timeout: Duration,
+    /// Whether to remember the metadata service's answers to pulls by digest, to answer them
+    /// when it cannot (a frontend of a cluster; an in-process store never goes away).
+    pub remember_pulls: bool,
 }
 
 /// Default time a body may stall: a minute of silence is a broken client, not a slow one.
@@ -66,6 +69,7 @@ impl Default for FrontendConfig {
             max_uploads_per_caller: DEFAULT_MAX_UPLOADS_PER_CALLER,
             idle_body_timeout: DEFAULT_IDLE_BODY_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            remember_pulls: false,
         }
     }
 }
@@ -101,6 +105,7 @@ impl Registry {
         auth: auth::AuthConfig,
     ) -> Arc<Registry> {
         let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
+        let recall = recall::Recall::new(config.remember_pulls);
         Arc::new(Registry {
             blobs,
             meta,
@@ -108,7 +113,7 @@ impl Registry {
             auth,
             manifests,
             verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
-            recall: recall::Recall::default(),
+            recall,
         })
     }
 }

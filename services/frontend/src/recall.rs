@@ -42,13 +42,15 @@ enum Answer {
 
 /// The remembered answers and whether the metadata service is answering.
 pub struct Recall {
-    answers: quick_cache::sync::Cache<(u8, String, Digest), Answer>,
+    /// `None` where nothing is remembered: every answer is the metadata service's.
+    answers: Option<quick_cache::sync::Cache<(u8, String, Digest), Answer>>,
     quiet_until: Mutex<Option<Instant>>,
 }
 
-impl Default for Recall {
-    fn default() -> Self {
-        Recall { answers: quick_cache::sync::Cache::new(CAPACITY), quiet_until: Mutex::new(None) }
+impl Recall {
+    /// Answers that remember (`enabled`), or that only ask.
+    pub fn new(enabled: bool) -> Recall {
+        Recall { answers: enabled.then(|| quick_cache::sync::Cache::new(CAPACITY)), quiet_until: Mutex::new(None) }
     }
 }
 
@@ -100,8 +102,9 @@ impl Recall {
 
     /// Forgets what was remembered of `digest` in `repo` (it was deleted through this frontend).
     pub fn forget(&self, repo: &str, digest: &Digest) {
+        let Some(answers) = &self.answers else { return };
         for kind in [b'b', b'm'] {
-            self.answers.remove(&(kind, repo.to_string(), digest.clone()));
+            answers.remove(&(kind, repo.to_string(), digest.clone()));
         }
     }
 
@@ -111,15 +114,16 @@ impl Recall {
     where
         F: Future<Output = Result<Option<Answer>>>,
     {
+        let Some(answers) = &self.answers else { return ask.await };
         let key = (kind, repo.to_string(), digest.clone());
-        let Some(known) = self.answers.get(&key) else {
+        let Some(known) = answers.get(&key) else {
             let answer = ask.await.inspect_err(|e| {
                 if unanswered(e) {
                     self.failed();
                 }
             })?;
             if let Some(a) = &answer {
-                self.answers.insert(key, a.clone());
+                answers.insert(key, a.clone());
             }
             return Ok(answer);
         };
@@ -127,9 +131,9 @@ impl Recall {
         match tokio::time::timeout(wait, ask).await {
             Ok(Ok(answer)) => {
                 match &answer {
-                    Some(a) => self.answers.insert(key, a.clone()),
+                    Some(a) => answers.insert(key, a.clone()),
                     None => {
-                        self.answers.remove(&key);
+                        answers.remove(&key);
                     }
                 }
                 Ok(answer)

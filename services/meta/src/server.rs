@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, SourceRepo};
 use berth_core::error::Result;
 use berth_core::store::{DirectoryChange, PublicSigningKey, StorageNode, TokenRecord, User};
-use berth_core::{Digest, ManifestRecord, MetaStore, Stored, UploadSession};
+use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_server::{Meta, MetaServer};
 use tonic::{Request, Response, Status};
@@ -63,6 +63,11 @@ type Answer<T> = std::result::Result<Response<T>, Status>;
 /// The store's answer, encoded.
 fn answer<T, R>(result: Result<T>, encode: impl FnOnce(T) -> R) -> Answer<R> {
     result.map(|v| Response::new(encode(v))).map_err(status_of)
+}
+
+/// A digest of a batched read, or that read's refusal (a batch answers each read on its own).
+fn batch_digest(s: String) -> Result<Digest> {
+    Digest::from_proto(s).map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
 }
 
 impl MetaRpc {
@@ -125,23 +130,27 @@ impl Meta for MetaRpc {
                     .tagged_manifest(&q.repo, &q.tag)
                     .await
                     .map(|m| R::Manifest(pb::ManifestReply { record: m.map(Wire::to_proto) })),
-                Some(Read::Manifest(q)) => {
-                    let digest = Digest::from_proto(q.digest)?;
-                    self.store
+                Some(Read::Manifest(q)) => match batch_digest(q.digest) {
+                    Ok(digest) => self
+                        .store
                         .manifest(&q.repo, &digest)
                         .await
-                        .map(|m| R::Manifest(pb::ManifestReply { record: m.map(Wire::to_proto) }))
-                }
-                Some(Read::BlobLink(q)) => {
-                    let digest = Digest::from_proto(q.digest)?;
-                    self.store.blob_link(&q.repo, &digest).await.map(|size| R::BlobLink(pb::BlobLinkReply { size }))
-                }
+                        .map(|m| R::Manifest(pb::ManifestReply { record: m.map(Wire::to_proto) })),
+                    Err(e) => Err(e),
+                },
+                Some(Read::BlobLink(q)) => match batch_digest(q.digest) {
+                    Ok(digest) => {
+                        self.store.blob_link(&q.repo, &digest).await.map(|size| R::BlobLink(pb::BlobLinkReply { size }))
+                    }
+                    Err(e) => Err(e),
+                },
                 Some(Read::Upload(q)) => self
                     .store
                     .upload(&q.id)
                     .await
                     .map(|s| R::Upload(pb::UploadReply { session: s.map(Wire::to_proto) })),
-                None => return Err(Status::invalid_argument("a read without a query")),
+                // One malformed read is refused by itself; the others in its batch are answered.
+                None => Err(RegistryError::new(ErrorCode::Unknown, "a read without a query").with_status(400)),
             };
             let result = outcome.unwrap_or_else(|e| {
                 let (code, status, detail) = berth_proto::status::error_fields(e);

@@ -119,19 +119,23 @@ impl Replicated {
 
     /// Gives the nodes zones (in the order they were given): a blob's copies go to different
     /// zones while there are enough ([`placed`]).
+    ///
+    /// # Panics
+    /// When `zones` does not have one entry per node: the caller built the two lists apart.
     pub fn with_zones(mut self, zones: Vec<Option<String>>) -> Replicated {
-        if zones.len() == self.names.len() {
-            self.zones = zones;
-        }
+        assert_eq!(zones.len(), self.names.len(), "one zone per storage node");
+        self.zones = zones;
         self
     }
 
     /// Gives the nodes their gRPC addresses (in the order they were given), so that copies
     /// go from node to node instead of through this router.
+    ///
+    /// # Panics
+    /// When `addrs` does not have one entry per node: the caller built the two lists apart.
     pub fn with_addrs(mut self, addrs: Vec<String>) -> Replicated {
-        if addrs.len() == self.names.len() {
-            self.addrs = Some(addrs);
-        }
+        assert_eq!(addrs.len(), self.names.len(), "one address per storage node");
+        self.addrs = Some(addrs);
         self
     }
 
