@@ -35,6 +35,14 @@ pub struct Stored {
 }
 
 /// Bytes: verified blobs, and upload sessions being staged.
+/// The largest blob [`BlobStore::upload_finish_copying`] copies in the same call: the call's
+/// deadline allows for this much, and a larger blob is copied by a transfer sized to it.
+pub const COPY_WHILE_FINISHING: u64 = 16 << 20;
+
+/// A finished upload as stored, and the outcome of each copy made with it (`None`: too large
+/// to copy in the same call).
+pub type FinishedCopies = (Stored, Option<Vec<Result<Stored>>>);
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Size and stamp of a stored blob, or `None`.
@@ -89,6 +97,35 @@ pub trait BlobStore: Send + Sync + 'static {
         let _ = (digest, size, targets);
         Ok(None)
     }
+
+    /// Finishes upload `id` as blob `digest` (as [`BlobStore::upload_finish`]), then, when it
+    /// is no larger than [`COPY_WHILE_FINISHING`], copies it straight to the storage nodes at
+    /// `targets` (as [`BlobStore::transfer`]): one call where two would do. The blob as stored
+    /// here, and the outcome per target in order (`None` when it was too large to copy in
+    /// the same call). `None` from a store that cannot reach other nodes (the default), with
+    /// nothing done: the caller finishes and copies itself.
+    /// The node (by name) upload `id` was staged on by [`BlobStore::upload_start`] here, for
+    /// its session to record; `None` for a store that is one node (the default).
+    fn upload_staging(&self, id: &str) -> Option<String> {
+        let _ = id;
+        None
+    }
+
+    /// Tells this store that upload `id` is staged on node `node` (as its session records), so
+    /// that it goes straight there instead of asking the nodes. The default ignores it.
+    fn upload_staged_at(&self, id: &str, node: &str) {
+        let _ = (id, node);
+    }
+
+    async fn upload_finish_copying(
+        &self,
+        id: &str,
+        digest: &Digest,
+        targets: &[String],
+    ) -> Result<Option<FinishedCopies>> {
+        let _ = (id, digest, targets);
+        Ok(None)
+    }
 }
 
 /// One manifest as the metadata service indexes it.
@@ -126,6 +163,10 @@ pub struct UploadSession {
     /// Who started it (the token subject), for the cap on open uploads per caller.
     #[serde(default)]
     pub owner: String,
+    /// The storage node (by name) its bytes are staged on, so that any frontend goes straight
+    /// there; `None` when it was not recorded (one node, or a session from before).
+    #[serde(default)]
+    pub staging: Option<String>,
 }
 
 /// A user account.
@@ -401,8 +442,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Whether `repo` holds at least one manifest.
     async fn repo_exists(&self, repo: &str) -> Result<bool>;
 
-    /// Records a new upload session.
-    async fn create_upload(&self, session: UploadSession) -> Result<()>;
+    /// Records a new upload session, unless its owner has `at_most` open already
+    /// (`TOOMANYREQUESTS`): the count and the check are one write, so concurrent starts
+    /// cannot all slip under the cap.
+    async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()>;
 
     /// An upload session by id.
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>>;

@@ -219,16 +219,17 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         return created(reg, name, &digest);
     }
     let owner = caller.identity.subject();
-    if reg.meta.uploads_of(&owner, reg.config.max_uploads_per_caller).await? >= reg.config.max_uploads_per_caller {
-        return Err(RegistryError::new(
-            ErrorCode::TooManyRequests,
-            format!("{} uploads are open already; finish or cancel some", reg.config.max_uploads_per_caller),
-        ));
-    }
     let id = uuid::Uuid::new_v4().to_string();
     reg.blobs.upload_start(&id).await?;
-    let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms(), owner };
-    if let Err(e) = reg.meta.create_upload(session).await {
+    let session = UploadSession {
+        id: id.clone(),
+        repo: name.to_string(),
+        started_at_ms: now_ms(),
+        owner,
+        staging: reg.blobs.upload_staging(&id),
+    };
+    // The metadata service refuses a caller with too many uploads open (TOOMANYREQUESTS).
+    if let Err(e) = reg.meta.create_upload(session, reg.config.max_uploads_per_caller).await {
         if let Err(c) = reg.blobs.upload_cancel(&id).await {
             tracing::warn!(upload = %id, error = %c, "dropping the staging area of an upload not recorded");
         }
@@ -240,7 +241,12 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
 /// The session `id` of repository `name`, or `BLOB_UPLOAD_UNKNOWN`.
 async fn session(reg: &Registry, name: &str, id: &str) -> Result<UploadSession, RegistryError> {
     match reg.meta.upload(id).await? {
-        Some(s) if s.repo == name => Ok(s),
+        Some(s) if s.repo == name => {
+            if let Some(node) = &s.staging {
+                reg.blobs.upload_staged_at(id, node);
+            }
+            Ok(s)
+        }
         _ => Err(upload_unknown(id)),
     }
 }
@@ -275,7 +281,13 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
         return Ok(None);
     }
     // Checked before the body is touched, so that a refused chunk is drained, not cut off.
-    if offset.is_some() || length.is_some() {
+    // Only a chunk that names its offset needs the upload's size for it (one more call to the
+    // staging node); any other is appended at the end, and one that would take the upload
+    // past the limit is refused by the store as it arrives, changing nothing.
+    if length.is_some_and(|n| n > reg.config.max_blob) {
+        return Err(too_big(reg.config.max_blob));
+    }
+    if offset.is_some() {
         let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
         if let Some(off) = offset.filter(|off| *off != current) {
             return Err(RegistryError::new(

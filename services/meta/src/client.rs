@@ -520,8 +520,8 @@ impl MetaStore for MetaClient {
         Ok(self.read(msg, |mut c, r| async move { c.repo_exists(r).await }).await?.exists)
     }
 
-    async fn create_upload(&self, session: UploadSession) -> Result<()> {
-        let msg = pb::CreateUploadRequest { session: Some(session.to_proto()) };
+    async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()> {
+        let msg = pb::CreateUploadRequest { session: Some(session.to_proto()), at_most: at_most as u64 };
         self.write(msg, |mut c, r| async move { c.create_upload(r).await }).await.map(|_| ())
     }
 
@@ -622,7 +622,10 @@ impl MetaStore for MetaClient {
 
     async fn user(&self, name: &str) -> Result<Option<User>> {
         let msg = pb::UserRequest { name: name.into() };
-        Ok(from_opt(self.read(msg, |mut c, r| async move { c.user(r).await }).await?.user)?)
+        match self.batched(pb::read::Read::User(msg)).await? {
+            ReadAnswer::User(r) => Ok(from_opt(r.user)?),
+            _ => Err(mismatched()),
+        }
     }
 
     async fn users(&self) -> Result<Vec<User>> {
@@ -632,7 +635,10 @@ impl MetaStore for MetaClient {
 
     async fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
         let msg = pb::TokenRequest { id: id.into() };
-        Ok(from_opt(self.read(msg, |mut c, r| async move { c.token(r).await }).await?.token)?)
+        match self.batched(pb::read::Read::Token(msg)).await? {
+            ReadAnswer::Token(r) => Ok(from_opt(r.token)?),
+            _ => Err(mismatched()),
+        }
     }
 
     async fn tokens_of(&self, user: &str) -> Result<Vec<TokenRecord>> {
@@ -653,8 +659,10 @@ impl MetaStore for MetaClient {
 
     async fn access_facts(&self, who: &Identity, repo: &str) -> Result<AccessFacts> {
         let msg = pb::AccessFactsRequest { who: Some(who.clone().to_proto()), repo: repo.into() };
-        let reply = self.read(msg, |mut c, r| async move { c.access_facts(r).await }).await?;
-        Ok(AccessFacts::from_proto(required(reply.facts, "AccessFactsReply.facts")?)?)
+        match self.batched(pb::read::Read::AccessFacts(msg)).await? {
+            ReadAnswer::AccessFacts(r) => Ok(AccessFacts::from_proto(required(r.facts, "AccessFactsReply.facts")?)?),
+            _ => Err(mismatched()),
+        }
     }
 }
 

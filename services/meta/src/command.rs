@@ -117,6 +117,13 @@ pub enum Command {
         /// Blob.
         digest: Digest,
     },
+    /// Record an upload session, unless its owner has `at_most` open already.
+    CreateUploadCapped {
+        /// The session.
+        session: UploadSession,
+        /// The cap on the owner's open sessions (0: none).
+        at_most: u64,
+    },
 }
 
 /// What applying a [`Command`] answers.

@@ -385,10 +385,10 @@ impl MetaStore for MetaService {
         self.read(move |v| Ok(v.raw(&k)?.is_some())).await
     }
 
-    async fn create_upload(&self, session: UploadSession) -> Result<()> {
+    async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()> {
         // The session's start is the metadata service's time, as every time in a command is.
         let session = UploadSession { started_at_ms: now_ms(), ..session };
-        self.write(Command::CreateUpload { session }).await.map(|_| ())
+        self.write(Command::CreateUploadCapped { session, at_most: at_most as u64 }).await.map(|_| ())
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {

@@ -149,6 +149,21 @@ impl Meta for MetaRpc {
                     .upload(&q.id)
                     .await
                     .map(|s| R::Upload(pb::UploadReply { session: s.map(Wire::to_proto) })),
+                Some(Read::Token(q)) => {
+                    self.store.token(&q.id).await.map(|t| R::Token(pb::TokenReply { token: t.map(Wire::to_proto) }))
+                }
+                Some(Read::User(q)) => {
+                    self.store.user(&q.name).await.map(|u| R::User(pb::UserReply { user: u.map(Wire::to_proto) }))
+                }
+                Some(Read::AccessFacts(q)) => match q.who.map(Identity::from_proto) {
+                    Some(Ok(who)) => self
+                        .store
+                        .access_facts(&who, &q.repo)
+                        .await
+                        .map(|f| R::AccessFacts(pb::AccessFactsReply { facts: Some(f.to_proto()) })),
+                    _ => Err(RegistryError::new(ErrorCode::Unknown, "an access read without a valid identity")
+                        .with_status(400)),
+                },
                 // One malformed read is refused by itself; the others in its batch are answered.
                 None => Err(RegistryError::new(ErrorCode::Unknown, "a read without a query").with_status(400)),
             };
@@ -217,7 +232,8 @@ impl Meta for MetaRpc {
     async fn create_upload(&self, request: Request<pb::CreateUploadRequest>) -> Answer<pb::CreateUploadReply> {
         let r = self.admit(request).await?;
         let session = UploadSession::from_proto(required(r.session, "session")?)?;
-        answer(self.store.create_upload(session).await, |()| pb::CreateUploadReply {})
+        let at_most = usize::try_from(r.at_most).unwrap_or(usize::MAX);
+        answer(self.store.create_upload(session, at_most).await, |()| pb::CreateUploadReply {})
     }
 
     async fn upload(&self, request: Request<pb::UploadRequest>) -> Answer<pb::UploadReply> {

@@ -322,6 +322,23 @@ impl<'a> Tx<'a> {
         Ok(self.get::<u64>(k)?.unwrap_or(0))
     }
 
+    /// Records upload `session`, unless its owner has `at_most` (when not 0) open already.
+    fn create_upload(&mut self, session: &UploadSession, at_most: u64) -> Result<Outcome, StateError> {
+        let owner = key(b'v', &[&session.owner]);
+        if at_most > 0 && self.count(&owner)? >= at_most {
+            return Ok(Outcome::rejected(
+                ErrorCode::TooManyRequests,
+                format!("{at_most} uploads are open already; finish or cancel some"),
+            ));
+        }
+        self.put(key(b'u', &[&session.id]), session)?;
+        // Counters, not an index of sessions: a count read is one lookup, while a scan of a
+        // range where sessions come and go walks every deleted key still there.
+        self.add(key(b'w', &[&session.repo]), 1)?;
+        self.add(owner, 1)?;
+        Ok(Outcome::Done)
+    }
+
     /// Adds `delta` to the counter at `k`, deleting it at zero; returns the new value.
     fn add(&mut self, k: Vec<u8>, delta: i64) -> Result<u64, StateError> {
         let n = self.count(&k)?.saturating_add_signed(delta);
@@ -377,14 +394,8 @@ impl<'a> Tx<'a> {
                 self.delete(k);
                 Ok(Outcome::Existed(existed))
             }
-            Command::CreateUpload { session } => {
-                self.put(key(b'u', &[&session.id]), session)?;
-                // Counters, not an index of sessions: a count read is one lookup, while a scan
-                // of a range where sessions come and go walks every deleted key still there.
-                self.add(key(b'w', &[&session.repo]), 1)?;
-                self.add(key(b'v', &[&session.owner]), 1)?;
-                Ok(Outcome::Done)
-            }
+            Command::CreateUpload { session } => self.create_upload(session, 0),
+            Command::CreateUploadCapped { session, at_most } => self.create_upload(session, *at_most),
             Command::EndUpload { id, link, now_ms } => {
                 let k = key(b'u', &[id]);
                 let Some(session) = self.get::<UploadSession>(&k)? else {

@@ -147,8 +147,9 @@ async fn manifests_hold_their_blobs_and_release_them_when_deleted() {
     // Loose links are kept within the grace period, and while an upload is in progress.
     assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().is_empty());
     assert!(m.delete_manifest("a/app", &d("img1")).await.unwrap());
-    let up = UploadSession { id: "u1".into(), repo: "a/app".into(), started_at_ms: 1, owner: "x".into() };
-    m.create_upload(up).await.unwrap();
+    let up =
+        UploadSession { id: "u1".into(), repo: "a/app".into(), started_at_ms: 1, owner: "x".into(), staging: None };
+    m.create_upload(up, 10).await.unwrap();
     assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("img1")], "only the manifest's bytes");
     m.blob_reaped(&d("img1"), Some(1_000)).await.unwrap();
     m.end_upload("u1", None).await.unwrap();
@@ -226,14 +227,31 @@ async fn commands_of_one_batch_see_each_others_writes() {
 async fn upload_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
-    let s = UploadSession { id: "u1".into(), repo: "r/s".into(), started_at_ms: 7, owner: "alice".into() };
+    let s = UploadSession {
+        id: "u1".into(),
+        repo: "r/s".into(),
+        started_at_ms: 7,
+        owner: "alice".into(),
+        staging: Some("node-a".into()),
+    };
     let before = berth_core::now_ms();
-    m.create_upload(s.clone()).await.unwrap();
+    m.create_upload(s.clone(), 2).await.unwrap();
     // The start is the service's own time, not the caller's.
     let got = m.upload("u1").await.unwrap().unwrap();
     assert!(got.started_at_ms >= before, "{got:?}");
-    assert_eq!(got, UploadSession { started_at_ms: got.started_at_ms, ..s });
+    assert_eq!(got, UploadSession { started_at_ms: got.started_at_ms, ..s.clone() });
     assert_eq!(m.uploads_of("alice", 10).await.unwrap(), 1);
+    // The cap on open sessions per owner is checked in the same write that records one.
+    let second = UploadSession { id: "u2".into(), ..s.clone() };
+    m.create_upload(second, 2).await.unwrap();
+    let third = UploadSession { id: "u3".into(), ..s.clone() };
+    let e = m.create_upload(third, 2).await.unwrap_err();
+    assert_eq!((e.code, e.status), (ErrorCode::TooManyRequests, 429));
+    assert_eq!(m.upload("u3").await.unwrap(), None, "a refused session is not recorded");
+    m.create_upload(UploadSession { id: "u4".into(), owner: "bob".into(), ..s.clone() }, 2).await.unwrap();
+    for id in ["u2", "u4"] {
+        m.end_upload(id, None).await.unwrap();
+    }
     m.end_upload("u1", Some((d("blob"), stored(3)))).await.unwrap();
     assert_eq!(m.upload("u1").await.unwrap(), None);
     assert_eq!(m.uploads_of("alice", 10).await.unwrap(), 0);

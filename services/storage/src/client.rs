@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_core::error::Result;
+use berth_core::store::{FinishedCopies, COPY_WHILE_FINISHING};
 use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_client::StorageClient as StorageGrpc;
@@ -134,6 +135,23 @@ impl StorageClient {
     /// An answer that breaks the contract.
     fn malformed(&self, detail: impl std::fmt::Display) -> RegistryError {
         RegistryError::internal(format!("malformed answer from storage node {}: {detail}", self.addr))
+    }
+
+    /// The outcome of each copy a node made, one per target in order.
+    fn outcomes(&self, outcomes: Vec<pb::TransferOutcome>, targets: &[String]) -> Result<Vec<Result<Stored>>> {
+        if outcomes.len() != targets.len() {
+            return Err(self.malformed(format!("{} outcomes for {} targets", outcomes.len(), targets.len())));
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o.stored {
+                Some(s) => Ok(stored_from_proto(s)),
+                None => {
+                    let detail = format!("{}: {}", o.target, o.error);
+                    Err(berth_proto::status::error_from_fields(&o.error_code, o.error_status, detail))
+                }
+            })
+            .collect())
     }
 
     /// The next message of a streamed answer, or a stall after [`StorageClientConfig::frame_timeout`].
@@ -379,9 +397,40 @@ impl BlobStore for StorageClient {
     }
 
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
-        let req = self.request(pb::FinishRequest { id: id.to_string(), digest: digest.to_string() });
+        let req = self.request(pb::FinishRequest {
+            id: id.to_string(),
+            digest: digest.to_string(),
+            copy_to: vec![],
+            copy_at_most: 0,
+        });
         let r = self.grpc.clone().upload_finish(req).await.map_err(|s| self.failure(s))?.into_inner();
-        Ok(stored_from_proto(r))
+        r.stored.map(stored_from_proto).ok_or_else(|| self.malformed("a finished upload without its stored blob"))
+    }
+
+    async fn upload_finish_copying(
+        &self,
+        id: &str,
+        digest: &Digest,
+        targets: &[String],
+    ) -> Result<Option<FinishedCopies>> {
+        let mut req = Request::new(pb::FinishRequest {
+            id: id.to_string(),
+            digest: digest.to_string(),
+            copy_to: targets.to_vec(),
+            copy_at_most: COPY_WHILE_FINISHING,
+        });
+        // As for a transfer of the largest blob copied this way: the usual time plus a second
+        // per MiB.
+        req.set_timeout(self.config.request_timeout + Duration::from_secs(COPY_WHILE_FINISHING >> 20));
+        let r = self.grpc.clone().upload_finish(req).await.map_err(|s| self.failure(s))?.into_inner();
+        let stored = r
+            .stored
+            .map(stored_from_proto)
+            .ok_or_else(|| self.malformed("a finished upload without its stored blob"))?;
+        if stored.size > COPY_WHILE_FINISHING || targets.is_empty() {
+            return Ok(Some((stored, None)));
+        }
+        Ok(Some((stored, Some(self.outcomes(r.copies, targets)?))))
     }
 
     async fn upload_cancel(&self, id: &str) -> Result<()> {
@@ -434,26 +483,7 @@ impl BlobStore for StorageClient {
         let mut req = Request::new(pb::TransferRequest { digest: digest.to_string(), targets: targets.to_vec() });
         req.set_timeout(self.config.request_timeout + Duration::from_secs(size >> 20));
         let reply = self.grpc.clone().transfer(req).await.map_err(|s| self.failure(s))?.into_inner();
-        if reply.outcomes.len() != targets.len() {
-            return Err(RegistryError::internal(format!(
-                "node {} answered {} outcomes for {} targets",
-                self.addr,
-                reply.outcomes.len(),
-                targets.len()
-            )));
-        }
-        let outcomes = reply
-            .outcomes
-            .into_iter()
-            .map(|o| match o.stored {
-                Some(s) => Ok(stored_from_proto(s)),
-                None => {
-                    let detail = format!("{}: {}", o.target, o.error);
-                    Err(berth_proto::status::error_from_fields(&o.error_code, o.error_status, detail))
-                }
-            })
-            .collect();
-        Ok(Some(outcomes))
+        Ok(Some(self.outcomes(reply.outcomes, targets)?))
     }
 }
 
@@ -717,7 +747,7 @@ mod tests {
             async fn upload_finish(
                 &self,
                 _: Request<pb::FinishRequest>,
-            ) -> std::result::Result<Response<pb::Stored>, Status> {
+            ) -> std::result::Result<Response<pb::FinishReply>, Status> {
                 Err(Status::unimplemented(""))
             }
             async fn upload_cancel(

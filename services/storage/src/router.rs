@@ -527,6 +527,18 @@ impl BlobStore for Replicated {
         Err(failure)
     }
 
+    fn upload_staging(&self, id: &str) -> Option<String> {
+        let i = self.staged.lock().ok()?.get(id).copied()?;
+        Some(self.names[i].clone())
+    }
+
+    fn upload_staged_at(&self, id: &str, node: &str) {
+        // A node no longer in the map is left to the search by asking.
+        if let Some(i) = self.names.iter().position(|n| n == node) {
+            self.remember(id, Some(i));
+        }
+    }
+
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         let i = self.staging(id).await;
         let r = self.nodes[i].store.upload_append(id, offset, body, limit).await;
@@ -543,6 +555,31 @@ impl BlobStore for Replicated {
 
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
         let i = self.staging(id).await;
+        // The staging node finishes and copies to the other owners in one call when it can.
+        if let Some(addrs) = &self.addrs {
+            let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
+            let others: Vec<usize> = owners.iter().copied().filter(|o| *o != i).collect();
+            let targets: Vec<String> = others.iter().map(|o| addrs[*o].clone()).collect();
+            let r = self.nodes[i].store.upload_finish_copying(id, digest, &targets).await;
+            self.mark(i, &r);
+            match r {
+                Ok(Some((first, Some(copies)))) => {
+                    self.remember(id, None);
+                    let mut outcomes = if owners.contains(&i) { vec![(i, Ok(first))] } else { vec![] };
+                    outcomes.extend(others.into_iter().zip(copies));
+                    return self.settle(digest, outcomes).await;
+                }
+                Ok(Some((first, None))) => {
+                    self.remember(id, None);
+                    return self.replicate(digest, i, first).await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.remember(id, None);
+                    return Err(e);
+                }
+            }
+        }
         let r = self.nodes[i].store.upload_finish(id, digest).await;
         self.mark(i, &r);
         self.remember(id, None);
@@ -709,6 +746,16 @@ impl BlobStore for CurrentRouter {
 
     async fn upload_start(&self, id: &str) -> Result<()> {
         self.get()?.upload_start(id).await
+    }
+
+    fn upload_staging(&self, id: &str) -> Option<String> {
+        self.get().ok()?.upload_staging(id)
+    }
+
+    fn upload_staged_at(&self, id: &str, node: &str) {
+        if let Ok(r) = self.get() {
+            r.upload_staged_at(id, node);
+        }
     }
 
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {

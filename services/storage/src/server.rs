@@ -55,6 +55,24 @@ impl StorageRpc {
         let body = self.store.read(d, None).await?;
         peer.put(d, body, size).await
     }
+
+    /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once: the
+    /// outcome per target, in order.
+    async fn copies(&self, d: &Digest, size: u64, targets: Vec<String>) -> Vec<pb::TransferOutcome> {
+        let copies = targets.iter().map(|t| self.copy_to(d, size, t));
+        futures::future::join_all(copies)
+            .await
+            .into_iter()
+            .zip(targets)
+            .map(|(outcome, target)| match outcome {
+                Ok(s) => pb::TransferOutcome { target, stored: Some(stored_to_proto(s)), ..Default::default() },
+                Err(e) => {
+                    let (error_code, error_status, error) = berth_proto::status::error_fields(e);
+                    pb::TransferOutcome { target, stored: None, error_code, error_status, error }
+                }
+            })
+            .collect()
+    }
 }
 
 /// A frame stream of a read: a head, then data.
@@ -293,11 +311,12 @@ impl Storage for StorageRpc {
         Ok(Response::new(pb::UploadSizeReply { size }))
     }
 
-    async fn upload_finish(&self, req: Request<pb::FinishRequest>) -> Result<Response<pb::Stored>, Status> {
+    async fn upload_finish(&self, req: Request<pb::FinishRequest>) -> Result<Response<pb::FinishReply>, Status> {
         let r = req.into_inner();
         let d = digest(&r.digest)?;
         let stored = self.store.upload_finish(&r.id, &d).await.map_err(status_of)?;
-        Ok(Response::new(stored_to_proto(stored)))
+        let copies = if stored.size <= r.copy_at_most { self.copies(&d, stored.size, r.copy_to).await } else { vec![] };
+        Ok(Response::new(pb::FinishReply { stored: Some(stored_to_proto(stored)), copies }))
     }
 
     async fn upload_cancel(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::Empty>, Status> {
@@ -337,19 +356,7 @@ impl Storage for StorageRpc {
         let Some(held) = self.store.stat(&d).await.map_err(status_of)? else {
             return Err(status_of(RegistryError::new(berth_core::ErrorCode::BlobUnknown, format!("{d} is not here"))));
         };
-        let copies = r.targets.iter().map(|t| self.copy_to(&d, held.size, t));
-        let outcomes = futures::future::join_all(copies)
-            .await
-            .into_iter()
-            .zip(r.targets)
-            .map(|(outcome, target)| match outcome {
-                Ok(s) => pb::TransferOutcome { target, stored: Some(stored_to_proto(s)), ..Default::default() },
-                Err(e) => {
-                    let (error_code, error_status, error) = berth_proto::status::error_fields(e);
-                    pb::TransferOutcome { target, stored: None, error_code, error_status, error }
-                }
-            })
-            .collect();
+        let outcomes = self.copies(&d, held.size, r.targets).await;
         Ok(Response::new(pb::TransferReply { outcomes }))
     }
 }
@@ -418,5 +425,65 @@ mod tests {
         }
         let ok = g.upload_append(stream::iter(vec![header, data(b"abc"), end(3)])).await.unwrap();
         assert_eq!(ok.into_inner().size, 3);
+    }
+
+    /// Three nodes served over gRPC, and a router over clients of them that knows their
+    /// addresses: the staging node finishes an upload and copies it to the other owners in
+    /// the same call (or, past [`berth_core::store::COPY_WHILE_FINISHING`], by a transfer).
+    #[tokio::test]
+    async fn finishing_an_upload_copies_it_to_the_other_owners() {
+        use crate::client::{StorageClient, StorageClientConfig};
+        use crate::router::Replicated;
+        use tonic::transport::server::TcpIncoming;
+
+        let mut dirs = vec![];
+        let mut engines = vec![];
+        let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
+        let mut addrs = vec![];
+        for i in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let engine =
+                Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
+            let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = incoming.local_addr().unwrap().to_string();
+            let svc = storage_server(engine.clone());
+            tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming));
+            let client = StorageClient::new(&addr, StorageClientConfig::default()).unwrap();
+            nodes.push((format!("node{i}"), Arc::new(client)));
+            addrs.push(addr);
+            engines.push(engine);
+            dirs.push(dir);
+        }
+        let router =
+            |nodes: Vec<(String, Arc<dyn BlobStore>)>| Replicated::new(nodes, 3, 2).unwrap().with_addrs(addrs.clone());
+        let a = router(nodes.clone());
+        let b = router(nodes);
+        let body = |data: Vec<u8>| -> ByteStream { stream::iter(vec![Ok(Bytes::from(data))]).boxed() };
+        let large = berth_core::store::COPY_WHILE_FINISHING as usize + 1;
+        for (n, size) in [(1u8, 1000usize), (2, 300_000), (3, large)] {
+            let data = vec![n; size];
+            let d = Digest::sha256_of(&data);
+            let id = format!("0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0{n}");
+            a.upload_start(&id).await.unwrap();
+            // Another frontend, told where the session is staged, goes straight there.
+            let staging = a.upload_staging(&id).expect("the router names the staging node");
+            b.upload_staged_at(&id, &staging);
+            assert_eq!(b.upload_append(&id, Some(0), body(data.clone()), u64::MAX).await.unwrap(), size as u64);
+            let stored = a.upload_finish(&id, &d).await.unwrap();
+            assert_eq!(stored.size, size as u64);
+            for (i, e) in engines.iter().enumerate() {
+                assert_eq!(e.stat(&d).await.unwrap().map(|s| s.size), Some(size as u64), "copy {n} on node {i}");
+            }
+        }
+        // A digest mismatch is refused, and leaves a copy nowhere.
+        let id = "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0f";
+        let wrong = Digest::sha256_of(b"something else");
+        a.upload_start(id).await.unwrap();
+        a.upload_append(id, Some(0), body(vec![9; 500]), u64::MAX).await.unwrap();
+        let e = a.upload_finish(id, &wrong).await.unwrap_err();
+        assert_eq!(e.code, berth_core::ErrorCode::DigestInvalid);
+        for e in &engines {
+            assert!(e.stat(&wrong).await.unwrap().is_none());
+        }
     }
 }

@@ -82,13 +82,13 @@ impl Wire for UploadSession {
     type Proto = pb::UploadSession;
 
     fn to_proto(self) -> pb::UploadSession {
-        let UploadSession { id, repo, started_at_ms, owner } = self;
-        pb::UploadSession { id, repo, started_at_ms, owner }
+        let UploadSession { id, repo, started_at_ms, owner, staging } = self;
+        pb::UploadSession { id, repo, started_at_ms, owner, staging }
     }
 
     fn from_proto(p: pb::UploadSession) -> Result<UploadSession, WireError> {
-        let pb::UploadSession { id, repo, started_at_ms, owner } = p;
-        Ok(UploadSession { id, repo, started_at_ms, owner })
+        let pb::UploadSession { id, repo, started_at_ms, owner, staging } = p;
+        Ok(UploadSession { id, repo, started_at_ms, owner, staging })
     }
 }
 
@@ -306,7 +306,20 @@ pub(super) mod tests {
         round_trips(Stored { size: 0, stamp: 0 });
         round_trips(Stored { size: u64::MAX, stamp: 42 });
         manifests().into_iter().for_each(round_trips);
-        round_trips(UploadSession { id: "u-1".into(), repo: "a/b".into(), started_at_ms: 8, owner: String::new() });
+        round_trips(UploadSession {
+            id: "u-1".into(),
+            repo: "a/b".into(),
+            started_at_ms: 8,
+            owner: String::new(),
+            staging: Some("node-1".into()),
+        });
+        round_trips(UploadSession {
+            id: "u-2".into(),
+            repo: "a/b".into(),
+            started_at_ms: 8,
+            owner: "ci".into(),
+            staging: None,
+        });
         round_trips((d("blob"), Stored { size: 3, stamp: 4 }));
         round_trips(User { name: "alice".into(), site_admin: true, created_ms: 1 });
         round_trips(User { name: String::new(), site_admin: false, created_ms: 0 });
