@@ -227,7 +227,7 @@ type Call<M, R> = fn(
 /// How a body's data and end frames are made into messages of one call.
 struct BodyWire<M> {
     /// A data frame.
-    data: fn(Vec<u8>) -> M,
+    data: fn(Bytes) -> M,
     /// The end frame, counting the bytes sent.
     end: fn(u64) -> M,
 }
@@ -261,7 +261,7 @@ async fn pump<M>(
     while let Some(chunk) = body.next().await {
         for frame in frames(chunk.map_err(Pump::Body)?) {
             sent += frame.len() as u64;
-            send(&mut tx, (wire.data)(frame.to_vec())).await?;
+            send(&mut tx, (wire.data)(frame)).await?;
         }
     }
     send(&mut tx, (wire.end)(sent)).await
@@ -282,7 +282,7 @@ fn incoming(client: StorageClient, s: Streaming<pb::ReadFrame>, size: u64) -> By
                     return cut(e);
                 }
                 let left = left - d.len() as u64;
-                Some((Ok(Bytes::from(d)), Some((client, s, left))))
+                Some((Ok(d), Some((client, s, left))))
             }
             Ok(Some(_)) => cut(client.malformed("a read frame without data")),
             Ok(None) if left == 0 => None,
@@ -702,7 +702,7 @@ mod tests {
             ) -> std::result::Result<Response<Self::ReadStream>, Status> {
                 let head =
                     pb::ReadFrame { part: Some(pb::read_frame::Part::Head(pb::ReadHead { found: true, size: 10 })) };
-                let data = pb::ReadFrame { part: Some(pb::read_frame::Part::Data(vec![1; 4])) };
+                let data = pb::ReadFrame { part: Some(pb::read_frame::Part::Data(Bytes::from(vec![1; 4]))) };
                 Ok(Response::new(stream::iter(vec![Ok(head), Ok(data)]).boxed()))
             }
             async fn stat(&self, _: Request<pb::BlobRef>) -> std::result::Result<Response<pb::StatReply>, Status> {

@@ -90,7 +90,7 @@ fn head(found: bool, size: u64) -> pb::ReadFrame {
 
 /// A data frame.
 fn data(b: Bytes) -> pb::ReadFrame {
-    pb::ReadFrame { part: Some(pb::read_frame::Part::Data(b.to_vec())) }
+    pb::ReadFrame { part: Some(pb::read_frame::Part::Data(b)) }
 }
 
 /// What a client-streamed body found wrong with its frames, if anything. The store only sees
@@ -119,7 +119,7 @@ impl Malformed {
 /// A message of a streamed body after its header.
 enum BodyPart {
     /// Bytes.
-    Data(Vec<u8>),
+    Data(Bytes),
     /// The end frame, with the number of bytes sent.
     End(u64),
     /// Anything else (a second header, an empty message).
@@ -144,7 +144,7 @@ fn body<T: Send + 'static>(frames: Streaming<T>, malformed: Malformed, part: fn(
                 Ok(Some(m)) => match part(m) {
                     BodyPart::Data(d) => {
                         let got = got + d.len() as u64;
-                        Some((Ok(Bytes::from(d)), Some((s, got))))
+                        Some((Ok(d), Some((s, got))))
                     }
                     BodyPart::End(n) if n == got => match s.message().await {
                         Ok(None) => None,
@@ -407,7 +407,7 @@ mod tests {
         let mut g = Grpc::connect(format!("http://{addr}")).await.unwrap();
         let id = "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0e";
         engine.upload_start(id).await.unwrap();
-        let data = |d: &[u8]| pb::AppendRequest { part: Some(Part::Data(d.to_vec())) };
+        let data = |d: &[u8]| pb::AppendRequest { part: Some(Part::Data(Bytes::copy_from_slice(d))) };
         let header = pb::AppendRequest {
             part: Some(Part::Header(pb::AppendHeader { id: id.to_string(), offset: None, limit: u64::MAX })),
         };
