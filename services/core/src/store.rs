@@ -34,15 +34,20 @@ pub struct Stored {
     pub stamp: u64,
 }
 
-/// Bytes: verified blobs, and upload sessions being staged.
 /// The largest blob [`BlobStore::upload_finish_copying`] copies in the same call: the call's
 /// deadline allows for this much, and a larger blob is copied by a transfer sized to it.
 pub const COPY_WHILE_FINISHING: u64 = 16 << 20;
 
-/// A finished upload as stored, and the outcome of each copy made with it (`None`: too large
-/// to copy in the same call).
+/// How long a node gives each copy it makes while finishing an upload: a target that takes
+/// longer is reported as failed, so that the call answers before the caller's deadline
+/// (its usual time plus this) and a stalled target is never blamed on the staging node.
+pub const FINISH_COPY_TIME: std::time::Duration = std::time::Duration::from_secs(16);
+
+/// A finished upload as stored, and the outcome of each copy made with it, one per target
+/// (`None`: the blob was too large to copy in the same call).
 pub type FinishedCopies = (Stored, Option<Vec<Result<Stored>>>);
 
+/// Bytes: verified blobs, and upload sessions being staged.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// Size and stamp of a stored blob, or `None`.
@@ -98,12 +103,6 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Finishes upload `id` as blob `digest` (as [`BlobStore::upload_finish`]), then, when it
-    /// is no larger than [`COPY_WHILE_FINISHING`], copies it straight to the storage nodes at
-    /// `targets` (as [`BlobStore::transfer`]): one call where two would do. The blob as stored
-    /// here, and the outcome per target in order (`None` when it was too large to copy in
-    /// the same call). `None` from a store that cannot reach other nodes (the default), with
-    /// nothing done: the caller finishes and copies itself.
     /// The node (by name) upload `id` was staged on by [`BlobStore::upload_start`] here, for
     /// its session to record; `None` for a store that is one node (the default).
     fn upload_staging(&self, id: &str) -> Option<String> {
@@ -117,6 +116,12 @@ pub trait BlobStore: Send + Sync + 'static {
         let _ = (id, node);
     }
 
+    /// Finishes upload `id` as blob `digest` (as [`BlobStore::upload_finish`]), then, when it
+    /// is no larger than [`COPY_WHILE_FINISHING`], copies it straight to the storage nodes at
+    /// `targets` (as [`BlobStore::transfer`]): one call where two would do. The blob as stored
+    /// here, and the outcome per target in order (`None` when it was too large to copy in
+    /// the same call). `None` from a store that cannot reach other nodes (the default), with
+    /// nothing done: the caller finishes and copies itself.
     async fn upload_finish_copying(
         &self,
         id: &str,

@@ -280,14 +280,9 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     if length == Some(0) {
         return Ok(None);
     }
-    // Checked before the body is touched, so that a refused chunk is drained, not cut off.
-    // Only a chunk that names its offset needs the upload's size for it (one more call to the
-    // staging node); any other is appended at the end, and one that would take the upload
-    // past the limit is refused by the store as it arrives, changing nothing.
-    if length.is_some_and(|n| n > reg.config.max_blob) {
-        return Err(too_big(reg.config.max_blob));
-    }
-    if offset.is_some() {
+    // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
+    // store refusing it part way could not drain it: the body is already its stream).
+    if offset.is_some() || length.is_some() {
         let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
         if let Some(off) = offset.filter(|off| *off != current) {
             return Err(RegistryError::new(

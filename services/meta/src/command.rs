@@ -59,10 +59,14 @@ pub enum Command {
         /// Tag.
         tag: String,
     },
-    /// Record an upload session.
+    /// Record an upload session, unless its owner has `at_most` open already.
     CreateUpload {
         /// The session.
         session: UploadSession,
+        /// The cap on the owner's open sessions (0, as in entries written before there was
+        /// one: none). A node of an earlier version reads the entry without it.
+        #[serde(default)]
+        at_most: u64,
     },
     /// End an upload session, linking its blob when it completed.
     EndUpload {
@@ -116,13 +120,6 @@ pub enum Command {
     CopiesRepaired {
         /// Blob.
         digest: Digest,
-    },
-    /// Record an upload session, unless its owner has `at_most` open already.
-    CreateUploadCapped {
-        /// The session.
-        session: UploadSession,
-        /// The cap on the owner's open sessions (0: none).
-        at_most: u64,
     },
 }
 

@@ -388,7 +388,7 @@ impl MetaStore for MetaService {
     async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()> {
         // The session's start is the metadata service's time, as every time in a command is.
         let session = UploadSession { started_at_ms: now_ms(), ..session };
-        self.write(Command::CreateUploadCapped { session, at_most: at_most as u64 }).await.map(|_| ())
+        self.write(Command::CreateUpload { session, at_most: at_most as u64 }).await.map(|_| ())
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {

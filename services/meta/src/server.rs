@@ -502,11 +502,12 @@ mod tests {
         }
         let m1 = record("m1", vec![d("blob1")]);
         c.put_manifest("a/b", m1.clone(), vec!["v1".into()], stored(100)).await.unwrap();
-        // 400 reads of four kinds at once, each answered with its own result, unknowns too.
-        let reads = (0..400u64).map(|i| {
-            let (c, m1) = (c.clone(), m1.clone());
+        let facts = meta.access_facts(&Identity::Anonymous, "a/b").await.unwrap();
+        // 700 reads of seven kinds at once, each answered with its own result, unknowns too.
+        let reads = (0..700u64).map(|i| {
+            let (c, m1, facts) = (c.clone(), m1.clone(), facts.clone());
             async move {
-                match i % 4 {
+                match i % 7 {
                     0 => assert_eq!(
                         c.blob_link("a/b", &d(&format!("blob{}", i % 60))).await.unwrap(),
                         (i % 60 < 50).then_some(i % 60 + 1)
@@ -516,7 +517,11 @@ mod tests {
                         (i % 8 == 1).then(|| m1.clone())
                     ),
                     2 => assert_eq!(c.manifest("a/b", &d("m1")).await.unwrap(), Some(m1.clone())),
-                    _ => assert_eq!(c.upload(&format!("u{i}")).await.unwrap(), None),
+                    3 => assert_eq!(c.upload(&format!("u{i}")).await.unwrap(), None),
+                    // A token request's reads.
+                    4 => assert_eq!(c.token(&format!("t{i}")).await.unwrap(), None),
+                    5 => assert_eq!(c.user("nobody").await.unwrap(), None),
+                    _ => assert_eq!(c.access_facts(&Identity::Anonymous, "a/b").await.unwrap(), facts),
                 }
             }
         });

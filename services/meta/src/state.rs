@@ -394,8 +394,7 @@ impl<'a> Tx<'a> {
                 self.delete(k);
                 Ok(Outcome::Existed(existed))
             }
-            Command::CreateUpload { session } => self.create_upload(session, 0),
-            Command::CreateUploadCapped { session, at_most } => self.create_upload(session, *at_most),
+            Command::CreateUpload { session, at_most } => self.create_upload(session, *at_most),
             Command::EndUpload { id, link, now_ms } => {
                 let k = key(b'u', &[id]);
                 let Some(session) = self.get::<UploadSession>(&k)? else {

@@ -305,3 +305,27 @@ async fn storage_nodes_register_and_the_map_version_moves_only_on_change() {
     assert!(renamed.version > moved.version);
     m.shutdown().await;
 }
+
+/// An upload entry written before the per-owner cap existed still applies (without a cap),
+/// and one written now carries its cap in a field an earlier version ignores.
+#[test]
+fn upload_entries_of_before_and_after_the_cap_decode() {
+    let old = r#"{"CreateUpload":{"session":{"id":"u1","repo":"a/b","started_at_ms":5,"owner":"x"}}}"#;
+    let cmd: Command = serde_json::from_str(old).unwrap();
+    let Command::CreateUpload { session, at_most } = cmd else { panic!("{cmd:?}") };
+    assert_eq!((session.id.as_str(), session.staging, at_most), ("u1", None, 0));
+    let new = Command::CreateUpload {
+        session: UploadSession {
+            id: "u2".into(),
+            repo: "a/b".into(),
+            started_at_ms: 6,
+            owner: "x".into(),
+            staging: Some("n1".into()),
+        },
+        at_most: 10,
+    };
+    let json = serde_json::to_value(&new).unwrap();
+    assert_eq!(json["CreateUpload"]["at_most"], 10);
+    assert_eq!(json["CreateUpload"]["session"]["staging"], "n1");
+    assert_eq!(serde_json::from_value::<Command>(json).unwrap(), new);
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_core::error::Result;
-use berth_core::store::{FinishedCopies, COPY_WHILE_FINISHING};
+use berth_core::store::{FinishedCopies, COPY_WHILE_FINISHING, FINISH_COPY_TIME};
 use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_client::StorageClient as StorageGrpc;
@@ -404,7 +404,7 @@ impl BlobStore for StorageClient {
             copy_at_most: 0,
         });
         let r = self.grpc.clone().upload_finish(req).await.map_err(|s| self.failure(s))?.into_inner();
-        r.stored.map(stored_from_proto).ok_or_else(|| self.malformed("a finished upload without its stored blob"))
+        Ok(Stored { size: r.size, stamp: r.stamp })
     }
 
     async fn upload_finish_copying(
@@ -419,15 +419,12 @@ impl BlobStore for StorageClient {
             copy_to: targets.to_vec(),
             copy_at_most: COPY_WHILE_FINISHING,
         });
-        // As for a transfer of the largest blob copied this way: the usual time plus a second
-        // per MiB.
-        req.set_timeout(self.config.request_timeout + Duration::from_secs(COPY_WHILE_FINISHING >> 20));
+        // The usual time for the finish, and the time the node gives its copies (a copy that
+        // takes longer comes back as failed, not as this call's failure).
+        req.set_timeout(self.config.request_timeout + FINISH_COPY_TIME);
         let r = self.grpc.clone().upload_finish(req).await.map_err(|s| self.failure(s))?.into_inner();
-        let stored = r
-            .stored
-            .map(stored_from_proto)
-            .ok_or_else(|| self.malformed("a finished upload without its stored blob"))?;
-        if stored.size > COPY_WHILE_FINISHING || targets.is_empty() {
+        let stored = Stored { size: r.size, stamp: r.stamp };
+        if stored.size > COPY_WHILE_FINISHING {
             return Ok(Some((stored, None)));
         }
         Ok(Some((stored, Some(self.outcomes(r.copies, targets)?))))

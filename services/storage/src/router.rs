@@ -4,9 +4,10 @@
 //!
 //! A node that failed a call is passed over for a moment ([`DOWN_FOR`]), so that the next node
 //! in rendezvous order stands in for it. An upload is staged on the first node up in the
-//! ranking of its id (any frontend finds it by asking the nodes in that order); finishing it
-//! verifies the digest there, then that node copies the blob to the blob's other owners
-//! (replica transfer, node to node; through the router for stores that are not nodes).
+//! ranking of its id, which its session records ([`BlobStore::upload_staging`]; a frontend
+//! told nothing asks the nodes in that order); finishing it verifies the digest there, and
+//! that node copies the blob to the blob's other owners in the same call (node to node;
+//! through the router for stores that are not nodes).
 //!
 //! Copies short of R: a write acknowledged by W ≤ k < R owners, and a read that found an owner
 //! without its copy, are recorded in the metadata service ([`Replicated::with_repair_record`])
@@ -283,7 +284,7 @@ impl Replicated {
     }
 
     /// Nodes in the order an upload is staged on them: the first up one in the ranking of
-    /// its id takes it, so every frontend finds it by asking in the same order.
+    /// its id takes it, so a frontend that was not told where finds it by asking in order.
     fn upload_order(&self, id: &str) -> Vec<usize> {
         crate::placement::ranked(&self.names, &Digest::sha256_of(id.as_bytes()))
     }
@@ -576,6 +577,14 @@ impl BlobStore for Replicated {
                 Ok(None) => {}
                 Err(e) => {
                     self.remember(id, None);
+                    // The call failed, but the node may have finished the upload before: then
+                    // the blob is there and is copied as after any finish.
+                    if node_failure(&e) {
+                        if let Ok(Some(first)) = self.nodes[i].store.stat(digest).await {
+                            self.mark(i, &Ok::<(), RegistryError>(()));
+                            return self.replicate(digest, i, first).await;
+                        }
+                    }
                     return Err(e);
                 }
             }

@@ -56,10 +56,25 @@ impl StorageRpc {
         peer.put(d, body, size).await
     }
 
-    /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once: the
-    /// outcome per target, in order.
-    async fn copies(&self, d: &Digest, size: u64, targets: Vec<String>) -> Vec<pb::TransferOutcome> {
-        let copies = targets.iter().map(|t| self.copy_to(d, size, t));
+    /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once, each
+    /// within `limit` if given (past it, that copy fails): the outcome per target, in order.
+    async fn copies(
+        &self,
+        d: &Digest,
+        size: u64,
+        targets: Vec<String>,
+        limit: Option<Duration>,
+    ) -> Vec<pb::TransferOutcome> {
+        let copies = targets.iter().map(|t| async move {
+            let copy = self.copy_to(d, size, t);
+            match limit {
+                None => copy.await,
+                Some(limit) => tokio::time::timeout(limit, copy).await.unwrap_or_else(|_| {
+                    Err(RegistryError::new(berth_core::ErrorCode::Unknown, format!("copy to {t} took over {limit:?}"))
+                        .with_status(503))
+                }),
+            }
+        });
         futures::future::join_all(copies)
             .await
             .into_iter()
@@ -315,8 +330,12 @@ impl Storage for StorageRpc {
         let r = req.into_inner();
         let d = digest(&r.digest)?;
         let stored = self.store.upload_finish(&r.id, &d).await.map_err(status_of)?;
-        let copies = if stored.size <= r.copy_at_most { self.copies(&d, stored.size, r.copy_to).await } else { vec![] };
-        Ok(Response::new(pb::FinishReply { stored: Some(stored_to_proto(stored)), copies }))
+        let copies = if stored.size <= r.copy_at_most {
+            self.copies(&d, stored.size, r.copy_to, Some(berth_core::store::FINISH_COPY_TIME)).await
+        } else {
+            vec![]
+        };
+        Ok(Response::new(pb::FinishReply { size: stored.size, stamp: stored.stamp, copies }))
     }
 
     async fn upload_cancel(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::Empty>, Status> {
@@ -356,7 +375,7 @@ impl Storage for StorageRpc {
         let Some(held) = self.store.stat(&d).await.map_err(status_of)? else {
             return Err(status_of(RegistryError::new(berth_core::ErrorCode::BlobUnknown, format!("{d} is not here"))));
         };
-        let outcomes = self.copies(&d, held.size, r.targets).await;
+        let outcomes = self.copies(&d, held.size, r.targets, None).await;
         Ok(Response::new(pb::TransferReply { outcomes }))
     }
 }
@@ -482,8 +501,9 @@ mod tests {
         a.upload_append(id, Some(0), body(vec![9; 500]), u64::MAX).await.unwrap();
         let e = a.upload_finish(id, &wrong).await.unwrap_err();
         assert_eq!(e.code, berth_core::ErrorCode::DigestInvalid);
+        let what_was_sent = Digest::sha256_of(&[9; 500]);
         for e in &engines {
-            assert!(e.stat(&wrong).await.unwrap().is_none());
+            assert!(e.stat(&what_was_sent).await.unwrap().is_none());
         }
     }
 }
