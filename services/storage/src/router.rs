@@ -991,4 +991,48 @@ mod tests {
         assert!(!r.first_note_in_a_while(&a), "noted again at once");
         assert!(r.first_note_in_a_while(&b));
     }
+
+    /// A copy that fails while the staging node finishes an upload is blamed on its target:
+    /// the target is passed over, the staging node is not, and the copies that were made stay.
+    #[tokio::test]
+    async fn a_copy_that_fails_while_finishing_is_blamed_on_its_target() {
+        use crate::client::{StorageClient, StorageClientConfig};
+        use tonic::transport::server::TcpIncoming;
+
+        let (_dirs, engines) = engines(2);
+        let mut nodes: Nodes = vec![];
+        let mut addrs = vec![];
+        for (name, engine) in &engines {
+            let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = incoming.local_addr().unwrap().to_string();
+            let svc = crate::server::storage_server(engine.clone());
+            tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming));
+            nodes.push((name.clone(), Arc::new(StorageClient::new(&addr, StorageClientConfig::default()).unwrap())));
+            addrs.push(addr);
+        }
+        // A third node whose port nobody listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        nodes.push(("node2".into(), Arc::new(StorageClient::new(&closed, StorageClientConfig::default()).unwrap())));
+        addrs.push(closed);
+        let r = Replicated::new(nodes, 3, 2).unwrap().with_addrs(addrs);
+        // An upload staged on a live node, so that the dead one is only a copy's target.
+        let id = (0..100)
+            .map(|n| format!("0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d{n:02}"))
+            .find(|id| r.upload_order(id)[0] != 2)
+            .unwrap();
+        let data = vec![5u8; 2000];
+        let d = Digest::sha256_of(&data);
+        r.upload_start(&id).await.unwrap();
+        let staging = r.upload_order(&id)[0];
+        r.upload_append(&id, Some(0), body(&data), u64::MAX).await.unwrap();
+        // Two copies are durable, the third failed; with nowhere to record it, the push is
+        // refused rather than acknowledged short.
+        let e = r.upload_finish(&id, &d).await.unwrap_err();
+        assert_eq!(e.status, 503, "{e:?}");
+        assert!(r.is_down(2), "the target that failed is passed over");
+        assert!(!r.is_down(staging), "the staging node is not blamed for its target");
+        for (name, engine) in &engines {
+            assert_eq!(engine.stat(&d).await.unwrap().map(|s| s.size), Some(2000), "copy on {name}");
+        }
+    }
 }
