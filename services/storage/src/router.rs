@@ -420,14 +420,32 @@ impl Replicated {
         }
     }
 
+    /// Whether node `from` is one of `digest`'s owners (the first R up in its order), and the
+    /// other owners, which a copy made on `from` goes to.
+    fn owners_besides(&self, digest: &Digest, from: usize) -> (bool, Vec<usize>) {
+        let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
+        (owners.contains(&from), owners.into_iter().filter(|i| *i != from).collect())
+    }
+
+    /// Settles a write of `digest` whose first copy (`first`) is on node `from` and whose
+    /// other copies ended as `copies`. Only owners' copies count towards R; a copy left where
+    /// an upload was staged does not.
+    async fn settle_from(
+        &self,
+        digest: &Digest,
+        (from, first, from_owns): (usize, Stored, bool),
+        copies: Vec<(usize, Result<Stored>)>,
+    ) -> Result<Stored> {
+        let mut outcomes = if from_owns { vec![(from, Ok(first))] } else { vec![] };
+        outcomes.extend(copies);
+        self.settle(digest, outcomes).await
+    }
+
     /// Copies a finished upload from the node it was staged on to the blob's other owners.
     async fn replicate(&self, digest: &Digest, from: usize, first: Stored) -> Result<Stored> {
-        let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
-        // Only owners' copies count towards R; a copy left where it was staged does not.
-        let mut outcomes = if owners.contains(&from) { vec![(from, Ok(first))] } else { vec![] };
-        let others: Vec<usize> = owners.into_iter().filter(|i| *i != from).collect();
-        outcomes.extend(self.copy(digest, first.size, from, &others).await);
-        self.settle(digest, outcomes).await
+        let (from_owns, others) = self.owners_besides(digest, from);
+        let copies = self.copy(digest, first.size, from, &others).await;
+        self.settle_from(digest, (from, first, from_owns), copies).await
     }
 }
 
@@ -558,25 +576,19 @@ impl BlobStore for Replicated {
         let i = self.staging(id).await;
         // The staging node finishes and copies to the other owners in one call when it can.
         if let Some(addrs) = &self.addrs {
-            let owners: Vec<usize> = self.order(digest).into_iter().take(self.replicas).collect();
-            let others: Vec<usize> = owners.iter().copied().filter(|o| *o != i).collect();
+            let (i_owns, others) = self.owners_besides(digest, i);
             let targets: Vec<String> = others.iter().map(|o| addrs[*o].clone()).collect();
             let r = self.nodes[i].store.upload_finish_copying(id, digest, &targets).await;
             self.mark(i, &r);
+            self.remember(id, None);
             match r {
                 Ok(Some((first, Some(copies)))) => {
-                    self.remember(id, None);
-                    let mut outcomes = if owners.contains(&i) { vec![(i, Ok(first))] } else { vec![] };
-                    outcomes.extend(others.into_iter().zip(copies));
-                    return self.settle(digest, outcomes).await;
+                    let copies = others.into_iter().zip(copies).collect();
+                    return self.settle_from(digest, (i, first, i_owns), copies).await;
                 }
-                Ok(Some((first, None))) => {
-                    self.remember(id, None);
-                    return self.replicate(digest, i, first).await;
-                }
+                Ok(Some((first, None))) => return self.replicate(digest, i, first).await,
                 Ok(None) => {}
                 Err(e) => {
-                    self.remember(id, None);
                     // The call failed, but the node may have finished the upload before: then
                     // the blob is there and is copied as after any finish.
                     if node_failure(&e) {
