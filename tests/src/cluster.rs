@@ -64,17 +64,47 @@ pub struct Cluster {
     pub frontends: Vec<RoleProcess>,
     /// Where the storage nodes keep their data, removed when dropped.
     _dir: tempfile::TempDir,
+    /// Flags every storage node gets besides its own.
+    storage_extra: Vec<String>,
+}
+
+/// How a test cluster differs from the default 3/3/2.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Storage nodes.
+    pub storage_nodes: usize,
+    /// Flags of every metadata node.
+    pub meta_args: Vec<String>,
+    /// Flags of every storage node.
+    pub storage_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { storage_nodes: 3, meta_args: vec![], storage_args: vec![] }
+    }
 }
 
 impl Cluster {
     /// Starts the cluster, with the test administrator bootstrapped.
     pub fn start() -> Cluster {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    /// Starts a cluster as `options` say.
+    pub fn start_with(options: ClusterOptions) -> Cluster {
         let dir = tempfile::Builder::new().prefix("berth-cluster-").tempdir().expect("temp dir");
-        let meta = MetaGroup::start(3);
-        let storage: Vec<RoleProcess> =
-            (0..3).map(|i| RoleProcess::start(&Self::storage_args(&meta, dir.path(), i, "127.0.0.1:0"))).collect();
-        // The frontends place blobs on the registered storage nodes: wait for all three.
-        wait_for_storage(&meta, 3);
+        let meta = MetaGroup::start_with(3, &options.meta_args);
+        let n = options.storage_nodes;
+        let storage: Vec<RoleProcess> = (0..n)
+            .map(|i| {
+                let mut args = Self::storage_args(&meta, dir.path(), i, "127.0.0.1:0");
+                args.extend(options.storage_args.iter().cloned());
+                RoleProcess::start(&args)
+            })
+            .collect();
+        // The frontends place blobs on the registered storage nodes: wait for all of them.
+        wait_for_storage(&meta, n);
         let frontends = (0..2)
             .map(|i| {
                 RoleProcess::start(&[
@@ -90,7 +120,7 @@ impl Cluster {
                 ])
             })
             .collect();
-        Cluster { meta, storage, frontends, _dir: dir }
+        Cluster { meta, storage, frontends, _dir: dir, storage_extra: options.storage_args }
     }
 
     fn storage_args(meta: &MetaGroup, dir: &std::path::Path, i: usize, listen: &str) -> Vec<String> {
@@ -108,7 +138,9 @@ impl Cluster {
     /// Starts one more storage node (it registers itself); returns its index.
     pub fn add_storage(&mut self) -> usize {
         let i = self.storage.len();
-        self.storage.push(RoleProcess::start(&Self::storage_args(&self.meta, self._dir.path(), i, "127.0.0.1:0")));
+        let mut args = Self::storage_args(&self.meta, self._dir.path(), i, "127.0.0.1:0");
+        args.extend(self.storage_extra.iter().cloned());
+        self.storage.push(RoleProcess::start(&args));
         i
     }
 
@@ -177,5 +209,82 @@ impl ClusterTarget {
         let cluster = Cluster::start();
         let url = cluster.frontends[1].url();
         ClusterTarget { cluster, url }
+    }
+}
+
+/// Where copies of `blobs` are, against where the current placement map wants them: copies
+/// missing at an owner, and copies held by a node that is not an owner. A node that does not
+/// answer counts as missing every copy it owns and holding none.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyCensus {
+    /// Copies an owner lacks.
+    pub missing: usize,
+    /// Copies held by non-owners.
+    pub extra: usize,
+}
+
+/// Counts the copies of `blobs` on every node of the map read from `meta` (`ADDR,...`), with
+/// owners as placement gives them for `replicas` copies.
+pub async fn copy_census(meta: &str, blobs: &[berth_core::Digest], replicas: usize) -> CopyCensus {
+    use berth_core::store::NodeState;
+    use berth_core::{BlobStore, MetaStore};
+    use berth_storage::client::{StorageClient, StorageClientConfig};
+    use berth_storage::placement::{Member, Placement};
+    let client = berth_meta::client::MetaClient::new(
+        meta.split(',').map(String::from).collect(),
+        berth_meta::client::MetaClientConfig::default(),
+    )
+    .expect("meta client");
+    let map = client.placement().await.expect("the placement map");
+    let placement = Placement::new(
+        map.nodes
+            .iter()
+            .map(|n| Member {
+                name: n.name.clone(),
+                zone: n.zone.clone(),
+                weight: n.capacity,
+                owns: n.state == NodeState::Live,
+            })
+            .collect(),
+    );
+    let nodes: Vec<StorageClient> = map
+        .nodes
+        .iter()
+        .map(|n| {
+            let config =
+                StorageClientConfig { request_timeout: std::time::Duration::from_secs(2), ..Default::default() };
+            StorageClient::new(&n.addr, config).expect("storage client")
+        })
+        .collect();
+    let mut census = CopyCensus::default();
+    for d in blobs {
+        let owners = placement.owners(d, replicas);
+        for (i, node) in nodes.iter().enumerate() {
+            let holds = matches!(node.stat(d).await, Ok(Some(_)));
+            match (owners.contains(&i), holds) {
+                (true, false) => census.missing += 1,
+                (false, true) => census.extra += 1,
+                _ => {}
+            }
+        }
+    }
+    census
+}
+
+/// Waits (up to `limit`) until every copy of `blobs` is at its owners and nowhere else;
+/// returns the last census and how long it took.
+pub async fn wait_for_exact_copies(
+    meta: &str,
+    blobs: &[berth_core::Digest],
+    replicas: usize,
+    limit: std::time::Duration,
+) -> (CopyCensus, std::time::Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let census = copy_census(meta, blobs, replicas).await;
+        if census == CopyCensus::default() || start.elapsed() >= limit {
+            return (census, start.elapsed());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }

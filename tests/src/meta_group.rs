@@ -20,6 +20,8 @@ pub struct MetaNode {
     child: Option<Child>,
     /// A command prefix it runs under (e.g. `ip netns exec NS`), or none.
     prefix: Vec<String>,
+    /// Flags after the ones every node gets.
+    extra: Vec<String>,
 }
 
 impl MetaNode {
@@ -31,7 +33,12 @@ impl MetaNode {
 
     /// [`MetaNode::start`] under a command prefix (e.g. `ip netns exec NS`).
     pub fn start_via(prefix: Vec<String>, id: u64, listen: &str, dir: PathBuf) -> MetaNode {
-        let mut n = MetaNode { id, addr: listen.to_string(), dir, child: None, prefix };
+        Self::start_with(prefix, id, listen, dir, vec![])
+    }
+
+    /// [`MetaNode::start_via`] with `extra` flags.
+    pub fn start_with(prefix: Vec<String>, id: u64, listen: &str, dir: PathBuf, extra: Vec<String>) -> MetaNode {
+        let mut n = MetaNode { id, addr: listen.to_string(), dir, child: None, prefix, extra };
         n.spawn();
         n
     }
@@ -40,6 +47,7 @@ impl MetaNode {
         let args = ["meta", "--id", &self.id.to_string(), "--listen", &self.addr, "--data-dir"].map(String::from);
         let mut args = args.to_vec();
         args.push(self.dir.display().to_string());
+        args.extend(self.extra.iter().cloned());
         let (child, addr) = spawn_berth_via(&self.prefix, &args);
         self.addr = addr;
         self.child = Some(child);
@@ -108,9 +116,17 @@ pub struct MetaGroup {
 impl MetaGroup {
     /// Starts `n` nodes and forms the group.
     pub fn start(n: u64) -> MetaGroup {
+        Self::start_with(n, &[])
+    }
+
+    /// Starts `n` nodes with `extra` flags each and forms the group.
+    pub fn start_with(n: u64, extra: &[String]) -> MetaGroup {
         let dir = tempfile::Builder::new().prefix("berth-meta-group-").tempdir().expect("temp dir");
-        let nodes: Vec<MetaNode> =
-            (1..=n).map(|id| MetaNode::start(id, "127.0.0.1:0", dir.path().join(format!("meta{id}")))).collect();
+        let nodes: Vec<MetaNode> = (1..=n)
+            .map(|id| {
+                MetaNode::start_with(vec![], id, "127.0.0.1:0", dir.path().join(format!("meta{id}")), extra.to_vec())
+            })
+            .collect();
         Self::form(nodes, dir)
     }
 
@@ -142,8 +158,10 @@ impl MetaGroup {
     /// Each running node's status.
     pub fn status(&self) -> Vec<Value> {
         let running: Vec<String> = self.nodes.iter().filter(|n| n.running()).map(|n| n.addr.clone()).collect();
-        match cluster_cli(&running.join(","), &["status"]) {
-            Ok(out) => serde_json::from_str(&out).unwrap_or_default(),
+        match cluster_cli(&running.join(","), &["status", "--meta-only"]) {
+            Ok(out) => {
+                serde_json::from_str::<Value>(&out).ok().and_then(|v| v["meta"].as_array().cloned()).unwrap_or_default()
+            }
             Err(_) => vec![],
         }
     }

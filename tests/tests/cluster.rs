@@ -645,3 +645,247 @@ async fn a_storage_node_that_registers_takes_its_share_of_new_blobs() {
     eprintln!("{on_new} of {} new blobs have a copy on the node that joined", blobs.len());
     assert!(on_new > 0, "the new node holds none of the new blobs");
 }
+
+/// The name of the storage node at `addr`, its state and blobs held, from the placement map.
+fn storage_node(cl: &Cluster, addr: &str) -> Option<(String, String, u64)> {
+    let map: Value =
+        serde_json::from_str(&berth_tests::meta_group::cluster_cli(&cl.meta.addrs(), &["storage"]).ok()?).ok()?;
+    map["nodes"].as_array()?.iter().find(|n| n["addr"] == addr).map(|n| {
+        (
+            n["name"].as_str().unwrap_or_default().to_string(),
+            n["state"].as_str().unwrap_or_default().to_string(),
+            n["blobs"].as_u64().unwrap_or(0),
+        )
+    })
+}
+
+/// Bytes the storage nodes report having copied to other owners, summed.
+fn bytes_moved(cl: &Cluster) -> u64 {
+    let map: Value = berth_tests::meta_group::cluster_cli(&cl.meta.addrs(), &["storage"])
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    map["nodes"].as_array().into_iter().flatten().filter_map(|n| n["moving"]["bytes_moved"].as_u64()).sum()
+}
+
+/// Four storage nodes; one is killed for longer than the dead time. The metadata leader
+/// declares it dead, the survivors copy every blob it owned to the blobs' next owners (each
+/// blob at R = 3 live owners again), and pulls go on meanwhile. Back, it owns its share
+/// again and the stand-ins drop the copies they took: every copy where placement wants it,
+/// and nowhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_node_dead_past_the_dead_time_has_its_blobs_copied_again() {
+    let options = berth_tests::cluster::ClusterOptions {
+        storage_nodes: 4,
+        meta_args: vec!["--storage-dead-after-secs".into(), "4".into()],
+        ..Default::default()
+    };
+    let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let meta = cl.meta.addrs();
+    let c = client();
+    let sizes = [1_000, 40_000, 300_000, 700_000];
+    let mut blobs: Vec<(Digest, Vec<u8>)> = vec![];
+    for i in 0..40u64 {
+        let data = bytes(7_000 + i, sizes[i as usize % sizes.len()]);
+        let d = berth_tests::push_blob(&c, &fronts[i as usize % 2], "acme/heal", &data).await;
+        blobs.push((d.parse().unwrap(), data));
+    }
+    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    let (census, _) = berth_tests::cluster::wait_for_exact_copies(&meta, &digests, 3, Duration::from_secs(30)).await;
+    assert_eq!(census, Default::default(), "copies before the kill");
+    let victim = StorageClient::new(&cl.storage[0].addr, StorageClientConfig::default()).unwrap();
+    let mut held = 0;
+    for d in &digests {
+        held += usize::from(matches!(victim.stat(d).await, Ok(Some(_))));
+    }
+    assert!(held > 10, "node 0 holds {held} of {} blobs", digests.len());
+    let moved_before = tokio::task::block_in_place(|| bytes_moved(&cl));
+
+    tokio::task::block_in_place(|| cl.kill_storage(0));
+    let killed = Instant::now();
+    let addr = cl.storage[0].addr.clone();
+    let mut declared = None;
+    while killed.elapsed() < Duration::from_secs(20) {
+        if tokio::task::block_in_place(|| storage_node(&cl, &addr)).is_some_and(|(_, state, _)| state == "dead") {
+            declared = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let declared = declared.expect("the killed node declared dead");
+    // Pulls go on while its blobs are copied again.
+    for (i, (d, data)) in blobs.iter().enumerate() {
+        let r = c.get(format!("{}/v2/acme/heal/blobs/{d}", fronts[i % 2])).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{d}");
+        assert!(r.bytes().await.unwrap() == data[..], "{d}");
+    }
+    let (census, took) = berth_tests::cluster::wait_for_exact_copies(&meta, &digests, 3, Duration::from_secs(60)).await;
+    // The nodes report what they copied in their next heartbeats (every 3 s).
+    let mut moved = 0;
+    for _ in 0..20 {
+        moved = tokio::task::block_in_place(|| bytes_moved(&cl)).saturating_sub(moved_before);
+        if moved > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(moved > 0, "the survivors report copies made");
+    eprintln!(
+        "storage node dead: declared after {declared:?}; {held} of its blobs back at three live owners {took:?} later; \
+         {moved} bytes copied ({:.1} MB/s)",
+        moved as f64 / 1e6 / took.as_secs_f64().max(0.001)
+    );
+    assert_eq!(census, Default::default(), "every blob at its three live owners");
+
+    // Back: it owns its share again, and the stand-ins' copies go.
+    tokio::task::block_in_place(|| cl.restart_storage(0));
+    let back = Instant::now();
+    while tokio::task::block_in_place(|| storage_node(&cl, &addr)).is_none_or(|(_, state, _)| state != "live") {
+        assert!(back.elapsed() < Duration::from_secs(20), "the restarted node is live again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (census, took) = berth_tests::cluster::wait_for_exact_copies(&meta, &digests, 3, Duration::from_secs(60)).await;
+    eprintln!(
+        "storage node back after {:?}: copies where placement wants them, and nowhere else, {took:?} later",
+        back.elapsed() - took
+    );
+    assert_eq!(census, Default::default(), "copies after the node came back");
+}
+
+/// Under a push and pull load through both frontends, a fourth storage node joins (it takes
+/// its share of the existing blobs), then one of the first three is drained (its blobs go to
+/// their other owners) and removed: afterwards every blob has exactly its three copies at its
+/// owners, and no push or pull failed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_joins_under_load_then_one_is_drained_and_removed() {
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
+    let meta = cl.meta.addrs();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Pushed>>> = Arc::default();
+    let (failed_pushes, failed_pulls, pulled) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = vec![];
+    for w in 0..2usize {
+        let (front, stop_pushing, acked_pushes, failed) =
+            (fronts[w].clone(), stop.clone(), acked.clone(), failed_pushes.clone());
+        load.push(tokio::spawn(async move {
+            let (stop, acked) = (stop_pushing, acked_pushes);
+            let c = client();
+            let first = 20_000 * (w as u64 + 1);
+            let mut seed = first;
+            // At most 400 images each, paced: the load runs for the whole test, bounded.
+            while !stop.load(Ordering::Relaxed) && seed < first + 400 {
+                seed += 1;
+                let repo = format!("acme/grow{w}");
+                match try_push_image(&c, &front, &repo, seed, seed.is_multiple_of(2)).await {
+                    Some((m, blobs)) => acked.lock().unwrap().push((repo, m, blobs)),
+                    None => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+        let (other, stop, acked, failed, pulled) =
+            (fronts[1 - w].clone(), stop.clone(), acked.clone(), failed_pulls.clone(), pulled.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let mut k = w;
+            while !stop.load(Ordering::Relaxed) {
+                let pick = {
+                    let a = acked.lock().unwrap();
+                    (!a.is_empty()).then(|| a[k % a.len()].clone())
+                };
+                k += 7;
+                let Some((repo, m, _)) = pick else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                if pulls(&c, &other, &repo, &m).await {
+                    pulled.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    eprintln!("pull of {repo}@{m} through {other} failed");
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let acked_blobs = |acked: &Arc<Mutex<Vec<Pushed>>>| -> Vec<Digest> {
+        acked.lock().unwrap().iter().flat_map(|(_, _, b)| b.iter().map(|d| d.parse().unwrap())).collect()
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let moved_before = tokio::task::block_in_place(|| bytes_moved(&cl));
+    let joined = tokio::task::block_in_place(|| {
+        let i = cl.add_storage();
+        berth_tests::cluster::wait_for_storage(&cl.meta, 4);
+        i
+    });
+    let join_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before_join = acked_blobs(&acked);
+    let (census, _) =
+        berth_tests::cluster::wait_for_exact_copies(&meta, &before_join, 3, Duration::from_secs(90)).await;
+    let join_took = join_started.elapsed();
+    let moved_join = tokio::task::block_in_place(|| bytes_moved(&cl)).saturating_sub(moved_before);
+    assert_eq!(census, Default::default(), "the blobs pushed so far at their owners once a node joined");
+    let newcomer = StorageClient::new(&cl.storage[joined].addr, StorageClientConfig::default()).unwrap();
+    let mut on_new = 0;
+    for d in &before_join {
+        on_new += usize::from(matches!(newcomer.stat(d).await, Ok(Some(_))));
+    }
+    eprintln!(
+        "node joined: {on_new} of {} blobs moved onto it in {join_took:?} ({moved_join} bytes, {:.1} MB/s)",
+        before_join.len(),
+        moved_join as f64 / 1e6 / join_took.as_secs_f64()
+    );
+    assert!(on_new > 0, "the new node took none of the existing blobs");
+
+    let addr = cl.storage[0].addr.clone();
+    let (name, _, _) = tokio::task::block_in_place(|| storage_node(&cl, &addr)).expect("node 0 in the map");
+    tokio::task::block_in_place(|| berth_tests::meta_group::cluster_cli(&meta, &["drain", &name])).unwrap();
+    let drain_started = Instant::now();
+    let moved_before = tokio::task::block_in_place(|| bytes_moved(&cl));
+    // Drained once its heartbeat reports no blobs.
+    let mut drained = false;
+    while drain_started.elapsed() < Duration::from_secs(90) {
+        let node = tokio::task::block_in_place(|| storage_node(&cl, &addr));
+        if node.as_ref().is_some_and(|(_, state, blobs)| state == "draining" && *blobs == 0) {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drain_took = drain_started.elapsed();
+    let moved_drain = tokio::task::block_in_place(|| bytes_moved(&cl)).saturating_sub(moved_before);
+    assert!(drained, "node 0 still holds blobs after {drain_took:?}");
+    eprintln!(
+        "node drained in {drain_took:?} ({moved_drain} bytes, {:.1} MB/s)",
+        moved_drain as f64 / 1e6 / drain_took.as_secs_f64()
+    );
+    let removed = tokio::task::block_in_place(|| berth_tests::meta_group::cluster_cli(&meta, &["remove", &name]));
+    assert_eq!(removed.map(|s| s.trim().to_string()), Ok("ok".to_string()));
+    tokio::task::block_in_place(|| cl.kill_storage(0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let all = acked_blobs(&acked);
+    let (census, _) = berth_tests::cluster::wait_for_exact_copies(&meta, &all, 3, Duration::from_secs(60)).await;
+    let (failed_pushes, failed_pulls) = (failed_pushes.load(Ordering::Relaxed), failed_pulls.load(Ordering::Relaxed));
+    eprintln!(
+        "join, drain and removal under load: {} images pushed, {failed_pushes} failed; {} pulls, {failed_pulls} failed",
+        acked.lock().unwrap().len(),
+        pulled.load(Ordering::Relaxed)
+    );
+    assert_eq!(census, Default::default(), "every blob at exactly its three owners");
+    assert_eq!(failed_pushes, 0);
+    assert_eq!(failed_pulls, 0);
+    let acked = acked.lock().unwrap().clone();
+    for (repo, m, _) in &acked {
+        assert!(pulls(&client(), &fronts[1], repo, m).await, "{repo}@{m} after the drain");
+    }
+}

@@ -156,16 +156,17 @@ async fn nodes_join_and_leave_while_the_group_serves() {
     tokio::task::block_in_place(|| cluster_cli(&follower, &["add-meta", "4", &fourth.addr])).unwrap();
     let seen = tokio::task::block_in_place(|| cluster_cli(&fourth.addr, &["status"])).unwrap();
     let status: serde_json::Value = serde_json::from_str(&seen).unwrap();
-    let voters: Vec<u64> = status[0]["voters"].as_array().unwrap().iter().filter_map(|v| v["id"].as_u64()).collect();
+    let voters: Vec<u64> =
+        status["meta"][0]["voters"].as_array().unwrap().iter().filter_map(|v| v["id"].as_u64()).collect();
     assert_eq!(voters, vec![1, 2, 3, 4], "{seen}");
     // The new node has the state written before it joined.
-    assert!(status[0]["applied_index"].as_u64().unwrap() >= 2, "{seen}");
+    assert!(status["meta"][0]["applied_index"].as_u64().unwrap() >= 2, "{seen}");
     client.put_manifest(REPO, manifest(2), vec![TAG.into()], stored).await.unwrap();
     tokio::task::block_in_place(|| cluster_cli(&follower, &["remove-meta", "4"])).unwrap();
     let leader_addr = g.nodes[leader as usize - 1].addr.clone();
     let seen = tokio::task::block_in_place(|| cluster_cli(&leader_addr, &["status"])).unwrap();
     let status: serde_json::Value = serde_json::from_str(&seen).unwrap();
-    assert_eq!(status[0]["voters"].as_array().unwrap().len(), 3, "{seen}");
+    assert_eq!(status["meta"][0]["voters"].as_array().unwrap().len(), 3, "{seen}");
     assert_eq!(client.tag(REPO, TAG).await.unwrap(), Some(manifest(2).digest));
 }
 

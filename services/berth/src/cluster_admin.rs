@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use berth_core::store::StorageChange;
 use berth_proto::cluster as pb;
 use berth_proto::cluster::cluster_client::ClusterClient;
 use clap::Subcommand;
@@ -31,12 +32,72 @@ pub enum ClusterCmd {
         /// The node's id.
         id: u64,
     },
-    /// Each listed node's view of the group, as JSON.
-    Status,
-    /// The storage nodes registered with the group (the placement map), as JSON: name,
-    /// address, zone, capacity and milliseconds since each one's last heartbeat.
+    /// The cluster as JSON: `meta`, each listed metadata node's view of the group, and
+    /// `storage`, the placement map (as `storage` prints it).
+    Status {
+        /// Only the metadata nodes' views (asks no leader, so answers during an election).
+        #[arg(long)]
+        meta_only: bool,
+    },
+    /// The storage nodes registered with the group (the placement map), as JSON: per node its
+    /// name, address, zone, capacity, state (live, dead, draining), milliseconds since its
+    /// last heartbeat, the blobs and bytes it holds, and its re-replication and rebalance
+    /// queue (`queued` blobs left to check, `checked`, copies made and dropped, bytes moved,
+    /// rate in bytes per second), as of that heartbeat.
     Storage,
+    /// Moves a storage node's blobs to their other owners; it takes no new ones. Remove it
+    /// once `storage` shows it holding none.
+    Drain {
+        /// The node's name.
+        name: String,
+    },
+    /// Lets a draining storage node own its share of blobs again.
+    Undrain {
+        /// The node's name.
+        name: String,
+    },
+    /// Takes a storage node out of the placement map for good (its name cannot register
+    /// again). Refused while it holds blobs, unless it is dead or `--force` is given.
+    Remove {
+        /// The node's name.
+        name: String,
+        /// Remove it whatever it still holds.
+        #[arg(long)]
+        force: bool,
+    },
 }
+
+/// The placement map as JSON, heartbeats as milliseconds ago.
+fn storage_json(map: &berth_core::store::PlacementMap) -> serde_json::Value {
+    let now = berth_core::now_ms();
+    let nodes: Vec<_> = map
+        .nodes
+        .iter()
+        .map(|n| {
+            let s = &n.stats;
+            json!({
+                "name": n.name, "addr": n.addr, "zone": n.zone, "capacity": n.capacity,
+                "state": n.state.name(), "ms_since_heartbeat": now.saturating_sub(n.seen_ms),
+                "blobs": s.blobs, "bytes": s.bytes,
+                "moving": {
+                    "queued": s.queued, "checked": s.checked, "copies_made": s.copies_made,
+                    "copies_dropped": s.copies_dropped, "bytes_moved": s.bytes_moved,
+                    "bytes_per_second": s.move_rate,
+                },
+            })
+        })
+        .collect();
+    json!({"version": map.version, "nodes": nodes})
+}
+
+/// A client of the metadata group at the listed nodes.
+fn meta_client(nodes: &[String]) -> Result<berth_meta::client::MetaClient> {
+    let nodes = nodes.iter().map(|n| split(n).1.to_string()).collect();
+    Ok(berth_meta::client::MetaClient::new(nodes, berth_meta::client::MetaClientConfig::default())?)
+}
+
+/// How long `status` waits for the placement map (the group may have no majority).
+const MAP_WAIT: Duration = Duration::from_secs(3);
 
 /// Flags of `berth admin cluster`.
 #[derive(clap::Args, Debug)]
@@ -95,6 +156,14 @@ where
     }
 }
 
+/// Makes one change to the storage nodes; prints `ok` (or `unchanged`).
+async fn change_storage(nodes: &[String], change: StorageChange) -> Result<()> {
+    use berth_core::MetaStore;
+    let changed = meta_client(nodes)?.change_storage(change).await.map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    println!("{}", if changed { "ok" } else { "unchanged" });
+    Ok(())
+}
+
 /// Runs one cluster command.
 pub async fn run(args: ClusterArgs) -> Result<()> {
     match args.command {
@@ -121,7 +190,8 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
                 .await?;
             println!("ok");
         }
-        ClusterCmd::Status => {
+        ClusterCmd::Status { meta_only } => {
+            use berth_core::MetaStore;
             let mut out = vec![];
             for n in &args.meta {
                 let addr = split(n).1;
@@ -145,26 +215,26 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
                 };
                 out.push(status);
             }
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            if meta_only {
+                println!("{}", serde_json::to_string_pretty(&json!({"meta": out}))?);
+                return Ok(());
+            }
+            let meta = meta_client(&args.meta)?;
+            let storage = match tokio::time::timeout(MAP_WAIT, meta.placement()).await {
+                Ok(Ok(map)) => storage_json(&map),
+                Ok(Err(e)) => json!({"error": e.detail}),
+                Err(_) => json!({"error": format!("no answer within {MAP_WAIT:?}")}),
+            };
+            println!("{}", serde_json::to_string_pretty(&json!({"meta": out, "storage": storage}))?);
         }
         ClusterCmd::Storage => {
             use berth_core::MetaStore;
-            let nodes = args.meta.iter().map(|n| split(n).1.to_string()).collect();
-            let meta = berth_meta::client::MetaClient::new(nodes, berth_meta::client::MetaClientConfig::default())?;
-            let map = meta.placement().await.map_err(|e| anyhow::anyhow!("{}", e.detail))?;
-            let now = berth_core::now_ms();
-            let nodes: Vec<_> = map
-                .nodes
-                .iter()
-                .map(|n| {
-                    json!({
-                        "name": n.name, "addr": n.addr, "zone": n.zone, "capacity": n.capacity,
-                        "ms_since_heartbeat": now.saturating_sub(n.seen_ms),
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&json!({"version": map.version, "nodes": nodes}))?);
+            let map = meta_client(&args.meta)?.placement().await.map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+            println!("{}", serde_json::to_string_pretty(&storage_json(&map))?);
         }
+        ClusterCmd::Drain { name } => change_storage(&args.meta, StorageChange::Drain { name }).await?,
+        ClusterCmd::Undrain { name } => change_storage(&args.meta, StorageChange::Undrain { name }).await?,
+        ClusterCmd::Remove { name, force } => change_storage(&args.meta, StorageChange::Remove { name, force }).await?,
     }
     Ok(())
 }

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use berth_core::store::NodeState;
 use berth_core::{BlobStore, Digest, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::client::{StorageClient, StorageClientConfig};
+use berth_storage::placement::Member;
 use berth_storage::router::{CurrentRouter, Replicated};
 use tokio::sync::watch;
 
@@ -112,7 +114,7 @@ async fn follow_placement(
         match meta.placement().await {
             Ok(map) if !map.nodes.is_empty() && router.version() != Some(map.version) => {
                 let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
-                let mut zones = vec![];
+                let mut members = vec![];
                 let mut addrs = vec![];
                 let mut kept = HashMap::new();
                 for n in &map.nodes {
@@ -128,13 +130,21 @@ async fn follow_placement(
                     };
                     kept.insert(n.addr.clone(), client.clone());
                     nodes.push((n.name.clone(), client));
-                    zones.push(n.zone.clone());
+                    members.push(Member {
+                        name: n.name.clone(),
+                        zone: n.zone.clone(),
+                        weight: n.capacity,
+                        owns: n.state == NodeState::Live,
+                    });
                     addrs.push(n.addr.clone());
                 }
                 clients = kept;
                 match Replicated::new(nodes, placement.replicas, placement.write_quorum) {
                     Ok(r) => {
-                        router.set(map.version, r.with_zones(zones).with_addrs(addrs).with_repair_record(meta.clone()));
+                        router.set(
+                            map.version,
+                            r.with_members(members).with_addrs(addrs).with_repair_record(meta.clone()),
+                        );
                         tracing::info!(version = map.version, nodes = map.nodes.len(), "placement map");
                     }
                     Err(e) => tracing::warn!(error = %e, "placement map"),

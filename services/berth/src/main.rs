@@ -10,6 +10,7 @@ mod frontend;
 mod housekeeping;
 mod http;
 mod meta;
+mod rebalance;
 mod standalone;
 mod storage;
 

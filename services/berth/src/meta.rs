@@ -5,8 +5,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use berth_core::store::{NodeState, StorageChange};
 use berth_core::MetaStore;
 use berth_meta::cluster::{cluster_server, RaftGate};
 use berth_meta::network::{raft_server, Channels};
@@ -30,6 +32,50 @@ pub struct MetaArgs {
     /// Directory of the node's log, state and snapshot.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = "berth-meta-data")]
     pub data_dir: PathBuf,
+    /// Seconds without a heartbeat after which the leader declares a storage node dead: it
+    /// then owns nothing and its blobs' next owners take copies of them from the survivors.
+    #[arg(long, env = "BERTH_STORAGE_DEAD_AFTER_SECS", default_value_t = 60)]
+    pub storage_dead_after_secs: u64,
+}
+
+/// How often the leader looks for storage nodes that stopped sending heartbeats.
+const EXPIRY_CHECK: Duration = Duration::from_secs(1);
+
+/// Declares dead, while this node leads, every live storage node silent for `after`. A node
+/// that has led for less than `after` declares nothing: the heartbeats it has not seen may
+/// have gone to the previous leader (and after a restart of the whole group, none was sent).
+async fn expire_silent_storage(meta: MetaService, after: Duration) {
+    let mut leading: Option<(u64, Instant)> = None;
+    loop {
+        tokio::time::sleep(EXPIRY_CHECK).await;
+        let Some(term) = meta.leading_term() else {
+            leading = None;
+            continue;
+        };
+        let since = match leading {
+            Some((t, since)) if t == term => since,
+            _ => {
+                leading = Some((term, Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() < after {
+            continue;
+        }
+        let after_ms = after.as_millis() as u64;
+        let now = berth_core::now_ms();
+        let silent = match meta.placement().await {
+            Ok(map) => map.nodes.iter().any(|n| n.state == NodeState::Live && n.seen_ms.saturating_add(after_ms) < now),
+            Err(_) => false,
+        };
+        if silent {
+            match meta.change_storage(StorageChange::ExpireSilent { after_ms }).await {
+                Ok(true) => tracing::warn!(after_secs = after.as_secs(), "declared silent storage nodes dead"),
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "declaring silent storage nodes dead"),
+            }
+        }
+    }
 }
 
 /// Runs the node until SIGTERM or SIGINT.
@@ -51,13 +97,17 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     .context("starting the metadata node")?;
     let store: Arc<dyn MetaStore> = Arc::new(meta.clone());
     let gate = Arc::new(RaftGate::new(meta.clone()));
+    let expiry =
+        tokio::spawn(expire_silent_storage(meta.clone(), Duration::from_secs(args.storage_dead_after_secs.max(1))));
     println!("berth meta: node {} serving grpc://{bound} as {advertise} (data in {})", args.id, data_dir.display());
     let server = Server::builder()
         .add_service(raft_server(meta.raft().clone()))
         .add_service(meta_server(store, gate))
         .add_service(cluster_server(meta.clone()))
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal());
-    server.await.context("serving gRPC")?;
+    let served = server.await.context("serving gRPC");
+    expiry.abort();
+    served?;
     tracing::info!("shutting down");
     meta.shutdown().await;
     Ok(())

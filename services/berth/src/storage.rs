@@ -1,15 +1,16 @@
 //! `berth storage`: a storage node, serving its blob store over gRPC and keeping it: expiring
 //! idle uploads and collecting garbage against the metadata group. It registers itself with
 //! the metadata group (name, address, zone, capacity) at start and sends a heartbeat every
-//! [`HEARTBEAT`]; frontends place blobs on the nodes of that map.
+//! [`HEARTBEAT`]; frontends place blobs on the nodes of that map, and the node moves its own
+//! blobs to where that map wants them (`crate::rebalance`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use berth_core::store::StorageNode;
+use berth_core::store::{NodeState, NodeStats, StorageNode};
 use berth_core::{BlobStore, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::server::storage_server;
@@ -47,8 +48,20 @@ pub struct StorageArgs {
     #[arg(long, env = "BERTH_ZONE")]
     pub zone: Option<String>,
     /// Bytes this node offers [default: the size of the data directory's file system].
+    /// Placement gives each node a share of blobs in proportion to it.
     #[arg(long, env = "BERTH_CAPACITY_BYTES")]
     pub capacity_bytes: Option<u64>,
+    /// Copies of each blob (R): the same as the frontends' `--replicas`.
+    #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
+    pub replicas: usize,
+    /// Bytes per second this node may spend copying blobs to their owners (re-replication,
+    /// rebalance, drain); 0 for no limit.
+    #[arg(long, env = "BERTH_MOVE_BANDWIDTH", default_value_t = 64 << 20)]
+    pub move_bandwidth: u64,
+    /// Seconds between passes that check every blob here against its owners when the
+    /// placement map has not changed (a change starts a pass at once).
+    #[arg(long, env = "BERTH_PLACEMENT_CHECK_SECS", default_value_t = 3600)]
+    pub placement_check_secs: u64,
 }
 
 /// How often a storage node renews its registration.
@@ -86,11 +99,18 @@ fn filesystem_bytes(dir: &Path) -> u64 {
     }
 }
 
-/// Registers `node` now and every [`HEARTBEAT`] until `stop` turns true.
-async fn heartbeat(meta: Arc<dyn MetaStore>, node: StorageNode, mut stop: watch::Receiver<bool>) {
+/// Registers `node` now and every [`HEARTBEAT`] until `stop` turns true, with the latest
+/// `stats`.
+async fn heartbeat(
+    meta: Arc<dyn MetaStore>,
+    node: StorageNode,
+    stats: Arc<Mutex<NodeStats>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut registered = false;
     loop {
-        match meta.register_storage(node.clone()).await {
+        let stats = *stats.lock().unwrap_or_else(PoisonError::into_inner);
+        match meta.register_storage(StorageNode { stats, ..node.clone() }).await {
             Ok(()) if !registered => {
                 registered = true;
                 tracing::info!(name = %node.name, addr = %node.addr, "registered with the metadata group");
@@ -124,6 +144,8 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         zone: args.zone,
         capacity: args.capacity_bytes.unwrap_or_else(|| filesystem_bytes(&data_dir)),
         seen_ms: 0,
+        state: NodeState::Live,
+        stats: NodeStats::default(),
     };
     println!("berth storage: serving grpc://{bound} as {} (data in {})", node.name, data_dir.display());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -132,7 +154,18 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     );
     let gc_grace = Duration::from_secs(args.gc_grace_secs.unwrap_or(3600));
     // Sessions staged on other nodes are not this node's to judge (see housekeeping::run).
-    let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stop_rx.clone()));
+    let stats = Arc::new(Mutex::new(NodeStats::default()));
+    let rebalance = crate::rebalance::Rebalancer {
+        local: blobs.clone(),
+        meta: metas.clone(),
+        name: node.name.clone(),
+        replicas: args.replicas.max(1),
+        bandwidth: args.move_bandwidth,
+        interval: Duration::from_secs(args.placement_check_secs.max(1)),
+        stats: stats.clone(),
+    };
+    let rebalancing = tokio::spawn(rebalance.run(stop_rx.clone()));
+    let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stats, stop_rx.clone()));
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, false, stop_rx));
     let served = Server::builder()
@@ -145,6 +178,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .context("serving gRPC");
     stop_tx.send_replace(true);
     heartbeats.abort();
+    rebalancing.abort();
     if let Err(e) = housekeeping.await {
         tracing::warn!(error = %e, "housekeeping ended abnormally");
     }

@@ -354,6 +354,99 @@ pub struct StorageNode {
     pub capacity: u64,
     /// When it last registered or sent a heartbeat (ms since the epoch, the leader's clock).
     pub seen_ms: u64,
+    /// Whether it takes copies (set by the metadata service; a node registering sends
+    /// [`NodeState::Live`], which a drain or removal outlasts).
+    #[serde(default)]
+    pub state: NodeState,
+    /// What it holds and is moving, as of its last heartbeat.
+    #[serde(default)]
+    pub stats: NodeStats,
+}
+
+/// A storage node's part in placement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Owns its rendezvous share of blobs.
+    #[default]
+    Live,
+    /// Missed its heartbeats for longer than the dead time: owns nothing, its blobs' next
+    /// owners take its copies from the survivors; a heartbeat brings it back.
+    Dead,
+    /// Asked to give its data away before removal: owns nothing, still serves what it holds
+    /// and copies each blob to its owners before dropping it.
+    Draining,
+}
+
+impl NodeState {
+    /// Its name in the admin API and the wire format.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Live => "live",
+            NodeState::Dead => "dead",
+            NodeState::Draining => "draining",
+        }
+    }
+
+    /// The state named `s`.
+    pub fn parse(s: &str) -> Option<NodeState> {
+        match s {
+            "" | "live" => Some(NodeState::Live),
+            "dead" => Some(NodeState::Dead),
+            "draining" => Some(NodeState::Draining),
+            _ => None,
+        }
+    }
+}
+
+/// What a storage node holds and is moving (the re-replication and rebalance of its blobs),
+/// as it reports in its heartbeats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Blobs it holds.
+    pub blobs: u64,
+    /// Bytes of those blobs.
+    pub bytes: u64,
+    /// Blobs of its current pass not yet checked against their owners.
+    pub queued: u64,
+    /// Blobs checked in its current (or last) pass.
+    pub checked: u64,
+    /// Copies it made for other owners since it started.
+    pub copies_made: u64,
+    /// Bytes of those copies.
+    pub bytes_moved: u64,
+    /// Copies it dropped since it started, each once every owner held the blob.
+    pub copies_dropped: u64,
+    /// Bytes per second it copied over its last pass.
+    pub move_rate: u64,
+}
+
+/// A change an administrator (or the metadata leader) makes to the storage nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageChange {
+    /// Start moving a node's blobs to their other owners; it takes no new ones.
+    Drain {
+        /// The node.
+        name: String,
+    },
+    /// Let a draining node own its share again.
+    Undrain {
+        /// The node.
+        name: String,
+    },
+    /// Take a node out of the map. Refused unless it is drained (its last heartbeat reported
+    /// no blobs) or dead, or `force` is set.
+    Remove {
+        /// The node.
+        name: String,
+        /// Remove it whatever it holds.
+        force: bool,
+    },
+    /// Declare dead every live node whose last heartbeat is older than `after_ms`.
+    ExpireSilent {
+        /// The dead time (ms).
+        after_ms: u64,
+    },
 }
 
 /// The storage nodes blobs are placed on, and a version that changes whenever a node joins or
@@ -394,6 +487,11 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// The storage nodes blobs are placed on.
     async fn placement(&self) -> Result<PlacementMap>;
+
+    /// Drains, removes or expires storage nodes; returns whether the map changed. Refused
+    /// (`NAME_UNKNOWN`, 404) for a node not in the map, and (`DENIED`, 409) for removing a
+    /// node that still holds blobs.
+    async fn change_storage(&self, change: StorageChange) -> Result<bool>;
 
     /// Records blobs stored with fewer copies than the replica count (a write acknowledged by
     /// a quorum while an owner was down, or a read that found an owner without its copy), so

@@ -18,7 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, OrgRole, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PlacementMap, PublicSigningKey, StorageNode, TokenRecord, User};
+use berth_core::store::{
+    DirectoryChange, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
+};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
@@ -582,6 +584,12 @@ impl MetaStore for MetaClient {
     async fn placement(&self) -> Result<PlacementMap> {
         let reply = self.read(pb::PlacementRequest {}, |mut c, r| async move { c.placement(r).await }).await?;
         Ok(PlacementMap::from_proto(reply)?)
+    }
+
+    async fn change_storage(&self, change: StorageChange) -> Result<bool> {
+        let msg = change.to_proto();
+        let reply = self.write(msg, |mut c, r| async move { c.change_storage(r).await }).await?;
+        Ok(reply.changed)
     }
 
     async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()> {

@@ -116,6 +116,13 @@ pub enum Command {
         /// Blobs.
         digests: Vec<Digest>,
     },
+    /// A storage node drained, put back, removed or declared dead.
+    ChangeStorage {
+        /// The change.
+        change: berth_core::store::StorageChange,
+        /// Time of the request (ms since the epoch, the leader's clock).
+        now_ms: u64,
+    },
     /// Every owner of a blob holds a copy again.
     CopiesRepaired {
         /// Blob.

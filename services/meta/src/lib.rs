@@ -29,7 +29,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PlacementMap, PublicSigningKey, StorageNode, TokenRecord, User};
+use berth_core::store::{
+    DirectoryChange, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
+};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -234,6 +236,12 @@ impl MetaService {
     /// Takes a snapshot now (and purges the log behind it), e.g. before a backup.
     pub async fn snapshot(&self) -> Result<()> {
         self.raft.trigger().snapshot().await.map_err(internal)
+    }
+
+    /// The term this node leads in, if it is the leader.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        (m.state == openraft::ServerState::Leader).then_some(m.current_term)
     }
 
     /// The Raft handle, for metrics and membership changes.
@@ -451,6 +459,10 @@ impl MetaStore for MetaService {
 
     async fn placement(&self) -> Result<PlacementMap> {
         self.read(|v| Ok(v.get(b"g")?.unwrap_or_default())).await
+    }
+
+    async fn change_storage(&self, change: StorageChange) -> Result<bool> {
+        Ok(self.write(Command::ChangeStorage { change, now_ms: now_ms() }).await? == Outcome::Existed(true))
     }
 
     async fn note_short_copies(&self, digests: Vec<Digest>) -> Result<()> {

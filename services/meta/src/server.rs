@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PublicSigningKey, StorageNode, TokenRecord, User};
+use berth_core::store::{DirectoryChange, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_server::{Meta, MetaServer};
@@ -288,6 +288,12 @@ impl Meta for MetaRpc {
         let r = self.admit(request).await?;
         let node = StorageNode::from_proto(required(r.node, "node")?)?;
         answer(self.store.register_storage(node).await, |()| pb::RegisterStorageReply {})
+    }
+
+    async fn change_storage(&self, request: Request<pb::ChangeStorageRequest>) -> Answer<pb::ChangeStorageReply> {
+        let r = self.admit(request).await?;
+        let change = StorageChange::from_proto(r)?;
+        answer(self.store.change_storage(change).await, |changed| pb::ChangeStorageReply { changed })
     }
 
     async fn placement(&self, request: Request<pb::PlacementRequest>) -> Answer<pb::PlacementMap> {

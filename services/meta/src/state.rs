@@ -23,6 +23,7 @@
 //! | `v` caller | number of uploads in progress of a caller (a token subject) |
 //! | `r` digest | (the blob has fewer copies than wanted: repair it) |
 //! | `g` | the placement map: registered storage nodes and its version |
+//! | `R` name | when a storage node was removed (its name cannot register again) |
 //! | `A` | shared HMAC token key of earlier versions (removed at start) |
 //! | `J` kid | [`PublicSigningKey`]: a frontend's token-verifying key |
 //! | `G` | key generation: how many times frontends were asked to rotate |
@@ -65,7 +66,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use berth_core::access::{owner_of, OrgRole, Package, Perm, Principal, SourceRepo, Visibility};
-use berth_core::store::{DirectoryChange, PublicSigningKey, TokenOwner, TokenRecord, User};
+use berth_core::store::{
+    DirectoryChange, NodeState, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenOwner, TokenRecord,
+    User,
+};
 use berth_core::{Digest, ErrorCode, ManifestRecord, Stored, UploadSession};
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
@@ -413,34 +417,8 @@ impl<'a> Tx<'a> {
                 Ok(Outcome::Done)
             }
             Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
-            Command::RegisterStorage { node, now_ms } => {
-                let mut map: berth_core::store::PlacementMap = self.get(b"g")?.unwrap_or_default();
-                let node = berth_core::store::StorageNode { seen_ms: *now_ms, ..node.clone() };
-                // An address belongs to one node: a node that took a new name replaces its old
-                // entry, so that no two "copies" of a blob land on one disk.
-                let before = map.nodes.len();
-                map.nodes.retain(|n| n.addr != node.addr || n.name == node.name);
-                if map.nodes.len() != before {
-                    map.version += 1;
-                }
-                match map.nodes.iter_mut().find(|n| n.name == node.name) {
-                    Some(known) => {
-                        let same =
-                            known.addr == node.addr && known.zone == node.zone && known.capacity == node.capacity;
-                        *known = node;
-                        if !same {
-                            map.version += 1;
-                        }
-                    }
-                    None => {
-                        map.nodes.push(node);
-                        map.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-                        map.version += 1;
-                    }
-                }
-                self.put(b"g".to_vec(), &map)?;
-                Ok(Outcome::Done)
-            }
+            Command::RegisterStorage { node, now_ms } => self.register_storage(node, *now_ms),
+            Command::ChangeStorage { change, now_ms } => self.change_storage(change, *now_ms),
             Command::NoteShortCopies { digests } => {
                 for d in digests {
                     self.put(key(b'r', &[&d.to_string()]), &())?;
@@ -677,6 +655,104 @@ impl<'a> Tx<'a> {
     /// Whether an upload is in progress in `repo`.
     fn uploading(&self, repo: &str) -> Result<bool, StateError> {
         self.exists(&key(b'w', &[repo]))
+    }
+
+    /// A storage node registers itself, or renews its heartbeat: the map's version changes
+    /// when the node is new, changed its address, zone or capacity, or comes back from dead.
+    fn register_storage(&mut self, node: &StorageNode, now_ms: u64) -> Result<Outcome, StateError> {
+        if self.exists(&key(b'R', &[&node.name]))? {
+            return Ok(Outcome::refused(
+                ErrorCode::Denied,
+                409,
+                format!("storage node {} was removed from the cluster: start it with a new name", node.name),
+            ));
+        }
+        let mut map: PlacementMap = self.get(b"g")?.unwrap_or_default();
+        let mut node = StorageNode { seen_ms: now_ms, ..node.clone() };
+        // An address belongs to one node: a node that took a new name replaces its old
+        // entry, so that no two "copies" of a blob land on one disk.
+        let before = map.nodes.len();
+        map.nodes.retain(|n| n.addr != node.addr || n.name == node.name);
+        if map.nodes.len() != before {
+            map.version += 1;
+        }
+        match map.nodes.iter_mut().find(|n| n.name == node.name) {
+            Some(known) => {
+                // A drain outlasts heartbeats and restarts; a dead node that is heard from
+                // again is live.
+                node.state = match known.state {
+                    NodeState::Draining => NodeState::Draining,
+                    NodeState::Live | NodeState::Dead => NodeState::Live,
+                };
+                let same = known.addr == node.addr
+                    && known.zone == node.zone
+                    && known.capacity == node.capacity
+                    && known.state == node.state;
+                *known = node;
+                if !same {
+                    map.version += 1;
+                }
+            }
+            None => {
+                node.state = NodeState::Live;
+                map.nodes.push(node);
+                map.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                map.version += 1;
+            }
+        }
+        self.put(b"g".to_vec(), &map)?;
+        Ok(Outcome::Done)
+    }
+
+    /// Drains, puts back, removes or expires storage nodes; answers whether the map changed.
+    fn change_storage(&mut self, change: &StorageChange, now_ms: u64) -> Result<Outcome, StateError> {
+        let mut map: PlacementMap = self.get(b"g")?.unwrap_or_default();
+        let unknown = |name: &str| Outcome::rejected(ErrorCode::NameUnknown, format!("no storage node named {name}"));
+        let changed = match change {
+            StorageChange::Drain { name } | StorageChange::Undrain { name } => {
+                let Some(node) = map.nodes.iter_mut().find(|n| &n.name == name) else { return Ok(unknown(name)) };
+                let to =
+                    if matches!(change, StorageChange::Drain { .. }) { NodeState::Draining } else { NodeState::Live };
+                let changed = node.state != to;
+                node.state = to;
+                changed
+            }
+            StorageChange::Remove { name, force } => {
+                let Some(node) = map.nodes.iter().find(|n| &n.name == name) else { return Ok(unknown(name)) };
+                let drained = node.state == NodeState::Draining && node.stats.blobs == 0 && node.stats.queued == 0;
+                if !force && !drained && node.state != NodeState::Dead {
+                    return Ok(Outcome::refused(
+                        ErrorCode::Denied,
+                        409,
+                        format!(
+                            "storage node {name} is {} and holds {} blobs: drain it first (or force)",
+                            node.state.name(),
+                            node.stats.blobs
+                        ),
+                    ));
+                }
+                map.nodes.retain(|n| &n.name != name);
+                // Its name is not taken back: a removed node still running would otherwise
+                // register again and be given blobs.
+                self.put(key(b'R', &[name]), &now_ms)?;
+                true
+            }
+            StorageChange::ExpireSilent { after_ms } => {
+                let mut changed = false;
+                for n in map.nodes.iter_mut() {
+                    if n.state == NodeState::Live && n.seen_ms.saturating_add(*after_ms) < now_ms {
+                        n.state = NodeState::Dead;
+                        changed = true;
+                    }
+                }
+                changed
+            }
+        };
+        if changed {
+            map.version += 1;
+            self.put(b"g".to_vec(), &map)?;
+        }
+        Ok(Outcome::Existed(changed))
     }
 
     fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {

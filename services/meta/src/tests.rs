@@ -284,6 +284,8 @@ async fn storage_nodes_register_and_the_map_version_moves_only_on_change() {
         zone: Some("a".into()),
         capacity: 100,
         seen_ms: 0,
+        state: Default::default(),
+        stats: Default::default(),
     };
     assert_eq!(m.placement().await.unwrap().nodes.len(), 0);
     m.register_storage(node("s1", "10.0.0.1:7100")).await.unwrap();
@@ -303,6 +305,65 @@ async fn storage_nodes_register_and_the_map_version_moves_only_on_change() {
     let renamed = m.placement().await.unwrap();
     assert_eq!(renamed.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["s1", "s2-renamed"]);
     assert!(renamed.version > moved.version);
+    m.shutdown().await;
+}
+
+/// A silent node is declared dead (and comes back with its next heartbeat); a drained node
+/// stays draining across heartbeats, and is removed only once it reports holding nothing; a
+/// removed node's name cannot register again.
+#[tokio::test]
+async fn storage_nodes_die_come_back_drain_and_are_removed() {
+    use berth_core::store::{NodeState, NodeStats, StorageChange, StorageNode};
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let node = |name: &str, blobs: u64| StorageNode {
+        name: name.into(),
+        addr: format!("{name}:7100"),
+        zone: None,
+        capacity: 100,
+        seen_ms: 0,
+        state: NodeState::Live,
+        stats: NodeStats { blobs, ..NodeStats::default() },
+    };
+    let state =
+        |map: &berth_core::store::PlacementMap, name: &str| map.nodes.iter().find(|n| n.name == name).map(|n| n.state);
+    m.register_storage(node("s1", 5)).await.unwrap();
+    m.register_storage(node("s2", 5)).await.unwrap();
+    // Nothing is silent for a minute yet.
+    assert!(!m.change_storage(StorageChange::ExpireSilent { after_ms: 60_000 }).await.unwrap());
+    let before = m.placement().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    m.register_storage(node("s2", 5)).await.unwrap();
+    // s1 has been silent longer than 20 ms, s2 not.
+    assert!(m.change_storage(StorageChange::ExpireSilent { after_ms: 20 }).await.unwrap());
+    let expired = m.placement().await.unwrap();
+    assert_eq!(state(&expired, "s1"), Some(NodeState::Dead));
+    assert_eq!(state(&expired, "s2"), Some(NodeState::Live));
+    assert!(expired.version > before.version);
+    // Its heartbeat brings it back, and that is a change of the map.
+    m.register_storage(node("s1", 5)).await.unwrap();
+    let back = m.placement().await.unwrap();
+    assert_eq!(state(&back, "s1"), Some(NodeState::Live));
+    assert!(back.version > expired.version);
+
+    // Draining outlasts heartbeats; removal waits for the node to report no blobs.
+    assert!(m.change_storage(StorageChange::Drain { name: "s2".into() }).await.unwrap());
+    m.register_storage(node("s2", 5)).await.unwrap();
+    assert_eq!(state(&m.placement().await.unwrap(), "s2"), Some(NodeState::Draining));
+    let refused = m.change_storage(StorageChange::Remove { name: "s2".into(), force: false }).await.unwrap_err();
+    assert_eq!(refused.status, 409, "{refused:?}");
+    m.register_storage(node("s2", 0)).await.unwrap();
+    assert!(m.change_storage(StorageChange::Remove { name: "s2".into(), force: false }).await.unwrap());
+    let removed = m.placement().await.unwrap();
+    assert_eq!(removed.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["s1"]);
+    let again = m.register_storage(node("s2", 0)).await.unwrap_err();
+    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(m.placement().await.unwrap().nodes.len(), 1);
+    // Unknown names; a live node holding blobs goes only by force.
+    let unknown = m.change_storage(StorageChange::Drain { name: "nope".into() }).await.unwrap_err();
+    assert_eq!(unknown.code, ErrorCode::NameUnknown);
+    assert!(m.change_storage(StorageChange::Remove { name: "s1".into(), force: false }).await.is_err());
+    assert!(m.change_storage(StorageChange::Remove { name: "s1".into(), force: true }).await.unwrap());
     m.shutdown().await;
 }
 

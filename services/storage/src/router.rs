@@ -32,7 +32,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::placement::placed;
+use crate::placement::{Member, Placement};
 
 /// How long a node that failed a call is passed over.
 pub const DOWN_FOR: Duration = Duration::from_secs(2);
@@ -51,8 +51,7 @@ struct Node {
 /// Blob bytes spread over storage nodes.
 pub struct Replicated {
     nodes: Vec<Node>,
-    names: Vec<String>,
-    zones: Vec<Option<String>>,
+    placement: Placement,
     /// The nodes' gRPC addresses, when they are nodes of a cluster: a node then copies a blob
     /// straight to the others ([`BlobStore::transfer`]).
     addrs: Option<Vec<String>>,
@@ -102,13 +101,11 @@ impl Replicated {
         if write_quorum == 0 || write_quorum > replicas {
             return Err(format!("the write quorum must be between 1 and the replica count ({replicas})"));
         }
-        let names: Vec<String> = nodes.iter().map(|(n, _)| n.clone()).collect();
-        let zones = vec![None; names.len()];
+        let placement = Placement::new(nodes.iter().map(|(n, _)| Member::named(n.clone())).collect());
         let nodes = nodes.into_iter().map(|(name, store)| Node { name, store, down_until: Mutex::new(None) }).collect();
         Ok(Replicated {
             nodes,
-            names,
-            zones,
+            placement,
             addrs: None,
             replicas,
             write_quorum,
@@ -118,14 +115,17 @@ impl Replicated {
         })
     }
 
-    /// Gives the nodes zones (in the order they were given): a blob's copies go to different
-    /// zones while there are enough ([`placed`]).
+    /// Gives the nodes zones and weights (`members`, in the order the nodes were given): a
+    /// blob's copies go to different zones while there are enough, and each node owns a share
+    /// of blobs equal to its share of the weight ([`Placement`]).
     ///
     /// # Panics
-    /// When `zones` does not have one entry per node: the caller built the two lists apart.
-    pub fn with_zones(mut self, zones: Vec<Option<String>>) -> Replicated {
-        assert_eq!(zones.len(), self.names.len(), "one zone per storage node");
-        self.zones = zones;
+    /// When `members` does not name the nodes in order: the caller built the two lists apart.
+    pub fn with_members(mut self, members: Vec<Member>) -> Replicated {
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        let nodes: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, nodes, "one member per storage node, in order");
+        self.placement = Placement::new(members);
         self
     }
 
@@ -135,7 +135,7 @@ impl Replicated {
     /// # Panics
     /// When `addrs` does not have one entry per node: the caller built the two lists apart.
     pub fn with_addrs(mut self, addrs: Vec<String>) -> Replicated {
-        assert_eq!(addrs.len(), self.names.len(), "one address per storage node");
+        assert_eq!(addrs.len(), self.nodes.len(), "one address per storage node");
         self.addrs = Some(addrs);
         self
     }
@@ -170,7 +170,7 @@ impl Replicated {
 
     /// The placement order of `digest`: its owners first, then the nodes that stand in.
     fn placement(&self, digest: &Digest) -> Vec<usize> {
-        placed(&self.names, &self.zones, digest, self.replicas)
+        self.placement.placed(digest, self.replicas)
     }
 
     /// Records blobs short of copies in `meta`, for [`Replicated::repair`]. Without it, a
@@ -286,7 +286,7 @@ impl Replicated {
     /// Nodes in the order an upload is staged on them: the first up one in the ranking of
     /// its id takes it, so a frontend that was not told where finds it by asking in order.
     fn upload_order(&self, id: &str) -> Vec<usize> {
-        crate::placement::ranked(&self.names, &Digest::sha256_of(id.as_bytes()))
+        self.placement.ranked(&Digest::sha256_of(id.as_bytes()))
     }
 
     fn remember(&self, id: &str, node: Option<usize>) {
@@ -548,12 +548,12 @@ impl BlobStore for Replicated {
 
     fn upload_staging(&self, id: &str) -> Option<String> {
         let i = self.staged.lock().ok()?.get(id).copied()?;
-        Some(self.names[i].clone())
+        Some(self.nodes[i].name.clone())
     }
 
     fn upload_staged_at(&self, id: &str, node: &str) {
         // A node no longer in the map is left to the search by asking.
-        if let Some(i) = self.names.iter().position(|n| n == node) {
+        if let Some(i) = self.nodes.iter().position(|n| n.name == node) {
             self.remember(id, Some(i));
         }
     }
@@ -970,7 +970,7 @@ mod tests {
         let d = Digest::sha256_of(&data);
         r.put(&d, body(&data), u64::MAX).await.unwrap();
         // The node a read goes to first breaks 400 kB in; the reader notices nothing.
-        let first = placed(&names, &[None, None, None], &d, 3)[0];
+        let first = Placement::of_names(&names).placed(&d, 3)[0];
         flaky[first].broken.store(true, Ordering::Relaxed);
         let got = collect(r.read(&d, None).await.unwrap()).await;
         let got = got.map(|g| (g.len(), g.iter().zip(&data).position(|(a, b)| a != b)));

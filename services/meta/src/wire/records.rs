@@ -4,7 +4,9 @@
 //! message fails to compile here until it travels.
 
 use berth_core::access::Scope;
-use berth_core::store::{PlacementMap, PublicSigningKey, StorageNode, TokenOwner, TokenRecord, User};
+use berth_core::store::{
+    NodeState, NodeStats, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenOwner, TokenRecord, User,
+};
 use berth_core::{Digest, ManifestRecord, Stored, UploadSession};
 use berth_proto::meta as pb;
 
@@ -192,19 +194,70 @@ impl Wire for StorageNode {
     type Proto = pb::StorageNode;
 
     fn to_proto(self) -> pb::StorageNode {
-        let StorageNode { name, addr, zone, capacity, seen_ms } = self;
-        pb::StorageNode { name, addr, zone, capacity, seen_ms }
+        let StorageNode { name, addr, zone, capacity, seen_ms, state, stats } = self;
+        let state = match state {
+            NodeState::Live => pb::NodeState::Live,
+            NodeState::Dead => pb::NodeState::Dead,
+            NodeState::Draining => pb::NodeState::Draining,
+        } as i32;
+        pb::StorageNode { name, addr, zone, capacity, seen_ms, state, stats: Some(stats.to_proto()) }
     }
 
     fn from_proto(p: pb::StorageNode) -> Result<StorageNode, WireError> {
-        let pb::StorageNode { name, addr, zone, capacity, seen_ms } = p;
+        let pb::StorageNode { name, addr, zone, capacity, seen_ms, state, stats } = p;
         if name.is_empty() {
             return Err(WireError::Missing("StorageNode.name"));
         }
         if addr.is_empty() {
             return Err(WireError::Missing("StorageNode.addr"));
         }
-        Ok(StorageNode { name, addr, zone, capacity, seen_ms })
+        let state = match pb::NodeState::try_from(state) {
+            Ok(pb::NodeState::Live) => NodeState::Live,
+            Ok(pb::NodeState::Dead) => NodeState::Dead,
+            Ok(pb::NodeState::Draining) => NodeState::Draining,
+            Err(_) => return Err(WireError::Enum { what: "NodeState", value: state }),
+        };
+        let stats = stats.map(NodeStats::from_proto).transpose()?.unwrap_or_default();
+        Ok(StorageNode { name, addr, zone, capacity, seen_ms, state, stats })
+    }
+}
+
+impl Wire for NodeStats {
+    type Proto = pb::NodeStats;
+
+    fn to_proto(self) -> pb::NodeStats {
+        let NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate } = self;
+        pb::NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate }
+    }
+
+    fn from_proto(p: pb::NodeStats) -> Result<NodeStats, WireError> {
+        let pb::NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate } = p;
+        Ok(NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate })
+    }
+}
+
+impl Wire for StorageChange {
+    type Proto = pb::ChangeStorageRequest;
+
+    fn to_proto(self) -> pb::ChangeStorageRequest {
+        use pb::change_storage_request::{Change, Drain, ExpireSilent, Remove, Undrain};
+        let change = match self {
+            StorageChange::Drain { name } => Change::Drain(Drain { name }),
+            StorageChange::Undrain { name } => Change::Undrain(Undrain { name }),
+            StorageChange::Remove { name, force } => Change::Remove(Remove { name, force }),
+            StorageChange::ExpireSilent { after_ms } => Change::ExpireSilent(ExpireSilent { after_ms }),
+        };
+        pb::ChangeStorageRequest { change: Some(change) }
+    }
+
+    fn from_proto(p: pb::ChangeStorageRequest) -> Result<StorageChange, WireError> {
+        use pb::change_storage_request::Change;
+        Ok(match p.change.ok_or(WireError::Missing("ChangeStorageRequest.change"))? {
+            Change::Drain(d) => StorageChange::Drain { name: d.name },
+            Change::Undrain(u) => StorageChange::Undrain { name: u.name },
+            Change::Remove(r) => StorageChange::Remove { name: r.name, force: r.force },
+            Change::ExpireSilent(e) => StorageChange::ExpireSilent { after_ms: e.after_ms },
+        })
     }
 }
 

@@ -1,0 +1,388 @@
+//! How a storage node keeps its blobs where placement wants them: re-replication after a node
+//! dies, rebalance after one joins, and drain before one is removed, all by one pass.
+//!
+//! A pass walks the node's own inventory. For each blob it asks the blob's current owners
+//! (the first R live nodes in placement order, see `berth_storage::placement`) whether they
+//! hold it, and then:
+//! - an **owner** copies the blob to every owner that lacks it, unless an owner ranked before
+//!   it holds the blob (that one copies; so after a node dies, one survivor per blob sends
+//!   the copy its new owner needs, not all of them);
+//! - a **non-owner** (a draining node, or one whose blobs moved to a node that joined) copies
+//!   the blob to every owner that lacks it, and deletes its own copy once every owner has
+//!   confirmed one: a copy is confirmed by its owner's stat, or by the owner's answer to the
+//!   write, which it gives only after verifying the digest and fsyncing.
+//!
+//! A pass runs when the placement map's version changes (a node joined, died, came back, was
+//! drained or removed), once more [`SETTLE_AFTER`] later (for copies written by frontends
+//! still on the previous map), again shortly after a pass that left work undone (an owner did
+//! not answer, a copy failed, a copy could not yet be dropped), and otherwise every check
+//! interval.
+//! Copies are paced to the bandwidth limit. What the pass finds and does is reported in the
+//! node's heartbeats ([`NodeStats`]), which `berth admin cluster status` shows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use berth_core::store::{NodeState, NodeStats, PlacementMap};
+use berth_core::{BlobStore, Digest, MetaStore};
+use berth_storage::client::{StorageClient, StorageClientConfig};
+use berth_storage::placement::{Member, Placement};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+/// Blobs listed per page of the inventory.
+const PAGE: usize = 256;
+
+/// Blobs checked at once.
+const CHECKS_AT_ONCE: usize = 8;
+
+/// How often the map is read to see whether a pass is due.
+const MAP_CHECK: Duration = Duration::from_secs(2);
+
+/// How soon a pass that left work undone is followed by another.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// How long after a map change one more pass runs. A frontend follows the map a moment late
+/// (it polls every 2 s) and an upload being finished as the map changes copies to the owners
+/// of the map it started with (within 16 s): this pass puts such copies where they belong.
+const SETTLE_AFTER: Duration = Duration::from_secs(20);
+
+/// How long copying a blob of `size` bytes may take: 10 s, plus a second per 8 MB (a slow
+/// disk's rate); past it the copy counts as failed and the next pass tries again.
+fn copy_time(size: u64) -> Duration {
+    Duration::from_secs(10 + size / 8_000_000)
+}
+
+/// What the pass of one node needs.
+pub struct Rebalancer {
+    /// This node's blobs.
+    pub local: Arc<dyn BlobStore>,
+    /// The metadata group.
+    pub meta: Arc<dyn MetaStore>,
+    /// This node's name in the placement map.
+    pub name: String,
+    /// Copies per blob (R), as the frontends keep.
+    pub replicas: usize,
+    /// Bytes per second copies may take (0: no limit).
+    pub bandwidth: u64,
+    /// How often a pass runs when nothing changed.
+    pub interval: Duration,
+    /// What the node reports in its heartbeats.
+    pub stats: Arc<Mutex<NodeStats>>,
+}
+
+/// What a pass left undone.
+#[derive(Default)]
+struct Undone {
+    /// Blobs whose owners could not all be asked, or a copy failed.
+    failed: u64,
+    /// Copies held by a node that does not own them, not yet dropped.
+    misplaced: u64,
+}
+
+/// Paces copies to a bandwidth: after each copy, waits until the bytes sent so far in the pass
+/// took at least as long as the limit allows.
+struct Pace {
+    start: Instant,
+    bytes: u64,
+    limit: u64,
+}
+
+impl Pace {
+    /// Counts `bytes` sent; returns how long to wait before sending more.
+    fn sent(&mut self, bytes: u64) -> Duration {
+        self.bytes += bytes;
+        if self.limit == 0 {
+            return Duration::ZERO;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.limit as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
+}
+
+impl Rebalancer {
+    fn update(&self, f: impl FnOnce(&mut NodeStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Runs passes until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut peers: HashMap<String, Arc<StorageClient>> = HashMap::new();
+        let mut done_for: Option<u64> = None;
+        let mut last_pass: Option<Instant> = None;
+        // The map version last seen, when it was first seen, and whether a pass began after
+        // SETTLE_AFTER had passed since then.
+        let mut seen: Option<(u64, Instant, bool)> = None;
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            wait = MAP_CHECK;
+            let map = match self.meta.placement().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the placement map");
+                    continue;
+                }
+            };
+            if !map.nodes.iter().any(|n| n.name == self.name) {
+                continue;
+            }
+            let (since, settled) = match seen {
+                Some((v, since, settled)) if v == map.version => (since, settled),
+                _ => (Instant::now(), false),
+            };
+            let settling = !settled && since.elapsed() >= SETTLE_AFTER;
+            seen = Some((map.version, since, settled || settling));
+            let due =
+                done_for != Some(map.version) || settling || last_pass.is_none_or(|t| t.elapsed() >= self.interval);
+            if !due {
+                continue;
+            }
+            let started = Instant::now();
+            tracing::debug!(version = map.version, "placement pass");
+            let undone = tokio::select! {
+                u = self.pass(&map, &mut peers) => u,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            last_pass = Some(Instant::now());
+            if undone.failed == 0 && undone.misplaced == 0 {
+                done_for = Some(map.version);
+                tracing::debug!(version = map.version, took = ?started.elapsed(), "placement pass done");
+            } else {
+                done_for = None;
+                wait = RETRY_AFTER;
+                tracing::info!(
+                    version = map.version,
+                    failed = undone.failed,
+                    misplaced = undone.misplaced,
+                    "placement pass left work; trying again shortly"
+                );
+            }
+        }
+    }
+
+    /// The client of the node at `addr`.
+    fn peer(peers: &mut HashMap<String, Arc<StorageClient>>, addr: &str) -> Option<Arc<StorageClient>> {
+        if let Some(p) = peers.get(addr) {
+            return Some(p.clone());
+        }
+        let p = Arc::new(StorageClient::new(addr, StorageClientConfig::default()).ok()?);
+        peers.insert(addr.to_string(), p.clone());
+        Some(p)
+    }
+
+    /// One pass over this node's inventory under `map`.
+    async fn pass(&self, map: &PlacementMap, peers: &mut HashMap<String, Arc<StorageClient>>) -> Undone {
+        let members: Vec<Member> = map
+            .nodes
+            .iter()
+            .map(|n| Member {
+                name: n.name.clone(),
+                zone: n.zone.clone(),
+                weight: n.capacity,
+                owns: n.state == NodeState::Live,
+            })
+            .collect();
+        let placement = Placement::new(members);
+        let Some(me) = map.nodes.iter().position(|n| n.name == self.name) else { return Undone::default() };
+        let clients: Vec<Option<Arc<StorageClient>>> = map
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| if i == me { None } else { Self::peer(peers, &n.addr) })
+            .collect();
+
+        // Count first, so that progress has a total.
+        let (mut blobs, mut bytes) = (0u64, 0u64);
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = match self.local.list(after.as_ref(), PAGE * 4).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing this node's blobs");
+                    return Undone { failed: 1, misplaced: 0 };
+                }
+            };
+            blobs += page.len() as u64;
+            for (d, _) in &page {
+                if let Ok(Some(stored)) = self.local.stat(d).await {
+                    bytes += stored.size;
+                }
+            }
+            if page.len() < PAGE * 4 {
+                break;
+            }
+            after = page.last().map(|(d, _)| d.clone());
+        }
+        self.update(|s| {
+            s.blobs = blobs;
+            s.bytes = bytes;
+            s.queued = blobs;
+            s.checked = 0;
+        });
+
+        let pace = Mutex::new(Pace { start: Instant::now(), bytes: 0, limit: self.bandwidth });
+        let mut undone = Undone::default();
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = match self.local.list(after.as_ref(), PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing this node's blobs");
+                    undone.failed += 1;
+                    break;
+                }
+            };
+            // A bounded set of checks in flight, refilled as each ends.
+            let mut outcomes = Vec::with_capacity(page.len());
+            let mut running = futures::stream::FuturesUnordered::new();
+            let mut todo = page.iter();
+            loop {
+                while running.len() < CHECKS_AT_ONCE {
+                    let Some((d, _stamp)) = todo.next() else { break };
+                    running.push(self.place(d, &placement, me, &clients, &pace));
+                }
+                match running.next().await {
+                    Some(o) => outcomes.push(o),
+                    None => break,
+                }
+            }
+            for o in outcomes {
+                match o {
+                    Outcome::Placed => {}
+                    Outcome::Failed => undone.failed += 1,
+                    Outcome::Misplaced => undone.misplaced += 1,
+                }
+            }
+            self.update(|s| {
+                s.checked += page.len() as u64;
+                s.queued = s.queued.saturating_sub(page.len() as u64);
+            });
+            if page.len() < PAGE {
+                break;
+            }
+            after = page.last().map(|(d, _)| d.clone());
+        }
+        let pace = pace.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let secs = pace.start.elapsed().as_secs_f64();
+        self.update(|s| {
+            s.move_rate = if secs > 0.0 { (pace.bytes as f64 / secs) as u64 } else { 0 };
+            s.queued = 0;
+        });
+        undone
+    }
+
+    /// Puts blob `d` (held here) where placement wants it.
+    async fn place(
+        &self,
+        d: &Digest,
+        placement: &Placement,
+        me: usize,
+        clients: &[Option<Arc<StorageClient>>],
+        pace: &Mutex<Pace>,
+    ) -> Outcome {
+        // Listed a moment ago; a blob deleted since (by the collector) needs nothing.
+        let size = match self.local.stat(d).await {
+            Ok(Some(stored)) => stored.size,
+            Ok(None) => return Outcome::Placed,
+            Err(_) => return Outcome::Failed,
+        };
+        let owners = placement.owners(d, self.replicas);
+        let mine = owners.iter().position(|&o| o == me);
+        // Who holds it: Some(true) holds, Some(false) lacks, None did not answer.
+        let mut holds: Vec<Option<bool>> = Vec::with_capacity(owners.len());
+        for &o in &owners {
+            if o == me {
+                holds.push(Some(true));
+                continue;
+            }
+            let answer = match &clients[o] {
+                Some(c) => match c.stat(d).await {
+                    Ok(s) => Some(s.is_some()),
+                    Err(e) => {
+                        tracing::debug!(digest = %d, error = %e, "asking an owner whether it holds a blob");
+                        None
+                    }
+                },
+                None => None,
+            };
+            holds.push(answer);
+        }
+        let mut failed = holds.iter().any(Option::is_none);
+        // An owner leaves the copying to a holder ranked before it.
+        let copies_here = match mine {
+            Some(k) => !holds[..k].contains(&Some(true)),
+            None => true,
+        };
+        if copies_here {
+            for (k, &o) in owners.iter().enumerate() {
+                if holds[k] != Some(false) {
+                    continue;
+                }
+                let Some(target) = &clients[o] else { continue };
+                tracing::debug!(digest = %d, to = %o, "copying a blob to an owner that lacks it");
+                let copied = async {
+                    let body = self.local.read(d, None).await?;
+                    target.put(d, body, size).await
+                };
+                let copied = match tokio::time::timeout(copy_time(size), copied).await {
+                    Ok(c) => c,
+                    Err(_) => Err(berth_core::RegistryError::new(
+                        berth_core::ErrorCode::Unknown,
+                        format!("copy took over {:?}", copy_time(size)),
+                    )),
+                };
+                match copied {
+                    Ok(_) => {
+                        holds[k] = Some(true);
+                        self.update(|s| {
+                            s.copies_made += 1;
+                            s.bytes_moved += size;
+                        });
+                        let wait = pace.lock().unwrap_or_else(PoisonError::into_inner).sent(size);
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::warn!(digest = %d, error = %e, "copying a blob to its owner");
+                    }
+                }
+            }
+        }
+        if mine.is_some() {
+            return if failed { Outcome::Failed } else { Outcome::Placed };
+        }
+        // Not an owner: drop the copy once every owner confirmed one.
+        if owners.len() < self.replicas || !holds.iter().all(|h| *h == Some(true)) {
+            return Outcome::Misplaced;
+        }
+        match self.local.delete(d).await {
+            Ok(_) => {
+                self.update(|s| {
+                    s.copies_dropped += 1;
+                    s.blobs = s.blobs.saturating_sub(1);
+                    s.bytes = s.bytes.saturating_sub(size);
+                });
+                Outcome::Placed
+            }
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "dropping a copy its owners hold");
+                Outcome::Failed
+            }
+        }
+    }
+}
+
+/// What became of one blob in a pass.
+enum Outcome {
+    /// Where it should be (or nothing more can be done here).
+    Placed,
+    /// An owner did not answer, or a copy failed.
+    Failed,
+    /// Held here though this node does not own it, and not yet droppable.
+    Misplaced,
+}
