@@ -144,6 +144,11 @@ impl Cluster {
         i
     }
 
+    /// The data directory of storage node `i`.
+    pub fn storage_dir(&self, i: usize) -> std::path::PathBuf {
+        self._dir.path().join(format!("storage{i}"))
+    }
+
     /// SIGKILLs storage node `i`.
     pub fn kill_storage(&mut self, i: usize) {
         self.storage[i].kill();

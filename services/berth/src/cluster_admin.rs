@@ -43,7 +43,8 @@ pub enum ClusterCmd {
     /// name, address, zone, capacity, state (live, dead, draining), milliseconds since its
     /// last heartbeat, the blobs and bytes it holds, and its re-replication and rebalance
     /// queue (`queued` blobs left to check, `checked`, copies made and dropped, bytes moved,
-    /// rate in bytes per second), as of that heartbeat.
+    /// rate in bytes per second) and its scrub (bytes checked this pass, passes, rate, damaged
+    /// copies found and mended), as of that heartbeat.
     Storage,
     /// Moves a storage node's blobs to their other owners; it takes no new ones. Remove it
     /// once `storage` shows it holding none.
@@ -83,6 +84,10 @@ fn storage_json(map: &berth_core::store::PlacementMap) -> serde_json::Value {
                     "queued": s.queued, "checked": s.checked, "copies_made": s.copies_made,
                     "copies_dropped": s.copies_dropped, "bytes_moved": s.bytes_moved,
                     "bytes_per_second": s.move_rate,
+                },
+                "scrub": {
+                    "bytes_checked": s.scrubbed, "passes": s.scrub_passes, "bytes_per_second": s.scrub_rate,
+                    "damaged_found": s.damaged, "mended": s.mended,
                 },
             })
         })

@@ -11,6 +11,7 @@ mod housekeeping;
 mod http;
 mod meta;
 mod rebalance;
+mod scrub;
 mod standalone;
 mod storage;
 

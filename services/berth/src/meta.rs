@@ -2,6 +2,7 @@
 //! (to frontends and storage nodes) and the Cluster service (to `berth admin cluster`) on one
 //! gRPC address.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,46 +42,66 @@ pub struct MetaArgs {
 /// How often the leader looks for storage nodes that stopped sending heartbeats.
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
-/// Declares dead, while this node leads, every live storage node silent for `after`. A node
-/// that has led for less than `after` declares nothing: the heartbeats it has not seen may
-/// have gone to the previous leader (and after a restart of the whole group, none was sent).
+/// The shortest dead time accepted: two missed heartbeats (storage nodes send one every 3 s).
+const MIN_DEAD_AFTER: Duration = Duration::from_secs(6);
+
+/// Declares dead, while this node leads, every live storage node it has not heard from for
+/// `after`, by its own monotonic clock: a node's heartbeat time (`seen_ms`, a wall-clock time)
+/// is only compared with the one seen a moment before, so a jump of any clock declares no one
+/// dead. A node leading for less than `after` declares nothing: the heartbeats it has not seen
+/// may have gone to the previous leader (and after a restart of the whole group, none was sent).
 async fn expire_silent_storage(meta: MetaService, after: Duration) {
-    let mut leading: Option<(u64, Instant)> = None;
+    let mut term_seen: Option<u64> = None;
+    // Per node: the heartbeat time last read, and when this leader first read it.
+    let mut heard: HashMap<String, (u64, Instant)> = HashMap::new();
     loop {
         tokio::time::sleep(EXPIRY_CHECK).await;
         let Some(term) = meta.leading_term() else {
-            leading = None;
+            term_seen = None;
             continue;
         };
-        let since = match leading {
-            Some((t, since)) if t == term => since,
-            _ => {
-                leading = Some((term, Instant::now()));
-                continue;
+        if term_seen != Some(term) {
+            term_seen = Some(term);
+            heard.clear();
+        }
+        let Ok(map) = meta.placement().await else { continue };
+        let now = Instant::now();
+        let mut silent = vec![];
+        for n in &map.nodes {
+            let since = match heard.get(&n.name) {
+                Some((seen, since)) if *seen == n.seen_ms => *since,
+                _ => {
+                    heard.insert(n.name.clone(), (n.seen_ms, now));
+                    now
+                }
+            };
+            if n.state == NodeState::Live && now.duration_since(since) >= after {
+                silent.push((n.name.clone(), n.seen_ms));
             }
-        };
-        if since.elapsed() < after {
+        }
+        heard.retain(|name, _| map.nodes.iter().any(|n| &n.name == name));
+        if silent.is_empty() {
             continue;
         }
-        let after_ms = after.as_millis() as u64;
-        let now = berth_core::now_ms();
-        let silent = match meta.placement().await {
-            Ok(map) => map.nodes.iter().any(|n| n.state == NodeState::Live && n.seen_ms.saturating_add(after_ms) < now),
-            Err(_) => false,
-        };
-        if silent {
-            match meta.change_storage(StorageChange::ExpireSilent { after_ms }).await {
-                Ok(true) => tracing::warn!(after_secs = after.as_secs(), "declared silent storage nodes dead"),
-                Ok(false) => {}
-                Err(e) => tracing::debug!(error = %e, "declaring silent storage nodes dead"),
+        let names: Vec<String> = silent.iter().map(|(n, _)| n.clone()).collect();
+        match meta.change_storage(StorageChange::DeclareDead { nodes: silent }).await {
+            Ok(true) => {
+                tracing::warn!(nodes = ?names, after_secs = after.as_secs(), "declared silent storage nodes dead")
             }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "declaring silent storage nodes dead"),
         }
     }
 }
 
-/// Runs the node until SIGTERM or SIGINT.
 pub async fn run(args: MetaArgs) -> Result<()> {
     anyhow::ensure!(args.id > 0, "--id must be a positive number");
+    let dead_after = Duration::from_secs(args.storage_dead_after_secs);
+    anyhow::ensure!(
+        dead_after >= MIN_DEAD_AFTER,
+        "--storage-dead-after-secs must be at least {} (two missed heartbeats)",
+        MIN_DEAD_AFTER.as_secs()
+    );
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
@@ -97,8 +118,7 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     .context("starting the metadata node")?;
     let store: Arc<dyn MetaStore> = Arc::new(meta.clone());
     let gate = Arc::new(RaftGate::new(meta.clone()));
-    let expiry =
-        tokio::spawn(expire_silent_storage(meta.clone(), Duration::from_secs(args.storage_dead_after_secs.max(1))));
+    let expiry = tokio::spawn(expire_silent_storage(meta.clone(), dead_after));
     println!("berth meta: node {} serving grpc://{bound} as {advertise} (data in {})", args.id, data_dir.display());
     let server = Server::builder()
         .add_service(raft_server(meta.raft().clone()))

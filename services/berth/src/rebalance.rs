@@ -9,8 +9,12 @@
 //!   the copy its new owner needs, not all of them);
 //! - a **non-owner** (a draining node, or one whose blobs moved to a node that joined) copies
 //!   the blob to every owner that lacks it, and deletes its own copy once every owner has
-//!   confirmed one: a copy is confirmed by its owner's stat, or by the owner's answer to the
-//!   write, which it gives only after verifying the digest and fsyncing.
+//!   confirmed one: a copy is confirmed by its owner's stat (of the same size), or by the
+//!   owner's answer to the write, which it gives only after verifying the digest and
+//!   fsyncing. Copies are dropped only while the map is still the one the pass worked under
+//!   (it is read again first): two nodes working under different maps could otherwise each
+//!   count on the other's copy and both drop theirs. A node that the map says is dead (it
+//!   came back and its heartbeat is not in yet) runs no pass at all.
 //!
 //! A pass runs when the placement map's version changes (a node joined, died, came back, was
 //! drained or removed), once more [`SETTLE_AFTER`] later (for copies written by frontends
@@ -128,7 +132,9 @@ impl Rebalancer {
                     continue;
                 }
             };
-            if !map.nodes.iter().any(|n| n.name == self.name) {
+            // A node not yet registered, or marked dead (it came back and its heartbeat has not
+            // been applied yet), does not know what it owns: it neither copies nor drops.
+            if !map.nodes.iter().any(|n| n.name == self.name && n.state != NodeState::Dead) {
                 continue;
             }
             let (since, settled) = match seen {
@@ -251,12 +257,17 @@ impl Rebalancer {
                     None => break,
                 }
             }
+            let mut droppable = vec![];
             for o in outcomes {
                 match o {
                     Outcome::Placed => {}
                     Outcome::Failed => undone.failed += 1,
                     Outcome::Misplaced => undone.misplaced += 1,
+                    Outcome::Droppable(d, size) => droppable.push((d, size)),
                 }
+            }
+            if !droppable.is_empty() {
+                self.drop_copies(map.version, droppable, &mut undone).await;
             }
             self.update(|s| {
                 s.checked += page.len() as u64;
@@ -272,8 +283,35 @@ impl Rebalancer {
         self.update(|s| {
             s.move_rate = if secs > 0.0 { (pace.bytes as f64 / secs) as u64 } else { 0 };
             s.queued = 0;
+            s.pass_version = map.version;
         });
         undone
+    }
+
+    /// Deletes copies this node holds but does not own, each confirmed at every owner, unless
+    /// the map changed since the pass read it: owners confirmed under one map may be dropping
+    /// their own copies under the next, so a pass drops nothing once its map is stale.
+    async fn drop_copies(&self, version: u64, droppable: Vec<(Digest, u64)>, undone: &mut Undone) {
+        match self.meta.placement().await {
+            Ok(now) if now.version == version => {}
+            _ => {
+                undone.misplaced += droppable.len() as u64;
+                return;
+            }
+        }
+        for (d, size) in droppable {
+            match self.local.delete(&d).await {
+                Ok(_) => self.update(|s| {
+                    s.copies_dropped += 1;
+                    s.blobs = s.blobs.saturating_sub(1);
+                    s.bytes = s.bytes.saturating_sub(size);
+                }),
+                Err(e) => {
+                    undone.failed += 1;
+                    tracing::warn!(digest = %d, error = %e, "dropping a copy its owners hold");
+                }
+            }
+        }
     }
 
     /// Puts blob `d` (held here) where placement wants it.
@@ -301,8 +339,9 @@ impl Rebalancer {
                 continue;
             }
             let answer = match &clients[o] {
+                // A copy of another size is no copy (it cannot pass a digest check anyway).
                 Some(c) => match c.stat(d).await {
-                    Ok(s) => Some(s.is_some()),
+                    Ok(s) => Some(s.is_some_and(|s| s.size == size)),
                     Err(e) => {
                         tracing::debug!(digest = %d, error = %e, "asking an owner whether it holds a blob");
                         None
@@ -360,20 +399,7 @@ impl Rebalancer {
         if owners.len() < self.replicas || !holds.iter().all(|h| *h == Some(true)) {
             return Outcome::Misplaced;
         }
-        match self.local.delete(d).await {
-            Ok(_) => {
-                self.update(|s| {
-                    s.copies_dropped += 1;
-                    s.blobs = s.blobs.saturating_sub(1);
-                    s.bytes = s.bytes.saturating_sub(size);
-                });
-                Outcome::Placed
-            }
-            Err(e) => {
-                tracing::warn!(digest = %d, error = %e, "dropping a copy its owners hold");
-                Outcome::Failed
-            }
-        }
+        Outcome::Droppable(d.clone(), size)
     }
 }
 
@@ -385,4 +411,7 @@ enum Outcome {
     Failed,
     /// Held here though this node does not own it, and not yet droppable.
     Misplaced,
+    /// Held here though this node does not own it, and confirmed at every owner: the copy
+    /// here can go (its size given).
+    Droppable(Digest, u64),
 }

@@ -2,7 +2,8 @@
 //! idle uploads and collecting garbage against the metadata group. It registers itself with
 //! the metadata group (name, address, zone, capacity) at start and sends a heartbeat every
 //! [`HEARTBEAT`]; frontends place blobs on the nodes of that map, and the node moves its own
-//! blobs to where that map wants them (`crate::rebalance`).
+//! blobs to where that map wants them (`crate::rebalance`), and scrubs them, replacing damaged
+//! copies from good replicas (`crate::scrub`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,12 @@ pub struct StorageArgs {
     /// placement map has not changed (a change starts a pass at once).
     #[arg(long, env = "BERTH_PLACEMENT_CHECK_SECS", default_value_t = 3600)]
     pub placement_check_secs: u64,
+    /// Bytes per second the scrub may re-read to check this node's blobs; 0 for no limit.
+    #[arg(long, env = "BERTH_SCRUB_BANDWIDTH", default_value_t = 16 << 20)]
+    pub scrub_bandwidth: u64,
+    /// Seconds between two scrub passes over everything this node holds.
+    #[arg(long, env = "BERTH_SCRUB_PAUSE_SECS", default_value_t = 3600)]
+    pub scrub_pause_secs: u64,
 }
 
 /// How often a storage node renews its registration.
@@ -131,7 +138,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let engine = StorageEngine::open(StorageConfig { dir: data_dir.clone() }).context("opening storage")?;
-    let blobs: Arc<dyn BlobStore> = Arc::new(engine);
+    let blobs: Arc<dyn BlobStore> = Arc::new(engine.clone());
     let metas: Arc<dyn MetaStore> =
         Arc::new(MetaClient::new(args.meta, MetaClientConfig::default()).context("the metadata nodes")?);
     let incoming = TcpIncoming::bind(args.listen)
@@ -146,6 +153,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         seen_ms: 0,
         state: NodeState::Live,
         stats: NodeStats::default(),
+        since_version: 0,
     };
     println!("berth storage: serving grpc://{bound} as {} (data in {})", node.name, data_dir.display());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -165,6 +173,15 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         stats: stats.clone(),
     };
     let rebalancing = tokio::spawn(rebalance.run(stop_rx.clone()));
+    let scrub = crate::scrub::Scrubber {
+        engine,
+        meta: metas.clone(),
+        name: node.name.clone(),
+        bandwidth: args.scrub_bandwidth,
+        pause: Duration::from_secs(args.scrub_pause_secs),
+        stats: stats.clone(),
+    };
+    let scrubbing = tokio::spawn(scrub.run(stop_rx.clone()));
     let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stats, stop_rx.clone()));
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, false, stop_rx));
@@ -179,6 +196,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     stop_tx.send_replace(true);
     heartbeats.abort();
     rebalancing.abort();
+    scrubbing.abort();
     if let Err(e) = housekeeping.await {
         tracing::warn!(error = %e, "housekeeping ended abnormally");
     }

@@ -361,6 +361,9 @@ pub struct StorageNode {
     /// What it holds and is moving, as of its last heartbeat.
     #[serde(default)]
     pub stats: NodeStats,
+    /// The map version at which its state last changed (set by the metadata service).
+    #[serde(default)]
+    pub since_version: u64,
 }
 
 /// A storage node's part in placement.
@@ -419,6 +422,25 @@ pub struct NodeStats {
     pub copies_dropped: u64,
     /// Bytes per second it copied over its last pass.
     pub move_rate: u64,
+    /// The map version its last complete pass worked under (0: none yet): `blobs` and
+    /// `queued` describe the node under that map only from then on.
+    #[serde(default)]
+    pub pass_version: u64,
+    /// Bytes its scrub has re-read and checked in the current pass.
+    #[serde(default)]
+    pub scrubbed: u64,
+    /// Scrub passes over everything it holds completed since it started.
+    #[serde(default)]
+    pub scrub_passes: u64,
+    /// Bytes per second its scrub read over its last pass.
+    #[serde(default)]
+    pub scrub_rate: u64,
+    /// Damaged copies it found (by scrub or by a read) since it started.
+    #[serde(default)]
+    pub damaged: u64,
+    /// Damaged copies it replaced from a good replica since it started.
+    #[serde(default)]
+    pub mended: u64,
 }
 
 /// A change an administrator (or the metadata leader) makes to the storage nodes.
@@ -434,18 +456,19 @@ pub enum StorageChange {
         /// The node.
         name: String,
     },
-    /// Take a node out of the map. Refused unless it is drained (its last heartbeat reported
-    /// no blobs) or dead, or `force` is set.
+    /// Take a node out of the map. Refused unless it is drained (a pass it completed after
+    /// the drain found it holding no blobs), or `force` is set.
     Remove {
         /// The node.
         name: String,
         /// Remove it whatever it holds.
         force: bool,
     },
-    /// Declare dead every live node whose last heartbeat is older than `after_ms`.
-    ExpireSilent {
-        /// The dead time (ms).
-        after_ms: u64,
+    /// Declare nodes dead that the leader has not heard from for the dead time: each named
+    /// with the heartbeat time the leader last saw, so that a node heard from since stays live.
+    DeclareDead {
+        /// `(name, seen_ms)` of each silent node.
+        nodes: Vec<(String, u64)>,
     },
 }
 

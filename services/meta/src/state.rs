@@ -684,50 +684,74 @@ impl<'a> Tx<'a> {
                     NodeState::Draining => NodeState::Draining,
                     NodeState::Live | NodeState::Dead => NodeState::Live,
                 };
-                let same = known.addr == node.addr
-                    && known.zone == node.zone
-                    && known.capacity == node.capacity
-                    && known.state == node.state;
-                *known = node;
+                let revived = known.state != node.state;
+                let same =
+                    known.addr == node.addr && known.zone == node.zone && known.capacity == node.capacity && !revived;
+                node.since_version = known.since_version;
                 if !same {
                     map.version += 1;
                 }
+                if revived {
+                    node.since_version = map.version;
+                }
+                *known = node;
             }
             None => {
+                map.version += 1;
                 node.state = NodeState::Live;
+                node.since_version = map.version;
                 map.nodes.push(node);
                 map.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-                map.version += 1;
             }
         }
         self.put(b"g".to_vec(), &map)?;
         Ok(Outcome::Done)
     }
 
-    /// Drains, puts back, removes or expires storage nodes; answers whether the map changed.
+    /// Drains, puts back, removes or declares dead storage nodes; answers whether the map
+    /// changed. Every input is in the command, `now_ms` (the leader's clock) included.
     fn change_storage(&mut self, change: &StorageChange, now_ms: u64) -> Result<Outcome, StateError> {
         let mut map: PlacementMap = self.get(b"g")?.unwrap_or_default();
         let unknown = |name: &str| Outcome::rejected(ErrorCode::NameUnknown, format!("no storage node named {name}"));
+        let next = map.version + 1;
         let changed = match change {
-            StorageChange::Drain { name } | StorageChange::Undrain { name } => {
+            StorageChange::Drain { name } => {
                 let Some(node) = map.nodes.iter_mut().find(|n| &n.name == name) else { return Ok(unknown(name)) };
-                let to =
-                    if matches!(change, StorageChange::Drain { .. }) { NodeState::Draining } else { NodeState::Live };
-                let changed = node.state != to;
-                node.state = to;
+                let changed = node.state != NodeState::Draining;
+                if changed {
+                    node.state = NodeState::Draining;
+                    node.since_version = next;
+                }
+                changed
+            }
+            StorageChange::Undrain { name } => {
+                let Some(node) = map.nodes.iter_mut().find(|n| &n.name == name) else { return Ok(unknown(name)) };
+                // Only a drain is undone: a dead node comes back by its own heartbeats.
+                let changed = node.state == NodeState::Draining;
+                if changed {
+                    node.state = NodeState::Live;
+                    node.since_version = next;
+                }
                 changed
             }
             StorageChange::Remove { name, force } => {
                 let Some(node) = map.nodes.iter().find(|n| &n.name == name) else { return Ok(unknown(name)) };
-                let drained = node.state == NodeState::Draining && node.stats.blobs == 0 && node.stats.queued == 0;
-                if !force && !drained && node.state != NodeState::Dead {
+                // Drained: a pass the node completed under the map of its drain (or a later
+                // one) found it holding nothing. Figures from before that prove nothing.
+                let s = &node.stats;
+                let drained = node.state == NodeState::Draining
+                    && s.pass_version >= node.since_version
+                    && s.blobs == 0
+                    && s.queued == 0;
+                if !force && !drained {
                     return Ok(Outcome::refused(
                         ErrorCode::Denied,
                         409,
                         format!(
-                            "storage node {name} is {} and holds {} blobs: drain it first (or force)",
+                            "storage node {name} is {} and may hold blobs ({} at its last complete pass): drain it \
+                             and wait until it holds none, or remove it by force",
                             node.state.name(),
-                            node.stats.blobs
+                            s.blobs
                         ),
                     ));
                 }
@@ -737,12 +761,16 @@ impl<'a> Tx<'a> {
                 self.put(key(b'R', &[name]), &now_ms)?;
                 true
             }
-            StorageChange::ExpireSilent { after_ms } => {
+            StorageChange::DeclareDead { nodes } => {
                 let mut changed = false;
-                for n in map.nodes.iter_mut() {
-                    if n.state == NodeState::Live && n.seen_ms.saturating_add(*after_ms) < now_ms {
-                        n.state = NodeState::Dead;
-                        changed = true;
+                for (name, seen) in nodes {
+                    // Only if not heard from since the leader decided.
+                    if let Some(n) = map.nodes.iter_mut().find(|n| &n.name == name) {
+                        if n.state == NodeState::Live && n.seen_ms == *seen {
+                            n.state = NodeState::Dead;
+                            n.since_version = next;
+                            changed = true;
+                        }
                     }
                 }
                 changed

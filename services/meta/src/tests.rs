@@ -286,6 +286,7 @@ async fn storage_nodes_register_and_the_map_version_moves_only_on_change() {
         seen_ms: 0,
         state: Default::default(),
         stats: Default::default(),
+        since_version: 0,
     };
     assert_eq!(m.placement().await.unwrap().nodes.len(), 0);
     m.register_storage(node("s1", "10.0.0.1:7100")).await.unwrap();
@@ -308,58 +309,64 @@ async fn storage_nodes_register_and_the_map_version_moves_only_on_change() {
     m.shutdown().await;
 }
 
-/// A silent node is declared dead (and comes back with its next heartbeat); a drained node
-/// stays draining across heartbeats, and is removed only once it reports holding nothing; a
+/// A node declared dead (as the leader last heard it) comes back with its next heartbeat, and
+/// one heard from since the leader decided stays live; a drained node stays draining across
+/// heartbeats and is removed only once a pass it completed after the drain found it empty; a
 /// removed node's name cannot register again.
 #[tokio::test]
 async fn storage_nodes_die_come_back_drain_and_are_removed() {
     use berth_core::store::{NodeState, NodeStats, StorageChange, StorageNode};
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
-    let node = |name: &str, blobs: u64| StorageNode {
+    let node = |name: &str, blobs: u64, pass_version: u64| StorageNode {
         name: name.into(),
         addr: format!("{name}:7100"),
         zone: None,
         capacity: 100,
         seen_ms: 0,
         state: NodeState::Live,
-        stats: NodeStats { blobs, ..NodeStats::default() },
+        stats: NodeStats { blobs, pass_version, ..NodeStats::default() },
+        since_version: 0,
     };
-    let state =
-        |map: &berth_core::store::PlacementMap, name: &str| map.nodes.iter().find(|n| n.name == name).map(|n| n.state);
-    m.register_storage(node("s1", 5)).await.unwrap();
-    m.register_storage(node("s2", 5)).await.unwrap();
-    // Nothing is silent for a minute yet.
-    assert!(!m.change_storage(StorageChange::ExpireSilent { after_ms: 60_000 }).await.unwrap());
+    let get = |map: &berth_core::store::PlacementMap, name: &str| map.nodes.iter().find(|n| n.name == name).cloned();
+    m.register_storage(node("s1", 5, 0)).await.unwrap();
+    m.register_storage(node("s2", 5, 0)).await.unwrap();
     let before = m.placement().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    m.register_storage(node("s2", 5)).await.unwrap();
-    // s1 has been silent longer than 20 ms, s2 not.
-    assert!(m.change_storage(StorageChange::ExpireSilent { after_ms: 20 }).await.unwrap());
+    let (s1, s2) = (get(&before, "s1").unwrap(), get(&before, "s2").unwrap());
+    // s2 was heard from after the leader decided (its heartbeat time moved on): it stays.
+    let stale_s2 = s2.seen_ms - 1;
+    let dead = StorageChange::DeclareDead { nodes: vec![("s1".into(), s1.seen_ms), ("s2".into(), stale_s2)] };
+    assert!(m.change_storage(dead).await.unwrap());
     let expired = m.placement().await.unwrap();
-    assert_eq!(state(&expired, "s1"), Some(NodeState::Dead));
-    assert_eq!(state(&expired, "s2"), Some(NodeState::Live));
+    assert_eq!(get(&expired, "s1").unwrap().state, NodeState::Dead);
+    assert_eq!(get(&expired, "s2").unwrap().state, NodeState::Live);
     assert!(expired.version > before.version);
-    // Its heartbeat brings it back, and that is a change of the map.
-    m.register_storage(node("s1", 5)).await.unwrap();
+    assert_eq!(get(&expired, "s1").unwrap().since_version, expired.version);
+    // Undrain does not wake the dead; its own heartbeat does, and that changes the map.
+    assert!(!m.change_storage(StorageChange::Undrain { name: "s1".into() }).await.unwrap());
+    m.register_storage(node("s1", 5, 0)).await.unwrap();
     let back = m.placement().await.unwrap();
-    assert_eq!(state(&back, "s1"), Some(NodeState::Live));
+    assert_eq!(get(&back, "s1").unwrap().state, NodeState::Live);
     assert!(back.version > expired.version);
 
-    // Draining outlasts heartbeats; removal waits for the node to report no blobs.
+    // Draining outlasts heartbeats; removal waits for a pass after the drain that found nothing.
     assert!(m.change_storage(StorageChange::Drain { name: "s2".into() }).await.unwrap());
-    m.register_storage(node("s2", 5)).await.unwrap();
-    assert_eq!(state(&m.placement().await.unwrap(), "s2"), Some(NodeState::Draining));
+    let drained_at = m.placement().await.unwrap().version;
+    m.register_storage(node("s2", 5, drained_at)).await.unwrap();
+    assert_eq!(get(&m.placement().await.unwrap(), "s2").unwrap().state, NodeState::Draining);
     let refused = m.change_storage(StorageChange::Remove { name: "s2".into(), force: false }).await.unwrap_err();
     assert_eq!(refused.status, 409, "{refused:?}");
-    m.register_storage(node("s2", 0)).await.unwrap();
+    // No blobs, but as counted before the drain (a restarted node reports nothing yet): refused.
+    m.register_storage(node("s2", 0, drained_at - 1)).await.unwrap();
+    assert!(m.change_storage(StorageChange::Remove { name: "s2".into(), force: false }).await.is_err());
+    m.register_storage(node("s2", 0, drained_at)).await.unwrap();
     assert!(m.change_storage(StorageChange::Remove { name: "s2".into(), force: false }).await.unwrap());
     let removed = m.placement().await.unwrap();
     assert_eq!(removed.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["s1"]);
-    let again = m.register_storage(node("s2", 0)).await.unwrap_err();
+    let again = m.register_storage(node("s2", 0, 0)).await.unwrap_err();
     assert_eq!(again.status, 409, "{again:?}");
     assert_eq!(m.placement().await.unwrap().nodes.len(), 1);
-    // Unknown names; a live node holding blobs goes only by force.
+    // Unknown names; a live (or dead) node goes only by force.
     let unknown = m.change_storage(StorageChange::Drain { name: "nope".into() }).await.unwrap_err();
     assert_eq!(unknown.code, ErrorCode::NameUnknown);
     assert!(m.change_storage(StorageChange::Remove { name: "s1".into(), force: false }).await.is_err());

@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
+use crate::integrity::{decode_units, encode_units, unit_intact, units_match, Checksums, TreeHasher, UNIT};
 use crate::mapped::read_mapped;
 use crate::segment::Segments;
 use crate::staging::{create_dirs_durably, sync_dir, Staging};
-use crate::{INLINE_THRESHOLD, READ_CHUNK, RECLAIM_AFTER, WRITE_BUFFER};
+use crate::{INLINE_THRESHOLD, RECLAIM_AFTER, WRITE_BUFFER};
 
 const CF_BLOBS: &str = "blobs";
 const CF_INLINE: &str = "inline";
@@ -71,6 +72,18 @@ const COMPACT_DELAY: Duration = Duration::from_secs(1);
 fn dead_key(segment: u32) -> String {
     format!("~dead/{segment:08}")
 }
+
+/// Key (in the `blobs` column family) of the unit checksums of a blob over one unit.
+fn units_key(key: &str) -> String {
+    format!("~units/{key}")
+}
+
+/// Key (in the `blobs` column family) of a copy found damaged and taken out of service: when.
+fn corrupt_key(key: &str) -> String {
+    format!("~corrupt/{key}")
+}
+
+const CORRUPT_PREFIX: &str = "~corrupt/";
 
 /// A little-endian u64 value: a segment's dead bytes under its [`dead_key`], the stamp
 /// reservation under [`STAMP_KEY`].
@@ -229,8 +242,9 @@ impl StorageEngine {
         self.inner.entry(&digest.to_string())
     }
 
-    /// Recomputes a stored blob's BLAKE3 and compares it with the index: `Some(true)` when
-    /// intact, `Some(false)` when the bytes on disk were damaged, `None` when absent.
+    /// Re-reads a stored blob and checks it against its checksums (the BLAKE3 and, for a blob
+    /// over one unit, every unit's): `Some(true)` when intact, `Some(false)` when damaged (the
+    /// copy is then taken out of service, see [`StorageEngine::damaged`]), `None` when absent.
     pub async fn scrub(&self, digest: &Digest) -> Result<Option<bool>> {
         let inner = self.inner.clone();
         let digest = digest.clone();
@@ -239,17 +253,67 @@ impl StorageEngine {
             let Some(entry) = inner.entry(&key)? else {
                 return Ok(None);
             };
-            let mut h = blake3::Hasher::new();
             match entry.location {
                 Location::File => {
-                    h.update_reader(fs::File::open(inner.blob_path(&digest)).map_err(internal)?).map_err(internal)?;
+                    let file = match fs::File::open(inner.blob_path(&digest)) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            inner.quarantine(&digest, "its file is missing");
+                            return Ok(Some(false));
+                        }
+                        Err(e) => return Err(internal(e)),
+                    };
+                    if file.metadata().map_err(internal)?.len() < entry.size {
+                        inner.quarantine(&digest, "its file is shorter than the blob");
+                        return Ok(Some(false));
+                    }
+                    let Some(units) = inner.units_of(&digest, &entry, &file)? else { return Ok(Some(false)) };
+                    let mut offset = 0;
+                    while offset < entry.size {
+                        let len = (entry.size - offset).min(UNIT);
+                        let data = read_mapped(&file, offset, len as usize).map_err(internal)?;
+                        if !unit_intact(&data, offset / UNIT, entry.size, &units, &entry.blake3) {
+                            inner.quarantine(&digest, &format!("unit {} does not match its checksum", offset / UNIT));
+                            return Ok(Some(false));
+                        }
+                        offset += len;
+                    }
+                    Ok(Some(true))
                 }
-                _ => {
-                    let Some(data) = inner.small_bytes(&key, entry.clone())? else { return Ok(None) };
-                    h.update(&data);
+                _ => Ok(Some(inner.checked_small_bytes(&digest, entry)?.is_some())),
+            }
+        })
+        .await
+    }
+
+    /// Blobs whose copy here was found damaged and taken out of service, not yet replaced by a
+    /// good copy (a write of the blob clears its record), with when each was found.
+    pub async fn damaged(&self) -> Result<Vec<(Digest, u64)>> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let blobs = inner.cf(CF_BLOBS)?;
+            let mut out = vec![];
+            let from = IteratorMode::From(CORRUPT_PREFIX.as_bytes(), Direction::Forward);
+            for kv in inner.db.iterator_cf(blobs, from) {
+                let (k, v) = kv.map_err(internal)?;
+                let Some(rest) = k.strip_prefix(CORRUPT_PREFIX.as_bytes()) else { break };
+                if let Ok(d) = String::from_utf8_lossy(rest).parse::<Digest>() {
+                    out.push((d, le_u64(&v)));
                 }
             }
-            Ok(Some(*h.finalize().as_bytes() == entry.blake3))
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Forgets the damage record of `digest` (a blob no longer wanted here, e.g. collected).
+    pub async fn forget_damaged(&self, digest: &Digest) -> Result<()> {
+        let inner = self.inner.clone();
+        let key = corrupt_key(&digest.to_string());
+        blocking(move || {
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(inner.cf(CF_BLOBS)?, key);
+            inner.synced_write(batch)
         })
         .await
     }
@@ -444,6 +508,95 @@ impl Inner {
         Err(internal(format!("blob {key} kept moving while being read")))
     }
 
+    /// [`Inner::small_bytes`], checked against the blob's BLAKE3: a damaged copy is taken out
+    /// of service and answered as not stored.
+    fn checked_small_bytes(self: &Arc<Self>, digest: &Digest, entry: BlobEntry) -> Result<Option<Vec<u8>>> {
+        let root = entry.blake3;
+        let Some(data) = self.small_bytes(&digest.to_string(), entry)? else { return Ok(None) };
+        if blake3::hash(&data).as_bytes() != &root {
+            self.quarantine(digest, "its bytes do not match its checksum");
+            return Ok(None);
+        }
+        Ok(Some(data))
+    }
+
+    /// The unit checksums of a blob file (empty for a blob of one unit). A blob stored before
+    /// they were kept gets them now, from one pass over its file checked against its BLAKE3;
+    /// `None` (and the copy taken out of service) when that check fails.
+    fn units_of(
+        self: &Arc<Self>,
+        digest: &Digest,
+        entry: &BlobEntry,
+        file: &fs::File,
+    ) -> Result<Option<Vec<[u8; 32]>>> {
+        if entry.size <= UNIT {
+            return Ok(Some(vec![]));
+        }
+        let key = digest.to_string();
+        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_BLOBS)?, units_key(&key)).map_err(internal)? {
+            if let Some(units) = decode_units(&v).filter(|u| units_match(u, entry.size, &entry.blake3)) {
+                return Ok(Some(units));
+            }
+        }
+        let mut tree = TreeHasher::default();
+        let mut offset = 0;
+        while offset < entry.size {
+            let len = (entry.size - offset).min(UNIT);
+            tree.update(&read_mapped(file, offset, len as usize).map_err(internal)?);
+            offset += len;
+        }
+        let sums = tree.finish();
+        if sums.blake3 != entry.blake3 {
+            self.quarantine(digest, "its bytes do not match its checksum");
+            return Ok(None);
+        }
+        // Derived from verified bytes: losing this write in a crash only means doing it again.
+        self.db.put_cf(self.cf(CF_BLOBS)?, units_key(&key), encode_units(&sums.units)).map_err(internal)?;
+        Ok(Some(sums.units))
+    }
+
+    /// Takes a damaged copy out of service: its entry goes (so the node answers that it does
+    /// not hold the blob, and repair writes a good copy), a blob file moves to `quarantine/`
+    /// for a person to look at, a segment blob's bytes count as dead, and the damage is
+    /// recorded under `~corrupt/` until a good copy replaces it.
+    fn quarantine(self: &Arc<Self>, digest: &Digest, why: &str) {
+        let key = digest.to_string();
+        let r = self.with_blob_lock(&key, || {
+            let Some(entry) = self.entry(&key)? else { return Ok(()) };
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_BLOBS)?, &key);
+            batch.delete_cf(self.cf(CF_BLOBS)?, units_key(&key));
+            batch.put_cf(self.cf(CF_BLOBS)?, corrupt_key(&key), berth_core::now_ms().to_le_bytes());
+            match entry.location {
+                Location::File => {
+                    let dir = self.dir.join("quarantine");
+                    create_dirs_durably(&dir).map_err(internal)?;
+                    let to = dir.join(format!("{}-{}", digest.hex(), entry.stamp));
+                    match fs::rename(self.blob_path(digest), &to) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(internal(e)),
+                    }
+                    self.synced_write(batch)
+                }
+                Location::Segment { segment, .. } => {
+                    let _g = self.segment_index.lock().map_err(internal)?;
+                    self.count_dead(batch, segment, entry.size)
+                }
+                Location::Inline => {
+                    batch.delete_cf(self.cf(CF_INLINE)?, &key);
+                    self.synced_write(batch)
+                }
+            }
+        });
+        match r {
+            Ok(()) => tracing::error!(%digest, why, "a stored copy is damaged: taken out of service until repaired"),
+            Err(e) => {
+                tracing::error!(%digest, why, error = %e, "a stored copy is damaged, and taking it out of service failed")
+            }
+        }
+    }
+
     /// Deletes a segment blob's entry and counts its bytes dead in its segment; compacts the
     /// segment once half of it is dead.
     fn delete_from_segment(self: &Arc<Self>, key: &str) -> Result<Option<u64>> {
@@ -627,9 +780,9 @@ impl Inner {
     ///
     /// Commits of one blob run one at a time: the same blob pushed by several clients at once
     /// (CI jobs sharing a base layer) is stored once, and the others find it stored.
-    fn commit(self: &Arc<Self>, st: Box<Staging>, digest: &Digest, checksum: [u8; 32]) -> Result<Stored> {
+    fn commit(self: &Arc<Self>, st: Box<Staging>, digest: &Digest, checksums: Checksums) -> Result<Stored> {
         let key = digest.to_string();
-        self.with_blob_lock(&key, || self.commit_one(st, digest, &key, checksum))
+        self.with_blob_lock(&key, || self.commit_one(st, digest, &key, checksums))
     }
 
     fn commit_one(
@@ -637,7 +790,7 @@ impl Inner {
         mut st: Box<Staging>,
         digest: &Digest,
         key: &str,
-        checksum: [u8; 32],
+        checksums: Checksums,
     ) -> Result<Stored> {
         let size = st.size;
         if self.entry(key)?.is_some() {
@@ -645,7 +798,7 @@ impl Inner {
             return self.restamp(key);
         }
         let stamp = self.next_stamp()?;
-        let mut entry = BlobEntry { size, blake3: checksum, stamp, location: Location::File };
+        let mut entry = BlobEntry { size, blake3: checksums.blake3, stamp, location: Location::File };
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let (segment, offset) = self.segments.append(key, &data).map_err(internal)?;
@@ -663,6 +816,10 @@ impl Inner {
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
+        if !checksums.units.is_empty() {
+            batch.put_cf(self.cf(CF_BLOBS)?, units_key(key), encode_units(&checksums.units));
+        }
+        batch.delete_cf(self.cf(CF_BLOBS)?, corrupt_key(key));
         self.synced_write(batch)?;
         if entry.location != Location::File {
             st.discard();
@@ -701,40 +858,67 @@ impl BlobStore for StorageEngine {
         match entry.location {
             Location::Inline | Location::Segment { .. } => {
                 let inner = self.inner.clone();
-                let key = digest.to_string();
-                let data = blocking(move || inner.small_bytes(&key, entry))
-                    .await?
-                    .ok_or_else(|| RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()))?;
+                let d = digest.clone();
+                let data = blocking(move || inner.checked_small_bytes(&d, entry)).await?.ok_or_else(|| {
+                    RegistryError::new(ErrorCode::BlobUnknown, format!("{digest} is not stored here (or was damaged)"))
+                })?;
                 let data = Bytes::from(data);
                 let end = (last as usize + 1).min(data.len());
                 let part = data.slice((first as usize).min(end)..end);
                 Ok(futures::stream::once(async move { Ok(part) }).boxed())
             }
             Location::File => {
-                let path = self.inner.blob_path(digest);
+                let inner = self.inner.clone();
+                let d = digest.clone();
                 let size = entry.size;
-                let file = blocking(move || {
-                    let file = fs::File::open(path).map_err(internal)?;
+                let root = entry.blake3;
+                let opened = blocking(move || {
+                    let file = fs::File::open(inner.blob_path(&d)).map_err(internal)?;
                     // A map past the end of a file faults; a blob file shorter than its entry
                     // was damaged outside Berth.
                     if file.metadata().map_err(internal)?.len() < size {
-                        return Err(internal(format!("blob file of {size} bytes is short")));
+                        inner.quarantine(&d, "its file is shorter than the blob");
+                        return Ok(None);
                     }
-                    Ok(file)
+                    let Some(units) = inner.units_of(&d, &entry, &file)? else { return Ok(None) };
+                    Ok(Some((file, units)))
                 })
                 .await?;
-                let file = Arc::new(file);
-                let end = last + 1;
-                // Chunks go out in order, each mapped on the blocking pool while the one before
-                // it is being sent.
-                let chunks = (first..end).step_by(READ_CHUNK).map(move |o| (o, (end - o).min(READ_CHUNK as u64)));
-                Ok(futures::stream::iter(chunks)
-                    .map(move |(offset, len)| {
-                        let file = file.clone();
+                let Some((file, units)) = opened else {
+                    return Err(RegistryError::new(
+                        ErrorCode::BlobUnknown,
+                        format!("{digest} is not stored here (its copy was damaged)"),
+                    ));
+                };
+                let (file, units) = (Arc::new(file), Arc::new(units));
+                let end = (last + 1).min(size);
+                // Whole units are read and checked, each mapped on the blocking pool while the
+                // one before it is being sent; only the requested bytes of each go out. A unit
+                // that does not check ends the stream with an error before any of its bytes.
+                let units_wanted = (first / UNIT)..end.div_ceil(UNIT);
+                let inner = self.inner.clone();
+                let d = digest.clone();
+                Ok(futures::stream::iter(units_wanted)
+                    .map(move |k| {
+                        let (file, units, inner, d) = (file.clone(), units.clone(), inner.clone(), d.clone());
                         async move {
-                            tokio::task::spawn_blocking(move || read_mapped(&file, offset, len as usize))
-                                .await
-                                .map_err(io::Error::other)?
+                            tokio::task::spawn_blocking(move || {
+                                let start = k * UNIT;
+                                let len = (size - start).min(UNIT);
+                                let data = read_mapped(&file, start, len as usize)?;
+                                if !unit_intact(&data, k, size, &units, &root) {
+                                    inner.quarantine(&d, &format!("unit {k} does not match its checksum"));
+                                    return Err(io::Error::new(
+                                        io::ErrorKind::InvalidData,
+                                        format!("{d}: stored bytes damaged at offset {start}"),
+                                    ));
+                                }
+                                let from = first.max(start) - start;
+                                let to = end.min(start + len) - start;
+                                Ok(data.slice(from as usize..to as usize))
+                            })
+                            .await
+                            .map_err(io::Error::other)?
                         }
                     })
                     .buffered(2)
@@ -755,8 +939,15 @@ impl BlobStore for StorageEngine {
                 return Err(internal(format!("blob {key} is larger than {limit} bytes")));
             }
             let data = match entry.location {
-                Location::File => fs::read(inner.blob_path(&digest)).map_err(internal)?,
-                _ => match inner.small_bytes(&key, entry)? {
+                Location::File => {
+                    let data = fs::read(inner.blob_path(&digest)).map_err(internal)?;
+                    if blake3::hash(&data).as_bytes() != &entry.blake3 {
+                        inner.quarantine(&digest, "its bytes do not match its checksum");
+                        return Ok(None);
+                    }
+                    data
+                }
+                _ => match inner.checked_small_bytes(&digest, entry)? {
                     Some(d) => d,
                     None => return Ok(None),
                 },
@@ -776,11 +967,11 @@ impl BlobStore for StorageEngine {
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
             let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone()));
             let r = st.append(&data).map_err(internal).and_then(|()| {
-                let (_, checksum) = st.verify(&digest).map_err(internal)?;
-                Ok(checksum)
+                let (_, checksums) = st.verify(&digest).map_err(internal)?;
+                Ok(checksums)
             });
             match r {
-                Ok(checksum) => inner.commit(st, &digest, checksum),
+                Ok(checksums) => inner.commit(st, &digest, checksums),
                 Err(e) => {
                     st.discard();
                     Err(e)
@@ -859,7 +1050,7 @@ impl BlobStore for StorageEngine {
         let digest = digest.clone();
         blocking(move || {
             let mut st = st;
-            let (ok, checksum) = st.verify(&digest).map_err(internal)?;
+            let (ok, checksums) = st.verify(&digest).map_err(internal)?;
             if !ok {
                 st.discard();
                 return Err(RegistryError::new(
@@ -868,7 +1059,7 @@ impl BlobStore for StorageEngine {
                 ));
             }
             let path = st.path.clone();
-            inner.commit(st, &digest, checksum).inspect_err(|_| {
+            inner.commit(st, &digest, checksums).inspect_err(|_| {
                 let _ = fs::remove_file(&path);
             })
         })
@@ -978,6 +1169,7 @@ impl Inner {
         }
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS)?, key);
+        batch.delete_cf(self.cf(CF_BLOBS)?, units_key(key));
         if entry.location == Location::Inline {
             batch.delete_cf(self.cf(CF_INLINE)?, key);
         }

@@ -3,7 +3,10 @@
 //! # Layout of a node's directory
 //! - `index/`: RocksDB. Column family `blobs` maps a digest to a [`BlobEntry`] (size, BLAKE3
 //!   checksum, creation time, where the bytes are) and holds each segment's count of deleted
-//!   bytes; column family `inline` holds small blobs stored before segments existed.
+//!   bytes, the unit checksums of blobs over 1 MiB (`~units/<digest>`, see [`integrity`]) and
+//!   the copies found damaged (`~corrupt/<digest>`); column family `inline` holds small blobs
+//!   stored before segments existed.
+//! - `quarantine/`: blob files found damaged, kept for a person to look at, never served.
 //! - `segments/<id>.seg`: small blobs back to back (see the `segment` module).
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: one file per large blob.
 //! - `uploads/<id>`: one append-only staging file per upload session.
@@ -29,6 +32,7 @@
 //! from the staged file when the session is next touched.
 
 mod engine;
+pub mod integrity;
 mod mapped;
 mod segment;
 mod staging;
@@ -53,7 +57,8 @@ pub const RECLAIM_AFTER: u64 = 64 * 1024 * 1024;
 /// enough that the hop to the pool is negligible next to hashing, small enough to bound memory.
 pub const WRITE_BUFFER: usize = 1024 * 1024;
 
-/// Size of the chunks a blob file is sent in. Each chunk's pages are faulted in by one hop to
-/// the blocking pool, so large chunks keep the hops rare; the bytes stay in the page cache
-/// (the file is memory-mapped), so a pull's memory does not grow with the chunk size.
-pub const READ_CHUNK: usize = 1024 * 1024;
+/// Size of the chunks a blob file is sent in: one integrity unit ([`integrity::UNIT`]), checked
+/// before it goes out. Each chunk's pages are faulted in by one hop to the blocking pool, so
+/// large chunks keep the hops rare; the bytes stay in the page cache (the file is
+/// memory-mapped), so a pull's memory does not grow with the chunk size.
+pub const READ_CHUNK: usize = integrity::UNIT as usize;

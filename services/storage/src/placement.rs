@@ -106,9 +106,10 @@ fn digest_key(digest: &Digest) -> u64 {
     u64::from_str_radix(hex.get(..16).unwrap_or(hex), 16).unwrap_or_else(|_| node_key(hex))
 }
 
-/// `weight / -ln(u)` with `u` from the top 53 bits of `hash`, strictly inside (0, 1).
+/// `weight / -ln(u)` with `u` from the top 52 bits of `hash`, strictly inside (0, 1) (with 53
+/// bits the largest value plus a half rounds up to 1).
 fn weighted(hash: u64, weight: f64) -> f64 {
-    let u = ((hash >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let u = ((hash >> 12) as f64 + 0.5) / (1u64 << 52) as f64;
     weight / -u.ln()
 }
 

@@ -10,6 +10,8 @@ use std::time::SystemTime;
 
 use berth_core::{Algorithm, Digest, DigestHasher};
 
+use crate::integrity::{Checksums, TreeHasher};
+
 /// Bytes of small uploads held in memory across all uploads of a node; past it uploads go
 /// to files from their first byte. Bounds what many idle sessions can pin.
 pub(crate) const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
@@ -22,8 +24,9 @@ pub(crate) const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
 /// `uploads/`, which survives a restart; a small one in memory does not (the client starts
 /// it again, as clients do after any failed upload).
 ///
-/// SHA-256 (what clients verify) and BLAKE3 (the node's integrity checksum) are updated in
-/// the same pass over each buffer, so every byte is read once. A SHA-512 digest is rare enough
+/// SHA-256 (what clients verify) and BLAKE3 (the node's integrity checksums, unit by unit: see
+/// [`crate::integrity`]) are updated in the same pass over each buffer, so every byte is read
+/// once. A SHA-512 digest is rare enough
 /// that it is computed from the staged bytes when the upload finishes.
 pub(crate) struct Staging {
     pub path: PathBuf,
@@ -34,7 +37,7 @@ pub(crate) struct Staging {
     /// Last time bytes arrived (or the upload started).
     pub touched: SystemTime,
     sha256: DigestHasher,
-    blake3: blake3::Hasher,
+    tree: TreeHasher,
     /// Bytes of the file whose writeback has been started (see [`WRITEBACK_STEP`]).
     written_back: u64,
 }
@@ -49,7 +52,7 @@ const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 pub(crate) struct Mark {
     size: u64,
     sha256: DigestHasher,
-    blake3: blake3::Hasher,
+    tree: TreeHasher,
 }
 
 impl Staging {
@@ -63,7 +66,7 @@ impl Staging {
             size: 0,
             touched: SystemTime::now(),
             sha256: Algorithm::Sha256.hasher(),
-            blake3: blake3::Hasher::new(),
+            tree: TreeHasher::default(),
             written_back: 0,
         }
     }
@@ -72,28 +75,18 @@ impl Staging {
     pub fn reopen(path: PathBuf, budget: Arc<AtomicU64>) -> io::Result<Staging> {
         let mut file = OpenOptions::new().read(true).append(true).open(&path)?;
         let mut sha256 = Algorithm::Sha256.hasher();
-        let mut blake3 = blake3::Hasher::new();
+        let mut tree = TreeHasher::default();
         let size = hash_file(&mut file, |b| {
             sha256.update(b);
-            blake3.update(b);
+            tree.update(b);
         })?;
         let touched = file.metadata().and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
-        Ok(Staging {
-            path,
-            file: Some(file),
-            memory: Vec::new(),
-            budget,
-            size,
-            touched,
-            sha256,
-            blake3,
-            written_back: 0,
-        })
+        Ok(Staging { path, file: Some(file), memory: Vec::new(), budget, size, touched, sha256, tree, written_back: 0 })
     }
 
     /// The state to return to if the next appends must be undone.
     pub fn mark(&self) -> Mark {
-        Mark { size: self.size, sha256: self.sha256.clone(), blake3: self.blake3.clone() }
+        Mark { size: self.size, sha256: self.sha256.clone(), tree: self.tree.clone() }
     }
 
     /// Undoes every append since `mark`.
@@ -111,14 +104,14 @@ impl Staging {
         }
         self.size = mark.size;
         self.sha256 = mark.sha256;
-        self.blake3 = mark.blake3;
+        self.tree = mark.tree;
         Ok(())
     }
 
     /// Hashes and appends one buffer.
     pub fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         self.sha256.update(buf);
-        self.blake3.update(buf);
+        self.tree.update(buf);
         let grown = self.size + buf.len() as u64;
         if self.file.is_none() {
             let fits = grown <= crate::INLINE_THRESHOLD
@@ -160,9 +153,9 @@ impl Staging {
         self.memory = Vec::new();
     }
 
-    /// Whether the staged bytes hash to `digest`, and their BLAKE3 checksum.
-    pub fn verify(&mut self, digest: &Digest) -> io::Result<(bool, [u8; 32])> {
-        let checksum = *self.blake3.finalize().as_bytes();
+    /// Whether the staged bytes hash to `digest`, and their integrity checksums.
+    pub fn verify(&mut self, digest: &Digest) -> io::Result<(bool, Checksums)> {
+        let checksum = self.tree.finish();
         let ok = match digest.algorithm() {
             Algorithm::Sha256 => self.sha256.clone().finish() == *digest,
             other => {

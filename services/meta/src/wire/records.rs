@@ -194,17 +194,17 @@ impl Wire for StorageNode {
     type Proto = pb::StorageNode;
 
     fn to_proto(self) -> pb::StorageNode {
-        let StorageNode { name, addr, zone, capacity, seen_ms, state, stats } = self;
+        let StorageNode { name, addr, zone, capacity, seen_ms, state, stats, since_version } = self;
         let state = match state {
             NodeState::Live => pb::NodeState::Live,
             NodeState::Dead => pb::NodeState::Dead,
             NodeState::Draining => pb::NodeState::Draining,
         } as i32;
-        pb::StorageNode { name, addr, zone, capacity, seen_ms, state, stats: Some(stats.to_proto()) }
+        pb::StorageNode { name, addr, zone, capacity, seen_ms, state, stats: Some(stats.to_proto()), since_version }
     }
 
     fn from_proto(p: pb::StorageNode) -> Result<StorageNode, WireError> {
-        let pb::StorageNode { name, addr, zone, capacity, seen_ms, state, stats } = p;
+        let pb::StorageNode { name, addr, zone, capacity, seen_ms, state, stats, since_version } = p;
         if name.is_empty() {
             return Err(WireError::Missing("StorageNode.name"));
         }
@@ -218,7 +218,7 @@ impl Wire for StorageNode {
             Err(_) => return Err(WireError::Enum { what: "NodeState", value: state }),
         };
         let stats = stats.map(NodeStats::from_proto).transpose()?.unwrap_or_default();
-        Ok(StorageNode { name, addr, zone, capacity, seen_ms, state, stats })
+        Ok(StorageNode { name, addr, zone, capacity, seen_ms, state, stats, since_version })
     }
 }
 
@@ -226,13 +226,73 @@ impl Wire for NodeStats {
     type Proto = pb::NodeStats;
 
     fn to_proto(self) -> pb::NodeStats {
-        let NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate } = self;
-        pb::NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate }
+        let NodeStats {
+            blobs,
+            bytes,
+            queued,
+            checked,
+            copies_made,
+            bytes_moved,
+            copies_dropped,
+            move_rate,
+            pass_version,
+            scrubbed,
+            scrub_passes,
+            scrub_rate,
+            damaged,
+            mended,
+        } = self;
+        pb::NodeStats {
+            blobs,
+            bytes,
+            queued,
+            checked,
+            copies_made,
+            bytes_moved,
+            copies_dropped,
+            move_rate,
+            pass_version,
+            scrubbed,
+            scrub_passes,
+            scrub_rate,
+            damaged,
+            mended,
+        }
     }
 
     fn from_proto(p: pb::NodeStats) -> Result<NodeStats, WireError> {
-        let pb::NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate } = p;
-        Ok(NodeStats { blobs, bytes, queued, checked, copies_made, bytes_moved, copies_dropped, move_rate })
+        let pb::NodeStats {
+            blobs,
+            bytes,
+            queued,
+            checked,
+            copies_made,
+            bytes_moved,
+            copies_dropped,
+            move_rate,
+            pass_version,
+            scrubbed,
+            scrub_passes,
+            scrub_rate,
+            damaged,
+            mended,
+        } = p;
+        Ok(NodeStats {
+            blobs,
+            bytes,
+            queued,
+            checked,
+            copies_made,
+            bytes_moved,
+            copies_dropped,
+            move_rate,
+            pass_version,
+            scrubbed,
+            scrub_passes,
+            scrub_rate,
+            damaged,
+            mended,
+        })
     }
 }
 
@@ -240,12 +300,14 @@ impl Wire for StorageChange {
     type Proto = pb::ChangeStorageRequest;
 
     fn to_proto(self) -> pb::ChangeStorageRequest {
-        use pb::change_storage_request::{Change, Drain, ExpireSilent, Remove, Undrain};
+        use pb::change_storage_request::{Change, DeclareDead, Drain, Remove, Silent, Undrain};
         let change = match self {
             StorageChange::Drain { name } => Change::Drain(Drain { name }),
             StorageChange::Undrain { name } => Change::Undrain(Undrain { name }),
             StorageChange::Remove { name, force } => Change::Remove(Remove { name, force }),
-            StorageChange::ExpireSilent { after_ms } => Change::ExpireSilent(ExpireSilent { after_ms }),
+            StorageChange::DeclareDead { nodes } => Change::DeclareDead(DeclareDead {
+                nodes: nodes.into_iter().map(|(name, seen_ms)| Silent { name, seen_ms }).collect(),
+            }),
         };
         pb::ChangeStorageRequest { change: Some(change) }
     }
@@ -256,7 +318,9 @@ impl Wire for StorageChange {
             Change::Drain(d) => StorageChange::Drain { name: d.name },
             Change::Undrain(u) => StorageChange::Undrain { name: u.name },
             Change::Remove(r) => StorageChange::Remove { name: r.name, force: r.force },
-            Change::ExpireSilent(e) => StorageChange::ExpireSilent { after_ms: e.after_ms },
+            Change::DeclareDead(d) => {
+                StorageChange::DeclareDead { nodes: d.nodes.into_iter().map(|n| (n.name, n.seen_ms)).collect() }
+            }
         })
     }
 }

@@ -138,6 +138,69 @@ async fn damaged_file_fails_scrub() {
     bytes[10] ^= 1;
     fs::write(&file, bytes).unwrap();
     assert_eq!(e.scrub(&digest).await.unwrap(), Some(false));
+    // Taken out of service: not listed, not stated, recorded as damaged, the file kept aside.
+    assert_eq!(e.stat(&digest).await.unwrap(), None);
+    assert_eq!(e.damaged().await.unwrap().into_iter().map(|(d, _)| d).collect::<Vec<_>>(), vec![digest.clone()]);
+    assert_eq!(fs::read_dir(d.path().join("quarantine")).unwrap().count(), 1);
+    assert_eq!(e.scrub(&digest).await.unwrap(), None);
+}
+
+/// A read that meets a damaged unit sends every unit before it and no byte of it, then
+/// fails; the copy is out of service from then on, and a good copy written again is served.
+#[tokio::test]
+async fn a_read_never_sends_damaged_bytes() {
+    let (d, e) = engine();
+    let unit = crate::integrity::UNIT as usize;
+    let big = data(3 * unit + 1234);
+    let digest = Digest::sha256_of(&big);
+    e.put(&digest, body(vec![big.clone()]), u64::MAX).await.unwrap();
+    let hex = digest.hex().to_string();
+    let file = d.path().join("blobs/sha256").join(&hex[..2]).join(&hex);
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[2 * unit + 77] ^= 0x40;
+    fs::write(&file, bytes).unwrap();
+    // A range within the intact units still reads.
+    let head = collect(e.read(&digest, Some((100, unit as u64 + 5))).await.unwrap()).await;
+    assert!(head == big[100..=unit + 5]);
+    let mut s = e.read(&digest, None).await.unwrap();
+    let mut got = vec![];
+    let mut failed = false;
+    while let Some(c) = s.next().await {
+        match c {
+            Ok(c) => got.extend_from_slice(&c),
+            Err(err) => {
+                assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(failed, "the read ended in an error");
+    assert_eq!(got.len(), 2 * unit, "the two intact units, nothing of the damaged one");
+    assert!(got == big[..2 * unit]);
+    assert_eq!(e.stat(&digest).await.unwrap(), None);
+    assert_eq!(e.read(&digest, None).await.err().map(|e| e.code), Some(ErrorCode::BlobUnknown));
+    assert_eq!(e.damaged().await.unwrap().len(), 1);
+    // A good copy replaces it and clears the record.
+    e.put(&digest, body(vec![big.clone()]), u64::MAX).await.unwrap();
+    assert!(collect(e.read(&digest, None).await.unwrap()).await == big);
+    assert!(e.damaged().await.unwrap().is_empty());
+    assert_eq!(e.scrub(&digest).await.unwrap(), Some(true));
+
+    // A small blob in a segment: a damaged byte makes it not stored here.
+    let small = data(5000);
+    let sd = Digest::sha256_of(&small);
+    e.put(&sd, body(vec![small.clone()]), u64::MAX).await.unwrap();
+    let Some(Location::Segment { segment, offset }) = e.entry(&sd).await.unwrap().map(|en| en.location) else {
+        panic!("a small blob goes to a segment")
+    };
+    let seg = d.path().join("segments").join(format!("{segment:08}.seg"));
+    let mut sb = fs::read(&seg).unwrap();
+    sb[offset as usize + 10] ^= 1;
+    fs::write(&seg, sb).unwrap();
+    assert_eq!(e.read(&sd, None).await.err().map(|e| e.code), Some(ErrorCode::BlobUnknown));
+    assert_eq!(e.read_small(&sd, u64::MAX).await.unwrap(), None);
+    assert_eq!(e.stat(&sd).await.unwrap(), None);
 }
 
 #[tokio::test]
