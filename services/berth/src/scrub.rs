@@ -9,7 +9,6 @@
 //! cleared. A blob no other node holds is reported and its record dropped: there is nothing to
 //! mend it from, and its damaged bytes stay in the node's `quarantine/` directory.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -53,10 +52,11 @@ impl Scrubber {
         let mut pass_started = Instant::now();
         let mut pass_bytes = 0u64;
         let mut resting_until: Option<Instant> = None;
-        let mut seen_damaged: HashSet<Digest> = HashSet::new();
         loop {
             let mended_at = Instant::now();
-            self.mend(&mut seen_damaged).await;
+            self.mend().await;
+            let damaged = self.engine.quarantined();
+            self.update(|s| s.damaged = damaged);
             let resting = resting_until.is_some_and(|t| Instant::now() < t);
             if !resting {
                 if resting_until.take().is_some() {
@@ -127,9 +127,10 @@ impl Scrubber {
         Some((last, bytes))
     }
 
-    /// Replaces damaged copies (found by the scrub or by reads) from good replicas. `seen`
-    /// holds the ones already counted.
-    async fn mend(&self, seen: &mut HashSet<Digest>) {
+    /// Replaces damaged copies (found by the scrub or by reads) from good replicas. (Another
+    /// node's placement pass, or a frontend's repair, may write a good copy first; that clears
+    /// the record too.)
+    async fn mend(&self) {
         let damaged = match self.engine.damaged().await {
             Ok(d) => d,
             Err(e) => {
@@ -137,11 +138,6 @@ impl Scrubber {
                 return;
             }
         };
-        let new = damaged.iter().filter(|(d, _)| !seen.contains(d)).count() as u64;
-        if new > 0 {
-            self.update(|s| s.damaged += new);
-        }
-        *seen = damaged.iter().map(|(d, _)| d.clone()).collect();
         if damaged.is_empty() {
             return;
         }

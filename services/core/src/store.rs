@@ -435,10 +435,12 @@ pub struct NodeStats {
     /// Bytes per second its scrub read over its last pass.
     #[serde(default)]
     pub scrub_rate: u64,
-    /// Damaged copies it found (by scrub or by a read) since it started.
+    /// Damaged copies it found (by scrub or by a read) and took out of service since it
+    /// started.
     #[serde(default)]
     pub damaged: u64,
-    /// Damaged copies it replaced from a good replica since it started.
+    /// Damaged copies its mender replaced from a good replica since it started (others are
+    /// replaced by another node's placement pass or a frontend's repair first).
     #[serde(default)]
     pub mended: u64,
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
-use crate::integrity::{decode_units, encode_units, unit_intact, units_match, Checksums, TreeHasher, UNIT};
+use crate::integrity::{decode_units, encode_units, unit_crc_ok, units_match, Checksums, TreeHasher, UnitSums, UNIT};
 use crate::mapped::read_mapped;
 use crate::segment::Segments;
 use crate::staging::{create_dirs_durably, sync_dir, Staging};
@@ -145,6 +145,8 @@ struct Inner {
     uploads: Mutex<HashMap<String, Arc<AsyncMutex<Slot>>>>,
     /// Bytes of uploads staged in memory (see [`Staging`]).
     staged_in_memory: Arc<AtomicU64>,
+    /// Copies found damaged and taken out of service since the node started.
+    quarantined: AtomicU64,
 }
 
 fn internal(e: impl std::fmt::Display) -> RegistryError {
@@ -230,6 +232,7 @@ impl StorageEngine {
                 last_segment: AtomicU32::new(active),
                 uploads: Mutex::new(HashMap::new()),
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
+                quarantined: AtomicU64::new(0),
             }),
         })
     }
@@ -242,8 +245,8 @@ impl StorageEngine {
         self.inner.entry(&digest.to_string())
     }
 
-    /// Re-reads a stored blob and checks it against its checksums (the BLAKE3 and, for a blob
-    /// over one unit, every unit's): `Some(true)` when intact, `Some(false)` when damaged (the
+    /// Re-reads a stored blob and checks every byte against its BLAKE3 (and the kept unit
+    /// checksums against the bytes): `Some(true)` when intact, `Some(false)` when damaged (the
     /// copy is then taken out of service, see [`StorageEngine::damaged`]), `None` when absent.
     pub async fn scrub(&self, digest: &Digest) -> Result<Option<bool>> {
         let inner = self.inner.clone();
@@ -267,20 +270,20 @@ impl StorageEngine {
                         inner.quarantine(&digest, "its file is shorter than the blob");
                         return Ok(Some(false));
                     }
-                    let Some(units) = inner.units_of(&digest, &entry, &file)? else { return Ok(Some(false)) };
-                    let mut offset = 0;
-                    while offset < entry.size {
-                        let len = (entry.size - offset).min(UNIT);
-                        let data = read_mapped(&file, offset, len as usize).map_err(internal)?;
-                        if !unit_intact(&data, offset / UNIT, entry.size, &units, &entry.blake3) {
-                            inner.quarantine(&digest, &format!("unit {} does not match its checksum", offset / UNIT));
-                            return Ok(Some(false));
-                        }
-                        offset += len;
+                    // The strict check: every byte's BLAKE3, then the kept unit checksums
+                    // against what the bytes give (a damaged record is written again).
+                    let sums = Inner::file_sums(&file, entry.size)?;
+                    if sums.blake3 != entry.blake3 {
+                        inner.quarantine(&digest, "its bytes do not match its BLAKE3");
+                        return Ok(Some(false));
+                    }
+                    if inner.stored_sums(&key, entry.size)?.as_ref() != Some(&sums.units) {
+                        tracing::warn!(%digest, "unit checksums missing or damaged; kept again from the verified bytes");
+                        inner.keep_sums(&key, &sums.units)?;
                     }
                     Ok(Some(true))
                 }
-                _ => Ok(Some(inner.checked_small_bytes(&digest, entry)?.is_some())),
+                _ => Ok(Some(inner.checked_small_bytes(&digest, entry, true)?.is_some())),
             }
         })
         .await
@@ -304,6 +307,11 @@ impl StorageEngine {
             Ok(out)
         })
         .await
+    }
+
+    /// Copies found damaged (by reads or scrubs) and taken out of service since the node started.
+    pub fn quarantined(&self) -> u64 {
+        self.inner.quarantined.load(Ordering::Relaxed)
     }
 
     /// Forgets the damage record of `digest` (a blob no longer wanted here, e.g. collected).
@@ -508,50 +516,74 @@ impl Inner {
         Err(internal(format!("blob {key} kept moving while being read")))
     }
 
-    /// [`Inner::small_bytes`], checked against the blob's BLAKE3: a damaged copy is taken out
-    /// of service and answered as not stored.
-    fn checked_small_bytes(self: &Arc<Self>, digest: &Digest, entry: BlobEntry) -> Result<Option<Vec<u8>>> {
-        let root = entry.blake3;
-        let Some(data) = self.small_bytes(&digest.to_string(), entry)? else { return Ok(None) };
-        if blake3::hash(&data).as_bytes() != &root {
-            self.quarantine(digest, "its bytes do not match its checksum");
+    /// [`Inner::small_bytes`], checked: against its CRC (what a read checks) or, with
+    /// `strict` (the scrub) or for a blob stored before CRCs were kept, against its BLAKE3. A
+    /// damaged copy is taken out of service and answered as not stored.
+    fn checked_small_bytes(
+        self: &Arc<Self>,
+        digest: &Digest,
+        entry: BlobEntry,
+        strict: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let (root, size) = (entry.blake3, entry.size);
+        let key = digest.to_string();
+        let sums = self.stored_sums(&key, size)?;
+        let Some(data) = self.small_bytes(&key, entry)? else { return Ok(None) };
+        let intact = match &sums {
+            Some(sums) if !strict => unit_crc_ok(&data, 0, sums),
+            _ => blake3::hash(&data).as_bytes() == &root,
+        };
+        if !intact {
+            self.quarantine(digest, "its bytes do not match their checksum");
             return Ok(None);
+        }
+        if sums.is_none() {
+            self.keep_sums(&key, &UnitSums { cvs: vec![], crcs: vec![crc32fast::hash(&data)] })?;
         }
         Ok(Some(data))
     }
 
-    /// The unit checksums of a blob file (empty for a blob of one unit). A blob stored before
-    /// they were kept gets them now, from one pass over its file checked against its BLAKE3;
-    /// `None` (and the copy taken out of service) when that check fails.
-    fn units_of(
-        self: &Arc<Self>,
-        digest: &Digest,
-        entry: &BlobEntry,
-        file: &fs::File,
-    ) -> Result<Option<Vec<[u8; 32]>>> {
-        if entry.size <= UNIT {
-            return Ok(Some(vec![]));
-        }
-        let key = digest.to_string();
-        if let Some(v) = self.db.get_pinned_cf(self.cf(CF_BLOBS)?, units_key(&key)).map_err(internal)? {
-            if let Some(units) = decode_units(&v).filter(|u| units_match(u, entry.size, &entry.blake3)) {
-                return Ok(Some(units));
-            }
-        }
+    /// The unit checksums kept for blob `key` of `size` bytes, if any (and well-formed).
+    fn stored_sums(&self, key: &str, size: u64) -> Result<Option<UnitSums>> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_BLOBS)?, units_key(key))
+            .map_err(internal)?
+            .and_then(|v| decode_units(&v, size)))
+    }
+
+    /// Keeps unit checksums derived from verified bytes. Not synced: losing them in a crash
+    /// only means deriving them again.
+    fn keep_sums(&self, key: &str, sums: &UnitSums) -> Result<()> {
+        self.db.put_cf(self.cf(CF_BLOBS)?, units_key(key), encode_units(sums)).map_err(internal)
+    }
+
+    /// All checksums of a blob file, from one pass over its bytes.
+    fn file_sums(file: &fs::File, size: u64) -> Result<Checksums> {
         let mut tree = TreeHasher::default();
         let mut offset = 0;
-        while offset < entry.size {
-            let len = (entry.size - offset).min(UNIT);
+        while offset < size {
+            let len = (size - offset).min(UNIT);
             tree.update(&read_mapped(file, offset, len as usize).map_err(internal)?);
             offset += len;
         }
-        let sums = tree.finish();
+        Ok(tree.finish())
+    }
+
+    /// The unit checksums of a blob file. A blob stored before they were kept gets them now,
+    /// from one pass over its file checked against its BLAKE3; `None` (and the copy taken out
+    /// of service) when that check fails.
+    fn units_of(self: &Arc<Self>, digest: &Digest, entry: &BlobEntry, file: &fs::File) -> Result<Option<UnitSums>> {
+        let key = digest.to_string();
+        if let Some(sums) = self.stored_sums(&key, entry.size)?.filter(|u| units_match(u, entry.size, &entry.blake3)) {
+            return Ok(Some(sums));
+        }
+        let sums = Self::file_sums(file, entry.size)?;
         if sums.blake3 != entry.blake3 {
             self.quarantine(digest, "its bytes do not match its checksum");
             return Ok(None);
         }
-        // Derived from verified bytes: losing this write in a crash only means doing it again.
-        self.db.put_cf(self.cf(CF_BLOBS)?, units_key(&key), encode_units(&sums.units)).map_err(internal)?;
+        self.keep_sums(&key, &sums.units)?;
         Ok(Some(sums.units))
     }
 
@@ -589,6 +621,7 @@ impl Inner {
                 }
             }
         });
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
         match r {
             Ok(()) => tracing::error!(%digest, why, "a stored copy is damaged: taken out of service until repaired"),
             Err(e) => {
@@ -607,6 +640,7 @@ impl Inner {
         };
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS)?, key);
+        batch.delete_cf(self.cf(CF_BLOBS)?, units_key(key));
         self.count_dead(batch, segment, entry.size)?;
         Ok(Some(entry.stamp))
     }
@@ -816,9 +850,7 @@ impl Inner {
         }
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
-        if !checksums.units.is_empty() {
-            batch.put_cf(self.cf(CF_BLOBS)?, units_key(key), encode_units(&checksums.units));
-        }
+        batch.put_cf(self.cf(CF_BLOBS)?, units_key(key), encode_units(&checksums.units));
         batch.delete_cf(self.cf(CF_BLOBS)?, corrupt_key(key));
         self.synced_write(batch)?;
         if entry.location != Location::File {
@@ -859,7 +891,7 @@ impl BlobStore for StorageEngine {
             Location::Inline | Location::Segment { .. } => {
                 let inner = self.inner.clone();
                 let d = digest.clone();
-                let data = blocking(move || inner.checked_small_bytes(&d, entry)).await?.ok_or_else(|| {
+                let data = blocking(move || inner.checked_small_bytes(&d, entry, false)).await?.ok_or_else(|| {
                     RegistryError::new(ErrorCode::BlobUnknown, format!("{digest} is not stored here (or was damaged)"))
                 })?;
                 let data = Bytes::from(data);
@@ -871,7 +903,6 @@ impl BlobStore for StorageEngine {
                 let inner = self.inner.clone();
                 let d = digest.clone();
                 let size = entry.size;
-                let root = entry.blake3;
                 let opened = blocking(move || {
                     let file = fs::File::open(inner.blob_path(&d)).map_err(internal)?;
                     // A map past the end of a file faults; a blob file shorter than its entry
@@ -906,7 +937,7 @@ impl BlobStore for StorageEngine {
                                 let start = k * UNIT;
                                 let len = (size - start).min(UNIT);
                                 let data = read_mapped(&file, start, len as usize)?;
-                                if !unit_intact(&data, k, size, &units, &root) {
+                                if !unit_crc_ok(&data, k, &units) {
                                     inner.quarantine(&d, &format!("unit {k} does not match its checksum"));
                                     return Err(io::Error::new(
                                         io::ErrorKind::InvalidData,
@@ -947,7 +978,7 @@ impl BlobStore for StorageEngine {
                     }
                     data
                 }
-                _ => match inner.checked_small_bytes(&digest, entry)? {
+                _ => match inner.checked_small_bytes(&digest, entry, false)? {
                     Some(d) => d,
                     None => return Ok(None),
                 },
