@@ -8,8 +8,8 @@
 //!   it holds the blob (that one copies; so after a node dies, one survivor per blob sends
 //!   the copy its new owner needs, not all of them);
 //! - a **non-owner** (a draining node, or one whose blobs moved to a node that joined) copies
-//!   the blob to every owner that lacks it, and deletes its own copy once every owner has
-//!   confirmed one: a copy is confirmed by its owner's stat (of the same size), or by the
+//!   the blob to the owners that lack it only when no owner holds it (else the first owner
+//!   holding it does), and deletes its own copy once every owner has confirmed one: a copy is confirmed by its owner's stat (of the same size), or by the
 //!   owner's answer to the write, which it gives only after verifying the digest and
 //!   fsyncing. Copies are dropped only while the map is still the one the pass worked under
 //!   (it is read again first): two nodes working under different maps could otherwise each
@@ -352,10 +352,13 @@ impl Rebalancer {
             holds.push(answer);
         }
         let mut failed = holds.iter().any(Option::is_none);
-        // An owner leaves the copying to a holder ranked before it.
+        // An owner leaves the copying to a holder ranked before it; a non-owner leaves it to
+        // any owner that holds the blob (it drops its own copy once that one has copied), and
+        // copies only a blob no owner holds (a drained node's, say): one copy per owner
+        // lacking, not one from every holder.
         let copies_here = match mine {
             Some(k) => !holds[..k].contains(&Some(true)),
-            None => true,
+            None => !holds.contains(&Some(true)),
         };
         if copies_here {
             for (k, &o) in owners.iter().enumerate() {
