@@ -678,7 +678,8 @@ async fn a_storage_node_dead_past_the_dead_time_has_its_blobs_copied_again() {
     let options = berth_tests::cluster::ClusterOptions {
         storage_nodes: 4,
         meta_args: vec!["--storage-dead-after-secs".into(), "8".into()],
-        ..Default::default()
+        // The blobs are seconds old when the node dies: passes may look at them at once.
+        storage_args: vec!["--placement-grace-secs".into(), "1".into()],
     };
     let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
@@ -775,7 +776,11 @@ async fn a_storage_node_dead_past_the_dead_time_has_its_blobs_copied_again() {
 /// owners, and no push or pull failed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_joins_under_load_then_one_is_drained_and_removed() {
-    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let options = berth_tests::cluster::ClusterOptions {
+        storage_args: vec!["--placement-grace-secs".into(), "2".into()],
+        ..Default::default()
+    };
+    let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];
     let meta = cl.meta.addrs();
     let stop = Arc::new(AtomicBool::new(false));

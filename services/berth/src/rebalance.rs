@@ -17,10 +17,12 @@
 //!   came back and its heartbeat is not in yet) runs no pass at all.
 //!
 //! A pass runs when the placement map's version changes (a node joined, died, came back, was
-//! drained or removed), once more [`SETTLE_AFTER`] later (for copies written by frontends
+//! drained or removed), once more twice the grace time later (for copies written by frontends
 //! still on the previous map), again shortly after a pass that left work undone (an owner did
 //! not answer, a copy failed, a copy could not yet be dropped), and otherwise every check
-//! interval.
+//! interval. A pass leaves alone blobs stored within the grace time: the write that stored
+//! one is still copying it to its owners (or has recorded it for repair), and a pass copying
+//! it too would double the traffic of every push it overlaps.
 //! Copies are paced to the bandwidth limit. What the pass finds and does is reported in the
 //! node's heartbeats ([`NodeStats`]), which `berth admin cluster status` shows.
 
@@ -47,11 +49,6 @@ const MAP_CHECK: Duration = Duration::from_secs(2);
 /// How soon a pass that left work undone is followed by another.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 
-/// How long after a map change one more pass runs. A frontend follows the map a moment late
-/// (it polls every 2 s) and an upload being finished as the map changes copies to the owners
-/// of the map it started with (within 16 s): this pass puts such copies where they belong.
-const SETTLE_AFTER: Duration = Duration::from_secs(20);
-
 /// How long copying a blob of `size` bytes may take: 10 s, plus a second per 8 MB (a slow
 /// disk's rate); past it the copy counts as failed and the next pass tries again.
 fn copy_time(size: u64) -> Duration {
@@ -72,6 +69,11 @@ pub struct Rebalancer {
     pub bandwidth: u64,
     /// How often a pass runs when nothing changed.
     pub interval: Duration,
+    /// How long a new blob is left to the write path that stored it (which copies it to its
+    /// owners, or records it for repair): a pass skips blobs younger than this, and a map
+    /// change is followed by one more pass twice this long after it, for the blobs written
+    /// meanwhile by frontends still on the previous map.
+    pub grace: Duration,
     /// What the node reports in its heartbeats.
     pub stats: Arc<Mutex<NodeStats>>,
 }
@@ -115,9 +117,9 @@ impl Rebalancer {
         let mut peers: HashMap<String, Arc<StorageClient>> = HashMap::new();
         let mut done_for: Option<u64> = None;
         let mut last_pass: Option<Instant> = None;
-        // The map version last seen, when it was first seen, and whether a pass began after
-        // SETTLE_AFTER had passed since then.
-        let mut seen: Option<(u64, Instant, bool)> = None;
+        // The map version last seen, when it was first seen (and that time in ms since the
+        // epoch, as stamps count), and whether its settling pass ran.
+        let mut seen: Option<(u64, Instant, u64, bool)> = None;
         let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
@@ -137,21 +139,24 @@ impl Rebalancer {
             if !map.nodes.iter().any(|n| n.name == self.name && n.state != NodeState::Dead) {
                 continue;
             }
-            let (since, settled) = match seen {
-                Some((v, since, settled)) if v == map.version => (since, settled),
-                _ => (Instant::now(), false),
+            let (since, since_ms, settled) = match seen {
+                Some((v, since, since_ms, settled)) if v == map.version => (since, since_ms, settled),
+                _ => (Instant::now(), berth_core::now_ms(), false),
             };
-            let settling = !settled && since.elapsed() >= SETTLE_AFTER;
-            seen = Some((map.version, since, settled || settling));
+            let settling = !settled && since.elapsed() >= 2 * self.grace;
+            seen = Some((map.version, since, since_ms, settled || settling));
             let due =
                 done_for != Some(map.version) || settling || last_pass.is_none_or(|t| t.elapsed() >= self.interval);
             if !due {
                 continue;
             }
+            let grace_ms = self.grace.as_millis() as u64;
+            // Blobs stored up to this stamp are checked; younger ones are the write path's.
+            let upto = if settling { since_ms + grace_ms } else { berth_core::now_ms().saturating_sub(grace_ms) };
             let started = Instant::now();
-            tracing::debug!(version = map.version, "placement pass");
+            tracing::debug!(version = map.version, upto, "placement pass");
             let undone = tokio::select! {
-                u = self.pass(&map, &mut peers) => u,
+                u = self.pass(&map, &mut peers, upto) => u,
                 _ = stop.wait_for(|s| *s) => return,
             };
             last_pass = Some(Instant::now());
@@ -182,7 +187,7 @@ impl Rebalancer {
     }
 
     /// One pass over this node's inventory under `map`.
-    async fn pass(&self, map: &PlacementMap, peers: &mut HashMap<String, Arc<StorageClient>>) -> Undone {
+    async fn pass(&self, map: &PlacementMap, peers: &mut HashMap<String, Arc<StorageClient>>, upto: u64) -> Undone {
         let members: Vec<Member> = map
             .nodes
             .iter()
@@ -250,7 +255,7 @@ impl Rebalancer {
             loop {
                 while running.len() < CHECKS_AT_ONCE {
                     let Some((d, _stamp)) = todo.next() else { break };
-                    running.push(self.place(d, &placement, me, &clients, &pace));
+                    running.push(self.place(d, upto, &placement, me, &clients, &pace));
                 }
                 match running.next().await {
                     Some(o) => outcomes.push(o),
@@ -318,6 +323,7 @@ impl Rebalancer {
     async fn place(
         &self,
         d: &Digest,
+        upto: u64,
         placement: &Placement,
         me: usize,
         clients: &[Option<Arc<StorageClient>>],
@@ -325,6 +331,8 @@ impl Rebalancer {
     ) -> Outcome {
         // Listed a moment ago; a blob deleted since (by the collector) needs nothing.
         let size = match self.local.stat(d).await {
+            // Too young: its writer is still copying it to its owners.
+            Ok(Some(stored)) if stored.stamp > upto => return Outcome::Placed,
             Ok(Some(stored)) => stored.size,
             Ok(None) => return Outcome::Placed,
             Err(_) => return Outcome::Failed,

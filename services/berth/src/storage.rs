@@ -63,6 +63,10 @@ pub struct StorageArgs {
     /// placement map has not changed (a change starts a pass at once).
     #[arg(long, env = "BERTH_PLACEMENT_CHECK_SECS", default_value_t = 3600)]
     pub placement_check_secs: u64,
+    /// Seconds a new blob is left to the write that stored it before placement passes look at
+    /// it (that write copies it to its owners itself).
+    #[arg(long, env = "BERTH_PLACEMENT_GRACE_SECS", default_value_t = 30)]
+    pub placement_grace_secs: u64,
     /// Bytes per second the scrub may re-read to check this node's blobs; 0 for no limit.
     #[arg(long, env = "BERTH_SCRUB_BANDWIDTH", default_value_t = 16 << 20)]
     pub scrub_bandwidth: u64,
@@ -170,6 +174,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         replicas: args.replicas.max(1),
         bandwidth: args.move_bandwidth,
         interval: Duration::from_secs(args.placement_check_secs.max(1)),
+        grace: Duration::from_secs(args.placement_grace_secs),
         stats: stats.clone(),
     };
     let rebalancing = tokio::spawn(rebalance.run(stop_rx.clone()));

@@ -445,3 +445,18 @@ async fn stamps_grow_are_renewed_by_a_second_write_and_survive_restart() {
     assert!(after.stamp > deleted, "stamps keep growing across a restart");
     assert_eq!(first.size, 300_000);
 }
+
+/// The unit checksums kept at commit fit the blob, so a read never derives them again.
+#[tokio::test]
+async fn kept_unit_sums_fit_the_blob() {
+    let (_d, e) = engine();
+    let unit = crate::integrity::UNIT as usize;
+    for n in [10, INLINE_THRESHOLD as usize + 1, unit, unit + 1, 5 * unit + 3] {
+        let bytes = data(n);
+        let digest = Digest::sha256_of(&bytes);
+        e.put(&digest, body(bytes.chunks(100_000).map(<[u8]>::to_vec).collect()), u64::MAX).await.unwrap();
+        let entry = e.entry(&digest).await.unwrap().unwrap();
+        let sums = e.inner.stored_sums(&digest.to_string(), n as u64).unwrap().expect("sums kept at commit");
+        assert!(crate::integrity::units_match(&sums, n as u64, &entry.blake3), "{n} bytes");
+    }
+}
