@@ -776,8 +776,10 @@ async fn a_storage_node_dead_past_the_dead_time_has_its_blobs_copied_again() {
 /// owners, and no push or pull failed meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_joins_under_load_then_one_is_drained_and_removed() {
+    // Short enough for a test, longer than a frontend takes to see a new map (it polls every
+    // 2 s) and finish the pushes it began under the old one.
     let options = berth_tests::cluster::ClusterOptions {
-        storage_args: vec!["--placement-grace-secs".into(), "2".into()],
+        storage_args: vec!["--placement-grace-secs".into(), "6".into()],
         ..Default::default()
     };
     let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));

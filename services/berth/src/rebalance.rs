@@ -286,7 +286,11 @@ impl Rebalancer {
         let pace = pace.into_inner().unwrap_or_else(PoisonError::into_inner);
         let secs = pace.start.elapsed().as_secs_f64();
         self.update(|s| {
-            s.move_rate = if secs > 0.0 { (pace.bytes as f64 / secs) as u64 } else { 0 };
+            // The rate of the last pass that moved anything: a pass with nothing to move says
+            // nothing about how fast this node moves data.
+            if pace.bytes > 0 && secs > 0.0 {
+                s.move_rate = (pace.bytes as f64 / secs) as u64;
+            }
             s.queued = 0;
             s.pass_version = map.version;
         });

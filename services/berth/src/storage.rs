@@ -64,7 +64,8 @@ pub struct StorageArgs {
     #[arg(long, env = "BERTH_PLACEMENT_CHECK_SECS", default_value_t = 3600)]
     pub placement_check_secs: u64,
     /// Seconds a new blob is left to the write that stored it before placement passes look at
-    /// it (that write copies it to its owners itself).
+    /// it (that write copies it to its owners itself). Keep it well above the time frontends
+    /// take to follow a new map (they poll every 2 s) and finish the uploads begun before.
     #[arg(long, env = "BERTH_PLACEMENT_GRACE_SECS", default_value_t = 30)]
     pub placement_grace_secs: u64,
     /// Bytes per second the scrub may re-read to check this node's blobs; 0 for no limit.

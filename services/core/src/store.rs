@@ -420,7 +420,7 @@ pub struct NodeStats {
     pub bytes_moved: u64,
     /// Copies it dropped since it started, each once every owner held the blob.
     pub copies_dropped: u64,
-    /// Bytes per second it copied over its last pass.
+    /// Bytes per second it copied over its last pass that copied anything.
     pub move_rate: u64,
     /// The map version its last complete pass worked under (0: none yet): `blobs` and
     /// `queued` describe the node under that map only from then on.
