@@ -231,27 +231,16 @@ pub struct CopyCensus {
 /// Counts the copies of `blobs` on every node of the map read from `meta` (`ADDR,...`), with
 /// owners as placement gives them for `replicas` copies.
 pub async fn copy_census(meta: &str, blobs: &[berth_core::Digest], replicas: usize) -> CopyCensus {
-    use berth_core::store::NodeState;
     use berth_core::{BlobStore, MetaStore};
     use berth_storage::client::{StorageClient, StorageClientConfig};
-    use berth_storage::placement::{Member, Placement};
+    use berth_storage::placement::Placement;
     let client = berth_meta::client::MetaClient::new(
         meta.split(',').map(String::from).collect(),
         berth_meta::client::MetaClientConfig::default(),
     )
     .expect("meta client");
     let map = client.placement().await.expect("the placement map");
-    let placement = Placement::new(
-        map.nodes
-            .iter()
-            .map(|n| Member {
-                name: n.name.clone(),
-                zone: n.zone.clone(),
-                weight: n.capacity,
-                owns: n.state == NodeState::Live,
-            })
-            .collect(),
-    );
+    let placement = Placement::of_map(&map);
     let nodes: Vec<StorageClient> = map
         .nodes
         .iter()

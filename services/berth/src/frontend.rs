@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use berth_core::store::NodeState;
 use berth_core::{BlobStore, Digest, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::client::{StorageClient, StorageClientConfig};
@@ -130,12 +129,7 @@ async fn follow_placement(
                     };
                     kept.insert(n.addr.clone(), client.clone());
                     nodes.push((n.name.clone(), client));
-                    members.push(Member {
-                        name: n.name.clone(),
-                        zone: n.zone.clone(),
-                        weight: n.capacity,
-                        owns: n.state == NodeState::Live,
-                    });
+                    members.push(Member::of_node(n));
                     addrs.push(n.addr.clone());
                 }
                 clients = kept;

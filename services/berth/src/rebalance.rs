@@ -27,13 +27,14 @@
 //! node's heartbeats ([`NodeStats`]), which `berth admin cluster status` shows.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use berth_core::store::{NodeState, NodeStats, PlacementMap};
 use berth_core::{BlobStore, Digest, MetaStore};
 use berth_storage::client::{StorageClient, StorageClientConfig};
-use berth_storage::placement::{Member, Placement};
+use berth_storage::placement::Placement;
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -188,17 +189,7 @@ impl Rebalancer {
 
     /// One pass over this node's inventory under `map`.
     async fn pass(&self, map: &PlacementMap, peers: &mut HashMap<String, Arc<StorageClient>>, upto: u64) -> Undone {
-        let members: Vec<Member> = map
-            .nodes
-            .iter()
-            .map(|n| Member {
-                name: n.name.clone(),
-                zone: n.zone.clone(),
-                weight: n.capacity,
-                owns: n.state == NodeState::Live,
-            })
-            .collect();
-        let placement = Placement::new(members);
+        let placement = Placement::of_map(map);
         let Some(me) = map.nodes.iter().position(|n| n.name == self.name) else { return Undone::default() };
         let clients: Vec<Option<Arc<StorageClient>>> = map
             .nodes
@@ -207,8 +198,8 @@ impl Rebalancer {
             .map(|(i, n)| if i == me { None } else { Self::peer(peers, &n.addr) })
             .collect();
 
-        // Count first, so that progress has a total.
-        let (mut blobs, mut bytes) = (0u64, 0u64);
+        // Count first (the index alone), so that progress has a total.
+        let mut blobs = 0u64;
         let mut after: Option<Digest> = None;
         loop {
             let page = match self.local.list(after.as_ref(), PAGE * 4).await {
@@ -219,11 +210,6 @@ impl Rebalancer {
                 }
             };
             blobs += page.len() as u64;
-            for (d, _) in &page {
-                if let Ok(Some(stored)) = self.local.stat(d).await {
-                    bytes += stored.size;
-                }
-            }
             if page.len() < PAGE * 4 {
                 break;
             }
@@ -231,12 +217,14 @@ impl Rebalancer {
         }
         self.update(|s| {
             s.blobs = blobs;
-            s.bytes = bytes;
             s.queued = blobs;
             s.checked = 0;
         });
 
+        // Bytes of the blobs held here, summed as they are placed.
+        let held = AtomicU64::new(0);
         let pace = Mutex::new(Pace { start: Instant::now(), bytes: 0, limit: self.bandwidth });
+        let pass = Pass { upto, placement: &placement, me, clients: &clients, pace: &pace, held: &held };
         let mut undone = Undone::default();
         let mut after: Option<Digest> = None;
         loop {
@@ -255,7 +243,7 @@ impl Rebalancer {
             loop {
                 while running.len() < CHECKS_AT_ONCE {
                     let Some((d, _stamp)) = todo.next() else { break };
-                    running.push(self.place(d, upto, &placement, me, &clients, &pace));
+                    running.push(self.place(d, &pass));
                 }
                 match running.next().await {
                     Some(o) => outcomes.push(o),
@@ -272,7 +260,7 @@ impl Rebalancer {
                 }
             }
             if !droppable.is_empty() {
-                self.drop_copies(map.version, droppable, &mut undone).await;
+                self.drop_copies(map.version, droppable, &held, &mut undone).await;
             }
             self.update(|s| {
                 s.checked += page.len() as u64;
@@ -292,6 +280,7 @@ impl Rebalancer {
                 s.move_rate = (pace.bytes as f64 / secs) as u64;
             }
             s.queued = 0;
+            s.bytes = held.load(Ordering::Relaxed);
             s.pass_version = map.version;
         });
         undone
@@ -300,7 +289,7 @@ impl Rebalancer {
     /// Deletes copies this node holds but does not own, each confirmed at every owner, unless
     /// the map changed since the pass read it: owners confirmed under one map may be dropping
     /// their own copies under the next, so a pass drops nothing once its map is stale.
-    async fn drop_copies(&self, version: u64, droppable: Vec<(Digest, u64)>, undone: &mut Undone) {
+    async fn drop_copies(&self, version: u64, droppable: Vec<(Digest, u64)>, held: &AtomicU64, undone: &mut Undone) {
         match self.meta.placement().await {
             Ok(now) if now.version == version => {}
             _ => {
@@ -310,11 +299,13 @@ impl Rebalancer {
         }
         for (d, size) in droppable {
             match self.local.delete(&d).await {
-                Ok(_) => self.update(|s| {
-                    s.copies_dropped += 1;
-                    s.blobs = s.blobs.saturating_sub(1);
-                    s.bytes = s.bytes.saturating_sub(size);
-                }),
+                Ok(_) => {
+                    held.fetch_sub(size, Ordering::Relaxed);
+                    self.update(|s| {
+                        s.copies_dropped += 1;
+                        s.blobs = s.blobs.saturating_sub(1);
+                    });
+                }
                 Err(e) => {
                     undone.failed += 1;
                     tracing::warn!(digest = %d, error = %e, "dropping a copy its owners hold");
@@ -324,23 +315,19 @@ impl Rebalancer {
     }
 
     /// Puts blob `d` (held here) where placement wants it.
-    async fn place(
-        &self,
-        d: &Digest,
-        upto: u64,
-        placement: &Placement,
-        me: usize,
-        clients: &[Option<Arc<StorageClient>>],
-        pace: &Mutex<Pace>,
-    ) -> Outcome {
+    async fn place(&self, d: &Digest, pass: &Pass<'_>) -> Outcome {
+        let Pass { upto, placement, me, clients, pace, held } = *pass;
         // Listed a moment ago; a blob deleted since (by the collector) needs nothing.
-        let size = match self.local.stat(d).await {
-            // Too young: its writer is still copying it to its owners.
-            Ok(Some(stored)) if stored.stamp > upto => return Outcome::Placed,
-            Ok(Some(stored)) => stored.size,
+        let (size, stamp) = match self.local.stat(d).await {
+            Ok(Some(stored)) => (stored.size, stored.stamp),
             Ok(None) => return Outcome::Placed,
             Err(_) => return Outcome::Failed,
         };
+        held.fetch_add(size, Ordering::Relaxed);
+        // Too young: its writer is still copying it to its owners.
+        if stamp > upto {
+            return Outcome::Placed;
+        }
         let owners = placement.owners(d, self.replicas);
         let mine = owners.iter().position(|&o| o == me);
         // Who holds it: Some(true) holds, Some(false) lacks, None did not answer.
@@ -416,6 +403,21 @@ impl Rebalancer {
         }
         Outcome::Droppable(d.clone(), size)
     }
+}
+
+/// What a pass places each blob by.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    /// Blobs stamped after this are left to their writers.
+    upto: u64,
+    placement: &'a Placement,
+    /// This node's index in the map.
+    me: usize,
+    /// Clients of the other nodes, by index (`None` for this one, or one unreachable).
+    clients: &'a [Option<Arc<StorageClient>>],
+    pace: &'a Mutex<Pace>,
+    /// Bytes of the blobs held here, summed as they are placed.
+    held: &'a AtomicU64,
 }
 
 /// What became of one blob in a pass.

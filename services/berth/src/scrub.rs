@@ -12,10 +12,10 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use berth_core::store::{NodeState, NodeStats};
+use berth_core::store::NodeStats;
 use berth_core::{BlobStore, Digest, MetaStore};
 use berth_storage::client::{StorageClient, StorageClientConfig};
-use berth_storage::placement::{Member, Placement};
+use berth_storage::placement::Placement;
 use berth_storage::StorageEngine;
 use tokio::sync::watch;
 
@@ -148,17 +148,7 @@ impl Scrubber {
                 return;
             }
         };
-        let placement = Placement::new(
-            map.nodes
-                .iter()
-                .map(|n| Member {
-                    name: n.name.clone(),
-                    zone: n.zone.clone(),
-                    weight: n.capacity,
-                    owns: n.state == NodeState::Live,
-                })
-                .collect(),
-        );
+        let placement = Placement::of_map(&map);
         for (d, _) in &damaged {
             let mut answered_all = true;
             let mut mended = false;

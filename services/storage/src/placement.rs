@@ -39,6 +39,7 @@
 //!   pass also asks R − 1 owners about every blob a node holds: with a million blobs per node
 //!   that is two million small calls per pass, the cost to watch as nodes grow.
 
+use berth_core::store::{NodeState, PlacementMap, StorageNode};
 use berth_core::Digest;
 
 /// A storage node as placement sees it.
@@ -57,6 +58,12 @@ pub struct Member {
 }
 
 impl Member {
+    /// A storage node of the placement map: its zone, its capacity as weight, owning blobs
+    /// while it is live.
+    pub fn of_node(n: &StorageNode) -> Member {
+        Member { name: n.name.clone(), zone: n.zone.clone(), weight: n.capacity, owns: n.state == NodeState::Live }
+    }
+
     /// A live member without zone, of weight 1.
     pub fn named(name: impl Into<String>) -> Member {
         Member { name: name.into(), zone: None, weight: 1, owns: true }
@@ -122,6 +129,11 @@ impl Placement {
         let keys = members.iter().map(|m| node_key(&m.name)).collect();
         let zoned = members.iter().any(|m| m.zone.is_some());
         Placement { members, keys, weights, zoned }
+    }
+
+    /// The nodes of a placement map, in map order.
+    pub fn of_map(map: &PlacementMap) -> Placement {
+        Placement::new(map.nodes.iter().map(Member::of_node).collect())
     }
 
     /// Equal weights, no zones.
