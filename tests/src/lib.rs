@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod linearizability;
 pub mod meta_group;
 pub mod netns;
+pub mod soak;
 
 /// The `berth` binary built beside the test executables (or `$BERTH_BIN`).
 pub fn berth_bin() -> PathBuf {

@@ -1038,3 +1038,142 @@ async fn a_damaged_copy_is_never_served_and_is_mended() {
     // The damaged files are kept aside, never served.
     assert!(std::fs::read_dir(cl.storage_dir(first).join("quarantine")).unwrap().count() >= 1);
 }
+
+/// Garbage collection in a loop on the metadata leader while pushes, retags and deletes run
+/// through both frontends, and the leader SIGKILLed in the middle (and brought back): every
+/// acknowledged, undeleted image pulls and verifies through both frontends, and on every
+/// storage node the layer files left are exactly those live images reference. `berth admin
+/// gc` then reports through a frontend, and a dry run afterwards finds nothing left to free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_collection_across_the_cluster_survives_a_leader_kill() {
+    use berth_tests::cluster::ClusterOptions;
+    use berth_tests::soak::{eventually, files, large_files, Soak};
+    let options = ClusterOptions { meta_args: vec!["--gc-grace-secs".into(), "1".into()], ..Default::default() };
+    let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
+    let layer_files = |cl: &Cluster| -> Vec<(usize, u64)> {
+        (0..cl.storage.len()).map(|i| files(&cl.storage_dir(i).join("blobs"))).collect()
+    };
+    let soak = Soak::new(cl.frontends.iter().map(|f| f.url()).collect());
+    let started = Instant::now();
+    let soaking = {
+        let soak = soak.clone();
+        tokio::spawn(async move { soak.run(4, started + Duration::from_secs(24)).await })
+    };
+    // The leader goes down a third of the way in, and comes back a few seconds later.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let leader = tokio::task::block_in_place(|| cl.meta.wait_for_leader(Duration::from_secs(10))).expect("a leader");
+    let before_kill = layer_files(&cl);
+    tokio::task::block_in_place(|| cl.meta.nodes[leader as usize - 1].kill());
+    let killed = Instant::now();
+    let next = tokio::task::block_in_place(|| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            match cl.meta.leader() {
+                Some(l) if l != leader => return Some(l),
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        None
+    })
+    .expect("a new leader");
+    eprintln!("leader {leader} killed; {next} leads after {:?}", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::task::block_in_place(|| cl.meta.nodes[leader as usize - 1].restart());
+    soaking.await.unwrap();
+    let at_end = layer_files(&cl);
+    let (expected, summary) = {
+        let l = soak.ledger.lock().unwrap();
+        assert!(l.pushed > 10 && l.deleted > 3, "the soak did too little to mean anything");
+        let summary = format!(
+            "{} pushed, {} deleted, {} retagged, {} referenced-blob deletes refused, {} loose blobs deleted, {} live \
+             images, {} requests retried (503 or no answer)",
+            l.pushed,
+            l.deleted,
+            l.retagged,
+            l.refused_blob_deletes,
+            l.loose_deletes,
+            l.live.len(),
+            l.retries
+        );
+        (large_files(&l.referenced()), summary)
+    };
+    // Every node holds every blob (three nodes, three copies): each ends with exactly the
+    // layer files live images reference.
+    let settled = eventually(Duration::from_secs(60), || layer_files(&cl).iter().all(|f| *f == expected)).await;
+    let after = layer_files(&cl);
+    eprintln!(
+        "cluster gc soak: {summary}; layer files per storage node (count, bytes): at the leader kill {before_kill:?}, \
+         at the end of the load {at_end:?}, after collection {after:?}; live images reference {expected:?}"
+    );
+    assert!(settled, "layer files per node {after:?} differ from what live images reference {expected:?}");
+    soak.check_live_images().await;
+    // On demand, through a frontend: nothing is left to free.
+    let c = client();
+    let url = cl.frontends[1].url();
+    let run: Value = c
+        .post(format!("{url}/api/admin/gc"))
+        .basic_auth(berth_tests::ADMIN, Some(berth_tests::ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    eprintln!("berth admin gc after the soak: {run}");
+    assert_eq!(run["dry_run"], false, "{run}");
+    let dry: Value = c
+        .get(format!("{url}/api/admin/gc"))
+        .basic_auth(berth_tests::ADMIN, Some(berth_tests::ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((dry["blobs"].as_u64(), dry["strays"].as_u64()), (Some(0), Some(0)), "{dry}");
+    assert!(layer_files(&cl).iter().all(|f| *f == expected));
+}
+
+/// `berth admin gc` on a cluster deletes an unreferenced blob's copies on every storage node at
+/// once and reports them; a dry run before it counts the blob and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_gc_deletes_every_copy_and_reports_it() {
+    use berth_tests::cluster::ClusterOptions;
+    use berth_tests::soak::files;
+    let meta_args = ["--gc-grace-secs", "1", "--gc-interval-secs", "0"].map(String::from).to_vec();
+    let cl = tokio::task::block_in_place(|| Cluster::start_with(ClusterOptions { meta_args, ..Default::default() }));
+    let (a, b) = (cl.frontends[0].url(), cl.frontends[1].url());
+    let c = client();
+    let m = push_image(&c, &a, "acme/gone", "v1", 11, &[700_000]).await;
+    push_image(&c, &a, "acme/kept", "v1", 12, &[600_000]).await;
+    let layer_files = || -> Vec<(usize, u64)> { (0..3).map(|i| files(&cl.storage_dir(i).join("blobs"))).collect() };
+    assert_eq!(layer_files(), vec![(2, 1_300_000); 3]);
+    let r = c.delete(format!("{b}/v2/acme/gone/manifests/{m}")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gc = |dry: bool| {
+        let url = b.clone();
+        async move {
+            let mut args = vec!["admin", "--url", &url, "--token", berth_tests::ADMIN_TOKEN, "gc"];
+            if dry {
+                args.push("--dry-run");
+            }
+            let out = tokio::task::block_in_place(|| {
+                std::process::Command::new(berth_tests::berth_bin()).args(&args).output().unwrap()
+            });
+            assert!(out.status.success(), "berth admin gc: {}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        }
+    };
+    let dry = gc(true).await;
+    eprintln!("dry run: {dry}");
+    assert!(dry["blobs"].as_u64().unwrap() >= 1 && dry["bytes"].as_u64().unwrap() >= 700_000, "{dry}");
+    assert_eq!(layer_files(), vec![(2, 1_300_000); 3], "a dry run deletes nothing");
+    let run = gc(false).await;
+    eprintln!("run: {run}");
+    assert!(run["copies"].as_u64().unwrap() >= 3, "three copies of the layer at least: {run}");
+    assert!(run["copy_bytes"].as_u64().unwrap() >= 3 * 700_000, "{run}");
+    assert_eq!(layer_files(), vec![(1, 600_000); 3], "every node's copy went at once");
+    let r = c.get(format!("{a}/v2/acme/kept/manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

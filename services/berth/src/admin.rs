@@ -43,6 +43,13 @@ enum AdminCommand {
     Keys(KeysCmd),
     /// The metadata group: form it, add and remove nodes, show its state (over gRPC).
     Cluster(crate::cluster_admin::ClusterArgs),
+    /// Collects garbage now: deletes, on every storage node, the blobs unreferenced for the
+    /// grace period, and notes stored blobs nothing knows of. Prints what it freed.
+    Gc {
+        /// Only report what a collection would free now; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,6 +166,9 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         AdminCommand::User(UserCmd::List) => (reqwest::Method::GET, "admin/users".into(), None),
         AdminCommand::Keys(KeysCmd::Rotate) => (reqwest::Method::POST, "admin/keys/rotate".into(), None),
         AdminCommand::Keys(KeysCmd::List) => (reqwest::Method::GET, "admin/keys".into(), None),
+        AdminCommand::Gc { dry_run } => {
+            (if dry_run { reqwest::Method::GET } else { reqwest::Method::POST }, "admin/gc".into(), None)
+        }
         AdminCommand::Token(TokenCmd::Create { user, scopes, name, expires_days }) => (
             reqwest::Method::POST,
             format!("admin/users/{user}/tokens"),

@@ -63,7 +63,8 @@ pub struct StandaloneArgs {
     /// Directory holding all data [default: ./berth-data].
     #[arg(long, env = "BERTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// TOML file with any of: listen, data_dir, max_blob_bytes, upload_timeout_secs, gc_grace_secs.
+    /// TOML file with any of: listen, data_dir, max_blob_bytes, upload_timeout_secs, gc_grace_secs,
+    /// gc_interval_secs.
     #[arg(long, env = "BERTH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Seconds without progress after which an upload session expires [default: 600].
@@ -72,6 +73,10 @@ pub struct StandaloneArgs {
     /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
     #[arg(long, env = "BERTH_GC_GRACE_SECS")]
     pub gc_grace_secs: Option<u64>,
+    /// Seconds between rounds of garbage collection; 0: only when asked (`berth admin gc`)
+    /// [default: half the grace period, at most 30].
+    #[arg(long, env = "BERTH_GC_INTERVAL_SECS")]
+    pub gc_interval_secs: Option<u64>,
 }
 
 /// The TOML file's shape.
@@ -83,6 +88,7 @@ struct FileConfig {
     max_blob_bytes: Option<u64>,
     upload_timeout_secs: Option<u64>,
     gc_grace_secs: Option<u64>,
+    gc_interval_secs: Option<u64>,
 }
 
 /// Everything an HTTP frontend runs with.
@@ -194,6 +200,8 @@ pub struct StandaloneConfig {
     pub upload_timeout: Duration,
     /// Age an unlinked blob must reach before deletion.
     pub gc_grace: Duration,
+    /// Time between rounds of garbage collection (`None`: the default; zero: only when asked).
+    pub gc_interval: Option<Duration>,
 }
 
 impl StandaloneConfig {
@@ -215,6 +223,7 @@ impl StandaloneConfig {
                     .unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()),
             ),
             gc_grace: Duration::from_secs(args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600)),
+            gc_interval: args.gc_interval_secs.or(file.gc_interval_secs).map(Duration::from_secs),
         })
     }
 }

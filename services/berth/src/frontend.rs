@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use berth_core::store::NodeState;
 use berth_core::{BlobStore, Digest, MetaStore};
 use berth_meta::client::{MetaClient, MetaClientConfig};
 use berth_storage::client::{StorageClient, StorageClientConfig};
@@ -75,7 +76,8 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
         stop_tx.send_replace(true);
     });
     let follow = args.storage.is_empty().then(|| {
-        let placement = Placement { replicas: args.replicas, write_quorum: args.write_quorum };
+        let placement =
+            Placement { replicas: args.replicas, write_quorum: args.write_quorum, skip_dead: false, poll: MAP_POLL };
         tokio::spawn(follow_placement(router.clone(), metas.clone(), placement, stop_rx.clone()))
     });
     let repairs = tokio::spawn(repair_copies(router.clone(), metas.clone(), stop_rx.clone()));
@@ -94,15 +96,19 @@ const MAP_POLL: Duration = Duration::from_secs(2);
 
 /// How blobs are placed on the nodes of the map.
 #[derive(Clone, Copy)]
-struct Placement {
-    replicas: usize,
-    write_quorum: usize,
+pub(crate) struct Placement {
+    pub replicas: usize,
+    pub write_quorum: usize,
+    /// Leave dead nodes out (their copies are neither read nor deleted).
+    pub skip_dead: bool,
+    /// How often to ask for the map.
+    pub poll: Duration,
 }
 
 /// Keeps `router` on the current placement map until `stop` turns true: asks for the map every
-/// [`MAP_POLL`] (at once at start) and, when its version changed, puts a router over its nodes
+/// `placement.poll` (at once at start) and, when its version changed, puts a router over its nodes
 /// in place, keeping the connections to nodes it already knew.
-async fn follow_placement(
+pub(crate) async fn follow_placement(
     router: Arc<CurrentRouter>,
     meta: Arc<dyn MetaStore>,
     placement: Placement,
@@ -116,7 +122,7 @@ async fn follow_placement(
                 let mut members = vec![];
                 let mut addrs = vec![];
                 let mut kept = HashMap::new();
-                for n in &map.nodes {
+                for n in map.nodes.iter().filter(|n| !(placement.skip_dead && n.state == NodeState::Dead)) {
                     let client = match clients.get(&n.addr) {
                         Some(c) => c.clone(),
                         None => match StorageClient::new(&n.addr, StorageClientConfig::default()) {
@@ -148,7 +154,7 @@ async fn follow_placement(
             Err(e) => tracing::debug!(error = %e, "reading the placement map"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(MAP_POLL) => {}
+            _ = tokio::time::sleep(placement.poll) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

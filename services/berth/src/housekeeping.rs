@@ -1,5 +1,7 @@
 //! Storage housekeeping: expiring idle uploads, ending sessions whose staging is gone, and
-//! garbage collection; run beside a storage engine (in `berth standalone` and `berth storage`).
+//! (in `berth standalone`) garbage collection; run beside a storage engine (in `berth
+//! standalone` and `berth storage`). A cluster's garbage collection runs on the metadata
+//! leader (`crate::meta`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +17,8 @@ const SESSIONS_PER_ROUND: usize = 1000;
 /// the two writes that start it.
 const SESSION_SETTLE: Duration = Duration::from_secs(60);
 
-/// Expires uploads idle for `upload_timeout` and runs garbage collection with `gc_grace`,
-/// until `stop` turns true.
+/// Expires uploads idle for `upload_timeout` and runs rounds of `collector`, if given, until
+/// `stop` turns true.
 ///
 /// With `all_staging`, `blobs` stages every upload of the registry, so a session whose staging
 /// area it does not have is one whose staging was lost, and is ended. A storage node of a
@@ -25,12 +27,13 @@ pub async fn run(
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     upload_timeout: Duration,
-    gc_grace: Duration,
+    collector: Option<Arc<Collector>>,
     all_staging: bool,
     mut stop: watch::Receiver<bool>,
 ) {
-    let period = (upload_timeout / 4).min(gc_grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
-    let collector = Collector::new(blobs.clone(), meta.clone(), gc_grace);
+    let gc_period = collector.as_ref().and_then(|c| c.interval()).unwrap_or(Duration::MAX);
+    let period = (upload_timeout / 4).min(gc_period).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let mut last_round = tokio::time::Instant::now();
     let mut sessions_cursor: Option<String> = None;
     loop {
         tokio::select! {
@@ -52,18 +55,32 @@ pub async fn run(
                 tracing::warn!(error = %e, "checking upload sessions");
             }
         }
-        match collector.round().await {
-            Ok(r) if r.deleted > 0 || r.strays > 0 => {
-                tracing::info!(
-                    deleted = r.deleted,
-                    freed_bytes = r.freed_bytes,
-                    strays = r.strays,
-                    "garbage collection"
-                )
+        if let Some(c) = &collector {
+            if last_round.elapsed() >= gc_period {
+                last_round = tokio::time::Instant::now();
+                collection_round(c).await;
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "garbage collection"),
         }
+    }
+}
+
+/// One round of garbage collection, logged.
+pub async fn collection_round(collector: &Collector) {
+    match collector.round().await {
+        Ok(r) if r.deleted > 0 || r.strays > 0 || r.undone > 0 => {
+            tracing::info!(
+                deleted = r.deleted,
+                freed_bytes = r.freed_bytes,
+                copies = r.copies.copies,
+                copy_bytes = r.copies.bytes,
+                kept = r.copies.kept,
+                undone = r.undone,
+                strays = r.strays,
+                "garbage collection"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "garbage collection"),
     }
 }
 

@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use berth_core::store::{NodeState, StorageChange};
-use berth_core::MetaStore;
+use berth_core::{BlobStore, Digest, MetaStore};
 use berth_meta::cluster::{cluster_server, RaftGate};
+use berth_meta::gc::Collector;
 use berth_meta::network::{raft_server, Channels};
 use berth_meta::server::meta_server;
 use berth_meta::{MetaConfig, MetaService};
+
+use crate::frontend::{follow_placement, Placement};
+use berth_storage::router::{Audit, CurrentRouter};
+use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
@@ -37,6 +42,85 @@ pub struct MetaArgs {
     /// then owns nothing and its blobs' next owners take copies of them from the survivors.
     #[arg(long, env = "BERTH_STORAGE_DEAD_AFTER_SECS", default_value_t = 60)]
     pub storage_dead_after_secs: u64,
+    /// Seconds an unlinked blob is kept before the leader's garbage collection deletes its
+    /// copies on every storage node.
+    #[arg(long, env = "BERTH_GC_GRACE_SECS", default_value_t = 3600)]
+    pub gc_grace_secs: u64,
+    /// Seconds between the leader's rounds of garbage collection; 0: only when asked (`berth
+    /// admin gc`) [default: half the grace period, at most 30].
+    #[arg(long, env = "BERTH_GC_INTERVAL_SECS")]
+    pub gc_interval_secs: Option<u64>,
+    /// Copies of each blob, as the frontends keep them: the leader's audit of linked blobs
+    /// looks for that many at their owners.
+    #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
+    pub replicas: usize,
+}
+
+/// Linked blobs audited per round of garbage collection.
+const AUDIT_PAGE: usize = 200;
+
+/// An audit runs once the placement map has stayed the same this long: right after a change,
+/// the placement passes of the storage nodes are still moving copies to their new owners.
+const AUDIT_SETTLE: Duration = Duration::from_secs(60);
+
+/// While this node leads: rounds of garbage collection over every storage node that is not
+/// dead, and, with each, an audit of a page of the linked blobs against their owners (the other
+/// direction of the comparison the collector's inventory walk makes). A blob an owner lacks is
+/// recorded short of copies, for the frontends' repair; a blob no node holds is reported.
+async fn collect_while_leading(meta: MetaService, collector: Arc<Collector>, router: Arc<CurrentRouter>) {
+    // Without background rounds, audits still come, as often as rounds would by default.
+    let default = (collector.grace() / 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    let period = collector.interval().unwrap_or(default);
+    let mut audit_after: Option<Digest> = None;
+    let mut map_seen: Option<(u64, Instant)> = None;
+    loop {
+        tokio::time::sleep(period).await;
+        if meta.leading_term().is_none() {
+            continue;
+        }
+        let Some(version) = router.version() else { continue };
+        if collector.interval().is_some() {
+            crate::housekeeping::collection_round(&collector).await;
+        }
+        let since = match map_seen {
+            Some((v, since)) if v == version => since,
+            _ => {
+                map_seen = Some((version, Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() >= AUDIT_SETTLE {
+            audit_after = audit_page(&meta, &router, audit_after).await;
+        }
+    }
+}
+
+/// Audits the linked blobs after `after` (a page); returns where the next page starts.
+async fn audit_page(meta: &MetaService, router: &CurrentRouter, after: Option<Digest>) -> Option<Digest> {
+    let page = match meta.linked_blobs(after.as_ref(), AUDIT_PAGE).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading linked blobs");
+            return after;
+        }
+    };
+    let Ok(current) = router.get() else { return after };
+    let audits = futures::future::join_all(page.iter().map(|d| current.audit(d))).await;
+    let mut short = vec![];
+    for (d, a) in page.iter().zip(audits) {
+        match a {
+            Audit::Short => short.push(d.clone()),
+            Audit::Lost => tracing::error!(digest = %d, "a linked blob has no copy on any storage node"),
+            Audit::Whole | Audit::Unanswered => {}
+        }
+    }
+    if !short.is_empty() {
+        tracing::info!(blobs = short.len(), "audit: linked blobs short of copies at their owners, recorded for repair");
+        if let Err(e) = meta.note_short_copies(short).await {
+            tracing::debug!(error = %e, "recording blobs short of copies");
+        }
+    }
+    (page.len() == AUDIT_PAGE).then(|| page.last().cloned()).flatten()
 }
 
 /// How often the leader looks for storage nodes that stopped sending heartbeats.
@@ -119,6 +203,22 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     let store: Arc<dyn MetaStore> = Arc::new(meta.clone());
     let gate = Arc::new(RaftGate::new(meta.clone()));
     let expiry = tokio::spawn(expire_silent_storage(meta.clone(), dead_after));
+    // Garbage collection reaches the storage nodes of the map, dead ones left out.
+    let router = Arc::new(CurrentRouter::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // The map is this node's own state: reading it often costs nothing.
+    let poll = Duration::from_millis(250);
+    let placement = Placement { replicas: args.replicas.max(1), write_quorum: 1, skip_dead: true, poll };
+    let following = tokio::spawn(follow_placement(router.clone(), store.clone(), placement, stop_rx));
+    let blobs: Arc<dyn BlobStore> = router.clone();
+    let collector = Arc::new(Collector::new(
+        blobs,
+        meta.clone(),
+        Duration::from_secs(args.gc_grace_secs),
+        args.gc_interval_secs.map(Duration::from_secs),
+    ));
+    meta.set_collector(collector.clone());
+    let collecting = tokio::spawn(collect_while_leading(meta.clone(), collector, router));
     println!("berth meta: node {} serving grpc://{bound} as {advertise} (data in {})", args.id, data_dir.display());
     let server = Server::builder()
         .add_service(raft_server(meta.raft().clone()))
@@ -127,6 +227,9 @@ pub async fn run(args: MetaArgs) -> Result<()> {
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal());
     let served = server.await.context("serving gRPC");
     expiry.abort();
+    collecting.abort();
+    stop_tx.send_replace(true);
+    following.abort();
     served?;
     tracing::info!("shutting down");
     meta.shutdown().await;

@@ -298,7 +298,7 @@ impl Rebalancer {
             }
         }
         for (d, size) in droppable {
-            match self.local.delete(&d).await {
+            match self.local.delete(&d, None).await {
                 Ok(_) => {
                     held.fetch_sub(size, Ordering::Relaxed);
                     self.update(|s| {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use berth_core::{BlobStore, MetaStore};
+use berth_meta::gc::Collector;
 use berth_meta::{MetaConfig, MetaService};
 use berth_storage::{StorageConfig, StorageEngine};
 use tokio::sync::watch;
@@ -24,12 +25,14 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     .context("starting the metadata service")?;
     let blobs: Arc<dyn BlobStore> = Arc::new(storage);
     let metas: Arc<dyn MetaStore> = Arc::new(meta.clone());
+    let collector = Arc::new(Collector::new(blobs.clone(), meta.clone(), config.gc_grace, config.gc_interval));
+    meta.set_collector(collector.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let housekeeping = tokio::spawn(crate::housekeeping::run(
         blobs.clone(),
         metas.clone(),
         config.upload_timeout,
-        config.gc_grace,
+        Some(collector),
         true,
         stop_rx.clone(),
     ));

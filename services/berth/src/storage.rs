@@ -35,9 +35,6 @@ pub struct StorageArgs {
     /// Seconds without progress after which an upload session expires [default: 600].
     #[arg(long, env = "BERTH_UPLOAD_TIMEOUT_SECS")]
     pub upload_timeout_secs: Option<u64>,
-    /// Seconds an unlinked blob is kept before its bytes are deleted [default: 3600].
-    #[arg(long, env = "BERTH_GC_GRACE_SECS")]
-    pub gc_grace_secs: Option<u64>,
     /// The address frontends and other nodes reach this node at [default: the address bound].
     #[arg(long, env = "BERTH_ADVERTISE")]
     pub advertise: Option<String>,
@@ -165,7 +162,6 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     let upload_timeout = Duration::from_secs(
         args.upload_timeout_secs.unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()).max(1),
     );
-    let gc_grace = Duration::from_secs(args.gc_grace_secs.unwrap_or(3600));
     // Sessions staged on other nodes are not this node's to judge (see housekeeping::run).
     let stats = Arc::new(Mutex::new(NodeStats::default()));
     let rebalance = crate::rebalance::Rebalancer {
@@ -189,8 +185,9 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     };
     let scrubbing = tokio::spawn(scrub.run(stop_rx.clone()));
     let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stats, stop_rx.clone()));
+    // Garbage collection runs on the metadata leader, over every storage node.
     let housekeeping =
-        tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, gc_grace, false, stop_rx));
+        tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, None, false, stop_rx));
     let served = Server::builder()
         .initial_stream_window_size(berth_storage::client::STREAM_WINDOW)
         .initial_connection_window_size(berth_storage::client::CONNECTION_WINDOW)

@@ -19,4 +19,4 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 pub use error::{ErrorCode, RegistryError};
-pub use store::{BlobStore, ByteStream, ManifestRecord, MetaStore, Stored, UploadSession};
+pub use store::{BlobStore, ByteStream, Deleted, ManifestRecord, MetaStore, Stored, UploadSession};

@@ -23,7 +23,9 @@ pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
 ///
 /// Stamps order copies: a storage node gives every copy it writes a stamp greater than any it
 /// gave before, and gives an existing copy a fresh one whenever a write finds it already there.
-/// Garbage collection records the highest stamp it deleted (the reap floor); a link that names
+/// Stamps are milliseconds of the node's clock (never going back, even across a restart).
+/// Before garbage collection deletes a blob it raises the reap floor to a time, and then deletes
+/// only copies stamped at or before the floor; a link of a blob no repository links that names
 /// a stamp at or below the floor is refused, so a link can never succeed for bytes the collector
 /// has taken, however the two race (see `berth_meta::state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +34,55 @@ pub struct Stored {
     pub size: u64,
     /// The stamp of the copy.
     pub stamp: u64,
+}
+
+/// What a garbage collection run did, or in a dry run would do now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Only counted; nothing was changed.
+    pub dry_run: bool,
+    /// Blobs deleted (dry run: past the grace period, that a run would delete now).
+    pub blobs: u64,
+    /// Their bytes, one copy each.
+    pub bytes: u64,
+    /// Copies deleted across the storage nodes (not counted in a dry run).
+    pub copies: u64,
+    /// The disk space those copies held (not counted in a dry run).
+    pub copy_bytes: u64,
+    /// Copies left in place because a write gave them a fresh stamp during the run.
+    pub kept: u64,
+    /// Stored blobs no record knows of (a refused manifest's, a push cut short): noted as
+    /// strays, and collected once they have been strays for the grace period.
+    pub strays: u64,
+    /// Their bytes, one copy each.
+    pub stray_bytes: u64,
+    /// Deletion rounds (at most a few hundred blobs each).
+    pub rounds: u64,
+    /// How long it took, in milliseconds.
+    pub millis: u64,
+}
+
+/// What a deletion did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    /// Copies removed.
+    pub copies: u32,
+    /// The bytes they held.
+    pub bytes: u64,
+    /// Copies left in place because they were stamped after the limit given.
+    pub kept: u32,
+}
+
+impl Deleted {
+    /// Whether anything was removed.
+    pub fn any(&self) -> bool {
+        self.copies > 0
+    }
+
+    /// This deletion and `other` together.
+    pub fn and(self, other: Deleted) -> Deleted {
+        Deleted { copies: self.copies + other.copies, bytes: self.bytes + other.bytes, kept: self.kept + other.kept }
+    }
 }
 
 /// The largest blob [`BlobStore::upload_finish_copying`] copies in the same call: the call's
@@ -87,8 +138,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Drops uploads that made no progress for `idle`; returns their ids.
     async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>>;
 
-    /// Removes a blob and reclaims its space. Returns the stamp of the copy deleted, if any.
-    async fn delete(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// Removes a blob and reclaims its space: every copy, or with `upto` only copies stamped at
+    /// or before it (a copy written or found again since then is kept; see [`Stored`]).
+    async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted>;
 
     /// Stored blobs in digest order after `after`, at most `n`, with their stamps: the
     /// inventory that garbage collection compares with what the metadata service knows.
@@ -589,24 +641,10 @@ pub trait MetaStore: Send + Sync + 'static {
     /// write.
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()>;
 
-    /// One step of garbage collection. Links that no manifest references and that have been
-    /// loose for at least `grace` are removed (except in repositories with an upload in
-    /// progress); then blobs no repository links, unlinked for at least `grace`, are fenced and
-    /// returned as candidates for deletion, at most `max`. A fenced blob cannot be linked
-    /// until [`MetaStore::blob_reaped`] is called for it.
-    async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>>;
-
-    /// The storage engine has deleted `digest` (the copy with `stamp`, if there was one); lifts
-    /// its fence and raises the reap floor.
-    async fn blob_reaped(&self, digest: &Digest, stamp: Option<u64>) -> Result<()>;
-
-    /// Of `digests`, those the metadata service has no record of: linked nowhere, not a
-    /// deletion candidate and not being deleted.
-    async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>>;
-
-    /// Stored blobs the metadata service may not know of (bytes of a refused manifest, or of
-    /// a push cut short by a crash): those it has no record of become deletion candidates.
-    async fn note_strays(&self, digests: Vec<Digest>) -> Result<()>;
+    /// Runs garbage collection now, to the end of what it can collect (the metadata leader
+    /// runs it; see `berth_meta::gc`), or with `dry_run` only reports what it would free.
+    /// `UNSUPPORTED` where no collector runs.
+    async fn collect_garbage(&self, dry_run: bool) -> Result<GcReport>;
 
     // ---- accounts and permissions ----------------------------------------------------------
 

@@ -12,6 +12,7 @@
 //! | `POST /api/admin/orgs/{org}/repos/{repo}/ci-tokens` | site admins, org owners, admins of the repo |
 //! | `GET/PATCH /api/packages/{name}` | readers / package admins |
 //! | `POST /api/admin/keys/rotate`, `GET /api/admin/keys` | site admins |
+//! | `POST /api/admin/gc` (collect garbage now), `GET /api/admin/gc` (what it would free) | site admins |
 //!
 //! Callers authenticate with a personal access token (Basic, or `Authorization: Bearer`).
 
@@ -230,6 +231,12 @@ async fn route(reg: &Registry, who: &Identity, req: Request) -> Result<Response,
             }
             let kid = reg.auth.keys.rotate_everywhere().await?;
             ok_json(StatusCode::OK, json!({"kid": kid}))
+        }
+        (m @ (Method::GET | Method::POST), ["admin", "gc"]) => {
+            if !is_site_admin(who) {
+                return Err(denied());
+            }
+            ok_json(StatusCode::OK, json!(meta.collect_garbage(m == Method::GET).await?))
         }
         (Method::GET, ["admin", "keys"]) => {
             if !is_site_admin(who) {

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, OrgRole, SourceRepo};
 use berth_core::error::Result;
 use berth_core::store::{
-    DirectoryChange, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
+    DirectoryChange, GcReport, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
 };
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
@@ -30,6 +30,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use crate::wire::{count, from_all, from_opt, not_leader_of, registry_error_of, required, to_all, Wire};
+
+/// How long `berth admin gc` may run before its call gives up waiting (the run goes on).
+const GC_RUN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// First pause before trying another node: about one Raft heartbeat, so a retry after a lost
 /// leader usually finds the new one.
@@ -551,29 +554,27 @@ impl MetaStore for MetaClient {
         self.write(msg, |mut c, r| async move { c.end_upload(r).await }).await.map(|_| ())
     }
 
-    async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>> {
-        // Whole milliseconds suffice for a grace period of minutes; u64 milliseconds outlast
-        // any Duration a caller could mean.
-        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-        let msg = pb::BeginReapRequest { grace_ms, max: max as u64 };
-        let reply = self.write(msg, |mut c, r| async move { c.begin_reap(r).await }).await?;
-        Ok(from_all::<Digest, _>(reply.digests)?)
-    }
-
-    async fn blob_reaped(&self, digest: &Digest, stamp: Option<u64>) -> Result<()> {
-        let msg = pb::BlobReapedRequest { digest: digest.to_string(), stamp };
-        self.write(msg, |mut c, r| async move { c.blob_reaped(r).await }).await.map(|_| ())
-    }
-
-    async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
-        let msg = pb::UnknownBlobsRequest { digests: to_all(digests) };
-        let reply = self.read(msg, |mut c, r| async move { c.unknown_blobs(r).await }).await?;
-        Ok(from_all::<Digest, _>(reply.digests)?)
-    }
-
-    async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
-        let msg = pb::NoteStraysRequest { digests: to_all(digests) };
-        self.write(msg, |mut c, r| async move { c.note_strays(r).await }).await.map(|_| ())
+    async fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
+        let msg = pb::CollectGarbageRequest { dry_run };
+        let r = self
+            .write(msg, |mut c, mut r| async move {
+                // A run deletes until nothing collectable is left: far longer than any other call.
+                r.set_timeout(GC_RUN_TIMEOUT);
+                c.collect_garbage(r).await
+            })
+            .await?;
+        Ok(GcReport {
+            dry_run: r.dry_run,
+            blobs: r.blobs,
+            bytes: r.bytes,
+            copies: r.copies,
+            copy_bytes: r.copy_bytes,
+            kept: r.kept,
+            strays: r.strays,
+            stray_bytes: r.stray_bytes,
+            rounds: r.rounds,
+            millis: r.millis,
+        })
     }
 
     async fn register_storage(&self, node: StorageNode) -> Result<()> {

@@ -78,14 +78,16 @@ pub enum Command {
         now_ms: u64,
     },
     /// One step of garbage collection: remove loose links and fence unlinked blobs older than
-    /// a cutoff, so that they can be deleted.
+    /// a cutoff, so that they can be deleted; when it fences any, the reap floor rises to the
+    /// cutoff.
     BeginReap {
         /// Links loose and blobs unlinked at or before this time (ms since the epoch) qualify.
         cutoff_ms: u64,
         /// At most this many.
         max: usize,
     },
-    /// A fenced blob's bytes are gone; lift the fence and raise the reap floor.
+    /// A fenced blob's bytes are gone; lift the fence (and raise the reap floor to `stamp`, as
+    /// earlier versions asked).
     BlobReaped {
         /// Blob.
         digest: Digest,
@@ -138,8 +140,9 @@ pub enum Outcome {
     Done,
     /// Done; whether the thing existed.
     Existed(bool),
-    /// Done; blobs fenced for deletion.
-    Fenced(Vec<Digest>),
+    /// Done; blobs fenced for deletion, and the reap floor: only copies stamped at or before it
+    /// may be deleted.
+    Fenced(Vec<Digest>, u64),
     /// The outcomes of a [`Command::Batch`], in order.
     Batch(Vec<Outcome>),
     /// Refused, with the error the client gets; nothing changed.

@@ -1,19 +1,42 @@
 //! Garbage collection: the job that turns the metadata service's reference counts into
-//! deleted bytes (the design is in [`crate::state`]).
+//! deleted bytes (the bookkeeping is described in [`crate::state`]).
 //!
-//! A round removes expired loose links and fences the blobs no repository links any more
-//! (one Raft write), deletes each fenced blob from storage, and lifts each fence with the stamp
-//! of the copy deleted (which raises the reap floor). A round also walks a page of the storage
-//! inventory and reports blobs the metadata service has no record of as strays. The job talks
-//! only to the two store traits, so the same code runs in standalone and, on the metadata
-//! leader, in a cluster. It never stops writes: a blob being deleted is fenced, nothing else.
+//! One job runs for the whole registry, where the metadata service leads: the only node of
+//! `berth standalone`, the leader of a cluster's metadata group (`berth meta`), with a blob
+//! store that reaches every storage node that is not dead. A round:
+//! - walks a page of the storage inventory and notes blobs the metadata service has no
+//!   record of as strays (they become deletion candidates);
+//! - removes loose links past the grace period and fences the blobs no repository links any
+//!   more, raising the reap floor to the cutoff, in one Raft write;
+//! - deletes each fenced blob on every storage node, only copies stamped at or before the
+//!   floor, and then lifts its fence.
+//!
+//! It never stops writes: a blob being deleted is fenced, nothing else. What it has fenced
+//! stays fenced in the replicated state until its copies are gone, so a leader that takes over
+//! half way finishes the deletions of its predecessor (its first step returns the fences left
+//! over, with a floor at least as high): nothing is leaked. And since no link may name a copy
+//! at or below the floor, and no copy above it is deleted, nothing linked is lost, however a
+//! collection, a push of the same blob and a change of leader interleave.
+//!
+//! A storage node that is dead while a blob is deleted keeps its copy. When it comes back,
+//! that copy is a stray: the inventory walk finds it and it is collected a grace period later.
+//!
+//! **Clocks.** The cutoff is the leader's clock less the grace period; stamps are the storage
+//! nodes' clocks. Skew between them never makes the collector delete a copy that is linked
+//! (the floor check is exact); a storage clock behind the leader's by more than the grace
+//! period would make fresh copies look old, and their links would be refused. Clocks are
+//! assumed within the grace period (an hour by default) of each other.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth_core::error::Result;
-use berth_core::{now_ms, BlobStore, Digest, MetaStore};
+use berth_core::store::GcReport;
+use berth_core::{now_ms, BlobStore, Deleted, Digest};
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Mutex;
+
+use crate::MetaService;
 
 /// Blobs fenced and deleted per round at most; bounds the work of one Raft command.
 pub const REAP_BATCH: usize = 256;
@@ -22,13 +45,36 @@ pub const REAP_BATCH: usize = 256;
 /// blobs takes about an hour at one round every few seconds, with a small, steady cost.
 pub const INVENTORY_PAGE: usize = 1000;
 
+/// Blobs deleted at once: each deletion waits for every storage node's synced write.
+const DELETES_AT_ONCE: usize = 16;
+
+/// Blobs a dry run looks at, at most (its answer says how many it found up to this).
+const PREVIEW_LIMIT: usize = 1_000_000;
+
+/// Rounds an on-demand run makes at most before it reports (the background rounds go on).
+const MAX_RUN_ROUNDS: u64 = 100_000;
+
+/// What one fencing step gave: the blobs to delete, and the reap floor (only copies stamped at
+/// or before it may be deleted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reap {
+    /// Blobs fenced, this step's and any an earlier step left.
+    pub fenced: Vec<Digest>,
+    /// The reap floor after this step.
+    pub floor: u64,
+}
+
 /// What one round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcRound {
-    /// Blobs deleted from storage.
+    /// Blobs whose copies were deleted (and fences lifted).
     pub deleted: usize,
-    /// Bytes those blobs held.
+    /// Bytes those blobs held, one copy each.
     pub freed_bytes: u64,
+    /// Copies deleted across the storage nodes, and their bytes.
+    pub copies: Deleted,
+    /// Fenced blobs left fenced: a storage node could not be reached.
+    pub undone: usize,
     /// Stored blobs found unknown to the metadata service.
     pub strays: usize,
 }
@@ -36,50 +82,191 @@ pub struct GcRound {
 /// The garbage collector of one registry.
 pub struct Collector {
     blobs: Arc<dyn BlobStore>,
-    meta: Arc<dyn MetaStore>,
+    meta: MetaService,
     grace: Duration,
     /// Where the next inventory page starts (`None`: at the beginning).
     inventory_cursor: Mutex<Option<Digest>>,
+    /// Held by a round or a run: one at a time.
+    busy: Mutex<()>,
+    /// Time between background rounds; `None`: only on demand.
+    interval: Option<Duration>,
 }
 
 impl Collector {
-    /// A collector that deletes what has been unreferenced for at least `grace`.
-    pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, grace: Duration) -> Collector {
-        Collector { blobs, meta, grace, inventory_cursor: Mutex::new(None) }
+    /// A collector that deletes from `blobs` what has been unreferenced in `meta` for at
+    /// least `grace`.
+    /// Background rounds come every `interval`: by default (`None`) every half grace period
+    /// (between a quarter second and 30 s); zero means only on demand.
+    pub fn new(blobs: Arc<dyn BlobStore>, meta: MetaService, grace: Duration, interval: Option<Duration>) -> Collector {
+        let interval = match interval {
+            None => Some((grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(30))),
+            Some(i) if i.is_zero() => None,
+            Some(i) => Some(i),
+        };
+        Collector { blobs, meta, grace, inventory_cursor: Mutex::new(None), busy: Mutex::new(()), interval }
     }
 
-    /// One round: strays, then loose links and fences, then deletions.
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Time between background rounds; `None`: collection runs only on demand.
+    pub fn interval(&self) -> Option<Duration> {
+        self.interval
+    }
+
+    /// One background round: a page of the inventory for strays, then one batch of deletions.
     pub async fn round(&self) -> Result<GcRound> {
-        let mut done = GcRound { strays: self.find_strays().await?, ..Default::default() };
-        for d in self.meta.begin_reap(self.grace, REAP_BATCH).await? {
-            let size = self.blobs.stat(&d).await?.map_or(0, |s| s.size);
-            let stamp = self.blobs.delete(&d).await?;
-            // Only once the bytes are gone is the fence lifted, with the stamp of the copy taken.
-            self.meta.blob_reaped(&d, stamp).await?;
-            if stamp.is_some() {
-                done.deleted += 1;
-                done.freed_bytes += size;
-            }
-        }
+        let _busy = self.busy.lock().await;
+        let strays = {
+            let mut cursor = self.inventory_cursor.lock().await;
+            let (found, next) = self.strays_in_page(cursor.as_ref(), true).await?;
+            *cursor = next;
+            found.len()
+        };
+        let mut done = self.reap_batch().await?;
+        done.strays = strays;
         Ok(done)
     }
 
-    /// Compares one page of the storage inventory with the metadata service's records; blobs
-    /// stored before the grace period began and unknown to it become deletion candidates.
-    async fn find_strays(&self) -> Result<usize> {
-        let mut cursor = self.inventory_cursor.lock().await;
-        let page = self.blobs.list(cursor.as_ref(), INVENTORY_PAGE).await?;
-        *cursor = if page.len() < INVENTORY_PAGE { None } else { page.last().map(|(d, _)| d.clone()) };
+    /// Runs collection to the end of what is collectable now, or with `dry_run` only counts
+    /// it: the blobs past the grace period and their bytes, and the stored blobs no record
+    /// knows of (which a run notes, to be collected a grace period later).
+    pub async fn collect(&self, dry_run: bool) -> Result<GcReport> {
+        let started = Instant::now();
+        let _busy = self.busy.lock().await;
+        let mut report = if dry_run { self.preview().await? } else { self.run().await? };
+        report.dry_run = dry_run;
+        report.millis = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    /// Deletion rounds until one fences nothing, then a whole inventory walk for strays.
+    async fn run(&self) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        loop {
+            let r = self.reap_batch().await?;
+            report.rounds += 1;
+            report.blobs += r.deleted as u64;
+            report.bytes += r.freed_bytes;
+            report.copies += u64::from(r.copies.copies);
+            report.copy_bytes += r.copies.bytes;
+            report.kept += u64::from(r.copies.kept);
+            if r.deleted == 0 || report.rounds >= MAX_RUN_ROUNDS {
+                if r.undone > 0 {
+                    return Err(berth_core::RegistryError::new(
+                        berth_core::ErrorCode::Unknown,
+                        format!("{} blobs could not be deleted on every storage node; they stay fenced", r.undone),
+                    )
+                    .with_status(503));
+                }
+                break;
+            }
+        }
+        let (strays, bytes) = self.walk_inventory(true).await?;
+        report.strays = strays;
+        report.stray_bytes = bytes;
+        Ok(report)
+    }
+
+    /// What a run would delete now, and the strays it would note.
+    async fn preview(&self) -> Result<GcReport> {
+        let candidates = self.meta.reap_preview(self.grace, PREVIEW_LIMIT).await?;
+        let mut report = GcReport { blobs: candidates.len() as u64, ..GcReport::default() };
+        report.bytes = self.sizes(candidates).await?;
+        let (strays, bytes) = self.walk_inventory(false).await?;
+        report.strays = strays;
+        report.stray_bytes = bytes;
+        Ok(report)
+    }
+
+    /// The total size of `blobs`, asking storage for those of unknown size.
+    async fn sizes(&self, blobs: Vec<(Digest, Option<u64>)>) -> Result<u64> {
+        let sizes: Vec<u64> = futures::stream::iter(blobs)
+            .map(|(d, size)| async move {
+                match size {
+                    Some(s) => Ok::<u64, berth_core::RegistryError>(s),
+                    None => Ok(self.blobs.stat(&d).await?.map_or(0, |s| s.size)),
+                }
+            })
+            .buffer_unordered(DELETES_AT_ONCE)
+            .try_collect()
+            .await?;
+        Ok(sizes.iter().sum())
+    }
+
+    /// Fences a batch and deletes it on every storage node.
+    async fn reap_batch(&self) -> Result<GcRound> {
+        let reap = self.meta.begin_reap(self.grace, REAP_BATCH).await?;
+        let floor = reap.floor;
+        let outcomes: Vec<(Digest, Result<Deleted>)> = futures::stream::iter(reap.fenced)
+            .map(|d| async move {
+                let r = self.blobs.delete(&d, Some(floor)).await;
+                (d, r)
+            })
+            .buffer_unordered(DELETES_AT_ONCE)
+            .collect()
+            .await;
+        let mut done = GcRound::default();
+        let mut lift = vec![];
+        for (d, r) in outcomes {
+            match r {
+                Ok(copies) => {
+                    done.deleted += 1;
+                    if copies.copies > 0 {
+                        done.freed_bytes += copies.bytes / u64::from(copies.copies);
+                    }
+                    done.copies = done.copies.and(copies);
+                    lift.push(d);
+                }
+                Err(e) => {
+                    // The fence stays; the next round tries again.
+                    tracing::warn!(digest = %d, error = %e, "deleting a collected blob");
+                    done.undone += 1;
+                }
+            }
+        }
+        futures::stream::iter(lift)
+            .map(|d| async move { self.meta.blob_reaped(&d).await })
+            .buffer_unordered(DELETES_AT_ONCE)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(done)
+    }
+
+    /// Walks the whole inventory for strays, noting them (`note`) or only counting them:
+    /// how many, and their bytes (one copy each).
+    async fn walk_inventory(&self, note: bool) -> Result<(u64, u64)> {
+        let mut cursor: Option<Digest> = None;
+        let (mut n, mut bytes) = (0, 0);
+        loop {
+            let (found, next) = self.strays_in_page(cursor.as_ref(), note).await?;
+            n += found.len() as u64;
+            bytes += self.sizes(found.into_iter().map(|d| (d, None)).collect()).await?;
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok((n, bytes)),
+            }
+        }
+    }
+
+    /// Compares one page of the storage inventory after `after` with the metadata service's
+    /// records: blobs stored before the grace period began and unknown to it are strays, noted
+    /// as deletion candidates when `note`. Returns them and where the next page starts (`None`:
+    /// the walk is over).
+    async fn strays_in_page(&self, after: Option<&Digest>, note: bool) -> Result<(Vec<Digest>, Option<Digest>)> {
+        let page = self.blobs.list(after, INVENTORY_PAGE).await?;
+        let next = if page.len() < INVENTORY_PAGE { None } else { page.last().map(|(d, _)| d.clone()) };
         let settled = now_ms().saturating_sub(self.grace.as_millis() as u64);
         let old: Vec<Digest> = page.into_iter().filter(|(_, stamp)| *stamp <= settled).map(|(d, _)| d).collect();
         if old.is_empty() {
-            return Ok(0);
+            return Ok((vec![], next));
         }
         let unknown = self.meta.unknown_blobs(old).await?;
-        let n = unknown.len();
-        if n > 0 {
-            self.meta.note_strays(unknown).await?;
+        if note && !unknown.is_empty() {
+            self.meta.note_strays(unknown.clone()).await?;
         }
-        Ok(n)
+        Ok((unknown, next))
     }
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
 use berth_core::error::Result;
+use berth_core::store::GcReport;
 use berth_core::store::{
     DirectoryChange, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
 };
@@ -90,6 +91,8 @@ pub struct MetaService {
     view: StateView,
     writes: mpsc::Sender<PendingWrite>,
     node_id: NodeId,
+    /// The garbage collector that runs where this node leads, once one is given.
+    collector: Arc<std::sync::OnceLock<Arc<gc::Collector>>>,
 }
 
 /// Feeds Raft: every command that arrived while the previous entry was being committed goes
@@ -200,7 +203,7 @@ impl MetaService {
     fn serving(raft: Raft<TypeConfig>, view: StateView, node_id: NodeId) -> MetaService {
         let (writes, rx) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(batch_writes(raft.clone(), rx));
-        MetaService { raft, view, writes, node_id }
+        MetaService { raft, view, writes, node_id, collector: Arc::default() }
     }
 
     /// Opens the node's store and starts a single-voter group (initialising it on first
@@ -263,6 +266,74 @@ impl MetaService {
         f: impl FnOnce(&StateView) -> Result<T, state::StateError> + Send + 'static,
     ) -> Result<T> {
         f(&self.view).map_err(internal)
+    }
+}
+
+/// Garbage collection's access to the state, on the node that runs the collector (the leader
+/// of a cluster's metadata group, the only node of standalone); see [`gc`].
+impl MetaService {
+    /// Gives this node the collector that `berth admin gc` runs ([`MetaStore::collect_garbage`]).
+    /// The first one given stays.
+    pub fn set_collector(&self, collector: Arc<gc::Collector>) {
+        let _ = self.collector.set(collector);
+    }
+
+    /// One step of garbage collection. Links that no manifest references and that have been
+    /// loose for at least `grace` are removed (except in repositories with an upload in
+    /// progress); then blobs no repository links, unlinked for at least `grace`, are fenced,
+    /// at most `max`, together with those an earlier step fenced and no one finished. A fenced
+    /// blob cannot be linked until [`MetaService::blob_reaped`] is called for it; only its
+    /// copies stamped at or before the floor returned may be deleted.
+    pub async fn begin_reap(&self, grace: Duration, max: usize) -> Result<gc::Reap> {
+        let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
+        match self.write(Command::BeginReap { cutoff_ms, max }).await? {
+            Outcome::Fenced(fenced, floor) => Ok(gc::Reap { fenced, floor }),
+            _ => Ok(gc::Reap::default()),
+        }
+    }
+
+    /// Every copy of `digest` at or below the floor is deleted: lifts its fence.
+    pub async fn blob_reaped(&self, digest: &Digest) -> Result<()> {
+        self.write(Command::BlobReaped { digest: digest.clone(), stamp: None }).await.map(|_| ())
+    }
+
+    /// Of `digests`, those the metadata service has no record of: linked nowhere, not a
+    /// deletion candidate and not being deleted.
+    pub async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        self.read(move |v| {
+            let mut out = vec![];
+            for d in digests {
+                let s = d.to_string();
+                let known = v.raw(&key(b'c', &[&s]))?.is_some()
+                    || v.raw(&key(b'o', &[&s]))?.is_some()
+                    || v.raw(&key(b'f', &[&s]))?.is_some();
+                if !known {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Stored blobs the metadata service may not know of (bytes of a refused manifest, or of
+    /// a push cut short by a crash): those it has no record of become deletion candidates.
+    pub async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
+        self.write(Command::NoteStrays { digests, now_ms: now_ms() }).await.map(|_| ())
+    }
+
+    /// Blobs linked in at least one repository, in digest order after `after`, at most `n`.
+    pub async fn linked_blobs(&self, after: Option<&Digest>, n: usize) -> Result<Vec<Digest>> {
+        let after = after.map(|d| d.to_string());
+        let names = self.read(move |v| Ok(names(v.scan(b"c", after.as_deref().map(str::as_bytes), n)?))).await?;
+        names.into_iter().map(|s| s.parse().map_err(internal)).collect()
+    }
+
+    /// What [`MetaService::begin_reap`] steps with `grace` would fence now, changing nothing
+    /// (at most `limit`), with each blob's size where a link records it.
+    pub async fn reap_preview(&self, grace: Duration, limit: usize) -> Result<Vec<(Digest, Option<u64>)>> {
+        let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
+        self.read(move |v| v.reap_preview(cutoff_ms, limit)).await
     }
 }
 
@@ -424,33 +495,11 @@ impl MetaStore for MetaService {
         self.write(Command::EndUpload { id: id.into(), link, now_ms: now_ms() }).await.map(|_| ())
     }
 
-    async fn begin_reap(&self, grace: Duration, max: usize) -> Result<Vec<Digest>> {
-        let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
-        match self.write(Command::BeginReap { cutoff_ms, max }).await? {
-            Outcome::Fenced(d) => Ok(d),
-            _ => Ok(vec![]),
+    async fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
+        match self.collector.get() {
+            Some(c) => c.collect(dry_run).await,
+            None => Err(RegistryError::new(ErrorCode::Unsupported, "no garbage collector runs on this node")),
         }
-    }
-
-    async fn blob_reaped(&self, digest: &Digest, stamp: Option<u64>) -> Result<()> {
-        self.write(Command::BlobReaped { digest: digest.clone(), stamp }).await.map(|_| ())
-    }
-
-    async fn unknown_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
-        self.read(move |v| {
-            let mut out = vec![];
-            for d in digests {
-                let s = d.to_string();
-                let known = v.raw(&key(b'c', &[&s]))?.is_some()
-                    || v.raw(&key(b'o', &[&s]))?.is_some()
-                    || v.raw(&key(b'f', &[&s]))?.is_some();
-                if !known {
-                    out.push(d);
-                }
-            }
-            Ok(out)
-        })
-        .await
     }
 
     async fn register_storage(&self, node: StorageNode) -> Result<()> {
@@ -477,10 +526,6 @@ impl MetaStore for MetaService {
 
     async fn copies_repaired(&self, digest: &Digest) -> Result<()> {
         self.write(Command::CopiesRepaired { digest: digest.clone() }).await.map(|_| ())
-    }
-
-    async fn note_strays(&self, digests: Vec<Digest>) -> Result<()> {
-        self.write(Command::NoteStrays { digests, now_ms: now_ms() }).await.map(|_| ())
     }
 
     async fn change_directory(&self, change: DirectoryChange) -> Result<bool> {

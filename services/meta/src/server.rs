@@ -7,7 +7,6 @@
 //! request INVALID_ARGUMENT (see [`crate::wire`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, SourceRepo};
@@ -261,27 +260,20 @@ impl Meta for MetaRpc {
 
     // ---- garbage collection ---------------------------------------------------------------
 
-    async fn begin_reap(&self, request: Request<pb::BeginReapRequest>) -> Answer<pb::BeginReapReply> {
+    async fn collect_garbage(&self, request: Request<pb::CollectGarbageRequest>) -> Answer<pb::GcReport> {
         let r = self.admit(request).await?;
-        let fenced = self.store.begin_reap(Duration::from_millis(r.grace_ms), count(r.max)).await;
-        answer(fenced, |digests| pb::BeginReapReply { digests: to_all(digests) })
-    }
-
-    async fn blob_reaped(&self, request: Request<pb::BlobReapedRequest>) -> Answer<pb::BlobReapedReply> {
-        let r = self.admit(request).await?;
-        let digest = Digest::from_proto(r.digest)?;
-        answer(self.store.blob_reaped(&digest, r.stamp).await, |()| pb::BlobReapedReply {})
-    }
-
-    async fn unknown_blobs(&self, request: Request<pb::UnknownBlobsRequest>) -> Answer<pb::UnknownBlobsReply> {
-        let r = self.admit(request).await?;
-        let unknown = self.store.unknown_blobs(from_all::<Digest, _>(r.digests)?).await;
-        answer(unknown, |digests| pb::UnknownBlobsReply { digests: to_all(digests) })
-    }
-
-    async fn note_strays(&self, request: Request<pb::NoteStraysRequest>) -> Answer<pb::NoteStraysReply> {
-        let r = self.admit(request).await?;
-        answer(self.store.note_strays(from_all::<Digest, _>(r.digests)?).await, |()| pb::NoteStraysReply {})
+        answer(self.store.collect_garbage(r.dry_run).await, |g| pb::GcReport {
+            dry_run: g.dry_run,
+            blobs: g.blobs,
+            bytes: g.bytes,
+            copies: g.copies,
+            copy_bytes: g.copy_bytes,
+            kept: g.kept,
+            strays: g.strays,
+            stray_bytes: g.stray_bytes,
+            rounds: g.rounds,
+            millis: g.millis,
+        })
     }
 
     async fn register_storage(&self, request: Request<pb::RegisterStorageRequest>) -> Answer<pb::RegisterStorageReply> {
@@ -393,6 +385,7 @@ impl Meta for MetaRpc {
 mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     use berth_core::access::{OrgRole, Scope};
     use berth_core::ErrorCode;

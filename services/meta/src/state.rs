@@ -55,12 +55,16 @@
 //!   lifted. Bytes that reached storage but no repository (a refused manifest, a crash between
 //!   storing and linking) are found by comparing the storage inventory with `c`, `o` and `f`
 //!   ([`Command::NoteStrays`]) and follow the same path.
-//! - **The generation check.** Every stored copy has a stamp (see [`berth_core::Stored`]); the
-//!   fence is lifted with the stamp of the copy deleted, which raises the reap floor `z`. A
-//!   link to a blob that no repository links is accepted only with a stamp above the floor.
-//!   A push that found the blob "already stored" just before the collector took it carries
-//!   the old copy's stamp: the fence refuses it while the deletion runs, the floor after. A
-//!   copy written (or found, and re-stamped) after the deletion has a greater stamp and links.
+//! - **The generation check.** Every stored copy has a stamp (see [`berth_core::Stored`]). The
+//!   step that fences blobs raises the reap floor `z` to its cutoff (the time the candidates
+//!   had to be unlinked by), and the collector then deletes, on every storage node, only copies
+//!   stamped at or before the floor. A link to a blob that no repository links is accepted only
+//!   with a stamp above the floor. So a copy the collector may delete can never be linked, and a
+//!   copy written (or found by a write, and re-stamped) after the cutoff is neither deleted nor
+//!   refused: the fence refuses its link while the deletion runs, and after it the copy is a
+//!   stray (collected a grace period later) or is linked by a push that retries. Raising the
+//!   floor before any deletion, in the same write as the fence, is what lets a new leader take
+//!   over a collection half done: nothing it or its predecessor deletes is above the floor.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -176,6 +180,52 @@ impl StateView {
             out.push((rest.to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// What a collection with `cutoff_ms` would delete now, changing nothing: blobs fenced
+    /// already, deletion candidates since the cutoff, and blobs whose every link is a loose
+    /// link past the cutoff (outside repositories with an upload in progress), with the size a
+    /// link records where one does. At most `limit`.
+    pub fn reap_preview(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<(Digest, Option<u64>)>, StateError> {
+        let mut out: std::collections::BTreeMap<String, Option<u64>> = std::collections::BTreeMap::new();
+        for (d, _) in self.scan(b"f", None, limit)? {
+            out.insert(String::from_utf8_lossy(&d).into_owned(), None);
+        }
+        for item in self.iter_from(b"y")? {
+            let (k, _) = item?;
+            let Some(rest) = k.strip_prefix(b"y") else { break };
+            let Some((since, d)) = split_time_key(rest) else { continue };
+            if since > cutoff_ms || out.len() >= limit {
+                break;
+            }
+            out.insert(d, None);
+        }
+        // Loose links past the cutoff, per blob: a blob goes when they are all its links.
+        let mut loose: HashMap<String, (u64, u64)> = HashMap::new();
+        for item in self.iter_from(b"x")? {
+            let (k, _) = item?;
+            let Some(rest) = k.strip_prefix(b"x") else { break };
+            let Some((since, parts)) = split_time_key(rest) else { continue };
+            if since > cutoff_ms || loose.len() >= limit {
+                break;
+            }
+            let Some((repo, d)) = parts.split_once('\0') else { continue };
+            if self.exists(&key(b'w', &[repo]))? {
+                continue;
+            }
+            let size = self.get::<u64>(&key(b'l', &[repo, d]))?.unwrap_or(0);
+            let e = loose.entry(d.to_string()).or_insert((0, size));
+            e.0 += 1;
+        }
+        for (d, (n, size)) in loose {
+            if out.len() >= limit {
+                break;
+            }
+            if self.get::<u64>(&key(b'c', &[&d]))?.unwrap_or(0) <= n {
+                out.insert(d, Some(size));
+            }
+        }
+        Ok(out.into_iter().filter_map(|(d, size)| Some((d.parse().ok()?, size))).collect())
     }
 
     /// Key-value pairs from `start` on, in key order.
@@ -812,7 +862,16 @@ impl<'a> Tx<'a> {
             self.put(key(b'f', &[&d]), &())?;
             fenced.push(digest);
         }
-        Ok(Outcome::Fenced(fenced))
+        // The collector deletes only copies stamped at or before the floor, and no link names
+        // such a copy from now on: a copy written or found again since the cutoff survives and
+        // may still be linked. Raised only when there is something to delete, so that a quiet
+        // registry's floor stays where its last deletion put it.
+        let mut floor = self.count(b"z")?;
+        if !fenced.is_empty() && cutoff_ms > floor {
+            floor = cutoff_ms;
+            self.put(b"z".to_vec(), &floor)?;
+        }
+        Ok(Outcome::Fenced(fenced, floor))
     }
 
     /// Applies a directory change; answers whether it changed anything.

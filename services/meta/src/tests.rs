@@ -110,19 +110,28 @@ async fn unlinked_blobs_are_fenced_then_reaped_and_stale_copies_refused() {
     m.link_blob("a/one", &d("b"), stored(1)).await.unwrap();
     m.link_blob("a/two", &d("b"), stored(1)).await.unwrap();
     assert!(m.unlink_blob("a/one", &d("b")).await.unwrap());
-    assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().is_empty(), "still linked in a/two");
+    assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().fenced.is_empty(), "still linked in a/two");
     assert!(m.unlink_blob("a/two", &d("b")).await.unwrap());
-    assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().is_empty(), "within grace");
-    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("b")]);
+    assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().fenced.is_empty(), "within grace");
+    assert_eq!(m.reap_preview(Duration::ZERO, 10).await.unwrap(), vec![(d("b"), None)], "a dry run sees it");
+    let before = berth_core::now_ms();
+    let reap = m.begin_reap(Duration::ZERO, 10).await.unwrap();
+    assert_eq!(reap.fenced, vec![d("b")]);
+    assert!(reap.floor >= before, "fencing raises the floor to the cutoff");
     // Fenced: no link while the bytes are being deleted.
     let err = m.link_blob("a/one", &d("b"), stored(1)).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::BlobUnknown);
-    m.blob_reaped(&d("b"), Some(1_000)).await.unwrap();
-    // A push that found the deleted copy "already stored" carries its stamp: refused.
-    let err = m.link_blob("a/one", &d("b"), Stored { size: 1, stamp: 1_000 }).await.unwrap_err();
+    // A step that finds its predecessor's fence (a new leader's) deletes it again, under a
+    // floor at least as high.
+    let again = m.begin_reap(Duration::ZERO, 10).await.unwrap();
+    assert_eq!(again.fenced, vec![d("b")]);
+    assert!(again.floor >= reap.floor);
+    m.blob_reaped(&d("b")).await.unwrap();
+    // A push that found a copy the collector may have deleted carries its stamp: refused.
+    let err = m.link_blob("a/one", &d("b"), Stored { size: 1, stamp: again.floor }).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::BlobUnknown);
-    // A copy written after the deletion links.
-    m.link_blob("a/one", &d("b"), Stored { size: 1, stamp: 1_001 }).await.unwrap();
+    // A copy written (or found and stamped again) after the floor links.
+    m.link_blob("a/one", &d("b"), Stored { size: 1, stamp: again.floor + 1 }).await.unwrap();
     // Once linked somewhere, the bytes exist: a link with an older stamp is safe.
     m.link_blob("a/two", &d("b"), Stored { size: 1, stamp: 5 }).await.unwrap();
     m.shutdown().await;
@@ -145,19 +154,25 @@ async fn manifests_hold_their_blobs_and_release_them_when_deleted() {
         assert_eq!((e.code, e.status), (ErrorCode::Denied, 409), "{b}");
     }
     // Loose links are kept within the grace period, and while an upload is in progress.
-    assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().is_empty());
+    assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced.is_empty());
     assert!(m.delete_manifest("a/app", &d("img1")).await.unwrap());
     let up =
         UploadSession { id: "u1".into(), repo: "a/app".into(), started_at_ms: 1, owner: "x".into(), staging: None };
     m.create_upload(up, 10).await.unwrap();
-    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("img1")], "only the manifest's bytes");
-    m.blob_reaped(&d("img1"), Some(1_000)).await.unwrap();
+    let preview: Vec<Digest> = m.reap_preview(Duration::ZERO, 10).await.unwrap().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(preview, vec![d("img1")], "no loose link goes while uploading; the manifest's bytes do");
+    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced, vec![d("img1")], "only the manifest's bytes");
+    m.blob_reaped(&d("img1")).await.unwrap();
     m.end_upload("u1", None).await.unwrap();
-    let mut reaped = m.begin_reap(Duration::ZERO, 10).await.unwrap();
+    let mut preview: Vec<Digest> =
+        m.reap_preview(Duration::ZERO, 10).await.unwrap().into_iter().map(|(d, _)| d).collect();
+    preview.sort();
+    let mut reaped = m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced;
     reaped.sort();
     let mut expected = vec![d("cfg"), d("l1")];
     expected.sort();
     assert_eq!(reaped, expected, "what only img1 held goes; what img2 holds stays");
+    assert_eq!(preview, expected, "a dry run foresaw it");
     assert_eq!(m.blob_link("a/app", &d("shared")).await.unwrap(), Some(1));
     assert!(m.repo_exists("a/app").await.unwrap());
     assert!(m.delete_manifest("a/app", &d("img2")).await.unwrap());
@@ -269,7 +284,7 @@ async fn strays_become_candidates_unless_known() {
     let unknown = m.unknown_blobs(vec![d("known"), d("stray")]).await.unwrap();
     assert_eq!(unknown, vec![d("stray")]);
     m.note_strays(unknown).await.unwrap();
-    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap(), vec![d("stray")]);
+    assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced, vec![d("stray")]);
     m.shutdown().await;
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::error::Result;
 use berth_core::store::{FinishedCopies, COPY_WHILE_FINISHING, FINISH_COPY_TIME};
-use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
+use berth_core::{BlobStore, ByteStream, Deleted, Digest, ErrorCode, RegistryError, Stored};
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_client::StorageClient as StorageGrpc;
 use bytes::{Bytes, BytesMut};
@@ -448,9 +448,10 @@ impl BlobStore for StorageClient {
         Ok(ids)
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
-        let req = self.request(pb::BlobRef { digest: digest.to_string() });
-        Ok(self.grpc.clone().delete(req).await.map_err(|s| self.failure(s))?.into_inner().stamp)
+    async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted> {
+        let req = self.request(pb::DeleteRequest { digest: digest.to_string(), upto });
+        let r = self.grpc.clone().delete(req).await.map_err(|s| self.failure(s))?.into_inner();
+        Ok(Deleted { copies: u32::from(r.stamp.is_some()), bytes: r.size, kept: u32::from(r.kept) })
     }
 
     async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
@@ -664,8 +665,11 @@ mod tests {
         assert_eq!(c.list(Some(&expected[0].0), 10).await.unwrap(), expected[1..].to_vec());
         assert_eq!(c.list(None, 1).await.unwrap(), expected[..1].to_vec());
 
-        assert_eq!(c.delete(&digest).await.unwrap(), Some(stored.stamp));
-        assert_eq!(c.delete(&digest).await.unwrap(), None);
+        // A delete limited to older copies keeps it; an unlimited one takes it, once.
+        let kept = Deleted { copies: 0, bytes: 0, kept: 1 };
+        assert_eq!(c.delete(&digest, Some(stored.stamp - 1)).await.unwrap(), kept);
+        assert_eq!(c.delete(&digest, None).await.unwrap(), Deleted { copies: 1, bytes: stored.size, kept: 0 });
+        assert_eq!(c.delete(&digest, None).await.unwrap(), Deleted::default());
         assert_eq!(c.read(&digest, None).await.err().map(|e| e.code), Some(ErrorCode::BlobUnknown));
     }
 
@@ -759,7 +763,10 @@ mod tests {
             ) -> std::result::Result<Response<Self::ExpireUploadsStream>, Status> {
                 Err(Status::unimplemented(""))
             }
-            async fn delete(&self, _: Request<pb::BlobRef>) -> std::result::Result<Response<pb::DeleteReply>, Status> {
+            async fn delete(
+                &self,
+                _: Request<pb::DeleteRequest>,
+            ) -> std::result::Result<Response<pb::DeleteReply>, Status> {
                 Err(Status::unimplemented(""))
             }
             async fn list(&self, _: Request<pb::ListRequest>) -> std::result::Result<Response<pb::ListReply>, Status> {

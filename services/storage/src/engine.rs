@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use berth_core::error::Result;
-use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, RegistryError, Stored};
+use berth_core::{BlobStore, ByteStream, Deleted, Digest, ErrorCode, RegistryError, Stored};
 use bytes::Bytes;
 use futures::StreamExt;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
@@ -54,10 +54,12 @@ pub enum Location {
 /// Key (in the `blobs` column family) of the stamp reservation: no stamp above it was given.
 const STAMP_KEY: &str = "~stamp";
 
-/// Stamps reserved by one durable write: a node gives this many (an hour's worth at one a
+/// Stamps reserved by one durable write: a node gives this many (ten seconds' worth at one a
 /// millisecond) before it writes the reservation again, and never reuses one after a restart
-/// even when the clock went back.
-const STAMP_LEASE: u64 = 3_600_000;
+/// even when the clock went back. After a restart stamps start at the reservation, so they run
+/// at most this far ahead of the clock; garbage collection compares them with a time (the
+/// reap floor) and leaves copies stamped after it for a later round.
+const STAMP_LEASE: u64 = 10_000;
 
 /// The stamps given so far, and the reservation on disk.
 struct Stamps {
@@ -1152,12 +1154,12 @@ impl BlobStore for StorageEngine {
         Ok(stale)
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
+    async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted> {
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
             let key = digest.to_string();
-            inner.with_blob_lock(&key, || inner.delete_one(&digest, &key))
+            inner.with_blob_lock(&key, || inner.delete_one(&digest, &key, upto))
         })
         .await
     }
@@ -1189,14 +1191,18 @@ impl BlobStore for StorageEngine {
 }
 
 impl Inner {
-    /// Deletes blob `key` and reclaims its space; returns the stamp of the copy deleted. The
-    /// caller holds the blob's lock.
-    fn delete_one(self: &Arc<Self>, digest: &Digest, key: &str) -> Result<Option<u64>> {
+    /// Deletes blob `key` and reclaims its space, unless its copy is stamped after `upto`. The
+    /// caller holds the blob's lock, which a write that gives the copy a fresh stamp takes too.
+    fn delete_one(self: &Arc<Self>, digest: &Digest, key: &str, upto: Option<u64>) -> Result<Deleted> {
         let Some(entry) = self.entry(key)? else {
-            return Ok(None);
+            return Ok(Deleted::default());
         };
+        if upto.is_some_and(|u| entry.stamp > u) {
+            return Ok(Deleted { kept: 1, ..Deleted::default() });
+        }
+        let done = Deleted { copies: 1, bytes: entry.size, kept: 0 };
         if let Location::Segment { .. } = entry.location {
-            return self.delete_from_segment(key);
+            return self.delete_from_segment(key).map(|_| done);
         }
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.cf(CF_BLOBS)?, key);
@@ -1224,7 +1230,7 @@ impl Inner {
                 Err(e) => return Err(internal(e)),
             }
         }
-        Ok(Some(entry.stamp))
+        Ok(done)
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_core::error::Result;
-use berth_core::{BlobStore, ByteStream, Digest, ErrorCode, MetaStore, RegistryError, Stored};
+use berth_core::{BlobStore, ByteStream, Deleted, Digest, ErrorCode, MetaStore, RegistryError, Stored};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -46,6 +46,19 @@ struct Node {
     name: String,
     store: Arc<dyn BlobStore>,
     down_until: Mutex<Option<Instant>>,
+}
+
+/// How a blob's copies stand ([`Replicated::audit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audit {
+    /// Every owner holds a copy.
+    Whole,
+    /// Some node holds a copy, but not every owner: repair can make it whole.
+    Short,
+    /// No owner holds one, and some other node did not answer.
+    Unanswered,
+    /// No node holds a copy.
+    Lost,
 }
 
 /// Blob bytes spread over storage nodes.
@@ -201,6 +214,46 @@ impl Replicated {
         match &self.repairs {
             Some(meta) => meta.note_short_copies(vec![digest.clone()]).await,
             None => Err(unavailable(format!("{digest} has fewer copies than wanted and nowhere to record it"))),
+        }
+    }
+
+    /// How the copies of `digest` stand against its owners: asks its R owners, and when none
+    /// has it, every other node.
+    pub async fn audit(&self, digest: &Digest) -> Audit {
+        let ranking = self.placement(digest);
+        let r = self.replicas.min(ranking.len());
+        let (owners, others) = ranking.split_at(r);
+        let stat = |i: usize| async move {
+            let r = self.nodes[i].store.stat(digest).await;
+            self.mark(i, &r);
+            r
+        };
+        let mut held = 0;
+        let mut unanswered = false;
+        for r in futures::future::join_all(owners.iter().map(|&i| stat(i))).await {
+            match r {
+                Ok(Some(_)) => held += 1,
+                Ok(None) => {}
+                Err(_) => unanswered = true,
+            }
+        }
+        if held == r && self.nodes.len() >= self.replicas {
+            return Audit::Whole;
+        }
+        if held > 0 {
+            return Audit::Short;
+        }
+        for r in futures::future::join_all(others.iter().map(|&i| stat(i))).await {
+            match r {
+                Ok(Some(_)) => return Audit::Short,
+                Ok(None) => {}
+                Err(_) => unanswered = true,
+            }
+        }
+        if unanswered {
+            Audit::Unanswered
+        } else {
+            Audit::Lost
         }
     }
 
@@ -623,16 +676,19 @@ impl BlobStore for Replicated {
         Ok(out)
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
-        let mut taken: Option<u64> = None;
-        for (i, n) in self.nodes.iter().enumerate() {
-            let r = n.store.delete(digest).await;
+    /// Deletes on every node, all at once; fails if any node fails (the copies deleted stay
+    /// deleted, and a retry deletes the rest).
+    async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted> {
+        let each = self.nodes.iter().enumerate().map(|(i, n)| async move {
+            let r = n.store.delete(digest, upto).await;
             self.mark(i, &r);
-            if let Some(stamp) = r? {
-                taken = Some(taken.map_or(stamp, |t| t.max(stamp)));
-            }
+            r
+        });
+        let mut done = Deleted::default();
+        for r in futures::future::join_all(each).await {
+            done = done.and(r?);
         }
-        Ok(taken)
+        Ok(done)
     }
 
     async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
@@ -799,8 +855,8 @@ impl BlobStore for CurrentRouter {
         self.get()?.expire_uploads(idle).await
     }
 
-    async fn delete(&self, digest: &Digest) -> Result<Option<u64>> {
-        self.get()?.delete(digest).await
+    async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted> {
+        self.get()?.delete(digest, upto).await
     }
 
     async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
@@ -872,7 +928,7 @@ mod tests {
         let wrong = Digest::sha256_of(b"other");
         let e = r.put(&wrong, body(&data), u64::MAX).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::DigestInvalid);
-        assert!(r.delete(&d).await.unwrap().is_some());
+        assert_eq!(r.delete(&d, None).await.unwrap().copies, 3);
         assert!(r.stat(&d).await.unwrap().is_none());
     }
 
@@ -939,8 +995,8 @@ mod tests {
         async fn expire_uploads(&self, idle: Duration) -> Result<Vec<String>> {
             self.inner.expire_uploads(idle).await
         }
-        async fn delete(&self, d: &Digest) -> Result<Option<u64>> {
-            self.inner.delete(d).await
+        async fn delete(&self, d: &Digest, upto: Option<u64>) -> Result<Deleted> {
+            self.inner.delete(d, upto).await
         }
         async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
             self.inner.list(after, n).await

@@ -353,10 +353,13 @@ impl Storage for StorageRpc {
         Ok(Response::new(stream::iter(batches.into_iter().map(Ok)).boxed()))
     }
 
-    async fn delete(&self, req: Request<pb::BlobRef>) -> Result<Response<pb::DeleteReply>, Status> {
-        let d = digest(&req.into_inner().digest)?;
-        let stamp = self.store.delete(&d).await.map_err(status_of)?;
-        Ok(Response::new(pb::DeleteReply { stamp }))
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteReply>, Status> {
+        let r = req.into_inner();
+        let d = digest(&r.digest)?;
+        let done = self.store.delete(&d, r.upto).await.map_err(status_of)?;
+        // The stamp field says a copy was deleted; callers of this version read no more of it.
+        let stamp = done.any().then_some(r.upto.unwrap_or(0));
+        Ok(Response::new(pb::DeleteReply { stamp, size: done.bytes, kept: done.kept > 0 }))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {

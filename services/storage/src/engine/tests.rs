@@ -116,14 +116,33 @@ async fn delete_reclaims_space() {
     let hex = digest.hex().to_string();
     let file = d.path().join("blobs/sha256").join(&hex[..2]).join(&hex);
     assert!(file.exists());
-    assert!(e.delete(&digest).await.unwrap().is_some());
+    assert_eq!(e.delete(&digest, None).await.unwrap(), Deleted { copies: 1, bytes: 2 * 1024 * 1024, kept: 0 });
     assert!(!file.exists());
     assert_eq!(e.stat(&digest).await.unwrap(), None);
-    assert!(e.delete(&digest).await.unwrap().is_none());
+    assert!(!e.delete(&digest, None).await.unwrap().any());
     let small = Digest::sha256_of(b"hello");
     e.put_small(&small, Bytes::from_static(b"hello")).await.unwrap();
-    assert!(e.delete(&small).await.unwrap().is_some());
+    assert!(e.delete(&small, None).await.unwrap().any());
     assert!(e.read(&small, None).await.is_err());
+}
+
+/// A deletion limited to copies stamped up to a time keeps a copy written (or found again by
+/// a write) after it, large or small.
+#[tokio::test]
+async fn a_limited_delete_keeps_younger_copies() {
+    let (_d, e) = engine();
+    for bytes in [data(2 * 1024 * 1024), b"small".to_vec()] {
+        let digest = Digest::sha256_of(&bytes);
+        let first = e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap();
+        let again = e.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap();
+        assert!(again.stamp > first.stamp);
+        let kept = e.delete(&digest, Some(first.stamp)).await.unwrap();
+        assert_eq!(kept, Deleted { copies: 0, bytes: 0, kept: 1 });
+        assert_eq!(e.stat(&digest).await.unwrap(), Some(again));
+        let done = e.delete(&digest, Some(again.stamp)).await.unwrap();
+        assert_eq!(done, Deleted { copies: 1, bytes: bytes.len() as u64, kept: 0 });
+        assert_eq!(e.stat(&digest).await.unwrap(), None);
+    }
 }
 
 #[tokio::test]
@@ -253,7 +272,7 @@ async fn small_blobs_share_segments_and_deleted_ones_give_space_back() {
     let before = segment_bytes(d.path());
     let (keep, gone) = blobs.split_last().unwrap();
     for (g, _) in gone {
-        assert!(e.delete(g).await.unwrap().is_some());
+        assert!(e.delete(g, None).await.unwrap().any());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -296,7 +315,7 @@ async fn segment_emptied_while_active_is_compacted_once_sealed() {
     }
     // Deleted while their segment takes appends: nothing to compact yet.
     for (digest, _) in &first[..first.len() - 10] {
-        assert!(e.delete(digest).await.unwrap().is_some());
+        assert!(e.delete(digest, None).await.unwrap().any());
     }
     assert!(d.path().join("segments/00000001.seg").exists());
     // Filling the segment seals it; by then most of it is dead, so it is compacted.
@@ -399,7 +418,7 @@ async fn inline_blobs_of_earlier_nodes_are_served_and_give_their_space_back() {
     // Keep the last one; deleting the rest passes the threshold and starts a reclaim.
     let (keep, gone) = digests.split_last().unwrap();
     for g in gone {
-        assert!(e.delete(g).await.unwrap().is_some());
+        assert!(e.delete(g, None).await.unwrap().any());
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -435,8 +454,8 @@ async fn stamps_grow_are_renewed_by_a_second_write_and_survive_restart() {
         assert_eq!(e.stat(&digest).await.unwrap(), Some(again));
         let s2 = e.put_small(&small_digest, small.clone()).await.unwrap();
         assert!(s2.stamp > again.stamp);
-        deleted = e.delete(&small_digest).await.unwrap().unwrap();
-        assert_eq!(deleted, s2.stamp, "delete reports the stamp of the copy it took");
+        assert!(e.delete(&small_digest, None).await.unwrap().any());
+        deleted = s2.stamp;
         let listed = e.list(None, 10).await.unwrap();
         assert_eq!(listed, vec![(digest.clone(), again.stamp)]);
     }
