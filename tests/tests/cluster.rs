@@ -1177,3 +1177,52 @@ async fn admin_gc_deletes_every_copy_and_reports_it() {
     let r = c.get(format!("{a}/v2/acme/kept/manifests/v1")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Anti-entropy, both ways: a copy an owner lost behind the registry's back (deleted straight
+/// from the node) is found by the leader's audit of linked blobs and copied back; a blob stored
+/// on one node that no repository links (put straight into the node) is found by the leader's
+/// inventory walk and collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_audits_links_against_copies_both_ways() {
+    use berth_tests::cluster::{copy_census, wait_for_exact_copies, ClusterOptions};
+    let meta_args = ["--gc-grace-secs", "1", "--audit-after-secs", "1"].map(String::from).to_vec();
+    let cl = tokio::task::block_in_place(|| Cluster::start_with(ClusterOptions { meta_args, ..Default::default() }));
+    let c = client();
+    let a = cl.frontends[0].url();
+    let m = push_image(&c, &a, "acme/audited", "v1", 21, &[400_000, 3000]).await;
+    let manifest: Value =
+        c.get(format!("{a}/v2/acme/audited/manifests/{m}")).send().await.unwrap().json().await.unwrap();
+    let mut blobs: Vec<Digest> =
+        vec![m.parse().unwrap(), manifest["config"]["digest"].as_str().unwrap().parse().unwrap()];
+    for l in manifest["layers"].as_array().unwrap() {
+        blobs.push(l["digest"].as_str().unwrap().parse().unwrap());
+    }
+    let meta = cl.meta.addrs();
+    assert_eq!(copy_census(&meta, &blobs, 3).await.missing, 0);
+    let node = StorageClient::new(&cl.storage[1].addr, StorageClientConfig::default()).unwrap();
+    for d in &blobs[1..] {
+        assert!(node.delete(d, None).await.unwrap().any());
+    }
+    assert_eq!(copy_census(&meta, &blobs, 3).await.missing, 3, "config and two layers");
+    let (census, took) = wait_for_exact_copies(&meta, &blobs, 3, Duration::from_secs(60)).await;
+    eprintln!("three copies lost behind the registry's back: back at every owner after {took:?}");
+    assert_eq!(census.missing, 0, "the audit found the lost copies and they were repaired");
+
+    let stray = bytes(22, 500_000);
+    let sd = Digest::sha256_of(&stray);
+    let other = StorageClient::new(&cl.storage[2].addr, StorageClientConfig::default()).unwrap();
+    let body: berth_core::ByteStream = Box::pin(futures::stream::iter([Ok(::bytes::Bytes::from(stray.clone()))]));
+    other.put(&sd, body, u64::MAX).await.unwrap();
+    let start = Instant::now();
+    while other.stat(&sd).await.unwrap().is_some() && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(other.stat(&sd).await.unwrap(), None, "the stray copy is collected");
+    eprintln!("a stray copy on one node: collected after {:?}", start.elapsed());
+    // The audited image still pulls whole.
+    for d in &blobs[1..] {
+        let r = c.get(format!("{a}/v2/acme/audited/blobs/{d}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(digest(&r.bytes().await.unwrap()), d.to_string());
+    }
+}

@@ -54,20 +54,27 @@ pub struct MetaArgs {
     /// looks for that many at their owners.
     #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
     pub replicas: usize,
+    /// Seconds the placement map must stay the same before the leader audits linked blobs
+    /// against their owners (right after a change, placement passes are still moving copies).
+    #[arg(long, env = "BERTH_AUDIT_AFTER_SECS", default_value_t = 60)]
+    pub audit_after_secs: u64,
 }
 
 /// Linked blobs audited per round of garbage collection.
 const AUDIT_PAGE: usize = 200;
 
-/// An audit runs once the placement map has stayed the same this long: right after a change,
-/// the placement passes of the storage nodes are still moving copies to their new owners.
-const AUDIT_SETTLE: Duration = Duration::from_secs(60);
-
 /// While this node leads: rounds of garbage collection over every storage node that is not
 /// dead, and, with each, an audit of a page of the linked blobs against their owners (the other
 /// direction of the comparison the collector's inventory walk makes). A blob an owner lacks is
 /// recorded short of copies, for the frontends' repair; a blob no node holds is reported.
-async fn collect_while_leading(meta: MetaService, collector: Arc<Collector>, router: Arc<CurrentRouter>) {
+/// Audits wait until the placement map has stayed the same for `settle`: right after a change,
+/// the placement passes of the storage nodes are still moving copies to their new owners.
+async fn collect_while_leading(
+    meta: MetaService,
+    collector: Arc<Collector>,
+    router: Arc<CurrentRouter>,
+    settle: Duration,
+) {
     // Without background rounds, audits still come, as often as rounds would by default.
     let default = (collector.grace() / 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
     let period = collector.interval().unwrap_or(default);
@@ -89,7 +96,7 @@ async fn collect_while_leading(meta: MetaService, collector: Arc<Collector>, rou
                 continue;
             }
         };
-        if since.elapsed() >= AUDIT_SETTLE {
+        if since.elapsed() >= settle {
             audit_after = audit_page(&meta, &router, audit_after).await;
         }
     }
@@ -218,7 +225,8 @@ pub async fn run(args: MetaArgs) -> Result<()> {
         args.gc_interval_secs.map(Duration::from_secs),
     ));
     meta.set_collector(collector.clone());
-    let collecting = tokio::spawn(collect_while_leading(meta.clone(), collector, router));
+    let settle = Duration::from_secs(args.audit_after_secs);
+    let collecting = tokio::spawn(collect_while_leading(meta.clone(), collector, router, settle));
     println!("berth meta: node {} serving grpc://{bound} as {advertise} (data in {})", args.id, data_dir.display());
     let server = Server::builder()
         .add_service(raft_server(meta.raft().clone()))
