@@ -1171,6 +1171,7 @@ async fn admin_gc_deletes_every_copy_and_reports_it() {
     assert_eq!(layer_files(), vec![(2, 1_300_000); 3], "a dry run deletes nothing");
     let run = gc(false).await;
     eprintln!("run: {run}");
+    assert_eq!((run["blobs"].as_u64(), run["bytes"].as_u64()), (dry["blobs"].as_u64(), dry["bytes"].as_u64()));
     assert!(run["copies"].as_u64().unwrap() >= 3, "three copies of the layer at least: {run}");
     assert!(run["copy_bytes"].as_u64().unwrap() >= 3 * 700_000, "{run}");
     assert_eq!(layer_files(), vec![(1, 600_000); 3], "every node's copy went at once");
@@ -1186,7 +1187,11 @@ async fn admin_gc_deletes_every_copy_and_reports_it() {
 async fn the_leader_audits_links_against_copies_both_ways() {
     use berth_tests::cluster::{copy_census, wait_for_exact_copies, ClusterOptions};
     let meta_args = ["--gc-grace-secs", "1", "--audit-after-secs", "1"].map(String::from).to_vec();
-    let cl = tokio::task::block_in_place(|| Cluster::start_with(ClusterOptions { meta_args, ..Default::default() }));
+    // The storage nodes' own placement passes stay out of the way (their next pass after the
+    // map settles comes 20 minutes later): only the audit can bring the copies back.
+    let storage_args = ["--placement-grace-secs", "600"].map(String::from).to_vec();
+    let options = ClusterOptions { meta_args, storage_args, ..Default::default() };
+    let cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let c = client();
     let a = cl.frontends[0].url();
     let m = push_image(&c, &a, "acme/audited", "v1", 21, &[400_000, 3000]).await;
@@ -1204,7 +1209,7 @@ async fn the_leader_audits_links_against_copies_both_ways() {
         assert!(node.delete(d, None).await.unwrap().any());
     }
     assert_eq!(copy_census(&meta, &blobs, 3).await.missing, 3, "config and two layers");
-    let (census, took) = wait_for_exact_copies(&meta, &blobs, 3, Duration::from_secs(60)).await;
+    let (census, took) = wait_for_exact_copies(&meta, &blobs, 3, Duration::from_secs(30)).await;
     eprintln!("three copies lost behind the registry's back: back at every owner after {took:?}");
     assert_eq!(census.missing, 0, "the audit found the lost copies and they were repaired");
 

@@ -177,6 +177,7 @@ async fn gc_on_demand_reports_then_frees() {
     let run = admin(&[]);
     eprintln!("run: {run}");
     assert_eq!(run["dry_run"], false);
+    assert_eq!((&run["blobs"], &run["bytes"]), (&dry["blobs"], &dry["bytes"]), "the dry run foresaw the run");
     assert!(run["blobs"].as_u64().unwrap() >= 2, "{run}");
     assert_eq!(run["copies"], run["blobs"], "one copy each in standalone");
     assert!(run["copy_bytes"].as_u64().unwrap() >= 1_300_000, "{run}");

@@ -58,29 +58,9 @@ pub async fn run(
         if let Some(c) = &collector {
             if last_round.elapsed() >= gc_period {
                 last_round = tokio::time::Instant::now();
-                collection_round(c).await;
+                c.logged_round().await;
             }
         }
-    }
-}
-
-/// One round of garbage collection, logged.
-pub async fn collection_round(collector: &Collector) {
-    match collector.round().await {
-        Ok(r) if r.deleted > 0 || r.strays > 0 || r.undone > 0 => {
-            tracing::info!(
-                deleted = r.deleted,
-                freed_bytes = r.freed_bytes,
-                copies = r.copies.copies,
-                copy_bytes = r.copies.bytes,
-                kept = r.copies.kept,
-                undone = r.undone,
-                strays = r.strays,
-                "garbage collection"
-            )
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "garbage collection"),
     }
 }
 

@@ -6,6 +6,7 @@
 mod admin;
 mod cluster_admin;
 mod config;
+mod follow;
 mod frontend;
 mod housekeeping;
 mod http;

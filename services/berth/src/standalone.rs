@@ -26,7 +26,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     let blobs: Arc<dyn BlobStore> = Arc::new(storage);
     let metas: Arc<dyn MetaStore> = Arc::new(meta.clone());
     let collector = Arc::new(Collector::new(blobs.clone(), meta.clone(), config.gc_grace, config.gc_interval));
-    meta.set_collector(collector.clone());
+    meta.set_collector(&collector);
     let (stop_tx, stop_rx) = watch::channel(false);
     let housekeeping = tokio::spawn(crate::housekeeping::run(
         blobs.clone(),

@@ -35,6 +35,10 @@ pub struct StorageArgs {
     /// Seconds without progress after which an upload session expires [default: 600].
     #[arg(long, env = "BERTH_UPLOAD_TIMEOUT_SECS")]
     pub upload_timeout_secs: Option<u64>,
+    /// Ignored: garbage collection runs on the metadata leader (`berth meta --gc-grace-secs`).
+    /// Accepted so that earlier command lines still start.
+    #[arg(long, hide = true)]
+    pub gc_grace_secs: Option<u64>,
     /// The address frontends and other nodes reach this node at [default: the address bound].
     #[arg(long, env = "BERTH_ADVERTISE")]
     pub advertise: Option<String>,
@@ -185,6 +189,9 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     };
     let scrubbing = tokio::spawn(scrub.run(stop_rx.clone()));
     let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stats, stop_rx.clone()));
+    if args.gc_grace_secs.is_some() {
+        tracing::warn!("--gc-grace-secs is ignored by storage nodes: set it on the metadata nodes (berth meta)");
+    }
     // Garbage collection runs on the metadata leader, over every storage node.
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, None, false, stop_rx));

@@ -71,6 +71,10 @@ pub struct Deleted {
     pub bytes: u64,
     /// Copies left in place because they were stamped after the limit given.
     pub kept: u32,
+    /// The highest stamp among the copies removed.
+    pub stamp: Option<u64>,
+    /// Storage nodes that could not be asked (a router's deletion goes on without them).
+    pub unreached: u32,
 }
 
 impl Deleted {
@@ -81,7 +85,13 @@ impl Deleted {
 
     /// This deletion and `other` together.
     pub fn and(self, other: Deleted) -> Deleted {
-        Deleted { copies: self.copies + other.copies, bytes: self.bytes + other.bytes, kept: self.kept + other.kept }
+        Deleted {
+            copies: self.copies + other.copies,
+            bytes: self.bytes + other.bytes,
+            kept: self.kept + other.kept,
+            stamp: self.stamp.max(other.stamp),
+            unreached: self.unreached + other.unreached,
+        }
     }
 }
 

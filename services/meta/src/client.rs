@@ -563,18 +563,7 @@ impl MetaStore for MetaClient {
                 c.collect_garbage(r).await
             })
             .await?;
-        Ok(GcReport {
-            dry_run: r.dry_run,
-            blobs: r.blobs,
-            bytes: r.bytes,
-            copies: r.copies,
-            copy_bytes: r.copy_bytes,
-            kept: r.kept,
-            strays: r.strays,
-            stray_bytes: r.stray_bytes,
-            rounds: r.rounds,
-            millis: r.millis,
-        })
+        Ok(GcReport::from_proto(r)?)
     }
 
     async fn register_storage(&self, node: StorageNode) -> Result<()> {

@@ -77,17 +77,27 @@ pub enum Command {
         /// Time of the request (ms since the epoch).
         now_ms: u64,
     },
-    /// One step of garbage collection: remove loose links and fence unlinked blobs older than
-    /// a cutoff, so that they can be deleted; when it fences any, the reap floor rises to the
-    /// cutoff.
+    /// One step of garbage collection as earlier versions took it: remove loose links and fence
+    /// unlinked blobs older than a cutoff, so that they can be deleted. Kept so that their log
+    /// entries replay alike; this version writes [`Command::FenceForReap`].
     BeginReap {
         /// Links loose and blobs unlinked at or before this time (ms since the epoch) qualify.
         cutoff_ms: u64,
         /// At most this many.
         max: usize,
     },
-    /// A fenced blob's bytes are gone; lift the fence (and raise the reap floor to `stamp`, as
-    /// earlier versions asked).
+    /// One step of garbage collection: remove loose links and fence unlinked blobs older than
+    /// a cutoff, so that they can be deleted; when it fences any, the reap floor rises to the
+    /// cutoff (only copies stamped at or before it are deleted, and no link names one).
+    FenceForReap {
+        /// Links loose and blobs unlinked at or before this time (ms since the epoch) qualify.
+        cutoff_ms: u64,
+        /// At most this many.
+        max: usize,
+    },
+    /// A fenced blob's copies are deleted; lift the fence. Earlier versions raised the reap
+    /// floor to `stamp` here, and their log entries still do when replayed; this version sends
+    /// none.
     BlobReaped {
         /// Blob.
         digest: Digest,
@@ -140,9 +150,15 @@ pub enum Outcome {
     Done,
     /// Done; whether the thing existed.
     Existed(bool),
-    /// Done; blobs fenced for deletion, and the reap floor: only copies stamped at or before it
-    /// may be deleted.
-    Fenced(Vec<Digest>, u64),
+    /// Done; what a garbage collection step did.
+    Fenced {
+        /// Blobs fenced for deletion (this step's and those earlier steps left).
+        fenced: Vec<Digest>,
+        /// The reap floor: only copies stamped at or before it may be deleted.
+        floor: u64,
+        /// Loose links removed.
+        unlinked: usize,
+    },
     /// The outcomes of a [`Command::Batch`], in order.
     Batch(Vec<Outcome>),
     /// Refused, with the error the client gets; nothing changed.

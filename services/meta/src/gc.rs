@@ -8,8 +8,8 @@
 //!   record of as strays (they become deletion candidates);
 //! - removes loose links past the grace period and fences the blobs no repository links any
 //!   more, raising the reap floor to the cutoff, in one Raft write;
-//! - deletes each fenced blob on every storage node, only copies stamped at or before the
-//!   floor, and then lifts its fence.
+//! - deletes each fenced blob on every storage node that answers, only copies stamped at or
+//!   before the floor, and then lifts its fence.
 //!
 //! It never stops writes: a blob being deleted is fenced, nothing else. What it has fenced
 //! stays fenced in the replicated state until its copies are gone, so a leader that takes over
@@ -18,8 +18,12 @@
 //! at or below the floor, and no copy above it is deleted, nothing linked is lost, however a
 //! collection, a push of the same blob and a change of leader interleave.
 //!
-//! A storage node that is dead while a blob is deleted keeps its copy. When it comes back,
-//! that copy is a stray: the inventory walk finds it and it is collected a grace period later.
+//! A storage node that is dead while a blob is deleted, or fails to answer, keeps its copy, and
+//! the fence is lifted all the same (one failing node must not stop collection everywhere).
+//! That copy is stamped at or below the floor, so no link can name it while no repository
+//! links the blob; once the node answers again the inventory walk finds it as a stray, and it
+//! is collected a grace period later. Copies kept because a write stamped them after the floor
+//! end the same way, unless a push links them.
 //!
 //! **Clocks.** The cutoff is the leader's clock less the grace period; stamps are the storage
 //! nodes' clocks. Skew between them never makes the collector delete a copy that is linked
@@ -41,12 +45,14 @@ use crate::MetaService;
 /// Blobs fenced and deleted per round at most; bounds the work of one Raft command.
 pub const REAP_BATCH: usize = 256;
 
-/// Stored blobs compared with the metadata per round: a full pass over a node of a million
-/// blobs takes about an hour at one round every few seconds, with a small, steady cost.
+/// Stored blobs compared with the metadata per round (a page of each storage node's inventory,
+/// merged): a full pass over a million blobs takes a thousand rounds, about eight hours at the
+/// default of one round every 30 s, with a small, steady cost. `berth admin gc` walks it whole.
 pub const INVENTORY_PAGE: usize = 1000;
 
-/// Blobs deleted at once: each deletion waits for every storage node's synced write.
-const DELETES_AT_ONCE: usize = 16;
+/// Blobs deleted, stated or released at once: each deletion waits for every storage node's
+/// synced write.
+const AT_ONCE: usize = 16;
 
 /// Blobs a dry run looks at, at most (its answer says how many it found up to this).
 const PREVIEW_LIMIT: usize = 1_000_000;
@@ -62,19 +68,26 @@ pub struct Reap {
     pub fenced: Vec<Digest>,
     /// The reap floor after this step.
     pub floor: u64,
+    /// Loose links this step removed.
+    pub unlinked: usize,
 }
 
 /// What one round did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcRound {
-    /// Blobs whose copies were deleted (and fences lifted).
+    /// Fences lifted: blobs whose copies (on the nodes that answered) are gone.
+    pub released: usize,
+    /// Blobs of which this round deleted at least one copy.
     pub deleted: usize,
     /// Bytes those blobs held, one copy each.
     pub freed_bytes: u64,
-    /// Copies deleted across the storage nodes, and their bytes.
+    /// Copies deleted across the storage nodes, and their bytes; copies kept, and nodes that
+    /// did not answer.
     pub copies: Deleted,
-    /// Fenced blobs left fenced: a storage node could not be reached.
+    /// Fenced blobs left fenced: no storage node answered.
     pub undone: usize,
+    /// Loose links removed.
+    pub unlinked: usize,
     /// Stored blobs found unknown to the metadata service.
     pub strays: usize,
 }
@@ -99,7 +112,7 @@ impl Collector {
     /// (between a quarter second and 30 s); zero means only on demand.
     pub fn new(blobs: Arc<dyn BlobStore>, meta: MetaService, grace: Duration, interval: Option<Duration>) -> Collector {
         let interval = match interval {
-            None => Some((grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(30))),
+            None => Some(Self::default_interval(grace)),
             Some(i) if i.is_zero() => None,
             Some(i) => Some(i),
         };
@@ -111,23 +124,59 @@ impl Collector {
         self.grace
     }
 
+    /// Time between background rounds when none is given: half the grace period, between a
+    /// quarter second and 30 s.
+    pub fn default_interval(grace: Duration) -> Duration {
+        (grace / 2).clamp(Duration::from_millis(250), Duration::from_secs(30))
+    }
+
     /// Time between background rounds; `None`: collection runs only on demand.
     pub fn interval(&self) -> Option<Duration> {
         self.interval
     }
 
-    /// One background round: a page of the inventory for strays, then one batch of deletions.
+    /// One background round: a page of the inventory for strays, then one batch of deletions
+    /// (which goes ahead when the inventory could not be read).
     pub async fn round(&self) -> Result<GcRound> {
         let _busy = self.busy.lock().await;
         let strays = {
             let mut cursor = self.inventory_cursor.lock().await;
-            let (found, next) = self.strays_in_page(cursor.as_ref(), true).await?;
-            *cursor = next;
-            found.len()
+            match self.strays_in_page(cursor.as_ref(), true).await {
+                Ok((found, next)) => {
+                    *cursor = next;
+                    found.len()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "comparing the storage inventory with the metadata");
+                    0
+                }
+            }
         };
         let mut done = self.reap_batch().await?;
         done.strays = strays;
         Ok(done)
+    }
+
+    /// One background round, logged.
+    pub async fn logged_round(&self) {
+        match self.round().await {
+            Ok(r) if r.released > 0 || r.strays > 0 || r.undone > 0 || r.unlinked > 0 => {
+                tracing::info!(
+                    deleted = r.deleted,
+                    freed_bytes = r.freed_bytes,
+                    copies = r.copies.copies,
+                    copy_bytes = r.copies.bytes,
+                    kept = r.copies.kept,
+                    unreached = r.copies.unreached,
+                    undone = r.undone,
+                    unlinked = r.unlinked,
+                    strays = r.strays,
+                    "garbage collection"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "garbage collection"),
+        }
     }
 
     /// Runs collection to the end of what is collectable now, or with `dry_run` only counts
@@ -142,7 +191,7 @@ impl Collector {
         Ok(report)
     }
 
-    /// Deletion rounds until one fences nothing, then a whole inventory walk for strays.
+    /// Deletion rounds until one changes nothing, then a whole inventory walk for strays.
     async fn run(&self) -> Result<GcReport> {
         let mut report = GcReport::default();
         loop {
@@ -153,14 +202,14 @@ impl Collector {
             report.copies += u64::from(r.copies.copies);
             report.copy_bytes += r.copies.bytes;
             report.kept += u64::from(r.copies.kept);
-            if r.deleted == 0 || report.rounds >= MAX_RUN_ROUNDS {
-                if r.undone > 0 {
-                    return Err(berth_core::RegistryError::new(
-                        berth_core::ErrorCode::Unknown,
-                        format!("{} blobs could not be deleted on every storage node; they stay fenced", r.undone),
-                    )
-                    .with_status(503));
-                }
+            if r.undone > 0 {
+                return Err(berth_core::RegistryError::new(
+                    berth_core::ErrorCode::Unknown,
+                    format!("no storage node answered for {} blobs; they stay fenced", r.undone),
+                )
+                .with_status(503));
+            }
+            if (r.released == 0 && r.unlinked == 0) || report.rounds >= MAX_RUN_ROUNDS {
                 break;
             }
         }
@@ -173,27 +222,25 @@ impl Collector {
     /// What a run would delete now, and the strays it would note.
     async fn preview(&self) -> Result<GcReport> {
         let candidates = self.meta.reap_preview(self.grace, PREVIEW_LIMIT).await?;
-        let mut report = GcReport { blobs: candidates.len() as u64, ..GcReport::default() };
-        report.bytes = self.sizes(candidates).await?;
+        let mut report = GcReport::default();
+        // A blob no node holds any more (its deletion half done) frees nothing.
+        for size in self.sizes(candidates).await?.into_iter().flatten() {
+            report.blobs += 1;
+            report.bytes += size;
+        }
         let (strays, bytes) = self.walk_inventory(false).await?;
         report.strays = strays;
         report.stray_bytes = bytes;
         Ok(report)
     }
 
-    /// The total size of `blobs`, asking storage for those of unknown size.
-    async fn sizes(&self, blobs: Vec<(Digest, Option<u64>)>) -> Result<u64> {
-        let sizes: Vec<u64> = futures::stream::iter(blobs)
-            .map(|(d, size)| async move {
-                match size {
-                    Some(s) => Ok::<u64, berth_core::RegistryError>(s),
-                    None => Ok(self.blobs.stat(&d).await?.map_or(0, |s| s.size)),
-                }
-            })
-            .buffer_unordered(DELETES_AT_ONCE)
+    /// The size of each of `blobs` in storage (`None`: not stored).
+    async fn sizes(&self, blobs: Vec<Digest>) -> Result<Vec<Option<u64>>> {
+        futures::stream::iter(blobs)
+            .map(|d| async move { Ok::<_, berth_core::RegistryError>(self.blobs.stat(&d).await?.map(|s| s.size)) })
+            .buffer_unordered(AT_ONCE)
             .try_collect()
-            .await?;
-        Ok(sizes.iter().sum())
+            .await
     }
 
     /// Fences a batch and deletes it on every storage node.
@@ -205,31 +252,32 @@ impl Collector {
                 let r = self.blobs.delete(&d, Some(floor)).await;
                 (d, r)
             })
-            .buffer_unordered(DELETES_AT_ONCE)
+            .buffer_unordered(AT_ONCE)
             .collect()
             .await;
-        let mut done = GcRound::default();
+        let mut done = GcRound { unlinked: reap.unlinked, ..GcRound::default() };
         let mut lift = vec![];
         for (d, r) in outcomes {
             match r {
                 Ok(copies) => {
-                    done.deleted += 1;
                     if copies.copies > 0 {
+                        done.deleted += 1;
                         done.freed_bytes += copies.bytes / u64::from(copies.copies);
                     }
                     done.copies = done.copies.and(copies);
                     lift.push(d);
                 }
                 Err(e) => {
-                    // The fence stays; the next round tries again.
+                    // No node answered: the fence stays, and the next round tries again.
                     tracing::warn!(digest = %d, error = %e, "deleting a collected blob");
                     done.undone += 1;
                 }
             }
         }
+        done.released = lift.len();
         futures::stream::iter(lift)
             .map(|d| async move { self.meta.blob_reaped(&d).await })
-            .buffer_unordered(DELETES_AT_ONCE)
+            .buffer_unordered(AT_ONCE)
             .try_collect::<Vec<()>>()
             .await?;
         Ok(done)
@@ -243,7 +291,7 @@ impl Collector {
         loop {
             let (found, next) = self.strays_in_page(cursor.as_ref(), note).await?;
             n += found.len() as u64;
-            bytes += self.sizes(found.into_iter().map(|d| (d, None)).collect()).await?;
+            bytes += self.sizes(found).await?.into_iter().flatten().sum::<u64>();
             match next {
                 Some(c) => cursor = Some(c),
                 None => return Ok((n, bytes)),
@@ -270,3 +318,6 @@ impl Collector {
         Ok((unknown, next))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -91,8 +91,9 @@ pub struct MetaService {
     view: StateView,
     writes: mpsc::Sender<PendingWrite>,
     node_id: NodeId,
-    /// The garbage collector that runs where this node leads, once one is given.
-    collector: Arc<std::sync::OnceLock<Arc<gc::Collector>>>,
+    /// The garbage collector that runs where this node leads, once one is given (its owner,
+    /// the task that runs its rounds, holds it; the collector holds this service).
+    collector: Arc<std::sync::OnceLock<std::sync::Weak<gc::Collector>>>,
 }
 
 /// Feeds Raft: every command that arrived while the previous entry was being committed goes
@@ -272,10 +273,12 @@ impl MetaService {
 /// Garbage collection's access to the state, on the node that runs the collector (the leader
 /// of a cluster's metadata group, the only node of standalone); see [`gc`].
 impl MetaService {
-    /// Gives this node the collector that `berth admin gc` runs ([`MetaStore::collect_garbage`]).
-    /// The first one given stays.
-    pub fn set_collector(&self, collector: Arc<gc::Collector>) {
-        let _ = self.collector.set(collector);
+    /// Gives this node the collector that `berth admin gc` runs ([`MetaStore::collect_garbage`])
+    /// for as long as the caller keeps it. The first one given stays.
+    pub fn set_collector(&self, collector: &Arc<gc::Collector>) {
+        if self.collector.set(Arc::downgrade(collector)).is_err() {
+            tracing::warn!("a garbage collector was given twice; the first one stays");
+        }
     }
 
     /// One step of garbage collection. Links that no manifest references and that have been
@@ -286,8 +289,8 @@ impl MetaService {
     /// copies stamped at or before the floor returned may be deleted.
     pub async fn begin_reap(&self, grace: Duration, max: usize) -> Result<gc::Reap> {
         let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
-        match self.write(Command::BeginReap { cutoff_ms, max }).await? {
-            Outcome::Fenced(fenced, floor) => Ok(gc::Reap { fenced, floor }),
+        match self.write(Command::FenceForReap { cutoff_ms, max }).await? {
+            Outcome::Fenced { fenced, floor, unlinked } => Ok(gc::Reap { fenced, floor, unlinked }),
             _ => Ok(gc::Reap::default()),
         }
     }
@@ -329,9 +332,9 @@ impl MetaService {
         names.into_iter().map(|s| s.parse().map_err(internal)).collect()
     }
 
-    /// What [`MetaService::begin_reap`] steps with `grace` would fence now, changing nothing
-    /// (at most `limit`), with each blob's size where a link records it.
-    pub async fn reap_preview(&self, grace: Duration, limit: usize) -> Result<Vec<(Digest, Option<u64>)>> {
+    /// What a [`MetaService::begin_reap`] step with `grace` would fence now, changing nothing
+    /// (at most `limit`).
+    pub async fn reap_preview(&self, grace: Duration, limit: usize) -> Result<Vec<Digest>> {
         let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
         self.read(move |v| v.reap_preview(cutoff_ms, limit)).await
     }
@@ -496,10 +499,11 @@ impl MetaStore for MetaService {
     }
 
     async fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {
-        match self.collector.get() {
-            Some(c) => c.collect(dry_run).await,
-            None => Err(RegistryError::new(ErrorCode::Unsupported, "no garbage collector runs on this node")),
-        }
+        let Some(c) = self.collector.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(RegistryError::new(ErrorCode::Unsupported, "no garbage collector runs on this node"));
+        };
+        // Its own task: a caller that stops waiting does not stop the run half way.
+        tokio::spawn(async move { c.collect(dry_run).await }).await.map_err(internal)?
     }
 
     async fn register_storage(&self, node: StorageNode) -> Result<()> {

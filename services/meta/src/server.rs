@@ -262,18 +262,7 @@ impl Meta for MetaRpc {
 
     async fn collect_garbage(&self, request: Request<pb::CollectGarbageRequest>) -> Answer<pb::GcReport> {
         let r = self.admit(request).await?;
-        answer(self.store.collect_garbage(r.dry_run).await, |g| pb::GcReport {
-            dry_run: g.dry_run,
-            blobs: g.blobs,
-            bytes: g.bytes,
-            copies: g.copies,
-            copy_bytes: g.copy_bytes,
-            kept: g.kept,
-            strays: g.strays,
-            stray_bytes: g.stray_bytes,
-            rounds: g.rounds,
-            millis: g.millis,
-        })
+        answer(self.store.collect_garbage(r.dry_run).await, Wire::to_proto)
     }
 
     async fn register_storage(&self, request: Request<pb::RegisterStorageRequest>) -> Answer<pb::RegisterStorageReply> {

@@ -15,7 +15,7 @@
 //! | `o` digest | since when no repository links the blob (deletion candidate) |
 //! | `y` time `\0` digest | (deletion candidates by time) |
 //! | `f` digest | fenced: being deleted, cannot be linked |
-//! | `z` | the reap floor: the highest stamp of a copy the collector deleted |
+//! | `z` | the reap floor: copies stamped at or before it may be deleted, and are never linked |
 //! | `m` repo `\0` digest | [`ManifestRecord`] |
 //! | `t` repo `\0` tag | manifest digest |
 //! | `s` repo `\0` subject `\0` digest | (a referrer of subject) |
@@ -57,8 +57,8 @@
 //!   ([`Command::NoteStrays`]) and follow the same path.
 //! - **The generation check.** Every stored copy has a stamp (see [`berth_core::Stored`]). The
 //!   step that fences blobs raises the reap floor `z` to its cutoff (the time the candidates
-//!   had to be unlinked by), and the collector then deletes, on every storage node, only copies
-//!   stamped at or before the floor. A link to a blob that no repository links is accepted only
+//!   had to be unlinked by), and the collector then deletes, on every storage node that
+//!   answers, only copies stamped at or before the floor ([`Command::FenceForReap`]). A link to a blob that no repository links is accepted only
 //!   with a stamp above the floor. So a copy the collector may delete can never be linked, and a
 //!   copy written (or found by a write, and re-stamped) after the cutoff is neither deleted nor
 //!   refused: the fence refuses its link while the deletion runs, and after it the copy is a
@@ -182,50 +182,14 @@ impl StateView {
         Ok(out)
     }
 
-    /// What a collection with `cutoff_ms` would delete now, changing nothing: blobs fenced
-    /// already, deletion candidates since the cutoff, and blobs whose every link is a loose
-    /// link past the cutoff (outside repositories with an upload in progress), with the size a
-    /// link records where one does. At most `limit`.
-    pub fn reap_preview(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<(Digest, Option<u64>)>, StateError> {
-        let mut out: std::collections::BTreeMap<String, Option<u64>> = std::collections::BTreeMap::new();
-        for (d, _) in self.scan(b"f", None, limit)? {
-            out.insert(String::from_utf8_lossy(&d).into_owned(), None);
+    /// What a collection step with `cutoff_ms` would fence now, at most `limit`: the step
+    /// itself applied to a transaction that is then dropped, so the two never disagree.
+    pub fn reap_preview(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<Digest>, StateError> {
+        let mut tx = Tx::new(self);
+        match tx.apply(&Command::FenceForReap { cutoff_ms, max: limit })? {
+            Outcome::Fenced { fenced, .. } => Ok(fenced),
+            _ => Ok(vec![]),
         }
-        for item in self.iter_from(b"y")? {
-            let (k, _) = item?;
-            let Some(rest) = k.strip_prefix(b"y") else { break };
-            let Some((since, d)) = split_time_key(rest) else { continue };
-            if since > cutoff_ms || out.len() >= limit {
-                break;
-            }
-            out.insert(d, None);
-        }
-        // Loose links past the cutoff, per blob: a blob goes when they are all its links.
-        let mut loose: HashMap<String, (u64, u64)> = HashMap::new();
-        for item in self.iter_from(b"x")? {
-            let (k, _) = item?;
-            let Some(rest) = k.strip_prefix(b"x") else { break };
-            let Some((since, parts)) = split_time_key(rest) else { continue };
-            if since > cutoff_ms || loose.len() >= limit {
-                break;
-            }
-            let Some((repo, d)) = parts.split_once('\0') else { continue };
-            if self.exists(&key(b'w', &[repo]))? {
-                continue;
-            }
-            let size = self.get::<u64>(&key(b'l', &[repo, d]))?.unwrap_or(0);
-            let e = loose.entry(d.to_string()).or_insert((0, size));
-            e.0 += 1;
-        }
-        for (d, (n, size)) in loose {
-            if out.len() >= limit {
-                break;
-            }
-            if self.get::<u64>(&key(b'c', &[&d]))?.unwrap_or(0) <= n {
-                out.insert(d, Some(size));
-            }
-        }
-        Ok(out.into_iter().filter_map(|(d, size)| Some((d.parse().ok()?, size))).collect())
     }
 
     /// Key-value pairs from `start` on, in key order.
@@ -466,7 +430,8 @@ impl<'a> Tx<'a> {
                 self.add(key(b'v', &[&session.owner]), -1)?;
                 Ok(Outcome::Done)
             }
-            Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max),
+            Command::BeginReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max, false),
+            Command::FenceForReap { cutoff_ms, max } => self.begin_reap(*cutoff_ms, *max, true),
             Command::RegisterStorage { node, now_ms } => self.register_storage(node, *now_ms),
             Command::ChangeStorage { change, now_ms } => self.change_storage(change, *now_ms),
             Command::NoteShortCopies { digests } => {
@@ -833,7 +798,7 @@ impl<'a> Tx<'a> {
         Ok(Outcome::Existed(changed))
     }
 
-    fn begin_reap(&mut self, cutoff_ms: u64, max: usize) -> Result<Outcome, StateError> {
+    fn begin_reap(&mut self, cutoff_ms: u64, max: usize, raise_floor: bool) -> Result<Outcome, StateError> {
         // Loose links past the grace period go first, so that blobs they were the last link of
         // can be fenced in the same step. A sweep looks at a bounded number of them.
         let mut unlinked = 0;
@@ -867,11 +832,11 @@ impl<'a> Tx<'a> {
         // may still be linked. Raised only when there is something to delete, so that a quiet
         // registry's floor stays where its last deletion put it.
         let mut floor = self.count(b"z")?;
-        if !fenced.is_empty() && cutoff_ms > floor {
+        if raise_floor && !fenced.is_empty() && cutoff_ms > floor {
             floor = cutoff_ms;
             self.put(b"z".to_vec(), &floor)?;
         }
-        Ok(Outcome::Fenced(fenced, floor))
+        Ok(Outcome::Fenced { fenced, floor, unlinked })
     }
 
     /// Applies a directory change; answers whether it changed anything.

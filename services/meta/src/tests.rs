@@ -113,7 +113,7 @@ async fn unlinked_blobs_are_fenced_then_reaped_and_stale_copies_refused() {
     assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().fenced.is_empty(), "still linked in a/two");
     assert!(m.unlink_blob("a/two", &d("b")).await.unwrap());
     assert!(m.begin_reap(Duration::from_secs(3600), 10).await.unwrap().fenced.is_empty(), "within grace");
-    assert_eq!(m.reap_preview(Duration::ZERO, 10).await.unwrap(), vec![(d("b"), None)], "a dry run sees it");
+    assert_eq!(m.reap_preview(Duration::ZERO, 10).await.unwrap(), vec![d("b")], "a dry run sees it");
     let before = berth_core::now_ms();
     let reap = m.begin_reap(Duration::ZERO, 10).await.unwrap();
     assert_eq!(reap.fenced, vec![d("b")]);
@@ -159,13 +159,12 @@ async fn manifests_hold_their_blobs_and_release_them_when_deleted() {
     let up =
         UploadSession { id: "u1".into(), repo: "a/app".into(), started_at_ms: 1, owner: "x".into(), staging: None };
     m.create_upload(up, 10).await.unwrap();
-    let preview: Vec<Digest> = m.reap_preview(Duration::ZERO, 10).await.unwrap().into_iter().map(|(d, _)| d).collect();
+    let preview = m.reap_preview(Duration::ZERO, 10).await.unwrap();
     assert_eq!(preview, vec![d("img1")], "no loose link goes while uploading; the manifest's bytes do");
     assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced, vec![d("img1")], "only the manifest's bytes");
     m.blob_reaped(&d("img1")).await.unwrap();
     m.end_upload("u1", None).await.unwrap();
-    let mut preview: Vec<Digest> =
-        m.reap_preview(Duration::ZERO, 10).await.unwrap().into_iter().map(|(d, _)| d).collect();
+    let mut preview = m.reap_preview(Duration::ZERO, 10).await.unwrap();
     preview.sort();
     let mut reaped = m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced;
     reaped.sort();

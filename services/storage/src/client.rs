@@ -451,7 +451,8 @@ impl BlobStore for StorageClient {
     async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted> {
         let req = self.request(pb::DeleteRequest { digest: digest.to_string(), upto });
         let r = self.grpc.clone().delete(req).await.map_err(|s| self.failure(s))?.into_inner();
-        Ok(Deleted { copies: u32::from(r.stamp.is_some()), bytes: r.size, kept: u32::from(r.kept) })
+        let copies = u32::from(r.stamp.is_some());
+        Ok(Deleted { copies, bytes: r.size, kept: u32::from(r.kept), stamp: r.stamp, unreached: 0 })
     }
 
     async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
@@ -666,9 +667,10 @@ mod tests {
         assert_eq!(c.list(None, 1).await.unwrap(), expected[..1].to_vec());
 
         // A delete limited to older copies keeps it; an unlimited one takes it, once.
-        let kept = Deleted { copies: 0, bytes: 0, kept: 1 };
+        let kept = Deleted { kept: 1, ..Deleted::default() };
         assert_eq!(c.delete(&digest, Some(stored.stamp - 1)).await.unwrap(), kept);
-        assert_eq!(c.delete(&digest, None).await.unwrap(), Deleted { copies: 1, bytes: stored.size, kept: 0 });
+        let taken = Deleted { copies: 1, bytes: stored.size, stamp: Some(stored.stamp), ..Deleted::default() };
+        assert_eq!(c.delete(&digest, None).await.unwrap(), taken);
         assert_eq!(c.delete(&digest, None).await.unwrap(), Deleted::default());
         assert_eq!(c.read(&digest, None).await.err().map(|e| e.code), Some(ErrorCode::BlobUnknown));
     }

@@ -1200,7 +1200,7 @@ impl Inner {
         if upto.is_some_and(|u| entry.stamp > u) {
             return Ok(Deleted { kept: 1, ..Deleted::default() });
         }
-        let done = Deleted { copies: 1, bytes: entry.size, kept: 0 };
+        let done = Deleted { copies: 1, bytes: entry.size, stamp: Some(entry.stamp), ..Deleted::default() };
         if let Location::Segment { .. } = entry.location {
             return self.delete_from_segment(key).map(|_| done);
         }

@@ -217,6 +217,11 @@ impl Replicated {
         }
     }
 
+    /// How many storage nodes this router reaches.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
     /// How the copies of `digest` stand against its owners: asks its R owners, and when none
     /// has it, every other node.
     pub async fn audit(&self, digest: &Digest) -> Audit {
@@ -676,8 +681,8 @@ impl BlobStore for Replicated {
         Ok(out)
     }
 
-    /// Deletes on every node, all at once; fails if any node fails (the copies deleted stay
-    /// deleted, and a retry deletes the rest).
+    /// Deletes on every node, all at once. A node that fails is counted `unreached` (its copy
+    /// stays); only when every node fails is the deletion an error.
     async fn delete(&self, digest: &Digest, upto: Option<u64>) -> Result<Deleted> {
         let each = self.nodes.iter().enumerate().map(|(i, n)| async move {
             let r = n.store.delete(digest, upto).await;
@@ -685,16 +690,39 @@ impl BlobStore for Replicated {
             r
         });
         let mut done = Deleted::default();
+        let mut failure = None;
         for r in futures::future::join_all(each).await {
-            done = done.and(r?);
+            match r {
+                Ok(d) => done = done.and(d),
+                Err(e) => {
+                    done.unreached += 1;
+                    failure = Some(e);
+                }
+            }
         }
-        Ok(done)
+        match failure {
+            Some(e) if done.unreached as usize == self.nodes.len() => Err(e),
+            _ => Ok(done),
+        }
     }
 
+    /// The inventories of the nodes that answer, merged; an error only when none answers.
     async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<(Digest, u64)>> {
         let mut all: Vec<(Digest, u64)> = vec![];
-        for node in &self.nodes {
-            all.extend(node.store.list(after, n).await?);
+        let mut failure = None;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let r = node.store.list(after, n).await;
+            self.mark(i, &r);
+            match r {
+                Ok(page) => all.extend(page),
+                Err(e) => {
+                    tracing::warn!(node = %node.name, error = %e, "listing a storage node's blobs");
+                    failure = Some(e);
+                }
+            }
+        }
+        if let (Some(e), true) = (failure, all.is_empty()) {
+            return Err(e);
         }
         all.sort();
         // One entry per blob, with its lowest stamp (as a write would report it).

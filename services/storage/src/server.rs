@@ -357,9 +357,7 @@ impl Storage for StorageRpc {
         let r = req.into_inner();
         let d = digest(&r.digest)?;
         let done = self.store.delete(&d, r.upto).await.map_err(status_of)?;
-        // The stamp field says a copy was deleted; callers of this version read no more of it.
-        let stamp = done.any().then_some(r.upto.unwrap_or(0));
-        Ok(Response::new(pb::DeleteReply { stamp, size: done.bytes, kept: done.kept > 0 }))
+        Ok(Response::new(pb::DeleteReply { stamp: done.stamp, size: done.bytes, kept: done.kept > 0 }))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {

@@ -5,7 +5,8 @@
 
 use berth_core::access::Scope;
 use berth_core::store::{
-    NodeState, NodeStats, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenOwner, TokenRecord, User,
+    GcReport, NodeState, NodeStats, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenOwner,
+    TokenRecord, User,
 };
 use berth_core::{Digest, ManifestRecord, Stored, UploadSession};
 use berth_proto::meta as pb;
@@ -23,6 +24,20 @@ impl Wire for Stored {
     fn from_proto(p: pb::Stored) -> Result<Stored, WireError> {
         let pb::Stored { size, stamp } = p;
         Ok(Stored { size, stamp })
+    }
+}
+
+impl Wire for GcReport {
+    type Proto = pb::GcReport;
+
+    fn to_proto(self) -> pb::GcReport {
+        let GcReport { dry_run, blobs, bytes, copies, copy_bytes, kept, strays, stray_bytes, rounds, millis } = self;
+        pb::GcReport { dry_run, blobs, bytes, copies, copy_bytes, kept, strays, stray_bytes, rounds, millis }
+    }
+
+    fn from_proto(p: pb::GcReport) -> Result<GcReport, WireError> {
+        let pb::GcReport { dry_run, blobs, bytes, copies, copy_bytes, kept, strays, stray_bytes, rounds, millis } = p;
+        Ok(GcReport { dry_run, blobs, bytes, copies, copy_bytes, kept, strays, stray_bytes, rounds, millis })
     }
 }
 
