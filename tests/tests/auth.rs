@@ -709,3 +709,117 @@ async fn signing_keys_rotate_and_are_published() {
     let hs = format!("{}.{claims}.AAAA", b64.encode(format!(r#"{{"alg":"HS256","kid":"{kid}"}}"#)));
     assert_eq!(bearer(&hs).get(format!("{}/v2/admin/x/tags/list", s.url)).send().await.unwrap().status(), 401);
 }
+
+/// GitHub's packages REST API under `/api/v3`: lists of an organization, a user and the
+/// authenticated user, one package (its name URL-encoded), its versions newest first and one
+/// version; GitHub's field shapes, pagination with `Link` headers, the `visibility` filter,
+/// `package_type` required, and refusals: no `read:packages` scope, a package the caller may
+/// not read (404), unknown owners and versions (404).
+#[tokio::test]
+async fn the_packages_api_answers_in_githubs_shapes() {
+    let s = Server::start();
+    let c = client();
+    admin(&s, reqwest::Method::POST, "admin/orgs", Some(json!({"name": "acme", "owner": "admin"}))).await;
+    let old = push_image(&c, &s.url, "acme/app", "v1", 1, &[1000]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let new = push_image(&c, &s.url, "acme/app", "v2", 2, &[1000]).await;
+    push_image(&c, &s.url, "acme/tools/cli", "latest", 3, &[1000]).await;
+    push_image(&c, &s.url, "admin/mine", "v1", 4, &[1000]).await;
+    let get = |url: String, token: Option<String>| {
+        let s_url = s.url.clone();
+        async move {
+            let c = match &token {
+                Some(t) => client_with(Some(("bob", t.as_str()))),
+                None => client(),
+            };
+            let r = c.get(format!("{s_url}/api/v3/{url}")).send().await.unwrap();
+            let status = r.status().as_u16();
+            let link = r.headers().get("link").map(|l| l.to_str().unwrap().to_string());
+            (status, link, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let rfc3339 = |v: &Value| {
+        let t = v.as_str().unwrap_or_default();
+        assert!(t.len() == 20 && t.ends_with('Z') && &t[10..11] == "T", "{t}");
+    };
+
+    let (status, link, list) = get("orgs/acme/packages?package_type=container".into(), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(link, None, "one page");
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["app", "tools/cli"]);
+    let app = &list[0];
+    assert!(app["id"].as_u64().is_some());
+    assert_eq!(app["package_type"], "container");
+    assert_eq!(app["owner"]["login"], "acme");
+    assert_eq!(app["owner"]["type"], "Organization");
+    assert_eq!(app["version_count"], 2);
+    assert_eq!(app["visibility"], "private");
+    assert_eq!(app["url"], format!("{}/api/v3/orgs/acme/packages/container/app", s.url));
+    assert_eq!(list[1]["url"], format!("{}/api/v3/orgs/acme/packages/container/tools%2Fcli", s.url));
+    assert!(app["html_url"].as_str().unwrap().starts_with(&s.url));
+    rfc3339(&app["created_at"]);
+    rfc3339(&app["updated_at"]);
+    assert!(app.get("repository").is_none(), "linked to no source repository");
+
+    // package_type is required; other types hold nothing here.
+    assert_eq!(get("orgs/acme/packages".into(), None).await.0, 422);
+    assert_eq!(get("orgs/acme/packages?package_type=npm".into(), None).await.2, json!([]));
+    // Pagination: GitHub's Link relations.
+    let (_, link, one) = get("orgs/acme/packages?package_type=container&per_page=1".into(), None).await;
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    let link = link.expect("a Link header");
+    assert!(link.contains("page=2>; rel=\"next\"") && link.contains("rel=\"last\""), "{link}");
+    let (_, link, two) = get("orgs/acme/packages?package_type=container&per_page=1&page=2".into(), None).await;
+    assert_eq!(two[0]["name"], "tools/cli");
+    let link = link.expect("a Link header");
+    assert!(link.contains("rel=\"first\"") && link.contains("rel=\"prev\"") && !link.contains("next"), "{link}");
+    let (_, _, past) = get("orgs/acme/packages?package_type=container&per_page=1&page=3".into(), None).await;
+    assert_eq!(past, json!([]));
+    assert_eq!(get("orgs/acme/packages?package_type=container&per_page=x".into(), None).await.0, 422);
+
+    // One package, its versions and one version.
+    let (status, _, cli) = get("orgs/acme/packages/container/tools%2Fcli".into(), None).await;
+    assert_eq!((status, cli["name"].as_str()), (200, Some("tools/cli")));
+    let (status, _, versions) = get("orgs/acme/packages/container/app/versions".into(), None).await;
+    assert_eq!(status, 200);
+    let digests: Vec<&str> = versions.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(digests, vec![new.as_str(), old.as_str()], "newest first");
+    assert_eq!(versions[0]["metadata"], json!({"package_type": "container", "container": {"tags": ["v2"]}}));
+    rfc3339(&versions[0]["created_at"]);
+    let id = versions[1]["id"].as_u64().unwrap();
+    assert_eq!(versions[1]["url"], format!("{}/api/v3/orgs/acme/packages/container/app/versions/{id}", s.url));
+    let (status, _, one) = get(format!("orgs/acme/packages/container/app/versions/{id}"), None).await;
+    assert_eq!((status, one["name"].as_str()), (200, Some(old.as_str())));
+    assert_eq!(get("orgs/acme/packages/container/app/versions/12345".into(), None).await.0, 404);
+    assert_eq!(get("orgs/acme/packages/container/app/versions?state=deleted".into(), None).await.2, json!([]));
+    assert_eq!(get("orgs/acme/packages/container/nothing".into(), None).await.0, 404);
+    assert_eq!(get("orgs/acme/packages/npm/app".into(), None).await.0, 404);
+
+    // A user's packages, and the authenticated user's.
+    let (status, _, mine) = get("users/admin/packages?package_type=container".into(), None).await;
+    assert_eq!(
+        (status, mine[0]["name"].as_str(), mine[0]["owner"]["type"].as_str()),
+        (200, Some("mine"), Some("User"))
+    );
+    assert_eq!(get("user/packages?package_type=container".into(), None).await.2, mine);
+    assert_eq!(get("users/nobody/packages?package_type=container".into(), None).await.0, 404);
+    assert_eq!(get("orgs/admin/packages?package_type=container".into(), None).await.0, 404, "a user is no org");
+
+    // Scopes and permissions.
+    // write:packages implies read:packages, as on GitHub; delete:packages alone does not.
+    let no_read = user_with_token(&s, "bob", &["delete:packages"], None).await;
+    assert_eq!(get("orgs/acme/packages?package_type=container".into(), Some(no_read)).await.0, 403);
+    let bob = user_with_token(&s, "bob", &["read:packages"], None).await;
+    let (status, _, seen) = get("orgs/acme/packages?package_type=container".into(), Some(bob.clone())).await;
+    assert_eq!((status, seen), (200, json!([])), "private packages are not listed to outsiders");
+    assert_eq!(get("orgs/acme/packages/container/app".into(), Some(bob.clone())).await.0, 404);
+    admin(&s, reqwest::Method::PATCH, "packages/acme/app", Some(json!({"visibility": "public"}))).await;
+    let (_, _, seen) = get("orgs/acme/packages?package_type=container".into(), Some(bob.clone())).await;
+    let names: Vec<&str> = seen.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["app"]);
+    let (_, _, public) = get("orgs/acme/packages?package_type=container&visibility=public".into(), None).await;
+    assert_eq!(public.as_array().unwrap().len(), 1);
+    assert_eq!(public[0]["visibility"], "public");
+    assert_eq!(get("orgs/acme/packages?package_type=container&visibility=secret".into(), None).await.0, 422);
+}

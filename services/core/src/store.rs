@@ -36,6 +36,30 @@ pub struct Stored {
     pub stamp: u64,
 }
 
+/// Packages listed per owner at most, and versions per package: listings are read whole and
+/// paged by the caller.
+pub const MAX_LISTED: usize = 10_000;
+
+/// A package as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageSummary {
+    /// Its record.
+    pub package: crate::access::Package,
+    /// How many versions (manifests) it holds.
+    pub versions: u64,
+    /// When its newest version was pushed (ms since the epoch; its creation when it has none).
+    pub updated_ms: u64,
+}
+
+/// A version of a package: a manifest, and the tags that name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageVersion {
+    /// The manifest.
+    pub record: ManifestRecord,
+    /// Its tags, in order.
+    pub tags: Vec<String>,
+}
+
 /// What a garbage collection run did, or in a dry run would do now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
@@ -631,6 +655,13 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Whether `repo` holds at least one manifest.
     async fn repo_exists(&self, repo: &str) -> Result<bool>;
+
+    /// The packages of `owner` (repositories named `owner/...`), in name order, at most
+    /// [`MAX_LISTED`].
+    async fn packages_of(&self, owner: &str) -> Result<Vec<PackageSummary>>;
+
+    /// The versions of the package `repo`, in digest order, at most [`MAX_LISTED`].
+    async fn package_versions(&self, repo: &str) -> Result<Vec<PackageVersion>>;
 
     /// Records a new upload session, unless its owner has `at_most` open already
     /// (`TOOMANYREQUESTS`): the count and the check are one write, so concurrent starts

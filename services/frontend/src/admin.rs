@@ -13,6 +13,7 @@
 //! | `GET/PATCH /api/packages/{name}` | readers / package admins |
 //! | `POST /api/admin/keys/rotate`, `GET /api/admin/keys` | site admins |
 //! | `POST /api/admin/gc` (collect garbage now), `GET /api/admin/gc` (what it would free) | site admins |
+//! | `GET /api/v3/...`: GitHub's packages REST API ([`crate::packages_api`]) | readers |
 //!
 //! Callers authenticate with a personal access token (Basic, or `Authorization: Bearer`).
 
@@ -225,6 +226,7 @@ async fn route(reg: &Registry, who: &Identity, req: Request) -> Result<Response,
     let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
     let meta = &reg.meta;
     match (method, parts.as_slice()) {
+        (Method::GET, ["v3", rest @ ..]) => crate::packages_api::route(reg, who, req.uri(), req.headers(), rest).await,
         (Method::POST, ["admin", "keys", "rotate"]) => {
             if !is_site_admin(who) {
                 return Err(denied());

@@ -11,6 +11,7 @@ pub mod auth;
 mod blobs;
 pub mod keys;
 mod manifests;
+mod packages_api;
 mod recall;
 pub mod routes;
 pub mod serve;

@@ -19,7 +19,8 @@ use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, OrgRole, SourceRepo};
 use berth_core::error::Result;
 use berth_core::store::{
-    DirectoryChange, GcReport, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
+    DirectoryChange, GcReport, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, StorageChange,
+    StorageNode, TokenRecord, User,
 };
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
@@ -552,6 +553,18 @@ impl MetaStore for MetaClient {
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {
         let msg = pb::EndUploadRequest { id: id.into(), link: link.map(Wire::to_proto) };
         self.write(msg, |mut c, r| async move { c.end_upload(r).await }).await.map(|_| ())
+    }
+
+    async fn packages_of(&self, owner: &str) -> Result<Vec<PackageSummary>> {
+        let msg = pb::PackagesOfRequest { owner: owner.into() };
+        let reply = self.read(msg, |mut c, r| async move { c.packages_of(r).await }).await?;
+        Ok(from_all(reply.packages)?)
+    }
+
+    async fn package_versions(&self, repo: &str) -> Result<Vec<PackageVersion>> {
+        let msg = pb::PackageVersionsRequest { repo: repo.into() };
+        let reply = self.read(msg, |mut c, r| async move { c.package_versions(r).await }).await?;
+        Ok(from_all(reply.versions)?)
     }
 
     async fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {

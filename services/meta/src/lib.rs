@@ -29,10 +29,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use berth_core::access::{owner_of, AccessFacts, Identity, OrgRole, Package, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::GcReport;
 use berth_core::store::{
     DirectoryChange, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
 };
+use berth_core::store::{GcReport, PackageSummary, PackageVersion, MAX_LISTED};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -496,6 +496,45 @@ impl MetaStore for MetaService {
 
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {
         self.write(Command::EndUpload { id: id.into(), link, now_ms: now_ms() }).await.map(|_| ())
+    }
+
+    async fn packages_of(&self, owner: &str) -> Result<Vec<PackageSummary>> {
+        let owner = owner.to_string();
+        self.read(move |v| {
+            let prefix = [b"P".as_slice(), owner.as_bytes(), b"/"].concat();
+            let mut out = vec![];
+            for (_, value) in v.scan(&prefix, None, MAX_LISTED)? {
+                let package: Package = serde_json::from_slice(&value)?;
+                let versions = v.get::<u64>(&key(b'n', &[&package.name]))?.unwrap_or(0);
+                let mut updated_ms = package.created_ms;
+                for (_, m) in v.scan(&key(b'm', &[&package.name, ""]), None, MAX_LISTED)? {
+                    let record: ManifestRecord = serde_json::from_slice(&m)?;
+                    updated_ms = updated_ms.max(record.pushed_at_ms);
+                }
+                out.push(PackageSummary { package, versions, updated_ms });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn package_versions(&self, repo: &str) -> Result<Vec<PackageVersion>> {
+        let repo = repo.to_string();
+        self.read(move |v| {
+            let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for (tag, d) in v.scan(&key(b't', &[&repo, ""]), None, usize::MAX)? {
+                let d: String = serde_json::from_slice(&d)?;
+                tags.entry(d).or_default().push(String::from_utf8_lossy(&tag).into_owned());
+            }
+            let mut out = vec![];
+            for (_, m) in v.scan(&key(b'm', &[&repo, ""]), None, MAX_LISTED)? {
+                let record: ManifestRecord = serde_json::from_slice(&m)?;
+                let tags = tags.remove(&record.digest.to_string()).unwrap_or_default();
+                out.push(PackageVersion { record, tags });
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn collect_garbage(&self, dry_run: bool) -> Result<GcReport> {

@@ -260,6 +260,16 @@ impl Meta for MetaRpc {
 
     // ---- garbage collection ---------------------------------------------------------------
 
+    async fn packages_of(&self, request: Request<pb::PackagesOfRequest>) -> Answer<pb::PackagesOfReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.packages_of(&r.owner).await, |p| pb::PackagesOfReply { packages: to_all(p) })
+    }
+
+    async fn package_versions(&self, request: Request<pb::PackageVersionsRequest>) -> Answer<pb::PackageVersionsReply> {
+        let r = self.admit(request).await?;
+        answer(self.store.package_versions(&r.repo).await, |v| pb::PackageVersionsReply { versions: to_all(v) })
+    }
+
     async fn collect_garbage(&self, request: Request<pb::CollectGarbageRequest>) -> Answer<pb::GcReport> {
         let r = self.admit(request).await?;
         answer(self.store.collect_garbage(r.dry_run).await, Wire::to_proto)

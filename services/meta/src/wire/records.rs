@@ -3,10 +3,10 @@
 //! Every conversion destructures both sides, so a field added to either the Rust type or the
 //! message fails to compile here until it travels.
 
-use berth_core::access::Scope;
+use berth_core::access::{Package, Scope};
 use berth_core::store::{
-    GcReport, NodeState, NodeStats, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenOwner,
-    TokenRecord, User,
+    GcReport, NodeState, NodeStats, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, StorageChange,
+    StorageNode, TokenOwner, TokenRecord, User,
 };
 use berth_core::{Digest, ManifestRecord, Stored, UploadSession};
 use berth_proto::meta as pb;
@@ -24,6 +24,34 @@ impl Wire for Stored {
     fn from_proto(p: pb::Stored) -> Result<Stored, WireError> {
         let pb::Stored { size, stamp } = p;
         Ok(Stored { size, stamp })
+    }
+}
+
+impl Wire for PackageSummary {
+    type Proto = pb::PackageSummary;
+
+    fn to_proto(self) -> pb::PackageSummary {
+        let PackageSummary { package, versions, updated_ms } = self;
+        pb::PackageSummary { package: Some(package.to_proto()), versions, updated_ms }
+    }
+
+    fn from_proto(p: pb::PackageSummary) -> Result<PackageSummary, WireError> {
+        let pb::PackageSummary { package, versions, updated_ms } = p;
+        Ok(PackageSummary { package: Package::from_proto(required(package, "package")?)?, versions, updated_ms })
+    }
+}
+
+impl Wire for PackageVersion {
+    type Proto = pb::PackageVersion;
+
+    fn to_proto(self) -> pb::PackageVersion {
+        let PackageVersion { record, tags } = self;
+        pb::PackageVersion { record: Some(record.to_proto()), tags }
+    }
+
+    fn from_proto(p: pb::PackageVersion) -> Result<PackageVersion, WireError> {
+        let pb::PackageVersion { record, tags } = p;
+        Ok(PackageVersion { record: ManifestRecord::from_proto(required(record, "record")?)?, tags })
     }
 }
 

@@ -1,0 +1,333 @@
+//! The packages REST API in GitHub's paths and shapes, under `/api/v3` as GitHub Enterprise
+//! Server serves it, so that tools written for GitHub's API work against Berth by changing
+//! the base URL. Container packages only; this part reads:
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /api/v3/user/packages?package_type=container` | the authenticated user's packages |
+//! | `GET /api/v3/users/{user}/packages?package_type=container` | a user's packages |
+//! | `GET /api/v3/orgs/{org}/packages?package_type=container` | an organization's packages |
+//! | `GET .../packages/container/{name}` | one package (`name` URL-encoded when it holds `/`) |
+//! | `GET .../packages/container/{name}/versions` | its versions, newest first |
+//! | `GET .../packages/container/{name}/versions/{id}` | one version |
+//!
+//! Lists take `visibility` (packages), `page` and `per_page` (default 30, at most 100) and
+//! answer with a `Link` header as GitHub's do. Every call needs a token with `read:packages`,
+//! and shows only packages the caller may read (`core::access`); another package is 404, as on
+//! GitHub.
+//!
+//! **Ids.** A package's `id` and a version's are numbers derived from the package name (and
+//! the manifest digest): the first 52 bits of their SHA-256, stable for the life of the
+//! package and below JavaScript's largest exact integer.
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use berth_core::access::{owner_of, permission, Identity, Visibility};
+use berth_core::store::{PackageSummary, PackageVersion};
+use berth_core::{Digest, ErrorCode, RegistryError};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+
+use crate::{json_response, Registry};
+
+/// Items per page when `per_page` is not given, and at most.
+const PER_PAGE: usize = 30;
+const MAX_PER_PAGE: usize = 100;
+
+/// Whose packages a path names.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OwnerKind {
+    User,
+    Org,
+}
+
+impl OwnerKind {
+    fn path(self) -> &'static str {
+        match self {
+            OwnerKind::User => "users",
+            OwnerKind::Org => "orgs",
+        }
+    }
+
+    fn github_type(self) -> &'static str {
+        match self {
+            OwnerKind::User => "User",
+            OwnerKind::Org => "Organization",
+        }
+    }
+}
+
+fn not_found(what: &str) -> RegistryError {
+    RegistryError::new(ErrorCode::NameUnknown, format!("{what} not found")).with_status(404)
+}
+
+fn invalid(detail: impl Into<String>) -> RegistryError {
+    RegistryError::new(ErrorCode::Unsupported, detail).with_status(422)
+}
+
+/// A stable id below 2^52 for `s`.
+fn id_of(s: &str) -> u64 {
+    let d = Digest::sha256_of(s.as_bytes());
+    u64::from_str_radix(&d.hex()[..13], 16).unwrap_or(0)
+}
+
+/// RFC 3339 in UTC, to the second, as GitHub writes times.
+fn time(ms: u64) -> String {
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn encode(name: &str) -> String {
+    utf8_percent_encode(name, NON_ALPHANUMERIC).to_string()
+}
+
+/// The query parameters of a request.
+fn query(uri: &axum::http::Uri) -> Vec<(String, String)> {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect()
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// The registry's base URL as the caller reached it.
+fn base_url(reg: &Registry, headers: &HeaderMap) -> String {
+    match &reg.auth.external_url {
+        Some(base) => base.trim_end_matches('/').to_string(),
+        None => {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            format!("http://{host}")
+        }
+    }
+}
+
+/// The page a list asks for: (page, per page), 1-based.
+fn paging(q: &[(String, String)]) -> Result<(usize, usize), RegistryError> {
+    let number = |name: &str, default: usize| -> Result<usize, RegistryError> {
+        match param(q, name) {
+            None | Some("") => Ok(default),
+            Some(v) => v.parse::<usize>().map_err(|_| invalid(format!("{name} must be a number"))),
+        }
+    };
+    let page = number("page", 1)?.max(1);
+    let per_page = number("per_page", PER_PAGE)?.clamp(1, MAX_PER_PAGE);
+    Ok((page, per_page))
+}
+
+/// One page of `items` as a JSON array, with GitHub's `Link` header (`next`, `last`, `first`,
+/// `prev` as they apply) pointing at `url` with the other query parameters kept.
+fn page_of(
+    items: Vec<Value>,
+    page: usize,
+    per_page: usize,
+    url: &str,
+    q: &[(String, String)],
+) -> Result<Response, RegistryError> {
+    let pages = items.len().div_ceil(per_page).max(1);
+    let link_to = |p: usize| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in q.iter().filter(|(k, _)| k != "page" && k != "per_page") {
+            s.append_pair(k, v);
+        }
+        s.append_pair("per_page", &per_page.to_string()).append_pair("page", &p.to_string());
+        format!("<{url}?{}>", s.finish())
+    };
+    let mut links = vec![];
+    if page < pages {
+        links.push(format!("{}; rel=\"next\"", link_to(page + 1)));
+        links.push(format!("{}; rel=\"last\"", link_to(pages)));
+    }
+    if page > 1 {
+        links.push(format!("{}; rel=\"first\"", link_to(1)));
+        links.push(format!("{}; rel=\"prev\"", link_to((page - 1).min(pages))));
+    }
+    let shown: Vec<Value> = items.into_iter().skip((page - 1) * per_page).take(per_page).collect();
+    let mut resp = json_response(StatusCode::OK, Value::Array(shown).to_string());
+    if !links.is_empty() {
+        let v = HeaderValue::from_str(&links.join(", ")).map_err(RegistryError::internal)?;
+        resp.headers_mut().insert(header::LINK, v);
+    }
+    Ok(resp)
+}
+
+/// Handles `/api/v3/...` (`parts`: the path after `v3`, still URL-encoded).
+pub async fn route(
+    reg: &Registry,
+    who: &Identity,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    parts: &[&str],
+) -> Result<Response, RegistryError> {
+    let q = query(uri);
+    let base = base_url(reg, headers);
+    // The owner the path names, and the rest of the path.
+    let (owner, kind, rest) = match parts {
+        ["user", rest @ ..] => {
+            let Identity::User { name, .. } = who else {
+                return Err(RegistryError::new(ErrorCode::Unauthorized, "a user's token is required"));
+            };
+            (name.clone(), OwnerKind::User, rest)
+        }
+        ["users", user, rest @ ..] => (user.to_string(), OwnerKind::User, rest),
+        ["orgs", org, rest @ ..] => (org.to_string(), OwnerKind::Org, rest),
+        _ => return Err(not_found("endpoint")),
+    };
+    if !owner_exists(reg, who, &owner, kind).await? {
+        return Err(not_found(if kind == OwnerKind::Org { "organization" } else { "user" }));
+    }
+    let api = format!("{base}/api/v3/{}/{owner}/packages", kind.path());
+    let html = format!("{base}/{}/{owner}/packages", kind.path());
+    match rest {
+        ["packages"] => {
+            match param(&q, "package_type") {
+                None | Some("") => return Err(invalid("package_type is required")),
+                Some("container") => {}
+                // Berth holds container packages only.
+                Some(_) => return page_of(vec![], 1, PER_PAGE, &api, &q),
+            }
+            let visibility = match param(&q, "visibility") {
+                None | Some("") => None,
+                Some(v) => Some(v.parse::<Visibility>().map_err(invalid)?),
+            };
+            let (page, per_page) = paging(&q)?;
+            let mut items = vec![];
+            for summary in reg.meta.packages_of(&owner).await? {
+                let facts = reg.meta.access_facts(who, &summary.package.name).await?;
+                if permission(who, &summary.package.name, &facts).is_none() {
+                    continue;
+                }
+                if visibility.is_some_and(|v| v != summary.package.visibility) {
+                    continue;
+                }
+                items.push(package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base));
+            }
+            page_of(items, page, per_page, &api, &q)
+        }
+        ["packages", "container", name, more @ ..] => {
+            let name = percent_decode_str(name).decode_utf8().map_err(|_| not_found("package"))?.into_owned();
+            let repo = format!("{owner}/{name}");
+            let facts = reg.meta.access_facts(who, &repo).await?;
+            if facts.package.is_none() || permission(who, &repo, &facts).is_none() {
+                return Err(not_found("package"));
+            }
+            let summary = reg
+                .meta
+                .packages_of(&owner)
+                .await?
+                .into_iter()
+                .find(|s| s.package.name == repo)
+                .ok_or_else(|| not_found("package"))?;
+            let package = package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base);
+            let pkg_url = package["url"].as_str().unwrap_or_default().to_string();
+            let pkg_html = package["html_url"].as_str().unwrap_or_default().to_string();
+            match more {
+                [] => Ok(json_response(StatusCode::OK, package.to_string())),
+                ["versions"] => {
+                    match param(&q, "state") {
+                        None | Some("") | Some("active") => {}
+                        // Deleted versions are not kept yet: none to list.
+                        Some("deleted") => return page_of(vec![], 1, PER_PAGE, &format!("{pkg_url}/versions"), &q),
+                        Some(other) => return Err(invalid(format!("state must be active or deleted, not {other}"))),
+                    }
+                    let (page, per_page) = paging(&q)?;
+                    let items = versions(reg, &repo)
+                        .await?
+                        .iter()
+                        .map(|v| version_json(v, &repo, &pkg_url, &pkg_html))
+                        .collect();
+                    page_of(items, page, per_page, &format!("{pkg_url}/versions"), &q)
+                }
+                ["versions", id] => {
+                    let id: u64 = id.parse().map_err(|_| not_found("package version"))?;
+                    let v = versions(reg, &repo)
+                        .await?
+                        .into_iter()
+                        .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
+                        .ok_or_else(|| not_found("package version"))?;
+                    Ok(json_response(StatusCode::OK, version_json(&v, &repo, &pkg_url, &pkg_html).to_string()))
+                }
+                _ => Err(not_found("endpoint")),
+            }
+        }
+        // Other package types: Berth has none of them.
+        ["packages", _, ..] => Err(not_found("package")),
+        _ => Err(not_found("endpoint")),
+    }
+}
+
+/// Whether `owner` is a user (`kind` User) or an organization (`kind` Org).
+async fn owner_exists(reg: &Registry, who: &Identity, owner: &str, kind: OwnerKind) -> Result<bool, RegistryError> {
+    let is_org = reg.meta.access_facts(who, &format!("{owner}/-")).await?.owner_is_org;
+    Ok(match kind {
+        OwnerKind::Org => is_org,
+        OwnerKind::User => !is_org && reg.meta.user(owner).await?.is_some(),
+    })
+}
+
+/// A package's versions, newest first.
+async fn versions(reg: &Registry, repo: &str) -> Result<Vec<PackageVersion>, RegistryError> {
+    let mut v = reg.meta.package_versions(repo).await?;
+    v.sort_by(|a, b| {
+        b.record.pushed_at_ms.cmp(&a.record.pushed_at_ms).then_with(|| a.record.digest.cmp(&b.record.digest))
+    });
+    Ok(v)
+}
+
+/// A package as GitHub shows one.
+fn package_json(
+    s: &PackageSummary,
+    source: Option<&berth_core::access::SourceRepo>,
+    kind: OwnerKind,
+    api: &str,
+    html: &str,
+    base: &str,
+) -> Value {
+    let repo = &s.package.name;
+    let owner = owner_of(repo);
+    let name = repo.strip_prefix(&format!("{owner}/")).unwrap_or(repo);
+    let mut v = json!({
+        "id": id_of(repo),
+        "name": name,
+        "package_type": "container",
+        "owner": {
+            "login": owner,
+            "id": id_of(owner),
+            "type": kind.github_type(),
+            "url": format!("{base}/api/v3/{}/{owner}", kind.path()),
+            "html_url": format!("{base}/{owner}"),
+            "site_admin": false,
+        },
+        "version_count": s.versions,
+        "visibility": s.package.visibility,
+        "url": format!("{api}/container/{}", encode(name)),
+        "html_url": format!("{html}/container/package/{name}"),
+        "created_at": time(s.package.created_ms),
+        "updated_at": time(s.updated_ms),
+    });
+    if let Some(src) = source {
+        let full = format!("{}/{}", src.org, src.name);
+        v["repository"] = json!({
+            "id": id_of(&full),
+            "name": src.name,
+            "full_name": full,
+            "html_url": src.url,
+            "owner": {"login": src.org, "id": id_of(&src.org), "type": "Organization"},
+        });
+    }
+    v
+}
+
+/// A version as GitHub shows one.
+fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str) -> Value {
+    let id = id_of(&format!("{repo}@{}", v.record.digest));
+    json!({
+        "id": id,
+        "name": v.record.digest.to_string(),
+        "url": format!("{pkg_url}/versions/{id}"),
+        "package_html_url": pkg_html,
+        "html_url": format!("{pkg_html}/{id}"),
+        "created_at": time(v.record.pushed_at_ms),
+        "updated_at": time(v.record.pushed_at_ms),
+        "metadata": {"package_type": "container", "container": {"tags": v.tags}},
+    })
+}
