@@ -760,6 +760,8 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert!(app["html_url"].as_str().unwrap().starts_with(&s.url));
     rfc3339(&app["created_at"]);
     rfc3339(&app["updated_at"]);
+    assert_eq!(app["owner"]["url"], format!("{}/api/v3/users/acme", s.url), "GitHub's users/ path for orgs too");
+    assert_eq!(app["html_url"], format!("{}/orgs/acme/packages/container/package/app", s.url));
     assert!(app.get("repository").is_none(), "linked to no source repository");
 
     // package_type is required; other types hold nothing here.
@@ -776,6 +778,8 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert!(link.contains("rel=\"first\"") && link.contains("rel=\"prev\"") && !link.contains("next"), "{link}");
     let (_, _, past) = get("orgs/acme/packages?package_type=container&per_page=1&page=3".into(), None).await;
     assert_eq!(past, json!([]));
+    let huge = format!("orgs/acme/packages?package_type=container&per_page=100&page={}", u64::MAX);
+    assert_eq!(get(huge, None).await.2, json!([]), "no page wraps around");
     assert_eq!(get("orgs/acme/packages?package_type=container&per_page=x".into(), None).await.0, 422);
 
     // One package, its versions and one version.
@@ -787,6 +791,13 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert_eq!(digests, vec![new.as_str(), old.as_str()], "newest first");
     assert_eq!(versions[0]["metadata"], json!({"package_type": "container", "container": {"tags": ["v2"]}}));
     rfc3339(&versions[0]["created_at"]);
+    assert_eq!(app["updated_at"], versions[0]["created_at"], "a package was updated by its newest push");
+    let vid = versions[0]["id"].as_u64().unwrap();
+    assert_eq!(versions[0]["html_url"], format!("{}/orgs/acme/packages/container/app/{vid}", s.url));
+    assert_eq!(versions[1]["metadata"]["container"]["tags"], json!(["v1"]));
+    let (_, link, first) = get("orgs/acme/packages/container/app/versions?per_page=1".into(), None).await;
+    assert_eq!(first[0]["name"].as_str(), Some(new.as_str()));
+    assert!(link.is_some_and(|l| l.contains("/versions?per_page=1&page=2>; rel=\"next\"")));
     let id = versions[1]["id"].as_u64().unwrap();
     assert_eq!(versions[1]["url"], format!("{}/api/v3/orgs/acme/packages/container/app/versions/{id}", s.url));
     let (status, _, one) = get(format!("orgs/acme/packages/container/app/versions/{id}"), None).await;

@@ -1231,3 +1231,21 @@ async fn the_leader_audits_links_against_copies_both_ways() {
         assert_eq!(digest(&r.bytes().await.unwrap()), d.to_string());
     }
 }
+
+/// The packages REST API through a frontend of the cluster: the listing and the versions come
+/// from the metadata group over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packages_api_answers_through_a_frontend_of_the_cluster() {
+    let cl = tokio::task::block_in_place(Cluster::start);
+    let (a, b) = (cl.frontends[0].url(), cl.frontends[1].url());
+    let c = client();
+    let m = push_image(&c, &a, "admin/tools/cli", "v1", 31, &[2000]).await;
+    let r = c.get(format!("{b}/api/v3/user/packages?package_type=container")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = r.json().await.unwrap();
+    assert_eq!((list[0]["name"].as_str(), list[0]["version_count"].as_u64()), (Some("tools/cli"), Some(1)));
+    let r = c.get(format!("{b}/api/v3/users/admin/packages/container/tools%2Fcli/versions")).send().await.unwrap();
+    let versions: Value = r.json().await.unwrap();
+    assert_eq!(versions[0]["name"].as_str(), Some(m.as_str()));
+    assert_eq!(versions[0]["metadata"]["container"]["tags"], serde_json::json!(["v1"]));
+}

@@ -25,7 +25,7 @@ use axum::response::Response;
 use berth_core::access::{owner_of, permission, Identity, Visibility};
 use berth_core::store::{PackageSummary, PackageVersion};
 use berth_core::{Digest, ErrorCode, RegistryError};
-use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
 
 use crate::{json_response, Registry};
@@ -77,8 +77,36 @@ fn time(ms: u64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// What a package name escapes in a URL path: what would split or end the segment.
+const SEGMENT: &AsciiSet = &CONTROLS.add(b' ').add(b'/').add(b'%').add(b'?').add(b'#');
+
 fn encode(name: &str) -> String {
-    utf8_percent_encode(name, NON_ALPHANUMERIC).to_string()
+    utf8_percent_encode(name, SEGMENT).to_string()
+}
+
+/// A user or organization as GitHub's `simple-user` shows one, with this registry's URLs.
+fn account_json(login: &str, kind: OwnerKind, base: &str) -> Value {
+    let api = format!("{base}/api/v3/users/{login}");
+    json!({
+        "login": login,
+        "id": id_of(login),
+        "node_id": format!("U_{:x}", id_of(login)),
+        "avatar_url": "",
+        "gravatar_id": "",
+        "url": api,
+        "html_url": format!("{base}/{login}"),
+        "followers_url": format!("{api}/followers"),
+        "following_url": format!("{api}/following{{/other_user}}"),
+        "gists_url": format!("{api}/gists{{/gist_id}}"),
+        "starred_url": format!("{api}/starred{{/owner}}{{/repo}}"),
+        "subscriptions_url": format!("{api}/subscriptions"),
+        "organizations_url": format!("{api}/orgs"),
+        "repos_url": format!("{api}/repos"),
+        "events_url": format!("{api}/events{{/privacy}}"),
+        "received_events_url": format!("{api}/received_events"),
+        "type": kind.github_type(),
+        "site_admin": false,
+    })
 }
 
 /// The query parameters of a request.
@@ -141,7 +169,7 @@ fn page_of(
         links.push(format!("{}; rel=\"first\"", link_to(1)));
         links.push(format!("{}; rel=\"prev\"", link_to((page - 1).min(pages))));
     }
-    let shown: Vec<Value> = items.into_iter().skip((page - 1) * per_page).take(per_page).collect();
+    let shown: Vec<Value> = items.into_iter().skip((page - 1).saturating_mul(per_page)).take(per_page).collect();
     let mut resp = json_response(StatusCode::OK, Value::Array(shown).to_string());
     if !links.is_empty() {
         let v = HeaderValue::from_str(&links.join(", ")).map_err(RegistryError::internal)?;
@@ -190,16 +218,21 @@ pub async fn route(
                 Some(v) => Some(v.parse::<Visibility>().map_err(invalid)?),
             };
             let (page, per_page) = paging(&q)?;
+            let summaries: Vec<PackageSummary> = reg
+                .meta
+                .packages_of(&owner)
+                .await?
+                .into_iter()
+                .filter(|s| visibility.is_none_or(|v| v == s.package.visibility))
+                .collect();
+            // Asked all at once, so that the metadata client batches them.
+            let checks = summaries.iter().map(|s| reg.meta.access_facts(who, &s.package.name));
             let mut items = vec![];
-            for summary in reg.meta.packages_of(&owner).await? {
-                let facts = reg.meta.access_facts(who, &summary.package.name).await?;
-                if permission(who, &summary.package.name, &facts).is_none() {
-                    continue;
+            for (summary, facts) in summaries.iter().zip(futures::future::join_all(checks).await) {
+                let facts = facts?;
+                if permission(who, &summary.package.name, &facts).is_some() {
+                    items.push(package_json(summary, facts.source.as_ref(), kind, &api, &html, &base));
                 }
-                if visibility.is_some_and(|v| v != summary.package.visibility) {
-                    continue;
-                }
-                items.push(package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base));
             }
             page_of(items, page, per_page, &api, &q)
         }
@@ -220,6 +253,8 @@ pub async fn route(
             let package = package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base);
             let pkg_url = package["url"].as_str().unwrap_or_default().to_string();
             let pkg_html = package["html_url"].as_str().unwrap_or_default().to_string();
+            // A version's page is `.../packages/container/{name}/{id}` (no `package/`).
+            let versions_html = format!("{html}/container/{name}");
             match more {
                 [] => Ok(json_response(StatusCode::OK, package.to_string())),
                 ["versions"] => {
@@ -233,7 +268,7 @@ pub async fn route(
                     let items = versions(reg, &repo)
                         .await?
                         .iter()
-                        .map(|v| version_json(v, &repo, &pkg_url, &pkg_html))
+                        .map(|v| version_json(v, &repo, &pkg_url, &pkg_html, &versions_html))
                         .collect();
                     page_of(items, page, per_page, &format!("{pkg_url}/versions"), &q)
                 }
@@ -244,7 +279,10 @@ pub async fn route(
                         .into_iter()
                         .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
                         .ok_or_else(|| not_found("package version"))?;
-                    Ok(json_response(StatusCode::OK, version_json(&v, &repo, &pkg_url, &pkg_html).to_string()))
+                    Ok(json_response(
+                        StatusCode::OK,
+                        version_json(&v, &repo, &pkg_url, &pkg_html, &versions_html).to_string(),
+                    ))
                 }
                 _ => Err(not_found("endpoint")),
             }
@@ -289,14 +327,7 @@ fn package_json(
         "id": id_of(repo),
         "name": name,
         "package_type": "container",
-        "owner": {
-            "login": owner,
-            "id": id_of(owner),
-            "type": kind.github_type(),
-            "url": format!("{base}/api/v3/{}/{owner}", kind.path()),
-            "html_url": format!("{base}/{owner}"),
-            "site_admin": false,
-        },
+        "owner": account_json(owner, kind, base),
         "version_count": s.versions,
         "visibility": s.package.visibility,
         "url": format!("{api}/container/{}", encode(name)),
@@ -308,24 +339,28 @@ fn package_json(
         let full = format!("{}/{}", src.org, src.name);
         v["repository"] = json!({
             "id": id_of(&full),
+            "node_id": format!("R_{:x}", id_of(&full)),
             "name": src.name,
             "full_name": full,
+            "private": false,
+            "fork": false,
+            "url": src.url,
             "html_url": src.url,
-            "owner": {"login": src.org, "id": id_of(&src.org), "type": "Organization"},
+            "owner": account_json(&src.org, OwnerKind::Org, base),
         });
     }
     v
 }
 
 /// A version as GitHub shows one.
-fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str) -> Value {
+fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str, versions_html: &str) -> Value {
     let id = id_of(&format!("{repo}@{}", v.record.digest));
     json!({
         "id": id,
         "name": v.record.digest.to_string(),
         "url": format!("{pkg_url}/versions/{id}"),
         "package_html_url": pkg_html,
-        "html_url": format!("{pkg_html}/{id}"),
+        "html_url": format!("{versions_html}/{id}"),
         "created_at": time(v.record.pushed_at_ms),
         "updated_at": time(v.record.pushed_at_ms),
         "metadata": {"package_type": "container", "container": {"tags": v.tags}},
