@@ -765,7 +765,9 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert!(app.get("repository").is_none(), "linked to no source repository");
 
     // package_type is required; other types hold nothing here.
-    assert_eq!(get("orgs/acme/packages".into(), None).await.0, 422);
+    let (status, _, err) = get("orgs/acme/packages".into(), None).await;
+    assert_eq!(status, 422);
+    assert!(err["message"].is_string() && err["documentation_url"].is_string(), "GitHub's error shape: {err}");
     assert_eq!(get("orgs/acme/packages?package_type=npm".into(), None).await.2, json!([]));
     // Pagination: GitHub's Link relations.
     let (_, link, one) = get("orgs/acme/packages?package_type=container&per_page=1".into(), None).await;
@@ -804,7 +806,10 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert_eq!((status, one["name"].as_str()), (200, Some(old.as_str())));
     assert_eq!(get("orgs/acme/packages/container/app/versions/12345".into(), None).await.0, 404);
     assert_eq!(get("orgs/acme/packages/container/app/versions?state=deleted".into(), None).await.2, json!([]));
-    assert_eq!(get("orgs/acme/packages/container/nothing".into(), None).await.0, 404);
+    let (status, _, err) = get("orgs/acme/packages/container/nothing".into(), None).await;
+    assert_eq!((status, err["message"].as_str()), (404, Some("package not found")));
+    let r = c.delete(format!("{}/api/v3/orgs/acme/packages/container/app", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 404, "deletes are not served yet");
     assert_eq!(get("orgs/acme/packages/npm/app".into(), None).await.0, 404);
 
     // A user's packages, and the authenticated user's.
@@ -820,7 +825,9 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     // Scopes and permissions.
     // write:packages implies read:packages, as on GitHub; delete:packages alone does not.
     let no_read = user_with_token(&s, "bob", &["delete:packages"], None).await;
-    assert_eq!(get("orgs/acme/packages?package_type=container".into(), Some(no_read)).await.0, 403);
+    let (status, _, err) = get("orgs/acme/packages?package_type=container".into(), Some(no_read)).await;
+    assert_eq!(status, 403);
+    assert!(err["message"].as_str().unwrap().contains("read:packages"), "{err}");
     let bob = user_with_token(&s, "bob", &["read:packages"], None).await;
     let (status, _, seen) = get("orgs/acme/packages?package_type=container".into(), Some(bob.clone())).await;
     assert_eq!((status, seen), (200, json!([])), "private packages are not listed to outsiders");

@@ -219,14 +219,17 @@ fn lacks_scope(scope: Scope) -> RegistryError {
 async fn route(reg: &Registry, who: &Identity, req: Request) -> Result<Response, RegistryError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let method = req.method().clone();
+    let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
+    if let ["v3", rest @ ..] = parts.as_slice() {
+        // GitHub's API answers its own way, refusals included.
+        return Ok(crate::packages_api::handle(reg, who, &method, req.uri(), req.headers(), rest).await);
+    }
     let scope = needed_scope(&method);
     if !who.has_scope(scope) {
         return Err(lacks_scope(scope));
     }
-    let parts: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
     let meta = &reg.meta;
     match (method, parts.as_slice()) {
-        (Method::GET, ["v3", rest @ ..]) => crate::packages_api::route(reg, who, req.uri(), req.headers(), rest).await,
         (Method::POST, ["admin", "keys", "rotate"]) => {
             if !is_site_admin(who) {
                 return Err(denied());

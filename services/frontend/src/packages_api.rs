@@ -14,15 +14,15 @@
 //! Lists take `visibility` (packages), `page` and `per_page` (default 30, at most 100) and
 //! answer with a `Link` header as GitHub's do. Every call needs a token with `read:packages`,
 //! and shows only packages the caller may read (`core::access`); another package is 404, as on
-//! GitHub.
+//! GitHub. Errors have GitHub's shape, `{"message": ..., "documentation_url": ...}`.
 //!
 //! **Ids.** A package's `id` and a version's are numbers derived from the package name (and
 //! the manifest digest): the first 52 bits of their SHA-256, stable for the life of the
 //! package and below JavaScript's largest exact integer.
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
-use berth_core::access::{owner_of, permission, Identity, Visibility};
+use berth_core::access::{owner_of, permission, Identity, Scope, Visibility};
 use berth_core::store::{PackageSummary, PackageVersion};
 use berth_core::{Digest, ErrorCode, RegistryError};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
@@ -178,8 +178,39 @@ fn page_of(
     Ok(resp)
 }
 
-/// Handles `/api/v3/...` (`parts`: the path after `v3`, still URL-encoded).
-pub async fn route(
+/// Where GitHub's error bodies point.
+const DOCS: &str = "https://docs.github.com/rest/packages/packages";
+
+/// Handles `/api/v3/...` (`parts`: the path after `v3`, still URL-encoded), answering errors
+/// as GitHub does: `{"message": ..., "documentation_url": ...}` with the same status.
+pub async fn handle(
+    reg: &Registry,
+    who: &Identity,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    parts: &[&str],
+) -> Response {
+    let answer = if *method != Method::GET && *method != Method::HEAD {
+        Err(not_found("endpoint"))
+    } else if !who.has_scope(Scope::ReadPackages) {
+        Err(RegistryError::new(ErrorCode::Denied, "this token lacks the read:packages scope"))
+    } else {
+        route(reg, who, uri, headers, parts).await
+    };
+    match answer {
+        Ok(r) => r,
+        // Internal errors keep the registry's logging and request id.
+        Err(e) if e.code == ErrorCode::Unknown => crate::error_response(e),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            json_response(status, json!({"message": e.detail, "documentation_url": DOCS}).to_string())
+        }
+    }
+}
+
+/// Routes a `GET` of `/api/v3/...`.
+async fn route(
     reg: &Registry,
     who: &Identity,
     uri: &axum::http::Uri,
