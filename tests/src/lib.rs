@@ -275,6 +275,18 @@ pub async fn push_image(
     digest(m.as_bytes())
 }
 
+/// `berth admin gc` (with `--dry-run` when `dry_run`) against the registry at `url` as the
+/// test administrator: its JSON report. Blocks while the command runs.
+pub fn admin_gc(url: &str, dry_run: bool) -> serde_json::Value {
+    let mut args = vec!["admin", "--url", url, "--token", ADMIN_TOKEN, "gc"];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let out = Command::new(berth_bin()).args(&args).output().expect("running berth admin gc");
+    assert!(out.status.success(), "berth admin gc: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
 /// Runs a command-line tool; its stdout, or a panic with its output.
 pub fn run_tool(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));

@@ -45,6 +45,23 @@ pub struct Ledger {
     pub retries: usize,
 }
 
+impl std::fmt::Display for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} pushed, {} deleted, {} retagged, {} referenced-blob deletes refused, {} loose blobs deleted, {} live \
+             images, {} requests retried (503 or no answer)",
+            self.pushed,
+            self.deleted,
+            self.retagged,
+            self.refused_blob_deletes,
+            self.loose_deletes,
+            self.live.len(),
+            self.retries
+        )
+    }
+}
+
 impl Ledger {
     /// The (digest, size) of every blob a live image references.
     pub fn referenced(&self) -> BTreeSet<(String, usize)> {

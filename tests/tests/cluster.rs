@@ -1084,17 +1084,7 @@ async fn garbage_collection_across_the_cluster_survives_a_leader_kill() {
     let (expected, summary) = {
         let l = soak.ledger.lock().unwrap();
         assert!(l.pushed > 10 && l.deleted > 3, "the soak did too little to mean anything");
-        let summary = format!(
-            "{} pushed, {} deleted, {} retagged, {} referenced-blob deletes refused, {} loose blobs deleted, {} live \
-             images, {} requests retried (503 or no answer)",
-            l.pushed,
-            l.deleted,
-            l.retagged,
-            l.refused_blob_deletes,
-            l.loose_deletes,
-            l.live.len(),
-            l.retries
-        );
+        let summary = l.to_string();
         (large_files(&l.referenced()), summary)
     };
     // Every node holds every blob (three nodes, three copies): each ends with exactly the
@@ -1108,28 +1098,11 @@ async fn garbage_collection_across_the_cluster_survives_a_leader_kill() {
     assert!(settled, "layer files per node {after:?} differ from what live images reference {expected:?}");
     soak.check_live_images().await;
     // On demand, through a frontend: nothing is left to free.
-    let c = client();
     let url = cl.frontends[1].url();
-    let run: Value = c
-        .post(format!("{url}/api/admin/gc"))
-        .basic_auth(berth_tests::ADMIN, Some(berth_tests::ADMIN_TOKEN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let run = tokio::task::block_in_place(|| berth_tests::admin_gc(&url, false));
     eprintln!("berth admin gc after the soak: {run}");
     assert_eq!(run["dry_run"], false, "{run}");
-    let dry: Value = c
-        .get(format!("{url}/api/admin/gc"))
-        .basic_auth(berth_tests::ADMIN, Some(berth_tests::ADMIN_TOKEN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dry = tokio::task::block_in_place(|| berth_tests::admin_gc(&url, true));
     assert_eq!((dry["blobs"].as_u64(), dry["strays"].as_u64()), (Some(0), Some(0)), "{dry}");
     assert!(layer_files(&cl).iter().all(|f| *f == expected));
 }
@@ -1151,25 +1124,12 @@ async fn admin_gc_deletes_every_copy_and_reports_it() {
     let r = c.delete(format!("{b}/v2/acme/gone/manifests/{m}")).send().await.unwrap();
     assert_eq!(r.status(), 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let gc = |dry: bool| {
-        let url = b.clone();
-        async move {
-            let mut args = vec!["admin", "--url", &url, "--token", berth_tests::ADMIN_TOKEN, "gc"];
-            if dry {
-                args.push("--dry-run");
-            }
-            let out = tokio::task::block_in_place(|| {
-                std::process::Command::new(berth_tests::berth_bin()).args(&args).output().unwrap()
-            });
-            assert!(out.status.success(), "berth admin gc: {}", String::from_utf8_lossy(&out.stderr));
-            serde_json::from_slice::<Value>(&out.stdout).unwrap()
-        }
-    };
-    let dry = gc(true).await;
+    let gc = |dry: bool| tokio::task::block_in_place(|| berth_tests::admin_gc(&b, dry));
+    let dry = gc(true);
     eprintln!("dry run: {dry}");
     assert!(dry["blobs"].as_u64().unwrap() >= 1 && dry["bytes"].as_u64().unwrap() >= 700_000, "{dry}");
     assert_eq!(layer_files(), vec![(2, 1_300_000); 3], "a dry run deletes nothing");
-    let run = gc(false).await;
+    let run = gc(false);
     eprintln!("run: {run}");
     assert_eq!((run["blobs"].as_u64(), run["bytes"].as_u64()), (dry["blobs"].as_u64(), dry["bytes"].as_u64()));
     assert!(run["copies"].as_u64().unwrap() >= 3, "three copies of the layer at least: {run}");

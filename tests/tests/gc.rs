@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use berth_tests::soak::{eventually, files, large_files, Soak};
-use berth_tests::{bytes, client, digest, image_manifest, push_blob, push_image, put_manifest, Server};
+use berth_tests::{admin_gc, bytes, client, digest, image_manifest, push_blob, push_image, put_manifest, Server};
 use serde_json::Value;
 
 /// Garbage collection settles within a few sweeps of a one-second grace period.
@@ -128,16 +128,7 @@ async fn gc_soak_keeps_every_live_image_and_nothing_else() {
     let (expected, segments) = {
         let l = soak.ledger.lock().unwrap();
         assert!(l.pushed > 10 && l.deleted > 3, "the soak did too little to mean anything");
-        eprint!(
-            "gc soak: {} pushed, {} deleted, {} retagged, {} referenced-blob deletes refused, {} loose blobs \
-             deleted; {} live images; ",
-            l.pushed,
-            l.deleted,
-            l.retagged,
-            l.refused_blob_deletes,
-            l.loose_deletes,
-            l.live.len(),
-        );
+        eprint!("gc soak: {l}; ");
         (large_files(&l.referenced()), files(&s.data_dir.join("storage").join("segments")).1)
     };
     let settled = eventually(Duration::from_secs(40), || blob_files(&s) == expected).await;
@@ -161,20 +152,13 @@ async fn gc_on_demand_reports_then_frees() {
     let r = c.delete(format!("{}/v2/acme/app/manifests/{m}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let admin = |args: &[&str]| {
-        let mut all = vec!["admin", "--url", &s.url, "--token", berth_tests::ADMIN_TOKEN, "gc"];
-        all.extend_from_slice(args);
-        let out = std::process::Command::new(berth_tests::berth_bin()).args(&all).output().unwrap();
-        assert!(out.status.success(), "berth admin gc: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
-    let dry = admin(&["--dry-run"]);
+    let dry = admin_gc(&s.url, true);
     eprintln!("dry run: {dry}");
     assert_eq!(dry["dry_run"], true);
     assert!(dry["blobs"].as_u64().unwrap() >= 2, "the two layers at least: {dry}");
     assert!(dry["bytes"].as_u64().unwrap() >= 1_300_000, "{dry}");
     assert_eq!(blob_files(&s).0, 3, "a dry run deletes nothing");
-    let run = admin(&[]);
+    let run = admin_gc(&s.url, false);
     eprintln!("run: {run}");
     assert_eq!(run["dry_run"], false);
     assert_eq!((&run["blobs"], &run["bytes"]), (&dry["blobs"], &dry["bytes"]), "the dry run foresaw the run");
@@ -182,7 +166,7 @@ async fn gc_on_demand_reports_then_frees() {
     assert_eq!(run["copies"], run["blobs"], "one copy each in standalone");
     assert!(run["copy_bytes"].as_u64().unwrap() >= 1_300_000, "{run}");
     assert_eq!(blob_files(&s), (1, 500_000), "only the kept image's layer is left, at once");
-    let again = admin(&["--dry-run"]);
+    let again = admin_gc(&s.url, true);
     assert_eq!(again["blobs"], 0, "{again}");
     let r = c.get(format!("{}/v2/acme/keep/manifests/{keep}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);

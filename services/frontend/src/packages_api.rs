@@ -271,16 +271,14 @@ async fn route(
             let name = percent_decode_str(name).decode_utf8().map_err(|_| not_found("package"))?.into_owned();
             let repo = format!("{owner}/{name}");
             let facts = reg.meta.access_facts(who, &repo).await?;
-            if facts.package.is_none() || permission(who, &repo, &facts).is_none() {
+            let Some(package) = facts.package.clone().filter(|_| permission(who, &repo, &facts).is_some()) else {
                 return Err(not_found("package"));
-            }
-            let summary = reg
-                .meta
-                .packages_of(&owner)
-                .await?
-                .into_iter()
-                .find(|s| s.package.name == repo)
-                .ok_or_else(|| not_found("package"))?;
+            };
+            // One read of the package's versions serves the package's summary and its versions
+            // alike (its owner's whole listing is not needed).
+            let versions = versions(reg, &repo).await?;
+            let updated_ms = versions.iter().map(|v| v.record.pushed_at_ms).fold(package.created_ms, u64::max);
+            let summary = PackageSummary { package, versions: versions.len() as u64, updated_ms };
             let package = package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base);
             let pkg_url = package["url"].as_str().unwrap_or_default().to_string();
             let pkg_html = package["html_url"].as_str().unwrap_or_default().to_string();
@@ -296,17 +294,13 @@ async fn route(
                         Some(other) => return Err(invalid(format!("state must be active or deleted, not {other}"))),
                     }
                     let (page, per_page) = paging(&q)?;
-                    let items = versions(reg, &repo)
-                        .await?
-                        .iter()
-                        .map(|v| version_json(v, &repo, &pkg_url, &pkg_html, &versions_html))
-                        .collect();
+                    let items =
+                        versions.iter().map(|v| version_json(v, &repo, &pkg_url, &pkg_html, &versions_html)).collect();
                     page_of(items, page, per_page, &format!("{pkg_url}/versions"), &q)
                 }
                 ["versions", id] => {
                     let id: u64 = id.parse().map_err(|_| not_found("package version"))?;
-                    let v = versions(reg, &repo)
-                        .await?
+                    let v = versions
                         .into_iter()
                         .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
                         .ok_or_else(|| not_found("package version"))?;

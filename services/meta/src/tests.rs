@@ -2,7 +2,7 @@ use super::*;
 use berth_core::access::Scope;
 use berth_core::store::TokenOwner;
 
-fn d(s: &str) -> Digest {
+pub(crate) fn d(s: &str) -> Digest {
     Digest::sha256_of(s.as_bytes())
 }
 
@@ -34,7 +34,7 @@ fn index(name: &str, children: Vec<Digest>) -> ManifestRecord {
     }
 }
 
-async fn open(dir: &std::path::Path) -> MetaService {
+pub(crate) async fn open(dir: &std::path::Path) -> MetaService {
     MetaService::open_single(MetaConfig { dir: dir.to_path_buf(), node_id: 1, advertise: "127.0.0.1:0".into() })
         .await
         .unwrap()

@@ -11,7 +11,7 @@ use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError, Sto
 use bytes::Bytes;
 
 use super::*;
-use crate::MetaConfig;
+use crate::tests::{d, open};
 
 /// Copies on `nodes` storage nodes; `down` of them fail every call.
 struct Nodes {
@@ -108,14 +108,17 @@ impl BlobStore for Nodes {
     }
 }
 
-fn d(s: &str) -> Digest {
-    Digest::sha256_of(s.as_bytes())
+/// The grace period of these tests.
+const GRACE: Duration = Duration::from_millis(10);
+
+/// Waits out the grace period.
+async fn past_grace() {
+    tokio::time::sleep(2 * GRACE).await;
 }
 
-async fn open(dir: &std::path::Path) -> MetaService {
-    MetaService::open_single(MetaConfig { dir: dir.to_path_buf(), node_id: 1, advertise: "127.0.0.1:0".into() })
-        .await
-        .unwrap()
+/// A collector over `nodes` that runs only when asked.
+fn collector(nodes: &Arc<Nodes>, m: &MetaService) -> Collector {
+    Collector::new(nodes.clone(), m.clone(), GRACE, Some(Duration::ZERO))
 }
 
 /// Links `name` in a repository and unlinks it: a deletion candidate from now on.
@@ -134,11 +137,11 @@ async fn a_collection_another_leader_fenced_is_finished() {
     let m = open(dir.path()).await;
     let nodes = Nodes::new(3);
     let gone = unlinked(&m, &nodes, "gone").await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    past_grace().await;
     // The previous leader fenced it and stopped before deleting anything.
-    let fenced = m.begin_reap(Duration::from_millis(10), 10).await.unwrap();
+    let fenced = m.begin_reap(GRACE, 10).await.unwrap();
     assert_eq!(fenced.fenced, vec![gone.clone()]);
-    let c = Collector::new(nodes.clone(), m.clone(), Duration::from_millis(10), Some(Duration::ZERO));
+    let c = collector(&nodes, &m);
     assert_eq!(c.collect(true).await.unwrap().blobs, 1, "a dry run counts the fenced blob");
     let report = c.collect(false).await.unwrap();
     assert_eq!((report.blobs, report.copies, report.copy_bytes), (1, 3, 300));
@@ -153,13 +156,13 @@ async fn copies_stamped_after_the_floor_are_kept_and_become_strays() {
     let m = open(dir.path()).await;
     let nodes = Nodes::new(3);
     let blob = unlinked(&m, &nodes, "rewritten").await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    m.begin_reap(Duration::from_millis(10), 10).await.unwrap();
+    past_grace().await;
+    m.begin_reap(GRACE, 10).await.unwrap();
     // A push writes the blob again before the deletion (its stamp: a second from now, later
     // than any cutoff of this test's run).
     let again = now_ms() + 1000;
     nodes.store(&blob, again);
-    let c = Collector::new(nodes.clone(), m.clone(), Duration::from_millis(10), Some(Duration::ZERO));
+    let c = collector(&nodes, &m);
     let report = c.collect(false).await.unwrap();
     assert_eq!((report.blobs, report.kept), (0, 3), "{report:?}");
     assert!(nodes.holds(&blob), "a copy above the floor is never deleted");
@@ -167,8 +170,8 @@ async fn copies_stamped_after_the_floor_are_kept_and_become_strays() {
     m.link_blob("a/b", &blob, Stored { size: 100, stamp: again }).await.unwrap();
     // ... and a link naming a copy at the floor is refused.
     let other = unlinked(&m, &nodes, "other").await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let floor = m.begin_reap(Duration::from_millis(10), 10).await.unwrap().floor;
+    past_grace().await;
+    let floor = m.begin_reap(GRACE, 10).await.unwrap().floor;
     m.blob_reaped(&other).await.unwrap();
     let e = m.link_blob("c/d", &other, Stored { size: 100, stamp: floor }).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::BlobUnknown);
@@ -181,8 +184,8 @@ async fn a_node_that_fails_does_not_hold_up_the_others() {
     let m = open(dir.path()).await;
     let nodes = Nodes::new(3);
     let blob = unlinked(&m, &nodes, "partly").await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let c = Collector::new(nodes.clone(), m.clone(), Duration::from_millis(10), Some(Duration::ZERO));
+    past_grace().await;
+    let c = collector(&nodes, &m);
     // Every node down: the fence stays and the run says so.
     nodes.down.store(3, Ordering::SeqCst);
     let e = c.collect(false).await.unwrap_err();
@@ -197,7 +200,7 @@ async fn a_node_that_fails_does_not_hold_up_the_others() {
     nodes.down.store(0, Ordering::SeqCst);
     let r = c.round().await.unwrap();
     assert_eq!(r.strays, 1, "{r:?}");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    past_grace().await;
     c.round().await.unwrap();
     assert!(!nodes.holds(&blob), "the stray copy is collected");
     m.shutdown().await;
