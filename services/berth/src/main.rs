@@ -51,12 +51,19 @@ enum Role {
 /// glibc's allocator keeps up to eight arenas per core and, after a large buffer is freed,
 /// raises its mmap threshold so later large buffers come from arenas that rarely shrink. Under
 /// many concurrent uploads that holds RSS near its peak; two arenas and a fixed threshold
-/// (large buffers always mmapped, so returned on free) keep it near what is in use.
+/// (buffers of 4 MiB and more always mmapped, so returned on free) keep it near what is in use.
+///
+/// A fixed threshold also fixes the trim threshold at its default, 128 KiB: freeing a blob's
+/// buffer of a few hundred KiB at the top of an arena gave the pages back to the kernel, and
+/// the next buffer faulted them in again, zeroed. Letting an arena keep 16 MiB at its top
+/// (32 MiB at most for the two) took 9% off the CPU a 3/3/2 cluster spends on pushes of
+/// images of 256 KiB layers (10.1 s instead of 11.1 s for 400 images, 3 runs each).
 fn bound_allocator_memory() {
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 

@@ -1,5 +1,7 @@
 //! Blob reads and deletes, and the upload protocol (monolithic, chunked, streamed, mount).
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -229,26 +231,38 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         staging: reg.blobs.upload_staging(&id),
     };
     // The metadata service refuses a caller with too many uploads open (TOOMANYREQUESTS).
-    if let Err(e) = reg.meta.create_upload(session, reg.config.max_uploads_per_caller).await {
+    if let Err(e) = reg.meta.create_upload(session.clone(), reg.config.max_uploads_per_caller).await {
         if let Err(c) = reg.blobs.upload_cancel(&id).await {
             tracing::warn!(upload = %id, error = %c, "dropping the staging area of an upload not recorded");
         }
         return Err(e);
     }
+    reg.sessions.insert(id.clone(), Arc::new(session));
     upload_accepted(reg, StatusCode::ACCEPTED, name, &id, 0)
 }
 
 /// The session `id` of repository `name`, or `BLOB_UPLOAD_UNKNOWN`.
-async fn session(reg: &Registry, name: &str, id: &str) -> Result<UploadSession, RegistryError> {
-    match reg.meta.upload(id).await? {
-        Some(s) if s.repo == name => {
-            if let Some(node) = &s.staging {
-                reg.blobs.upload_staged_at(id, node);
-            }
-            Ok(s)
-        }
-        _ => Err(upload_unknown(id)),
+///
+/// A session this frontend started is answered from memory: what a session records
+/// (repository, owner, staging node) never changes while it lasts. Whether it still lasts is
+/// the staging node's to say: a session ends (finished, cancelled or expired) only after or
+/// together with its staged bytes, and a finish whose session has ended meanwhile is refused
+/// by the metadata service. Sessions started elsewhere are read from the metadata service.
+async fn session(reg: &Registry, name: &str, id: &str) -> Result<Arc<UploadSession>, RegistryError> {
+    let s = match reg.sessions.get(id) {
+        Some(s) => s,
+        None => match reg.meta.upload(id).await? {
+            Some(s) => Arc::new(s),
+            None => return Err(upload_unknown(id)),
+        },
+    };
+    if s.repo != name {
+        return Err(upload_unknown(id));
     }
+    if let Some(node) = &s.staging {
+        reg.blobs.upload_staged_at(id, node);
+    }
+    Ok(s)
 }
 
 /// `Content-Range: <first>-<last>` of a chunk, checked against `Content-Length`.
@@ -280,21 +294,12 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     if length == Some(0) {
         return Ok(None);
     }
-    // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
-    // store refusing it part way could not drain it: the body is already its stream).
-    if offset.is_some() || length.is_some() {
-        let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
-        if let Some(off) = offset.filter(|off| *off != current) {
-            return Err(RegistryError::new(
-                ErrorCode::BlobUploadInvalid,
-                format!("chunk starts at {off} but the upload has {current} bytes"),
-            )
-            .with_status(416));
-        }
-        if length.is_some_and(|n| current + n > reg.config.max_blob) {
-            return Err(too_big(reg.config.max_blob));
-        }
+    if length.is_some_and(|n| n > reg.config.max_blob) {
+        return Err(too_big(reg.config.max_blob));
     }
+    // The staging node checks the offset before it reads a byte, and the size limit as bytes
+    // arrive; a chunk it refuses changes nothing, and what it leaves unread is drained (see
+    // `body_stream`).
     let size = reg
         .blobs
         .upload_append(id, offset, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob)
@@ -304,6 +309,7 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
 
 /// Ends a session whose staged bytes are gone, so that it stops being reported.
 async fn forget(reg: &Registry, id: &str) {
+    reg.sessions.remove(id);
     if let Err(e) = reg.meta.end_upload(id, None).await {
         // Housekeeping ends sessions whose staging area is gone; nothing is lost meanwhile.
         tracing::warn!(upload = %id, error = %e, "ending an upload whose bytes are gone");
@@ -340,6 +346,7 @@ pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Resul
     }
     match reg.blobs.upload_finish(id, &digest).await {
         Ok(stored) => {
+            reg.sessions.remove(id);
             reg.meta.end_upload(id, Some((digest.clone(), stored))).await?;
             created(reg, name, &digest)
         }
@@ -370,6 +377,7 @@ pub async fn cancel(reg: &Registry, name: &str, id: &str) -> Result<Response, Re
         // The session ends anyway; expiry removes a staging file left behind.
         tracing::warn!(upload = %id, error = %e, "cancelling an upload's staging area");
     }
+    reg.sessions.remove(id);
     reg.meta.end_upload(id, None).await?;
     empty(StatusCode::NO_CONTENT, &[])
 }

@@ -28,7 +28,7 @@ use axum::Router;
 use berth_core::access::Action;
 use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError};
 use bytes::Bytes;
-use futures::TryStreamExt;
+use http_body::Body as _;
 
 use routes::Route;
 
@@ -95,6 +95,8 @@ pub struct Registry {
     verified: quick_cache::sync::Cache<String, Arc<auth::Claims>>,
     /// Answers to pulls by digest, for when the metadata service cannot answer.
     recall: recall::Recall,
+    /// Upload sessions this frontend started, by id (see [`blobs::session`]).
+    sessions: quick_cache::sync::Cache<String, Arc<berth_core::UploadSession>>,
 }
 
 impl Registry {
@@ -115,6 +117,7 @@ impl Registry {
             manifests,
             verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
             recall,
+            sessions: quick_cache::sync::Cache::new(STARTED_SESSIONS),
         })
     }
 }
@@ -132,6 +135,10 @@ impl Registry {
 
 /// Verified registry tokens remembered; each is a few hundred bytes.
 const VERIFIED_TOKENS: usize = 10_000;
+
+/// Upload sessions a frontend remembers having started: more than the uploads a busy
+/// frontend has open at once (an evicted one is read from the metadata service again).
+const STARTED_SESSIONS: usize = 16_384;
 
 /// The HTTP application: the `/v2/` API.
 pub fn router(registry: Arc<Registry>) -> Router {
@@ -414,10 +421,49 @@ fn empty(status: StatusCode, headers: &[(&'static str, String)]) -> Result<Respo
 
 /// The request body as a stream of chunks (empty when already taken). A body that sends
 /// nothing for `idle` fails with `TimedOut`, which ends the request and releases what it held.
+///
+/// The body stays in its slot while the stream reads it, so that what a store leaves unread
+/// when it refuses the body part way (a chunk at the wrong offset, an upload over the size
+/// limit) is still drained by the dispatcher, and the client sees the refusal. A body that
+/// failed (too slow, or broken) leaves the slot at once: it is not worth draining.
 fn body_stream(req: &Request, idle: Duration) -> ByteStream {
-    match req.extensions().get::<BodySlot>().and_then(BodySlot::take) {
-        Some(body) => with_idle_timeout(Box::pin(body.into_data_stream().map_err(io::Error::other)), idle),
+    use futures::TryStreamExt;
+    match req.extensions().get::<BodySlot>() {
+        Some(slot) => {
+            let failed = slot.clone();
+            Box::pin(with_idle_timeout(Box::pin(SlotStream(slot.clone())), idle).inspect_err(move |_| {
+                drop(failed.take());
+            }))
+        }
         None => Box::pin(futures::stream::empty()),
+    }
+}
+
+/// The data frames of the body in a [`BodySlot`], read in place.
+struct SlotStream(BodySlot);
+
+impl futures::Stream for SlotStream {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<io::Result<Bytes>>> {
+        use std::task::Poll;
+        let Ok(mut slot) = self.0 .0.lock() else { return Poll::Ready(None) };
+        let Some(body) = slot.as_mut() else { return Poll::Ready(None) };
+        loop {
+            match std::pin::Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => return Poll::Ready(Some(Ok(data))),
+                    // Trailers carry no bytes of the body.
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(io::Error::other(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
