@@ -201,9 +201,7 @@ impl Segments {
     /// away meanwhile: the caller looks the blob up again.
     pub fn read(&self, id: u32, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let f = self.reader(id)?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        read_exact_at_uninit(&f, len as usize, offset)
     }
 
     /// Bytes in segment `id`.
@@ -244,6 +242,36 @@ impl Segments {
         fs::remove_file(self.dir.join(name(id)))?;
         sync_dir(&self.dir)
     }
+}
+
+/// `len` bytes of `file` at `offset`, read into a buffer that is not zeroed first: the read
+/// fills it whole or fails. (Zeroing 256 KiB before every read of a small blob was a twentieth
+/// of a storage node's CPU while it served pulls.)
+fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0usize;
+    while done < len {
+        let at = i64::try_from(offset + done as u64).map_err(io::Error::other)?;
+        // SAFETY: pread writes at most `len - done` bytes at `done` into the buffer's capacity
+        // of `len`; only bytes it reports written are counted into the length below.
+        let n = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, at) };
+        match n {
+            n if n > 0 => {
+                done += n as usize;
+                // SAFETY: the first `done` bytes were written by pread.
+                unsafe { buf.set_len(done) };
+            }
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "segment ends before the record")),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]
