@@ -808,8 +808,8 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert_eq!(get("orgs/acme/packages/container/app/versions?state=deleted".into(), None).await.2, json!([]));
     let (status, _, err) = get("orgs/acme/packages/container/nothing".into(), None).await;
     assert_eq!((status, err["message"].as_str()), (404, Some("package not found")));
-    let r = c.delete(format!("{}/api/v3/orgs/acme/packages/container/app", s.url)).send().await.unwrap();
-    assert_eq!(r.status(), 404, "deletes are not served yet");
+    let r = c.put(format!("{}/api/v3/orgs/acme/packages/container/app", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 404, "no such endpoint");
     assert_eq!(get("orgs/acme/packages/npm/app".into(), None).await.0, 404);
 
     // A user's packages, and the authenticated user's.
@@ -840,4 +840,161 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert_eq!(public.as_array().unwrap().len(), 1);
     assert_eq!(public[0]["visibility"], "public");
     assert_eq!(get("orgs/acme/packages?package_type=container&visibility=secret".into(), None).await.0, 422);
+}
+
+/// Deleted means restorable: a version or a package deleted through the packages API is gone
+/// from pulls, tag lists and listings, keeps its bytes through garbage collection, and comes
+/// back with its tags where no later push took them; the rules and scopes GitHub has.
+#[tokio::test]
+async fn packages_and_versions_are_deleted_and_restored() {
+    let s = Server::start();
+    let c = client();
+    admin(&s, reqwest::Method::POST, "admin/orgs", Some(json!({"name": "acme", "owner": "admin"}))).await;
+    let old = push_image(&c, &s.url, "acme/app", "v1", 11, &[3000]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let new = push_image(&c, &s.url, "acme/app", "v2", 12, &[3000]).await;
+    let api = format!("{}/api/v3/orgs/acme/packages/container/app", s.url);
+    let call = |method: reqwest::Method, url: String, token: Option<String>| {
+        let c = match &token {
+            Some(t) => client_with(Some(("bob", t.as_str()))),
+            None => client(),
+        };
+        async move {
+            let r = c.request(method, url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let get = |url: String| call(reqwest::Method::GET, url, None);
+    let manifest = |reference: &str| {
+        let url = format!("{}/v2/acme/app/manifests/{reference}", s.url);
+        let c = client();
+        async move {
+            let r = c.get(url).header("accept", "application/vnd.oci.image.manifest.v1+json").send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.headers().get("docker-content-digest").map(|d| d.to_str().unwrap().to_string()))
+        }
+    };
+    let versions = get(format!("{api}/versions")).await.1;
+    let id_of = |digest: &str| {
+        versions.as_array().unwrap().iter().find(|v| v["name"] == digest).unwrap()["id"].as_u64().unwrap()
+    };
+    let (old_id, new_id) = (id_of(&old), id_of(&new));
+
+    // A version deleted: gone from pulls, the tag list and the active versions.
+    let (status, _) = call(reqwest::Method::DELETE, format!("{api}/versions/{old_id}"), None).await;
+    assert_eq!(status, 204);
+    assert_eq!(manifest("v1").await.0, 404);
+    assert_eq!(manifest(&old).await.0, 404);
+    let tags = c.get(format!("{}/v2/acme/app/tags/list", s.url)).send().await.unwrap().json::<Value>().await.unwrap();
+    assert_eq!(tags["tags"], json!(["v2"]));
+    let active = get(format!("{api}/versions")).await.1;
+    assert_eq!(active.as_array().unwrap().len(), 1);
+    let (_, deleted) = get(format!("{api}/versions?state=deleted")).await;
+    assert_eq!(deleted.as_array().unwrap().len(), 1);
+    assert_eq!(deleted[0]["name"], old.as_str());
+    assert_eq!(deleted[0]["metadata"]["container"]["tags"], json!(["v1"]), "the tags it had");
+    assert!(deleted[0]["deleted_at"].is_string());
+    assert_eq!(get(format!("{api}/versions/{old_id}")).await.1["name"], old.as_str());
+    assert_eq!(get(api.clone()).await.1["version_count"], 1);
+    // Deleting again, or the last version, is refused as on GitHub.
+    assert_eq!(call(reqwest::Method::DELETE, format!("{api}/versions/{old_id}"), None).await.0, 404);
+    let (status, err) = call(reqwest::Method::DELETE, format!("{api}/versions/{new_id}"), None).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("last version"), "{err}");
+    // Collection keeps a deleted version's bytes.
+    berth_tests::admin_gc(&s.url, false);
+
+    // Restored: it pulls again, by its tag.
+    assert_eq!(call(reqwest::Method::POST, format!("{api}/versions/{old_id}/restore"), None).await.0, 204);
+    assert_eq!(manifest("v1").await, (200, Some(old.clone())));
+    assert_eq!(get(format!("{api}/versions?state=deleted")).await.1, json!([]));
+    assert_eq!(call(reqwest::Method::POST, format!("{api}/versions/{old_id}/restore"), None).await.0, 404);
+    // A tag a later push took stays with it.
+    assert_eq!(call(reqwest::Method::DELETE, format!("{api}/versions/{old_id}"), None).await.0, 204);
+    let taken = push_image(&c, &s.url, "acme/app", "v1", 13, &[3000]).await;
+    assert_eq!(call(reqwest::Method::POST, format!("{api}/versions/{old_id}/restore"), None).await.0, 204);
+    assert_eq!(manifest("v1").await, (200, Some(taken.clone())));
+    assert_eq!(manifest(&old).await.0, 200, "restored, untagged");
+
+    // Scopes and rights: delete:packages to delete, write:packages to restore, admin on it.
+    let read_only = user_with_token(&s, "bob", &["read:packages"], None).await;
+    admin(&s, reqwest::Method::PATCH, "packages/acme/app", Some(json!({"visibility": "public"}))).await;
+    let (status, err) = call(reqwest::Method::DELETE, format!("{api}/versions/{old_id}"), Some(read_only)).await;
+    assert_eq!(status, 403);
+    assert!(err["message"].as_str().unwrap().contains("delete:packages"), "{err}");
+    let deleter = user_with_token(&s, "bob", &["read:packages", "delete:packages"], None).await;
+    let (status, err) = call(reqwest::Method::DELETE, format!("{api}/versions/{old_id}"), Some(deleter)).await;
+    assert_eq!(status, 403, "bob can read the public package, not administer it");
+    assert!(err["message"].as_str().unwrap().contains("admin"), "{err}");
+    assert_eq!(manifest(&old).await.0, 200, "refusals change nothing");
+
+    // The package deleted: gone from listings and pulls, and restored with its versions.
+    assert_eq!(call(reqwest::Method::DELETE, api.clone(), None).await.0, 204);
+    assert_eq!(get(api.clone()).await.0, 404);
+    let listed = get(format!("{}/api/v3/orgs/acme/packages?package_type=container", s.url)).await.1;
+    assert_eq!(listed, json!([]));
+    assert_eq!(manifest("v2").await.0, 404);
+    assert_eq!(call(reqwest::Method::DELETE, api.clone(), None).await.0, 404, "already deleted");
+    assert_eq!(call(reqwest::Method::POST, format!("{api}/restore"), None).await.0, 204);
+    assert_eq!(manifest("v2").await, (200, Some(new.clone())));
+    assert_eq!(manifest("v1").await, (200, Some(taken)));
+    assert_eq!(get(api.clone()).await.1["version_count"], 3);
+    // Not once the name has been pushed to again.
+    assert_eq!(call(reqwest::Method::DELETE, api.clone(), None).await.0, 204);
+    push_image(&c, &s.url, "acme/app", "fresh", 14, &[3000]).await;
+    let (status, err) = call(reqwest::Method::POST, format!("{api}/restore"), None).await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(manifest("v2").await.0, 404);
+    assert_eq!(get(api.clone()).await.1["version_count"], 1);
+}
+
+/// After the retention period a deleted version cannot be restored: it is purged, and garbage
+/// collection then takes the blobs only it held.
+#[tokio::test]
+async fn deleted_versions_are_purged_after_the_retention_period_and_collected() {
+    let s = Server::start_with(&["--deleted-retention-secs", "2", "--gc-grace-secs", "1", "--gc-interval-secs", "0"]);
+    let c = client();
+    let layer = 400_000;
+    let old = push_image(&c, &s.url, "admin/app", "v1", 21, &[layer]).await;
+    push_image(&c, &s.url, "admin/app", "v2", 22, &[layer]).await;
+    let api = format!("{}/api/v3/users/admin/packages/container/app", s.url);
+    let versions = c.get(format!("{api}/versions")).send().await.unwrap().json::<Value>().await.unwrap();
+    let id = versions.as_array().unwrap().iter().find(|v| v["name"] == old.as_str()).unwrap()["id"].as_u64().unwrap();
+    let manifest: Value = c
+        .get(format!("{}/v2/admin/app/manifests/{old}", s.url))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let only_old = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let r = c.delete(format!("{api}/versions/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    // Within the retention period collection keeps it, and a restore works.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let kept = berth_tests::admin_gc(&s.url, false);
+    assert_eq!(kept["bytes"], 0, "{kept}");
+    let blob = format!("{}/v2/admin/app/blobs/{only_old}", s.url);
+    assert_eq!(c.head(&blob).send().await.unwrap().status(), 200);
+    assert_eq!(c.post(format!("{api}/versions/{id}/restore")).send().await.unwrap().status(), 204);
+    assert_eq!(c.delete(format!("{api}/versions/{id}")).send().await.unwrap().status(), 204);
+    // Past it: no restore, and collection frees what only that version held.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let r = c.post(format!("{api}/versions/{id}/restore")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "restorable for the retention period only");
+    let started = std::time::Instant::now();
+    let first = berth_tests::admin_gc(&s.url, false);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let second = berth_tests::admin_gc(&s.url, false);
+    let freed = first["bytes"].as_u64().unwrap() + second["bytes"].as_u64().unwrap();
+    assert!(freed >= layer as u64, "the purged version's layer is collected: {first} {second}");
+    assert_eq!(c.head(&blob).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(format!("{api}/versions?state=deleted")).send().await.unwrap().json::<Value>().await.unwrap(),
+        json!([])
+    );
+    eprintln!("purge and collection of a deleted version: {freed} bytes freed in {:?}", started.elapsed());
 }

@@ -283,3 +283,48 @@ fn docker_push_rmi_pull_by_tag_and_digest() {
     assert!(cli.fails(&["pull", &image]), "an anonymous pull of a private package fails");
     docker(&["rmi", &public]);
 }
+
+/// The packages API's delete and restore as docker sees them: a deleted package does not pull,
+/// a restored one pulls the same image again.
+#[test]
+fn docker_pull_fails_after_a_package_delete_and_works_after_its_restore() {
+    let Some(cli) = berth_tests::DockerCli::available() else { return };
+    let s = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    write(&rootfs.join("restored.txt"), "deleted, then restored\n");
+    let tar = work.path().join("rootfs.tar");
+    run("tar", &["-C", rootfs.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
+    let image = format!("{}/admin/restorable:v1", s.addr);
+    let docker = |args: &[&str]| cli.run(args);
+    cli.login(&s.addr, ADMIN, ADMIN_TOKEN);
+    docker(&["import", tar.to_str().unwrap(), &image]);
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
+    docker(&["push", &image]);
+    docker(&["rmi", &image]);
+    let package = format!("{}/api/v3/users/admin/packages/container/restorable", s.url);
+    let api = |method: &str, url: &str| {
+        run(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                method,
+                "-u",
+                &format!("{ADMIN}:{ADMIN_TOKEN}"),
+                url,
+            ],
+        )
+    };
+    assert_eq!(api("DELETE", &package), "204");
+    assert!(cli.fails(&["pull", &image]), "a deleted package does not pull");
+    assert_eq!(api("POST", &format!("{package}/restore")), "204");
+    docker(&["pull", &image]);
+    let pulled = docker(&["image", "inspect", "--format", "{{.Id}}", &image]).trim().to_string();
+    assert_eq!(pulled, id, "the restored image is the one pushed");
+    docker(&["rmi", &image]);
+}

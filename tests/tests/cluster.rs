@@ -1208,4 +1208,26 @@ async fn the_packages_api_answers_through_a_frontend_of_the_cluster() {
     let versions: Value = r.json().await.unwrap();
     assert_eq!(versions[0]["name"].as_str(), Some(m.as_str()));
     assert_eq!(versions[0]["metadata"]["container"]["tags"], serde_json::json!(["v1"]));
+    // Deleted through one frontend, restored through the other; pulls follow.
+    push_image(&c, &b, "admin/tools/cli", "v2", 32, &[2000]).await;
+    let api = "api/v3/users/admin/packages/container/tools%2Fcli";
+    let id = versions[0]["id"].as_u64().unwrap();
+    let v1 = |url: String| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .get(format!("{url}/v2/admin/tools/cli/manifests/v1"))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send();
+            r.await.unwrap().status()
+        }
+    };
+    assert_eq!(c.delete(format!("{a}/{api}/versions/{id}")).send().await.unwrap().status(), 204);
+    assert_eq!(v1(b.clone()).await, 404);
+    let r = c.get(format!("{b}/{api}/versions?state=deleted")).send().await.unwrap();
+    let deleted: Value = r.json().await.unwrap();
+    assert_eq!(deleted[0]["name"].as_str(), Some(m.as_str()));
+    assert!(deleted[0]["deleted_at"].is_string());
+    assert_eq!(c.post(format!("{b}/{api}/versions/{id}/restore")).send().await.unwrap().status(), 204);
+    assert_eq!(v1(a.clone()).await, 200);
 }

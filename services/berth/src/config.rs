@@ -64,7 +64,7 @@ pub struct StandaloneArgs {
     #[arg(long, env = "BERTH_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// TOML file with any of: listen, data_dir, max_blob_bytes, upload_timeout_secs, gc_grace_secs,
-    /// gc_interval_secs.
+    /// gc_interval_secs, deleted_retention_secs.
     #[arg(long, env = "BERTH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Seconds without progress after which an upload session expires [default: 600].
@@ -77,6 +77,10 @@ pub struct StandaloneArgs {
     /// [default: half the grace period, at most 30].
     #[arg(long, env = "BERTH_GC_INTERVAL_SECS")]
     pub gc_interval_secs: Option<u64>,
+    /// Seconds a version or package deleted through the packages API stays restorable, before
+    /// it is deleted for good and its blobs are collected [default: 2592000, 30 days].
+    #[arg(long, env = "BERTH_DELETED_RETENTION_SECS")]
+    pub deleted_retention_secs: Option<u64>,
 }
 
 /// The TOML file's shape.
@@ -89,6 +93,7 @@ struct FileConfig {
     upload_timeout_secs: Option<u64>,
     gc_grace_secs: Option<u64>,
     gc_interval_secs: Option<u64>,
+    deleted_retention_secs: Option<u64>,
 }
 
 /// Everything an HTTP frontend runs with.
@@ -202,6 +207,8 @@ pub struct StandaloneConfig {
     pub gc_grace: Duration,
     /// Time between rounds of garbage collection (`None`: the default; zero: only when asked).
     pub gc_interval: Option<Duration>,
+    /// How long deleted versions and packages stay restorable.
+    pub deleted_retention: Duration,
 }
 
 impl StandaloneConfig {
@@ -224,6 +231,10 @@ impl StandaloneConfig {
             ),
             gc_grace: Duration::from_secs(args.gc_grace_secs.or(file.gc_grace_secs).unwrap_or(3600)),
             gc_interval: args.gc_interval_secs.or(file.gc_interval_secs).map(Duration::from_secs),
+            deleted_retention: args
+                .deleted_retention_secs
+                .or(file.deleted_retention_secs)
+                .map_or(berth_meta::gc::DEFAULT_RETENTION, Duration::from_secs),
         })
     }
 }

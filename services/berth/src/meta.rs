@@ -51,6 +51,10 @@ pub struct MetaArgs {
     /// admin gc`) [default: half the grace period, at most 30].
     #[arg(long, env = "BERTH_GC_INTERVAL_SECS")]
     pub gc_interval_secs: Option<u64>,
+    /// Seconds a version or package deleted through the packages API stays restorable, before
+    /// the leader deletes it for good and collects its blobs (30 days).
+    #[arg(long, env = "BERTH_DELETED_RETENTION_SECS", default_value_t = 2_592_000)]
+    pub deleted_retention_secs: u64,
     /// Copies of each blob, as the frontends keep them: the leader's audit of linked blobs
     /// looks for that many at their owners.
     #[arg(long, env = "BERTH_REPLICAS", default_value_t = 3)]
@@ -244,12 +248,15 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     let placement = Following { replicas: args.replicas.max(1), write_quorum: 1, skip_dead: true, poll };
     let following = tokio::spawn(follow_placement(router.clone(), store.clone(), placement, stop_rx));
     let blobs: Arc<dyn BlobStore> = router.clone();
-    let collector = Arc::new(Collector::new(
-        blobs,
-        meta.clone(),
-        Duration::from_secs(args.gc_grace_secs),
-        args.gc_interval_secs.map(Duration::from_secs),
-    ));
+    let collector = Arc::new(
+        Collector::new(
+            blobs,
+            meta.clone(),
+            Duration::from_secs(args.gc_grace_secs),
+            args.gc_interval_secs.map(Duration::from_secs),
+        )
+        .with_retention(Duration::from_secs(args.deleted_retention_secs)),
+    );
     meta.set_collector(&collector);
     let settle = Duration::from_secs(args.audit_after_secs);
     let collecting = tokio::spawn(collect_while_leading(meta.clone(), collector, router, args.replicas.max(1), settle));

@@ -25,7 +25,10 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     .context("starting the metadata service")?;
     let blobs: Arc<dyn BlobStore> = Arc::new(storage);
     let metas: Arc<dyn MetaStore> = Arc::new(meta.clone());
-    let collector = Arc::new(Collector::new(blobs.clone(), meta.clone(), config.gc_grace, config.gc_interval));
+    let collector = Arc::new(
+        Collector::new(blobs.clone(), meta.clone(), config.gc_grace, config.gc_interval)
+            .with_retention(config.deleted_retention),
+    );
     meta.set_collector(&collector);
     let (stop_tx, stop_rx) = watch::channel(false);
     let housekeeping = tokio::spawn(crate::housekeeping::run(

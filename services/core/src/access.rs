@@ -153,6 +153,10 @@ pub struct Package {
     pub inherit: bool,
     /// When it was created (ms since the epoch).
     pub created_ms: u64,
+    /// When it was deleted (ms since the epoch, the metadata leader's clock), if it is:
+    /// hidden from listings and pulls, restorable for the retention period.
+    #[serde(default)]
+    pub deleted_ms: Option<u64>,
 }
 
 /// A source repository registered by an organization.
@@ -363,6 +367,7 @@ mod tests {
             source: None,
             inherit: true,
             created_ms: 0,
+            deleted_ms: None,
         }
     }
 

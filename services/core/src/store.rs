@@ -56,8 +56,12 @@ pub struct PackageSummary {
 pub struct PackageVersion {
     /// The manifest.
     pub record: ManifestRecord,
-    /// Its tags, in order.
+    /// Its tags, in order (of a deleted version: the tags it had when it was deleted).
     pub tags: Vec<String>,
+    /// When it was deleted (ms since the epoch), if it is: it keeps its bytes and can be
+    /// restored until it is purged.
+    #[serde(default)]
+    pub deleted_ms: Option<u64>,
 }
 
 /// What a garbage collection run did, or in a dry run would do now.
@@ -412,6 +416,45 @@ pub enum DirectoryChange {
         repo: String,
         /// The `org.opencontainers.image.source` value.
         url: String,
+    },
+    /// Deletes a version of a package, restorably: it keeps its bytes and what it holds, and
+    /// is hidden from pulls, tag lists and referrers until it is restored or purged.
+    DeleteVersion {
+        /// Repository.
+        repo: String,
+        /// The version's manifest digest.
+        digest: String,
+        /// When (ms since the epoch; the metadata leader sets it).
+        now_ms: u64,
+    },
+    /// Restores a deleted version, with its tags where no later push took them; refused once
+    /// it has been deleted for longer than `window_ms`.
+    RestoreVersion {
+        /// Repository.
+        repo: String,
+        /// The version's manifest digest.
+        digest: String,
+        /// How long deleted versions stay restorable (the metadata leader sets it).
+        window_ms: u64,
+        /// When (ms since the epoch; the metadata leader sets it).
+        now_ms: u64,
+    },
+    /// Deletes a package, restorably: every version of it, and the package from listings.
+    DeletePackage {
+        /// Repository.
+        repo: String,
+        /// When (ms since the epoch; the metadata leader sets it).
+        now_ms: u64,
+    },
+    /// Restores a deleted package with the versions deleted with it; refused once the name
+    /// has been pushed to again, or after `window_ms`.
+    RestorePackage {
+        /// Repository.
+        repo: String,
+        /// How long deleted packages stay restorable (the metadata leader sets it).
+        window_ms: u64,
+        /// When (ms since the epoch; the metadata leader sets it).
+        now_ms: u64,
     },
     /// Changes a package's settings.
     UpdatePackage {

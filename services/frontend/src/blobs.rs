@@ -294,12 +294,21 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     if length == Some(0) {
         return Ok(None);
     }
-    if length.is_some_and(|n| n > reg.config.max_blob) {
-        return Err(too_big(reg.config.max_blob));
+    // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
+    // store refusing it part way could not drain it: the body is already its stream).
+    if offset.is_some() || length.is_some() {
+        let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
+        if let Some(off) = offset.filter(|off| *off != current) {
+            return Err(RegistryError::new(
+                ErrorCode::BlobUploadInvalid,
+                format!("chunk starts at {off} but the upload has {current} bytes"),
+            )
+            .with_status(416));
+        }
+        if length.is_some_and(|n| current + n > reg.config.max_blob) {
+            return Err(too_big(reg.config.max_blob));
+        }
     }
-    // The staging node checks the offset before it reads a byte, and the size limit as bytes
-    // arrive; a chunk it refuses changes nothing, and what it leaves unread is drained (see
-    // `body_stream`).
     let size = reg
         .blobs
         .upload_append(id, offset, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob)

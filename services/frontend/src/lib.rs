@@ -28,7 +28,7 @@ use axum::Router;
 use berth_core::access::Action;
 use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError};
 use bytes::Bytes;
-use http_body::Body as _;
+use futures::TryStreamExt;
 
 use routes::Route;
 
@@ -421,49 +421,10 @@ fn empty(status: StatusCode, headers: &[(&'static str, String)]) -> Result<Respo
 
 /// The request body as a stream of chunks (empty when already taken). A body that sends
 /// nothing for `idle` fails with `TimedOut`, which ends the request and releases what it held.
-///
-/// The body stays in its slot while the stream reads it, so that what a store leaves unread
-/// when it refuses the body part way (a chunk at the wrong offset, an upload over the size
-/// limit) is still drained by the dispatcher, and the client sees the refusal. A body that
-/// failed (too slow, or broken) leaves the slot at once: it is not worth draining.
 fn body_stream(req: &Request, idle: Duration) -> ByteStream {
-    use futures::TryStreamExt;
-    match req.extensions().get::<BodySlot>() {
-        Some(slot) => {
-            let failed = slot.clone();
-            Box::pin(with_idle_timeout(Box::pin(SlotStream(slot.clone())), idle).inspect_err(move |_| {
-                drop(failed.take());
-            }))
-        }
+    match req.extensions().get::<BodySlot>().and_then(BodySlot::take) {
+        Some(body) => with_idle_timeout(Box::pin(body.into_data_stream().map_err(io::Error::other)), idle),
         None => Box::pin(futures::stream::empty()),
-    }
-}
-
-/// The data frames of the body in a [`BodySlot`], read in place.
-struct SlotStream(BodySlot);
-
-impl futures::Stream for SlotStream {
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<io::Result<Bytes>>> {
-        use std::task::Poll;
-        let Ok(mut slot) = self.0 .0.lock() else { return Poll::Ready(None) };
-        let Some(body) = slot.as_mut() else { return Poll::Ready(None) };
-        loop {
-            match std::pin::Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => return Poll::Ready(Some(Ok(data))),
-                    // Trailers carry no bytes of the body.
-                    Err(_) => continue,
-                },
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(io::Error::other(e)))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
     }
 }
 

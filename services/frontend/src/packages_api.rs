@@ -10,6 +10,19 @@
 //! | `GET .../packages/container/{name}` | one package (`name` URL-encoded when it holds `/`) |
 //! | `GET .../packages/container/{name}/versions` | its versions, newest first |
 //! | `GET .../packages/container/{name}/versions/{id}` | one version |
+//! | `DELETE .../packages/container/{name}` | deletes the package, restorably |
+//! | `POST .../packages/container/{name}/restore` | restores it with the versions deleted with it |
+//! | `DELETE .../packages/container/{name}/versions/{id}` | deletes a version, restorably |
+//! | `POST .../packages/container/{name}/versions/{id}/restore` | restores it |
+//!
+//! **Deleted means restorable.** A deleted version keeps its bytes; pulls, tag lists and
+//! referrers do not see it, and `versions?state=deleted` lists it. A restore brings back its
+//! tags where no later push took them. After the retention period (30 days unless configured,
+//! `--deleted-retention-secs`) it is purged and its blobs are collected. As on GitHub, the last
+//! version of a package cannot be deleted (delete the package), and a package cannot be
+//! restored once its name has been pushed to again. Deleting and restoring need admin rights
+//! on the package; deleting needs a token with `delete:packages`, restoring one with
+//! `write:packages` (both with `read:packages`).
 //!
 //! Lists take `visibility` (packages), `page` and `per_page` (default 30, at most 100) and
 //! answer with a `Link` header as GitHub's do. Every call needs a token with `read:packages`,
@@ -23,7 +36,7 @@
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use berth_core::access::{owner_of, permission, Identity, Scope, Visibility};
-use berth_core::store::{PackageSummary, PackageVersion};
+use berth_core::store::{DirectoryChange, PackageSummary, PackageVersion};
 use berth_core::{Digest, ErrorCode, RegistryError};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{json, Value};
@@ -191,12 +204,12 @@ pub async fn handle(
     headers: &HeaderMap,
     parts: &[&str],
 ) -> Response {
-    let answer = if *method != Method::GET && *method != Method::HEAD {
+    let answer = if ![Method::GET, Method::HEAD, Method::DELETE, Method::POST].contains(method) {
         Err(not_found("endpoint"))
     } else if !who.has_scope(Scope::ReadPackages) {
         Err(RegistryError::new(ErrorCode::Denied, "this token lacks the read:packages scope"))
     } else {
-        route(reg, who, uri, headers, parts).await
+        route(reg, who, method, uri, headers, parts).await
     };
     match answer {
         Ok(r) => r,
@@ -209,10 +222,41 @@ pub async fn handle(
     }
 }
 
-/// Routes a `GET` of `/api/v3/...`.
+/// What a `DELETE` or `POST` of a package or version asks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Delete,
+    Restore,
+}
+
+/// Whether `who` may make `change` to a package it may see with `perm`: admin rights, and the
+/// scopes GitHub asks for (`delete:packages` to delete, `write:packages` to restore).
+fn may_change(who: &Identity, perm: Option<berth_core::access::Perm>, change: Change) -> Result<(), RegistryError> {
+    let (scope, name) = match change {
+        Change::Delete => (Scope::DeletePackages, "delete:packages"),
+        Change::Restore => (Scope::WritePackages, "write:packages"),
+    };
+    if !who.has_scope(scope) {
+        return Err(RegistryError::new(ErrorCode::Denied, format!("this token lacks the {name} scope")));
+    }
+    if perm != Some(berth_core::access::Perm::Admin) {
+        return Err(RegistryError::new(ErrorCode::Denied, "admin rights on the package are required"));
+    }
+    Ok(())
+}
+
+/// `204 No Content`, as GitHub answers a deletion or a restore.
+fn no_content() -> Response {
+    let mut r = Response::new(axum::body::Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// Routes a request of `/api/v3/...`.
 async fn route(
     reg: &Registry,
     who: &Identity,
+    method: &Method,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
     parts: &[&str],
@@ -236,6 +280,18 @@ async fn route(
     }
     let api = format!("{base}/api/v3/{}/{owner}/packages", kind.path());
     let html = format!("{base}/{}/{owner}/packages", kind.path());
+    // What the method asks of the path: a read, a deletion, a restore.
+    let change = match (method, rest) {
+        (&Method::GET | &Method::HEAD, _) => None,
+        (&Method::DELETE, ["packages", "container", _] | ["packages", "container", _, "versions", _]) => {
+            Some(Change::Delete)
+        }
+        (
+            &Method::POST,
+            ["packages", "container", _, "restore"] | ["packages", "container", _, "versions", _, "restore"],
+        ) => Some(Change::Restore),
+        _ => return Err(not_found("endpoint")),
+    };
     match rest {
         ["packages"] => {
             match param(&q, "package_type") {
@@ -271,12 +327,22 @@ async fn route(
             let name = percent_decode_str(name).decode_utf8().map_err(|_| not_found("package"))?.into_owned();
             let repo = format!("{owner}/{name}");
             let facts = reg.meta.access_facts(who, &repo).await?;
-            let Some(package) = facts.package.clone().filter(|_| permission(who, &repo, &facts).is_some()) else {
+            let perm = permission(who, &repo, &facts);
+            let Some(package) = facts.package.clone().filter(|_| perm.is_some()) else {
                 return Err(not_found("package"));
             };
+            if let Some(change) = change {
+                may_change(who, perm, change)?;
+                return change_package(reg, &repo, change, more).await;
+            }
+            // A deleted package is gone but for its restore.
+            if package.deleted_ms.is_some() {
+                return Err(not_found("package"));
+            }
             // One read of the package's versions serves the package's summary and its versions
             // alike (its owner's whole listing is not needed).
-            let versions = versions(reg, &repo).await?;
+            let (versions, deleted): (Vec<PackageVersion>, Vec<PackageVersion>) =
+                versions(reg, &repo).await?.into_iter().partition(|v| v.deleted_ms.is_none());
             let updated_ms = versions.iter().map(|v| v.record.pushed_at_ms).fold(package.created_ms, u64::max);
             let summary = PackageSummary { package, versions: versions.len() as u64, updated_ms };
             let package = package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base);
@@ -287,21 +353,21 @@ async fn route(
             match more {
                 [] => Ok(json_response(StatusCode::OK, package.to_string())),
                 ["versions"] => {
-                    match param(&q, "state") {
-                        None | Some("") | Some("active") => {}
-                        // Deleted versions are not kept yet: none to list.
-                        Some("deleted") => return page_of(vec![], 1, PER_PAGE, &format!("{pkg_url}/versions"), &q),
+                    let listed = match param(&q, "state") {
+                        None | Some("") | Some("active") => &versions,
+                        Some("deleted") => &deleted,
                         Some(other) => return Err(invalid(format!("state must be active or deleted, not {other}"))),
-                    }
+                    };
                     let (page, per_page) = paging(&q)?;
                     let items =
-                        versions.iter().map(|v| version_json(v, &repo, &pkg_url, &pkg_html, &versions_html)).collect();
+                        listed.iter().map(|v| version_json(v, &repo, &pkg_url, &pkg_html, &versions_html)).collect();
                     page_of(items, page, per_page, &format!("{pkg_url}/versions"), &q)
                 }
                 ["versions", id] => {
                     let id: u64 = id.parse().map_err(|_| not_found("package version"))?;
                     let v = versions
                         .into_iter()
+                        .chain(deleted)
                         .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
                         .ok_or_else(|| not_found("package version"))?;
                     Ok(json_response(
@@ -316,6 +382,35 @@ async fn route(
         ["packages", _, ..] => Err(not_found("package")),
         _ => Err(not_found("endpoint")),
     }
+}
+
+/// Deletes or restores package `repo` (`more` empty or `["restore"]`) or one of its versions
+/// (`["versions", id]`, `["versions", id, "restore"]`).
+async fn change_package(reg: &Registry, repo: &str, change: Change, more: &[&str]) -> Result<Response, RegistryError> {
+    let version = match more {
+        [] | ["restore"] => None,
+        ["versions", id] | ["versions", id, "restore"] => {
+            let id: u64 = id.parse().map_err(|_| not_found("package version"))?;
+            let v = versions(reg, repo)
+                .await?
+                .into_iter()
+                .filter(|v| v.deleted_ms.is_some() == (change == Change::Restore))
+                .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
+                .ok_or_else(|| not_found("package version"))?;
+            Some(v.record.digest.to_string())
+        }
+        _ => return Err(not_found("endpoint")),
+    };
+    let repo = repo.to_string();
+    let c = match (change, version) {
+        (Change::Delete, Some(digest)) => DirectoryChange::DeleteVersion { repo, digest, now_ms: 0 },
+        (Change::Restore, Some(digest)) => DirectoryChange::RestoreVersion { repo, digest, window_ms: 0, now_ms: 0 },
+        (Change::Delete, None) => DirectoryChange::DeletePackage { repo, now_ms: 0 },
+        (Change::Restore, None) => DirectoryChange::RestorePackage { repo, window_ms: 0, now_ms: 0 },
+    };
+    // Times and the restore window are the metadata leader's (it fills them in).
+    reg.meta.change_directory(c).await?;
+    Ok(no_content())
 }
 
 /// Whether `owner` is a user (`kind` User) or an organization (`kind` Org).
@@ -377,10 +472,10 @@ fn package_json(
     v
 }
 
-/// A version as GitHub shows one.
+/// A version as GitHub shows one (`deleted_at` when it is deleted).
 fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str, versions_html: &str) -> Value {
     let id = id_of(&format!("{repo}@{}", v.record.digest));
-    json!({
+    let mut out = json!({
         "id": id,
         "name": v.record.digest.to_string(),
         "url": format!("{pkg_url}/versions/{id}"),
@@ -389,5 +484,9 @@ fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str, v
         "created_at": time(v.record.pushed_at_ms),
         "updated_at": time(v.record.pushed_at_ms),
         "metadata": {"package_type": "container", "container": {"tags": v.tags}},
-    })
+    });
+    if let Some(ms) = v.deleted_ms {
+        out["deleted_at"] = json!(time(ms));
+    }
+    out
 }

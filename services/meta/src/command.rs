@@ -113,6 +113,15 @@ pub enum Command {
     },
     /// A change to accounts, organizations, tokens or package settings.
     Directory(DirectoryChange),
+    /// Deletes for good at most `max` versions deleted (restorably) at or before `before_ms`.
+    PurgeDeleted {
+        /// Versions deleted at or before it go (ms since the epoch).
+        before_ms: u64,
+        /// At most this many.
+        max: usize,
+        /// Now (ms since the epoch): when the links they release become loose.
+        now_ms: u64,
+    },
     /// Several independent commands in one log entry, applied in order; each succeeds or is
     /// refused on its own. Concurrent writers share one entry, and so one log fsync.
     Batch(Vec<Command>),
@@ -161,6 +170,8 @@ pub enum Outcome {
     },
     /// The outcomes of a [`Command::Batch`], in order.
     Batch(Vec<Outcome>),
+    /// Done; how many deleted versions were purged.
+    Purged(usize),
     /// Refused, with the error the client gets; nothing changed.
     Rejected {
         /// OCI error code.

@@ -57,6 +57,9 @@ const AT_ONCE: usize = 16;
 /// Blobs a dry run looks at, at most (its answer says how many it found up to this).
 const PREVIEW_LIMIT: usize = 1_000_000;
 
+/// How long a version deleted through the packages API stays restorable, unless configured.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Rounds an on-demand run makes at most before it reports (the background rounds go on).
 const MAX_RUN_ROUNDS: u64 = 100_000;
 
@@ -90,6 +93,8 @@ pub struct GcRound {
     pub unlinked: usize,
     /// Stored blobs found unknown to the metadata service.
     pub strays: usize,
+    /// Deleted versions purged: past the retention period, deleted for good.
+    pub purged: usize,
 }
 
 /// The garbage collector of one registry.
@@ -103,6 +108,8 @@ pub struct Collector {
     busy: Mutex<()>,
     /// Time between background rounds; `None`: only on demand.
     interval: Option<Duration>,
+    /// How long deleted versions stay restorable before a round purges them.
+    retention: Duration,
 }
 
 impl Collector {
@@ -116,7 +123,28 @@ impl Collector {
             Some(i) if i.is_zero() => None,
             Some(i) => Some(i),
         };
-        Collector { blobs, meta, grace, inventory_cursor: Mutex::new(None), busy: Mutex::new(()), interval }
+        Collector {
+            blobs,
+            meta,
+            grace,
+            inventory_cursor: Mutex::new(None),
+            busy: Mutex::new(()),
+            interval,
+            retention: DEFAULT_RETENTION,
+        }
+    }
+
+    /// Keeps versions deleted through the packages API restorable for `retention` (30 days
+    /// unless set); then a round purges them, and their blobs are collected a grace period
+    /// later.
+    pub fn with_retention(mut self, retention: Duration) -> Collector {
+        self.retention = retention;
+        self
+    }
+
+    /// How long deleted versions stay restorable.
+    pub fn retention(&self) -> Duration {
+        self.retention
     }
 
     /// The grace period.
@@ -160,8 +188,9 @@ impl Collector {
     /// One background round, logged.
     pub async fn logged_round(&self) {
         match self.round().await {
-            Ok(r) if r.released > 0 || r.strays > 0 || r.undone > 0 || r.unlinked > 0 => {
+            Ok(r) if r.released > 0 || r.strays > 0 || r.undone > 0 || r.unlinked > 0 || r.purged > 0 => {
                 tracing::info!(
+                    purged = r.purged,
                     deleted = r.deleted,
                     freed_bytes = r.freed_bytes,
                     copies = r.copies.copies,
@@ -209,7 +238,7 @@ impl Collector {
                 )
                 .with_status(503));
             }
-            if (r.released == 0 && r.unlinked == 0) || report.rounds >= MAX_RUN_ROUNDS {
+            if (r.released == 0 && r.unlinked == 0 && r.purged == 0) || report.rounds >= MAX_RUN_ROUNDS {
                 break;
             }
         }
@@ -243,8 +272,10 @@ impl Collector {
             .await
     }
 
-    /// Fences a batch and deletes it on every storage node.
+    /// Purges deleted versions past the retention period, then fences a batch and deletes it
+    /// on every storage node.
     async fn reap_batch(&self) -> Result<GcRound> {
+        let purged = self.meta.purge_deleted(self.retention, REAP_BATCH).await?;
         let reap = self.meta.begin_reap(self.grace, REAP_BATCH).await?;
         let floor = reap.floor;
         let outcomes: Vec<(Digest, Result<Deleted>)> = futures::stream::iter(reap.fenced)
@@ -255,7 +286,7 @@ impl Collector {
             .buffer_unordered(AT_ONCE)
             .collect()
             .await;
-        let mut done = GcRound { unlinked: reap.unlinked, ..GcRound::default() };
+        let mut done = GcRound { unlinked: reap.unlinked, purged, ..GcRound::default() };
         let mut lift = vec![];
         for (d, r) in outcomes {
             match r {

@@ -295,6 +295,22 @@ impl MetaService {
         }
     }
 
+    /// Deletes for good at most `max` versions deleted through the packages API longer than
+    /// `retention` ago; answers how many.
+    pub async fn purge_deleted(&self, retention: Duration, max: usize) -> Result<usize> {
+        let now = now_ms();
+        let before_ms = now.saturating_sub(retention.as_millis() as u64);
+        match self.write(Command::PurgeDeleted { before_ms, max, now_ms: now }).await? {
+            Outcome::Purged(n) => Ok(n),
+            _ => Ok(0),
+        }
+    }
+
+    /// How long deleted versions stay restorable: the collector's setting where one runs.
+    fn retention(&self) -> Duration {
+        self.collector.get().and_then(std::sync::Weak::upgrade).map_or(gc::DEFAULT_RETENTION, |c| c.retention())
+    }
+
     /// Every copy of `digest` at or below the floor is deleted: lifts its fence.
     pub async fn blob_reaped(&self, digest: &Digest) -> Result<()> {
         self.write(Command::BlobReaped { digest: digest.clone(), stamp: None }).await.map(|_| ())
@@ -505,6 +521,9 @@ impl MetaStore for MetaService {
             let mut out = vec![];
             for (_, value) in v.scan(&prefix, None, MAX_LISTED)? {
                 let package: Package = serde_json::from_slice(&value)?;
+                if package.deleted_ms.is_some() {
+                    continue;
+                }
                 let versions = v.get::<u64>(&key(b'n', &[&package.name]))?.unwrap_or(0);
                 let mut updated_ms = package.created_ms;
                 for (_, m) in v.scan(&key(b'm', &[&package.name, ""]), None, MAX_LISTED)? {
@@ -530,7 +549,12 @@ impl MetaStore for MetaService {
             for (_, m) in v.scan(&key(b'm', &[&repo, ""]), None, MAX_LISTED)? {
                 let record: ManifestRecord = serde_json::from_slice(&m)?;
                 let tags = tags.remove(&record.digest.to_string()).unwrap_or_default();
-                out.push(PackageVersion { record, tags });
+                out.push(PackageVersion { record, tags, deleted_ms: None });
+            }
+            // Versions deleted restorably, with the tags they had.
+            for (_, d) in v.scan(&key(b'D', &[&repo, ""]), None, MAX_LISTED)? {
+                let d: state::DeletedVersion = serde_json::from_slice(&d)?;
+                out.push(PackageVersion { record: d.record, tags: d.tags, deleted_ms: Some(d.deleted_ms) });
             }
             Ok(out)
         })
@@ -572,6 +596,23 @@ impl MetaStore for MetaService {
     }
 
     async fn change_directory(&self, change: DirectoryChange) -> Result<bool> {
+        // Deletions and restores are timed by this node (it leads), and judged against its
+        // retention period.
+        let now = now_ms();
+        let window_ms = self.retention().as_millis() as u64;
+        let change = match change {
+            DirectoryChange::DeleteVersion { repo, digest, .. } => {
+                DirectoryChange::DeleteVersion { repo, digest, now_ms: now }
+            }
+            DirectoryChange::RestoreVersion { repo, digest, .. } => {
+                DirectoryChange::RestoreVersion { repo, digest, window_ms, now_ms: now }
+            }
+            DirectoryChange::DeletePackage { repo, .. } => DirectoryChange::DeletePackage { repo, now_ms: now },
+            DirectoryChange::RestorePackage { repo, .. } => {
+                DirectoryChange::RestorePackage { repo, window_ms, now_ms: now }
+            }
+            other => other,
+        };
         Ok(self.write(Command::Directory(change)).await? == Outcome::Existed(true))
     }
 

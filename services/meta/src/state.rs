@@ -35,6 +35,8 @@
 //! | `T` org `\0` team | (the team exists) |
 //! | `N` org `\0` team `\0` user | (team membership) |
 //! | `P` repo | [`Package`] |
+//! | `D` repo `\0` digest | [`DeletedVersion`]: a version deleted restorably |
+//! | `Y` time `\0` repo `\0` digest | (deleted versions by deletion time, for the purge) |
 //! | `p` repo | (the package is public) |
 //! | `S` org `\0` name | [`SourceRepo`] |
 //! | `X` url | `ORG/NAME` of the source repository registered under it |
@@ -65,6 +67,14 @@
 //!   stray (collected a grace period later) or is linked by a push that retries. Raising the
 //!   floor before any deletion, in the same write as the fence, is what lets a new leader take
 //!   over a collection half done: nothing it or its predecessor deletes is above the floor.
+//!
+//! # Deleted versions
+//! Deleting a version through the packages API moves its record from `m` to `D` and its tags
+//! into the record: pulls, tag lists and referrers no longer see it, but everything it holds
+//! stays held (and its own bytes linked), so collection leaves its blobs alone. A restore
+//! moves it back, with each tag no later push has taken. [`Command::PurgeDeleted`] (a step of
+//! the collector on the leader) deletes for good the versions deleted longer ago than the
+//! retention period, as an OCI `DELETE` would; only then may collection take their blobs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -87,6 +97,17 @@ pub const CF_STATE: &str = "state";
 pub const KEY_APPLIED: &[u8] = b"~a";
 /// Key of the last applied membership.
 pub const KEY_MEMBERSHIP: &[u8] = b"~m";
+
+/// A version deleted restorably: its record and the tags it had.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeletedVersion {
+    /// The manifest.
+    pub record: ManifestRecord,
+    /// Its tags when it was deleted.
+    pub tags: Vec<String>,
+    /// When it was deleted (ms since the epoch, the leader's clock).
+    pub deleted_ms: u64,
+}
 
 /// Raw key-value pairs of a scan.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -395,7 +416,14 @@ impl<'a> Tx<'a> {
     fn apply_unchecked(&mut self, cmd: &Command) -> Result<Outcome, StateError> {
         match cmd {
             Command::Batch(cmds) => cmds.iter().map(|c| self.apply(c)).collect::<Result<_, _>>().map(Outcome::Batch),
+            Command::Directory(
+                change @ (DirectoryChange::DeleteVersion { .. }
+                | DirectoryChange::RestoreVersion { .. }
+                | DirectoryChange::DeletePackage { .. }
+                | DirectoryChange::RestorePackage { .. }),
+            ) => self.deletion(change),
             Command::Directory(change) => self.directory(change).map(Outcome::Existed),
+            Command::PurgeDeleted { before_ms, max, now_ms } => self.purge_deleted(*before_ms, *max, *now_ms),
             Command::LinkBlob { repo, digest, blob, now_ms } => {
                 let linked = self.link(repo, digest, *blob)?;
                 if linked == Outcome::Done {
@@ -578,6 +606,14 @@ impl<'a> Tx<'a> {
     ) -> Result<Outcome, StateError> {
         let d = record.digest.to_string();
         let mk = key(b'm', &[repo, &d]);
+        // A deleted version pushed again is live again (it still holds what it held).
+        self.revive(repo, &d)?;
+        // So is a deleted package pushed to: the name is taken, the old package is gone.
+        if let Some(mut p) = self.get::<Package>(&key(b'P', &[repo]))? {
+            if p.deleted_ms.take().is_some() {
+                self.put(key(b'P', &[repo]), &p)?;
+            }
+        }
         if !self.exists(&mk)? {
             for b in &record.blobs {
                 if !self.exists(&key(b'l', &[repo, &b.to_string()]))? {
@@ -839,6 +875,166 @@ impl<'a> Tx<'a> {
         Ok(Outcome::Fenced { fenced, floor, unlinked })
     }
 
+    /// Moves live version `d` of `repo` to the deleted ones (see the module docs).
+    fn hide(&mut self, repo: &str, d: &str, now_ms: u64) -> Result<bool, StateError> {
+        let mk = key(b'm', &[repo, d]);
+        let Some(record) = self.get::<ManifestRecord>(&mk)? else { return Ok(false) };
+        let tags = self.tags_of(repo, d)?;
+        for tag in &tags {
+            self.delete(key(b't', &[repo, tag]));
+        }
+        if let Some(subject) = &record.subject {
+            self.delete(key(b's', &[repo, &subject.to_string(), d]));
+        }
+        self.delete(mk);
+        self.add(key(b'n', &[repo]), -1)?;
+        self.put(key(b'D', &[repo, d]), &DeletedVersion { record, tags, deleted_ms: now_ms })?;
+        self.put(time_key(b'Y', now_ms, &[repo, d]), &())?;
+        Ok(true)
+    }
+
+    /// Moves deleted version `d` of `repo` back to the live ones, without its tags; returns
+    /// what it was, or `None` when no such version is deleted.
+    fn revive(&mut self, repo: &str, d: &str) -> Result<Option<DeletedVersion>, StateError> {
+        let dk = key(b'D', &[repo, d]);
+        let Some(v) = self.get::<DeletedVersion>(&dk)? else { return Ok(None) };
+        self.delete(dk);
+        self.delete(time_key(b'Y', v.deleted_ms, &[repo, d]));
+        self.put(key(b'm', &[repo, d]), &v.record)?;
+        self.add(key(b'n', &[repo]), 1)?;
+        if let Some(subject) = &v.record.subject {
+            self.put(key(b's', &[repo, &subject.to_string(), d]), &())?;
+        }
+        Ok(Some(v))
+    }
+
+    /// Revives deleted version `d` of `repo` with each of its tags that nothing took since.
+    fn restore(&mut self, repo: &str, d: &str) -> Result<bool, StateError> {
+        let Some(v) = self.revive(repo, d)? else { return Ok(false) };
+        for tag in &v.tags {
+            let tk = key(b't', &[repo, tag]);
+            if !self.exists(&tk)? {
+                self.put(tk, &d)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deleting and restoring versions and packages (see the module docs).
+    fn deletion(&mut self, change: &DirectoryChange) -> Result<Outcome, StateError> {
+        let gone = |what: &str| Outcome::refused(ErrorCode::NameUnknown, 404, format!("{what} not found"));
+        match change {
+            DirectoryChange::DeleteVersion { repo, digest, now_ms } => {
+                if !self.exists(&key(b'm', &[repo, digest]))? {
+                    return Ok(gone("package version"));
+                }
+                let holders = self.count(&key(b'h', &[repo, digest]))?;
+                if holders > 0 {
+                    return Ok(Outcome::refused(
+                        ErrorCode::Denied,
+                        409,
+                        format!("version {digest} is part of {holders} multi-platform version(s): delete them first"),
+                    ));
+                }
+                if self.count(&key(b'n', &[repo]))? <= 1 {
+                    return Ok(Outcome::refused(
+                        ErrorCode::Denied,
+                        400,
+                        "You cannot delete the last version of a package. You must delete the package instead.",
+                    ));
+                }
+                self.hide(repo, digest, *now_ms).map(Outcome::Existed)
+            }
+            DirectoryChange::RestoreVersion { repo, digest, window_ms, now_ms } => {
+                match self.get::<DeletedVersion>(&key(b'D', &[repo, digest]))? {
+                    Some(v) if v.deleted_ms.saturating_add(*window_ms) >= *now_ms => {}
+                    _ => return Ok(gone("deleted package version")),
+                }
+                // Restoring a version of a deleted package restores the package.
+                if let Some(mut p) = self.get::<Package>(&key(b'P', &[repo]))? {
+                    if p.deleted_ms.take().is_some() {
+                        self.put(key(b'P', &[repo]), &p)?;
+                    }
+                }
+                self.restore(repo, digest).map(Outcome::Existed)
+            }
+            DirectoryChange::DeletePackage { repo, now_ms } => {
+                let pk = key(b'P', &[repo]);
+                let Some(mut p) = self.get::<Package>(&pk)?.filter(|p| p.deleted_ms.is_none()) else {
+                    return Ok(gone("package"));
+                };
+                // Every version goes, those held by an index with it.
+                let live: Vec<String> = self
+                    .scan(&key(b'm', &[repo, ""]), usize::MAX)?
+                    .into_iter()
+                    .map(|(d, _)| String::from_utf8_lossy(&d).into_owned())
+                    .collect();
+                for d in live {
+                    self.hide(repo, &d, *now_ms)?;
+                }
+                p.deleted_ms = Some(*now_ms);
+                self.put(pk, &p)?;
+                Ok(Outcome::Existed(true))
+            }
+            DirectoryChange::RestorePackage { repo, window_ms, now_ms } => {
+                let pk = key(b'P', &[repo]);
+                let Some(mut p) = self.get::<Package>(&pk)? else { return Ok(gone("package")) };
+                let Some(deleted_ms) = p.deleted_ms else {
+                    return Ok(if self.count(&key(b'n', &[repo]))? > 0 {
+                        Outcome::refused(
+                            ErrorCode::Denied,
+                            409,
+                            format!("the name {repo} has been taken again since its package was deleted"),
+                        )
+                    } else {
+                        gone("deleted package")
+                    });
+                };
+                if deleted_ms.saturating_add(*window_ms) < *now_ms {
+                    return Ok(gone("deleted package"));
+                }
+                // The versions deleted with the package come back; those deleted before it stay.
+                let with_it: Vec<String> = self
+                    .scan(&key(b'D', &[repo, ""]), usize::MAX)?
+                    .into_iter()
+                    .filter_map(|(d, v)| {
+                        let v: DeletedVersion = serde_json::from_slice(&v).ok()?;
+                        (v.deleted_ms >= deleted_ms).then(|| String::from_utf8_lossy(&d).into_owned())
+                    })
+                    .collect();
+                for d in with_it {
+                    self.restore(repo, &d)?;
+                }
+                p.deleted_ms = None;
+                self.put(pk, &p)?;
+                Ok(Outcome::Existed(true))
+            }
+            _ => self.directory(change).map(Outcome::Existed),
+        }
+    }
+
+    /// Deletes for good, as an OCI `DELETE` would, at most `max` versions deleted at or before
+    /// `before_ms`. A version an index still holds (the index deleted too, later) waits for it.
+    fn purge_deleted(&mut self, before_ms: u64, max: usize, now_ms: u64) -> Result<Outcome, StateError> {
+        let mut purged = 0;
+        for (rest, _) in self.scan(b"Y", max.saturating_mul(4))? {
+            let Some((since, parts)) = split_time_key(&rest) else { continue };
+            if since > before_ms || purged >= max {
+                break;
+            }
+            let Some((repo, d)) = parts.split_once('\0') else { continue };
+            if self.count(&key(b'h', &[repo, d]))? > 0 {
+                continue;
+            }
+            let Ok(digest) = d.parse::<Digest>() else { continue };
+            if self.revive(repo, d)?.is_some() {
+                self.delete_manifest(repo, &digest, now_ms)?;
+                purged += 1;
+            }
+        }
+        Ok(Outcome::Purged(purged))
+    }
+
     /// Applies a directory change; answers whether it changed anything.
     fn directory(&mut self, change: &DirectoryChange) -> Result<bool, StateError> {
         match change {
@@ -971,6 +1167,7 @@ impl<'a> Tx<'a> {
                     source: source.clone(),
                     inherit: true,
                     created_ms: *now_ms,
+                    deleted_ms: None,
                 };
                 self.put(k, &p)?;
             }
@@ -1007,6 +1204,11 @@ impl<'a> Tx<'a> {
                 }
                 self.put(k, &p)?;
             }
+            // Applied by `deletion`, which answers with refusals too.
+            DirectoryChange::DeleteVersion { .. }
+            | DirectoryChange::RestoreVersion { .. }
+            | DirectoryChange::DeletePackage { .. }
+            | DirectoryChange::RestorePackage { .. } => return Ok(false),
         }
         Ok(true)
     }

@@ -84,12 +84,20 @@ impl Wire for Package {
     type Proto = pb::Package;
 
     fn to_proto(self) -> pb::Package {
-        let Package { name, visibility, grants, source, inherit, created_ms } = self;
-        pb::Package { name, visibility: visibility.to_proto(), grants: grants.to_proto(), source, inherit, created_ms }
+        let Package { name, visibility, grants, source, inherit, created_ms, deleted_ms } = self;
+        pb::Package {
+            name,
+            visibility: visibility.to_proto(),
+            grants: grants.to_proto(),
+            source,
+            inherit,
+            created_ms,
+            deleted_ms,
+        }
     }
 
     fn from_proto(p: pb::Package) -> Result<Package, WireError> {
-        let pb::Package { name, visibility, grants, source, inherit, created_ms } = p;
+        let pb::Package { name, visibility, grants, source, inherit, created_ms, deleted_ms } = p;
         Ok(Package {
             name,
             visibility: Visibility::from_proto(visibility)?,
@@ -97,6 +105,7 @@ impl Wire for Package {
             source,
             inherit,
             created_ms,
+            deleted_ms,
         })
     }
 }
@@ -193,6 +202,7 @@ pub(super) mod tests {
             source: Some("acme/repo".into()),
             inherit: true,
             created_ms: 11,
+            deleted_ms: Some(12),
         };
         let source = SourceRepo {
             org: "acme".into(),

@@ -50,6 +50,18 @@ impl Wire for DirectoryChange {
                     inherit,
                 })
             }
+            DirectoryChange::DeleteVersion { repo, digest, now_ms } => {
+                Change::DeleteVersion(dc::DeleteVersion { repo, digest, now_ms })
+            }
+            DirectoryChange::RestoreVersion { repo, digest, window_ms, now_ms } => {
+                Change::RestoreVersion(dc::RestoreVersion { repo, digest, window_ms, now_ms })
+            }
+            DirectoryChange::DeletePackage { repo, now_ms } => {
+                Change::DeletePackage(dc::DeletePackage { repo, now_ms })
+            }
+            DirectoryChange::RestorePackage { repo, window_ms, now_ms } => {
+                Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms })
+            }
         };
         pb::DirectoryChange { change: Some(change) }
     }
@@ -93,6 +105,18 @@ impl Wire for DirectoryChange {
                         .transpose()?,
                     inherit,
                 }
+            }
+            Change::DeleteVersion(dc::DeleteVersion { repo, digest, now_ms }) => {
+                DirectoryChange::DeleteVersion { repo, digest, now_ms }
+            }
+            Change::RestoreVersion(dc::RestoreVersion { repo, digest, window_ms, now_ms }) => {
+                DirectoryChange::RestoreVersion { repo, digest, window_ms, now_ms }
+            }
+            Change::DeletePackage(dc::DeletePackage { repo, now_ms }) => {
+                DirectoryChange::DeletePackage { repo, now_ms }
+            }
+            Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms }) => {
+                DirectoryChange::RestorePackage { repo, window_ms, now_ms }
             }
         })
     }
@@ -152,6 +176,15 @@ mod tests {
                 inherit: None,
             },
             DirectoryChange::UpdatePackage { repo: "acme/app".into(), visibility: None, grant: None, inherit: None },
+            DirectoryChange::DeleteVersion { repo: "acme/app".into(), digest: "sha256:00".into(), now_ms: 5 },
+            DirectoryChange::RestoreVersion {
+                repo: "acme/app".into(),
+                digest: "sha256:00".into(),
+                window_ms: 6,
+                now_ms: 7,
+            },
+            DirectoryChange::DeletePackage { repo: "acme/app".into(), now_ms: 8 },
+            DirectoryChange::RestorePackage { repo: "acme/app".into(), window_ms: 9, now_ms: 10 },
         ];
         all.extend(keys().into_iter().map(|key| DirectoryChange::PublishKey { key, retire_after_ms: 9, now_ms: 8 }));
         all.extend(tokens().into_iter().map(DirectoryChange::CreateToken));
@@ -162,7 +195,7 @@ mod tests {
     #[test]
     fn every_directory_change_round_trips() {
         let all = changes();
-        assert_eq!(all.len(), 24);
+        assert_eq!(all.len(), 28);
         all.into_iter().for_each(round_trips);
     }
 

@@ -45,13 +45,13 @@ impl Wire for PackageVersion {
     type Proto = pb::PackageVersion;
 
     fn to_proto(self) -> pb::PackageVersion {
-        let PackageVersion { record, tags } = self;
-        pb::PackageVersion { record: Some(record.to_proto()), tags }
+        let PackageVersion { record, tags, deleted_ms } = self;
+        pb::PackageVersion { record: Some(record.to_proto()), tags, deleted_ms }
     }
 
     fn from_proto(p: pb::PackageVersion) -> Result<PackageVersion, WireError> {
-        let pb::PackageVersion { record, tags } = p;
-        Ok(PackageVersion { record: ManifestRecord::from_proto(required(record, "record")?)?, tags })
+        let pb::PackageVersion { record, tags, deleted_ms } = p;
+        Ok(PackageVersion { record: ManifestRecord::from_proto(required(record, "record")?)?, tags, deleted_ms })
     }
 }
 
