@@ -998,3 +998,43 @@ async fn deleted_versions_are_purged_after_the_retention_period_and_collected() 
     );
     eprintln!("purge and collection of a deleted version: {freed} bytes freed in {:?}", started.elapsed());
 }
+
+/// Download counts: manifest GETs by tag and by digest count, HEADs do not, and a frontend
+/// reports them within seconds, without a metadata write per pull.
+#[tokio::test]
+async fn pulls_are_counted_per_version() {
+    let s = Server::start();
+    let c = client();
+    let one = push_image(&c, &s.url, "admin/counted", "v1", 41, &[1000]).await;
+    let two = push_image(&c, &s.url, "admin/counted", "v2", 42, &[1000]).await;
+    let get = |reference: String, head: bool| {
+        let url = format!("{}/v2/admin/counted/manifests/{reference}", s.url);
+        let c = client();
+        async move {
+            let req = if head { c.head(url) } else { c.get(url) };
+            let r = req.header("accept", "application/vnd.oci.image.manifest.v1+json").send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    for _ in 0..3 {
+        get("v1".into(), false).await;
+    }
+    get(one.clone(), false).await;
+    get(one.clone(), true).await;
+    get(two.clone(), false).await;
+    get("v2".into(), true).await;
+    let api = format!("{}/api/v3/users/admin/packages/container/counted", s.url);
+    let counts = || async {
+        let versions: Value = c.get(format!("{api}/versions")).send().await.unwrap().json().await.unwrap();
+        let of =
+            |d: &str| versions.as_array().unwrap().iter().find(|v| v["name"] == d).unwrap()["download_count"].clone();
+        let package: Value = c.get(&api).send().await.unwrap().json().await.unwrap();
+        (of(&one), of(&two), package["download_count"].clone())
+    };
+    let started = std::time::Instant::now();
+    while counts().await != (json!(4), json!(1), json!(5)) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "counts never arrived: {:?}", counts().await);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    eprintln!("download counts reported {:?} after the pulls", started.elapsed());
+}

@@ -1230,4 +1230,16 @@ async fn the_packages_api_answers_through_a_frontend_of_the_cluster() {
     assert!(deleted[0]["deleted_at"].is_string());
     assert_eq!(c.post(format!("{b}/{api}/versions/{id}/restore")).send().await.unwrap().status(), 204);
     assert_eq!(v1(a.clone()).await, 200);
+    // Pulls through both frontends add up in the version's download count.
+    assert_eq!(v1(b.clone()).await, 200);
+    let started = std::time::Instant::now();
+    loop {
+        let r = c.get(format!("{a}/{api}/versions/{id}")).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        if v["download_count"] == 2 {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "download count {}", v["download_count"]);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

@@ -62,6 +62,21 @@ pub struct PackageVersion {
     /// restored until it is purged.
     #[serde(default)]
     pub deleted_ms: Option<u64>,
+    /// How many times it was pulled (manifest `GET`s by tag or digest), as of the frontends'
+    /// last report.
+    #[serde(default)]
+    pub downloads: u64,
+}
+
+/// Pulls of one version counted by a frontend since its last report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullCount {
+    /// Repository.
+    pub repo: String,
+    /// The version's manifest digest.
+    pub digest: String,
+    /// Pulls.
+    pub pulls: u64,
 }
 
 /// What a garbage collection run did, or in a dry run would do now.
@@ -456,6 +471,8 @@ pub enum DirectoryChange {
         /// When (ms since the epoch; the metadata leader sets it).
         now_ms: u64,
     },
+    /// Adds pulls to versions' download counts (a frontend's report of the last seconds).
+    CountPulls(Vec<PullCount>),
     /// Changes a package's settings.
     UpdatePackage {
         /// Repository.

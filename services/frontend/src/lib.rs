@@ -12,6 +12,7 @@ mod blobs;
 pub mod keys;
 mod manifests;
 mod packages_api;
+mod pulls;
 mod recall;
 pub mod routes;
 pub mod serve;
@@ -95,6 +96,8 @@ pub struct Registry {
     verified: quick_cache::sync::Cache<String, Arc<auth::Claims>>,
     /// Answers to pulls by digest, for when the metadata service cannot answer.
     recall: recall::Recall,
+    /// Pulls of each version, counted for the packages' download counts.
+    pulls: Arc<pulls::PullCounter>,
     /// Upload sessions this frontend started, by id (see [`blobs::session`]).
     sessions: quick_cache::sync::Cache<String, Arc<berth_core::UploadSession>>,
 }
@@ -110,6 +113,7 @@ impl Registry {
         let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
         let recall = recall::Recall::new(config.remember_pulls);
         Arc::new(Registry {
+            pulls: pulls::PullCounter::new(meta.clone()),
             blobs,
             meta,
             config,

@@ -101,6 +101,7 @@ pub async fn get(
         return resp.body(Body::empty()).map_err(RegistryError::internal);
     }
     let bytes = manifest_bytes(reg, &record.digest).await?;
+    reg.pulls.count(name, &record.digest);
     resp.body(Body::from(bytes)).map_err(RegistryError::internal)
 }
 

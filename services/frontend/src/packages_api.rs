@@ -29,6 +29,10 @@
 //! and shows only packages the caller may read (`core::access`); another package is 404, as on
 //! GitHub. Errors have GitHub's shape, `{"message": ..., "documentation_url": ...}`.
 //!
+//! **Download counts.** One package (`GET .../packages/container/{name}`) and its versions
+//! carry `download_count`, which GitHub's REST API does not have: the pulls of each version
+//! (manifest `GET`s by tag or digest), reported by the frontends every few seconds.
+//!
 //! **Ids.** A package's `id` and a version's are numbers derived from the package name (and
 //! the manifest digest): the first 52 bits of their SHA-256, stable for the life of the
 //! package and below JavaScript's largest exact integer.
@@ -345,7 +349,8 @@ async fn route(
                 versions(reg, &repo).await?.into_iter().partition(|v| v.deleted_ms.is_none());
             let updated_ms = versions.iter().map(|v| v.record.pushed_at_ms).fold(package.created_ms, u64::max);
             let summary = PackageSummary { package, versions: versions.len() as u64, updated_ms };
-            let package = package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base);
+            let mut package = package_json(&summary, facts.source.as_ref(), kind, &api, &html, &base);
+            package["download_count"] = json!(versions.iter().map(|v| v.downloads).sum::<u64>());
             let pkg_url = package["url"].as_str().unwrap_or_default().to_string();
             let pkg_html = package["html_url"].as_str().unwrap_or_default().to_string();
             // A version's page is `.../packages/container/{name}/{id}` (no `package/`).
@@ -484,6 +489,7 @@ fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str, v
         "created_at": time(v.record.pushed_at_ms),
         "updated_at": time(v.record.pushed_at_ms),
         "metadata": {"package_type": "container", "container": {"tags": v.tags}},
+        "download_count": v.downloads,
     });
     if let Some(ms) = v.deleted_ms {
         out["deleted_at"] = json!(time(ms));

@@ -549,12 +549,21 @@ impl MetaStore for MetaService {
             for (_, m) in v.scan(&key(b'm', &[&repo, ""]), None, MAX_LISTED)? {
                 let record: ManifestRecord = serde_json::from_slice(&m)?;
                 let tags = tags.remove(&record.digest.to_string()).unwrap_or_default();
-                out.push(PackageVersion { record, tags, deleted_ms: None });
+                out.push(PackageVersion { record, tags, deleted_ms: None, downloads: 0 });
             }
             // Versions deleted restorably, with the tags they had.
             for (_, d) in v.scan(&key(b'D', &[&repo, ""]), None, MAX_LISTED)? {
                 let d: state::DeletedVersion = serde_json::from_slice(&d)?;
-                out.push(PackageVersion { record: d.record, tags: d.tags, deleted_ms: Some(d.deleted_ms) });
+                out.push(PackageVersion {
+                    record: d.record,
+                    tags: d.tags,
+                    deleted_ms: Some(d.deleted_ms),
+                    downloads: 0,
+                });
+            }
+            for version in &mut out {
+                let digest = version.record.digest.to_string();
+                version.downloads = v.get::<u64>(&key(b'W', &[&repo, &digest]))?.unwrap_or(0);
             }
             Ok(out)
         })

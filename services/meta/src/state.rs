@@ -37,6 +37,7 @@
 //! | `P` repo | [`Package`] |
 //! | `D` repo `\0` digest | [`DeletedVersion`]: a version deleted restorably |
 //! | `Y` time `\0` repo `\0` digest | (deleted versions by deletion time, for the purge) |
+//! | `W` repo `\0` digest | how many times the version was pulled |
 //! | `p` repo | (the package is public) |
 //! | `S` org `\0` name | [`SourceRepo`] |
 //! | `X` url | `ORG/NAME` of the source repository registered under it |
@@ -679,6 +680,7 @@ impl<'a> Tx<'a> {
             let mk = key(b'm', &[repo, &d]);
             let Some(record) = self.get::<ManifestRecord>(&mk)? else { continue };
             self.delete(mk);
+            self.delete(key(b'W', &[repo, &d]));
             self.add(key(b'n', &[repo]), -1)?;
             if let Some(subject) = &record.subject {
                 self.delete(key(b's', &[repo, &subject.to_string(), &d]));
@@ -908,7 +910,8 @@ impl<'a> Tx<'a> {
         Ok(Some(v))
     }
 
-    /// Revives deleted version `d` of `repo` with each of its tags that nothing took since.
+    /// Revives deleted version `d` of `repo` with each of its tags that nothing took since,
+    /// and the deleted platform manifests of an index with it (an index pulls only whole).
     fn restore(&mut self, repo: &str, d: &str) -> Result<bool, StateError> {
         let Some(v) = self.revive(repo, d)? else { return Ok(false) };
         for tag in &v.tags {
@@ -916,6 +919,9 @@ impl<'a> Tx<'a> {
             if !self.exists(&tk)? {
                 self.put(tk, &d)?;
             }
+        }
+        for child in &v.record.manifests {
+            self.restore(repo, &child.to_string())?;
         }
         Ok(true)
     }
@@ -1203,6 +1209,16 @@ impl<'a> Tx<'a> {
                     p.inherit = *i;
                 }
                 self.put(k, &p)?;
+            }
+            DirectoryChange::CountPulls(counts) => {
+                // Counts of versions deleted for good since the pulls are dropped.
+                for c in counts {
+                    let live = self.exists(&key(b'm', &[&c.repo, &c.digest]))?
+                        || self.exists(&key(b'D', &[&c.repo, &c.digest]))?;
+                    if live && c.pulls > 0 {
+                        self.add(key(b'W', &[&c.repo, &c.digest]), i64::try_from(c.pulls).unwrap_or(i64::MAX))?;
+                    }
+                }
             }
             // Applied by `deletion`, which answers with refusals too.
             DirectoryChange::DeleteVersion { .. }

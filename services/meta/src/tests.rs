@@ -411,3 +411,56 @@ fn upload_entries_of_before_and_after_the_cap_decode() {
     assert_eq!(json["CreateUpload"]["session"]["staging"], "n1");
     assert_eq!(serde_json::from_value::<Command>(json).unwrap(), new);
 }
+
+#[tokio::test]
+async fn deleted_versions_keep_what_they_hold_until_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let pkg = |c: DirectoryChange| {
+        let m = m.clone();
+        async move { m.change_directory(c).await }
+    };
+    pkg(DirectoryChange::EnsurePackage { repo: "a/multi".into(), source: None, creator: None, now_ms: 1 })
+        .await
+        .unwrap();
+    m.link_blob("a/multi", &d("layer"), stored(1)).await.unwrap();
+    m.put_manifest("a/multi", record("amd64", vec![d("layer")], None), vec![], stored(9)).await.unwrap();
+    m.put_manifest("a/multi", record("arm64", vec![d("layer")], None), vec![], stored(9)).await.unwrap();
+    m.put_manifest("a/multi", index("idx", vec![d("amd64"), d("arm64")]), vec!["v1".into()], stored(9)).await.unwrap();
+    let version =
+        |name: &str| DirectoryChange::DeleteVersion { repo: "a/multi".into(), digest: d(name).to_string(), now_ms: 0 };
+    let e = pkg(version("amd64")).await.unwrap_err();
+    assert_eq!(e.status, 409, "a platform of a live index");
+    assert!(pkg(DirectoryChange::DeletePackage { repo: "a/multi".into(), now_ms: 0 }).await.unwrap());
+    assert_eq!(m.tagged_manifest("a/multi", "v1").await.unwrap(), None);
+    assert_eq!(m.manifest("a/multi", &d("amd64")).await.unwrap(), None);
+    assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced.is_empty(), "deleted versions hold their blobs");
+    let versions = m.package_versions("a/multi").await.unwrap();
+    assert!(versions.len() == 3 && versions.iter().all(|v| v.deleted_ms.is_some()));
+    // Restoring the index restores its platforms with it.
+    let restore = DirectoryChange::RestoreVersion {
+        repo: "a/multi".into(),
+        digest: d("idx").to_string(),
+        window_ms: 0,
+        now_ms: 0,
+    };
+    assert!(pkg(restore).await.unwrap());
+    assert_eq!(m.tagged_manifest("a/multi", "v1").await.unwrap().map(|r| r.digest), Some(d("idx")));
+    assert!(m.manifest("a/multi", &d("arm64")).await.unwrap().is_some());
+    // Within the retention period nothing is purged; past it, everything, platforms after
+    // their index, and then collection takes the blobs.
+    assert!(pkg(DirectoryChange::DeletePackage { repo: "a/multi".into(), now_ms: 0 }).await.unwrap());
+    assert_eq!(m.purge_deleted(Duration::from_secs(3600), 10).await.unwrap(), 0);
+    let mut purged = 0;
+    for _ in 0..3 {
+        purged += m.purge_deleted(Duration::ZERO, 10).await.unwrap();
+    }
+    assert_eq!(purged, 3);
+    assert!(m.package_versions("a/multi").await.unwrap().is_empty());
+    let mut fenced = m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced;
+    fenced.sort();
+    let mut all = vec![d("layer"), d("amd64"), d("arm64"), d("idx")];
+    all.sort();
+    assert_eq!(fenced, all);
+    m.shutdown().await;
+}

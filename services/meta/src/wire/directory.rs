@@ -2,7 +2,7 @@
 //! one oneof case per variant of [`DirectoryChange`].
 
 use berth_core::access::{OrgRole, Perm, Principal, SourceRepo, Visibility};
-use berth_core::store::{DirectoryChange, PublicSigningKey, TokenRecord, User};
+use berth_core::store::{DirectoryChange, PublicSigningKey, PullCount, TokenRecord, User};
 use berth_proto::meta as pb;
 use pb::directory_change::{self as dc, Change};
 
@@ -62,6 +62,12 @@ impl Wire for DirectoryChange {
             DirectoryChange::RestorePackage { repo, window_ms, now_ms } => {
                 Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms })
             }
+            DirectoryChange::CountPulls(counts) => Change::CountPulls(dc::CountPulls {
+                counts: counts
+                    .into_iter()
+                    .map(|PullCount { repo, digest, pulls }| dc::PullCount { repo, digest, pulls })
+                    .collect(),
+            }),
         };
         pb::DirectoryChange { change: Some(change) }
     }
@@ -118,6 +124,12 @@ impl Wire for DirectoryChange {
             Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms }) => {
                 DirectoryChange::RestorePackage { repo, window_ms, now_ms }
             }
+            Change::CountPulls(dc::CountPulls { counts }) => DirectoryChange::CountPulls(
+                counts
+                    .into_iter()
+                    .map(|dc::PullCount { repo, digest, pulls }| PullCount { repo, digest, pulls })
+                    .collect(),
+            ),
         })
     }
 }
@@ -185,6 +197,11 @@ mod tests {
             },
             DirectoryChange::DeletePackage { repo: "acme/app".into(), now_ms: 8 },
             DirectoryChange::RestorePackage { repo: "acme/app".into(), window_ms: 9, now_ms: 10 },
+            DirectoryChange::CountPulls(vec![]),
+            DirectoryChange::CountPulls(vec![
+                PullCount { repo: "acme/app".into(), digest: "sha256:00".into(), pulls: 3 },
+                PullCount { repo: "acme/b".into(), digest: "sha256:01".into(), pulls: 1 },
+            ]),
         ];
         all.extend(keys().into_iter().map(|key| DirectoryChange::PublishKey { key, retire_after_ms: 9, now_ms: 8 }));
         all.extend(tokens().into_iter().map(DirectoryChange::CreateToken));
@@ -195,7 +212,7 @@ mod tests {
     #[test]
     fn every_directory_change_round_trips() {
         let all = changes();
-        assert_eq!(all.len(), 28);
+        assert_eq!(all.len(), 30);
         all.into_iter().for_each(round_trips);
     }
 

@@ -45,13 +45,18 @@ impl Wire for PackageVersion {
     type Proto = pb::PackageVersion;
 
     fn to_proto(self) -> pb::PackageVersion {
-        let PackageVersion { record, tags, deleted_ms } = self;
-        pb::PackageVersion { record: Some(record.to_proto()), tags, deleted_ms }
+        let PackageVersion { record, tags, deleted_ms, downloads } = self;
+        pb::PackageVersion { record: Some(record.to_proto()), tags, deleted_ms, downloads }
     }
 
     fn from_proto(p: pb::PackageVersion) -> Result<PackageVersion, WireError> {
-        let pb::PackageVersion { record, tags, deleted_ms } = p;
-        Ok(PackageVersion { record: ManifestRecord::from_proto(required(record, "record")?)?, tags, deleted_ms })
+        let pb::PackageVersion { record, tags, deleted_ms, downloads } = p;
+        Ok(PackageVersion {
+            record: ManifestRecord::from_proto(required(record, "record")?)?,
+            tags,
+            deleted_ms,
+            downloads,
+        })
     }
 }
 
