@@ -1038,3 +1038,54 @@ async fn pulls_are_counted_per_version() {
     }
     eprintln!("download counts reported {:?} after the pulls", started.elapsed());
 }
+
+/// A push describes its package: description, license and source from the image config's
+/// labels or the manifest's (an index's) annotations; too long values are cut and the push
+/// still succeeds; markup is kept as text (escaping is the pages' job).
+#[tokio::test]
+async fn pushes_describe_their_packages() {
+    let s = Server::start();
+    let c = client();
+    let long = format!("<script>alert(1)</script> {}", "é".repeat(600));
+    let config = json!({"config": {"Labels": {
+        "org.opencontainers.image.description": long,
+        "org.opencontainers.image.licenses": "MIT",
+        "org.opencontainers.image.source": "https://git.example/admin/described",
+    }}})
+    .to_string();
+    let cd = berth_tests::push_blob(&c, &s.url, "admin/described", config.as_bytes()).await;
+    let layer = b"layer bytes".to_vec();
+    let ld = berth_tests::push_blob(&c, &s.url, "admin/described", &layer).await;
+    let m = berth_tests::image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
+    assert_eq!(put_manifest(&c, &s.url, "admin/described", "amd64", m.clone()).await.status(), 201);
+    let api = format!("{}/api/v3/users/admin/packages/container/described", s.url);
+    let p: Value = c.get(&api).send().await.unwrap().json().await.unwrap();
+    let description = p["description"].as_str().unwrap();
+    assert_eq!(description.chars().count(), 512, "cut at 512 characters");
+    assert!(description.starts_with("<script>alert(1)</script> éé"));
+    assert_eq!(
+        (p["license"].as_str(), p["source_url"].as_str()),
+        (Some("MIT"), Some("https://git.example/admin/described"))
+    );
+    // A multi-platform image: the index's annotations speak for the package.
+    let md = berth_tests::digest(m.as_bytes());
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": m.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+        "annotations": {"org.opencontainers.image.description": "from the index"},
+    })
+    .to_string();
+    let r = c
+        .put(format!("{}/v2/admin/described/manifests/v1", s.url))
+        .header("content-type", "application/vnd.oci.image.index.v1+json")
+        .body(index)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let p: Value = c.get(&api).send().await.unwrap().json().await.unwrap();
+    assert_eq!(p["description"], "from the index");
+    assert_eq!(p["license"], "MIT", "what the index does not say stays");
+}

@@ -157,6 +157,27 @@ pub struct Package {
     /// hidden from listings and pulls, restorable for the retention period.
     #[serde(default)]
     pub deleted_ms: Option<u64>,
+    /// What its latest push said of it: `org.opencontainers.image.description` (at most
+    /// [`MAX_DESCRIPTION`] characters), `.licenses` (at most [`MAX_LICENSE`]) and `.source`,
+    /// from the manifest's (or index's) annotations or the image config's labels.
+    #[serde(default)]
+    pub about: About,
+}
+
+/// Longest package description kept, in characters (GHCR's limit); longer ones are cut.
+pub const MAX_DESCRIPTION: usize = 512;
+/// Longest license expression kept, in characters; longer ones are cut.
+pub const MAX_LICENSE: usize = 256;
+
+/// A package's description, license and source, as its pushes label them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct About {
+    /// `org.opencontainers.image.description`.
+    pub description: Option<String>,
+    /// `org.opencontainers.image.licenses`.
+    pub license: Option<String>,
+    /// `org.opencontainers.image.source`.
+    pub source_url: Option<String>,
 }
 
 /// A source repository registered by an organization.
@@ -368,6 +389,7 @@ mod tests {
             inherit: true,
             created_ms: 0,
             deleted_ms: None,
+            about: Default::default(),
         }
     }
 

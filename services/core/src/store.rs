@@ -471,6 +471,15 @@ pub enum DirectoryChange {
         /// When (ms since the epoch; the metadata leader sets it).
         now_ms: u64,
     },
+    /// Records what a push says of its package ([`crate::access::About`]: the fields given
+    /// replace the old ones), and links the package to the source repository registered
+    /// under the source URL, as [`DirectoryChange::LinkSourceByUrl`] does.
+    DescribePackage {
+        /// Repository.
+        repo: String,
+        /// What the push says.
+        about: crate::access::About,
+    },
     /// Adds pulls to versions' download counts (a frontend's report of the last seconds).
     CountPulls(Vec<PullCount>),
     /// Changes a package's settings.

@@ -20,7 +20,9 @@
 use axum::extract::Request;
 use axum::http::{header, Method, StatusCode};
 use axum::response::Response;
-use berth_core::access::{permission, Identity, OrgRole, Perm, Principal, Scope, SourceRepo, Visibility};
+use berth_core::access::{
+    permission, About, Identity, OrgRole, Perm, Principal, Scope, SourceRepo, Visibility, MAX_DESCRIPTION, MAX_LICENSE,
+};
 use berth_core::store::{parse_grants, DirectoryChange, TokenOwner, User};
 use berth_core::{Digest, ErrorCode, RegistryError};
 use serde::Deserialize;
@@ -31,13 +33,23 @@ use crate::{error_response, json_response, Registry};
 
 /// The annotation (or config label) that links a package to its source repository.
 pub const SOURCE_KEY: &str = "org.opencontainers.image.source";
+/// The annotation (or config label) of a package's description.
+pub const DESCRIPTION_KEY: &str = "org.opencontainers.image.description";
+/// The annotation (or config label) of a package's license expression.
+pub const LICENSES_KEY: &str = "org.opencontainers.image.licenses";
 
-/// Where a pushed manifest may name its source repository.
+/// What a pushed manifest says of its package: its (or its index's) annotations, and the
+/// image config, whose labels say what the annotations do not.
 pub struct SourceHint {
-    /// The manifest's `org.opencontainers.image.source` annotation.
-    pub annotation: Option<String>,
-    /// The image config, whose labels may carry it.
+    /// The manifest's annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// The image config, whose labels may carry them.
     pub config: Option<Digest>,
+}
+
+/// `s` cut to at most `max` characters.
+fn cut(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
 }
 
 /// Largest config read for its labels.
@@ -63,21 +75,40 @@ pub async fn ensure_package(reg: &Registry, who: &Identity, repo: &str) -> Resul
     Ok(())
 }
 
-/// Links the package to the source repository its manifest names, if one is registered
-/// (best effort: a failure leaves the package unlinked, never the push failed).
-pub async fn link_source(reg: &Registry, repo: &str, hint: &SourceHint) {
-    let mut url = hint.annotation.clone();
-    if url.is_none() {
+/// Records the description, license and source URL a pushed manifest gives its package (the
+/// manifest's annotations first, then the image config's labels; too long values cut), and
+/// links the package to the source repository registered under that URL. Best effort: a
+/// failure leaves the package as it was, never the push failed.
+pub async fn describe_package(reg: &Registry, repo: &str, hint: &SourceHint) {
+    let keys = [DESCRIPTION_KEY, LICENSES_KEY, SOURCE_KEY];
+    let mut found: Vec<Option<String>> = keys.iter().map(|k| hint.annotations.get(*k).cloned()).collect();
+    if found.iter().any(Option::is_none) {
         if let Some(config) = &hint.config {
             if let Ok(Some(bytes)) = reg.blobs.read_small(config, MAX_CONFIG).await {
-                url = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .and_then(|v| v["config"]["Labels"][SOURCE_KEY].as_str().map(str::to_string));
+                if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+                    for (slot, k) in found.iter_mut().zip(keys) {
+                        if slot.is_none() {
+                            *slot = v["config"]["Labels"][k].as_str().map(str::to_string);
+                        }
+                    }
+                }
             }
         }
     }
-    if let Some(url) = url {
-        let _ = reg.meta.change_directory(DirectoryChange::LinkSourceByUrl { repo: repo.into(), url }).await;
+    let [description, license, source_url]: [Option<String>; 3] = match found.try_into() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let about = About {
+        description: description.map(|d| cut(&d, MAX_DESCRIPTION)),
+        license: license.map(|l| cut(&l, MAX_LICENSE)),
+        source_url,
+    };
+    if about == About::default() {
+        return;
+    }
+    if let Err(e) = reg.meta.change_directory(DirectoryChange::DescribePackage { repo: repo.into(), about }).await {
+        tracing::warn!(repo, error = %e, "recording a package's description");
     }
 }
 

@@ -166,7 +166,12 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     };
     let parsed = manifest::parse(content_type.as_deref(), &body)?;
     let parsed_source = crate::admin::SourceHint {
-        annotation: parsed.annotations.get(crate::admin::SOURCE_KEY).cloned(),
+        annotations: parsed
+            .annotations
+            .iter()
+            .filter(|(k, _)| k.starts_with("org.opencontainers.image."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         config: parsed.config.clone(),
     };
     let record = ManifestRecord {
@@ -184,7 +189,7 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     let stored = reg.blobs.put_small(&digest, body.clone()).await?;
     reg.meta.put_manifest(name, record, tags, stored).await?;
     reg.manifests.insert(digest.clone(), body);
-    crate::admin::link_source(reg, name, &parsed_source).await;
+    crate::admin::describe_package(reg, name, &parsed_source).await;
     let mut headers = vec![
         ("location", reg.location(&format!("/v2/{name}/manifests/{digest}"))),
         ("docker-content-digest", digest.to_string()),

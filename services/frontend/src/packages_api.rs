@@ -29,6 +29,11 @@
 //! and shows only packages the caller may read (`core::access`); another package is 404, as on
 //! GitHub. Errors have GitHub's shape, `{"message": ..., "documentation_url": ...}`.
 //!
+//! **Descriptions.** Packages carry `description`, `license` and `source_url` (GitHub shows
+//! them on its pages only): the `org.opencontainers.image.description`, `.licenses` and
+//! `.source` of the latest push that gave them, from the manifest's (or index's) annotations or
+//! the image config's labels, cut at 512 and 256 characters.
+//!
 //! **Download counts.** One package (`GET .../packages/container/{name}`) and its versions
 //! carry `download_count`, which GitHub's REST API does not have: the pulls of each version
 //! (manifest `GET`s by tag or digest), reported by the frontends every few seconds.
@@ -459,6 +464,9 @@ fn package_json(
         "html_url": format!("{html}/container/package/{name}"),
         "created_at": time(s.package.created_ms),
         "updated_at": time(s.updated_ms),
+        "description": s.package.about.description,
+        "license": s.package.about.license,
+        "source_url": s.package.about.source_url,
     });
     if let Some(src) = source {
         let full = format!("{}/{}", src.org, src.name);

@@ -1174,6 +1174,7 @@ impl<'a> Tx<'a> {
                     inherit: true,
                     created_ms: *now_ms,
                     deleted_ms: None,
+                    about: Default::default(),
                 };
                 self.put(k, &p)?;
             }
@@ -1207,6 +1208,35 @@ impl<'a> Tx<'a> {
                 }
                 if let Some(i) = inherit {
                     p.inherit = *i;
+                }
+                self.put(k, &p)?;
+            }
+            DirectoryChange::DescribePackage { repo, about } => {
+                let k = key(b'P', &[repo]);
+                let Some(mut p) = self.get::<Package>(&k)? else { return Ok(false) };
+                let old = p.about.clone();
+                for (field, given) in [
+                    (&mut p.about.description, &about.description),
+                    (&mut p.about.license, &about.license),
+                    (&mut p.about.source_url, &about.source_url),
+                ] {
+                    if given.is_some() {
+                        field.clone_from(given);
+                    }
+                }
+                // Linked to its source repository as by a LinkSourceByUrl, when one is
+                // registered under the URL (of the package's own owner, once).
+                let mut linked = false;
+                if let Some(url) = &about.source_url {
+                    if let Some(source) = self.get::<String>(&key(b'X', &[url]))? {
+                        if p.source.is_none() && owner_of(&source) == owner_of(repo) {
+                            p.source = Some(source);
+                            linked = true;
+                        }
+                    }
+                }
+                if p.about == old && !linked {
+                    return Ok(false);
                 }
                 self.put(k, &p)?;
             }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use berth_core::access::{
-    AccessFacts, Grants, Identity, OrgRole, Package, Perm, Principal, Scope, SourceRepo, Visibility,
+    About, AccessFacts, Grants, Identity, OrgRole, Package, Perm, Principal, Scope, SourceRepo, Visibility,
 };
 use berth_proto::meta as pb;
 
@@ -84,7 +84,7 @@ impl Wire for Package {
     type Proto = pb::Package;
 
     fn to_proto(self) -> pb::Package {
-        let Package { name, visibility, grants, source, inherit, created_ms, deleted_ms } = self;
+        let Package { name, visibility, grants, source, inherit, created_ms, deleted_ms, about } = self;
         pb::Package {
             name,
             visibility: visibility.to_proto(),
@@ -93,11 +93,17 @@ impl Wire for Package {
             inherit,
             created_ms,
             deleted_ms,
+            about: Some(pb::About {
+                description: about.description,
+                license: about.license,
+                source_url: about.source_url,
+            }),
         }
     }
 
     fn from_proto(p: pb::Package) -> Result<Package, WireError> {
-        let pb::Package { name, visibility, grants, source, inherit, created_ms, deleted_ms } = p;
+        let pb::Package { name, visibility, grants, source, inherit, created_ms, deleted_ms, about } = p;
+        let about = about.unwrap_or_default();
         Ok(Package {
             name,
             visibility: Visibility::from_proto(visibility)?,
@@ -106,6 +112,7 @@ impl Wire for Package {
             inherit,
             created_ms,
             deleted_ms,
+            about: About { description: about.description, license: about.license, source_url: about.source_url },
         })
     }
 }
@@ -203,6 +210,11 @@ pub(super) mod tests {
             inherit: true,
             created_ms: 11,
             deleted_ms: Some(12),
+            about: About {
+                description: Some("a <b>thing</b>".into()),
+                license: Some("MIT OR Apache-2.0".into()),
+                source_url: None,
+            },
         };
         let source = SourceRepo {
             org: "acme".into(),

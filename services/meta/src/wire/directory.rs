@@ -1,7 +1,7 @@
 //! Directory changes (accounts, organizations, tokens, keys, package settings) on the wire:
 //! one oneof case per variant of [`DirectoryChange`].
 
-use berth_core::access::{OrgRole, Perm, Principal, SourceRepo, Visibility};
+use berth_core::access::{About, OrgRole, Perm, Principal, SourceRepo, Visibility};
 use berth_core::store::{DirectoryChange, PublicSigningKey, PullCount, TokenRecord, User};
 use berth_proto::meta as pb;
 use pb::directory_change::{self as dc, Change};
@@ -62,6 +62,14 @@ impl Wire for DirectoryChange {
             DirectoryChange::RestorePackage { repo, window_ms, now_ms } => {
                 Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms })
             }
+            DirectoryChange::DescribePackage { repo, about } => Change::DescribePackage(dc::DescribePackage {
+                repo,
+                about: Some(pb::About {
+                    description: about.description,
+                    license: about.license,
+                    source_url: about.source_url,
+                }),
+            }),
             DirectoryChange::CountPulls(counts) => Change::CountPulls(dc::CountPulls {
                 counts: counts
                     .into_iter()
@@ -123,6 +131,17 @@ impl Wire for DirectoryChange {
             }
             Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms }) => {
                 DirectoryChange::RestorePackage { repo, window_ms, now_ms }
+            }
+            Change::DescribePackage(dc::DescribePackage { repo, about }) => {
+                let about = about.unwrap_or_default();
+                DirectoryChange::DescribePackage {
+                    repo,
+                    about: About {
+                        description: about.description,
+                        license: about.license,
+                        source_url: about.source_url,
+                    },
+                }
             }
             Change::CountPulls(dc::CountPulls { counts }) => DirectoryChange::CountPulls(
                 counts
@@ -198,6 +217,15 @@ mod tests {
             DirectoryChange::DeletePackage { repo: "acme/app".into(), now_ms: 8 },
             DirectoryChange::RestorePackage { repo: "acme/app".into(), window_ms: 9, now_ms: 10 },
             DirectoryChange::CountPulls(vec![]),
+            DirectoryChange::DescribePackage { repo: "acme/app".into(), about: About::default() },
+            DirectoryChange::DescribePackage {
+                repo: "acme/app".into(),
+                about: About {
+                    description: Some("d".into()),
+                    license: Some("MIT".into()),
+                    source_url: Some("https://git.example/acme/repo".into()),
+                },
+            },
             DirectoryChange::CountPulls(vec![
                 PullCount { repo: "acme/app".into(), digest: "sha256:00".into(), pulls: 3 },
                 PullCount { repo: "acme/b".into(), digest: "sha256:01".into(), pulls: 1 },
@@ -212,7 +240,7 @@ mod tests {
     #[test]
     fn every_directory_change_round_trips() {
         let all = changes();
-        assert_eq!(all.len(), 30);
+        assert_eq!(all.len(), 32);
         all.into_iter().for_each(round_trips);
     }
 
