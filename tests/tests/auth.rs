@@ -886,6 +886,9 @@ async fn packages_and_versions_are_deleted_and_restored() {
     assert_eq!(status, 204);
     assert_eq!(manifest("v1").await.0, 404);
     assert_eq!(manifest(&old).await.0, 404);
+    let as_blob = format!("{}/v2/acme/app/blobs/{old}", s.url);
+    assert_eq!(c.get(&as_blob).send().await.unwrap().status(), 404, "nor are its bytes served as a blob");
+    assert_eq!(c.delete(&as_blob).send().await.unwrap().status(), 409, "nor can they be unlinked");
     let tags = c.get(format!("{}/v2/acme/app/tags/list", s.url)).send().await.unwrap().json::<Value>().await.unwrap();
     assert_eq!(tags["tags"], json!(["v2"]));
     let active = get(format!("{api}/versions")).await.1;
@@ -930,7 +933,21 @@ async fn packages_and_versions_are_deleted_and_restored() {
     assert_eq!(manifest(&old).await.0, 200, "refusals change nothing");
 
     // The package deleted: gone from listings and pulls, and restored with its versions.
+    let image: Value = c
+        .get(format!("{}/v2/acme/app/manifests/{new}", s.url))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layer = format!("{}/v2/acme/app/blobs/{}", s.url, image["layers"][0]["digest"].as_str().unwrap());
+    let anonymous = reqwest::Client::new();
+    assert_eq!(anonymous.get(&layer).send().await.unwrap().status(), 200, "public");
     assert_eq!(call(reqwest::Method::DELETE, api.clone(), None).await.0, 204);
+    let status = anonymous.get(&layer).send().await.unwrap().status().as_u16();
+    assert!(status == 401 || status == 404, "a deleted package's visibility is gone with it: {status}");
     assert_eq!(get(api.clone()).await.0, 404);
     let listed = get(format!("{}/api/v3/orgs/acme/packages?package_type=container", s.url)).await.1;
     assert_eq!(listed, json!([]));

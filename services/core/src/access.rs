@@ -302,6 +302,13 @@ fn grant_for(grants: &Grants, user: &str, org: &str, teams: &BTreeSet<String>) -
 
 /// The permission `who` has on `repo`, before token scopes are applied.
 pub fn permission(who: &Identity, repo: &str, facts: &AccessFacts) -> Option<Perm> {
+    // A deleted package's visibility and grants are gone with it: what is left is what its
+    // namespace gives (its administrators may restore it; who may create packages there may
+    // push a new one in its place).
+    if facts.package.as_ref().is_some_and(|p| p.deleted_ms.is_some()) {
+        let without = AccessFacts { package: None, ..facts.clone() };
+        return permission(who, repo, &without);
+    }
     let owner = owner_of(repo);
     let public = facts.package.as_ref().map(|p| p.visibility);
     let by_visibility = match public {

@@ -432,6 +432,18 @@ pub enum DirectoryChange {
         /// The `org.opencontainers.image.source` value.
         url: String,
     },
+    /// Changes a package's settings.
+    UpdatePackage {
+        /// Repository.
+        repo: String,
+        /// New visibility.
+        visibility: Option<Visibility>,
+        /// A grant to set (`Some`) or remove (`None`).
+        grant: Option<(Principal, Option<Perm>)>,
+        /// Whether to inherit the source repository's grants.
+        inherit: Option<bool>,
+    },
+    // New variants go last (see the Raft command enum: bincode numbers them by position).
     /// Deletes a version of a package, restorably: it keeps its bytes and what it holds, and
     /// is hidden from pulls, tag lists and referrers until it is restored or purged.
     DeleteVersion {
@@ -482,17 +494,6 @@ pub enum DirectoryChange {
     },
     /// Adds pulls to versions' download counts (a frontend's report of the last seconds).
     CountPulls(Vec<PullCount>),
-    /// Changes a package's settings.
-    UpdatePackage {
-        /// Repository.
-        repo: String,
-        /// New visibility.
-        visibility: Option<Visibility>,
-        /// A grant to set (`Some`) or remove (`None`).
-        grant: Option<(Principal, Option<Perm>)>,
-        /// Whether to inherit the source repository's grants.
-        inherit: Option<bool>,
-    },
 }
 
 /// A storage node as it registers itself with the metadata service.

@@ -62,7 +62,8 @@ use berth_core::now_ms;
 /// to the CI token's repository when a CI token creates it.
 pub async fn ensure_package(reg: &Registry, who: &Identity, repo: &str) -> Result<(), RegistryError> {
     let facts = reg.meta.access_facts(who, repo).await?;
-    if facts.package.is_some() {
+    // A deleted package's name is free: the push creates a new package in its place.
+    if facts.package.as_ref().is_some_and(|p| p.deleted_ms.is_none()) {
         return Ok(());
     }
     let (source, creator) = match who {

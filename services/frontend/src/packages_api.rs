@@ -411,6 +411,13 @@ async fn change_package(reg: &Registry, repo: &str, change: Change, more: &[&str
         }
         _ => return Err(not_found("endpoint")),
     };
+    // This frontend's answers for pulls by digest while the metadata service is away must
+    // not outlive the deletion.
+    if let (Change::Delete, Some(d)) = (change, &version) {
+        if let Ok(d) = d.parse::<Digest>() {
+            reg.recall.forget(repo, &d);
+        }
+    }
     let repo = repo.to_string();
     let c = match (change, version) {
         (Change::Delete, Some(digest)) => DirectoryChange::DeleteVersion { repo, digest, now_ms: 0 },

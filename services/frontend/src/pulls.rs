@@ -17,6 +17,10 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// seconds go uncounted rather than let memory grow without bound.
 const MAX_COUNTED: usize = 100_000;
 
+/// Versions per metadata write of a report: each write stays far below the gRPC message
+/// limit (4 MiB), however many versions a report holds.
+const PER_WRITE: usize = 2_000;
+
 /// Pulls by repository and manifest digest since the last report.
 type Counts = HashMap<String, HashMap<Digest, u64>>;
 
@@ -89,12 +93,14 @@ async fn report(counter: Weak<PullCounter>) {
         tokio::time::sleep(REPORT_EVERY).await;
         let Some(c) = counter.upgrade() else { return };
         let counts = c.take();
-        if counts.is_empty() {
-            continue;
-        }
-        if let Err(e) = c.meta.change_directory(DirectoryChange::CountPulls(counts.clone())).await {
-            tracing::warn!(error = %e, versions = counts.len(), "reporting download counts; kept for the next report");
-            c.put_back(counts);
+        for part in counts.chunks(PER_WRITE) {
+            // Kept for the next report: a metadata group without a majority does not lose
+            // them. (A write that timed out may have been applied all the same, and is then
+            // counted twice: counts are approximate in that rare case.)
+            if let Err(e) = c.meta.change_directory(DirectoryChange::CountPulls(part.to_vec())).await {
+                tracing::warn!(error = %e, versions = part.len(), "reporting download counts; kept for the next report");
+                c.put_back(part.to_vec());
+            }
         }
     }
 }

@@ -113,15 +113,6 @@ pub enum Command {
     },
     /// A change to accounts, organizations, tokens or package settings.
     Directory(DirectoryChange),
-    /// Deletes for good at most `max` versions deleted (restorably) at or before `before_ms`.
-    PurgeDeleted {
-        /// Versions deleted at or before it go (ms since the epoch).
-        before_ms: u64,
-        /// At most this many.
-        max: usize,
-        /// Now (ms since the epoch): when the links they release become loose.
-        now_ms: u64,
-    },
     /// Several independent commands in one log entry, applied in order; each succeeds or is
     /// refused on its own. Concurrent writers share one entry, and so one log fsync.
     Batch(Vec<Command>),
@@ -149,6 +140,17 @@ pub enum Command {
         /// Blob.
         digest: Digest,
     },
+    // New variants go last: Raft messages between nodes are bincode-encoded, which numbers
+    // variants by position, and nodes of two versions share a group during an upgrade.
+    /// Deletes for good at most `max` versions deleted (restorably) at or before `before_ms`.
+    PurgeDeleted {
+        /// Versions deleted at or before it go (ms since the epoch).
+        before_ms: u64,
+        /// At most this many.
+        max: usize,
+        /// Now (ms since the epoch): when the links they release become loose.
+        now_ms: u64,
+    },
 }
 
 /// What applying a [`Command`] answers.
@@ -170,8 +172,6 @@ pub enum Outcome {
     },
     /// The outcomes of a [`Command::Batch`], in order.
     Batch(Vec<Outcome>),
-    /// Done; how many deleted versions were purged.
-    Purged(usize),
     /// Refused, with the error the client gets; nothing changed.
     Rejected {
         /// OCI error code.
@@ -182,6 +182,8 @@ pub enum Outcome {
         #[serde(default)]
         status: Option<u16>,
     },
+    /// Done; how many deleted versions were purged.
+    Purged(usize),
 }
 
 impl Outcome {

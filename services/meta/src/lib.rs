@@ -300,6 +300,20 @@ impl MetaService {
     pub async fn purge_deleted(&self, retention: Duration, max: usize) -> Result<usize> {
         let now = now_ms();
         let before_ms = now.saturating_sub(retention.as_millis() as u64);
+        // A read first: most rounds have nothing to purge, and need no Raft write.
+        let due = self
+            .read(move |v| {
+                Ok(v.scan(b"Y", None, 1)?.first().is_some_and(|(rest, _)| {
+                    rest.get(..8)
+                        .and_then(|t| t.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .is_some_and(|t| t <= before_ms)
+                }))
+            })
+            .await?;
+        if !due {
+            return Ok(0);
+        }
         match self.write(Command::PurgeDeleted { before_ms, max, now_ms: now }).await? {
             Outcome::Purged(n) => Ok(n),
             _ => Ok(0),
@@ -368,8 +382,10 @@ impl MetaStore for MetaService {
     }
 
     async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
-        let k = key(b'l', &[repo, &digest.to_string()]);
-        self.read(move |v| v.get(&k)).await
+        let d = digest.to_string();
+        let (k, deleted) = (key(b'l', &[repo, &d]), key(b'D', &[repo, &d]));
+        // The bytes of a deleted version stay linked (for its restore) but are not served.
+        self.read(move |v| if v.raw(&deleted)?.is_some() { Ok(None) } else { v.get(&k) }).await
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {

@@ -531,7 +531,10 @@ impl<'a> Tx<'a> {
     /// A link nothing holds (a blob just uploaded, or re-uploaded) is loose from now.
     fn mark_loose_unless_held(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<(), StateError> {
         let d = digest.to_string();
-        if !self.exists(&key(b'h', &[repo, &d]))? && !self.exists(&key(b'm', &[repo, &d]))? {
+        if !self.exists(&key(b'h', &[repo, &d]))?
+            && !self.exists(&key(b'm', &[repo, &d]))?
+            && !self.exists(&key(b'D', &[repo, &d]))?
+        {
             self.set_loose(repo, &d, Some(now_ms))?;
         }
         Ok(())
@@ -580,7 +583,7 @@ impl<'a> Tx<'a> {
 
     fn unlink_blob(&mut self, repo: &str, digest: &Digest, now_ms: u64) -> Result<Outcome, StateError> {
         let d = digest.to_string();
-        if self.exists(&key(b'm', &[repo, &d]))? {
+        if self.exists(&key(b'm', &[repo, &d]))? || self.exists(&key(b'D', &[repo, &d]))? {
             return Ok(Outcome::refused(
                 ErrorCode::Denied,
                 409,
@@ -609,11 +612,10 @@ impl<'a> Tx<'a> {
         let mk = key(b'm', &[repo, &d]);
         // A deleted version pushed again is live again (it still holds what it held).
         self.revive(repo, &d)?;
-        // So is a deleted package pushed to: the name is taken, the old package is gone.
-        if let Some(mut p) = self.get::<Package>(&key(b'P', &[repo]))? {
-            if p.deleted_ms.take().is_some() {
-                self.put(key(b'P', &[repo]), &p)?;
-            }
+        // A deleted package pushed to: the name is taken by a new package (frontends create it
+        // first, with its creator's rights; this covers any push that comes without).
+        if self.get::<Package>(&key(b'P', &[repo]))?.is_some_and(|p| p.deleted_ms.is_some()) {
+            self.replace_package(repo, None, None, record.pushed_at_ms)?;
         }
         if !self.exists(&mk)? {
             for b in &record.blobs {
@@ -878,10 +880,14 @@ impl<'a> Tx<'a> {
     }
 
     /// Moves live version `d` of `repo` to the deleted ones (see the module docs).
-    fn hide(&mut self, repo: &str, d: &str, now_ms: u64) -> Result<bool, StateError> {
+    /// `tags`: its tags, when the caller has them (else they are looked up).
+    fn hide(&mut self, repo: &str, d: &str, now_ms: u64, tags: Option<Vec<String>>) -> Result<bool, StateError> {
         let mk = key(b'm', &[repo, d]);
         let Some(record) = self.get::<ManifestRecord>(&mk)? else { return Ok(false) };
-        let tags = self.tags_of(repo, d)?;
+        let tags = match tags {
+            Some(t) => t,
+            None => self.tags_of(repo, d)?,
+        };
         for tag in &tags {
             self.delete(key(b't', &[repo, tag]));
         }
@@ -895,6 +901,34 @@ impl<'a> Tx<'a> {
         Ok(true)
     }
 
+    /// Puts a new package in place of deleted package `repo`: private, without the old one's
+    /// grants, source or description; administered by `creator` outside its own namespace.
+    fn replace_package(
+        &mut self,
+        repo: &str,
+        source: Option<String>,
+        creator: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), StateError> {
+        let grants = creator
+            .filter(|c| *c != owner_of(repo))
+            .map(|c| (Principal::User(c.to_string()), Perm::Admin))
+            .into_iter()
+            .collect();
+        let p = Package {
+            name: repo.to_string(),
+            visibility: Default::default(),
+            grants,
+            source,
+            inherit: true,
+            created_ms: now_ms,
+            deleted_ms: None,
+            about: Default::default(),
+        };
+        self.delete(key(b'p', &[repo]));
+        self.put(key(b'P', &[repo]), &p)
+    }
+
     /// Moves deleted version `d` of `repo` back to the live ones, without its tags; returns
     /// what it was, or `None` when no such version is deleted.
     fn revive(&mut self, repo: &str, d: &str) -> Result<Option<DeletedVersion>, StateError> {
@@ -904,6 +938,7 @@ impl<'a> Tx<'a> {
         self.delete(time_key(b'Y', v.deleted_ms, &[repo, d]));
         self.put(key(b'm', &[repo, d]), &v.record)?;
         self.add(key(b'n', &[repo]), 1)?;
+        self.set_loose(repo, d, None)?;
         if let Some(subject) = &v.record.subject {
             self.put(key(b's', &[repo, &subject.to_string(), d]), &())?;
         }
@@ -949,10 +984,22 @@ impl<'a> Tx<'a> {
                         "You cannot delete the last version of a package. You must delete the package instead.",
                     ));
                 }
-                self.hide(repo, digest, *now_ms).map(Outcome::Existed)
+                self.hide(repo, digest, *now_ms, None).map(Outcome::Existed)
             }
             DirectoryChange::RestoreVersion { repo, digest, window_ms, now_ms } => {
+                let package = self.get::<Package>(&key(b'P', &[repo]))?;
                 match self.get::<DeletedVersion>(&key(b'D', &[repo, digest]))? {
+                    // A version of a package deleted before the name was taken again belongs
+                    // to that package, which is gone.
+                    Some(v)
+                        if package.as_ref().is_some_and(|p| p.deleted_ms.is_none() && v.deleted_ms < p.created_ms) =>
+                    {
+                        return Ok(Outcome::refused(
+                            ErrorCode::Denied,
+                            409,
+                            format!("the name {repo} has been taken again since this version's package was deleted"),
+                        ));
+                    }
                     Some(v) if v.deleted_ms.saturating_add(*window_ms) >= *now_ms => {}
                     _ => return Ok(gone("deleted package version")),
                 }
@@ -969,14 +1016,20 @@ impl<'a> Tx<'a> {
                 let Some(mut p) = self.get::<Package>(&pk)?.filter(|p| p.deleted_ms.is_none()) else {
                     return Ok(gone("package"));
                 };
-                // Every version goes, those held by an index with it.
+                // Every version goes, those held by an index with it. The tags are read once.
+                let mut tags: HashMap<String, Vec<String>> = HashMap::new();
+                for (tag, target) in self.scan(&key(b't', &[repo, ""]), usize::MAX)? {
+                    let target: String = serde_json::from_slice(&target)?;
+                    tags.entry(target).or_default().push(String::from_utf8_lossy(&tag).into_owned());
+                }
                 let live: Vec<String> = self
                     .scan(&key(b'm', &[repo, ""]), usize::MAX)?
                     .into_iter()
                     .map(|(d, _)| String::from_utf8_lossy(&d).into_owned())
                     .collect();
                 for d in live {
-                    self.hide(repo, &d, *now_ms)?;
+                    let t = tags.remove(&d).unwrap_or_default();
+                    self.hide(repo, &d, *now_ms, Some(t))?;
                 }
                 p.deleted_ms = Some(*now_ms);
                 self.put(pk, &p)?;
@@ -1157,8 +1210,14 @@ impl<'a> Tx<'a> {
             }
             DirectoryChange::EnsurePackage { repo, source, creator, now_ms } => {
                 let k = key(b'P', &[repo]);
-                if self.exists(&k)? {
-                    return Ok(false);
+                match self.get::<Package>(&k)? {
+                    Some(p) if p.deleted_ms.is_some() => {
+                        // The name of a deleted package is free: a new package takes it.
+                        self.replace_package(repo, source.clone(), creator.as_deref(), *now_ms)?;
+                        return Ok(true);
+                    }
+                    Some(_) => return Ok(false),
+                    None => {}
                 }
                 // In a user's own namespace the owner administers everything already.
                 let grants = creator

@@ -435,6 +435,12 @@ async fn deleted_versions_keep_what_they_hold_until_purged() {
     assert_eq!(m.tagged_manifest("a/multi", "v1").await.unwrap(), None);
     assert_eq!(m.manifest("a/multi", &d("amd64")).await.unwrap(), None);
     assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced.is_empty(), "deleted versions hold their blobs");
+    // Their own bytes too: not unlinked as a blob, not made loose by a link of the same digest.
+    let e = m.unlink_blob("a/multi", &d("idx")).await.unwrap_err();
+    assert_eq!(e.status, 409);
+    m.link_blob("a/multi", &d("idx"), stored(9)).await.unwrap();
+    assert_eq!(m.blob_link("a/multi", &d("idx")).await.unwrap(), None, "not served while deleted");
+    assert!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced.is_empty());
     let versions = m.package_versions("a/multi").await.unwrap();
     assert!(versions.len() == 3 && versions.iter().all(|v| v.deleted_ms.is_some()));
     // Restoring the index restores its platforms with it.

@@ -252,7 +252,8 @@ fn read_exact_at_uninit(file: &File, len: usize, offset: u64) -> io::Result<Vec<
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     let mut done = 0usize;
     while done < len {
-        let at = i64::try_from(offset + done as u64).map_err(io::Error::other)?;
+        let at = offset.checked_add(done as u64).and_then(|a| i64::try_from(a).ok());
+        let at = at.ok_or_else(|| io::Error::other("segment offset out of range"))?;
         // SAFETY: pread writes at most `len - done` bytes at `done` into the buffer's capacity
         // of `len`; only bytes it reports written are counted into the length below.
         let n = unsafe { libc::pread(file.as_raw_fd(), buf.as_mut_ptr().add(done).cast(), len - done, at) };
