@@ -12,6 +12,7 @@ mod blobs;
 pub mod keys;
 mod manifests;
 mod packages_api;
+mod pages;
 mod pulls;
 mod recall;
 pub mod routes;
@@ -215,6 +216,10 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     let mut resp = REQUEST_ID.scope(request_id.clone(), route_request(reg, req)).await;
     let headers = resp.headers_mut();
     for (k, v) in FIXED_HEADERS {
+        // Pages bring a policy of their own (their stylesheet; still no script).
+        if k == "content-security-policy" && headers.contains_key(k) {
+            continue;
+        }
         headers.insert(k, HeaderValue::from_static(v));
     }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -255,6 +260,18 @@ async fn route_request(reg: Arc<Registry>, req: Request) -> Response {
             return work.await;
         }
         return within(reg.config.request_timeout, work).await;
+    }
+    // The package pages and the home page.
+    if !path.starts_with("/v2") {
+        let (method, headers) = (req.method().clone(), req.headers().clone());
+        let reg2 = reg.clone();
+        let answer = within(reg.config.request_timeout, async move {
+            pages::handle(&reg2, &method, &path, &headers).await.unwrap_or_else(|| {
+                error_response(RegistryError::new(ErrorCode::Unsupported, "no such endpoint").with_status(404))
+            })
+        })
+        .await;
+        return answer;
     }
     let (parts, body) = req.into_parts();
     let slot = BodySlot(Arc::new(std::sync::Mutex::new(Some(body))));

@@ -105,7 +105,7 @@ pub async fn get(
     resp.body(Body::from(bytes)).map_err(RegistryError::internal)
 }
 
-async fn manifest_bytes(reg: &Registry, digest: &Digest) -> Result<Bytes, RegistryError> {
+pub(crate) async fn manifest_bytes(reg: &Registry, digest: &Digest) -> Result<Bytes, RegistryError> {
     if let Some(b) = reg.manifests.get(digest) {
         return Ok(b);
     }

@@ -58,13 +58,13 @@ const MAX_PER_PAGE: usize = 100;
 
 /// Whose packages a path names.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum OwnerKind {
+pub(crate) enum OwnerKind {
     User,
     Org,
 }
 
 impl OwnerKind {
-    fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             OwnerKind::User => "users",
             OwnerKind::Org => "orgs",
@@ -88,7 +88,7 @@ fn invalid(detail: impl Into<String>) -> RegistryError {
 }
 
 /// A stable id below 2^52 for `s`.
-fn id_of(s: &str) -> u64 {
+pub(crate) fn id_of(s: &str) -> u64 {
     let d = Digest::sha256_of(s.as_bytes());
     u64::from_str_radix(&d.hex()[..13], 16).unwrap_or(0)
 }
@@ -102,7 +102,7 @@ fn time(ms: u64) -> String {
 /// What a package name escapes in a URL path: what would split or end the segment.
 const SEGMENT: &AsciiSet = &CONTROLS.add(b' ').add(b'/').add(b'%').add(b'?').add(b'#');
 
-fn encode(name: &str) -> String {
+pub(crate) fn encode(name: &str) -> String {
     utf8_percent_encode(name, SEGMENT).to_string()
 }
 
@@ -141,7 +141,7 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
 }
 
 /// The registry's base URL as the caller reached it.
-fn base_url(reg: &Registry, headers: &HeaderMap) -> String {
+pub(crate) fn base_url(reg: &Registry, headers: &HeaderMap) -> String {
     match &reg.auth.external_url {
         Some(base) => base.trim_end_matches('/').to_string(),
         None => {
@@ -431,7 +431,12 @@ async fn change_package(reg: &Registry, repo: &str, change: Change, more: &[&str
 }
 
 /// Whether `owner` is a user (`kind` User) or an organization (`kind` Org).
-async fn owner_exists(reg: &Registry, who: &Identity, owner: &str, kind: OwnerKind) -> Result<bool, RegistryError> {
+pub(crate) async fn owner_exists(
+    reg: &Registry,
+    who: &Identity,
+    owner: &str,
+    kind: OwnerKind,
+) -> Result<bool, RegistryError> {
     let is_org = reg.meta.access_facts(who, &format!("{owner}/-")).await?.owner_is_org;
     Ok(match kind {
         OwnerKind::Org => is_org,
@@ -440,7 +445,7 @@ async fn owner_exists(reg: &Registry, who: &Identity, owner: &str, kind: OwnerKi
 }
 
 /// A package's versions, newest first.
-async fn versions(reg: &Registry, repo: &str) -> Result<Vec<PackageVersion>, RegistryError> {
+pub(crate) async fn versions(reg: &Registry, repo: &str) -> Result<Vec<PackageVersion>, RegistryError> {
     let mut v = reg.meta.package_versions(repo).await?;
     v.sort_by(|a, b| {
         b.record.pushed_at_ms.cmp(&a.record.pushed_at_ms).then_with(|| a.record.digest.cmp(&b.record.digest))
