@@ -840,6 +840,13 @@ async fn the_packages_api_answers_in_githubs_shapes() {
     assert_eq!(public.as_array().unwrap().len(), 1);
     assert_eq!(public[0]["visibility"], "public");
     assert_eq!(get("orgs/acme/packages?package_type=container&visibility=secret".into(), None).await.0, 422);
+    // As on GHCR, an organization's public package stays public; a user's may go back.
+    let r = c.patch(format!("{}/api/packages/acme/app", s.url)).json(&json!({"visibility": "private"})).send().await;
+    assert_eq!(r.unwrap().status(), 409);
+    assert_eq!(get("orgs/acme/packages/container/app".into(), None).await.2["visibility"], "public");
+    admin(&s, reqwest::Method::PATCH, "packages/admin/mine", Some(json!({"visibility": "public"}))).await;
+    admin(&s, reqwest::Method::PATCH, "packages/admin/mine", Some(json!({"visibility": "private"}))).await;
+    assert_eq!(get("users/admin/packages/container/mine".into(), None).await.2["visibility"], "private");
 }
 
 /// Deleted means restorable: a version or a package deleted through the packages API is gone

@@ -421,7 +421,8 @@ impl<'a> Tx<'a> {
                 change @ (DirectoryChange::DeleteVersion { .. }
                 | DirectoryChange::RestoreVersion { .. }
                 | DirectoryChange::DeletePackage { .. }
-                | DirectoryChange::RestorePackage { .. }),
+                | DirectoryChange::RestorePackage { .. }
+                | DirectoryChange::UpdatePackage { .. }),
             ) => self.deletion(change),
             Command::Directory(change) => self.directory(change).map(Outcome::Existed),
             Command::PurgeDeleted { before_ms, max, now_ms } => self.purge_deleted(*before_ms, *max, *now_ms),
@@ -961,7 +962,8 @@ impl<'a> Tx<'a> {
         Ok(true)
     }
 
-    /// Deleting and restoring versions and packages (see the module docs).
+    /// Deleting and restoring versions and packages (see the module docs), and visibility
+    /// changes (which may be refused).
     fn deletion(&mut self, change: &DirectoryChange) -> Result<Outcome, StateError> {
         let gone = |what: &str| Outcome::refused(ErrorCode::NameUnknown, 404, format!("{what} not found"));
         match change {
@@ -1067,6 +1069,19 @@ impl<'a> Tx<'a> {
                 p.deleted_ms = None;
                 self.put(pk, &p)?;
                 Ok(Outcome::Existed(true))
+            }
+            DirectoryChange::UpdatePackage { repo, visibility: Some(v), .. } if *v != Visibility::Public => {
+                // As on GHCR, a package of an organization, once public, stays public.
+                let public =
+                    self.get::<Package>(&key(b'P', &[repo]))?.is_some_and(|p| p.visibility == Visibility::Public);
+                if public && self.exists(&key(b'O', &[owner_of(repo)]))? {
+                    return Ok(Outcome::refused(
+                        ErrorCode::Denied,
+                        409,
+                        format!("{repo} is a public package of an organization: it stays public ({v:?} refused)"),
+                    ));
+                }
+                self.directory(change).map(Outcome::Existed)
             }
             _ => self.directory(change).map(Outcome::Existed),
         }
