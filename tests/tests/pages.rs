@@ -232,4 +232,19 @@ async fn private_pages_are_not_found_by_outsiders_and_the_home_page_lists_public
     let r = anonymous.get(format!("{}/users/admin/packages/container/shown/{id}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200, "a version's page (the API's html_url)");
     assert!(r.text().await.unwrap().contains("class=\"marked\""));
+    // Logging in is the browser's Basic login: a challenge, then home once credentials verify.
+    let no_redirect = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_redirect.get(format!("{}/login", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Basic"));
+    let r =
+        no_redirect.get(format!("{}/login", s.url)).basic_auth(berth_tests::ADMIN, Some("wrong")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "credentials that do not verify");
+    let r = no_redirect
+        .get(format!("{}/login", s.url))
+        .basic_auth(berth_tests::ADMIN, Some(berth_tests::ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["location"].to_str().unwrap()), (303, "/"));
 }

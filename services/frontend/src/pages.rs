@@ -7,6 +7,7 @@
 //! | `/users/{user}/packages`, `/orgs/{org}/packages` | an owner's packages |
 //! | `/{users,orgs}/{owner}/packages/container/package/{name}` | a package |
 //! | `/{users,orgs}/{owner}/packages/container/{name}/{id}` | a package, one version marked |
+//! | `/login` | asks the browser for a user name and personal access token (Basic) |
 //!
 //! A package page shows its description, license and source link, visibility, downloads,
 //! tags, and its versions with digests, sizes, dates, downloads and, for multi-platform
@@ -14,7 +15,11 @@
 //!
 //! Pages show what the caller may read (`core::access`), and answer 404 for anything else,
 //! as the API does: anyone sees public packages, and credentials (Basic, or a registry or
-//! personal access token as Bearer) show the rest. Everything a pusher wrote (names, tags,
+//! personal access token as Bearer) show the rest. **Logging in** is the browser's own Basic
+//! login: `/login` answers 401 with a Basic challenge until the browser sends a user name and
+//! a personal access token that verify, then sends it home; the browser keeps sending them to
+//! every page of the registry. No cookie, no session: nothing to steal but what the browser
+//! already holds. Everything a pusher wrote (names, tags,
 //! descriptions, licenses, URLs) is escaped; a source URL becomes a link only when it is
 //! `http` or `https`.
 
@@ -143,6 +148,9 @@ pub async fn handle(reg: &Registry, method: &Method, path: &str, headers: &Heade
         Owner(OwnerKind, &'a str),
         Package(OwnerKind, &'a str, String, Option<u64>),
     }
+    if parts.as_slice() == ["login"] {
+        return Some(login(reg, headers, head).await);
+    }
     let which = match parts.as_slice() {
         [] => Page::Home,
         [k, owner, "packages"] => Page::Owner(kind_of(k)?, owner),
@@ -164,6 +172,26 @@ pub async fn handle(reg: &Registry, method: &Method, path: &str, headers: &Heade
         Page::Package(kind, owner, name, id) => package_page(reg, &who, headers, kind, owner, &name, id, head).await,
     };
     Some(answer.unwrap_or_else(crate::error_response))
+}
+
+/// `/login`: the browser's Basic login (see the module docs).
+async fn login(reg: &Registry, headers: &HeaderMap, head: bool) -> Response {
+    let ok = headers.contains_key(header::AUTHORIZATION)
+        && matches!(auth::caller(reg, headers).await, Ok(c) if !matches!(c.identity, Identity::Anonymous));
+    if ok {
+        let mut r = page(StatusCode::SEE_OTHER, "Logged in", "<h1>Logged in</h1><p><a href=\"/\">Home</a></p>", head);
+        r.headers_mut().insert(header::LOCATION, HeaderValue::from_static("/"));
+        return r;
+    }
+    let mut r = page(
+        StatusCode::UNAUTHORIZED,
+        "Log in",
+        "<h1>Log in</h1><p>Give your user name and a personal access token.</p>",
+        head,
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"berth\", charset=\"UTF-8\""));
+    r
 }
 
 /// The owner's path segment for packages of `repo`.
@@ -194,7 +222,9 @@ async fn home(reg: &Registry, who: &Identity, headers: &HeaderMap, head: bool) -
          <p>Tag an image with this registry's name and push it; it becomes a private package of \
          the namespace you push to:</p>\
          <pre data-field=\"push\">docker tag my-image {host}/OWNER/NAME:TAG\ndocker push {host}/OWNER/NAME:TAG</pre>\
-         <pre data-field=\"pull\">docker pull {host}/OWNER/NAME:TAG</pre><h2>Public packages</h2>"
+         <pre data-field=\"pull\">docker pull {host}/OWNER/NAME:TAG</pre>\
+         <p>To see the private packages you may read on these pages, <a href=\"/login\">log in</a> \
+         with the same user name and token.</p><h2>Public packages</h2>"
     );
     if public.is_empty() {
         body.push_str("<p class=\"muted\">No package is public yet.</p>");
