@@ -435,6 +435,11 @@ async fn metadata_minority_and_majority_loss() {
     // A tag cannot be read without the group: the frontend says it cannot answer.
     let r = c.get(format!("{}/v2/{repo}/manifests/v1", fronts[1])).send().await.unwrap();
     assert_eq!(r.status(), 503);
+    // The probes say it too: alive, not ready.
+    assert_eq!(reqwest::get(format!("{}/healthz", fronts[0])).await.unwrap().status(), 200);
+    let r = reqwest::get(format!("{}/readyz", fronts[0])).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().starts_with("metadata"), "not ready for want of the metadata group");
 
     // Both come back: the group elects a leader and writes go on.
     tokio::task::block_in_place(|| {
@@ -447,6 +452,7 @@ async fn metadata_minority_and_majority_loss() {
         for f in &fronts {
             let r = c.get(format!("{f}/v2/{repo}/manifests/{tag}")).send().await.unwrap();
             assert_eq!(r.status(), 200, "{tag} through {f} after the group healed");
+            assert_eq!(reqwest::get(format!("{f}/readyz")).await.unwrap().status(), 200, "ready again");
             assert_eq!(&digest(&r.bytes().await.unwrap()), m);
         }
     }
@@ -1199,6 +1205,10 @@ async fn the_packages_api_answers_through_a_frontend_of_the_cluster() {
     let cl = tokio::task::block_in_place(Cluster::start);
     let (a, b) = (cl.frontends[0].url(), cl.frontends[1].url());
     let c = client();
+    for probe in ["healthz", "readyz"] {
+        let r = reqwest::get(format!("{b}/{probe}")).await.unwrap();
+        assert_eq!(r.status(), 200, "/{probe}: {}", r.text().await.unwrap());
+    }
     let m = push_image(&c, &a, "admin/tools/cli", "v1", 31, &[2000]).await;
     let r = c.get(format!("{b}/api/v3/user/packages?package_type=container")).send().await.unwrap();
     assert_eq!(r.status(), 200);

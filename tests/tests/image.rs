@@ -78,6 +78,11 @@ fn the_image_runs_berth_and_takes_a_push_of_itself() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("container answering {:?} after docker run", started.elapsed());
+    for probe in ["healthz", "readyz"] {
+        let code =
+            run_tool("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{addr}/{probe}")]);
+        assert_eq!(code, "200", "/{probe}");
+    }
 
     // The image pushed into the registry it runs, and pulled back.
     cli.login(&addr, ADMIN, ADMIN_TOKEN);

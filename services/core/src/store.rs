@@ -208,6 +208,13 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether this store can take writes now (`Err`: why not), for a frontend's readiness:
+    /// a cluster's router needs at least its write quorum of storage nodes answering. A store
+    /// that is one local node always can (the default).
+    fn readiness(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     /// The node (by name) upload `id` was staged on by [`BlobStore::upload_start`] here, for
     /// its session to record; `None` for a store that is one node (the default).
     fn upload_staging(&self, id: &str) -> Option<String> {

@@ -246,6 +246,27 @@ async fn route_request(reg: Arc<Registry>, req: Request) -> Response {
             Err(e) => error_response(e),
         };
     }
+    // Probes for orchestrators: alive (the process answers), and ready (the metadata group
+    // answers a read through its leader, and enough storage nodes answer to take writes).
+    if path == "/healthz" {
+        return text_response(StatusCode::OK, "ok\n");
+    }
+    if path == "/readyz" {
+        let meta = within(reg.config.request_timeout, async {
+            match reg.meta.key_generation().await {
+                Ok(_) => text_response(StatusCode::OK, "ok"),
+                Err(e) => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("metadata: {}", e.detail)),
+            }
+        })
+        .await;
+        if meta.status() != StatusCode::OK {
+            return meta;
+        }
+        return match reg.blobs.readiness() {
+            Ok(()) => text_response(StatusCode::OK, "ready\n"),
+            Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("storage: {why}\n")),
+        };
+    }
     // The token endpoint and the REST API read their (small, bounded) bodies themselves.
     if path == "/token" || path.starts_with("/api/") {
         let work = async {
@@ -309,6 +330,14 @@ async fn route_request(reg: Arc<Registry>, req: Request) -> Response {
         }
     }
     resp
+}
+
+/// A plain-text answer.
+fn text_response(status: StatusCode, text: &str) -> Response {
+    let mut r = Response::new(Body::from(text.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
 }
 
 /// Runs a request's work with a deadline; past it the client gets `503` and may retry.

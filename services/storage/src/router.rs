@@ -604,6 +604,15 @@ impl BlobStore for Replicated {
         Err(failure)
     }
 
+    fn readiness(&self) -> std::result::Result<(), String> {
+        let up = (0..self.nodes.len()).filter(|i| !self.is_down(*i)).count();
+        if up >= self.write_quorum {
+            Ok(())
+        } else {
+            Err(format!("{up} of {} storage nodes answer; writes need {}", self.nodes.len(), self.write_quorum))
+        }
+    }
+
     fn upload_staging(&self, id: &str) -> Option<String> {
         let i = self.staged.lock().ok()?.get(id).copied()?;
         Some(self.nodes[i].name.clone())
@@ -851,6 +860,10 @@ impl BlobStore for CurrentRouter {
 
     async fn upload_start(&self, id: &str) -> Result<()> {
         self.get()?.upload_start(id).await
+    }
+
+    fn readiness(&self) -> std::result::Result<(), String> {
+        self.get().map_err(|e| e.detail)?.readiness()
     }
 
     fn upload_staging(&self, id: &str) -> Option<String> {
