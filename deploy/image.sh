@@ -10,14 +10,8 @@
 set -euo pipefail
 image=${1:-berth:latest}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-if [ -n "${BERTH_BIN:-}" ]; then
-  bin=$BERTH_BIN
-else
-  (cd "$repo" && cargo build --release -p berth --quiet)
-  target=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  bin=$target/release/berth
-fi
-[ -x "$bin" ] || { echo "no berth binary at $bin" >&2; exit 1; }
+# shellcheck source=deploy/berth-bin.sh
+. "$repo/deploy/berth-bin.sh"
 command -v docker >/dev/null || { echo "docker is not installed" >&2; exit 1; }
 
 root=$(mktemp -d)

@@ -46,15 +46,8 @@ if [ -f "$dir/cluster.env" ]; then
 fi
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-if [ -n "${BERTH_BIN:-}" ]; then
-  bin=$BERTH_BIN
-else
-  (cd "$repo" && cargo build --release -p berth --quiet)
-  target=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  bin=$target/release/berth
-fi
-bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
-[ -x "$bin" ] || { echo "no berth binary at $bin" >&2; exit 1; }
+# shellcheck source=deploy/berth-bin.sh
+. "$repo/deploy/berth-bin.sh"
 
 # Free loopback ports, all taken at once so that none is handed out twice.
 read -r -a ports <<<"$(python3 - <<'PY'

@@ -235,6 +235,20 @@ pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: &s
     )
 }
 
+/// The JSON a request answers (panics on a failed request or a body that is not JSON).
+pub async fn json_of(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.expect("request").json().await.expect("a JSON body")
+}
+
+/// An OCI image manifest of `repo` by tag or digest, as JSON.
+pub async fn manifest_json(c: &reqwest::Client, url: &str, repo: &str, reference: &str) -> serde_json::Value {
+    json_of(
+        c.get(format!("{url}/v2/{repo}/manifests/{reference}"))
+            .header("accept", "application/vnd.oci.image.manifest.v1+json"),
+    )
+    .await
+}
+
 /// `PUT /v2/<repo>/manifests/<reference>` of an OCI image manifest.
 pub async fn put_manifest(
     c: &reqwest::Client,

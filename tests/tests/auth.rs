@@ -940,15 +940,7 @@ async fn packages_and_versions_are_deleted_and_restored() {
     assert_eq!(manifest(&old).await.0, 200, "refusals change nothing");
 
     // The package deleted: gone from listings and pulls, and restored with its versions.
-    let image: Value = c
-        .get(format!("{}/v2/acme/app/manifests/{new}", s.url))
-        .header("accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let image = berth_tests::manifest_json(&c, &s.url, "acme/app", &new).await;
     let layer = format!("{}/v2/acme/app/blobs/{}", s.url, image["layers"][0]["digest"].as_str().unwrap());
     let anonymous = reqwest::Client::new();
     assert_eq!(anonymous.get(&layer).send().await.unwrap().status(), 200, "public");
@@ -985,15 +977,7 @@ async fn deleted_versions_are_purged_after_the_retention_period_and_collected() 
     let api = format!("{}/api/v3/users/admin/packages/container/app", s.url);
     let versions = c.get(format!("{api}/versions")).send().await.unwrap().json::<Value>().await.unwrap();
     let id = versions.as_array().unwrap().iter().find(|v| v["name"] == old.as_str()).unwrap()["id"].as_u64().unwrap();
-    let manifest: Value = c
-        .get(format!("{}/v2/admin/app/manifests/{old}", s.url))
-        .header("accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let manifest = berth_tests::manifest_json(&c, &s.url, "admin/app", &old).await;
     let only_old = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
     let r = c.delete(format!("{api}/versions/{id}")).send().await.unwrap();
     assert_eq!(r.status(), 204);

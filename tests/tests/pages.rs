@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use berth_tests::{client, push_blob, put_manifest, Server};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The headless browser, when there is one (CI installs it: `.ci/run`).
 fn chromium() -> Option<&'static str> {
@@ -220,14 +220,9 @@ async fn private_pages_are_not_found_by_outsiders_and_the_home_page_lists_public
         "{policy}"
     );
     assert_eq!(anonymous.get(format!("{}/users/nobody/packages", s.url)).send().await.unwrap().status(), 404);
-    let v: Value = client()
-        .get(format!("{}/api/v3/users/admin/packages/container/shown/versions", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v =
+        berth_tests::json_of(client().get(format!("{}/api/v3/users/admin/packages/container/shown/versions", s.url)))
+            .await;
     let id = v[0]["id"].as_u64().unwrap();
     let r = anonymous.get(format!("{}/users/admin/packages/container/shown/{id}", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200, "a version's page (the API's html_url)");

@@ -113,8 +113,9 @@ impl Registry {
     ) -> Arc<Registry> {
         let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
         let recall = recall::Recall::new(config.remember_pulls);
+        let pulls = pulls::PullCounter::new(meta.clone());
         Arc::new(Registry {
-            pulls: pulls::PullCounter::new(meta.clone()),
+            pulls,
             blobs,
             meta,
             config,
@@ -215,12 +216,9 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     let request_id = next_request_id();
     let mut resp = REQUEST_ID.scope(request_id.clone(), route_request(reg, req)).await;
     let headers = resp.headers_mut();
+    // Unless the handler set its own (pages bring a policy that allows their stylesheet).
     for (k, v) in FIXED_HEADERS {
-        // Pages bring a policy of their own (their stylesheet; still no script).
-        if k == "content-security-policy" && headers.contains_key(k) {
-            continue;
-        }
-        headers.insert(k, HeaderValue::from_static(v));
+        headers.entry(k).or_insert(HeaderValue::from_static(v));
     }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert("x-request-id", v);

@@ -254,13 +254,6 @@ fn may_change(who: &Identity, perm: Option<berth_core::access::Perm>, change: Ch
     Ok(())
 }
 
-/// `204 No Content`, as GitHub answers a deletion or a restore.
-fn no_content() -> Response {
-    let mut r = Response::new(axum::body::Body::empty());
-    *r.status_mut() = StatusCode::NO_CONTENT;
-    r
-}
-
 /// Routes a request of `/api/v3/...`.
 async fn route(
     reg: &Registry,
@@ -427,7 +420,8 @@ async fn change_package(reg: &Registry, repo: &str, change: Change, more: &[&str
     };
     // Times and the restore window are the metadata leader's (it fills them in).
     reg.meta.change_directory(c).await?;
-    Ok(no_content())
+    // 204, as GitHub answers a deletion or a restore.
+    crate::empty(StatusCode::NO_CONTENT, &[])
 }
 
 /// Whether `owner` is a user (`kind` User) or an organization (`kind` Org).

@@ -423,7 +423,7 @@ impl<'a> Tx<'a> {
                 | DirectoryChange::DeletePackage { .. }
                 | DirectoryChange::RestorePackage { .. }
                 | DirectoryChange::UpdatePackage { .. }),
-            ) => self.deletion(change),
+            ) => self.package_change(change),
             Command::Directory(change) => self.directory(change).map(Outcome::Existed),
             Command::PurgeDeleted { before_ms, max, now_ms } => self.purge_deleted(*before_ms, *max, *now_ms),
             Command::LinkBlob { repo, digest, blob, now_ms } => {
@@ -964,7 +964,7 @@ impl<'a> Tx<'a> {
 
     /// Deleting and restoring versions and packages (see the module docs), and visibility
     /// changes (which may be refused).
-    fn deletion(&mut self, change: &DirectoryChange) -> Result<Outcome, StateError> {
+    fn package_change(&mut self, change: &DirectoryChange) -> Result<Outcome, StateError> {
         let gone = |what: &str| Outcome::refused(ErrorCode::NameUnknown, 404, format!("{what} not found"));
         match change {
             DirectoryChange::DeleteVersion { repo, digest, now_ms } => {
@@ -1324,7 +1324,7 @@ impl<'a> Tx<'a> {
                     }
                 }
             }
-            // Applied by `deletion`, which answers with refusals too.
+            // Applied by `package_change`, which answers with refusals too.
             DirectoryChange::DeleteVersion { .. }
             | DirectoryChange::RestoreVersion { .. }
             | DirectoryChange::DeletePackage { .. }
