@@ -48,6 +48,20 @@ pub fn error_from_fields(code: &str, status: u32, detail: String) -> RegistryErr
     }
 }
 
+/// Whether a failed call never left this process: a connection error (refused, unreachable,
+/// a name that does not resolve, a connect timeout) anywhere in the status's cause chain. Such
+/// a call reached no node, so repeating it is safe whatever it asked.
+pub fn never_sent(status: &Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = cause {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 
 pub mod cluster;
+pub mod compose;
 pub mod linearizability;
 pub mod meta_group;
 pub mod netns;

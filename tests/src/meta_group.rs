@@ -121,11 +121,14 @@ impl MetaGroup {
 
     /// Starts `n` nodes with `extra` flags each and forms the group.
     pub fn start_with(n: u64, extra: &[String]) -> MetaGroup {
+        Self::start_each(n, |_| extra.to_vec())
+    }
+
+    /// Starts `n` nodes, node `id` with the flags `extra(id)`, and forms the group.
+    pub fn start_each(n: u64, extra: impl Fn(u64) -> Vec<String>) -> MetaGroup {
         let dir = tempfile::Builder::new().prefix("berth-meta-group-").tempdir().expect("temp dir");
         let nodes: Vec<MetaNode> = (1..=n)
-            .map(|id| {
-                MetaNode::start_with(vec![], id, "127.0.0.1:0", dir.path().join(format!("meta{id}")), extra.to_vec())
-            })
+            .map(|id| MetaNode::start_with(vec![], id, "127.0.0.1:0", dir.path().join(format!("meta{id}")), extra(id)))
             .collect();
         Self::form(nodes, dir)
     }

@@ -1,5 +1,6 @@
 //! Crash safety: SIGKILL in the middle of concurrent pushes, restart, and check that every
-//! acknowledged push is there and verifies, and that nothing half-written is served.
+//! acknowledged push is there and verifies, and that nothing half-written is served. And a
+//! graceful restart (SIGTERM) in the middle of uploads: they go on afterwards.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -142,4 +143,61 @@ async fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
         l.manifests.len(),
         l.attempted.len()
     );
+}
+
+/// Uploads begun before a graceful restart (SIGTERM, as an upgrade or a rolling restart does)
+/// go on after it, also those small enough to be staged in memory: one with no bytes yet and
+/// one with its first chunk; both finish and serve their bytes.
+#[tokio::test]
+async fn uploads_under_way_go_on_after_a_graceful_restart() {
+    let mut server = Server::start();
+    let c = client();
+    let loc = |r: &reqwest::Response| r.headers()["location"].to_str().unwrap().to_string();
+    let fresh = c.post(format!("{}/v2/admin/kept/blobs/uploads/", server.url)).send().await.unwrap();
+    assert_eq!(fresh.status(), 202);
+    let fresh = loc(&fresh);
+    let started = c.post(format!("{}/v2/admin/kept/blobs/uploads/", server.url)).send().await.unwrap();
+    let data = bytes(9, 3000);
+    let r = c
+        .patch(format!("{}{}", server.url, loc(&started)))
+        .header("content-type", "application/octet-stream")
+        .header("content-range", "0-999")
+        .body(data[..1000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let started = loc(&r);
+    assert!(server.stop(), "standalone exits cleanly on SIGTERM");
+
+    let dir = server.data_dir.clone();
+    let server2 = Server::start_in(&dir, "127.0.0.1:0", &[]);
+    let url = &server2.url;
+    let r = c.get(format!("{url}{started}")).send().await.unwrap();
+    assert_eq!(r.status(), 204, "the upload with a chunk is known after the restart");
+    assert_eq!(r.headers()["range"], "0-999");
+    let d = digest(&data);
+    let sep = |l: &str| if l.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{url}{started}{}digest={d}", sep(&started)))
+        .header("content-type", "application/octet-stream")
+        .body(data[1000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let small = bytes(10, 500);
+    let ds = digest(&small);
+    let r = c
+        .put(format!("{url}{fresh}{}digest={ds}", sep(&fresh)))
+        .header("content-type", "application/octet-stream")
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "the upload with no bytes yet is known after the restart: {:?}", r.text().await);
+    for (d, want) in [(d, data), (ds, small)] {
+        let got = c.get(format!("{url}/v2/admin/kept/blobs/{d}")).send().await.unwrap().bytes().await.unwrap();
+        assert_eq!(got.as_ref(), &want[..]);
+    }
 }

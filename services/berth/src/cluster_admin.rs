@@ -18,7 +18,8 @@ const FIND_LEADER_FOR: Duration = Duration::from_secs(15);
 /// What to do with the metadata group.
 #[derive(Subcommand, Debug)]
 pub enum ClusterCmd {
-    /// Makes the listed nodes (`--meta ID=ADDR,...`) the group's first voters.
+    /// Makes the listed nodes (`--meta ID=ADDR,...`) the group's first voters, asking the first
+    /// one (waiting up to 15 s for it to answer). Running it again changes nothing.
     Init,
     /// Adds a metadata node: as a learner until it has caught up, then as a voter.
     AddMeta {
@@ -178,8 +179,18 @@ pub async fn run(args: ClusterArgs) -> Result<()> {
                 let (Some(id), addr) = split(n) else { bail!("init needs --meta ID=ADDR,...; got {n:?}") };
                 members.push(pb::Member { id, addr: addr.to_string() });
             }
+            // The first node may still be starting (a container beside it, say): keep trying
+            // to reach it for a while.
             let first = members[0].addr.clone();
-            client(&first).await?.init(pb::InitRequest { members }).await.context("initializing the group")?;
+            let deadline = tokio::time::Instant::now() + FIND_LEADER_FOR;
+            let mut c = loop {
+                match client(&first).await {
+                    Ok(c) => break c,
+                    Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            c.init(pb::InitRequest { members }).await.context("initializing the group")?;
             println!("ok");
         }
         ClusterCmd::AddMeta { id, addr } => {

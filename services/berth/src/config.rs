@@ -52,6 +52,10 @@ pub struct FrontendFlags {
     /// Open upload sessions per caller [default: 1000].
     #[arg(long, env = "BERTH_MAX_UPLOADS_PER_CALLER")]
     pub max_uploads_per_caller: Option<usize>,
+    /// HTTP address of the operations listener: `/metrics` (Prometheus), `/healthz` and
+    /// `/readyz` [default: none]. Keep it off the public network.
+    #[arg(long, env = "BERTH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Flags of `berth standalone` (each also read from its environment variable).
@@ -119,6 +123,8 @@ pub struct FrontendSettings {
     pub request_timeout: Duration,
     /// Open uploads per caller.
     pub max_uploads_per_caller: usize,
+    /// Operations listener (metrics and probes).
+    pub http_listen: Option<SocketAddr>,
     /// Whether the metadata service is another process (a cluster's frontend), whose answers
     /// to pulls by digest are worth remembering for when it cannot answer.
     pub remote_metadata: bool,
@@ -167,6 +173,7 @@ impl FrontendSettings {
                 .max_uploads_per_caller
                 .unwrap_or(berth_frontend::DEFAULT_MAX_UPLOADS_PER_CALLER)
                 .max(1),
+            http_listen: flags.http_listen,
             remote_metadata: false,
         })
     }

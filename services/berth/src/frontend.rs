@@ -80,7 +80,19 @@ pub async fn run(args: FrontendArgs) -> Result<()> {
     });
     let repairs = tokio::spawn(repair_copies(router.clone(), metas.clone(), stop_rx.clone()));
     let blobs: Arc<dyn BlobStore> = router;
-    let served = crate::http::serve_registry(blobs, metas, &settings, "frontend", "", &name, stop_rx).await;
+    let served = crate::http::serve_registry(
+        blobs,
+        metas,
+        &settings,
+        crate::http::Serving {
+            role: "frontend",
+            suffix: "",
+            key_owner: &name,
+            collect: crate::probe::nothing_to_collect(),
+        },
+        stop_rx,
+    )
+    .await;
     signal.abort();
     repairs.abort();
     if let Some(f) = follow {
@@ -108,6 +120,7 @@ async fn repair_copies(router: Arc<CurrentRouter>, meta: Arc<dyn MetaStore>, mut
             _ = stop.wait_for(|s| *s) => return,
         }
         let mut after: Option<Digest> = None;
+        let mut queued = 0usize;
         loop {
             let page = match meta.short_copies(after.as_ref(), REPAIR_PAGE).await {
                 Ok(p) => p,
@@ -116,9 +129,17 @@ async fn repair_copies(router: Arc<CurrentRouter>, meta: Arc<dyn MetaStore>, mut
                     break;
                 }
             };
+            queued += page.len();
             let Ok(current) = router.get() else { break };
             for d in &page {
-                match current.repair(d).await {
+                let outcome = current.repair(d).await;
+                let label = match &outcome {
+                    Ok(true) => "repaired",
+                    Ok(false) => "deferred",
+                    Err(_) => "failed",
+                };
+                metrics::counter!("berth_repairs_total", "outcome" => label).increment(1);
+                match outcome {
                     Ok(true) => {
                         if let Err(e) = meta.copies_repaired(d).await {
                             tracing::debug!(digest = %d, error = %e, "clearing a repaired blob's record");
@@ -131,6 +152,7 @@ async fn repair_copies(router: Arc<CurrentRouter>, meta: Arc<dyn MetaStore>, mut
                 }
             }
             if page.len() < REPAIR_PAGE {
+                metrics::gauge!("berth_repair_queue").set(queued as f64);
                 break;
             }
             after = page.last().cloned();

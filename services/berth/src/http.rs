@@ -18,20 +18,39 @@ use crate::config::FrontendSettings;
 /// How long requests in flight may run on once the role is asked to stop.
 const DRAIN: Duration = Duration::from_secs(20);
 
+/// Which role serves the API, as it names itself.
+pub struct Serving<'a> {
+    /// The role's name in the first line on stdout (`standalone`, `frontend`).
+    pub role: &'a str,
+    /// What that line says after the address.
+    pub suffix: &'a str,
+    /// Whose signing keys this process's are (see `KeyRing::start`).
+    pub key_owner: &'a str,
+    /// The role's gauges set at scrape time.
+    pub collect: crate::probe::Collect,
+}
+
 /// Serves the registry API until `stop` turns true, then lets requests in flight finish (for
 /// at most [`DRAIN`]). The first line on stdout is `berth ROLE: serving http://ADDR SUFFIX`.
 pub async fn serve_registry(
     blobs: Arc<dyn BlobStore>,
     metas: Arc<dyn MetaStore>,
     settings: &FrontendSettings,
-    role: &str,
-    suffix: &str,
-    key_owner: &str,
+    serving: Serving<'_>,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    let Serving { role, suffix, key_owner, collect } = serving;
     bootstrap(&*metas, settings).await?;
     let keys = KeyRing::start(metas.clone(), settings.token_ttl, key_owner).await?;
     let registry = Registry::new(blobs, metas, settings.frontend_config(), settings.auth_config(keys.clone()));
+    if let Some(listen) = settings.http_listen {
+        let reg = registry.clone();
+        let ready: crate::probe::Readiness = Arc::new(move || {
+            let reg = reg.clone();
+            Box::pin(async move { reg.readiness().await })
+        });
+        crate::probe::serve(listen, ready, collect, stop.clone()).await?;
+    }
     let listener =
         tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
     let addr = listener.local_addr()?;

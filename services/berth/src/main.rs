@@ -11,6 +11,8 @@ mod frontend;
 mod housekeeping;
 mod http;
 mod meta;
+mod metrics;
+mod probe;
 mod rebalance;
 mod scrub;
 mod standalone;
@@ -46,6 +48,9 @@ enum Role {
     /// Manage users, organizations, teams, tokens and packages of a running registry, and
     /// the metadata group of a cluster.
     Admin(admin::AdminArgs),
+    /// Asks a role's probe (e.g. http://127.0.0.1:5000/readyz) and succeeds on a 2xx answer:
+    /// a health check for containers, whose image has no shell or curl.
+    Probe(probe::ProbeArgs),
 }
 
 /// glibc's allocator keeps up to eight arenas per core and, after a large buffer is freed,
@@ -110,12 +115,16 @@ fn run() -> anyhow::Result<()> {
         runtime.worker_threads(n.into());
     }
     let runtime = runtime.enable_all().build()?;
+    if !matches!(cli.role, Role::Admin(_) | Role::Probe(_)) {
+        runtime.block_on(async { metrics::install() });
+    }
     match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
         Role::Meta(args) => runtime.block_on(meta::run(args)),
         Role::Storage(args) => runtime.block_on(storage::run(args)),
         Role::Frontend(args) => runtime.block_on(frontend::run(args)),
         Role::Admin(args) => runtime.block_on(admin::run(args)),
+        Role::Probe(args) => runtime.block_on(probe::run(args)),
     }
 }
 

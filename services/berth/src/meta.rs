@@ -28,8 +28,12 @@ use crate::follow::{follow_placement, Following};
 #[derive(clap::Args, Debug)]
 pub struct MetaArgs {
     /// This node's id in the group (a positive number, unique and never reused).
-    #[arg(long, env = "BERTH_NODE_ID")]
-    pub id: u64,
+    #[arg(long, env = "BERTH_NODE_ID", required_unless_present = "id_from_hostname")]
+    pub id: Option<u64>,
+    /// Take the id from the host name's ordinal suffix plus one (`berth-meta-0` is node 1), as
+    /// a Kubernetes StatefulSet names its pods.
+    #[arg(long, conflicts_with = "id")]
+    pub id_from_hostname: bool,
     /// gRPC address to serve on.
     #[arg(long, env = "BERTH_GRPC_LISTEN", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
@@ -63,6 +67,10 @@ pub struct MetaArgs {
     /// against their owners (right after a change, placement passes are still moving copies).
     #[arg(long, env = "BERTH_AUDIT_AFTER_SECS", default_value_t = 60)]
     pub audit_after_secs: u64,
+    /// HTTP address of the probes: `/healthz` (the node serves) and `/readyz` (it knows the
+    /// group's leader) [default: none].
+    #[arg(long, env = "BERTH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// Linked blobs audited per round of garbage collection: at one round every 30 s, a million
@@ -215,8 +223,45 @@ async fn expire_silent_storage(meta: MetaService, after: Duration) {
     }
 }
 
-pub async fn run(args: MetaArgs) -> Result<()> {
-    anyhow::ensure!(args.id > 0, "--id must be a positive number");
+/// Sets the Raft gauges from this node's view of the group, at scrape time.
+pub(crate) fn raft_gauges(meta: &MetaService) {
+    use metrics::gauge;
+    let f = meta.raft_figures();
+    gauge!("berth_raft_term").set(f.term as f64);
+    gauge!("berth_raft_leader").set(f.leader as f64);
+    gauge!("berth_raft_is_leader").set(if f.leading { 1.0 } else { 0.0 });
+    gauge!("berth_raft_last_log_index").set(f.last_log_index as f64);
+    gauge!("berth_raft_applied_index").set(f.applied_index as f64);
+    if let Some(c) = f.committed_index {
+        gauge!("berth_raft_committed_index").set(c as f64);
+    }
+}
+
+/// The id a host name's ordinal suffix gives: `NAME-N` is node N + 1.
+fn id_from_hostname(host: &str) -> Result<u64> {
+    let ordinal = host.rsplit_once('-').map(|(_, n)| n).unwrap_or_default();
+    let n: u64 = ordinal
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--id-from-hostname: the host name {host:?} does not end in -NUMBER"))?;
+    Ok(n + 1)
+}
+
+/// This process's host name.
+fn hostname() -> Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    anyhow::ensure!(rc == 0, "reading the host name: {}", std::io::Error::last_os_error());
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+pub async fn run(mut args: MetaArgs) -> Result<()> {
+    if args.id_from_hostname {
+        args.id = Some(id_from_hostname(&hostname()?)?);
+    }
+    let id = args.id.context("--id is required")?;
+    anyhow::ensure!(id > 0, "--id must be a positive number");
     let dead_after = Duration::from_secs(args.storage_dead_after_secs);
     anyhow::ensure!(
         dead_after >= MIN_DEAD_AFTER,
@@ -232,7 +277,7 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     let bound = incoming.local_addr().context("reading the bound address")?;
     let advertise = args.advertise.clone().unwrap_or_else(|| bound.to_string());
     let meta = MetaService::open_node(
-        MetaConfig { dir: data_dir.clone(), node_id: args.id, advertise: advertise.clone() },
+        MetaConfig { dir: data_dir.clone(), node_id: id, advertise: advertise.clone() },
         Channels::default(),
     )
     .await
@@ -246,7 +291,7 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     // The map is this node's own state: reading it often costs nothing.
     let poll = Duration::from_millis(250);
     let placement = Following { replicas: args.replicas.max(1), write_quorum: 1, skip_dead: true, poll };
-    let following = tokio::spawn(follow_placement(router.clone(), store.clone(), placement, stop_rx));
+    let following = tokio::spawn(follow_placement(router.clone(), store.clone(), placement, stop_rx.clone()));
     let blobs: Arc<dyn BlobStore> = router.clone();
     let collector = Arc::new(
         Collector::new(
@@ -260,8 +305,21 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     meta.set_collector(&collector);
     let settle = Duration::from_secs(args.audit_after_secs);
     let collecting = tokio::spawn(collect_while_leading(meta.clone(), collector, router, args.replicas.max(1), settle));
-    println!("berth meta: node {} serving grpc://{bound} as {advertise} (data in {})", args.id, data_dir.display());
+    if let Some(listen) = args.http_listen {
+        let node = meta.clone();
+        let ready: crate::probe::Readiness = Arc::new(move || {
+            let led = node.leader();
+            Box::pin(async move {
+                led.map(|_| ()).ok_or_else(|| "metadata: no leader known (an election, or no majority)".to_string())
+            })
+        });
+        let node = meta.clone();
+        let collect: crate::probe::Collect = Arc::new(move || raft_gauges(&node));
+        crate::probe::serve(listen, ready, collect, stop_rx.clone()).await?;
+    }
+    println!("berth meta: node {id} serving grpc://{bound} as {advertise} (data in {})", data_dir.display());
     let server = Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_service(raft_server(meta.raft().clone()))
         .add_service(meta_server(store, gate))
         .add_service(cluster_server(meta.clone()))
@@ -275,4 +333,17 @@ pub async fn run(args: MetaArgs) -> Result<()> {
     tracing::info!("shutting down");
     meta.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_from_hostname;
+
+    #[test]
+    fn a_statefulset_ordinal_names_the_node() {
+        assert_eq!(id_from_hostname("berth-meta-0").unwrap(), 1);
+        assert_eq!(id_from_hostname("berth-meta-12").unwrap(), 13);
+        assert!(id_from_hostname("berth-meta").is_err());
+        assert!(id_from_hostname("meta1").is_err());
+    }
 }

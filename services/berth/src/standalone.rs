@@ -23,7 +23,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
     })
     .await
     .context("starting the metadata service")?;
-    let blobs: Arc<dyn BlobStore> = Arc::new(storage);
+    let blobs: Arc<dyn BlobStore> = Arc::new(storage.clone());
     let metas: Arc<dyn MetaStore> = Arc::new(meta.clone());
     let collector = Arc::new(
         Collector::new(blobs.clone(), meta.clone(), config.gc_grace, config.gc_interval)
@@ -45,11 +45,26 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
         stop_tx.send_replace(true);
     });
     let suffix = format!(" (data in {})", data_dir.display());
-    let served =
-        crate::http::serve_registry(blobs, metas, &config.http, "standalone", &suffix, "standalone", stop_rx).await;
+    let (node, engine) = (meta.clone(), storage.clone());
+    let collect: crate::probe::Collect = Arc::new(move || {
+        crate::meta::raft_gauges(&node);
+        metrics::gauge!("berth_storage_uploads_open").set(engine.uploads_open() as f64);
+    });
+    let served = crate::http::serve_registry(
+        blobs,
+        metas,
+        &config.http,
+        crate::http::Serving { role: "standalone", suffix: &suffix, key_owner: "standalone", collect },
+        stop_rx,
+    )
+    .await;
     signal.abort();
     if let Err(e) = housekeeping.await {
         tracing::warn!(error = %e, "housekeeping ended abnormally");
+    }
+    // Uploads under way go on after the restart (see StorageEngine::keep_staged_uploads).
+    if let Err(e) = storage.keep_staged_uploads().await {
+        tracing::warn!(error = %e, "keeping staged uploads on disk");
     }
     meta.shutdown().await;
     served

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -75,6 +76,10 @@ pub struct StorageArgs {
     /// Seconds between two scrub passes over everything this node holds.
     #[arg(long, env = "BERTH_SCRUB_PAUSE_SECS", default_value_t = 3600)]
     pub scrub_pause_secs: u64,
+    /// HTTP address of the probes: `/healthz` (the node serves) and `/readyz` (its last
+    /// heartbeat reached the metadata group) [default: none].
+    #[arg(long, env = "BERTH_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// How often a storage node renews its registration.
@@ -118,17 +123,20 @@ async fn heartbeat(
     meta: Arc<dyn MetaStore>,
     node: StorageNode,
     stats: Arc<Mutex<NodeStats>>,
+    heard: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut registered = false;
     loop {
         let stats = *stats.lock().unwrap_or_else(PoisonError::into_inner);
         match meta.register_storage(StorageNode { stats, ..node.clone() }).await {
-            Ok(()) if !registered => {
-                registered = true;
-                tracing::info!(name = %node.name, addr = %node.addr, "registered with the metadata group");
+            Ok(()) => {
+                heard.store(berth_core::now_ms(), Ordering::Relaxed);
+                if !registered {
+                    registered = true;
+                    tracing::info!(name = %node.name, addr = %node.addr, "registered with the metadata group");
+                }
             }
-            Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "registering with the metadata group"),
         }
         tokio::select! {
@@ -138,6 +146,25 @@ async fn heartbeat(
     }
 }
 
+/// Sets the node's gauges and counters kept in its statistics, at scrape time.
+fn node_gauges(engine: &StorageEngine, stats: &Mutex<NodeStats>) {
+    use metrics::{counter, gauge};
+    let s = *stats.lock().unwrap_or_else(PoisonError::into_inner);
+    gauge!("berth_storage_uploads_open").set(engine.uploads_open() as f64);
+    gauge!("berth_storage_blobs").set(s.blobs as f64);
+    gauge!("berth_storage_bytes").set(s.bytes as f64);
+    gauge!("berth_storage_move_queue").set(s.queued as f64);
+    counter!("berth_storage_copies_made_total").absolute(s.copies_made);
+    counter!("berth_storage_copies_dropped_total").absolute(s.copies_dropped);
+    counter!("berth_storage_moved_bytes_total").absolute(s.bytes_moved);
+    gauge!("berth_storage_move_bytes_per_second").set(s.move_rate as f64);
+    gauge!("berth_scrub_pass_checked_bytes").set(s.scrubbed as f64);
+    counter!("berth_scrub_passes_total").absolute(s.scrub_passes);
+    gauge!("berth_scrub_bytes_per_second").set(s.scrub_rate as f64);
+    counter!("berth_scrub_damaged_total").absolute(s.damaged);
+    counter!("berth_scrub_mended_total").absolute(s.mended);
+}
+
 /// Runs the node until SIGTERM or SIGINT.
 pub async fn run(args: StorageArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
@@ -145,6 +172,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let engine = StorageEngine::open(StorageConfig { dir: data_dir.clone() }).context("opening storage")?;
     let blobs: Arc<dyn BlobStore> = Arc::new(engine.clone());
+    let keeper = engine.clone();
     let metas: Arc<dyn MetaStore> =
         Arc::new(MetaClient::new(args.meta, MetaClientConfig::default()).context("the metadata nodes")?);
     let incoming = TcpIncoming::bind(args.listen)
@@ -188,7 +216,28 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         stats: stats.clone(),
     };
     let scrubbing = tokio::spawn(scrub.run(stop_rx.clone()));
-    let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stats, stop_rx.clone()));
+    // When the metadata group last took this node's heartbeat (ms since the epoch; 0: never).
+    let heard = Arc::new(AtomicU64::new(0));
+    if let Some(listen) = args.http_listen {
+        let heard = heard.clone();
+        let ready: crate::probe::Readiness = Arc::new(move || {
+            let last = heard.load(Ordering::Relaxed);
+            Box::pin(async move {
+                let ago = berth_core::now_ms().saturating_sub(last);
+                if last == 0 {
+                    Err("not registered with the metadata group yet".to_string())
+                } else if ago > 3 * HEARTBEAT.as_millis() as u64 {
+                    Err(format!("the metadata group has not taken a heartbeat for {} s", ago / 1000))
+                } else {
+                    Ok(())
+                }
+            })
+        });
+        let (engine, stats) = (keeper.clone(), stats.clone());
+        let collect: crate::probe::Collect = Arc::new(move || node_gauges(&engine, &stats));
+        crate::probe::serve(listen, ready, collect, stop_rx.clone()).await?;
+    }
+    let heartbeats = tokio::spawn(heartbeat(metas.clone(), node, stats, heard, stop_rx.clone()));
     if args.gc_grace_secs.is_some() {
         tracing::warn!("--gc-grace-secs is ignored by storage nodes: set it on the metadata nodes (berth meta)");
     }
@@ -196,6 +245,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, None, false, stop_rx));
     let served = Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .initial_stream_window_size(berth_storage::client::STREAM_WINDOW)
         .initial_connection_window_size(berth_storage::client::CONNECTION_WINDOW)
         .max_frame_size(berth_storage::client::MAX_FRAME)
@@ -203,6 +253,10 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal())
         .await
         .context("serving gRPC");
+    match keeper.keep_staged_uploads().await {
+        Ok(n) => tracing::info!(uploads = n, "staged uploads kept on disk for the restart"),
+        Err(e) => tracing::warn!(error = %e, "keeping staged uploads on disk"),
+    }
     stop_tx.send_replace(true);
     heartbeats.abort();
     rebalancing.abort();

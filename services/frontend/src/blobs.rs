@@ -8,6 +8,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use berth_core::access::{allowed_actions, Action, Identity};
 use berth_core::{Digest, ErrorCode, RegistryError, UploadSession};
+use futures::TryStreamExt;
 
 use crate::auth::{self, Caller};
 
@@ -122,7 +123,16 @@ pub async fn get(
                 .map_err(RegistryError::internal);
         }
     };
-    let body = if head || size == 0 { Body::empty() } else { Body::from_stream(reg.blobs.read(&digest, range).await?) };
+    let body = if head || size == 0 {
+        Body::empty()
+    } else {
+        Body::from_stream(
+            reg.blobs
+                .read(&digest, range)
+                .await?
+                .inspect_ok(|chunk| metrics::counter!("berth_http_sent_bytes_total").increment(chunk.len() as u64)),
+        )
+    };
     resp.body(body).map_err(RegistryError::internal)
 }
 
@@ -291,7 +301,9 @@ fn chunk_range(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
 async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, RegistryError> {
     let offset = chunk_range(req.headers())?;
     let length = content_length(req.headers());
-    if length == Some(0) {
+    // Without a length and not chunked, an HTTP/1.1 request has no body (RFC 9112, 6.3).
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    if length == Some(0) || (length.is_none() && !chunked) {
         return Ok(None);
     }
     // Checked before the body is touched, so that a refused chunk is drained, not cut off (a

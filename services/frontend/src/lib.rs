@@ -129,6 +129,15 @@ impl Registry {
 }
 
 impl Registry {
+    /// Whether this frontend can serve: the metadata group answers a read through its leader,
+    /// and enough storage nodes answer to take writes. `Err` says what is missing.
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        if let Err(e) = self.meta.key_generation().await {
+            return Err(format!("metadata: {}", e.detail));
+        }
+        self.blobs.readiness().map_err(|why| format!("storage: {why}"))
+    }
+
     /// The URL a `Location` header gives for `path`: absolute under the external URL when one
     /// is configured, relative otherwise (clients resolve it against the URL they used).
     fn location(&self, path: &str) -> String {
@@ -211,10 +220,50 @@ fn next_request_id() -> String {
     format!("{prefix}-{:x}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The route a path names, as a metric label: one of a fixed few, never a repository name.
+fn route_label(path: &str) -> &'static str {
+    match routes::parse(path) {
+        Some(Ok(Route::Base)) => "base",
+        Some(Ok(Route::Catalog)) => "catalog",
+        Some(Ok(Route::Tags { .. })) => "tags",
+        Some(Ok(Route::Manifest { .. })) => "manifest",
+        Some(Ok(Route::Blob { .. })) => "blob",
+        Some(Ok(Route::UploadStart { .. })) => "upload_start",
+        Some(Ok(Route::Upload { .. })) => "upload",
+        Some(Ok(Route::Referrers { .. })) => "referrers",
+        Some(Err(_)) => "invalid",
+        None if path == "/token" => "token",
+        None if path.starts_with("/api/") => "api",
+        None if path == "/healthz" || path == "/readyz" => "probe",
+        None if path == JWKS_PATH => "jwks",
+        None => "other",
+    }
+}
+
+/// A method as a metric label: the ones the API uses, else `other`.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let (route, method) = (route_label(req.uri().path()), method_label(req.method()));
     // Errors are logged under this id and clients get it back, never the internal detail.
     let request_id = next_request_id();
     let mut resp = REQUEST_ID.scope(request_id.clone(), route_request(reg, req)).await;
+    metrics::counter!("berth_http_requests_total", "route" => route, "method" => method, "status" => status_label(resp.status()))
+        .increment(1);
+    metrics::histogram!("berth_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
     let headers = resp.headers_mut();
     // Unless the handler set its own (pages bring a policy that allows their stylesheet).
     for (k, v) in FIXED_HEADERS {
@@ -224,6 +273,36 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
         headers.insert("x-request-id", v);
     }
     resp
+}
+
+/// A status as a metric label (a static string for the ones the API answers).
+fn status_label(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        307 => "307",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        416 => "416",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        c if c < 300 => "2xx",
+        c if c < 400 => "3xx",
+        c if c < 500 => "4xx",
+        _ => "5xx",
+    }
 }
 
 /// Where the public keys that verify registry tokens are published, as a JSON Web Key Set.
@@ -250,20 +329,13 @@ async fn route_request(reg: Arc<Registry>, req: Request) -> Response {
         return text_response(StatusCode::OK, "ok\n");
     }
     if path == "/readyz" {
-        let meta = within(reg.config.request_timeout, async {
-            match reg.meta.key_generation().await {
-                Ok(_) => text_response(StatusCode::OK, "ok"),
-                Err(e) => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("metadata: {}", e.detail)),
+        return within(reg.config.request_timeout, async {
+            match reg.readiness().await {
+                Ok(()) => text_response(StatusCode::OK, "ready\n"),
+                Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("{why}\n")),
             }
         })
         .await;
-        if meta.status() != StatusCode::OK {
-            return meta;
-        }
-        return match reg.blobs.readiness() {
-            Ok(()) => text_response(StatusCode::OK, "ready\n"),
-            Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("storage: {why}\n")),
-        };
     }
     // The token endpoint and the REST API read their (small, bounded) bodies themselves.
     if path == "/token" || path.starts_with("/api/") {
@@ -471,7 +543,13 @@ fn empty(status: StatusCode, headers: &[(&'static str, String)]) -> Result<Respo
 /// nothing for `idle` fails with `TimedOut`, which ends the request and releases what it held.
 fn body_stream(req: &Request, idle: Duration) -> ByteStream {
     match req.extensions().get::<BodySlot>().and_then(BodySlot::take) {
-        Some(body) => with_idle_timeout(Box::pin(body.into_data_stream().map_err(io::Error::other)), idle),
+        Some(body) => {
+            let counted = body
+                .into_data_stream()
+                .map_err(io::Error::other)
+                .inspect_ok(|chunk| metrics::counter!("berth_http_received_bytes_total").increment(chunk.len() as u64));
+            with_idle_timeout(Box::pin(counted), idle)
+        }
         None => Box::pin(futures::stream::empty()),
     }
 }

@@ -25,6 +25,7 @@ use berth_core::store::{
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
+use berth_proto::status::never_sent;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -162,22 +163,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How often an idle or waiting connection to a metadata node is pinged, and how long the
+/// ping may go unanswered: a node that vanished without closing its connections (killed with
+/// its host, cut off the network) is given up within two seconds, and the call that was
+/// waiting on it goes to another node, instead of waiting out its whole timeout.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
 /// The endpoint of a metadata node.
 fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(config.connect_timeout).tcp_nodelay(true))
-}
-
-/// Whether the status says the request never left this client: a connection error anywhere in
-/// its cause chain.
-fn never_sent(status: &Status) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
-    while let Some(e) = cause {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true))
 }
 
 /// What a failed attempt means.

@@ -76,6 +76,27 @@ impl MetaService {
         Some((id, addr))
     }
 
+    /// This node's view of the group, for metrics.
+    pub fn raft_figures(&self) -> RaftFigures {
+        let m = self.raft.metrics().borrow().clone();
+        // The leader knows what each voter holds: the highest index a majority holds.
+        let committed = m.replication.as_ref().map(|matched| {
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            let mut held: Vec<u64> =
+                voters.iter().map(|id| matched.get(id).copied().flatten().map_or(0, |l| l.index)).collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            held.get(voters.len() / 2).copied().unwrap_or(0)
+        });
+        RaftFigures {
+            term: m.current_term,
+            leader: m.current_leader.unwrap_or(0),
+            leading: m.state == ServerState::Leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            committed_index: committed,
+        }
+    }
+
     fn not_leader(&self) -> NotLeader {
         NotLeader { leader: self.leader().filter(|(id, _)| *id != self.node_id).map(|(_, a)| a) }
     }
@@ -173,6 +194,23 @@ impl MetaService {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// A metadata node's view of the Raft group (see [`MetaService::raft_figures`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftFigures {
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows (0: none).
+    pub leader: u64,
+    /// Whether it leads.
+    pub leading: bool,
+    /// Index of its last log entry.
+    pub last_log_index: u64,
+    /// Index of the last entry applied to its state.
+    pub applied_index: u64,
+    /// On the leader: the highest index a majority of voters holds.
+    pub committed_index: Option<u64>,
 }
 
 /// The Meta service's gate on a cluster node: answer only as a confirmed leader.

@@ -311,6 +311,9 @@ impl Collector {
             .buffer_unordered(AT_ONCE)
             .try_collect::<Vec<()>>()
             .await?;
+        metrics::counter!("berth_gc_rounds_total").increment(1);
+        metrics::counter!("berth_gc_collected_blobs_total").increment(done.deleted as u64);
+        metrics::counter!("berth_gc_collected_bytes_total").increment(done.freed_bytes);
         Ok(done)
     }
 

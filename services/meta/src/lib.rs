@@ -121,6 +121,9 @@ async fn batch_writes(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<PendingWrit
 
 async fn commit_batch(raft: &Raft<TypeConfig>, batch: Vec<PendingWrite>) {
     let (mut cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+    metrics::counter!("berth_raft_proposals_total").increment(1);
+    metrics::counter!("berth_raft_commands_total").increment(cmds.len() as u64);
+    metrics::histogram!("berth_raft_proposal_batch_size").record(cmds.len() as f64);
     let cmd = match cmds.len() {
         1 => cmds.remove(0),
         _ => Command::Batch(cmds),

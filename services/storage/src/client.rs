@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use berth_core::error::Result;
 use berth_core::store::{FinishedCopies, COPY_WHILE_FINISHING, FINISH_COPY_TIME};
 use berth_core::{BlobStore, ByteStream, Deleted, Digest, ErrorCode, RegistryError, Stored};
+use berth_proto::status::never_sent;
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_client::StorageClient as StorageGrpc;
 use bytes::{Bytes, BytesMut};
@@ -83,6 +84,15 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// rather than sixteen of the default 16 KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 
+/// The words of a failure whose request never left this process (no connection could be
+/// made: the node is stopped, restarting or unreachable), so that repeating it is safe.
+pub(crate) const NOT_REACHED: &str = "not reached";
+
+/// Whether `e` is a call to a node that never left this process ([`NOT_REACHED`]).
+pub(crate) fn not_reached(e: &RegistryError) -> bool {
+    e.code == ErrorCode::Unknown && e.detail.contains(NOT_REACHED)
+}
+
 impl StorageClient {
     /// A client of the node at `addr` (`host:port`).
     pub fn new(addr: &str, config: StorageClientConfig) -> std::result::Result<StorageClient, StorageClientError> {
@@ -116,6 +126,13 @@ impl StorageClient {
     fn failure(&self, status: Status) -> RegistryError {
         if let Some(e) = registry_error_of(&status) {
             return e;
+        }
+        if never_sent(&status) {
+            return RegistryError::new(
+                ErrorCode::Unknown,
+                format!("storage node {} {NOT_REACHED}: {status}", self.addr),
+            )
+            .with_status(503);
         }
         match status.code() {
             // tonic reports its own timeouts as CANCELLED, a refused or broken connection as

@@ -176,6 +176,37 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 impl StorageEngine {
+    /// Writes the uploads staged in memory to their files and makes them durable, so that they
+    /// outlive the restart about to come: called when the node stops gracefully, after it has
+    /// stopped taking requests. An upload begun just before a rolling restart then goes on
+    /// once the node is back, instead of being unknown to it. Returns how many were written.
+    pub async fn keep_staged_uploads(&self) -> Result<usize> {
+        let slots: Vec<Arc<AsyncMutex<Slot>>> =
+            self.inner.uploads.lock().map_err(internal)?.values().cloned().collect();
+        let mut guards = Vec::with_capacity(slots.len());
+        for slot in slots {
+            guards.push(slot.lock_owned().await);
+        }
+        let dir = self.inner.dir.join("uploads");
+        blocking(move || {
+            let mut kept = 0;
+            for g in &mut guards {
+                if let Slot::Ready(st) = &mut **g {
+                    st.sync().map_err(internal)?;
+                    kept += 1;
+                }
+            }
+            sync_dir(&dir).map_err(internal)?;
+            Ok(kept)
+        })
+        .await
+    }
+
+    /// Uploads staged on this node (in memory or in files loaded since the start).
+    pub fn uploads_open(&self) -> usize {
+        self.inner.uploads.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
     /// Opens (or creates) the node's directory and index.
     pub fn open(config: StorageConfig) -> io::Result<StorageEngine> {
         let dir = config.dir;
@@ -777,7 +808,7 @@ impl Inner {
     fn synced_write(&self, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(internal)
+        crate::timed_fsync(|| self.db.write_opt(batch, &wo)).map_err(internal)
     }
 
     /// A stamp greater than every one this node gave before (see [`BlobEntry::stamp`]).
@@ -858,6 +889,8 @@ impl Inner {
         if entry.location != Location::File {
             st.discard();
         }
+        metrics::counter!("berth_storage_blobs_written_total").increment(1);
+        metrics::counter!("berth_storage_written_bytes_total").increment(size);
         Ok(Stored { size, stamp })
     }
 

@@ -62,3 +62,13 @@ pub const WRITE_BUFFER: usize = 1024 * 1024;
 /// large chunks keep the hops rare; the bytes stay in the page cache (the file is
 /// memory-mapped), so a pull's memory does not grow with the chunk size.
 pub const READ_CHUNK: usize = integrity::UNIT as usize;
+
+/// Runs an fsync (or a synced index write) and records how long it took
+/// (`berth_storage_fsync_duration_seconds`): on one disk shared by everything, its latency is
+/// what a push's acknowledgement waits for.
+pub(crate) fn timed_fsync<T>(sync: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let r = sync();
+    metrics::histogram!("berth_storage_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+    r
+}

@@ -84,6 +84,61 @@ const NOTE_AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// Blobs whose recording time is remembered; past this the memory starts over.
 const NOTED_REMEMBERED: usize = 10_000;
 
+/// A request body lent to the attempts of one call. What the attempts read from it is kept,
+/// up to [`REPLAY_LIMIT`] bytes, so that an attempt that never reached the node (the client
+/// reads a little ahead while it connects) can be followed by another that sends the body
+/// whole: the kept chunks first, then the rest.
+struct Lender {
+    body: ByteStream,
+    kept: Vec<Bytes>,
+    kept_bytes: usize,
+    /// More was read than can be kept: no attempt can follow.
+    overflowed: bool,
+}
+
+/// What an attempt reads first may be sent again: a little more than a storage client reads
+/// ahead before its connection is up (a few frames).
+const REPLAY_LIMIT: usize = 1 << 20;
+
+/// One attempt's view of a [`Lender`]: the kept chunks, then the body.
+struct LentBody {
+    lender: Arc<Mutex<Lender>>,
+    at: usize,
+}
+
+impl futures::Stream for LentBody {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let lender = self.lender.clone();
+        let mut l = lender.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(chunk) = l.kept.get(self.at).cloned() {
+            self.at += 1;
+            return std::task::Poll::Ready(Some(Ok(chunk)));
+        }
+        let next = l.body.poll_next_unpin(cx);
+        if let std::task::Poll::Ready(Some(Ok(chunk))) = &next {
+            if !l.overflowed && l.kept_bytes + chunk.len() <= REPLAY_LIMIT {
+                l.kept_bytes += chunk.len();
+                l.kept.push(chunk.clone());
+                self.at += 1;
+            } else {
+                l.overflowed = true;
+                l.kept = Vec::new();
+            }
+        }
+        next
+    }
+}
+
+/// How long calls about an upload wait for its staging node while it refuses connections:
+/// longer than a node takes to restart (a rolling restart, an upgrade), short of the request
+/// timeouts clients give up at.
+const STAGING_RETURN: Duration = Duration::from_secs(20);
+
 /// Uploads whose staging node is remembered; past this the memory starts over (a forgotten
 /// upload is found again by asking the nodes in order).
 const STAGED_REMEMBERED: usize = 100_000;
@@ -332,6 +387,29 @@ impl Replicated {
         }
         if down {
             tracing::warn!(node = %self.nodes[i].name, "storage node failed a call; passing it over for a moment");
+        }
+    }
+
+    /// Calls upload staging node `i`, and while it refuses connections (it is restarting; an
+    /// upload's staged bytes are on its disk alone) calls again, for up to [`STAGING_RETURN`].
+    /// Only calls that never reached it are repeated, so any call may be.
+    async fn at_staging<T, F, Fut>(&self, i: usize, mut call: F) -> Result<T>
+    where
+        F: FnMut(Arc<dyn BlobStore>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + STAGING_RETURN;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let r = call(self.nodes[i].store.clone()).await;
+            self.mark(i, &r);
+            match &r {
+                Err(e) if crate::client::not_reached(e) && Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                _ => return r,
+            }
         }
     }
 
@@ -627,16 +705,29 @@ impl BlobStore for Replicated {
 
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         let i = self.staging(id).await;
-        let r = self.nodes[i].store.upload_append(id, offset, body, limit).await;
-        self.mark(i, &r);
-        r
+        // The body is lent to each attempt: one that never reached the node (it is restarting)
+        // is followed by another that sends it whole.
+        let lender = Arc::new(Mutex::new(Lender { body, kept: vec![], kept_bytes: 0, overflowed: false }));
+        let deadline = Instant::now() + STAGING_RETURN;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let lent = LentBody { lender: lender.clone(), at: 0 };
+            let r = self.nodes[i].store.upload_append(id, offset, Box::pin(lent), limit).await;
+            self.mark(i, &r);
+            let replayable = !lender.lock().map(|l| l.overflowed).unwrap_or(true);
+            match &r {
+                Err(e) if crate::client::not_reached(e) && replayable && Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                _ => return r,
+            }
+        }
     }
 
     async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
         let i = self.staging(id).await;
-        let r = self.nodes[i].store.upload_size(id).await;
-        self.mark(i, &r);
-        r
+        self.at_staging(i, |n| async move { n.upload_size(id).await }).await
     }
 
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
@@ -645,8 +736,12 @@ impl BlobStore for Replicated {
         if let Some(addrs) = &self.addrs {
             let (i_owns, others) = self.owners_besides(digest, i);
             let targets: Vec<String> = others.iter().map(|o| addrs[*o].clone()).collect();
-            let r = self.nodes[i].store.upload_finish_copying(id, digest, &targets).await;
-            self.mark(i, &r);
+            let r = self
+                .at_staging(i, |n| {
+                    let targets = targets.clone();
+                    async move { n.upload_finish_copying(id, digest, &targets).await }
+                })
+                .await;
             self.remember(id, None);
             match r {
                 Ok(Some((first, Some(copies)))) => {
@@ -668,16 +763,14 @@ impl BlobStore for Replicated {
                 }
             }
         }
-        let r = self.nodes[i].store.upload_finish(id, digest).await;
-        self.mark(i, &r);
+        let r = self.at_staging(i, |n| async move { n.upload_finish(id, digest).await }).await;
         self.remember(id, None);
         self.replicate(digest, i, r?).await
     }
 
     async fn upload_cancel(&self, id: &str) -> Result<()> {
         let i = self.staging(id).await;
-        let r = self.nodes[i].store.upload_cancel(id).await;
-        self.mark(i, &r);
+        let r = self.at_staging(i, |n| async move { n.upload_cancel(id).await }).await;
         self.remember(id, None);
         r
     }
@@ -1143,5 +1236,36 @@ mod tests {
         for (name, engine) in &engines {
             assert_eq!(engine.stat(&d).await.unwrap().map(|s| s.size), Some(2000), "copy on {name}");
         }
+    }
+
+    /// An upload's staging node that refuses connections (restarting) is waited for: the
+    /// chunk sent meanwhile arrives whole once it is back, and the upload finishes.
+    #[tokio::test]
+    async fn an_upload_waits_for_its_staging_node_to_come_back() {
+        use crate::client::{StorageClient, StorageClientConfig};
+        use tonic::transport::server::TcpIncoming;
+
+        let (_dirs, engines) = engines(1);
+        let (name, engine) = engines[0].clone();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let client = StorageClient::new(&addr.to_string(), StorageClientConfig::default()).unwrap();
+        let r = Replicated::new(vec![(name.clone(), Arc::new(client))], 1, 1).unwrap();
+        let id = "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d00";
+        engine.upload_start(id).await.unwrap();
+        r.upload_staged_at(id, &name);
+        let serving = engine.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let incoming = TcpIncoming::bind(addr).unwrap();
+            let svc = crate::server::storage_server(serving);
+            tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await
+        });
+        let data = vec![7u8; 300_000];
+        let d = Digest::sha256_of(&data);
+        let started = Instant::now();
+        assert_eq!(r.upload_append(id, Some(0), body(&data), u64::MAX).await.unwrap(), 300_000);
+        assert!(started.elapsed() >= Duration::from_millis(500), "the node was down for the first attempts");
+        assert_eq!(r.upload_finish(id, &d).await.unwrap().size, 300_000);
+        assert_eq!(engine.stat(&d).await.unwrap().map(|s| s.size), Some(300_000));
     }
 }

@@ -153,7 +153,7 @@ impl Segments {
 
     /// Seals the active segment (flushed whole) and starts the next.
     fn roll(&self, a: &mut Active) -> io::Result<()> {
-        a.file.sync_data()?;
+        crate::timed_fsync(|| a.file.sync_data())?;
         let id = a.id + 1;
         let file = create(&self.dir, id)?;
         *a = Active { id, file: Arc::new(file), len: 0 };
@@ -176,7 +176,7 @@ impl Segments {
             *synced = (now_id, 0);
             return Ok(());
         }
-        file.sync_data()?;
+        crate::timed_fsync(|| file.sync_data())?;
         *synced = (id, now_len);
         Ok(())
     }

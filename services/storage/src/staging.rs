@@ -178,7 +178,7 @@ impl Staging {
             self.spill()?;
         }
         match &self.file {
-            Some(f) => f.sync_data(),
+            Some(f) => crate::timed_fsync(|| f.sync_data()),
             None => Ok(()),
         }
     }
