@@ -29,7 +29,7 @@ pub fn registry_error_of(status: &Status) -> Option<RegistryError> {
     let md = status.metadata();
     let code = ErrorCode::from_name(md.get(ERROR_CODE)?.to_str().ok()?)?;
     let http = md.get(ERROR_STATUS)?.to_str().ok()?.parse().ok()?;
-    Some(RegistryError { code, status: http, detail: status.message().to_string() })
+    Some(RegistryError::new(code, status.message()).with_status(http))
 }
 
 /// A registry error as the three fields a message carries it in where one call answers several
@@ -41,21 +41,24 @@ pub fn error_fields(e: RegistryError) -> (String, u32, String) {
 /// The registry error [`error_fields`] made; a code this side does not know reads as
 /// `UNKNOWN`, a status out of range as 500.
 pub fn error_from_fields(code: &str, status: u32, detail: String) -> RegistryError {
-    RegistryError {
-        code: ErrorCode::from_name(code).unwrap_or(ErrorCode::Unknown),
-        status: u16::try_from(status).unwrap_or(500),
-        detail,
-    }
+    RegistryError::new(ErrorCode::from_name(code).unwrap_or(ErrorCode::Unknown), detail)
+        .with_status(u16::try_from(status).unwrap_or(500))
 }
 
-/// Whether a failed call never left this process: a connection error (refused, unreachable,
-/// a name that does not resolve, a connect timeout) anywhere in the status's cause chain. Such
-/// a call reached no node, so repeating it is safe whatever it asked.
+/// Whether a failed call never reached its peer's service: a connection error (refused,
+/// unreachable, a name that does not resolve, a connect timeout), or an HTTP/2 stream the peer
+/// refused unprocessed (REFUSED_STREAM, as a server shutting down answers), anywhere in the
+/// status's cause chain. Repeating such a call is safe whatever it asked.
 pub fn never_sent(status: &Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(e) = cause {
         if e.is::<tonic::ConnectError>() {
             return true;
+        }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return true;
+            }
         }
         cause = e.source();
     }

@@ -232,9 +232,8 @@ pub(crate) fn raft_gauges(meta: &MetaService) {
     gauge!("berth_raft_is_leader").set(if f.leading { 1.0 } else { 0.0 });
     gauge!("berth_raft_last_log_index").set(f.last_log_index as f64);
     gauge!("berth_raft_applied_index").set(f.applied_index as f64);
-    if let Some(c) = f.committed_index {
-        gauge!("berth_raft_committed_index").set(c as f64);
-    }
+    // Only the leader knows it; followers report 0 rather than a stale value.
+    gauge!("berth_raft_committed_index").set(f.committed_index.unwrap_or(0) as f64);
 }
 
 /// The id a host name's ordinal suffix gives: `NAME-N` is node N + 1.

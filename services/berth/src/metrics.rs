@@ -49,8 +49,9 @@ pub fn install() {
             upkeep.run_upkeep();
         }
     });
-    // Set once; a second install (never done) keeps the first.
-    let _first = HANDLE.set(handle);
+    if HANDLE.set(handle).is_err() {
+        tracing::warn!("the metrics recorder was installed twice; the first one renders");
+    }
 }
 
 /// The exposition text, or `None` when metrics are off.
@@ -89,7 +90,7 @@ fn describe() {
     describe_gauge!("berth_raft_applied_index", "Index of the last entry applied to this node's state.");
     describe_gauge!(
         "berth_raft_committed_index",
-        "On the leader: the highest index a majority holds (its followers' matched indexes)."
+        "On the leader: the highest index a majority holds (its followers' matched indexes); 0 elsewhere."
     );
     describe_counter!("berth_raft_proposals_total", "Log entries this node proposed as leader.");
     describe_histogram!("berth_raft_proposal_batch_size", "Commands per proposed log entry.");

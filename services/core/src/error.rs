@@ -135,12 +135,22 @@ pub struct RegistryError {
     pub status: u16,
     /// What exactly was wrong, for humans.
     pub detail: String,
+    /// Set by a client of another role when its call never left this process (no connection
+    /// could be made, or the peer refused the stream unprocessed): repeating it is safe. Never
+    /// carried over the wire, so an error a peer relays is never taken for one.
+    pub unsent: bool,
 }
 
 impl RegistryError {
     /// An error with the code's default status.
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> Self {
-        RegistryError { code, status: code.default_status(), detail: detail.into() }
+        RegistryError { code, status: code.default_status(), detail: detail.into(), unsent: false }
+    }
+
+    /// The same error, marked as a call that never reached its peer (see [`RegistryError::unsent`]).
+    pub fn marked_unsent(mut self) -> Self {
+        self.unsent = true;
+        self
     }
 
     /// The same error with another HTTP status.

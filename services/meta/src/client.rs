@@ -163,11 +163,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// How often an idle or waiting connection to a metadata node is pinged, and how long the
-/// ping may go unanswered: a node that vanished without closing its connections (killed with
-/// its host, cut off the network) is given up within two seconds, and the call that was
-/// waiting on it goes to another node, instead of waiting out its whole timeout.
+/// How often an idle or waiting connection to a metadata node is pinged: a node that vanished
+/// without closing its connections (killed with its host, cut off the network) is given up
+/// within [`KEEPALIVE`] + [`PING_TIMEOUT`], and the call that was waiting on it goes to
+/// another node, instead of waiting out its whole timeout (the 5 s a call may retry for).
 const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// How long a ping may go unanswered. Pings are answered by the peer's connection task, not by
+/// its request handlers, so a node busy with a slow fsync still answers them.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The endpoint of a metadata node.
 fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoint, tonic::transport::Error> {
@@ -175,7 +179,7 @@ fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoi
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_timeout(PING_TIMEOUT)
         .keep_alive_while_idle(true))
 }
 

@@ -84,13 +84,9 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// rather than sixteen of the default 16 KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 
-/// The words of a failure whose request never left this process (no connection could be
-/// made: the node is stopped, restarting or unreachable), so that repeating it is safe.
-pub(crate) const NOT_REACHED: &str = "not reached";
-
-/// Whether `e` is a call to a node that never left this process ([`NOT_REACHED`]).
+/// Whether `e` is a call to a node that never reached it (see [`RegistryError::unsent`]).
 pub(crate) fn not_reached(e: &RegistryError) -> bool {
-    e.code == ErrorCode::Unknown && e.detail.contains(NOT_REACHED)
+    e.unsent
 }
 
 impl StorageClient {
@@ -128,11 +124,9 @@ impl StorageClient {
             return e;
         }
         if never_sent(&status) {
-            return RegistryError::new(
-                ErrorCode::Unknown,
-                format!("storage node {} {NOT_REACHED}: {status}", self.addr),
-            )
-            .with_status(503);
+            return RegistryError::new(ErrorCode::Unknown, format!("storage node {} not reached: {status}", self.addr))
+                .with_status(503)
+                .marked_unsent();
         }
         match status.code() {
             // tonic reports its own timeouts as CANCELLED, a refused or broken connection as

@@ -175,6 +175,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
+/// How long a graceful stop waits for uploads still receiving bytes before it writes out the
+/// others' staged bytes without them.
+const KEEP_WAIT: Duration = Duration::from_secs(5);
+
 impl StorageEngine {
     /// Writes the uploads staged in memory to their files and makes them durable, so that they
     /// outlive the restart about to come: called when the node stops gracefully, after it has
@@ -183,23 +187,24 @@ impl StorageEngine {
     pub async fn keep_staged_uploads(&self) -> Result<usize> {
         let slots: Vec<Arc<AsyncMutex<Slot>>> =
             self.inner.uploads.lock().map_err(internal)?.values().cloned().collect();
-        let mut guards = Vec::with_capacity(slots.len());
+        // An append still streaming holds its slot: it is skipped after a moment (its client
+        // starts that upload again), and every other is written out meanwhile.
+        let deadline = tokio::time::Instant::now() + KEEP_WAIT;
+        let mut kept = 0;
         for slot in slots {
-            guards.push(slot.lock_owned().await);
+            let Ok(mut guard) = tokio::time::timeout_at(deadline, slot.lock_owned()).await else {
+                tracing::warn!("an upload still receiving bytes is not kept for the restart");
+                continue;
+            };
+            kept += blocking(move || match &mut *guard {
+                Slot::Ready(st) => st.sync().map(|()| 1).map_err(internal),
+                _ => Ok(0),
+            })
+            .await?;
         }
         let dir = self.inner.dir.join("uploads");
-        blocking(move || {
-            let mut kept = 0;
-            for g in &mut guards {
-                if let Slot::Ready(st) = &mut **g {
-                    st.sync().map_err(internal)?;
-                    kept += 1;
-                }
-            }
-            sync_dir(&dir).map_err(internal)?;
-            Ok(kept)
-        })
-        .await
+        blocking(move || sync_dir(&dir).map_err(internal)).await?;
+        Ok(kept)
     }
 
     /// Uploads staged on this node (in memory or in files loaded since the start).
