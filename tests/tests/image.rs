@@ -17,7 +17,7 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         if let Some(c) = &self.container {
-            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+            let _ = Command::new("docker").args(["rm", "-f", "-v", c]).output();
         }
         for i in &self.images {
             let _ = Command::new("docker").args(["rmi", "-f", i]).output();
