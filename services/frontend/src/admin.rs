@@ -82,7 +82,7 @@ pub async fn ensure_package(reg: &Registry, who: &Identity, repo: &str) -> Resul
 /// failure leaves the package as it was, never the push failed.
 pub async fn describe_package(reg: &Registry, repo: &str, hint: &SourceHint) {
     let keys = [DESCRIPTION_KEY, LICENSES_KEY, SOURCE_KEY];
-    let mut found: Vec<Option<String>> = keys.iter().map(|k| hint.annotations.get(*k).cloned()).collect();
+    let mut found = keys.map(|k| hint.annotations.get(k).cloned());
     if found.iter().any(Option::is_none) {
         if let Some(config) = &hint.config {
             if let Ok(Some(bytes)) = reg.blobs.read_small(config, MAX_CONFIG).await {
@@ -96,10 +96,7 @@ pub async fn describe_package(reg: &Registry, repo: &str, hint: &SourceHint) {
             }
         }
     }
-    let [description, license, source_url]: [Option<String>; 3] = match found.try_into() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
+    let [description, license, source_url] = found;
     let about = About {
         description: description.map(|d| cut(&d, MAX_DESCRIPTION)),
         license: license.map(|l| cut(&l, MAX_LICENSE)),

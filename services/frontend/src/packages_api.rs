@@ -93,6 +93,11 @@ pub(crate) fn id_of(s: &str) -> u64 {
     u64::from_str_radix(&d.hex()[..13], 16).unwrap_or(0)
 }
 
+/// The id of a version: that of `repo@digest`.
+pub(crate) fn version_id(repo: &str, digest: &Digest) -> u64 {
+    id_of(&format!("{repo}@{digest}"))
+}
+
 /// RFC 3339 in UTC, to the second, as GitHub writes times.
 fn time(ms: u64) -> String {
     let ms = i64::try_from(ms).unwrap_or(i64::MAX);
@@ -371,7 +376,7 @@ async fn route(
                     let v = versions
                         .into_iter()
                         .chain(deleted)
-                        .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
+                        .find(|v| version_id(&repo, &v.record.digest) == id)
                         .ok_or_else(|| not_found("package version"))?;
                     Ok(json_response(
                         StatusCode::OK,
@@ -398,7 +403,7 @@ async fn change_package(reg: &Registry, repo: &str, change: Change, more: &[&str
                 .await?
                 .into_iter()
                 .filter(|v| v.deleted_ms.is_some() == (change == Change::Restore))
-                .find(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)
+                .find(|v| version_id(repo, &v.record.digest) == id)
                 .ok_or_else(|| not_found("package version"))?;
             Some(v.record.digest.to_string())
         }
@@ -493,7 +498,7 @@ fn package_json(
 
 /// A version as GitHub shows one (`deleted_at` when it is deleted).
 fn version_json(v: &PackageVersion, repo: &str, pkg_url: &str, pkg_html: &str, versions_html: &str) -> Value {
-    let id = id_of(&format!("{repo}@{}", v.record.digest));
+    let id = version_id(repo, &v.record.digest);
     let mut out = json!({
         "id": id,
         "name": v.record.digest.to_string(),

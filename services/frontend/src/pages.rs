@@ -34,7 +34,7 @@ use berth_core::{Digest, RegistryError};
 use percent_encoding::percent_decode_str;
 use serde_json::Value;
 
-use crate::packages_api::{self, encode, id_of, OwnerKind};
+use crate::packages_api::{self, encode, version_id, OwnerKind};
 use crate::{auth, Registry};
 
 /// Versions a package page lists, newest first.
@@ -370,7 +370,7 @@ async fn package_page(
     }
     let versions: Vec<PackageVersion> =
         packages_api::versions(reg, &repo).await?.into_iter().filter(|v| v.deleted_ms.is_none()).collect();
-    if marked.is_some_and(|id| !versions.iter().any(|v| id_of(&format!("{repo}@{}", v.record.digest)) == id)) {
+    if marked.is_some_and(|id| !versions.iter().any(|v| version_id(&repo, &v.record.digest) == id)) {
         return Ok(not_found(head));
     }
     let host = host(reg, headers);
@@ -459,7 +459,7 @@ async fn package_page(
          <th>Size</th><th>Pushed</th><th>Downloads</th></tr></thead><tbody>",
     );
     for (v, (bytes, platforms)) in shown.iter().zip(shapes) {
-        let id = id_of(&format!("{repo}@{}", v.record.digest));
+        let id = version_id(&repo, &v.record.digest);
         let digest = v.record.digest.to_string();
         let tags: Vec<String> = v.tags.iter().map(|t| format!("<code>{}</code>", esc(t))).collect();
         let _ = write!(

@@ -35,40 +35,83 @@ fn checked(name: &str) -> Result<String, RegistryError> {
     }
 }
 
-/// Parses the path of a request under `/v2/`; `None` when it names no endpoint.
-pub fn parse(path: &str) -> Option<Result<Route, RegistryError>> {
+/// Which endpoint a `/v2/` path names, before its parts are checked: what metrics count
+/// requests under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Base,
+    Catalog,
+    Tags,
+    Manifest,
+    Blob,
+    UploadStart,
+    Upload,
+    Referrers,
+}
+
+impl Endpoint {
+    /// The endpoint's name as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Base => "base",
+            Endpoint::Catalog => "catalog",
+            Endpoint::Tags => "tags",
+            Endpoint::Manifest => "manifest",
+            Endpoint::Blob => "blob",
+            Endpoint::UploadStart => "upload_start",
+            Endpoint::Upload => "upload",
+            Endpoint::Referrers => "referrers",
+        }
+    }
+}
+
+/// Splits a `/v2/` path into its endpoint, the repository name (unchecked; empty for the
+/// base and the catalog) and the last segment (empty where the endpoint has none), without
+/// copying anything.
+pub fn split(path: &str) -> Option<(Endpoint, &str, &str)> {
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {
-        return Some(Ok(Route::Base));
+        return Some((Endpoint::Base, "", ""));
     }
     let rest = rest.strip_prefix('/')?;
     if rest == "_catalog" {
-        return Some(Ok(Route::Catalog));
+        return Some((Endpoint::Catalog, "", ""));
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Some(checked(name).map(|name| Route::Tags { name }));
+        return Some((Endpoint::Tags, name, ""));
     }
     if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
-        return Some(checked(name).map(|name| Route::UploadStart { name }));
+        return Some((Endpoint::UploadStart, name, ""));
     }
     // A tail is `/<marker>/<last>` where `last` has no slash; try the markers in turn.
     let (head, last) = rest.rsplit_once('/')?;
     if last.is_empty() {
         return None;
     }
-    if let Some(name) = head.strip_suffix("/blobs/uploads") {
-        return Some(checked(name).map(|name| Route::Upload { name, id: last.to_string() }));
-    }
-    if let Some(name) = head.strip_suffix("/manifests") {
-        return Some(checked(name).map(|name| Route::Manifest { name, reference: last.to_string() }));
-    }
-    if let Some(name) = head.strip_suffix("/blobs") {
-        return Some(checked(name).map(|name| Route::Blob { name, digest: last.to_string() }));
-    }
-    if let Some(name) = head.strip_suffix("/referrers") {
-        return Some(checked(name).map(|name| Route::Referrers { name, digest: last.to_string() }));
-    }
-    None
+    [
+        ("/blobs/uploads", Endpoint::Upload),
+        ("/manifests", Endpoint::Manifest),
+        ("/blobs", Endpoint::Blob),
+        ("/referrers", Endpoint::Referrers),
+    ]
+    .into_iter()
+    .find_map(|(marker, e)| head.strip_suffix(marker).map(|name| (e, name, last)))
+}
+
+/// Parses the path of a request under `/v2/`; `None` when it names no endpoint.
+pub fn parse(path: &str) -> Option<Result<Route, RegistryError>> {
+    let (endpoint, name, last) = split(path)?;
+    let last = last.to_string();
+    Some(match endpoint {
+        Endpoint::Base => Ok(Route::Base),
+        Endpoint::Catalog => Ok(Route::Catalog),
+        Endpoint::Tags => checked(name).map(|name| Route::Tags { name }),
+        Endpoint::UploadStart => checked(name).map(|name| Route::UploadStart { name }),
+        Endpoint::Upload => checked(name).map(|name| Route::Upload { name, id: last }),
+        Endpoint::Manifest => checked(name).map(|name| Route::Manifest { name, reference: last }),
+        Endpoint::Blob => checked(name).map(|name| Route::Blob { name, digest: last }),
+        Endpoint::Referrers => checked(name).map(|name| Route::Referrers { name, digest: last }),
+    })
 }
 
 #[cfg(test)]

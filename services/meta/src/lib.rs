@@ -306,12 +306,10 @@ impl MetaService {
         // A read first: most rounds have nothing to purge, and need no Raft write.
         let due = self
             .read(move |v| {
-                Ok(v.scan(b"Y", None, 1)?.first().is_some_and(|(rest, _)| {
-                    rest.get(..8)
-                        .and_then(|t| t.try_into().ok())
-                        .map(u64::from_be_bytes)
-                        .is_some_and(|t| t <= before_ms)
-                }))
+                Ok(v.scan(b"Y", None, 1)?
+                    .first()
+                    .and_then(|(rest, _)| state::split_time_key(rest))
+                    .is_some_and(|(t, _)| t <= before_ms))
             })
             .await?;
         if !due {
@@ -387,8 +385,13 @@ impl MetaStore for MetaService {
     async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
         let d = digest.to_string();
         let (k, deleted) = (key(b'l', &[repo, &d]), key(b'D', &[repo, &d]));
-        // The bytes of a deleted version stay linked (for its restore) but are not served.
-        self.read(move |v| if v.raw(&deleted)?.is_some() { Ok(None) } else { v.get(&k) }).await
+        // The bytes of a deleted version stay linked (for its restore) but are not served; only
+        // a linked blob is looked up among them.
+        self.read(move |v| match v.get(&k)? {
+            Some(size) if v.raw(&deleted)?.is_none() => Ok(Some(size)),
+            _ => Ok(None),
+        })
+        .await
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {

@@ -1006,7 +1006,7 @@ impl<'a> Tx<'a> {
                     _ => return Ok(gone("deleted package version")),
                 }
                 // Restoring a version of a deleted package restores the package.
-                if let Some(mut p) = self.get::<Package>(&key(b'P', &[repo]))? {
+                if let Some(mut p) = package {
                     if p.deleted_ms.take().is_some() {
                         self.put(key(b'P', &[repo]), &p)?;
                     }
@@ -1344,7 +1344,7 @@ fn time_key(kind: u8, time_ms: u64, parts: &[&str]) -> Vec<u8> {
 }
 
 /// The time and the parts (still NUL-separated) of a [`time_key`] with its kind stripped.
-fn split_time_key(rest: &[u8]) -> Option<(u64, String)> {
+pub(crate) fn split_time_key(rest: &[u8]) -> Option<(u64, String)> {
     let time = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
     Some((time, String::from_utf8_lossy(&rest[8..]).into_owned()))
 }

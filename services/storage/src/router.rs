@@ -110,13 +110,13 @@ impl futures::Stream for LentBody {
     type Item = std::io::Result<Bytes>;
 
     fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        let lender = self.lender.clone();
-        let mut l = lender.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(chunk) = l.kept.get(self.at).cloned() {
-            self.at += 1;
+        let this = self.get_mut();
+        let mut l = this.lender.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(chunk) = l.kept.get(this.at).cloned() {
+            this.at += 1;
             return std::task::Poll::Ready(Some(Ok(chunk)));
         }
         let next = l.body.poll_next_unpin(cx);
@@ -124,7 +124,7 @@ impl futures::Stream for LentBody {
             if !l.overflowed && l.kept_bytes + chunk.len() <= REPLAY_LIMIT {
                 l.kept_bytes += chunk.len();
                 l.kept.push(chunk.clone());
-                self.at += 1;
+                this.at += 1;
             } else {
                 l.overflowed = true;
                 l.kept = Vec::new();
@@ -706,23 +706,22 @@ impl BlobStore for Replicated {
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         let i = self.staging(id).await;
         // The body is lent to each attempt: one that never reached the node (it is restarting)
-        // is followed by another that sends it whole.
+        // is followed by another that sends it whole, unless more was read than can be sent
+        // again: then its failure is no longer one that is safe to repeat.
         let lender = Arc::new(Mutex::new(Lender { body, kept: vec![], kept_bytes: 0, overflowed: false }));
-        let deadline = Instant::now() + STAGING_RETURN;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let lent = LentBody { lender: lender.clone(), at: 0 };
-            let r = self.nodes[i].store.upload_append(id, offset, Box::pin(lent), limit).await;
-            self.mark(i, &r);
-            let replayable = !lender.lock().map(|l| l.overflowed).unwrap_or(true);
-            match &r {
-                Err(e) if crate::client::not_reached(e) && replayable && Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                _ => return r,
+        self.at_staging(i, |n| {
+            let lender = lender.clone();
+            async move {
+                let lent = LentBody { lender: lender.clone(), at: 0 };
+                let r = n.upload_append(id, offset, Box::pin(lent), limit).await;
+                let overflowed = lender.lock().map(|l| l.overflowed).unwrap_or(true);
+                r.map_err(|mut e| {
+                    e.unsent &= !overflowed;
+                    e
+                })
             }
-        }
+        })
+        .await
     }
 
     async fn upload_size(&self, id: &str) -> Result<Option<u64>> {

@@ -93,17 +93,12 @@ impl Wire for Package {
             inherit,
             created_ms,
             deleted_ms,
-            about: Some(pb::About {
-                description: about.description,
-                license: about.license,
-                source_url: about.source_url,
-            }),
+            about: Some(about.to_proto()),
         }
     }
 
     fn from_proto(p: pb::Package) -> Result<Package, WireError> {
         let pb::Package { name, visibility, grants, source, inherit, created_ms, deleted_ms, about } = p;
-        let about = about.unwrap_or_default();
         Ok(Package {
             name,
             visibility: Visibility::from_proto(visibility)?,
@@ -112,8 +107,23 @@ impl Wire for Package {
             inherit,
             created_ms,
             deleted_ms,
-            about: About { description: about.description, license: about.license, source_url: about.source_url },
+            about: About::from_proto(about.unwrap_or_default())?,
         })
+    }
+}
+
+/// A package's description; a message without one reads as empty.
+impl Wire for About {
+    type Proto = pb::About;
+
+    fn to_proto(self) -> pb::About {
+        let About { description, license, source_url } = self;
+        pb::About { description, license, source_url }
+    }
+
+    fn from_proto(p: pb::About) -> Result<About, WireError> {
+        let pb::About { description, license, source_url } = p;
+        Ok(About { description, license, source_url })
     }
 }
 

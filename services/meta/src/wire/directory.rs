@@ -62,14 +62,9 @@ impl Wire for DirectoryChange {
             DirectoryChange::RestorePackage { repo, window_ms, now_ms } => {
                 Change::RestorePackage(dc::RestorePackage { repo, window_ms, now_ms })
             }
-            DirectoryChange::DescribePackage { repo, about } => Change::DescribePackage(dc::DescribePackage {
-                repo,
-                about: Some(pb::About {
-                    description: about.description,
-                    license: about.license,
-                    source_url: about.source_url,
-                }),
-            }),
+            DirectoryChange::DescribePackage { repo, about } => {
+                Change::DescribePackage(dc::DescribePackage { repo, about: Some(about.to_proto()) })
+            }
             DirectoryChange::CountPulls(counts) => Change::CountPulls(dc::CountPulls {
                 counts: counts
                     .into_iter()
@@ -133,15 +128,7 @@ impl Wire for DirectoryChange {
                 DirectoryChange::RestorePackage { repo, window_ms, now_ms }
             }
             Change::DescribePackage(dc::DescribePackage { repo, about }) => {
-                let about = about.unwrap_or_default();
-                DirectoryChange::DescribePackage {
-                    repo,
-                    about: About {
-                        description: about.description,
-                        license: about.license,
-                        source_url: about.source_url,
-                    },
-                }
+                DirectoryChange::DescribePackage { repo, about: About::from_proto(about.unwrap_or_default())? }
             }
             Change::CountPulls(dc::CountPulls { counts }) => DirectoryChange::CountPulls(
                 counts
