@@ -47,12 +47,18 @@ pub fn error_from_fields(code: &str, status: u32, detail: String) -> RegistryErr
 
 /// Whether a failed call never reached its peer's service: a connection error (refused,
 /// unreachable, a name that does not resolve, a connect timeout), or an HTTP/2 stream the peer
-/// refused unprocessed (REFUSED_STREAM, as a server shutting down answers), anywhere in the
-/// status's cause chain. Repeating such a call is safe whatever it asked.
+/// refused unprocessed (REFUSED_STREAM, as a server shutting down answers), or a request the
+/// HTTP client dropped unsent when its connection closed, anywhere in the status's cause
+/// chain. Repeating such a call is safe whatever it asked.
 pub fn never_sent(status: &Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(e) = cause {
         if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        // A request hyper had queued on a connection that closed before it was written (a peer
+        // shutting down): hyper answers it "canceled", unsent.
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
             return true;
         }
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
