@@ -58,11 +58,17 @@ fn parse_challenge(v: &str) -> Option<HashMap<String, String>> {
 
 impl Registry {
     /// A client for `url`: one base URL, or several separated by commas (a cluster's frontends).
-    pub fn new(url: &str, creds: Credentials) -> Result<Registry> {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(256)
-            .build()?;
+    /// HTTPS URLs are trusted by the system's roots, and by the PEM certificates in `ca`.
+    pub fn new(url: &str, creds: Credentials, ca: Option<&std::path::Path>) -> Result<Registry> {
+        let mut http =
+            reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).pool_max_idle_per_host(256);
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http.build()?;
         let urls: Vec<String> =
             url.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect();
         if urls.is_empty() {

@@ -50,6 +50,10 @@ struct Cli {
     /// share the load, request by request.
     #[arg(long, default_value = "http://127.0.0.1:5000")]
     url: String,
+    /// PEM file of the certificate authorities to trust for HTTPS URLs (besides the system's),
+    /// e.g. the one that signed a registry's self-signed certificate.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
     /// User name for the registry (Docker token auth or Basic).
     #[arg(long, env = "LOADTEST_USERNAME")]
     username: Option<String>,
@@ -188,7 +192,11 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
         verify_large: cli.verify_large,
     };
     let mut targets = vec![Target {
-        registry: Registry::new(&cli.url, Credentials { username: cli.username.clone(), token: cli.token.clone() })?,
+        registry: Registry::new(
+            &cli.url,
+            Credentials { username: cli.username.clone(), token: cli.token.clone() },
+            cli.ca.as_deref(),
+        )?,
         recorder: Recorder::default(),
         pid: cli.pid,
         work: vec![],
@@ -198,6 +206,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             registry: Registry::new(
                 url,
                 Credentials { username: cli.compare_username.clone(), token: cli.compare_token.clone() },
+                cli.ca.as_deref(),
             )?,
             recorder: Recorder::default(),
             pid: cli.compare_pid,

@@ -5,6 +5,7 @@
 //! through [`meta::raft_client`] / [`meta::raft_server`].
 
 pub mod status;
+pub mod tls;
 
 /// Storage node service: blob bytes and upload staging.
 pub mod storage {
@@ -19,4 +20,17 @@ pub mod meta {
 /// Forming and changing the metadata group.
 pub mod cluster {
     tonic::include_proto!("berth.cluster.v1");
+}
+
+/// Puts the current request's trace context and request id in a call's metadata (see
+/// [`berth_core::trace`]), so that the role serving it logs and traces under the same ids.
+pub fn carry<T>(req: &mut tonic::Request<T>) {
+    let metadata = req.metadata_mut();
+    berth_core::trace::outgoing(&mut |key, value| {
+        if let (Ok(k), Ok(v)) =
+            (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), tonic::metadata::MetadataValue::try_from(value))
+        {
+            metadata.insert(k, v);
+        }
+    });
 }

@@ -3,7 +3,7 @@
 use std::process::Child;
 
 use crate::meta_group::MetaGroup;
-use crate::{spawn_berth, ADMIN, ADMIN_TOKEN};
+use crate::{spawn_berth_with, Launch, ADMIN, ADMIN_TOKEN};
 
 /// One `berth` role process, killed when dropped.
 pub struct RoleProcess {
@@ -11,13 +11,19 @@ pub struct RoleProcess {
     /// The address it printed (`host:port`).
     pub addr: String,
     args: Vec<String>,
+    launch: Launch,
 }
 
 impl RoleProcess {
     /// Starts `berth ARGS...`.
     pub fn start(args: &[String]) -> RoleProcess {
-        let (child, addr) = spawn_berth(args);
-        RoleProcess { child, addr, args: args.to_vec() }
+        Self::start_with(args, Launch::default())
+    }
+
+    /// Starts `berth ARGS...` as `launch` says (kept for restarts).
+    pub fn start_with(args: &[String], launch: Launch) -> RoleProcess {
+        let (child, addr) = spawn_berth_with(&[], args, &launch);
+        RoleProcess { child, addr, args: args.to_vec(), launch }
     }
 
     /// Kills it if it runs, then starts it again with the same arguments, on the address it
@@ -29,7 +35,7 @@ impl RoleProcess {
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = self.addr.clone();
         }
-        *self = RoleProcess::start(&args);
+        *self = RoleProcess::start_with(&args, self.launch.clone());
     }
 
     /// `http://ADDR`.
@@ -77,11 +83,13 @@ pub struct ClusterOptions {
     pub meta_args: Vec<String>,
     /// Flags of every storage node.
     pub storage_args: Vec<String>,
+    /// Environment and log file of the storage nodes and frontends.
+    pub launch: Launch,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { storage_nodes: 3, meta_args: vec![], storage_args: vec![] }
+        ClusterOptions { storage_nodes: 3, meta_args: vec![], storage_args: vec![], launch: Launch::default() }
     }
 }
 
@@ -100,14 +108,14 @@ impl Cluster {
             .map(|i| {
                 let mut args = Self::storage_args(&meta, dir.path(), i, "127.0.0.1:0");
                 args.extend(options.storage_args.iter().cloned());
-                RoleProcess::start(&args)
+                RoleProcess::start_with(&args, options.launch.clone())
             })
             .collect();
         // The frontends place blobs on the registered storage nodes: wait for all of them.
         wait_for_storage(&meta, n);
         let frontends = (0..2)
             .map(|i| {
-                RoleProcess::start(&[
+                let args = [
                     "frontend".into(),
                     "--listen".into(),
                     "127.0.0.1:0".into(),
@@ -117,7 +125,8 @@ impl Cluster {
                     format!("frontend-{i}"),
                     "--bootstrap-admin".into(),
                     format!("{ADMIN}:{ADMIN_TOKEN}"),
-                ])
+                ];
+                RoleProcess::start_with(&args, options.launch.clone())
             })
             .collect();
         Cluster { meta, storage, frontends, _dir: dir, storage_extra: options.storage_args }

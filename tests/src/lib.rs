@@ -13,6 +13,7 @@ pub mod compose;
 pub mod linearizability;
 pub mod meta_group;
 pub mod netns;
+pub mod pki;
 pub mod soak;
 
 /// The `berth` binary built beside the test executables (or `$BERTH_BIN`).
@@ -57,6 +58,20 @@ pub fn spawn_berth<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Child, String) {
 /// [`spawn_berth`] through a command prefix such as `ip netns exec NS` (which execs berth, so
 /// the child is berth itself).
 pub fn spawn_berth_via<S: AsRef<std::ffi::OsStr>>(prefix: &[String], args: &[S]) -> (Child, String) {
+    spawn_berth_with(prefix, args, &Launch::default())
+}
+
+/// What else a started `berth` gets.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Environment variables besides the test process's own.
+    pub env: Vec<(String, String)>,
+    /// A file its stderr (its log) goes to, instead of the test's.
+    pub stderr: Option<PathBuf>,
+}
+
+/// [`spawn_berth_via`], with `launch`'s environment and log file.
+pub fn spawn_berth_with<S: AsRef<std::ffi::OsStr>>(prefix: &[String], args: &[S], launch: &Launch) -> (Child, String) {
     let mut command = match prefix.split_first() {
         Some((program, rest)) => {
             let mut c = Command::new(program);
@@ -65,18 +80,22 @@ pub fn spawn_berth_via<S: AsRef<std::ffi::OsStr>>(prefix: &[String], args: &[S])
         }
         None => Command::new(berth_bin()),
     };
-    let mut child = command
+    command
         .args(args)
         .env("BERTH_LOG", std::env::var("BERTH_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting berth");
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped());
+    if let Some(path) = &launch.stderr {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("opening the log file");
+        command.stderr(log);
+    }
+    let mut child = command.spawn().expect("starting berth");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = lines.next().expect("berth printed nothing").expect("reading berth's stdout");
     let addr = line
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("http://").or_else(|| w.strip_prefix("grpc://")))
+        .find_map(|w| ["http://", "https://", "grpc://"].iter().find_map(|p| w.strip_prefix(p)))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
     // Keep draining stdout so the child never blocks on a full pipe.
@@ -116,14 +135,28 @@ impl Server {
         s
     }
 
+    /// Starts a server on a fresh data directory as `launch` says.
+    pub fn start_launched(launch: &Launch) -> Server {
+        let tmp = tempfile::Builder::new().prefix("berth-test-").tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::start_in_with(&dir, "127.0.0.1:0", &[], launch);
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// Starts a server on `dir` (kept after the server stops) listening on `listen`.
     pub fn start_in(dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Self::start_in_with(dir, listen, extra, &Launch::default())
+    }
+
+    fn start_in_with(dir: &Path, listen: &str, extra: &[&str], launch: &Launch) -> Server {
         let mut args: Vec<std::ffi::OsString> = vec!["standalone".into(), "--listen".into(), listen.into()];
         args.extend(["--data-dir".into(), dir.as_os_str().to_owned(), "--bootstrap-admin".into()]);
         args.push(format!("{ADMIN}:{ADMIN_TOKEN}").into());
         args.extend(extra.iter().map(|a| a.into()));
-        let (child, addr) = spawn_berth(&args);
-        Server { child, url: format!("http://{addr}"), addr, data_dir: dir.to_path_buf(), _tmp: None }
+        let (child, addr) = spawn_berth_with(&[], &args, launch);
+        let scheme = if extra.contains(&"--tls-cert") { "https" } else { "http" };
+        Server { child, url: format!("{scheme}://{addr}"), addr, data_dir: dir.to_path_buf(), _tmp: None }
     }
 
     /// The process id.

@@ -686,6 +686,7 @@ async fn a_storage_node_dead_past_the_dead_time_has_its_blobs_copied_again() {
         meta_args: vec!["--storage-dead-after-secs".into(), "8".into()],
         // The blobs are seconds old when the node dies: passes may look at them at once.
         storage_args: vec!["--placement-grace-secs".into(), "1".into()],
+        ..Default::default()
     };
     let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let fronts = [cl.frontends[0].url(), cl.frontends[1].url()];

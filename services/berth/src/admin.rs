@@ -14,6 +14,10 @@ pub struct AdminArgs {
     /// A personal access token (a site admin's for most commands; `cluster` needs none).
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of the certificate authorities to trust for an https:// --url (besides the
+    /// system's), e.g. the one that signed the registry's self-signed certificate.
+    #[arg(long, env = "BERTH_CA")]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -210,7 +214,7 @@ pub async fn run(args: AdminArgs) -> Result<()> {
     };
     let url = format!("{}/api/{path}", args.url.trim_end_matches('/'));
     let token = args.token.context("--token (or BERTH_TOKEN) is required")?;
-    let mut req = reqwest::Client::new().request(method, &url).basic_auth("berth-admin", Some(&token));
+    let mut req = http_client(args.ca.as_deref())?.request(method, &url).basic_auth("berth-admin", Some(&token));
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -226,4 +230,18 @@ pub async fn run(args: AdminArgs) -> Result<()> {
         Err(_) => println!("{text}"),
     }
     Ok(())
+}
+
+/// An HTTP client trusting the system's roots and the PEM certificates in `ca`.
+fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("certificates in {}", ca.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder.build()?)
 }

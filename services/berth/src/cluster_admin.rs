@@ -9,7 +9,6 @@ use berth_proto::cluster as pb;
 use berth_proto::cluster::cluster_client::ClusterClient;
 use clap::Subcommand;
 use serde_json::json;
-use tonic::transport::Endpoint;
 use tonic::Code;
 
 /// How long a command keeps looking for the leader (an election may be under way).
@@ -108,6 +107,9 @@ const MAP_WAIT: Duration = Duration::from_secs(3);
 /// Flags of `berth admin cluster`.
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
+    /// Mutual TLS with the other roles.
+    #[command(flatten)]
+    pub cluster_tls: crate::config::ClusterTlsFlags,
     /// Metadata nodes: `ADDR,...`, or `ID=ADDR,...` (ids are needed by `init`).
     #[arg(long, env = "BERTH_META", value_delimiter = ',', required = true)]
     pub meta: Vec<String>,
@@ -123,7 +125,7 @@ fn split(node: &str) -> (Option<u64>, &str) {
 }
 
 async fn client(addr: &str) -> Result<ClusterClient<tonic::transport::Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+    let channel = berth_proto::tls::endpoint(addr)
         .with_context(|| format!("bad address {addr:?}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(90))
@@ -172,6 +174,7 @@ async fn change_storage(nodes: &[String], change: StorageChange) -> Result<()> {
 
 /// Runs one cluster command.
 pub async fn run(args: ClusterArgs) -> Result<()> {
+    args.cluster_tls.install()?;
     match args.command {
         ClusterCmd::Init => {
             let mut members = vec![];

@@ -56,6 +56,13 @@ pub struct FrontendFlags {
     /// `/readyz` [default: none]. Keep it off the public network.
     #[arg(long, env = "BERTH_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// PEM file of the certificate (then any intermediates) to serve the API over HTTPS with;
+    /// with --tls-key. Both files are read again when they change (renewals need no restart).
+    #[arg(long, env = "BERTH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, env = "BERTH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Flags of `berth standalone` (each also read from its environment variable).
@@ -125,6 +132,8 @@ pub struct FrontendSettings {
     pub max_uploads_per_caller: usize,
     /// Operations listener (metrics and probes).
     pub http_listen: Option<SocketAddr>,
+    /// The certificate and key to serve HTTPS with.
+    pub tls: Option<berth_frontend::tls::CertFiles>,
     /// Whether the metadata service is another process (a cluster's frontend), whose answers
     /// to pulls by digest are worth remembering for when it cannot answer.
     pub remote_metadata: bool,
@@ -174,6 +183,11 @@ impl FrontendSettings {
                 .unwrap_or(berth_frontend::DEFAULT_MAX_UPLOADS_PER_CALLER)
                 .max(1),
             http_listen: flags.http_listen,
+            tls: match (flags.tls_cert, flags.tls_key) {
+                (Some(cert), Some(key)) => Some(berth_frontend::tls::CertFiles { cert, key }),
+                (None, None) => None,
+                _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+            },
             remote_metadata: false,
         })
     }
@@ -197,7 +211,13 @@ impl FrontendSettings {
 
     /// The token settings, signing with `keys`.
     pub fn auth_config(&self, keys: Arc<KeyRing>) -> AuthConfig {
-        AuthConfig { keys, service: self.service.clone(), ttl: self.token_ttl, external_url: self.external_url.clone() }
+        AuthConfig {
+            keys,
+            service: self.service.clone(),
+            ttl: self.token_ttl,
+            external_url: self.external_url.clone(),
+            https: self.tls.is_some(),
+        }
     }
 }
 
@@ -249,4 +269,47 @@ impl StandaloneConfig {
 /// `secs` seconds (at least one), or `default`.
 fn secs_or(secs: Option<u64>, default: Duration) -> Duration {
     secs.map_or(default, |s| Duration::from_secs(s.max(1)))
+}
+
+/// Flags of mutual TLS between roles, shared by `meta`, `storage`, `frontend` and
+/// `admin cluster` (see [`berth_proto::tls`]).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ClusterTlsFlags {
+    /// PEM file of the certificate authority of the cluster's roles: with --cluster-cert and
+    /// --cluster-key, gRPC between roles runs over mutual TLS, every side presenting a
+    /// certificate this authority signed (for the host names or addresses it is reached at).
+    #[arg(long, env = "BERTH_CLUSTER_CA", requires_all = ["cluster_cert", "cluster_key"])]
+    pub cluster_ca: Option<PathBuf>,
+    /// PEM file of this process's certificate (signed by --cluster-ca).
+    #[arg(long, env = "BERTH_CLUSTER_CERT", requires_all = ["cluster_ca", "cluster_key"])]
+    pub cluster_cert: Option<PathBuf>,
+    /// PEM file of the private key of --cluster-cert.
+    #[arg(long, env = "BERTH_CLUSTER_KEY", requires_all = ["cluster_ca", "cluster_cert"])]
+    pub cluster_key: Option<PathBuf>,
+}
+
+impl ClusterTlsFlags {
+    /// Sets the process up for mutual TLS when the flags ask for it. Runs before any gRPC
+    /// channel or server is made.
+    pub fn install(&self) -> Result<()> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.cluster_ca, &self.cluster_cert, &self.cluster_key) else {
+            return Ok(());
+        };
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
+        // Fail at start on files that are not what they should be, not at the first call.
+        let files = berth_frontend::tls::CertFiles {
+            cert: self.cluster_cert.clone().unwrap_or_default(),
+            key: self.cluster_key.clone().unwrap_or_default(),
+        };
+        berth_frontend::tls::load(&files).context("--cluster-cert/--cluster-key")?;
+        {
+            use rustls::pki_types::pem::PemObject;
+            anyhow::ensure!(
+                rustls::pki_types::CertificateDer::pem_slice_iter(&ca).next().is_some_and(|c| c.is_ok()),
+                "--cluster-ca holds no PEM certificate"
+            );
+        }
+        berth_proto::tls::use_mutual_tls(ca, cert, key).map_err(anyhow::Error::msg)
+    }
 }

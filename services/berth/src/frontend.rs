@@ -19,6 +19,9 @@ use crate::follow::{follow_placement, Following};
 /// Flags of `berth frontend` (each also read from its environment variable).
 #[derive(clap::Args, Debug)]
 pub struct FrontendArgs {
+    /// Mutual TLS with the other roles.
+    #[command(flatten)]
+    pub cluster_tls: crate::config::ClusterTlsFlags,
     /// The HTTP frontend's flags.
     #[command(flatten)]
     pub http: FrontendFlags,
@@ -45,6 +48,7 @@ pub struct FrontendArgs {
 
 /// Runs the frontend until SIGTERM or SIGINT.
 pub async fn run(args: FrontendArgs) -> Result<()> {
+    args.cluster_tls.install()?;
     let settings = FrontendSettings { remote_metadata: true, ..FrontendSettings::from_flags(args.http)? };
     let metas: Arc<dyn MetaStore> =
         Arc::new(MetaClient::new(args.meta, MetaClientConfig::default()).context("the metadata nodes")?);

@@ -10,6 +10,7 @@ use berth_core::store::{DirectoryChange, TokenOwner, User};
 use berth_core::{BlobStore, MetaStore};
 use berth_frontend::auth::{new_token, record_for};
 use berth_frontend::keys::KeyRing;
+use berth_frontend::tls::ReloadingCert;
 use berth_frontend::Registry;
 use tokio::sync::watch;
 
@@ -51,16 +52,26 @@ pub async fn serve_registry(
         });
         crate::probe::serve(listen, ready, collect, stop.clone()).await?;
     }
+    let tls = match &settings.tls {
+        Some(files) => {
+            let cert = ReloadingCert::open(files.clone()).context("--tls-cert/--tls-key")?;
+            tokio::spawn(cert.clone().watch(stop.clone()));
+            Some(cert.acceptor()?)
+        }
+        None => None,
+    };
     let listener =
         tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
     let addr = listener.local_addr()?;
-    println!("berth {role}: serving http://{addr}{suffix}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("berth {role}: serving {scheme}://{addr}{suffix}");
     let rotations = tokio::spawn(follow_rotations(keys, stop.clone()));
     let mut server_stop = stop.clone();
     let server = tokio::spawn(berth_frontend::serve::serve(
         listener,
         berth_frontend::router(registry),
         settings.limits.clone(),
+        tls,
         async move {
             // An error means the sender is gone, which only happens on the way out anyway.
             let _stopped = server_stop.wait_for(|s| *s).await;

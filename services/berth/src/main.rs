@@ -17,6 +17,7 @@ mod rebalance;
 mod scrub;
 mod standalone;
 mod storage;
+mod telemetry;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,10 @@ struct Cli {
     /// eight processes one.
     #[arg(long, global = true, env = "BERTH_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// How log lines are written to stderr: `text`, or `json` (one object per line). Either
+    /// way a request's lines name its request id and trace id.
+    #[arg(long, global = true, env = "BERTH_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: telemetry::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,31 +106,40 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     bound_allocator_memory();
-    raise_open_files_limit();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.threads {
         runtime.worker_threads(n.into());
     }
     let runtime = runtime.enable_all().build()?;
-    if !matches!(cli.role, Role::Admin(_) | Role::Probe(_)) {
+    let serving = match cli.role {
+        Role::Standalone(_) => Some("standalone"),
+        Role::Meta(_) => Some("meta"),
+        Role::Storage(_) => Some("storage"),
+        Role::Frontend(_) => Some("frontend"),
+        Role::Admin(_) | Role::Probe(_) => None,
+    };
+    let telemetry = runtime.block_on(async { telemetry::init(cli.log_format, serving) })?;
+    raise_open_files_limit();
+    if serving.is_some() {
         runtime.block_on(async { metrics::install() });
     }
-    match cli.role {
+    let result = match cli.role {
         Role::Standalone(args) => runtime.block_on(standalone::run(config::StandaloneConfig::load(args)?)),
         Role::Meta(args) => runtime.block_on(meta::run(args)),
         Role::Storage(args) => runtime.block_on(storage::run(args)),
         Role::Frontend(args) => runtime.block_on(frontend::run(args)),
         Role::Admin(args) => runtime.block_on(admin::run(args)),
         Role::Probe(args) => runtime.block_on(probe::run(args)),
-    }
+    };
+    // The exporter sends its last batch over a channel that lives on the runtime.
+    runtime.block_on(async {
+        if let Err(e) = tokio::task::spawn_blocking(move || telemetry.flush()).await {
+            eprintln!("berth: flushing telemetry: {e}");
+        }
+    });
+    result
 }
 
 /// Completes on SIGTERM or SIGINT: every role stops gracefully on either.

@@ -20,13 +20,15 @@ use berth_storage::router::{Audit, CurrentRouter};
 use futures::StreamExt;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
 
 use crate::follow::{follow_placement, Following};
 
 /// Flags of `berth meta` (each also read from its environment variable).
 #[derive(clap::Args, Debug)]
 pub struct MetaArgs {
+    /// Mutual TLS with the other roles.
+    #[command(flatten)]
+    pub cluster_tls: crate::config::ClusterTlsFlags,
     /// This node's id in the group (a positive number, unique and never reused).
     #[arg(long, env = "BERTH_NODE_ID", required_unless_present = "id_from_hostname")]
     pub id: Option<u64>,
@@ -256,6 +258,7 @@ fn hostname() -> Result<String> {
 }
 
 pub async fn run(mut args: MetaArgs) -> Result<()> {
+    args.cluster_tls.install()?;
     if args.id_from_hostname {
         args.id = Some(id_from_hostname(&hostname()?)?);
     }
@@ -317,7 +320,7 @@ pub async fn run(mut args: MetaArgs) -> Result<()> {
         crate::probe::serve(listen, ready, collect, stop_rx.clone()).await?;
     }
     println!("berth meta: node {id} serving grpc://{bound} as {advertise} (data in {})", data_dir.display());
-    let server = Server::builder()
+    let server = berth_proto::tls::server()?
         .layer(crate::metrics::GrpcMetricsLayer)
         .add_service(raft_server(meta.raft().clone()))
         .add_service(meta_server(store, gate))

@@ -10,8 +10,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use berth_core::trace;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -125,6 +127,9 @@ fn describe() {
 /// response's head (`berth_grpc_requests_total`, `berth_grpc_request_duration_seconds`). A
 /// path that names no method of ours (answered UNIMPLEMENTED) is counted as `unknown`, so that
 /// callers cannot grow the label set.
+///
+/// A call made for a client's request (it carries a `traceparent` or a request id, see
+/// [`berth_core::trace`]) is served in a `grpc` span under the request's ids.
 #[derive(Clone, Copy, Default)]
 pub struct GrpcMetricsLayer;
 
@@ -149,6 +154,8 @@ impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
+    S::Error: 'static,
+    R: 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -161,18 +168,41 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let started = std::time::Instant::now();
         let path = req.uri().path().to_string();
-        let answer = self.inner.call(req);
-        Box::pin(async move {
-            let r = answer.await;
-            let known = match &r {
-                Ok(resp) => resp.headers().get("grpc-status").is_none_or(|s| s != UNIMPLEMENTED),
-                Err(_) => true,
-            };
-            let method = if known { path } else { "unknown".to_string() };
-            metrics::histogram!("berth_grpc_request_duration_seconds", "method" => method.clone())
-                .record(started.elapsed().as_secs_f64());
-            metrics::counter!("berth_grpc_requests_total", "method" => method).increment(1);
-            r
-        })
+        let Some((span, ids)) = request_span(&path, req.headers()) else {
+            return Box::pin(observed(started, path, self.inner.call(req)));
+        };
+        let answer = span.in_scope(|| self.inner.call(req));
+        Box::pin(trace::scope(ids, observed(started, path, answer)).instrument(span))
     }
+}
+
+/// The span of a call made for a request (it carries the request's ids), under which the
+/// call is served and logged; `None` for calls of the roles' own (heartbeats, replication).
+fn request_span(path: &str, headers: &http::HeaderMap) -> Option<(tracing::Span, trace::RequestIds)> {
+    let request_id = trace::passed_request_id(headers);
+    if request_id.is_none() && !headers.contains_key("traceparent") {
+        return None;
+    }
+    let request_id = request_id.unwrap_or_default().to_string();
+    let span = tracing::info_span!("grpc", method = path, request_id = %request_id, trace_id = tracing::field::Empty);
+    let trace_id = trace::begin(&span, headers);
+    Some((span, trace::RequestIds { request_id, trace_id }))
+}
+
+/// Records a call's count and latency once `answer` is ready.
+async fn observed<R, E>(
+    started: std::time::Instant,
+    path: String,
+    answer: impl std::future::Future<Output = Result<http::Response<R>, E>>,
+) -> Result<http::Response<R>, E> {
+    let r = answer.await;
+    let known = match &r {
+        Ok(resp) => resp.headers().get("grpc-status").is_none_or(|s| s != UNIMPLEMENTED),
+        Err(_) => true,
+    };
+    let method = if known { path } else { "unknown".to_string() };
+    metrics::histogram!("berth_grpc_request_duration_seconds", "method" => method.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("berth_grpc_requests_total", "method" => method).increment(1);
+    r
 }

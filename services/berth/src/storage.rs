@@ -19,11 +19,13 @@ use berth_storage::server::storage_server;
 use berth_storage::{StorageConfig, StorageEngine};
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
 
 /// Flags of `berth storage` (each also read from its environment variable).
 #[derive(clap::Args, Debug)]
 pub struct StorageArgs {
+    /// Mutual TLS with the other roles.
+    #[command(flatten)]
+    pub cluster_tls: crate::config::ClusterTlsFlags,
     /// gRPC address to serve on.
     #[arg(long, env = "BERTH_GRPC_LISTEN", default_value = "127.0.0.1:7100")]
     pub listen: SocketAddr,
@@ -167,6 +169,7 @@ fn node_gauges(engine: &StorageEngine, stats: &Mutex<NodeStats>) {
 
 /// Runs the node until SIGTERM or SIGINT.
 pub async fn run(args: StorageArgs) -> Result<()> {
+    args.cluster_tls.install()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
@@ -244,7 +247,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     // Garbage collection runs on the metadata leader, over every storage node.
     let housekeeping =
         tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, None, false, stop_rx));
-    let served = Server::builder()
+    let served = berth_proto::tls::server()?
         .layer(crate::metrics::GrpcMetricsLayer)
         .initial_stream_window_size(berth_storage::client::STREAM_WINDOW)
         .initial_connection_window_size(berth_storage::client::CONNECTION_WINDOW)

@@ -11,6 +11,7 @@ pub mod error;
 pub mod manifest;
 pub mod name;
 pub mod store;
+pub mod trace;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 

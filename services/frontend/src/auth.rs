@@ -46,8 +46,10 @@ pub struct AuthConfig {
     pub ttl: Duration,
     /// The registry's public base URL (`https://registry.example.com`), when clients reach it
     /// through a proxy; the token realm and `Location` headers use it. Without it the realm
-    /// is `http://` and the request's `Host`.
+    /// is the request's `Host`, under `https://` when the frontend serves HTTPS.
     pub external_url: Option<String>,
+    /// Whether the frontend serves HTTPS itself.
+    pub https: bool,
 }
 
 fn now() -> SystemTime {
@@ -313,13 +315,7 @@ pub async fn actions(reg: &Registry, caller: &Caller, repo: &str) -> Result<BTre
 /// The challenge that sends a client to the token endpoint, asking for `scope` (one or more
 /// scope strings separated by spaces).
 pub fn challenge(reg: &Registry, headers: &HeaderMap, scope: Option<&str>, insufficient: bool) -> HeaderValue {
-    let realm = match &reg.auth.external_url {
-        Some(base) => format!("{base}/token"),
-        None => {
-            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            format!("http://{host}/token")
-        }
-    };
+    let realm = format!("{}/token", crate::packages_api::base_url(reg, headers));
     let mut v = format!("Bearer realm=\"{realm}\",service=\"{}\"", reg.auth.service);
     if let Some(s) = scope {
         v.push_str(&format!(",scope=\"{s}\""));

@@ -17,6 +17,7 @@ mod pulls;
 mod recall;
 pub mod routes;
 pub mod serve;
+pub mod tls;
 
 use std::io;
 use std::sync::Arc;
@@ -28,9 +29,11 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use berth_core::access::Action;
+use berth_core::trace;
 use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError};
 use bytes::Bytes;
 use futures::TryStreamExt;
+use tracing::Instrument;
 
 use routes::Route;
 
@@ -207,11 +210,6 @@ const FIXED_HEADERS: [(&str, &str); 2] = [API_VERSION, ("x-content-type-options"
 /// one that allows their stylesheet): nothing runs, nothing loads.
 const DEFAULT_CSP: &str = "default-src 'none'; sandbox";
 
-tokio::task_local! {
-    /// The id of the request being served, for the log line of a failure.
-    static REQUEST_ID: String;
-}
-
 /// A request id unique across processes: a random prefix per process, then a counter (cheaper
 /// than a random id per request, on a path that serves tens of thousands a second).
 fn next_request_id() -> String {
@@ -255,7 +253,14 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     let (route, method) = (route_label(req.uri().path()), method_label(req.method()));
     // Errors are logged under this id and clients get it back, never the internal detail.
     let request_id = next_request_id();
-    let mut resp = REQUEST_ID.scope(request_id.clone(), route_request(reg, req)).await;
+    // Every log line of the request, here and in the roles it calls, names both ids.
+    let span =
+        tracing::info_span!("request", method, route, request_id = %request_id, trace_id = tracing::field::Empty);
+    let trace_id = trace::begin(&span, req.headers());
+    let ids = trace::RequestIds { request_id, trace_id };
+    let request_id = ids.request_id.clone();
+    let mut resp = trace::scope(ids, route_request(reg, req)).instrument(span.clone()).await;
+    tracing::debug!(parent: &span, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
     metrics::counter!("berth_http_requests_total", "route" => route, "method" => method, "status" => status_label(resp.status()))
         .increment(1);
     metrics::histogram!("berth_http_request_duration_seconds", "route" => route, "method" => method)
@@ -496,7 +501,7 @@ async fn handle(reg: &Registry, caller: &auth::Caller, route: Route, req: Reques
 pub fn error_response(e: RegistryError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = if e.code == ErrorCode::Unknown {
-        let id = REQUEST_ID.try_with(String::clone).unwrap_or_default();
+        let id = trace::current().map(|ids| ids.request_id).unwrap_or_default();
         tracing::error!(request_id = %id, detail = %e.detail, status = e.status, "request failed");
         RegistryError::new(
             ErrorCode::Unknown,

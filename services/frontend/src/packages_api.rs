@@ -151,7 +151,8 @@ pub(crate) fn base_url(reg: &Registry, headers: &HeaderMap) -> String {
         Some(base) => base.trim_end_matches('/').to_string(),
         None => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-            format!("http://{host}")
+            let scheme = if reg.auth.https { "https" } else { "http" };
+            format!("{scheme}://{host}")
         }
     }
 }

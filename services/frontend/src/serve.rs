@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 /// Connection limits.
 #[derive(Debug, Clone)]
@@ -76,11 +77,13 @@ impl Drop for Counted {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the requests in
-/// flight to finish (the caller bounds that wait).
+/// flight to finish (the caller bounds that wait). With `tls`, connections speak HTTPS; the
+/// handshake must finish within the header read timeout.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let counts: Counts = Arc::default();
@@ -108,11 +111,28 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY");
         }
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(app.clone());
+        let Some(tls) = &tls else {
+            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                let _counted = counted;
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's task, so a slow client holds up no other.
+        let (tls, http, watcher) = (tls.clone(), http.clone(), graceful.watcher());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _counted = counted;
-            if let Err(e) = conn.await {
+            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(error = %e, peer = %peer.ip(), "TLS handshake failed"),
+                Err(_) => return tracing::debug!(peer = %peer.ip(), "TLS handshake timed out"),
+            };
+            if let Err(e) = watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

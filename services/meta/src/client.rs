@@ -175,7 +175,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The endpoint of a metadata node.
 fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    Ok(berth_proto::tls::endpoint(addr)?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
@@ -367,6 +367,7 @@ impl MetaClient {
                 Ok(channel) => {
                     let mut request = Request::new(msg.clone());
                     request.set_timeout(self.config.request_timeout.min(remaining));
+                    berth_proto::carry(&mut request);
                     match rpc(MetaGrpc::new(channel), request).await {
                         Ok(reply) => {
                             self.follow(&target);

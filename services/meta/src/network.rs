@@ -24,7 +24,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::raft::{NodeId, TypeConfig};
@@ -52,7 +52,7 @@ impl Channels {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = berth_proto::tls::endpoint(addr)
             .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)

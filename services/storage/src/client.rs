@@ -24,7 +24,7 @@ use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, StreamExt};
 use futures::SinkExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::wire::{frames, parse_digest, registry_error_of, stored_from_proto, LIST_PAGE, MAX_MESSAGE, SMALL_LIMIT};
@@ -93,7 +93,7 @@ impl StorageClient {
     /// A client of the node at `addr` (`host:port`).
     pub fn new(addr: &str, config: StorageClientConfig) -> std::result::Result<StorageClient, StorageClientError> {
         let bad = |source| StorageClientError::Address { addr: addr.to_string(), source };
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = berth_proto::tls::endpoint(addr)
             .map_err(bad)?
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
@@ -115,6 +115,7 @@ impl StorageClient {
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         r.set_timeout(self.config.request_timeout);
+        berth_proto::carry(&mut r);
         r
     }
 
@@ -193,7 +194,9 @@ impl StorageClient {
         call: Call<M, R>,
     ) -> Result<R> {
         let (tx, rx) = mpsc::channel(WRITE_AHEAD);
-        let mut rpc = call(self.grpc.clone(), Request::new(rx));
+        let mut req = Request::new(rx);
+        berth_proto::carry(&mut req);
+        let mut rpc = call(self.grpc.clone(), req);
         let pumped = tokio::select! {
             // The node may refuse before taking the whole body (a wrong offset, the limit).
             r = &mut rpc => return self.answer(r),
@@ -433,6 +436,7 @@ impl BlobStore for StorageClient {
         // The usual time for the finish, and the time the node gives its copies (a copy that
         // takes longer comes back as failed, not as this call's failure).
         req.set_timeout(self.config.request_timeout + FINISH_COPY_TIME);
+        berth_proto::carry(&mut req);
         let r = self.grpc.clone().upload_finish(req).await.map_err(|s| self.failure(s))?.into_inner();
         let stored = Stored { size: r.size, stamp: r.stamp };
         if stored.size > COPY_WHILE_FINISHING {
@@ -492,6 +496,7 @@ impl BlobStore for StorageClient {
         // cut off while it moves at any sensible rate.
         let mut req = Request::new(pb::TransferRequest { digest: digest.to_string(), targets: targets.to_vec() });
         req.set_timeout(self.config.request_timeout + Duration::from_secs(size >> 20));
+        berth_proto::carry(&mut req);
         let reply = self.grpc.clone().transfer(req).await.map_err(|s| self.failure(s))?.into_inner();
         Ok(Some(self.outcomes(reply.outcomes, targets)?))
     }

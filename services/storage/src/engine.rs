@@ -1028,6 +1028,7 @@ impl BlobStore for StorageEngine {
         .await
     }
 
+    #[tracing::instrument(name = "store.put", skip_all, fields(bytes = data.len()))]
     async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored> {
         let inner = self.inner.clone();
         let digest = digest.clone();
@@ -1052,6 +1053,7 @@ impl BlobStore for StorageEngine {
         .await
     }
 
+    #[tracing::instrument(name = "store.put", skip_all)]
     async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
         let id = format!("put-{}", uuid::Uuid::new_v4());
         self.upload_start(&id).await?;
@@ -1075,6 +1077,7 @@ impl BlobStore for StorageEngine {
         Ok(())
     }
 
+    #[tracing::instrument(name = "store.append", skip_all)]
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         let mut guard = self.lock_upload(id).await?;
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
@@ -1111,6 +1114,8 @@ impl BlobStore for StorageEngine {
         }
     }
 
+    /// Verifies the staged bytes and commits them, fsynced.
+    #[tracing::instrument(name = "store.finish", skip_all)]
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
         let mut guard = self.lock_upload(id).await?;
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {

@@ -630,7 +630,9 @@ impl BlobStore for Replicated {
                 futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).boxed();
             let store = self.nodes[i].store.clone();
             let digest = digest.clone();
-            writes.push(tokio::spawn(async move { (i, store.put(&digest, stream, limit).await) }));
+            writes.push(tokio::spawn(berth_core::trace::inherit(async move {
+                (i, store.put(&digest, stream, limit).await)
+            })));
         }
         let mut body = body;
         while let Some(chunk) = body.next().await {

@@ -184,7 +184,7 @@ fn body<T: Send + 'static>(frames: Streaming<T>, malformed: Malformed, part: fn(
 async fn run_to_end<T: Send + 'static>(
     call: impl std::future::Future<Output = berth_core::error::Result<T>> + Send + 'static,
 ) -> berth_core::error::Result<T> {
-    tokio::spawn(call).await.map_err(RegistryError::internal)?
+    tokio::spawn(berth_core::trace::inherit(call)).await.map_err(RegistryError::internal)?
 }
 
 /// The blob's bytes as data frames after a head announcing `size` of them; an io error ends

@@ -1,0 +1,99 @@
+//! Logs and traces of a role.
+//!
+//! Logs go to stderr as text or JSON lines (`--log-format`), filtered by `BERTH_LOG` (an
+//! `EnvFilter`; default `info,openraft=warn`). A request's lines sit in its span, which names
+//! its request id and trace id (see [`berth_core::trace`]).
+//!
+//! Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and not otherwise; `BERTH_TRACE` filters
+//! them as `BERTH_LOG` filters logs (default `info,openraft=warn`), each independently. The exporter takes the
+//! standard OpenTelemetry variables (`OTEL_SERVICE_NAME`, default `berth-ROLE`;
+//! `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`; `OTEL_BSP_*` for batching;
+//! `OTEL_RESOURCE_ATTRIBUTES`).
+
+use anyhow::Context as _;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, the span's fields before the message.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, the event's fields
+    /// (`message` among them), `span` (the innermost span's fields) and `spans` (all of them).
+    Json,
+}
+
+/// What must be flushed on the way out.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// Whether the environment asks for spans to be exported.
+fn export_wanted() -> bool {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs the process's subscriber: logs in `format`, and for a serving `role` (`None` for
+/// the command-line tools) the OTLP exporter when the environment asks for it. Runs inside
+/// the runtime, which the exporter's gRPC channel lives on.
+pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info,openraft=warn".into());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    let provider = match role {
+        Some(role) if export_wanted() => Some(provider(role)?),
+        _ => None,
+    };
+    let spans = provider.as_ref().map(|p| {
+        // Only what a reader of a trace uses: no thread names (a string per span), code
+        // locations or idle/busy timings (two clock reads per poll).
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("berth"))
+            .with_threads(false)
+            .with_location(false)
+            .with_tracked_inactivity(false)
+    });
+    // Each has its own filter: logs kept to warnings still leave the spans exported whole.
+    let span_filter = EnvFilter::try_from_env("BERTH_TRACE").unwrap_or_else(|_| "info,openraft=warn".into());
+    Registry::default()
+        .with(logs.with_filter(filter))
+        .with(spans.map(|s| s.with_filter(span_filter)))
+        .try_init()
+        .context("installing the log subscriber")?;
+    berth_core::trace::set_exporting(provider.is_some());
+    Ok(Telemetry { provider })
+}
+
+/// A tracer provider exporting over OTLP/gRPC in batches.
+fn provider(role: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter =
+        opentelemetry_otlp::SpanExporter::builder().with_tonic().build().context("setting up the OTLP exporter")?;
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(format!("berth-{role}"));
+    }
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
+}
+
+impl Telemetry {
+    /// Exports the spans still queued (blocks, up to the exporter's timeout).
+    pub fn flush(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown() {
+                eprintln!("berth: exporting the last spans: {e}");
+            }
+        }
+    }
+}
