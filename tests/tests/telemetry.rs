@@ -142,6 +142,19 @@ async fn a_push_is_one_trace_across_frontend_and_storage_nodes() {
         nodes_written += 1;
     }
     assert!(nodes_written >= 2, "{spans:#?}");
+    // A caller that does not keep its trace (sampled flag 0) gets none of its spans exported.
+    const UNSAMPLED: &str = "0af7651916cd43dd8448eb211c80319c";
+    let other = berth_tests::bytes(9, 1000);
+    let r = client()
+        .post(format!("{url}/v2/traced/app/blobs/uploads/?digest={}", digest(&other)))
+        .header("traceparent", format!("00-{UNSAMPLED}-{CALLER_SPAN}-00"))
+        .body(other)
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(r.status(), 201);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(collector.of_trace(UNSAMPLED).is_empty(), "spans of an unsampled request were exported");
     // Nothing of the push leaked into another trace.
     let others =
         collector.spans.lock().unwrap().iter().filter(|s| s.name == "store.put" && s.trace_id != TRACE).count();

@@ -183,10 +183,13 @@ fn request_span(path: &str, headers: &http::HeaderMap) -> Option<(tracing::Span,
     if request_id.is_none() && !headers.contains_key("traceparent") {
         return None;
     }
-    let request_id = request_id.unwrap_or_default().to_string();
-    let span = tracing::info_span!("grpc", method = path, request_id = %request_id, trace_id = tracing::field::Empty);
-    let trace_id = trace::begin(&span, headers);
-    Some((span, trace::RequestIds { request_id, trace_id }))
+    let incoming = trace::Incoming::new(headers, request_id.unwrap_or_default().to_string());
+    let span = trace::with_ids(incoming.ids.clone(), || {
+        let id = &incoming.ids.request_id;
+        tracing::info_span!("grpc", method = path, request_id = %id, trace_id = tracing::field::Empty)
+    });
+    let ids = incoming.begin(&span);
+    Some((span, ids))
 }
 
 /// Records a call's count and latency once `answer` is ready.

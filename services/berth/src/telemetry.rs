@@ -13,10 +13,11 @@
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, ShouldSample};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::filter::{self, FilterExt};
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How log lines are written.
@@ -56,6 +57,7 @@ pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> 
         Some(role) if export_wanted() => Some(provider(role)?),
         _ => None,
     };
+    let sampler = provider.as_ref().map(|_| sampler());
     let spans = provider.as_ref().map(|p| {
         // Only what a reader of a trace uses: no thread names (a string per span), code
         // locations or idle/busy timings (two clock reads per poll).
@@ -66,13 +68,19 @@ pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> 
             .with_tracked_inactivity(false)
     });
     // Each has its own filter: logs kept to warnings still leave the spans exported whole.
-    let span_filter = EnvFilter::try_from_env("BERTH_TRACE").unwrap_or_else(|_| "info,openraft=warn".into());
+    // Spans reach the exporting layer only for requests that are traced (decided as each
+    // arrives, see berth_core::trace): the others cost it nothing.
+    let span_filter = EnvFilter::try_from_env("BERTH_TRACE")
+        .unwrap_or_else(|_| "info,openraft=warn".into())
+        .and(filter::filter_fn(|_| berth_core::trace::sampled()));
     Registry::default()
         .with(logs.with_filter(filter))
         .with(spans.map(|s| s.with_filter(span_filter)))
         .try_init()
         .context("installing the log subscriber")?;
-    berth_core::trace::set_exporting(provider.is_some());
+    if let Some(sampler) = sampler {
+        berth_core::trace::set_exporting(sampler);
+    }
     Ok(Telemetry { provider })
 }
 
@@ -84,7 +92,19 @@ fn provider(role: &str) -> anyhow::Result<SdkTracerProvider> {
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(format!("berth-{role}"));
     }
-    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
+    // Which requests are traced is decided as they arrive (with the sampler below); every
+    // span that reaches the provider belongs to one.
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::AlwaysOn)
+        .with_resource(resource.build())
+        .build())
+}
+
+/// The sampler `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` configure (default: a
+/// caller's decision, else every request).
+fn sampler() -> Box<dyn ShouldSample> {
+    opentelemetry_sdk::trace::Config::default().sampler
 }
 
 impl Telemetry {

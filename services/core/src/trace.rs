@@ -3,17 +3,21 @@
 //! The frontend starts each HTTP request in a `tracing` span that carries both ids, so every
 //! log line of the request names them. Calls to other roles carry them in their metadata
 //! (`traceparent`, `x-request-id`), and the role that serves the call opens its span under the
-//! same ids. When spans are exported (OpenTelemetry, see [`set_exporting`]) the span ids are
-//! the exported spans' and the spans form one tree across processes; when they are not, the
-//! trace id still travels, for the logs.
+//! same ids.
+//!
+//! When spans are exported (OpenTelemetry, see [`set_exporting`]), whether a request is traced
+//! is decided once, as it arrives: by the caller's sampled flag, or by the sampler for a
+//! request that starts a trace. Only a traced request's spans reach the exporting layer (its
+//! filter asks [`sampled`]); the others cost it nothing. A traced request's spans form one
+//! tree across processes.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SamplingDecision, ShouldSample};
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -23,18 +27,19 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Longest request id taken from a caller; a longer one is ignored.
 const MAX_REQUEST_ID: usize = 64;
 
-static EXPORTING: AtomicBool = AtomicBool::new(false);
+static SAMPLER: OnceLock<Box<dyn ShouldSample>> = OnceLock::new();
 
-/// Says whether spans are exported: set once, by the process, when it installs an
-/// OpenTelemetry layer. Spans then get their parent from the caller's `traceparent` and pass
-/// their own span id on.
-pub fn set_exporting(on: bool) {
-    EXPORTING.store(on, Ordering::Relaxed);
+/// Says that spans are exported, and which requests start a trace worth keeping (the
+/// sampler, as `OTEL_TRACES_SAMPLER` configures it). Set once, by the process, when it
+/// installs the exporting layer.
+pub fn set_exporting(sampler: Box<dyn ShouldSample>) {
+    // A second call changes nothing: the first sampler stays.
+    let _ = SAMPLER.set(sampler);
 }
 
 /// Whether spans are exported.
 pub fn exporting() -> bool {
-    EXPORTING.load(Ordering::Relaxed)
+    SAMPLER.get().is_some()
 }
 
 /// The ids of the request being served.
@@ -44,6 +49,8 @@ pub struct RequestIds {
     pub request_id: String,
     /// The trace the request belongs to (the caller's, when it named one).
     pub trace_id: TraceId,
+    /// Whether its spans are exported.
+    pub sampled: bool,
 }
 
 tokio::task_local! {
@@ -55,9 +62,20 @@ pub async fn scope<F: Future>(ids: RequestIds, f: F) -> F::Output {
     CURRENT.scope(ids, f).await
 }
 
+/// Runs `f` (which makes the request's span) as part of the request `ids` name.
+pub fn with_ids<R>(ids: RequestIds, f: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(ids, f)
+}
+
 /// The ids of the request the current task serves, if any.
 pub fn current() -> Option<RequestIds> {
     CURRENT.try_with(RequestIds::clone).ok()
+}
+
+/// Whether the current task serves a request whose spans are exported: the exporting
+/// layer's filter.
+pub fn sampled() -> bool {
+    CURRENT.try_with(|ids| ids.sampled).unwrap_or(false)
 }
 
 /// `f`, to be spawned as a task of its own, still inside the current request and span (a
@@ -100,54 +118,63 @@ pub fn new_trace_id() -> TraceId {
     RandomIdGenerator::default().new_trace_id()
 }
 
-/// The trace the `traceparent` of `headers` names, if a valid one.
-fn remote_trace(headers: &http::HeaderMap) -> Option<(opentelemetry::Context, TraceId)> {
-    if !headers.contains_key("traceparent") {
-        return None;
-    }
-    let cx = TraceContextPropagator::new().extract(&Headers(headers));
-    let id = cx.span().span_context().trace_id();
-    (id != TraceId::INVALID).then_some((cx, id))
-}
-
 /// The request id a caller passed in `headers` (another role), if a sane one.
 pub fn passed_request_id(headers: &http::HeaderMap) -> Option<&str> {
     let v = headers.get(REQUEST_ID_HEADER)?.to_str().ok()?;
     (!v.is_empty() && v.len() <= MAX_REQUEST_ID).then_some(v)
 }
 
-/// Starts serving a request (or a call from another role) with `headers` in `span`: continues
-/// the trace the caller's `traceparent` names, else starts one, and records its id in the
-/// span's `trace_id` field (which `span` declares, empty). When spans are exported, `span`
-/// becomes the child of the caller's span and the trace id is the exported one.
-pub fn begin(span: &Span, headers: &http::HeaderMap) -> TraceId {
-    let remote = remote_trace(headers);
-    let id = if exporting() && !span.is_disabled() {
-        if let Some((cx, _)) = remote {
-            // Fails only when the layer is missing or the span already started; neither here.
-            let _ = span.set_parent(cx);
+/// A request arriving with `headers`, before its span exists: its ids (the caller's trace,
+/// or a new one) and whether it is traced, and the caller's span to hang its own under.
+pub struct Incoming {
+    /// The request's ids.
+    pub ids: RequestIds,
+    parent: Option<opentelemetry::Context>,
+}
+
+impl Incoming {
+    /// Reads the caller's `traceparent`, if any, and decides whether the request is traced.
+    pub fn new(headers: &http::HeaderMap, request_id: String) -> Incoming {
+        let parent = headers
+            .contains_key("traceparent")
+            .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
+            .filter(|cx| cx.span().span_context().is_valid());
+        let trace_id = parent.as_ref().map(|cx| cx.span().span_context().trace_id()).unwrap_or_else(new_trace_id);
+        let sampled = SAMPLER.get().is_some_and(|sampler| {
+            let decision = sampler.should_sample(parent.as_ref(), trace_id, "request", &SpanKind::Server, &[], &[]);
+            decision.decision == SamplingDecision::RecordAndSample
+        });
+        Incoming { ids: RequestIds { request_id, trace_id, sampled }, parent }
+    }
+
+    /// Starts the request in `span` (made inside [`with_ids`] of these ids, and declaring an
+    /// empty `trace_id` field): a traced request's span becomes the child of the caller's and
+    /// takes the exported trace id. Records the trace id in the span; returns the ids.
+    pub fn begin(self, span: &Span) -> RequestIds {
+        let mut ids = self.ids;
+        if ids.sampled && !span.is_disabled() {
+            if let Some(cx) = self.parent {
+                // Fails only when the layer is missing or the span already started; neither here.
+                let _ = span.set_parent(cx);
+            }
+            let id = span.context().span().span_context().trace_id();
+            if id != TraceId::INVALID {
+                ids.trace_id = id;
+            }
         }
-        Some(span.context().span().span_context().trace_id()).filter(|id| *id != TraceId::INVALID)
-    } else {
-        remote.map(|(_, id)| id)
-    };
-    let id = id.unwrap_or_else(new_trace_id);
-    span.record("trace_id", tracing::field::display(id));
-    id
+        span.record("trace_id", tracing::field::display(ids.trace_id));
+        ids
+    }
 }
 
 /// The metadata a call to another role carries: the current trace (`traceparent`) and
 /// request id, given to `put` as header name and value.
 pub fn outgoing(put: &mut dyn FnMut(&str, String)) {
-    let ids = current();
-    if exporting() {
-        let cx = Span::current().context();
-        if cx.span().span_context().is_valid() {
-            TraceContextPropagator::new().inject_context(&cx, &mut Setter(put));
-        }
-    } else if let Some(ids) = &ids {
-        // No span id of ours to pass on: a fresh one stands for this call, so the callee's
-        // log lines share the trace id.
+    let Some(ids) = current() else { return };
+    let exported = ids.sampled.then(|| Span::current().context()).filter(|cx| cx.span().span_context().is_valid());
+    let cx = exported.unwrap_or_else(|| {
+        // No exported span to name as the parent: a fresh span id stands for this call, so
+        // the callee's log lines share the trace id, and the flag says the trace is not kept.
         let parent = SpanContext::new(
             ids.trace_id,
             RandomIdGenerator::default().new_span_id(),
@@ -155,27 +182,31 @@ pub fn outgoing(put: &mut dyn FnMut(&str, String)) {
             false,
             TraceState::NONE,
         );
-        let cx = opentelemetry::Context::new().with_remote_span_context(parent);
-        TraceContextPropagator::new().inject_context(&cx, &mut Setter(put));
-    }
-    if let Some(ids) = ids {
-        put(REQUEST_ID_HEADER, ids.request_id);
-    }
+        opentelemetry::Context::new().with_remote_span_context(parent)
+    });
+    TraceContextPropagator::new().inject_context(&cx, &mut Setter(put));
+    put(REQUEST_ID_HEADER, ids.request_id);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ids_of(h: &http::HeaderMap) -> RequestIds {
+        Incoming::new(h, "r".into()).begin(&Span::none())
+    }
+
     #[test]
     fn a_callers_trace_is_continued_and_a_missing_one_made() {
         let mut h = http::HeaderMap::new();
         h.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
-        assert_eq!(begin(&Span::none(), &h).to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ids_of(&h).trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         h.insert("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01".parse().unwrap());
-        let made = begin(&Span::none(), &h);
+        let made = ids_of(&h).trace_id;
         assert_ne!(made, TraceId::INVALID);
-        assert_ne!(made, begin(&Span::none(), &http::HeaderMap::new()));
+        assert_ne!(made, ids_of(&http::HeaderMap::new()).trace_id);
+        // Nothing is exported in this process: no request is traced.
+        assert!(!ids_of(&h).sampled);
     }
 
     #[tokio::test]
@@ -184,7 +215,7 @@ mod tests {
         outgoing(&mut |k, v| sent.push((k.to_string(), v)));
         assert!(sent.is_empty(), "outside a request nothing is carried: {sent:?}");
         let trace_id = new_trace_id();
-        let ids = RequestIds { request_id: "r-1".into(), trace_id };
+        let ids = RequestIds { request_id: "r-1".into(), trace_id, sampled: false };
         let sent = scope(ids, async {
             let mut sent = Vec::new();
             outgoing(&mut |k, v| sent.push((k.to_string(), v)));
@@ -195,14 +226,16 @@ mod tests {
         for (k, v) in &sent {
             h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        assert_eq!(begin(&Span::none(), &h), trace_id);
+        assert_eq!(ids_of(&h).trace_id, trace_id);
         assert_eq!(passed_request_id(&h), Some("r-1"));
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"), "not sampled: {:?}", h["traceparent"]);
     }
 
     #[tokio::test]
     async fn a_spawned_task_inherits_the_request() {
-        let ids = RequestIds { request_id: "r-2".into(), trace_id: new_trace_id() };
-        let seen = scope(ids, async { tokio::spawn(inherit(async { current() })).await.unwrap() }).await;
-        assert_eq!(seen.map(|i| i.request_id).as_deref(), Some("r-2"));
+        let ids = RequestIds { request_id: "r-2".into(), trace_id: new_trace_id(), sampled: true };
+        let seen = scope(ids, async { tokio::spawn(inherit(async { (current(), sampled()) })).await.unwrap() }).await;
+        assert_eq!(seen.0.map(|i| i.request_id).as_deref(), Some("r-2"));
+        assert!(seen.1);
     }
 }

@@ -254,10 +254,12 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     // Errors are logged under this id and clients get it back, never the internal detail.
     let request_id = next_request_id();
     // Every log line of the request, here and in the roles it calls, names both ids.
-    let span =
-        tracing::info_span!("request", method, route, request_id = %request_id, trace_id = tracing::field::Empty);
-    let trace_id = trace::begin(&span, req.headers());
-    let ids = trace::RequestIds { request_id, trace_id };
+    let incoming = trace::Incoming::new(req.headers(), request_id);
+    let span = trace::with_ids(incoming.ids.clone(), || {
+        let id = &incoming.ids.request_id;
+        tracing::info_span!("request", method, route, request_id = %id, trace_id = tracing::field::Empty)
+    });
+    let ids = incoming.begin(&span);
     let request_id = ids.request_id.clone();
     let mut resp = trace::scope(ids, route_request(reg, req)).instrument(span.clone()).await;
     tracing::debug!(parent: &span, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
