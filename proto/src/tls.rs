@@ -6,9 +6,12 @@
 //! Without them, roles talk plaintext gRPC, as on a private network.
 //!
 //! The setting is the process's: one identity per process, installed once at start before
-//! any channel is made.
+//! any channel is made; a renewed certificate takes effect at the next start. Every service
+//! of every role accepts any certificate the authority signed: keep that authority for the
+//! roles alone (the frontends' public certificate is a separate one, `--tls-cert`).
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
@@ -20,16 +23,14 @@ struct ClusterTls {
 
 static CLUSTER_TLS: OnceLock<ClusterTls> = OnceLock::new();
 
+/// Time a caller has to finish the TLS handshake; past it the connection is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Makes every gRPC server and channel of the process use mutual TLS with this authority and
 /// identity (all PEM). Fails if called twice.
 pub fn use_mutual_tls(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>) -> Result<(), &'static str> {
     let tls = ClusterTls { ca: Certificate::from_pem(ca), identity: Identity::from_pem(cert, key) };
     CLUSTER_TLS.set(tls).map_err(|_| "mutual TLS between roles is already set up")
-}
-
-/// Whether roles talk over mutual TLS.
-pub fn mutual_tls() -> bool {
-    CLUSTER_TLS.get().is_some()
 }
 
 /// A channel endpoint for the role at `addr` (`host:port`): over TLS when set up.
@@ -46,8 +47,11 @@ pub fn server() -> Result<Server, tonic::transport::Error> {
     let builder = Server::builder();
     match CLUSTER_TLS.get() {
         None => Ok(builder),
-        Some(tls) => {
-            builder.tls_config(ServerTlsConfig::new().identity(tls.identity.clone()).client_ca_root(tls.ca.clone()))
-        }
+        Some(tls) => builder.tls_config(
+            ServerTlsConfig::new()
+                .identity(tls.identity.clone())
+                .client_ca_root(tls.ca.clone())
+                .timeout(HANDSHAKE_TIMEOUT),
+        ),
     }
 }

@@ -50,7 +50,7 @@ pub fn have_tool(tool: &str) -> bool {
 }
 
 /// Starts `berth ARGS...` and reads the address it serves on from the first line it prints
-/// (`... http://ADDR ...` or `... grpc://ADDR ...`); the rest of its output is drained.
+/// (`... http://ADDR ...`, `https://` or `grpc://`); the rest of its output is drained.
 pub fn spawn_berth<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (Child, String) {
     spawn_berth_via(&[], args)
 }

@@ -112,9 +112,12 @@ async fn a_push_is_one_trace_across_frontend_and_storage_nodes() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let spans = loop {
         let spans = collector.of_trace(TRACE);
-        let storage_writes = spans.iter().filter(|s| s.service == "berth-storage" && s.name == "store.put").count();
+        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
         let request = spans.iter().any(|s| s.service == "berth-frontend" && s.name == "request");
-        if request && storage_writes >= 2 {
+        // Batches arrive from each process on their own: wait for every span's parent too.
+        let whole = spans.iter().all(|s| s.parent == CALLER_SPAN || ids.contains(s.parent.as_str()));
+        let storage_writes = spans.iter().filter(|s| s.service == "berth-storage" && s.name == "store.put").count();
+        if request && whole && storage_writes >= 2 {
             break spans;
         }
         assert!(Instant::now() < deadline, "spans of the push did not all arrive: {spans:#?}");
@@ -153,7 +156,22 @@ async fn a_push_is_one_trace_across_frontend_and_storage_nodes() {
         .await
         .expect("push");
     assert_eq!(r.status(), 201);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A traced request after it: once its spans are in, the untraced one's would be too.
+    const LATER: &str = "1bf92f3577b34da6a3ce929d0e0e4736";
+    let r = client()
+        .get(format!("{url}/v2/"))
+        .header("traceparent", format!("00-{LATER}-{CALLER_SPAN}-01"))
+        .send()
+        .await
+        .expect("GET /v2/");
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while collector.of_trace(LATER).is_empty() {
+        assert!(Instant::now() < deadline, "the later traced request's span did not arrive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The frontends and storage nodes flush on the same schedule; give the storage nodes one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(collector.of_trace(UNSAMPLED).is_empty(), "spans of an unsampled request were exported");
     // Nothing of the push leaked into another trace.
     let others =

@@ -212,6 +212,13 @@ async fn docker_skopeo_and_admin_use_https_with_a_private_ca_and_renewals_need_n
     install(&mismatched, &served);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(answers(&url, &stranger.cert).await, "a key that does not match its certificate is not taken");
+    // And the next good renewal is, so the files were still being watched.
+    install(&first, &served);
+    let swapped = Instant::now();
+    while !answers(&url, &ca.cert).await {
+        assert!(swapped.elapsed() < Duration::from_secs(15), "a good renewal after a broken one is not served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Whether `berth admin cluster --meta NODES status --meta-only` with the given TLS flags

@@ -32,7 +32,7 @@ pub struct Serving<'a> {
 }
 
 /// Serves the registry API until `stop` turns true, then lets requests in flight finish (for
-/// at most [`DRAIN`]). The first line on stdout is `berth ROLE: serving http://ADDR SUFFIX`.
+/// at most [`DRAIN`]). The first line on stdout is `berth ROLE: serving http://ADDR SUFFIX` (`https://` when it serves TLS).
 pub async fn serve_registry(
     blobs: Arc<dyn BlobStore>,
     metas: Arc<dyn MetaStore>,

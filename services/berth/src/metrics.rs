@@ -183,13 +183,10 @@ fn request_span(path: &str, headers: &http::HeaderMap) -> Option<(tracing::Span,
     if request_id.is_none() && !headers.contains_key("traceparent") {
         return None;
     }
-    let incoming = trace::Incoming::new(headers, request_id.unwrap_or_default().to_string());
-    let span = trace::with_ids(incoming.ids.clone(), || {
-        let id = &incoming.ids.request_id;
-        tracing::info_span!("grpc", method = path, request_id = %id, trace_id = tracing::field::Empty)
-    });
-    let ids = incoming.begin(&span);
-    Some((span, ids))
+    Some(trace::Incoming::new(headers, request_id.unwrap_or_default()).start(|ids| {
+        let id = &*ids.request_id;
+        tracing::info_span!("grpc", method = path, request_id = id, trace_id = tracing::field::Empty)
+    }))
 }
 
 /// Records a call's count and latency once `answer` is ready.

@@ -13,11 +13,12 @@
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, ShouldSample};
+use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, Sampler, SdkTracerProvider, ShouldSample};
 use opentelemetry_sdk::Resource;
+use tracing_subscriber::filter::{self, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::filter::{self, FilterExt};
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// How log lines are written.
@@ -47,7 +48,7 @@ fn export_wanted() -> bool {
 /// the command-line tools) the OTLP exporter when the environment asks for it. Runs inside
 /// the runtime, which the exporter's gRPC channel lives on.
 pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| "info,openraft=warn".into());
+    let filter = env_filter("BERTH_LOG")?;
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
         LogFormat::Text => fmt.boxed(),
@@ -70,9 +71,7 @@ pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> 
     // Each has its own filter: logs kept to warnings still leave the spans exported whole.
     // Spans reach the exporting layer only for requests that are traced (decided as each
     // arrives, see berth_core::trace): the others cost it nothing.
-    let span_filter = EnvFilter::try_from_env("BERTH_TRACE")
-        .unwrap_or_else(|_| "info,openraft=warn".into())
-        .and(filter::filter_fn(|_| berth_core::trace::sampled()));
+    let span_filter = env_filter("BERTH_TRACE")?.and(filter::filter_fn(|_| berth_core::trace::sampled()));
     Registry::default()
         .with(logs.with_filter(filter))
         .with(spans.map(|s| s.with_filter(span_filter)))
@@ -82,6 +81,31 @@ pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> 
         berth_core::trace::set_exporting(sampler);
     }
     Ok(Telemetry { provider })
+}
+
+/// The filter the variable `var` sets, by default `info,openraft=warn`; a value that does not
+/// parse is an error, not silently the default.
+fn env_filter(var: &str) -> anyhow::Result<EnvFilter> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(&v).with_context(|| format!("{var}={v:?}")),
+        _ => Ok(EnvFilter::new("info,openraft=warn")),
+    }
+}
+
+/// Trace ids for the exported spans: a request's first span gets the id its sampling was
+/// decided on (see `berth_core::trace::current_trace_id`), so a ratio sampler in every role
+/// decides alike; anything else a random one.
+#[derive(Debug)]
+struct RequestTraceIds;
+
+impl IdGenerator for RequestTraceIds {
+    fn new_trace_id(&self) -> TraceId {
+        berth_core::trace::current_trace_id().unwrap_or_else(|| RandomIdGenerator::default().new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        RandomIdGenerator::default().new_span_id()
+    }
 }
 
 /// A tracer provider exporting over OTLP/gRPC in batches.
@@ -97,6 +121,7 @@ fn provider(role: &str) -> anyhow::Result<SdkTracerProvider> {
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_sampler(Sampler::AlwaysOn)
+        .with_id_generator(RequestTraceIds)
         .with_resource(resource.build())
         .build())
 }

@@ -12,7 +12,7 @@
 //! tree across processes.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -37,20 +37,25 @@ pub fn set_exporting(sampler: Box<dyn ShouldSample>) {
     let _ = SAMPLER.set(sampler);
 }
 
-/// Whether spans are exported.
-pub fn exporting() -> bool {
-    SAMPLER.get().is_some()
-}
-
 /// The ids of the request being served.
 #[derive(Debug, Clone)]
 pub struct RequestIds {
     /// Unique per request; clients get it back in `X-Request-Id`.
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// The trace the request belongs to (the caller's, when it named one).
     pub trace_id: TraceId,
     /// Whether its spans are exported.
     pub sampled: bool,
+    /// A traced request's own span, as the parent its calls name when the span they are made
+    /// in is not exported (filtered out by `BERTH_TRACE`).
+    span: Option<opentelemetry::Context>,
+}
+
+impl RequestIds {
+    /// The ids of a request that is not traced (nothing exported).
+    pub fn untraced(request_id: impl Into<Arc<str>>, trace_id: TraceId) -> RequestIds {
+        RequestIds { request_id: request_id.into(), trace_id, sampled: false, span: None }
+    }
 }
 
 tokio::task_local! {
@@ -62,11 +67,6 @@ pub async fn scope<F: Future>(ids: RequestIds, f: F) -> F::Output {
     CURRENT.scope(ids, f).await
 }
 
-/// Runs `f` (which makes the request's span) as part of the request `ids` name.
-pub fn with_ids<R>(ids: RequestIds, f: impl FnOnce() -> R) -> R {
-    CURRENT.sync_scope(ids, f)
-}
-
 /// The ids of the request the current task serves, if any.
 pub fn current() -> Option<RequestIds> {
     CURRENT.try_with(RequestIds::clone).ok()
@@ -76,6 +76,13 @@ pub fn current() -> Option<RequestIds> {
 /// layer's filter.
 pub fn sampled() -> bool {
     CURRENT.try_with(|ids| ids.sampled).unwrap_or(false)
+}
+
+/// The trace id of the request the current task serves: the id a traced request's first
+/// span is exported under (the exporter's id generator asks), so that the id sampling was
+/// decided on is the id every role sees.
+pub fn current_trace_id() -> Option<TraceId> {
+    CURRENT.try_with(|ids| ids.trace_id).ok()
 }
 
 /// `f`, to be spawned as a task of its own, still inside the current request and span (a
@@ -134,7 +141,7 @@ pub struct Incoming {
 
 impl Incoming {
     /// Reads the caller's `traceparent`, if any, and decides whether the request is traced.
-    pub fn new(headers: &http::HeaderMap, request_id: String) -> Incoming {
+    pub fn new(headers: &http::HeaderMap, request_id: impl Into<Arc<str>>) -> Incoming {
         let parent = headers
             .contains_key("traceparent")
             .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
@@ -144,48 +151,53 @@ impl Incoming {
             let decision = sampler.should_sample(parent.as_ref(), trace_id, "request", &SpanKind::Server, &[], &[]);
             decision.decision == SamplingDecision::RecordAndSample
         });
-        Incoming { ids: RequestIds { request_id, trace_id, sampled }, parent }
+        Incoming { ids: RequestIds { request_id: request_id.into(), trace_id, sampled, span: None }, parent }
     }
 
-    /// Starts the request in `span` (made inside [`with_ids`] of these ids, and declaring an
-    /// empty `trace_id` field): a traced request's span becomes the child of the caller's and
-    /// takes the exported trace id. Records the trace id in the span; returns the ids.
-    pub fn begin(self, span: &Span) -> RequestIds {
-        let mut ids = self.ids;
-        if ids.sampled && !span.is_disabled() {
-            if let Some(cx) = self.parent {
-                // Fails only when the layer is missing or the span already started; neither here.
-                let _ = span.set_parent(cx);
+    /// Starts the request in the span `make` makes (declaring an empty `trace_id` field),
+    /// made as part of the request so that the exporting layer sees it when it is traced. A
+    /// traced request's span becomes the child of the caller's. Records the trace id in the
+    /// span; returns the span and the ids to serve the request with.
+    pub fn start(self, make: impl FnOnce(&RequestIds) -> Span) -> (Span, RequestIds) {
+        let Incoming { mut ids, parent } = self;
+        let span = CURRENT.sync_scope(ids.clone(), || {
+            let span = make(&ids);
+            if ids.sampled && !span.is_disabled() {
+                if let Some(cx) = parent {
+                    // Fails only when the layer is missing or the span already started; neither here.
+                    let _ = span.set_parent(cx);
+                }
+                // Starts the exported span, under this request's trace id (see current_trace_id).
+                let cx = span.context();
+                ids.span = cx.span().span_context().is_valid().then_some(cx);
             }
-            let id = span.context().span().span_context().trace_id();
-            if id != TraceId::INVALID {
-                ids.trace_id = id;
-            }
-        }
+            span
+        });
         span.record("trace_id", tracing::field::display(ids.trace_id));
-        ids
+        (span, ids)
     }
 }
 
 /// The metadata a call to another role carries: the current trace (`traceparent`) and
 /// request id, given to `put` as header name and value.
 pub fn outgoing(put: &mut dyn FnMut(&str, String)) {
-    let Some(ids) = current() else { return };
-    let exported = ids.sampled.then(|| Span::current().context()).filter(|cx| cx.span().span_context().is_valid());
-    let cx = exported.unwrap_or_else(|| {
-        // No exported span to name as the parent: a fresh span id stands for this call, so
-        // the callee's log lines share the trace id, and the flag says the trace is not kept.
-        let parent = SpanContext::new(
-            ids.trace_id,
-            RandomIdGenerator::default().new_span_id(),
-            TraceFlags::default(),
-            false,
-            TraceState::NONE,
-        );
-        opentelemetry::Context::new().with_remote_span_context(parent)
+    let _ = CURRENT.try_with(|ids| {
+        let exported = ids.sampled.then(|| Span::current().context()).filter(|cx| cx.span().span_context().is_valid());
+        let cx = exported.or_else(|| ids.span.clone()).unwrap_or_else(|| {
+            // No exported span to name as the parent: a fresh span id stands for this call, so
+            // the callee's log lines share the trace id, and the flag says the trace is not kept.
+            let parent = SpanContext::new(
+                ids.trace_id,
+                RandomIdGenerator::default().new_span_id(),
+                TraceFlags::default(),
+                false,
+                TraceState::NONE,
+            );
+            opentelemetry::Context::new().with_remote_span_context(parent)
+        });
+        TraceContextPropagator::new().inject_context(&cx, &mut Setter(put));
+        put(REQUEST_ID_HEADER, ids.request_id.to_string());
     });
-    TraceContextPropagator::new().inject_context(&cx, &mut Setter(put));
-    put(REQUEST_ID_HEADER, ids.request_id);
 }
 
 #[cfg(test)]
@@ -193,7 +205,7 @@ mod tests {
     use super::*;
 
     fn ids_of(h: &http::HeaderMap) -> RequestIds {
-        Incoming::new(h, "r".into()).begin(&Span::none())
+        Incoming::new(h, "r").start(|_| Span::none()).1
     }
 
     #[test]
@@ -215,7 +227,7 @@ mod tests {
         outgoing(&mut |k, v| sent.push((k.to_string(), v)));
         assert!(sent.is_empty(), "outside a request nothing is carried: {sent:?}");
         let trace_id = new_trace_id();
-        let ids = RequestIds { request_id: "r-1".into(), trace_id, sampled: false };
+        let ids = RequestIds::untraced("r-1", trace_id);
         let sent = scope(ids, async {
             let mut sent = Vec::new();
             outgoing(&mut |k, v| sent.push((k.to_string(), v)));
@@ -233,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spawned_task_inherits_the_request() {
-        let ids = RequestIds { request_id: "r-2".into(), trace_id: new_trace_id(), sampled: true };
+        let ids = RequestIds { sampled: true, ..RequestIds::untraced("r-2", new_trace_id()) };
         let seen = scope(ids, async { tokio::spawn(inherit(async { (current(), sampled()) })).await.unwrap() }).await;
         assert_eq!(seen.0.map(|i| i.request_id).as_deref(), Some("r-2"));
         assert!(seen.1);

@@ -254,12 +254,10 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     // Errors are logged under this id and clients get it back, never the internal detail.
     let request_id = next_request_id();
     // Every log line of the request, here and in the roles it calls, names both ids.
-    let incoming = trace::Incoming::new(req.headers(), request_id);
-    let span = trace::with_ids(incoming.ids.clone(), || {
-        let id = &incoming.ids.request_id;
-        tracing::info_span!("request", method, route, request_id = %id, trace_id = tracing::field::Empty)
+    let (span, ids) = trace::Incoming::new(req.headers(), request_id).start(|ids| {
+        let id = &*ids.request_id;
+        tracing::info_span!("request", method, route, request_id = id, trace_id = tracing::field::Empty)
     });
-    let ids = incoming.begin(&span);
     let request_id = ids.request_id.clone();
     let mut resp = trace::scope(ids, route_request(reg, req)).instrument(span.clone()).await;
     tracing::debug!(parent: &span, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
@@ -273,7 +271,7 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     }
     headers.entry(header::CONTENT_SECURITY_POLICY).or_insert(HeaderValue::from_static(DEFAULT_CSP));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(trace::REQUEST_ID_HEADER, v);
     }
     resp
 }
@@ -503,6 +501,7 @@ async fn handle(reg: &Registry, caller: &auth::Caller, route: Route, req: Reques
 pub fn error_response(e: RegistryError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = if e.code == ErrorCode::Unknown {
+        // Named here too: the line is logged even when the request's span is filtered out.
         let id = trace::current().map(|ids| ids.request_id).unwrap_or_default();
         tracing::error!(request_id = %id, detail = %e.detail, status = e.status, "request failed");
         RegistryError::new(
