@@ -18,7 +18,11 @@ command -v docker-registry >/dev/null || { echo "docker-registry is not installe
 
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.bench.XXXXXX")
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+# BENCH_KEEP=1 keeps the work directory (the registries' data and the cluster's logs).
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
 trap cleanup EXIT
 
 ref_port=${REF_PORT:-5101}

@@ -185,7 +185,13 @@ fn request_span(path: &str, headers: &http::HeaderMap) -> Option<(tracing::Span,
     }
     Some(trace::Incoming::new(headers, request_id.unwrap_or_default()).start(|ids| {
         let id = &*ids.request_id;
-        tracing::info_span!("grpc", method = path, request_id = id, trace_id = tracing::field::Empty)
+        // A traced call's span is exported; an untraced one's is for debugging (log lines
+        // name the request's ids without it).
+        if ids.sampled {
+            tracing::info_span!("grpc", method = path, request_id = id, trace_id = tracing::field::Empty)
+        } else {
+            tracing::debug_span!("grpc", method = path, request_id = id, trace_id = tracing::field::Empty)
+        }
     }))
 }
 

@@ -1,7 +1,7 @@
 //! Logs and traces of a role.
 //!
 //! Logs go to stderr as text or JSON lines (`--log-format`), filtered by `BERTH_LOG` (an
-//! `EnvFilter`; default `info,openraft=warn`). A request's lines sit in its span, which names
+//! `EnvFilter`; default `info,openraft=warn`). A line written while serving a request names
 //! its request id and trace id (see [`berth_core::trace`]).
 //!
 //! Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
@@ -16,8 +16,14 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, Sampler, SdkTracerProvider, ShouldSample};
 use opentelemetry_sdk::Resource;
+use std::io::IsTerminal;
+
+use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::{self, FilterExt};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{self, FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
@@ -37,6 +43,41 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+/// Writes a log line as `inner` does, and on a line written while serving a request, that
+/// request's ids (`request_id`, `trace_id`): at the end of a text line, as the first members
+/// of a JSON one. The ids come from the task, at the moment a line is written, so requests
+/// that log nothing cost nothing (a span with them as fields would format them for every
+/// request).
+struct WithIds<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithIds<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let Some(ids) = berth_core::trace::current() else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        if self.json {
+            // Request ids from other roles are visible ASCII of bounded length, but may hold quotes.
+            let id = serde_json::to_string(&*ids.request_id).map_err(|_| std::fmt::Error)?;
+            let rest = body.strip_prefix('{').ok_or(std::fmt::Error)?;
+            let sep = if rest.starts_with('}') { "" } else { "," };
+            writeln!(writer, "{{\"request_id\":{id},\"trace_id\":\"{}\"{sep}{rest}", ids.trace_id)
+        } else {
+            writeln!(writer, "{body} request_id={} trace_id={}", ids.request_id, ids.trace_id)
+        }
+    }
+}
+
 /// Whether the environment asks for spans to be exported.
 fn export_wanted() -> bool {
     let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
@@ -49,10 +90,14 @@ fn export_wanted() -> bool {
 /// the runtime, which the exporter's gRPC channel lives on.
 pub fn init(format: LogFormat, role: Option<&str>) -> anyhow::Result<Telemetry> {
     let filter = env_filter("BERTH_LOG")?;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal; files and collectors get plain lines.
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.event_format(WithIds { inner: fmt::format(), json: false }).boxed(),
+        LogFormat::Json => fmt
+            .fmt_fields(fmt::format::JsonFields::new())
+            .event_format(WithIds { inner: fmt::format().json().flatten_event(true), json: true })
+            .boxed(),
     };
     let provider = match role {
         Some(role) if export_wanted() => Some(provider(role)?),

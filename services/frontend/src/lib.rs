@@ -256,11 +256,22 @@ async fn dispatch(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     // Every log line of the request, here and in the roles it calls, names both ids.
     let (span, ids) = trace::Incoming::new(req.headers(), request_id).start(|ids| {
         let id = &*ids.request_id;
-        tracing::info_span!("request", method, route, request_id = id, trace_id = tracing::field::Empty)
+        // Log lines name the request's ids without it (see the berth binary's log format); a
+        // traced request's span is exported, an untraced one's is for debugging.
+        if ids.sampled {
+            tracing::info_span!("request", method, route, request_id = id, trace_id = tracing::field::Empty)
+        } else {
+            tracing::debug_span!("request", method, route, request_id = id, trace_id = tracing::field::Empty)
+        }
     });
     let request_id = ids.request_id.clone();
-    let mut resp = trace::scope(ids, route_request(reg, req)).instrument(span.clone()).await;
-    tracing::debug!(parent: &span, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
+    let mut resp = trace::scope(ids, async {
+        let resp = route_request(reg, req).await;
+        tracing::debug!(status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "answered");
+        resp
+    })
+    .instrument(span)
+    .await;
     metrics::counter!("berth_http_requests_total", "route" => route, "method" => method, "status" => status_label(resp.status()))
         .increment(1);
     metrics::histogram!("berth_http_request_duration_seconds", "route" => route, "method" => method)
@@ -501,9 +512,8 @@ async fn handle(reg: &Registry, caller: &auth::Caller, route: Route, req: Reques
 pub fn error_response(e: RegistryError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = if e.code == ErrorCode::Unknown {
-        // Named here too: the line is logged even when the request's span is filtered out.
-        let id = trace::current().map(|ids| ids.request_id).unwrap_or_default();
-        tracing::error!(request_id = %id, detail = %e.detail, status = e.status, "request failed");
+        // The line names the request's ids (the log format adds them), as the client's answer does.
+        tracing::error!(detail = %e.detail, status = e.status, "request failed");
         RegistryError::new(
             ErrorCode::Unknown,
             "internal error; the server log has it under this response's X-Request-Id",
