@@ -76,6 +76,20 @@ impl Collector {
     }
 }
 
+/// A monolithic push of `data` to `url`'s `repo`, in the trace `traceparent` names; it must
+/// be created.
+async fn push_in_trace(url: &str, repo: &str, data: Vec<u8>, traceparent: &str) -> reqwest::Response {
+    let r = client()
+        .post(format!("{url}/v2/{repo}/blobs/uploads/?digest={}", digest(&data)))
+        .header("traceparent", traceparent)
+        .body(data)
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(r.status(), 201);
+    r
+}
+
 const TRACE: &str = "5b8efff798038103d269b633813fc60c";
 const CALLER_SPAN: &str = "eee19b7ec3c1b174";
 
@@ -93,17 +107,9 @@ async fn a_push_is_one_trace_across_frontend_and_storage_nodes() {
     };
     let cl = tokio::task::block_in_place(|| Cluster::start_with(ClusterOptions { launch, ..Default::default() }));
     let url = cl.frontends[0].url();
-    let data = berth_tests::bytes(7, 300_000);
-    let d = digest(&data);
     // One monolithic push, in the trace the caller names.
-    let r = client()
-        .post(format!("{url}/v2/traced/app/blobs/uploads/?digest={d}"))
-        .header("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))
-        .body(data)
-        .send()
-        .await
-        .expect("push");
-    assert_eq!(r.status(), 201);
+    let data = berth_tests::bytes(7, 300_000);
+    let r = push_in_trace(&url, "traced/app", data, &format!("00-{TRACE}-{CALLER_SPAN}-01")).await;
     let request_id = r.headers().get("x-request-id").expect("a request id").to_str().unwrap().to_string();
     assert!(!request_id.is_empty());
 
@@ -147,15 +153,7 @@ async fn a_push_is_one_trace_across_frontend_and_storage_nodes() {
     assert!(nodes_written >= 2, "{spans:#?}");
     // A caller that does not keep its trace (sampled flag 0) gets none of its spans exported.
     const UNSAMPLED: &str = "0af7651916cd43dd8448eb211c80319c";
-    let other = berth_tests::bytes(9, 1000);
-    let r = client()
-        .post(format!("{url}/v2/traced/app/blobs/uploads/?digest={}", digest(&other)))
-        .header("traceparent", format!("00-{UNSAMPLED}-{CALLER_SPAN}-00"))
-        .body(other)
-        .send()
-        .await
-        .expect("push");
-    assert_eq!(r.status(), 201);
+    push_in_trace(&url, "traced/app", berth_tests::bytes(9, 1000), &format!("00-{UNSAMPLED}-{CALLER_SPAN}-00")).await;
     // A traced request after it: once its spans are in, the untraced one's would be too.
     const LATER: &str = "1bf92f3577b34da6a3ce929d0e0e4736";
     let r = client()
@@ -197,16 +195,8 @@ async fn json_log_lines_of_a_request_name_its_request_and_trace_ids() {
     };
     let server = tokio::task::block_in_place(|| Server::start_launched(&launch));
     let c = client();
-    let data = berth_tests::bytes(8, 1000);
-    let d = digest(&data);
-    let r = c
-        .post(format!("{}/v2/logged/app/blobs/uploads/?digest={d}", server.url))
-        .header("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))
-        .body(data)
-        .send()
-        .await
-        .expect("push");
-    assert_eq!(r.status(), 201);
+    let traceparent = format!("00-{TRACE}-{CALLER_SPAN}-01");
+    let r = push_in_trace(&server.url, "logged/app", berth_tests::bytes(8, 1000), &traceparent).await;
     let pushed_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     // A request without a trace gets a new one.
     let r = c.get(format!("{}/v2/", server.url)).send().await.expect("GET /v2/");

@@ -236,7 +236,12 @@ fn status_reaches_all(nodes: &str, tls: &[String]) -> bool {
 }
 
 fn flags(ca: &Ca, node: &Issued) -> Vec<String> {
-    [("--cluster-ca", &ca.cert), ("--cluster-cert", &node.cert), ("--cluster-key", &node.key)]
+    flags_of(&ca.cert, node)
+}
+
+/// The mutual TLS flags trusting the authority certificate `ca` and presenting `node`.
+fn flags_of(ca: &Path, node: &Issued) -> Vec<String> {
+    [("--cluster-ca", ca), ("--cluster-cert", &node.cert), ("--cluster-key", &node.key)]
         .into_iter()
         .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
         .collect()
@@ -329,10 +334,7 @@ async fn roles_talk_over_mutual_tls_and_refuse_callers_without_a_certificate_of_
     assert!(!status_reaches_all(&addrs, &[]), "a plaintext caller is refused");
     assert!(!status_reaches_all(&addrs, &flags(&stranger_ca, &stranger)), "a stranger is refused");
     // One who trusts the cluster's authority but presents a stranger's certificate, too.
-    let half = [("--cluster-ca", &ca.cert), ("--cluster-cert", &stranger.cert), ("--cluster-key", &stranger.key)]
-        .into_iter()
-        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
-        .collect::<Vec<_>>();
+    let half = flags_of(&ca.cert, &stranger);
     assert!(!status_reaches_all(&addrs, &half), "a client certificate of another authority is refused");
     assert!(status_reaches_all(&addrs, &admin_tls), "the cluster's own certificate is let in");
     // A storage node refuses a plaintext caller as well (this process has no TLS set up).

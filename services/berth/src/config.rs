@@ -295,14 +295,11 @@ impl ClusterTlsFlags {
         let (Some(ca), Some(cert), Some(key)) = (&self.cluster_ca, &self.cluster_cert, &self.cluster_key) else {
             return Ok(());
         };
+        // Fail at start on files that are not what they should be, not at the first call.
+        let files = berth_frontend::tls::CertFiles { cert: cert.clone(), key: key.clone() };
+        berth_frontend::tls::load(&files).context("--cluster-cert/--cluster-key")?;
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
-        // Fail at start on files that are not what they should be, not at the first call.
-        let files = berth_frontend::tls::CertFiles {
-            cert: self.cluster_cert.clone().unwrap_or_default(),
-            key: self.cluster_key.clone().unwrap_or_default(),
-        };
-        berth_frontend::tls::load(&files).context("--cluster-cert/--cluster-key")?;
         {
             use rustls::pki_types::pem::PemObject;
             anyhow::ensure!(

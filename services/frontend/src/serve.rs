@@ -112,27 +112,23 @@ pub async fn serve(
             tracing::debug!(error = %e, "setting TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let Some(tls) = &tls else {
-            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-            tokio::spawn(async move {
-                let _counted = counted;
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-            });
-            continue;
-        };
-        // The handshake runs in the connection's task, so a slow client holds up no other.
+        // The connection's task does the TLS handshake, if any, so a slow client holds up no other.
         let (tls, http, watcher) = (tls.clone(), http.clone(), graceful.watcher());
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _counted = counted;
-            let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return tracing::debug!(error = %e, peer = %peer.ip(), "TLS handshake failed"),
-                Err(_) => return tracing::debug!(peer = %peer.ip(), "TLS handshake timed out"),
+            let served = match tls {
+                None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
+                Some(tls) => {
+                    let stream = match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(error = %e, peer = %peer.ip(), "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(peer = %peer.ip(), "TLS handshake timed out"),
+                    };
+                    watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await
+                }
             };
-            if let Err(e) = watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await {
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
