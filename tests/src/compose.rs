@@ -22,7 +22,10 @@ pub const FRONTENDS: [&str; 2] = ["frontend1", "frontend2"];
 pub struct ComposeCluster {
     project: String,
     image: String,
-    file: PathBuf,
+    /// The compose files, the base first.
+    files: Vec<PathBuf>,
+    /// With TLS (`deploy/compose/tls.yml`): the directory `deploy/compose/certs.sh` wrote.
+    certs: Option<tempfile::TempDir>,
     /// The frontends' published addresses (`127.0.0.1:PORT`), as `FRONTENDS` orders them.
     pub frontends: [String; 2],
     /// How long `docker-compose up` took to return, and until the first push succeeded
@@ -41,6 +44,16 @@ impl ComposeCluster {
     /// Builds the image and brings the cluster up (`docker-compose up -d`); returns once both
     /// frontends answer `/readyz` with 200.
     pub fn up(name: &str) -> ComposeCluster {
+        Self::start(name, false)
+    }
+
+    /// [`ComposeCluster::up`] with `deploy/compose/tls.yml` laid over the base: certificates
+    /// from `deploy/compose/certs.sh`, HTTPS on the frontends, mutual TLS between the roles.
+    pub fn up_tls(name: &str) -> ComposeCluster {
+        Self::start(name, true)
+    }
+
+    fn start(name: &str, tls: bool) -> ComposeCluster {
         let project = format!("berthtest{}{}", name, std::process::id());
         let image = format!("berth-test-compose:{project}");
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -52,10 +65,23 @@ impl ComposeCluster {
             .expect("running deploy/image.sh");
         assert!(out.status.success(), "deploy/image.sh: {}", String::from_utf8_lossy(&out.stderr));
         let ports = free_ports();
+        let mut files = vec![repo.join("deploy/compose/docker-compose.yml")];
+        let certs = tls.then(|| {
+            files.push(repo.join("deploy/compose/tls.yml"));
+            let dir = tempfile::tempdir().expect("certificates directory");
+            let out = Command::new("bash")
+                .arg(repo.join("deploy/compose/certs.sh"))
+                .arg(dir.path())
+                .output()
+                .expect("running deploy/compose/certs.sh");
+            assert!(out.status.success(), "deploy/compose/certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+            dir
+        });
         let mut cluster = ComposeCluster {
             project,
             image,
-            file: repo.join("deploy/compose/docker-compose.yml"),
+            files,
+            certs,
             frontends: [format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1])],
             up_took: Duration::ZERO,
         };
@@ -77,13 +103,43 @@ impl ComposeCluster {
     /// `docker-compose -f FILE -p PROJECT` with the cluster's environment.
     pub fn compose(&self) -> Command {
         let mut c = Command::new("docker-compose");
-        c.arg("-f").arg(&self.file).arg("-p").arg(&self.project);
+        for f in &self.files {
+            c.arg("-f").arg(f);
+        }
+        c.arg("-p").arg(&self.project);
+        if let Some(certs) = &self.certs {
+            c.env("BERTH_CERTS", certs.path());
+        }
         c.env("BERTH_IMAGE", &self.image)
             .env("BERTH_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("BERTH_PORT_1", self.frontends[0].rsplit(':').next().expect("port"))
             .env("BERTH_PORT_2", self.frontends[1].rsplit(':').next().expect("port"))
             .env("BERTH_LOG", "info,openraft=error");
         c
+    }
+
+    /// The authority the frontends' HTTPS certificate is signed by, when they serve HTTPS.
+    pub fn ca(&self) -> Option<PathBuf> {
+        self.certs.as_ref().map(|d| d.path().join("ca.crt"))
+    }
+
+    /// The base URL of a frontend's published address: `https://` when it serves TLS.
+    pub fn url(&self, addr: &str) -> String {
+        format!("{}://{addr}", if self.certs.is_some() { "https" } else { "http" })
+    }
+
+    /// A client that trusts the frontends' certificate (only the test's authority, when they
+    /// serve HTTPS).
+    pub fn client(&self) -> reqwest::ClientBuilder {
+        let b = reqwest::Client::builder();
+        match self.ca() {
+            Some(ca) => {
+                let pem = std::fs::read(ca).expect("reading the authority's certificate");
+                b.tls_built_in_root_certs(false)
+                    .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"))
+            }
+            None => b,
+        }
     }
 
     /// The container of a service (compose names it PROJECT_SERVICE_1).
@@ -104,13 +160,17 @@ impl ComposeCluster {
         run_tool("docker", &all)
     }
 
-    /// Waits until `http://ADDR/readyz` answers 200.
+    /// Waits until the frontend at `ADDR` answers `/readyz` with 200 (over HTTPS, checking
+    /// its certificate, when it serves TLS).
     pub fn wait_ready(&self, addr: &str, limit: Duration) {
         let started = Instant::now();
         loop {
-            let code = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}", &format!("http://{addr}/readyz")])
-                .output();
+            let mut curl = Command::new("curl");
+            curl.args(["-s", "-o", "/dev/null", "-m", "5", "-w", "%{http_code}"]);
+            if let Some(ca) = self.ca() {
+                curl.arg("--cacert").arg(ca);
+            }
+            let code = curl.arg(format!("{}/readyz", self.url(addr))).output();
             if code.is_ok_and(|o| o.stdout == b"200") {
                 return;
             }

@@ -7,6 +7,10 @@
 //! request goes to the next frontend, or to the other one when the first refuses the connection
 //! (it is stopped or restarting). Connections are not reused between requests, so no request
 //! is sent on a connection a stopping frontend is closing.
+//!
+//! The rolling restart runs the cluster with `deploy/compose/tls.yml`: HTTPS to the frontends,
+//! checked against the authority `deploy/compose/certs.sh` made, and mutual TLS between every
+//! role, through every restart.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,19 +32,20 @@ struct Balancer {
 }
 
 impl Balancer {
-    fn new(addrs: &[String]) -> Balancer {
+    fn new(cluster: &ComposeCluster) -> Balancer {
         use base64::Engine as _;
         let mut headers = reqwest::header::HeaderMap::new();
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("{ADMIN}:{ADMIN_TOKEN}"));
         headers.insert(reqwest::header::AUTHORIZATION, format!("Basic {basic}").parse().expect("header"));
-        let client = reqwest::Client::builder()
+        let client = cluster
+            .client()
             .redirect(reqwest::redirect::Policy::none())
             .default_headers(headers)
             .pool_max_idle_per_host(0)
             .timeout(Duration::from_secs(60))
             .build()
             .expect("http client");
-        let urls = addrs.iter().map(|a| format!("http://{a}")).collect();
+        let urls = cluster.frontends.iter().map(|a| cluster.url(a)).collect();
         Balancer { urls, client, next: Arc::default(), out: Arc::default() }
     }
 
@@ -217,12 +222,18 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
-/// Brings the cluster up, pushes the seed images through the balancer; prints when the first
-/// push succeeded after `docker-compose up` began.
-fn seeded(name: &str, rt: &tokio::runtime::Runtime, n: u64) -> (ComposeCluster, Balancer, Arc<Mutex<Tally>>) {
+/// Brings the cluster up (with TLS: `deploy/compose/tls.yml` over the base), pushes the seed
+/// images through the balancer; prints when the first push succeeded after `docker-compose up`
+/// began.
+fn seeded(
+    name: &str,
+    tls: bool,
+    rt: &tokio::runtime::Runtime,
+    n: u64,
+) -> (ComposeCluster, Balancer, Arc<Mutex<Tally>>) {
     let began = Instant::now();
-    let cluster = ComposeCluster::up(name);
-    let lb = Balancer::new(&cluster.frontends);
+    let cluster = if tls { ComposeCluster::up_tls(name) } else { ComposeCluster::up(name) };
+    let lb = Balancer::new(&cluster);
     let tally = Arc::new(Mutex::new(Tally::default()));
     for i in 0..n {
         let (repo, tag) = ("admin/seed".to_string(), format!("s{i}"));
@@ -253,10 +264,10 @@ fn compose_cluster_takes_docker_and_survives_kills_and_a_cut_off_metadata_node()
         return;
     }
     let rt = runtime();
-    let (cluster, lb, tally) = seeded("kills", &rt, 6);
+    let (cluster, lb, tally) = seeded("kills", false, &rt, 6);
 
     // The docker CLI: push through one frontend, pull through the other.
-    let [a, b] = cluster.frontends.clone();
+    let [a, b] = cluster.frontends.clone().map(|f| cluster.url(&f));
     cli.login(&a, ADMIN, ADMIN_TOKEN);
     cli.login(&b, ADMIN, ADMIN_TOKEN);
     let image = run_image_name(&cluster);
@@ -362,7 +373,31 @@ fn compose_cluster_rolling_restart_and_graceful_drain_fail_nothing() {
         return;
     }
     let rt = runtime();
-    let (cluster, lb, tally) = seeded("rolling", &rt, 4);
+    // Over TLS, outside and inside.
+    let (cluster, lb, tally) = seeded("rolling", true, &rt, 4);
+    // Inside, only TLS: a caller on the network without the cluster's certificate is refused,
+    // the same caller with it is answered.
+    let status = |certs: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new("docker");
+        c.args(["run", "--rm", "--network", &cluster.network()]);
+        if let Some(dir) = certs {
+            c.arg("-v").arg(format!("{}:/certs/cluster:ro", dir.display()));
+            for (var, file) in [("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key")] {
+                c.args(["-e", &format!("BERTH_CLUSTER_{var}=/certs/cluster/{file}")]);
+            }
+        }
+        c.args([&run_image_name(&cluster), "admin", "cluster", "--meta", "meta1:7000", "status", "--meta-only"]);
+        // One view per node asked: its state, or why it did not answer.
+        let out = c.output().expect("docker run");
+        assert!(out.status.success(), "berth admin cluster status: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        v["meta"][0].clone()
+    };
+    let cluster_certs = cluster.ca().expect("TLS").with_file_name("cluster");
+    let plain = status(None);
+    assert!(plain["error"].is_string() && plain["state"].is_null(), "a plaintext call was answered: {plain}");
+    let mutual = status(Some(&cluster_certs));
+    assert!(mutual["state"].is_string(), "with the certificate: {mutual}");
 
     // Every container restarted in turn (SIGTERM, then start), each healthy again before the
     // next, under a loop of pushes and pulls.
@@ -406,12 +441,12 @@ fn compose_cluster_rolling_restart_and_graceful_drain_fail_nothing() {
     // docker stop of a frontend lets the upload it is receiving finish: a PATCH trickling
     // 4 MiB over about 4 s, stopped after 1 s, is answered 202, and the upload completes
     // through the other frontend.
-    let [a, b] = cluster.frontends.clone();
+    let [a, b] = cluster.frontends.clone().map(|f| cluster.url(&f));
     let data = bytes(77, 4 << 20);
     let d = digest(&data);
-    let direct = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let direct = cluster.client().pool_max_idle_per_host(0).build().expect("client");
     let auth = |r: reqwest::RequestBuilder| r.basic_auth(ADMIN, Some(ADMIN_TOKEN));
-    let r = rt.block_on(auth(direct.post(format!("http://{a}/v2/admin/drain/blobs/uploads/"))).send()).expect("POST");
+    let r = rt.block_on(auth(direct.post(format!("{a}/v2/admin/drain/blobs/uploads/"))).send()).expect("POST");
     assert_eq!(r.status(), 202);
     let loc = location(&r).expect("Location");
     let chunks: Vec<bytes::Bytes> = data.chunks(128 << 10).map(bytes::Bytes::copy_from_slice).collect();
@@ -420,7 +455,7 @@ fn compose_cluster_rolling_restart_and_graceful_drain_fail_nothing() {
         Ok::<_, std::io::Error>(c)
     });
     let patch = rt.spawn(
-        auth(direct.patch(format!("http://{a}{loc}")))
+        auth(direct.patch(format!("{a}{loc}")))
             .header("content-type", "application/octet-stream")
             .header("content-length", data.len())
             .body(reqwest::Body::wrap_stream(body))
@@ -436,15 +471,15 @@ fn compose_cluster_rolling_restart_and_graceful_drain_fail_nothing() {
     let code = cluster.docker(&["inspect", "--format", "{{.State.ExitCode}}"], FRONTENDS[0]);
     assert_eq!(code.trim(), "0", "the frontend exits 0 after draining");
     let sep = if loc.contains('?') { '&' } else { '?' };
-    let r = rt.block_on(auth(direct.put(format!("http://{b}{loc}{sep}digest={d}"))).send()).expect("PUT");
+    let r = rt.block_on(auth(direct.put(format!("{b}{loc}{sep}digest={d}"))).send()).expect("PUT");
     assert_eq!(r.status(), 201, "finished through the other frontend");
     eprintln!(
         "compose: docker stop of a frontend took {:.1} s, the upload it was receiving finished",
         stop_took.as_secs_f64()
     );
     cluster.docker(&["start"], FRONTENDS[0]);
-    cluster.wait_ready(&a, Duration::from_secs(60));
-    let r = rt.block_on(auth(direct.get(format!("http://{a}/v2/admin/drain/blobs/{d}"))).send()).expect("GET");
+    cluster.wait_ready(&cluster.frontends[0], Duration::from_secs(60));
+    let r = rt.block_on(auth(direct.get(format!("{a}/v2/admin/drain/blobs/{d}"))).send()).expect("GET");
     assert_eq!(r.status(), 200);
     assert_eq!(digest(&rt.block_on(r.bytes()).expect("body")), d);
 }

@@ -11,11 +11,12 @@ use std::process::{Command, Stdio};
 use berth_tests::{berth_bin, have_tool};
 use serde_json::Value;
 
-fn render() -> Option<(String, Vec<Value>)> {
+/// `kubectl kustomize deploy/DIR`: the YAML, and its objects as JSON.
+fn render(dir: &str) -> Option<(String, Vec<Value>)> {
     if !have_tool("kubectl") || !have_tool("kubernetes-validate") {
         return None;
     }
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s");
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(dir);
     let out = Command::new("kubectl").arg("kustomize").arg(&base).output().expect("kubectl kustomize");
     assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
     let yaml = String::from_utf8(out.stdout).expect("utf-8");
@@ -34,6 +35,24 @@ fn render() -> Option<(String, Vec<Value>)> {
     Some((yaml, docs))
 }
 
+/// Every object validates against the Kubernetes schemas.
+fn validate(yaml: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("berth.yaml");
+    std::fs::write(&file, yaml).expect("writing the rendered objects");
+    let out = Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet"])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
@@ -47,21 +66,8 @@ fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 #[test]
 fn the_kubernetes_base_renders_and_every_object_validates() {
-    let Some((yaml, docs)) = render() else { return };
-    let dir = tempfile::tempdir().expect("temp dir");
-    let file = dir.path().join("berth.yaml");
-    std::fs::write(&file, &yaml).expect("writing the rendered base");
-    let out = Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet"])
-        .arg(&file)
-        .output()
-        .expect("kubernetes-validate");
-    assert!(
-        out.status.success(),
-        "kubernetes-validate: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Some((yaml, docs)) = render("k8s") else { return };
+    validate(&yaml);
 
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     for (kind, n) in [
@@ -120,6 +126,61 @@ fn the_kubernetes_base_renders_and_every_object_validates() {
                 c["name"],
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+    }
+    assert_eq!(containers, 4, "meta, storage, frontend and the init Job");
+}
+
+/// The environment variable `name` of container `c`, if set to a value.
+fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+    c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+}
+
+/// The secret mounted at the directory holding `path` in container `c` of pod spec `pod`.
+fn secret_holding<'a>(pod: &'a Value, c: &Value, path: &str) -> Option<&'a str> {
+    let mount = c["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["mountPath"].as_str().is_some_and(|dir| Path::new(path).parent() == Some(Path::new(dir))))?;
+    let volume = pod["volumes"].as_array()?.iter().find(|v| v["name"] == mount["name"])?;
+    volume["secret"]["secretName"].as_str()
+}
+
+#[test]
+fn the_tls_overlay_renders_validates_and_gives_every_role_its_certificates() {
+    let Some((yaml, docs)) = render("k8s-tls") else { return };
+    validate(&yaml);
+
+    let mut containers = 0;
+    for d in &docs {
+        let pod = &d["spec"]["template"]["spec"];
+        let Some(spec) = pod["containers"].as_array() else { continue };
+        for c in spec {
+            containers += 1;
+            // Every role, the Job included: the authority, a certificate and its key, each a
+            // file of the cluster's secret.
+            for var in ["BERTH_CLUSTER_CA", "BERTH_CLUSTER_CERT", "BERTH_CLUSTER_KEY"] {
+                let path = env_of(c, var).unwrap_or_else(|| panic!("{} has no {var}", c["name"]));
+                assert_eq!(secret_holding(pod, c, path), Some("berth-cluster-tls"), "{}: {var}={path}", c["name"]);
+            }
+            if c["name"] != "frontend" {
+                assert_eq!(env_of(c, "BERTH_TLS_CERT"), None, "only frontends serve HTTPS");
+                continue;
+            }
+            for var in ["BERTH_TLS_CERT", "BERTH_TLS_KEY"] {
+                let path = env_of(c, var).unwrap_or_else(|| panic!("the frontend has no {var}"));
+                assert_eq!(secret_holding(pod, c, path), Some("berth-https-tls"), "frontend: {var}={path}");
+            }
+            // The API port now speaks TLS; the probes ask the plain operations port, the one
+            // --http-listen binds.
+            let metrics =
+                c["ports"].as_array().expect("ports").iter().find(|p| p["name"] == "metrics").expect("metrics");
+            let http_listen = format!("--http-listen=0.0.0.0:{}", metrics["containerPort"]);
+            assert!(c["args"].as_array().expect("args").iter().any(|a| *a == *http_listen), "{http_listen}");
+            for probe in ["livenessProbe", "readinessProbe"] {
+                assert_eq!(c[probe]["httpGet"]["port"], "metrics", "{probe}");
+            }
+            assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         }
     }
     assert_eq!(containers, 4, "meta, storage, frontend and the init Job");
