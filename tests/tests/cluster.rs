@@ -37,6 +37,43 @@ async fn push_through_one_frontend_pull_through_the_other() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+
+    // Even one signed by a key published a moment ago, right after the other frontend read
+    // the published keys (as when both start together and a client's first token comes from
+    // one and its next request goes to the other): the unknown key id waits for the next
+    // read of the keys instead of being refused.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let t: Value = client()
+        .get(format!("{a}/token?service=berth&scope=repository:acme/app:pull"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let valid = t["token"].as_str().unwrap();
+    let made_up =
+        format!("{}.{}", b64.encode(r#"{"alg":"EdDSA","kid":"00000000deadbeef"}"#), valid.split_once('.').unwrap().1);
+    let began = Instant::now();
+    let r = berth_tests::client_with(None)
+        .get(format!("{b}/v2/acme/app/tags/list"))
+        .bearer_auth(&made_up)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a made-up key id is refused (after b reads the keys again)");
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(berth_tests::berth_bin())
+            .args(["admin", "--url", &a, "--token", berth_tests::ADMIN_TOKEN, "keys", "rotate"])
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh = token_client(&a, "repository:acme/app:pull").await;
+    let r = fresh.get(format!("{b}/v2/acme/app/tags/list")).send().await.unwrap();
+    eprintln!("a key published {:.0} ms after b read the keys verified at b", began.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(r.status(), 200, "a token of a key just published verifies at the other frontend");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

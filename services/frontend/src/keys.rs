@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use berth_core::store::{DirectoryChange, PublicSigningKey};
@@ -30,7 +30,10 @@ const ED25519_PKCS8_PREFIX: [u8; 16] =
 pub const ROTATION_CHECK: Duration = Duration::from_secs(10);
 
 /// Shortest time between two reloads of the published keys prompted by an unknown key id, so
-/// that tokens with made-up key ids cannot turn into a flood of metadata reads.
+/// that tokens with made-up key ids cannot turn into a flood of metadata reads. A token with an
+/// unknown key id waits for the next reload (every such token waiting meanwhile shares it)
+/// rather than being refused: a key another frontend published a moment ago is not known here
+/// until a reload that starts after the token was shown.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 struct Signer {
@@ -51,8 +54,11 @@ pub struct KeyRing {
     ttl: Duration,
     signer: RwLock<Arc<Signer>>,
     verifiers: RwLock<HashMap<String, Arc<Verifier>>>,
-    /// (key generation acted on, time of the last reload in ms)
-    state: RwLock<(u64, u64)>,
+    /// The key generation acted on.
+    generation: RwLock<u64>,
+    /// When the last reload began (`None` before the first); held across a reload, so that
+    /// reloads run one at a time.
+    reloaded: tokio::sync::Mutex<Option<Instant>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> RegistryError {
@@ -93,7 +99,8 @@ impl KeyRing {
             ttl,
             signer: RwLock::new(Arc::new(signer)),
             verifiers: RwLock::new(HashMap::new()),
-            state: RwLock::new((generation, 0)),
+            generation: RwLock::new(generation),
+            reloaded: tokio::sync::Mutex::new(None),
         });
         ring.publish(record).await?;
         Ok(ring)
@@ -121,21 +128,28 @@ impl KeyRing {
         self.meta.change_directory(DirectoryChange::RotateKeys).await?;
         let generation = self.meta.key_generation().await?;
         let kid = self.rotate().await?;
-        self.state.write().map_err(internal)?.0 = generation;
+        *self.generation.write().map_err(internal)? = generation;
         Ok(kid)
     }
 
     /// Rotates when another frontend asked for it since this one last looked.
     pub async fn follow_rotations(&self) -> Result<(), RegistryError> {
         let generation = self.meta.key_generation().await?;
-        if generation > self.state.read().map_err(internal)?.0 {
+        if generation > *self.generation.read().map_err(internal)? {
             self.rotate().await?;
-            self.state.write().map_err(internal)?.0 = generation;
+            *self.generation.write().map_err(internal)? = generation;
         }
         Ok(())
     }
 
     async fn reload(&self) -> Result<(), RegistryError> {
+        let mut last = self.reloaded.lock().await;
+        self.reload_locked(&mut last).await
+    }
+
+    /// Reads every published key; `last` is the held time of the last reload.
+    async fn reload_locked(&self, last: &mut Option<Instant>) -> Result<(), RegistryError> {
+        let began = Instant::now();
         let mut fresh = HashMap::new();
         for k in self.meta.signing_keys().await? {
             match DecodingKey::from_ed_components(&k.x) {
@@ -146,7 +160,7 @@ impl KeyRing {
             }
         }
         *self.verifiers.write().map_err(internal)? = fresh;
-        self.state.write().map_err(internal)?.1 = now_ms();
+        *last = Some(began);
         Ok(())
     }
 
@@ -156,18 +170,27 @@ impl KeyRing {
         Ok((s.kid.clone(), s.key.clone()))
     }
 
-    /// The key that verifies tokens with key id `kid`, unless unknown or retired.
+    /// The key that verifies tokens with key id `kid`, unless unknown or retired. An unknown
+    /// key id waits for a reload that begins after it was asked about (see [`RELOAD_EVERY`]).
     pub async fn verifying(&self, kid: &str) -> Result<Option<DecodingKey>, RegistryError> {
-        let found = self.verifiers.read().map_err(internal)?.get(kid).cloned();
-        let found = match found {
+        let known = || -> Result<Option<Arc<Verifier>>, RegistryError> {
+            Ok(self.verifiers.read().map_err(internal)?.get(kid).cloned())
+        };
+        let found = match known()? {
             Some(v) => Some(v),
             None => {
-                let last = self.state.read().map_err(internal)?.1;
-                if now_ms().saturating_sub(last) < RELOAD_EVERY.as_millis() as u64 {
-                    return Ok(None);
+                let asked = Instant::now();
+                let mut last = self.reloaded.lock().await;
+                // A reload that began after the question, while this one waited its turn,
+                // has answered it already.
+                if last.is_none_or(|t| t <= asked) {
+                    if let Some(wait) = last.and_then(|t| RELOAD_EVERY.checked_sub(t.elapsed())) {
+                        tokio::time::sleep(wait).await;
+                    }
+                    self.reload_locked(&mut last).await?;
                 }
-                self.reload().await?;
-                self.verifiers.read().map_err(internal)?.get(kid).cloned()
+                drop(last);
+                known()?
             }
         };
         Ok(found.filter(|v| v.retire_after_ms.is_none_or(|t| t >= now_ms())).map(|v| v.key.clone()))
