@@ -40,6 +40,13 @@ fn free_ports() -> [u16; 2] {
     [a.local_addr().expect("addr").port(), b.local_addr().expect("addr").port()]
 }
 
+/// Runs `deploy/compose/certs.sh DIR`: makes the certificates, or renews them.
+fn make_certs(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose/certs.sh");
+    let out = Command::new("bash").arg(script).arg(dir).output().expect("running deploy/compose/certs.sh");
+    assert!(out.status.success(), "deploy/compose/certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl ComposeCluster {
     /// Builds the image and brings the cluster up (`docker-compose up -d`); returns once both
     /// frontends answer `/readyz` with 200.
@@ -69,12 +76,7 @@ impl ComposeCluster {
         let certs = tls.then(|| {
             files.push(repo.join("deploy/compose/tls.yml"));
             let dir = tempfile::tempdir().expect("certificates directory");
-            let out = Command::new("bash")
-                .arg(repo.join("deploy/compose/certs.sh"))
-                .arg(dir.path())
-                .output()
-                .expect("running deploy/compose/certs.sh");
-            assert!(out.status.success(), "deploy/compose/certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+            make_certs(dir.path());
             dir
         });
         let mut cluster = ComposeCluster {
@@ -121,6 +123,27 @@ impl ComposeCluster {
     /// The authority the frontends' HTTPS certificate is signed by, when they serve HTTPS.
     pub fn ca(&self) -> Option<PathBuf> {
         self.certs.as_ref().map(|d| d.path().join("ca.crt"))
+    }
+
+    /// Renews the certificates as an operator would (`deploy/compose/certs.sh DIR` again).
+    pub fn renew_certs(&self) {
+        make_certs(self.certs.as_ref().expect("a cluster with TLS").path());
+    }
+
+    /// The serial number of the certificate the frontend at `addr` serves now.
+    pub fn served_serial(&self, addr: &str) -> String {
+        let mut client = Command::new("openssl")
+            .args(["s_client", "-connect", addr, "-servername", "localhost"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_client");
+        let cert = client.stdout.take().expect("stdout");
+        let out =
+            Command::new("openssl").args(["x509", "-noout", "-serial"]).stdin(cert).output().expect("openssl x509");
+        let _ = client.wait();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// The base URL of a frontend's published address: `https://` when it serves TLS.

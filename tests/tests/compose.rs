@@ -267,7 +267,7 @@ fn compose_cluster_takes_docker_and_survives_kills_and_a_cut_off_metadata_node()
     let (cluster, lb, tally) = seeded("kills", false, &rt, 6);
 
     // The docker CLI: push through one frontend, pull through the other.
-    let [a, b] = cluster.frontends.clone().map(|f| cluster.url(&f));
+    let [a, b] = cluster.frontends.clone();
     cli.login(&a, ADMIN, ADMIN_TOKEN);
     cli.login(&b, ADMIN, ADMIN_TOKEN);
     let image = run_image_name(&cluster);
@@ -398,6 +398,21 @@ fn compose_cluster_rolling_restart_and_graceful_drain_fail_nothing() {
     assert!(plain["error"].is_string() && plain["state"].is_null(), "a plaintext call was answered: {plain}");
     let mutual = status(Some(&cluster_certs));
     assert!(mutual["state"].is_string(), "with the certificate: {mutual}");
+    // A renewal (certs.sh again) is served by both frontends within seconds, without a restart.
+    let before: Vec<String> = cluster.frontends.iter().map(|f| cluster.served_serial(f)).collect();
+    assert!(before.iter().all(|s| s.starts_with("serial=")), "{before:?}");
+    cluster.renew_certs();
+    let renewing = Instant::now();
+    for (f, old) in cluster.frontends.iter().zip(&before) {
+        while cluster.served_serial(f) == *old {
+            assert!(renewing.elapsed() < Duration::from_secs(15), "{f} still serves {old}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    eprintln!(
+        "compose: a renewed certificate was served by both frontends {:.1} s after certs.sh",
+        renewing.elapsed().as_secs_f64()
+    );
 
     // Every container restarted in turn (SIGTERM, then start), each healthy again before the
     // next, under a loop of pushes and pulls.

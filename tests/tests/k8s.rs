@@ -159,17 +159,23 @@ fn the_tls_overlay_renders_validates_and_gives_every_role_its_certificates() {
             containers += 1;
             // Every role, the Job included: the authority, a certificate and its key, each a
             // file of the cluster's secret.
-            for var in ["BERTH_CLUSTER_CA", "BERTH_CLUSTER_CERT", "BERTH_CLUSTER_KEY"] {
+            let file =
+                |path: &str| Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or_default().to_string();
+            for (var, key) in
+                [("BERTH_CLUSTER_CA", "ca.crt"), ("BERTH_CLUSTER_CERT", "tls.crt"), ("BERTH_CLUSTER_KEY", "tls.key")]
+            {
                 let path = env_of(c, var).unwrap_or_else(|| panic!("{} has no {var}", c["name"]));
                 assert_eq!(secret_holding(pod, c, path), Some("berth-cluster-tls"), "{}: {var}={path}", c["name"]);
+                assert_eq!(file(path), key, "{}: {var} names the secret's {key}", c["name"]);
             }
             if c["name"] != "frontend" {
                 assert_eq!(env_of(c, "BERTH_TLS_CERT"), None, "only frontends serve HTTPS");
                 continue;
             }
-            for var in ["BERTH_TLS_CERT", "BERTH_TLS_KEY"] {
+            for (var, key) in [("BERTH_TLS_CERT", "tls.crt"), ("BERTH_TLS_KEY", "tls.key")] {
                 let path = env_of(c, var).unwrap_or_else(|| panic!("the frontend has no {var}"));
                 assert_eq!(secret_holding(pod, c, path), Some("berth-https-tls"), "frontend: {var}={path}");
+                assert_eq!(file(path), key, "frontend: {var} names the secret's {key}");
             }
             // The API port now speaks TLS; the probes ask the plain operations port, the one
             // --http-listen binds.
