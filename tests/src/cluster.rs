@@ -72,6 +72,8 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
     /// Flags every storage node gets besides its own.
     storage_extra: Vec<String>,
+    /// How its storage nodes and frontends are started (a storage node added later too).
+    launch: Launch,
 }
 
 /// How a test cluster differs from the default 3/3/2.
@@ -129,7 +131,7 @@ impl Cluster {
                 RoleProcess::start_with(&args, options.launch.clone())
             })
             .collect();
-        Cluster { meta, storage, frontends, _dir: dir, storage_extra: options.storage_args }
+        Cluster { meta, storage, frontends, _dir: dir, storage_extra: options.storage_args, launch: options.launch }
     }
 
     fn storage_args(meta: &MetaGroup, dir: &std::path::Path, i: usize, listen: &str) -> Vec<String> {
@@ -149,7 +151,7 @@ impl Cluster {
         let i = self.storage.len();
         let mut args = Self::storage_args(&self.meta, self._dir.path(), i, "127.0.0.1:0");
         args.extend(self.storage_extra.iter().cloned());
-        self.storage.push(RoleProcess::start(&args));
+        self.storage.push(RoleProcess::start_with(&args, self.launch.clone()));
         i
     }
 
@@ -184,9 +186,16 @@ impl Cluster {
 
 /// Waits (ten seconds at most) until `n` storage nodes have registered with `meta`.
 pub fn wait_for_storage(meta: &MetaGroup, n: usize) {
+    wait_for_storage_at(&meta.addrs(), &[], n)
+}
+
+/// [`wait_for_storage`] asking the metadata nodes at `addrs` (`ADDR,...`), with `flags`
+/// (mutual TLS ones, say) before the command.
+pub fn wait_for_storage_at(addrs: &str, flags: &[&str], n: usize) {
     let start = std::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(10) {
-        let registered = crate::meta_group::cluster_cli(&meta.addrs(), &["storage"])
+    let args: Vec<&str> = flags.iter().copied().chain(["storage"]).collect();
+    while start.elapsed() < std::time::Duration::from_secs(15) {
+        let registered = crate::meta_group::cluster_cli(addrs, &args)
             .ok()
             .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
             .and_then(|v| v["nodes"].as_array().map(Vec::len))
@@ -196,7 +205,7 @@ pub fn wait_for_storage(meta: &MetaGroup, n: usize) {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    panic!("fewer than {n} storage nodes registered within 10 s");
+    panic!("fewer than {n} storage nodes registered within 15 s");
 }
 
 /// Waits (a few seconds at most) until nothing holds `addr`, a port a killed process had.

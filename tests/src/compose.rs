@@ -49,18 +49,10 @@ fn make_certs(dir: &Path) {
 
 impl ComposeCluster {
     /// Builds the image and brings the cluster up (`docker-compose up -d`); returns once both
-    /// frontends answer `/readyz` with 200.
-    pub fn up(name: &str) -> ComposeCluster {
-        Self::start(name, false)
-    }
-
-    /// [`ComposeCluster::up`] with `deploy/compose/tls.yml` laid over the base: certificates
-    /// from `deploy/compose/certs.sh`, HTTPS on the frontends, mutual TLS between the roles.
-    pub fn up_tls(name: &str) -> ComposeCluster {
-        Self::start(name, true)
-    }
-
-    fn start(name: &str, tls: bool) -> ComposeCluster {
+    /// frontends answer `/readyz` with 200. With `tls`, `deploy/compose/tls.yml` is laid over
+    /// the base: certificates from `deploy/compose/certs.sh`, HTTPS on the frontends, mutual
+    /// TLS between the roles.
+    pub fn up(name: &str, tls: bool) -> ComposeCluster {
         let project = format!("berthtest{}{}", name, std::process::id());
         let image = format!("berth-test-compose:{project}");
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -154,14 +146,9 @@ impl ComposeCluster {
     /// A client that trusts the frontends' certificate (only the test's authority, when they
     /// serve HTTPS).
     pub fn client(&self) -> reqwest::ClientBuilder {
-        let b = reqwest::Client::builder();
         match self.ca() {
-            Some(ca) => {
-                let pem = std::fs::read(ca).expect("reading the authority's certificate");
-                b.tls_built_in_root_certs(false)
-                    .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"))
-            }
-            None => b,
+            Some(ca) => crate::pki::trusting_only(&ca),
+            None => reqwest::Client::builder(),
         }
     }
 

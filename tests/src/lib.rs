@@ -72,6 +72,18 @@ pub struct Launch {
 
 /// [`spawn_berth_via`], with `launch`'s environment and log file.
 pub fn spawn_berth_with<S: AsRef<std::ffi::OsStr>>(prefix: &[String], args: &[S], launch: &Launch) -> (Child, String) {
+    let (child, url) = spawn_berth_serving(prefix, args, launch);
+    let addr = url.split_once("://").map(|(_, addr)| addr.to_string()).expect("a URL");
+    (child, addr)
+}
+
+/// [`spawn_berth_with`], returning the URL berth says it serves (`http://ADDR`, `https://`
+/// or `grpc://`).
+pub fn spawn_berth_serving<S: AsRef<std::ffi::OsStr>>(
+    prefix: &[String],
+    args: &[S],
+    launch: &Launch,
+) -> (Child, String) {
     let mut command = match prefix.split_first() {
         Some((program, rest)) => {
             let mut c = Command::new(program);
@@ -93,14 +105,14 @@ pub fn spawn_berth_with<S: AsRef<std::ffi::OsStr>>(prefix: &[String], args: &[S]
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = lines.next().expect("berth printed nothing").expect("reading berth's stdout");
-    let addr = line
+    let url = line
         .split_whitespace()
-        .find_map(|w| ["http://", "https://", "grpc://"].iter().find_map(|p| w.strip_prefix(p)))
+        .find(|w| ["http://", "https://", "grpc://"].iter().any(|p| w.starts_with(p)))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (child, url)
 }
 
 /// The site administrator every test server is bootstrapped with.
@@ -111,7 +123,7 @@ pub const ADMIN_TOKEN: &str = "berth-test-admin-token";
 /// A running `berth standalone`.
 pub struct Server {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when it serves TLS), as berth printed it.
     pub url: String,
     /// `127.0.0.1:PORT`.
     pub addr: String,
@@ -128,18 +140,18 @@ impl Server {
 
     /// Starts a server on a fresh data directory with extra flags.
     pub fn start_with(extra: &[&str]) -> Server {
-        let tmp = tempfile::Builder::new().prefix("berth-test-").tempdir().expect("temp dir");
-        let dir = tmp.path().to_path_buf();
-        let mut s = Self::start_in(&dir, "127.0.0.1:0", extra);
-        s._tmp = Some(tmp);
-        s
+        Self::start_fresh(extra, &Launch::default())
     }
 
     /// Starts a server on a fresh data directory as `launch` says.
     pub fn start_launched(launch: &Launch) -> Server {
+        Self::start_fresh(&[], launch)
+    }
+
+    fn start_fresh(extra: &[&str], launch: &Launch) -> Server {
         let tmp = tempfile::Builder::new().prefix("berth-test-").tempdir().expect("temp dir");
         let dir = tmp.path().to_path_buf();
-        let mut s = Self::start_in_with(&dir, "127.0.0.1:0", &[], launch);
+        let mut s = Self::start_in_with(&dir, "127.0.0.1:0", extra, launch);
         s._tmp = Some(tmp);
         s
     }
@@ -154,9 +166,9 @@ impl Server {
         args.extend(["--data-dir".into(), dir.as_os_str().to_owned(), "--bootstrap-admin".into()]);
         args.push(format!("{ADMIN}:{ADMIN_TOKEN}").into());
         args.extend(extra.iter().map(|a| a.into()));
-        let (child, addr) = spawn_berth_with(&[], &args, launch);
-        let scheme = if extra.contains(&"--tls-cert") { "https" } else { "http" };
-        Server { child, url: format!("{scheme}://{addr}"), addr, data_dir: dir.to_path_buf(), _tmp: None }
+        let (child, url) = spawn_berth_serving(&[], &args, launch);
+        let addr = url.split_once("://").map(|(_, addr)| addr.to_string()).expect("a URL");
+        Server { child, url, addr, data_dir: dir.to_path_buf(), _tmp: None }
     }
 
     /// The process id.

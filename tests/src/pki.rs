@@ -115,3 +115,11 @@ impl Ca {
         Issued { cert, key }
     }
 }
+
+/// An HTTP client builder that trusts the authority certificate in `ca` and nothing else.
+pub fn trusting_only(ca: &Path) -> reqwest::ClientBuilder {
+    let pem = std::fs::read(ca).expect("reading the authority's certificate");
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM certificate"))
+}

@@ -44,15 +44,7 @@ async fn push_through_one_frontend_pull_through_the_other() {
     // read of the keys instead of being refused.
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let t: Value = client()
-        .get(format!("{a}/token?service=berth&scope=repository:acme/app:pull"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let valid = t["token"].as_str().unwrap();
+    let valid = token(&a, "repository:acme/app:pull").await;
     let made_up =
         format!("{}.{}", b64.encode(r#"{"alg":"EdDSA","kid":"00000000deadbeef"}"#), valid.split_once('.').unwrap().1);
     let began = Instant::now();
@@ -424,11 +416,16 @@ fn skopeo_copies_through_one_frontend_and_back_through_the_other() {
 }
 
 /// A registry token for `scope` from `front`, and a client that sends it.
-async fn token_client(front: &str, scope: &str) -> reqwest::Client {
+/// A registry token for `scope` from frontend `front`, as the administrator.
+async fn token(front: &str, scope: &str) -> String {
     let t: Value =
         client().get(format!("{front}/token?service=berth&scope={scope}")).send().await.unwrap().json().await.unwrap();
+    t["token"].as_str().unwrap().to_string()
+}
+
+async fn token_client(front: &str, scope: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
-    let bearer = format!("Bearer {}", t["token"].as_str().unwrap());
+    let bearer = format!("Bearer {}", token(front, scope).await);
     headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
     reqwest::Client::builder().default_headers(headers).build().unwrap()
 }

@@ -232,7 +232,7 @@ fn seeded(
     n: u64,
 ) -> (ComposeCluster, Balancer, Arc<Mutex<Tally>>) {
     let began = Instant::now();
-    let cluster = if tls { ComposeCluster::up_tls(name) } else { ComposeCluster::up(name) };
+    let cluster = ComposeCluster::up(name, tls);
     let lb = Balancer::new(&cluster);
     let tally = Arc::new(Mutex::new(Tally::default()));
     for i in 0..n {

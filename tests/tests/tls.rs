@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use berth_tests::cluster::RoleProcess;
+use berth_tests::cluster::{wait_for_storage_at, RoleProcess};
+use berth_tests::meta_group::cluster_cli;
 use berth_tests::pki::{Ca, Issued};
 use berth_tests::{
     berth_bin, client, digest, have_tool, in_ci, push_image, run_tool, DockerCli, Server, ADMIN, ADMIN_TOKEN,
@@ -70,13 +71,7 @@ impl Drop for EngineTrust {
 
 /// An HTTPS client that trusts only the certificates in `ca`, on fresh connections.
 fn trusting(ca: &Path) -> reqwest::Client {
-    let cert = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
-    reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(cert)
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+    berth_tests::pki::trusting_only(ca).pool_max_idle_per_host(0).build().unwrap()
 }
 
 /// Whether `GET URL/v2/` as the administrator answers 200 to a client trusting `ca`.
@@ -119,8 +114,8 @@ async fn docker_skopeo_and_admin_use_https_with_a_private_ca_and_renewals_need_n
         )
     });
     let addr = server.addr.clone();
-    let url = format!("https://{addr}");
-    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let url = server.url.clone();
+    assert!(url.starts_with("https://"), "berth says it serves {url}");
 
     // A client trusting the authority gets in; one that does not, or speaks plain HTTP, does not.
     assert!(answers(&url, &ca.cert).await);
@@ -224,19 +219,11 @@ async fn docker_skopeo_and_admin_use_https_with_a_private_ca_and_renewals_need_n
 /// Whether `berth admin cluster --meta NODES status --meta-only` with the given TLS flags
 /// reaches every node (it reports the ones it cannot reach, and succeeds).
 fn status_reaches_all(nodes: &str, tls: &[String]) -> bool {
-    let out = Command::new(berth_bin())
-        .args(["admin", "cluster", "--meta", nodes])
-        .args(tls)
-        .args(["status", "--meta-only"])
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let args: Vec<&str> = tls.iter().map(String::as_str).chain(["status", "--meta-only"]).collect();
+    let Ok(out) = cluster_cli(nodes, &args) else { return false };
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     let nodes = report["meta"].as_array().cloned().unwrap_or_default();
-    out.status.success() && !nodes.is_empty() && nodes.iter().all(|n| n["error"].is_null() && !n["state"].is_null())
-}
-
-fn flags(ca: &Ca, node: &Issued) -> Vec<String> {
-    flags_of(&ca.cert, node)
+    !nodes.is_empty() && nodes.iter().all(|n| n["error"].is_null() && !n["state"].is_null())
 }
 
 /// The mutual TLS flags trusting the authority certificate `ca` and presenting `node`.
@@ -260,7 +247,7 @@ async fn roles_talk_over_mutual_tls_and_refuse_callers_without_a_certificate_of_
     let d = |name: &str| work.path().join(name).display().to_string();
     let start = |args: Vec<String>, cert: &Issued| {
         let mut args = args;
-        args.extend(flags(&ca, cert));
+        args.extend(flags_of(&ca.cert, cert));
         tokio::task::block_in_place(|| RoleProcess::start(&args))
     };
     let meta: Vec<RoleProcess> = (1..=3)
@@ -271,14 +258,12 @@ async fn roles_talk_over_mutual_tls_and_refuse_callers_without_a_certificate_of_
         })
         .collect();
     let members: Vec<String> = meta.iter().enumerate().map(|(i, m)| format!("{}={}", i + 1, m.addr)).collect();
-    let admin_tls = flags(&ca, &frontend_cert);
-    let init = Command::new(berth_bin())
-        .args(["admin", "cluster", "--meta", &members.join(",")])
-        .args(&admin_tls)
-        .arg("init")
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "init over mutual TLS: {}", String::from_utf8_lossy(&init.stderr));
+    let admin_tls = flags_of(&ca.cert, &frontend_cert);
+    let admin_args: Vec<&str> = admin_tls.iter().map(String::as_str).collect();
+    let init: Vec<&str> = admin_args.iter().copied().chain(["init"]).collect();
+    if let Err(e) = cluster_cli(&members.join(","), &init) {
+        panic!("init over mutual TLS: {e}");
+    }
     let addrs = meta.iter().map(|m| m.addr.clone()).collect::<Vec<_>>().join(",");
     let storage: Vec<RoleProcess> = (0..3)
         .map(|i| {
@@ -287,24 +272,7 @@ async fn roles_talk_over_mutual_tls_and_refuse_callers_without_a_certificate_of_
         })
         .collect();
     // Storage nodes register over TLS; wait for all three.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let out = Command::new(berth_bin())
-            .args(["admin", "cluster", "--meta", &addrs])
-            .args(&admin_tls)
-            .arg("storage")
-            .output()
-            .unwrap();
-        let n = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v["nodes"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        if n == 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "storage nodes did not register over TLS");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_storage_at(&addrs, &admin_args, 3);
     let args = [
         "frontend",
         "--listen",
@@ -332,7 +300,7 @@ async fn roles_talk_over_mutual_tls_and_refuse_callers_without_a_certificate_of_
     let stranger_ca = Ca::new(work.path(), "stranger-ca");
     let stranger = stranger_ca.issue("stranger", &sans);
     assert!(!status_reaches_all(&addrs, &[]), "a plaintext caller is refused");
-    assert!(!status_reaches_all(&addrs, &flags(&stranger_ca, &stranger)), "a stranger is refused");
+    assert!(!status_reaches_all(&addrs, &flags_of(&stranger_ca.cert, &stranger)), "a stranger is refused");
     // One who trusts the cluster's authority but presents a stranger's certificate, too.
     let half = flags_of(&ca.cert, &stranger);
     assert!(!status_reaches_all(&addrs, &half), "a client certificate of another authority is refused");

@@ -295,18 +295,18 @@ impl ClusterTlsFlags {
         let (Some(ca), Some(cert), Some(key)) = (&self.cluster_ca, &self.cluster_cert, &self.cluster_key) else {
             return Ok(());
         };
-        // Fail at start on files that are not what they should be, not at the first call.
-        let files = berth_frontend::tls::CertFiles { cert: cert.clone(), key: key.clone() };
-        berth_frontend::tls::load(&files).context("--cluster-cert/--cluster-key")?;
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let (ca, cert, key) = (read(ca)?, read(cert)?, read(key)?);
+        let (ca_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
+        // Fail at start on files that are not what they should be, not at the first call.
+        let names = berth_frontend::tls::CertFiles { cert: cert.clone(), key: key.clone() };
+        berth_frontend::tls::certified(&cert_pem, &key_pem, &names).context("--cluster-cert/--cluster-key")?;
         {
             use rustls::pki_types::pem::PemObject;
             anyhow::ensure!(
-                rustls::pki_types::CertificateDer::pem_slice_iter(&ca).next().is_some_and(|c| c.is_ok()),
+                rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem).next().is_some_and(|c| c.is_ok()),
                 "--cluster-ca holds no PEM certificate"
             );
         }
-        berth_proto::tls::use_mutual_tls(ca, cert, key).map_err(anyhow::Error::msg)
+        berth_proto::tls::use_mutual_tls(ca_pem, cert_pem, key_pem).map_err(anyhow::Error::msg)
     }
 }

@@ -145,7 +145,7 @@ struct RequestTraceIds;
 
 impl IdGenerator for RequestTraceIds {
     fn new_trace_id(&self) -> TraceId {
-        berth_core::trace::current_trace_id().unwrap_or_else(|| RandomIdGenerator::default().new_trace_id())
+        berth_core::trace::current_trace_id().unwrap_or_else(berth_core::trace::new_trace_id)
     }
 
     fn new_span_id(&self) -> SpanId {

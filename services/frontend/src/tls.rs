@@ -42,20 +42,27 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads the certificate chain and key of `files`.
 pub fn load(files: &CertFiles) -> io::Result<CertifiedKey> {
-    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
-        io::Error::new(io::ErrorKind::InvalidData, format!("{what} {}: {e}", path.display()))
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| bad("reading certificates from", &files.cert, &e))?
+    let read = |path: &Path| std::fs::read(path).map_err(|e| bad("reading", path, &e));
+    certified(&read(&files.cert)?, &read(&files.key)?, files)
+}
+
+fn bad(what: &str, path: &Path, e: &dyn std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{what} {}: {e}", path.display()))
+}
+
+/// The certificate chain in `cert` (PEM) with the key in `key` (PEM), checked to belong
+/// together; errors name the files of `names` they came from.
+pub fn certified(cert: &[u8], key: &[u8], names: &CertFiles) -> io::Result<CertifiedKey> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<_, _>>()
-        .map_err(|e| bad("reading certificates from", &files.cert, &e))?;
+        .map_err(|e| bad("reading certificates from", &names.cert, &e))?;
     if chain.is_empty() {
-        return Err(bad("no certificate in", &files.cert, &"empty"));
+        return Err(bad("no certificate in", &names.cert, &"empty"));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("reading the key from", &files.key, &e))?;
-    let signer = provider().key_provider.load_private_key(key).map_err(|e| bad("unusable key in", &files.key, &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad("reading the key from", &names.key, &e))?;
+    let signer = provider().key_provider.load_private_key(key).map_err(|e| bad("unusable key in", &names.key, &e))?;
     let certified = CertifiedKey::new(chain, signer);
-    certified.keys_match().map_err(|e| bad("the key does not match the certificate in", &files.cert, &e))?;
+    certified.keys_match().map_err(|e| bad("the key does not match the certificate in", &names.cert, &e))?;
     Ok(certified)
 }
 
