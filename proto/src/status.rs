@@ -47,9 +47,11 @@ pub fn error_from_fields(code: &str, status: u32, detail: String) -> RegistryErr
 
 /// Whether a failed call never reached its peer's service: a connection error (refused,
 /// unreachable, a name that does not resolve, a connect timeout), or an HTTP/2 stream the peer
-/// refused unprocessed (REFUSED_STREAM, as a server shutting down answers), or a request the
-/// HTTP client dropped unsent when its connection closed, anywhere in the status's cause
-/// chain. Repeating such a call is safe whatever it asked.
+/// refused unprocessed (REFUSED_STREAM, as a server shutting down answers), or one it turned
+/// away by going away without error (a GOAWAY with NO_ERROR fails only the streams it did not
+/// process, and those opened after it), or a request the HTTP client dropped unsent when its
+/// connection closed, anywhere in the status's cause chain. Repeating such a call is safe
+/// whatever it asked.
 pub fn never_sent(status: &Status) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(e) = cause {
@@ -65,6 +67,11 @@ pub fn never_sent(status: &Status) -> bool {
             if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
                 return true;
             }
+            // A stream's error is a GOAWAY only when the peer did not process it: streams it
+            // did process and then lost with the connection end as a broken pipe.
+            if h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR) {
+                return true;
+            }
         }
         cause = e.source();
     }
@@ -74,6 +81,44 @@ pub fn never_sent(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that serves one request and goes away (GOAWAY, NO_ERROR), as a role shutting
+    /// down does: what a request on that connection gets from then on counts as never sent;
+    /// a status without such a cause does not.
+    #[tokio::test]
+    async fn a_request_turned_away_by_a_server_going_away_was_never_sent() {
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let (go, gone) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(far).await.expect("server handshake");
+            let (_req, mut respond) = conn.accept().await.expect("a request").expect("a stream");
+            respond.send_response(http::Response::new(()), true).expect("answer");
+            // Driven until the client has its answer (and sends nothing more), then gone.
+            tokio::select! {
+                _ = conn.accept() => {}
+                _ = gone => {}
+            }
+            conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+            while conn.accept().await.is_some() {}
+        });
+        let (client, conn) = h2::client::handshake(near).await.expect("client handshake");
+        tokio::spawn(conn);
+        let (first, _) = client.clone().send_request(http::Request::new(()), true).expect("first request");
+        first.await.expect("the first request is served");
+        go.send(()).expect("the server waits");
+        let mut turned_away = None;
+        for _ in 0..200 {
+            if let Err(e) = client.clone().ready().await {
+                turned_away = Some(e);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let e = turned_away.expect("the server went away");
+        assert!(e.is_go_away() && e.is_remote(), "{e:?}");
+        assert!(never_sent(&Status::from_error(Box::new(e))));
+        assert!(!never_sent(&Status::unavailable("a connection that broke mid-call")));
+    }
 
     #[test]
     fn every_registry_error_round_trips_as_fields() {
