@@ -25,8 +25,9 @@ pub struct Credentials {
     pub token: Option<String>,
 }
 
-/// A registry at one base URL, or a cluster's frontends at several (requests go to them in
-/// turn: any frontend serves any request, the chunks of one upload included).
+/// A registry at one base URL, or a cluster's frontends at several. Requests go to them in
+/// turn (any frontend serves any request, the chunks of one upload included), except through
+/// a worker's view ([`Registry::for_worker`]), which keeps to one of them.
 #[derive(Clone)]
 pub struct Registry {
     /// `http://host:port`, or several separated by spaces (for reports).
@@ -82,6 +83,17 @@ impl Registry {
             creds,
             tokens: Default::default(),
         })
+    }
+
+    /// This registry as worker `w` of a scenario sees it: all its requests go to one base URL,
+    /// URL `w mod n` (a client's connections behind a load balancer that spreads connections,
+    /// not requests). Tokens are shared with every other view.
+    pub fn for_worker(&self, w: usize) -> Registry {
+        Registry {
+            urls: Arc::new(vec![self.urls[w % self.urls.len()].clone()]),
+            next: Default::default(),
+            ..self.clone()
+        }
     }
 
     /// The base URL of the next request.
@@ -362,5 +374,20 @@ mod tests {
         assert_eq!(c["service"], "berth");
         assert_eq!(c["scope"], "repository:a/b:pull,push");
         assert!(parse_challenge("Basic realm=\"x\"").is_none());
+    }
+
+    #[test]
+    fn a_worker_keeps_to_one_url_and_the_workers_cover_them_all() {
+        let creds = Credentials { username: None, token: None };
+        let reg = Registry::new("http://a:1, http://b:2/", creds, None).unwrap();
+        // Requests without a worker go to the URLs in turn.
+        assert_eq!([reg.base(), reg.base(), reg.base()], ["http://a:1", "http://b:2", "http://a:1"]);
+        for (w, url) in [(0, "http://a:1"), (1, "http://b:2"), (2, "http://a:1"), (7, "http://b:2")] {
+            let view = reg.for_worker(w);
+            assert!((0..3).all(|_| view.base() == url), "worker {w}");
+        }
+        // The views share the token table.
+        reg.tokens.lock().unwrap().insert("scope".into(), "t".into());
+        assert_eq!(reg.for_worker(1).tokens.lock().unwrap().get("scope").map(String::as_str), Some("t"));
     }
 }

@@ -202,10 +202,10 @@ fn report_error(bar: &ProgressBar, e: &anyhow::Error) {
     }
 }
 
-/// Runs `op` over items `0..n` with `workers` concurrent workers.
+/// Runs `op(w, i)` over items `i` in `0..n` with `workers` concurrent workers `w`.
 async fn fan_out<F, Fut>(n: usize, workers: usize, bar: &ProgressBar, op: F) -> (u64, Duration)
 where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
     let next = Arc::new(AtomicUsize::new(0));
@@ -213,7 +213,7 @@ where
     let op = Arc::new(op);
     let start = Instant::now();
     let mut tasks = vec![];
-    for _ in 0..workers.max(1) {
+    for w in 0..workers.max(1) {
         let (next, errors, op, bar) = (next.clone(), errors.clone(), op.clone(), bar.clone());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -221,7 +221,7 @@ where
                 if i >= n {
                     break;
                 }
-                if let Err(e) = op(i).await {
+                if let Err(e) = op(w, i).await {
                     if errors.fetch_add(1, Ordering::Relaxed) < 3 {
                         report_error(&bar, &e);
                     }
@@ -236,10 +236,11 @@ where
     (errors.load(Ordering::Relaxed), start.elapsed())
 }
 
-/// Runs `op` with `workers` workers until `duration` passes (each stops after its current op).
+/// Runs `op(w, k)` with `workers` workers `w` until `duration` passes (each stops after its
+/// current op); `k` numbers a worker's operations apart from every other worker's.
 async fn for_duration<F, Fut>(duration: Duration, workers: usize, bar: &ProgressBar, op: F) -> (u64, u64, Duration)
 where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
     let done = Arc::new(AtomicU64::new(0));
@@ -253,7 +254,7 @@ where
         tasks.push(tokio::spawn(async move {
             let mut k = w as u64;
             while Instant::now() < deadline {
-                match op(k).await {
+                match op(w, k).await {
                     Ok(()) => {
                         done.fetch_add(1, Ordering::Relaxed);
                     }
@@ -335,8 +336,8 @@ pub async fn push_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
     let imgs = images(p, round);
     bar.set_length(imgs.len() as u64);
     let (reg2, rec2, imgs2) = (reg.clone(), rec.clone(), imgs.clone());
-    let (errors, took) = fan_out(imgs.len(), p.workers, bar, move |i| {
-        let (reg, rec, imgs) = (reg2.clone(), rec2.clone(), imgs2.clone());
+    let (errors, took) = fan_out(imgs.len(), p.workers, bar, move |w, i| {
+        let (reg, rec, imgs) = (reg2.for_worker(w), rec2.clone(), imgs2.clone());
         async move { push_image(&reg, &rec, &imgs[i]).await }
     })
     .await;
@@ -354,8 +355,8 @@ pub async fn pull_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
     let imgs = images(p, round + 1000);
     let setup = Recorder::default();
     let (reg2, imgs2) = (reg.clone(), imgs.clone());
-    let (errors, _) = fan_out(imgs.len(), p.workers, &ProgressBar::hidden(), move |i| {
-        let (reg, rec, imgs) = (reg2.clone(), setup.clone(), imgs2.clone());
+    let (errors, _) = fan_out(imgs.len(), p.workers, &ProgressBar::hidden(), move |w, i| {
+        let (reg, rec, imgs) = (reg2.for_worker(w), setup.clone(), imgs2.clone());
         async move { push_image(&reg, &rec, &imgs[i]).await }
     })
     .await;
@@ -365,8 +366,8 @@ pub async fn pull_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
     bar.set_length(imgs.len() as u64);
     let bytes = Arc::new(AtomicU64::new(0));
     let (reg2, rec2, imgs2, bytes2) = (reg.clone(), rec.clone(), imgs.clone(), bytes.clone());
-    let (errors, took) = fan_out(imgs.len(), p.workers, bar, move |i| {
-        let (reg, rec, imgs, bytes) = (reg2.clone(), rec2.clone(), imgs2.clone(), bytes2.clone());
+    let (errors, took) = fan_out(imgs.len(), p.workers, bar, move |w, i| {
+        let (reg, rec, imgs, bytes) = (reg2.for_worker(w), rec2.clone(), imgs2.clone(), bytes2.clone());
         async move {
             let n = pull_image(&reg, &rec, &imgs[i]).await?;
             bytes.fetch_add(n, Ordering::Relaxed);
@@ -390,8 +391,8 @@ pub async fn manifest_get(reg: &Registry, rec: &Recorder, p: &Params, round: usi
     push_image(reg, &Recorder::default(), &img).await?;
     bar.set_length(p.duration.as_millis() as u64);
     let (reg2, rec2) = (reg.clone(), rec.clone());
-    let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |_| {
-        let (reg, rec, img) = (reg2.clone(), rec2.clone(), img.clone());
+    let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |w, _| {
+        let (reg, rec, img) = (reg2.for_worker(w), rec2.clone(), img.clone());
         async move {
             let m = reg.get_manifest(&rec, &img.repo, &img.tag, OCI_MANIFEST).await?;
             if m.len() != img.manifest.len() {
@@ -416,8 +417,9 @@ pub async fn mixed(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar
     bar.set_length(p.duration.as_millis() as u64);
     let pushes = Arc::new(AtomicU64::new(0));
     let (reg2, rec2, p2, pushes2) = (reg.clone(), rec.clone(), p.clone(), pushes.clone());
-    let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |k| {
-        let (reg, rec, p, seeded, pushes) = (reg2.clone(), rec2.clone(), p2.clone(), seeded.clone(), pushes2.clone());
+    let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |w, k| {
+        let (reg, rec, p, seeded, pushes) =
+            (reg2.for_worker(w), rec2.clone(), p2.clone(), seeded.clone(), pushes2.clone());
         async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed ^ k);
             if rng.gen_bool(p.push_ratio.clamp(0.0, 1.0)) {
