@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use berth_tests::cluster::{wait_for_storage, RoleProcess};
 use berth_tests::meta_group::MetaGroup;
-use berth_tests::{bytes, client, digest, push_image, ADMIN, ADMIN_TOKEN};
+use berth_tests::{client, push_image, ADMIN, ADMIN_TOKEN};
 
 /// A free loopback address (bound and released; nothing else here takes ports meanwhile).
 fn free_addr() -> String {
@@ -116,31 +116,6 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
     assert!(fsyncs >= 6.0, "fsyncs timed: {fsyncs}");
     assert!(after_storage.iter().any(|t| sum(t, "berth_grpc_requests_total", &["Storage/"]) >= 1.0));
     assert!(after_storage.iter().all(|t| t.contains("berth_storage_uploads_open")));
-
-    // A blob uploaded as docker does (POST, one PATCH without Content-Range, PUT): the PATCH
-    // streams to the staging node without asking it the upload's size first.
-    let calls = |texts: &[String], method: &str| -> f64 {
-        texts.iter().map(|t| sum(t, "berth_grpc_requests_total", &[&format!("Storage/{method}\"")])).sum()
-    };
-    let blob = bytes(8, 70_000);
-    let r = c.post(format!("{}/v2/{repo}/blobs/uploads/", frontend.url())).send().await.expect("POST");
-    assert_eq!(r.status(), 202);
-    let upload = format!("{}{}", frontend.url(), r.headers()["location"].to_str().expect("location"));
-    let r = c
-        .patch(&upload)
-        .header("content-type", "application/octet-stream")
-        .body(blob.clone())
-        .send()
-        .await
-        .expect("PATCH");
-    assert_eq!(r.status(), 202);
-    let upload = format!("{}{}", frontend.url(), r.headers()["location"].to_str().expect("location"));
-    let sep = if upload.contains('?') { '&' } else { '?' };
-    let r = c.put(format!("{upload}{sep}digest={}", digest(&blob))).send().await.expect("PUT");
-    assert_eq!(r.status(), 201);
-    let after_upload: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;
-    assert_eq!(calls(&after_upload, "UploadAppend") - calls(&after_storage, "UploadAppend"), 1.0);
-    assert_eq!(calls(&after_upload, "UploadSize") - calls(&after_storage, "UploadSize"), 0.0, "a size asked");
 
     // The metadata leader: it leads, and proposed (in batches) what the push wrote.
     let l = scrape(leader_ops).await;

@@ -306,18 +306,11 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     if length == Some(0) || (length.is_none() && !chunked) {
         return Ok(None);
     }
-    // A chunk that names its place (`Content-Range`) is checked against the upload before
-    // the body is touched, so that a refused chunk is drained, not cut off (a store refusing
-    // it part way could not drain it: the body is already its stream). A chunk without one
-    // goes wherever the upload ends: asking the size first would cost every docker push a
-    // round trip to the staging node per blob, so only a length over the limit by itself is
-    // refused here, and the staging node refuses one that would take the upload past it.
-    if length.is_some_and(|n| n > reg.config.max_blob) {
-        return Err(too_big(reg.config.max_blob));
-    }
-    if let Some(off) = offset {
+    // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
+    // store refusing it part way could not drain it: the body is already its stream).
+    if offset.is_some() || length.is_some() {
         let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
-        if off != current {
+        if let Some(off) = offset.filter(|off| *off != current) {
             return Err(RegistryError::new(
                 ErrorCode::BlobUploadInvalid,
                 format!("chunk starts at {off} but the upload has {current} bytes"),
