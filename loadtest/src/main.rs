@@ -48,8 +48,9 @@ struct Cli {
     scenario: Scenario,
     /// The registry under test; several base URLs separated by commas (a cluster's frontends)
     /// share the load: each worker keeps to one of them (worker k to URL k mod n), as a
-    /// client's connections do behind a load balancer, and the one-blob scenarios send their
-    /// requests to them in turn (the chunks of one upload go through every frontend).
+    /// client's connections do behind a load balancer, so give at least as many workers as
+    /// URLs; the one-blob scenarios send their requests to them in turn (the chunks of one
+    /// upload go through every frontend).
     #[arg(long, default_value = "http://127.0.0.1:5000")]
     url: String,
     /// PEM file of the certificate authorities to trust for HTTPS URLs (besides the system's),
