@@ -118,8 +118,11 @@ struct Batching {
 }
 
 /// Batches of reads under way at once: more reads than this many round trips' worth wait and
-/// go out together.
-const BATCHES_IN_FLIGHT: usize = 8;
+/// go out together. Two keep a frontend's reads flowing while one batch is answered, and make
+/// the batches under load large: on the 3/3/2 cluster, manifest-get served 8,658 and 8,601
+/// requests/s with two against 6,728 and 6,588 with eight, and pull-images 322 against 301
+/// images/s; the leader answers fewer, larger calls.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Reads in one batch at most.
 const BATCH_MAX: usize = 128;
