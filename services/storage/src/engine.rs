@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::integrity::{decode_units, encode_units, unit_crc_ok, units_match, Checksums, TreeHasher, UnitSums, UNIT};
 use crate::mapped::read_mapped;
-use crate::segment::Segments;
+use crate::segment::{Mark, Pending, Segments};
 use crate::staging::{create_dirs_durably, sync_dir, Staging};
 use crate::{INLINE_THRESHOLD, RECLAIM_AFTER, WRITE_BUFFER};
 
@@ -53,6 +53,23 @@ pub enum Location {
 
 /// Key (in the `blobs` column family) of the stamp reservation: no stamp above it was given.
 const STAMP_KEY: &str = "~stamp";
+
+/// Key (in the `blobs` column family) of the segments' low mark, written with every segment
+/// blob's entry: every record below it has its entry written (see the `segment` module).
+const LOW_MARK_KEY: &str = "~indexed";
+
+fn encode_mark((segment, offset): Mark) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&segment.to_le_bytes());
+    v[4..].copy_from_slice(&offset.to_le_bytes());
+    v
+}
+
+fn decode_mark(v: &[u8]) -> Option<Mark> {
+    let segment = u32::from_le_bytes(v.get(..4)?.try_into().ok()?);
+    let offset = u64::from_le_bytes(v.get(4..12)?.try_into().ok()?);
+    Some((segment, offset))
+}
 
 /// Stamps reserved by one durable write: a node gives this many (ten seconds' worth at one a
 /// millisecond) before it writes the reservation again, and never reuses one after a restart
@@ -222,6 +239,9 @@ impl StorageEngine {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
+        // After a crash the index is what it was at some point in the order of its writes (the
+        // default, set here because segment blobs' recovery depends on it: see `recover_index`).
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         // Memtables are the engine's main memory cost; small ones keep a node's RSS flat, and
         // the index entries they hold are tiny.
         let mut index_opts = Options::default();
@@ -255,7 +275,7 @@ impl StorageEngine {
             .get_cf(db.cf_handle(CF_BLOBS).ok_or_else(|| io::Error::other("blobs column family missing"))?, STAMP_KEY)
             .map_err(io::Error::other)?
             .map_or(0, |v| le_u64(&v));
-        Ok(StorageEngine {
+        let engine = StorageEngine {
             inner: Arc::new(Inner {
                 dir,
                 db,
@@ -272,7 +292,9 @@ impl StorageEngine {
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
                 quarantined: AtomicU64::new(0),
             }),
-        })
+        };
+        engine.inner.recover_index().map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(engine)
     }
 
     /// The index entry of a blob, if stored.
@@ -754,13 +776,15 @@ impl Inner {
             return Err(internal(format!("segment {segment}: records end at {walked} of {size} bytes; not compacted")));
         }
         let mut moved = vec![];
+        let mut pending = vec![];
         for rec in records {
             let live = matches!(self.entry(&rec.key)?,
                 Some(BlobEntry { location: Location::Segment { segment: s, offset }, .. }) if s == segment && offset == rec.offset);
             if live {
                 let data = self.segments.read(segment, rec.offset, rec.len).map_err(internal)?;
-                let (s, offset) = self.segments.append(&rec.key, &data).map_err(internal)?;
-                moved.push((rec.key, rec.offset, rec.len, s, offset));
+                let copy = self.segments.append(&rec.key, &data).map_err(internal)?;
+                moved.push((rec.key, rec.offset, rec.len, copy.segment, copy.offset));
+                pending.push(copy);
             }
         }
         let _g = self.segment_index.lock().map_err(internal)?;
@@ -783,7 +807,8 @@ impl Inner {
             batch.put_cf(blobs, dead_key(*s), (self.dead_in(*s)? + bytes).to_le_bytes());
         }
         batch.delete_cf(blobs, dead_key(segment));
-        self.synced_write(batch)?;
+        self.index_write(batch, &pending, true)?;
+        drop(pending);
         if !orphaned.is_empty() {
             self.compact_again.store(true, Ordering::Release);
         }
@@ -814,6 +839,79 @@ impl Inner {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         crate::timed_fsync(|| self.db.write_opt(batch, &wo)).map_err(internal)
+    }
+
+    /// Writes `batch`, which holds the entries of the segment records `own`, with the low mark
+    /// (see the `segment` module). Unless `sync`, the write is not flushed: the records were,
+    /// and their entries can be made again from them.
+    fn index_write(&self, mut batch: WriteBatch, own: &[Pending<'_>], sync: bool) -> Result<()> {
+        let mark = self.segments.low_mark(own).map_err(internal)?;
+        batch.put_cf(self.cf(CF_BLOBS)?, LOW_MARK_KEY, encode_mark(mark));
+        if sync {
+            self.synced_write(batch)
+        } else {
+            self.db.write(batch).map_err(internal)
+        }
+    }
+
+    /// Makes again the index entries of segment blobs that a crash took with it: every record
+    /// past the low mark that survived is read, and indexed anew (with a fresh stamp) when no
+    /// entry names it and its bytes hash to its key; any other record there is counted dead.
+    /// Called at open, before anything else writes. A blob deleted in the moment after its
+    /// entry was written can come back this way; the collector's inventory walk finds it
+    /// unreferenced and deletes it again.
+    fn recover_index(self: &Arc<Self>) -> Result<()> {
+        let blobs = self.cf(CF_BLOBS)?;
+        let from = self.db.get_cf(blobs, LOW_MARK_KEY).map_err(internal)?;
+        let mut batch = WriteBatch::default();
+        let (mut indexed, mut dead_bytes) = (0u64, 0u64);
+        // A node from before low marks were kept synced every entry: nothing to make again.
+        if let Some((first, at)) = from.as_deref().and_then(decode_mark) {
+            let mut seen = std::collections::HashSet::new();
+            let mut dead: HashMap<u32, u64> = HashMap::new();
+            for id in self.segments.ids().map_err(internal)?.into_iter().filter(|&id| id >= first) {
+                let records = self.segments.records_from(id, if id == first { at } else { 0 }).map_err(internal)?;
+                for rec in records {
+                    let here = Location::Segment { segment: id, offset: rec.offset };
+                    match self.entry(&rec.key)? {
+                        Some(e) if e.location == here => continue,
+                        Some(_) => {
+                            *dead.entry(id).or_default() += rec.len;
+                            continue;
+                        }
+                        None if seen.contains(&rec.key) => {
+                            *dead.entry(id).or_default() += rec.len;
+                            continue;
+                        }
+                        None => {}
+                    }
+                    let data = self.segments.read(id, rec.offset, rec.len).map_err(internal)?;
+                    if !rec.key.parse::<Digest>().is_ok_and(|d| d.matches(&data)) {
+                        *dead.entry(id).or_default() += rec.len;
+                        continue;
+                    }
+                    let mut tree = TreeHasher::default();
+                    tree.update(&data);
+                    let sums = tree.finish();
+                    let entry =
+                        BlobEntry { size: rec.len, blake3: sums.blake3, stamp: self.next_stamp()?, location: here };
+                    batch.put_cf(blobs, &rec.key, bincode::serialize(&entry).map_err(internal)?);
+                    batch.put_cf(blobs, units_key(&rec.key), encode_units(&sums.units));
+                    batch.delete_cf(blobs, corrupt_key(&rec.key));
+                    seen.insert(rec.key);
+                    indexed += 1;
+                }
+            }
+            for (id, bytes) in dead {
+                batch.put_cf(blobs, dead_key(id), (self.dead_in(id)? + bytes).to_le_bytes());
+                dead_bytes += bytes;
+            }
+        }
+        self.index_write(batch, &[], true)?;
+        if indexed > 0 || dead_bytes > 0 {
+            tracing::warn!(indexed, dead_bytes, "indexed again the segment blobs whose entries a crash lost");
+        }
+        Ok(())
     }
 
     /// A stamp greater than every one this node gave before (see [`BlobEntry::stamp`]).
@@ -871,13 +969,16 @@ impl Inner {
         }
         let stamp = self.next_stamp()?;
         let mut entry = BlobEntry { size, blake3: checksums.blake3, stamp, location: Location::File };
+        let mut record = None;
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
-            let (segment, offset) = self.segments.append(key, &data).map_err(internal)?;
+            let appended = self.segments.append(key, &data).map_err(internal)?;
+            let segment = appended.segment;
             if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
                 self.compact_segments();
             }
-            entry.location = Location::Segment { segment, offset };
+            entry.location = Location::Segment { segment, offset: appended.offset };
+            record = Some(appended);
         } else {
             st.sync().map_err(internal)?;
             let path = self.blob_path(digest);
@@ -890,7 +991,11 @@ impl Inner {
         batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
         batch.put_cf(self.cf(CF_BLOBS)?, units_key(key), encode_units(&checksums.units));
         batch.delete_cf(self.cf(CF_BLOBS)?, corrupt_key(key));
-        self.synced_write(batch)?;
+        match record {
+            // The record's flush made the blob durable; its entry can be made again from it.
+            Some(record) => self.index_write(batch, std::slice::from_ref(&record), false)?,
+            None => self.synced_write(batch)?,
+        }
         if entry.location != Location::File {
             st.discard();
         }

@@ -3,9 +3,9 @@
 //! # Layout of a node's directory
 //! - `index/`: RocksDB. Column family `blobs` maps a digest to a [`BlobEntry`] (size, BLAKE3
 //!   checksum, creation time, where the bytes are) and holds each segment's count of deleted
-//!   bytes, the unit checksums of blobs over 1 MiB (`~units/<digest>`, see [`integrity`]) and
-//!   the copies found damaged (`~corrupt/<digest>`); column family `inline` holds small blobs
-//!   stored before segments existed.
+//!   bytes, the segments' low mark (`~indexed`), the unit checksums of blobs over 1 MiB
+//!   (`~units/<digest>`, see [`integrity`]) and the copies found damaged (`~corrupt/<digest>`);
+//!   column family `inline` holds small blobs stored before segments existed.
 //! - `quarantine/`: blob files found damaged, kept for a person to look at, never served.
 //! - `segments/<id>.seg`: small blobs back to back (see the `segment` module).
 //! - `blobs/<algorithm>/<first two hex>/<hex>`: one file per large blob.
@@ -26,10 +26,14 @@
 //! with blob GC rewrites the blob files without them.
 //!
 //! # Durability and visibility
-//! A blob is visible only through its index entry, and the entry is written (synced) only
-//! after the digest matched and the bytes were fsynced (file and directory, or the segment).
-//! A crash at any point leaves either no entry (nothing served) or a complete, verified blob. Staged uploads survive a restart: their hash state is rebuilt
-//! from the staged file when the session is next touched.
+//! A blob is visible only through its index entry, and the entry is written only after the
+//! digest matched and the bytes were fsynced (file and directory, or the segment). A crash at
+//! any point leaves either no entry (nothing served) or a complete, verified blob. A blob
+//! file's entry is a synced write. A segment blob's is not: its record names its digest, so a
+//! crash that loses the entry leaves what is needed to make it again, and the node does so at
+//! open (see the `segment` module); a small blob then waits for one fsync, not two. Staged
+//! uploads survive a restart: their hash state is rebuilt from the staged file when the session
+//! is next touched.
 
 mod engine;
 pub mod integrity;

@@ -14,8 +14,19 @@
 //! it (entries are written only after the flush that covers their record), so opening the
 //! segments cuts the newest one back to its last whole record, and a segment's records can
 //! always be walked from its start to its end.
+//!
+//! **One fsync per small blob.** The flush of its record is the only one a small blob waits
+//! for: its index entry is written without a sync of its own, because a record carries its key
+//! and the key is the digest of its bytes, so a lost entry can be made again from the segment.
+//! Each index write also records a low mark: a place in the segments below which every record
+//! has its entry written already (or never will, its commit having failed). Index writes
+//! survive a crash as a prefix of the order they were made in (RocksDB's point-in-time
+//! recovery), so after a power loss every record past the surviving low mark is read again at
+//! open and indexed anew when its bytes hash to its key (see the engine's `recover_index`).
+//! [`Segments::append`] returns a [`Pending`] that keeps its record above every low mark until
+//! the entry is written or the commit given up.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -53,6 +64,30 @@ struct Active {
     id: u32,
     file: Arc<File>,
     len: u64,
+    /// Records appended whose index entries are not written yet: (segment id, record start).
+    pending: BTreeSet<(u32, u64)>,
+}
+
+/// A place in the segments: (segment id, byte offset). Ordered as the segments are written.
+pub(crate) type Mark = (u32, u64);
+
+/// A record appended whose index entry is not written yet: while it lives, no low mark passes
+/// the record. Dropped once the entry is written, or when the commit fails.
+pub(crate) struct Pending<'a> {
+    segments: &'a Segments,
+    /// Where the record starts (its header).
+    start: Mark,
+    /// Where its data starts.
+    pub segment: u32,
+    pub offset: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.segments.active.lock() {
+            a.pending.remove(&self.start);
+        }
+    }
 }
 
 /// The segments of one node.
@@ -98,7 +133,7 @@ impl Segments {
         };
         let segments = Segments {
             dir,
-            active: Mutex::new(Active { id, file: Arc::new(file), len: 0 }),
+            active: Mutex::new(Active { id, file: Arc::new(file), len: 0, pending: BTreeSet::new() }),
             synced: Mutex::new((id, 0)),
             readers: Mutex::new(HashMap::new()),
         };
@@ -121,8 +156,32 @@ impl Segments {
         self.active.lock().map(|a| a.id).unwrap_or(0)
     }
 
-    /// Appends a record and returns once it is durable: (segment id, offset of the data).
-    pub fn append(&self, key: &str, data: &[u8]) -> io::Result<(u32, u64)> {
+    /// Ids of the segment files, in order.
+    pub fn ids(&self) -> io::Result<Vec<u32>> {
+        let mut ids = vec![];
+        for e in fs::read_dir(&self.dir)? {
+            let n = e?.file_name();
+            if let Some(id) = n.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u32>().ok()) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// The low mark an index write records beside the entries of `own` records (see the
+    /// module docs): the start of the first other record still pending, or the end of the
+    /// segments when there is none. Every record below it has its entry written already, so
+    /// that write is ahead of this one in the index's order.
+    pub fn low_mark(&self, own: &[Pending<'_>]) -> io::Result<Mark> {
+        let a = self.active.lock().map_err(lock_err)?;
+        let first_other = a.pending.iter().find(|p| !own.iter().any(|o| o.start == **p)).copied();
+        Ok(first_other.unwrap_or((a.id, a.len)))
+    }
+
+    /// Appends a record and returns once it is durable, pending until its index entry is
+    /// written (see [`Pending`]).
+    pub fn append(&self, key: &str, data: &[u8]) -> io::Result<Pending<'_>> {
         let key_len = u16::try_from(key.len()).map_err(io::Error::other)?;
         let data_len = u32::try_from(data.len()).map_err(io::Error::other)?;
         let mut head = Vec::with_capacity(HEADER + key.len());
@@ -145,10 +204,13 @@ impl Segments {
                 return Err(e);
             }
             a.len += total;
+            let id = a.id;
+            a.pending.insert((id, at));
             (a.id, a.file.clone(), a.len, at)
         };
+        let pending = Pending { segments: self, start: (id, at), segment: id, offset: at + head.len() as u64 };
         self.sync_through(id, &file, end)?;
-        Ok((id, at + head.len() as u64))
+        Ok(pending)
     }
 
     /// Seals the active segment (flushed whole) and starts the next.
@@ -156,7 +218,9 @@ impl Segments {
         crate::timed_fsync(|| a.file.sync_data())?;
         let id = a.id + 1;
         let file = create(&self.dir, id)?;
-        *a = Active { id, file: Arc::new(file), len: 0 };
+        a.id = id;
+        a.file = Arc::new(file);
+        a.len = 0;
         Ok(())
     }
 
@@ -211,10 +275,15 @@ impl Segments {
 
     /// Every whole record of segment `id`, in order; stops at a torn or foreign tail.
     pub fn records(&self, id: u32) -> io::Result<Vec<Record>> {
+        self.records_from(id, 0)
+    }
+
+    /// The whole records of segment `id` from the one starting at `at`.
+    pub fn records_from(&self, id: u32, from: u64) -> io::Result<Vec<Record>> {
         let f = self.reader(id)?;
         let size = f.metadata()?.len();
         let mut out = vec![];
-        let mut at = 0u64;
+        let mut at = from;
         let mut head = [0u8; HEADER];
         while at + HEADER as u64 <= size {
             f.read_exact_at(&mut head, at)?;
@@ -283,12 +352,37 @@ mod tests {
     fn open_segment_files_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let segments = Segments::open(dir.path().to_path_buf()).unwrap();
-        let (_, at) = segments.append("sha256:x", b"kept").unwrap();
+        let at = segments.append("sha256:x", b"kept").unwrap().offset;
         for id in 2..(MAX_OPEN as u32 + 50) {
             File::create(dir.path().join(name(id))).unwrap();
             assert!(segments.read(id, 0, 0).unwrap().is_empty());
             assert!(segments.readers.lock().unwrap().len() <= MAX_OPEN);
         }
         assert_eq!(segments.read(1, at, 4).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn the_low_mark_stays_below_every_record_not_yet_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path().to_path_buf()).unwrap();
+        let a = segments.append("sha256:a", b"first").unwrap();
+        let b = segments.append("sha256:b", b"second").unwrap();
+        let end = (1, segments.active.lock().unwrap().len);
+        // Writing b's entry: a is still pending, so the mark stays at a's start.
+        assert_eq!(segments.low_mark(std::slice::from_ref(&b)).unwrap(), (1, 0));
+        // Writing a's entry while b is pending: the mark is b's start.
+        let b_start = b.start;
+        assert!(b_start > (1, 0) && b_start < end);
+        assert_eq!(segments.low_mark(std::slice::from_ref(&a)).unwrap(), b_start);
+        drop(b);
+        // Nothing else pending: the mark is the end of the segments.
+        assert_eq!(segments.low_mark(std::slice::from_ref(&a)).unwrap(), end);
+        drop(a);
+        assert_eq!(segments.low_mark(&[]).unwrap(), end);
+        // A record whose commit failed (dropped unindexed) no longer holds the mark back.
+        let c = segments.append("sha256:c", b"third").unwrap();
+        assert_eq!(segments.low_mark(&[]).unwrap(), c.start);
+        drop(c);
+        assert!(segments.low_mark(&[]).unwrap() > end);
     }
 }
