@@ -603,6 +603,18 @@ impl Inner {
         Ok(Some(data))
     }
 
+    /// The bytes of a segment blob read on the calling task, when they are all in the page
+    /// cache and match their CRC: a pull of a blob pushed or pulled lately then costs no hop to
+    /// the blocking pool and back. `None` sends the caller to [`Inner::checked_small_bytes`] on
+    /// the blocking pool, which reads from the disk, follows a compaction and deals with
+    /// damage.
+    fn cached_small_bytes(&self, digest: &Digest, entry: &BlobEntry) -> Option<Vec<u8>> {
+        let Location::Segment { segment, offset } = entry.location else { return None };
+        let sums = self.stored_sums(&digest.to_string(), entry.size).ok().flatten()?;
+        let data = self.segments.read_cached(segment, offset, entry.size).ok().flatten()?;
+        unit_crc_ok(&data, 0, &sums).then_some(data)
+    }
+
     /// The unit checksums kept for blob `key` of `size` bytes, if any (and well-formed).
     fn stored_sums(&self, key: &str, size: u64) -> Result<Option<UnitSums>> {
         Ok(self
@@ -1034,11 +1046,19 @@ impl BlobStore for StorageEngine {
         }
         match entry.location {
             Location::Inline | Location::Segment { .. } => {
-                let inner = self.inner.clone();
-                let d = digest.clone();
-                let data = blocking(move || inner.checked_small_bytes(&d, entry, false)).await?.ok_or_else(|| {
-                    RegistryError::new(ErrorCode::BlobUnknown, format!("{digest} is not stored here (or was damaged)"))
-                })?;
+                let data = match self.inner.cached_small_bytes(digest, &entry) {
+                    Some(data) => data,
+                    None => {
+                        let inner = self.inner.clone();
+                        let d = digest.clone();
+                        blocking(move || inner.checked_small_bytes(&d, entry, false)).await?.ok_or_else(|| {
+                            RegistryError::new(
+                                ErrorCode::BlobUnknown,
+                                format!("{digest} is not stored here (or was damaged)"),
+                            )
+                        })?
+                    }
+                };
                 let data = Bytes::from(data);
                 let end = (last as usize + 1).min(data.len());
                 let part = data.slice((first as usize).min(end)..end);
@@ -1104,6 +1124,11 @@ impl BlobStore for StorageEngine {
     }
 
     async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
+        if let Some(entry) = self.inner.entry(&digest.to_string())?.filter(|e| e.size <= limit) {
+            if let Some(data) = self.inner.cached_small_bytes(digest, &entry) {
+                return Ok(Some(Bytes::from(data)));
+            }
+        }
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {

@@ -268,6 +268,34 @@ impl Segments {
         read_exact_at_uninit(&f, len as usize, offset)
     }
 
+    /// Like [`Segments::read`], but only from the page cache, so that it never waits for the
+    /// disk and can run on the calling task: `None` when some of the bytes are not cached (or
+    /// the kernel cannot tell), and the caller reads them on the blocking pool instead.
+    pub fn read_cached(&self, id: u32, offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
+        use std::os::fd::AsRawFd;
+        let f = self.reader(id)?;
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let at = i64::try_from(offset).map_err(io::Error::other)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+        // SAFETY: the one iovec points at the buffer's capacity of `len` bytes; only a read
+        // that filled all of them is counted into its length below.
+        let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        if n as usize != len {
+            return Ok(None);
+        }
+        // SAFETY: preadv2 wrote all `len` bytes.
+        unsafe { buf.set_len(len) };
+        Ok(Some(buf))
+    }
+
     /// Bytes in segment `id`.
     pub fn size(&self, id: u32) -> io::Result<u64> {
         Ok(fs::metadata(self.dir.join(name(id)))?.len())
@@ -359,6 +387,22 @@ mod tests {
             assert!(segments.readers.lock().unwrap().len() <= MAX_OPEN);
         }
         assert_eq!(segments.read(1, at, 4).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn a_cached_read_gives_the_bytes_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path().to_path_buf()).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let at = segments.append("sha256:y", &data).unwrap().offset;
+        // Just written, so in the page cache: the whole record, or (where the kernel cannot
+        // read without waiting) nothing, never a part.
+        match segments.read_cached(1, at, data.len() as u64).unwrap() {
+            Some(got) => assert_eq!(got, data),
+            None => eprintln!("this kernel gave no cached read"),
+        }
+        // Past the end of the segment: not all there, so nothing.
+        assert_eq!(segments.read_cached(1, at + 10, data.len() as u64).unwrap(), None);
     }
 
     #[test]
