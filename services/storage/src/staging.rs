@@ -108,6 +108,13 @@ impl Staging {
         Ok(())
     }
 
+    /// Whether `more` bytes appended would still be held in memory, with no file to write.
+    pub fn stays_in_memory(&self, more: u64) -> bool {
+        self.file.is_none()
+            && self.size + more <= crate::INLINE_THRESHOLD
+            && self.budget.load(Ordering::Relaxed) + more <= MEMORY_BUDGET
+    }
+
     /// Hashes and appends one buffer.
     pub fn append(&mut self, buf: &[u8]) -> io::Result<()> {
         self.sha256.update(buf);
