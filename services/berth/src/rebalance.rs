@@ -10,8 +10,8 @@
 //! - a **non-owner** (a draining node, or one whose blobs moved to a node that joined) copies
 //!   the blob to the owners that lack it only when no owner holds it (else the first owner
 //!   holding it does), and deletes its own copy once every owner has confirmed one: a copy is confirmed by its owner's stat (of the same size), or by the
-//!   owner's answer to the write, which it gives only after verifying the digest and
-//!   fsyncing. Copies are dropped only while the map is still the one the pass worked under
+//!   owner's answer to the write, which it gives only after checking the bytes (against the
+//!   sending node's BLAKE3 of the blob) and fsyncing. Copies are dropped only while the map is still the one the pass worked under
 //!   (it is read again first): two nodes working under different maps could otherwise each
 //!   count on the other's copy and both drop theirs. A node that the map says is dead (it
 //!   came back and its heartbeat is not in yet) runs no pass at all.

@@ -171,6 +171,20 @@ pub trait BlobStore: Send + Sync + 'static {
     /// most `limit` bytes; durable on return.
     async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored>;
 
+    /// The BLAKE3 of a stored blob's bytes, where the store keeps one (a node's engine), or
+    /// `None`: sent with a copy to another node, which checks what it receives against it.
+    async fn blake3(&self, _digest: &Digest) -> Result<Option<[u8; 32]>> {
+        Ok(None)
+    }
+
+    /// [`BlobStore::put`] of a copy sent by another node of the cluster, which verified the
+    /// digest when it stored the bytes: they are checked against that node's `blake3` of them
+    /// (computed here anyway, for the copy's integrity checksums) instead of being hashed again
+    /// with the digest's algorithm. Stores that keep no BLAKE3 verify the digest as `put` does.
+    async fn put_copy(&self, digest: &Digest, _blake3: [u8; 32], body: ByteStream, limit: u64) -> Result<Stored> {
+        self.put(digest, body, limit).await
+    }
+
     /// Opens an empty staging area for upload `id`.
     async fn upload_start(&self, id: &str) -> Result<()>;
 

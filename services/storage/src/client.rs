@@ -182,6 +182,28 @@ impl StorageClient {
         }
     }
 
+    /// A whole blob sent to the node: checked there against `digest`, or against `copy_of`
+    /// (this node's BLAKE3 of a blob it holds, see [`BlobStore::put_copy`]).
+    async fn send_put(
+        &self,
+        digest: &Digest,
+        copy_of: Option<[u8; 32]>,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<Stored> {
+        use pb::put_request::Part;
+        let blake3 = copy_of.map(|b| Bytes::copy_from_slice(&b)).unwrap_or_default();
+        let header =
+            pb::PutRequest { part: Some(Part::Header(pb::PutHeader { digest: digest.to_string(), limit, blake3 })) };
+        let wire = BodyWire {
+            data: |d| pb::PutRequest { part: Some(Part::Data(d)) },
+            end: |size| pb::PutRequest { part: Some(Part::End(pb::BodyEnd { size })) },
+        };
+        let call: Call<_, _> = |mut g, req| async move { g.put(req).await }.boxed();
+        let r = self.clone().send_body(header, body, wire, call).await?;
+        Ok(stored_from_proto(r))
+    }
+
     /// Sends `header`, then `body` in frames, then an end frame through `call`, and waits
     /// for the answer. A body that fails sends no end frame, so the node keeps nothing of it;
     /// a node that stops taking frames, or answering after the last, fails the call with a
@@ -375,15 +397,11 @@ impl BlobStore for StorageClient {
     }
 
     async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
-        use pb::put_request::Part;
-        let header = pb::PutRequest { part: Some(Part::Header(pb::PutHeader { digest: digest.to_string(), limit })) };
-        let wire = BodyWire {
-            data: |d| pb::PutRequest { part: Some(Part::Data(d)) },
-            end: |size| pb::PutRequest { part: Some(Part::End(pb::BodyEnd { size })) },
-        };
-        let call: Call<_, _> = |mut g, req| async move { g.put(req).await }.boxed();
-        let r = self.clone().send_body(header, body, wire, call).await?;
-        Ok(stored_from_proto(r))
+        self.send_put(digest, None, body, limit).await
+    }
+
+    async fn put_copy(&self, digest: &Digest, blake3: [u8; 32], body: ByteStream, limit: u64) -> Result<Stored> {
+        self.send_put(digest, Some(blake3), body, limit).await
     }
 
     async fn upload_start(&self, id: &str) -> Result<()> {

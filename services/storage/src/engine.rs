@@ -386,6 +386,72 @@ impl StorageEngine {
         .await
     }
 
+    /// Stores a whole blob through a staging area of its own; checked against `copy_of` (the
+    /// sending node's BLAKE3, see [`BlobStore::put_copy`]) when given, else against `digest`.
+    async fn put_checked(
+        &self,
+        digest: &Digest,
+        copy_of: Option<[u8; 32]>,
+        body: ByteStream,
+        limit: u64,
+    ) -> Result<Stored> {
+        let id = format!("put-{}", uuid::Uuid::new_v4());
+        self.start_upload(&id, copy_of.is_none())?;
+        let appended = self.upload_append(&id, Some(0), body, limit).await;
+        match appended {
+            Ok(_) => self.finish_upload(&id, digest, copy_of).await,
+            Err(e) => {
+                let _ = self.upload_cancel(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens an empty staging area; `hash_digest` unless it receives a copy (see
+    /// [`Staging::create`]).
+    fn start_upload(&self, id: &str, hash_digest: bool) -> Result<()> {
+        if !valid_upload_id(id) {
+            return Err(upload_unknown(id));
+        }
+        let st = Staging::create(self.inner.upload_path(id), self.inner.staged_in_memory.clone(), hash_digest);
+        let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
+        self.inner.uploads.lock().map_err(internal)?.insert(id.to_string(), slot);
+        Ok(())
+    }
+
+    /// Verifies the staged bytes (against `copy_of` when given, else `digest`) and commits
+    /// them, fsynced.
+    #[tracing::instrument(name = "store.finish", skip_all)]
+    async fn finish_upload(&self, id: &str, digest: &Digest, copy_of: Option<[u8; 32]>) -> Result<Stored> {
+        let mut guard = self.lock_upload(id).await?;
+        let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
+            return Err(upload_unknown(id));
+        };
+        self.forget_upload(id);
+        let inner = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || {
+            let mut st = st;
+            let (ok, checksums) = match &copy_of {
+                Some(blake3) => st.verify_copy(blake3),
+                None => st.verify(&digest).map_err(internal)?,
+            };
+            if !ok {
+                st.discard();
+                let why = match copy_of {
+                    Some(_) => format!("the copy of {digest} received does not match the sending node's BLAKE3"),
+                    None => format!("uploaded content does not hash to {digest}"),
+                };
+                return Err(RegistryError::new(ErrorCode::DigestInvalid, why));
+            }
+            let path = st.path.clone();
+            inner.commit(st, &digest, checksums).inspect_err(|_| {
+                let _ = fs::remove_file(&path);
+            })
+        })
+        .await
+    }
+
     /// The slot of upload `id`, locked; loads a staged file left by an earlier process.
     async fn lock_upload(&self, id: &str) -> Result<OwnedMutexGuard<Slot>> {
         if !valid_upload_id(id) {
@@ -1180,7 +1246,7 @@ impl BlobStore for StorageEngine {
                 return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
             }
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
-            let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone()));
+            let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone(), true));
             let r = st.append(&data).map_err(internal).and_then(|()| {
                 let (_, checksums) = st.verify(&digest).map_err(internal)?;
                 Ok(checksums)
@@ -1198,26 +1264,20 @@ impl BlobStore for StorageEngine {
 
     #[tracing::instrument(name = "store.put", skip_all)]
     async fn put(&self, digest: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
-        let id = format!("put-{}", uuid::Uuid::new_v4());
-        self.upload_start(&id).await?;
-        let appended = self.upload_append(&id, Some(0), body, limit).await;
-        match appended {
-            Ok(_) => self.upload_finish(&id, digest).await,
-            Err(e) => {
-                let _ = self.upload_cancel(&id).await;
-                Err(e)
-            }
-        }
+        self.put_checked(digest, None, body, limit).await
+    }
+
+    async fn blake3(&self, digest: &Digest) -> Result<Option<[u8; 32]>> {
+        Ok(self.entry(digest).await?.map(|e| e.blake3))
+    }
+
+    #[tracing::instrument(name = "store.put_copy", skip_all)]
+    async fn put_copy(&self, digest: &Digest, blake3: [u8; 32], body: ByteStream, limit: u64) -> Result<Stored> {
+        self.put_checked(digest, Some(blake3), body, limit).await
     }
 
     async fn upload_start(&self, id: &str) -> Result<()> {
-        if !valid_upload_id(id) {
-            return Err(upload_unknown(id));
-        }
-        let st = Staging::create(self.inner.upload_path(id), self.inner.staged_in_memory.clone());
-        let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
-        self.inner.uploads.lock().map_err(internal)?.insert(id.to_string(), slot);
-        Ok(())
+        self.start_upload(id, true)
     }
 
     #[tracing::instrument(name = "store.append", skip_all)]
@@ -1258,31 +1318,8 @@ impl BlobStore for StorageEngine {
     }
 
     /// Verifies the staged bytes and commits them, fsynced.
-    #[tracing::instrument(name = "store.finish", skip_all)]
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
-        let mut guard = self.lock_upload(id).await?;
-        let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
-            return Err(upload_unknown(id));
-        };
-        self.forget_upload(id);
-        let inner = self.inner.clone();
-        let digest = digest.clone();
-        blocking(move || {
-            let mut st = st;
-            let (ok, checksums) = st.verify(&digest).map_err(internal)?;
-            if !ok {
-                st.discard();
-                return Err(RegistryError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("uploaded content does not hash to {digest}"),
-                ));
-            }
-            let path = st.path.clone();
-            inner.commit(st, &digest, checksums).inspect_err(|_| {
-                let _ = fs::remove_file(&path);
-            })
-        })
-        .await
+        self.finish_upload(id, digest, None).await
     }
 
     async fn upload_cancel(&self, id: &str) -> Result<()> {

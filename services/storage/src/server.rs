@@ -52,8 +52,12 @@ impl StorageRpc {
     /// Copies `d` (`size` bytes, held here) to the node at `target`.
     async fn copy_to(&self, d: &Digest, size: u64, target: &str) -> Result<berth_core::Stored, RegistryError> {
         let peer = self.peer(target)?;
+        let blake3 = self.store.blake3(d).await?;
         let body = self.store.read(d, None).await?;
-        peer.put(d, body, size).await
+        match blake3 {
+            Some(b) => peer.put_copy(d, b, body, size).await,
+            None => peer.put(d, body, size).await,
+        }
     }
 
     /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once, each
@@ -290,8 +294,20 @@ impl Storage for StorageRpc {
             Some(Part::End(e)) => BodyPart::End(e.size),
             _ => BodyPart::Other,
         });
+        let copy_of: Option<[u8; 32]> = match h.blake3.len() {
+            0 => None,
+            _ => Some(h.blake3[..].try_into().map_err(|_| Status::invalid_argument("a BLAKE3 has 32 bytes"))?),
+        };
         let store = self.store.clone();
-        let stored = malformed.answer(run_to_end(async move { store.put(&d, bytes, h.limit).await }).await)?;
+        let stored = malformed.answer(
+            run_to_end(async move {
+                match copy_of {
+                    Some(b) => store.put_copy(&d, b, bytes, h.limit).await,
+                    None => store.put(&d, bytes, h.limit).await,
+                }
+            })
+            .await,
+        )?;
         Ok(Response::new(stored_to_proto(stored)))
     }
 
@@ -445,6 +461,24 @@ mod tests {
         }
         let ok = g.upload_append(stream::iter(vec![header, data(b"abc"), end(3)])).await.unwrap();
         assert_eq!(ok.into_inner().size, 3);
+
+        // A copy whose sender's BLAKE3 is not 32 bytes long.
+        use pb::put_request::Part as PutPart;
+        let d = Digest::sha256_of(b"abc");
+        let put = vec![
+            pb::PutRequest {
+                part: Some(PutPart::Header(pb::PutHeader {
+                    digest: d.to_string(),
+                    limit: u64::MAX,
+                    blake3: Bytes::from_static(b"short"),
+                })),
+            },
+            pb::PutRequest { part: Some(PutPart::Data(Bytes::from_static(b"abc"))) },
+            pb::PutRequest { part: Some(PutPart::End(pb::BodyEnd { size: 3 })) },
+        ];
+        let err = g.put(stream::iter(put)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert_eq!(engine.stat(&d).await.unwrap(), None);
     }
 
     /// Three nodes served over gRPC, and a router over clients of them that knows their

@@ -36,7 +36,9 @@ pub(crate) struct Staging {
     pub size: u64,
     /// Last time bytes arrived (or the upload started).
     pub touched: SystemTime,
-    sha256: DigestHasher,
+    /// `None` for a copy from another node, checked by its BLAKE3 instead (see
+    /// [`Staging::verify_copy`]).
+    sha256: Option<DigestHasher>,
     tree: TreeHasher,
     /// Bytes of the file whose writeback has been started (see [`WRITEBACK_STEP`]).
     written_back: u64,
@@ -51,13 +53,14 @@ const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 /// Hash state saved before an append, to undo it if the request fails part way.
 pub(crate) struct Mark {
     size: u64,
-    sha256: DigestHasher,
+    sha256: Option<DigestHasher>,
     tree: TreeHasher,
 }
 
 impl Staging {
-    /// A new, empty upload whose file (if it needs one) will be `path`.
-    pub fn create(path: PathBuf, budget: Arc<AtomicU64>) -> Staging {
+    /// A new, empty upload whose file (if it needs one) will be `path`; `hash_digest` unless
+    /// it is a copy from another node (checked by [`Staging::verify_copy`]).
+    pub fn create(path: PathBuf, budget: Arc<AtomicU64>, hash_digest: bool) -> Staging {
         Staging {
             path,
             file: None,
@@ -65,7 +68,7 @@ impl Staging {
             budget,
             size: 0,
             touched: SystemTime::now(),
-            sha256: Algorithm::Sha256.hasher(),
+            sha256: hash_digest.then(|| Algorithm::Sha256.hasher()),
             tree: TreeHasher::default(),
             written_back: 0,
         }
@@ -81,6 +84,7 @@ impl Staging {
             tree.update(b);
         })?;
         let touched = file.metadata().and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
+        let sha256 = Some(sha256);
         Ok(Staging { path, file: Some(file), memory: Vec::new(), budget, size, touched, sha256, tree, written_back: 0 })
     }
 
@@ -117,7 +121,9 @@ impl Staging {
 
     /// Hashes and appends one buffer.
     pub fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.sha256.update(buf);
+        if let Some(h) = &mut self.sha256 {
+            h.update(buf);
+        }
         self.tree.update(buf);
         let grown = self.size + buf.len() as u64;
         if self.file.is_none() {
@@ -163,9 +169,9 @@ impl Staging {
     /// Whether the staged bytes hash to `digest`, and their integrity checksums.
     pub fn verify(&mut self, digest: &Digest) -> io::Result<(bool, Checksums)> {
         let checksum = self.tree.finish();
-        let ok = match digest.algorithm() {
-            Algorithm::Sha256 => self.sha256.clone().finish() == *digest,
-            other => {
+        let ok = match (digest.algorithm(), &self.sha256) {
+            (Algorithm::Sha256, Some(h)) => h.clone().finish() == *digest,
+            (other, _) => {
                 let mut h = other.hasher();
                 match &mut self.file {
                     Some(f) => {
@@ -177,6 +183,13 @@ impl Staging {
             }
         };
         Ok((ok, checksum))
+    }
+
+    /// Whether the staged bytes are those a node sent as a copy of its blob whose BLAKE3 is
+    /// `blake3`, and their integrity checksums.
+    pub fn verify_copy(&self, blake3: &[u8; 32]) -> (bool, Checksums) {
+        let checksum = self.tree.finish();
+        (checksum.blake3 == *blake3, checksum)
     }
 
     /// Makes the staged bytes durable in their file, spilling them there first if need be.

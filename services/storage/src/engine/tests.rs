@@ -553,3 +553,34 @@ async fn opening_after_a_stop_makes_no_entry_again() {
     }
     assert_eq!(e.inner.dead_in(1).unwrap(), 0);
 }
+
+/// A copy from another node is checked against that node's BLAKE3 of the blob, not hashed
+/// again with the digest's algorithm: the right bytes are stored and scrub clean, other bytes
+/// are refused and leave nothing behind.
+#[tokio::test]
+async fn a_copy_is_checked_against_the_senders_blake3() {
+    let (_d, source) = engine();
+    let (_d2, e) = engine();
+    let unit = crate::integrity::UNIT as usize;
+    for n in [3000, INLINE_THRESHOLD as usize + 1, 3 * unit + 5] {
+        let bytes = data(n);
+        let digest = Digest::sha256_of(&bytes);
+        source.put(&digest, body(vec![bytes.clone()]), u64::MAX).await.unwrap();
+        let blake3 = source.blake3(&digest).await.unwrap().expect("the source keeps a BLAKE3");
+        assert_eq!(&blake3, blake3::hash(&bytes).as_bytes());
+
+        let mut other = bytes.clone();
+        other[n / 2] ^= 1;
+        let refused = e.put_copy(&digest, blake3, body(vec![other]), u64::MAX).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::DigestInvalid);
+        assert_eq!(e.stat(&digest).await.unwrap(), None);
+
+        let parts = bytes.chunks(100_000).map(<[u8]>::to_vec).collect();
+        let stored = e.put_copy(&digest, blake3, body(parts), u64::MAX).await.unwrap();
+        assert_eq!(stored.size, n as u64);
+        assert!(collect(e.read(&digest, None).await.unwrap()).await == bytes);
+        assert_eq!(e.scrub(&digest).await.unwrap(), Some(true));
+    }
+    assert!(e.inner.uploads.lock().unwrap().is_empty());
+    assert_eq!(fs::read_dir(_d2.path().join("uploads")).unwrap().count(), 0, "no staging file left");
+}
