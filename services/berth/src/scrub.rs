@@ -5,10 +5,9 @@
 //! A damaged copy is taken out of service the moment it is found (see the storage engine's
 //! `quarantine`), so no read serves it meanwhile: reads go on from the other replicas. The
 //! mender then asks the other nodes, in placement order, which holds the blob, copies it from
-//! there (checked as it is written, against that node's BLAKE3 of the blob, as every copy
-//! between nodes is) and the record of the damage is cleared. A blob no other node holds is
-//! reported and its record dropped: there is nothing to mend it from, and its damaged bytes
-//! stay in the node's `quarantine/` directory.
+//! there (the write verifies the digest, as every write does) and the record of the damage is
+//! cleared. A blob no other node holds is reported and its record dropped: there is nothing to
+//! mend it from, and its damaged bytes stay in the node's `quarantine/` directory.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};

@@ -153,6 +153,29 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether applying it takes only a few point reads and writes of the state, so that it
+    /// may run on the calling task: the commands a push or a pull makes, alone or batched.
+    /// Sweeps over many keys (garbage collection's, directory changes) go to the blocking pool.
+    pub fn is_light(&self) -> bool {
+        match self {
+            Command::LinkBlob { .. }
+            | Command::UnlinkBlob { .. }
+            | Command::PutManifest { .. }
+            | Command::DeleteManifest { .. }
+            | Command::DeleteTag { .. }
+            | Command::CreateUpload { .. }
+            | Command::EndUpload { .. }
+            | Command::BlobReaped { .. }
+            | Command::RegisterStorage { .. }
+            | Command::ChangeStorage { .. }
+            | Command::CopiesRepaired { .. } => true,
+            Command::Batch(cmds) => cmds.len() <= 256 && cmds.iter().all(Command::is_light),
+            _ => false,
+        }
+    }
+}
+
 /// What applying a [`Command`] answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Outcome {

@@ -112,22 +112,41 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Bound::Excluded(*i),
             Bound::Unbounded => Bound::Unbounded,
         };
-        // Read on the calling task: replication reads entries just appended, which RocksDB
-        // still holds in memory, and a hop to the blocking pool per read cost more than it.
-        let db = &self.db;
-        let mut out = vec![];
-        let from = start.to_be_bytes();
-        for item in db.iterator_cf(cf(db, CF_LOG)?, IteratorMode::From(&from, Direction::Forward)) {
-            let (k, v) = item.map_err(read_err)?;
-            let idx =
-                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(std::io::Error::other("bad log key")))?);
-            if !(Bound::Included(start), end).contains(&idx) {
-                break;
-            }
-            out.push(serde_json::from_slice(&v).map_err(read_err)?);
+        // A short range (what replication asks for while followers keep up: entries just
+        // appended, still in RocksDB's memory) is read on the calling task, where a hop to the
+        // blocking pool and back cost more than the read; a long one (a follower catching up,
+        // perhaps from files on the disk) on the blocking pool.
+        let short = match end {
+            Bound::Included(e) => e.saturating_sub(start) < INLINE_ENTRIES,
+            Bound::Excluded(e) => e.saturating_sub(start) <= INLINE_ENTRIES,
+            Bound::Unbounded => false,
+        };
+        if short {
+            return read_entries(&self.db, start, end);
         }
-        Ok(out)
+        let db = self.db.clone();
+        blocking(move || read_entries(&db, start, end)).await
     }
+}
+
+/// Log entries read or applied on the calling task at most (see `try_get_log_entries` and
+/// `apply`).
+const INLINE_ENTRIES: u64 = 64;
+
+/// The log entries from `start` up to `end`.
+fn read_entries(db: &DB, start: u64, end: Bound<u64>) -> StoreResult<Vec<Entry<TypeConfig>>> {
+    let mut out = vec![];
+    let from = start.to_be_bytes();
+    for item in db.iterator_cf(cf(db, CF_LOG)?, IteratorMode::From(&from, Direction::Forward)) {
+        let (k, v) = item.map_err(read_err)?;
+        let idx =
+            u64::from_be_bytes(k.as_ref().try_into().map_err(|_| read_err(std::io::Error::other("bad log key")))?);
+        if !(Bound::Included(start), end).contains(&idx) {
+            break;
+        }
+        out.push(serde_json::from_slice(&v).map_err(read_err)?);
+    }
+    Ok(out)
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -260,6 +279,29 @@ fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Applies `entries` in order, each with its applied log id in the same batch; the batches are
+/// not fsynced: the log is, and a crash replays what was lost.
+fn apply_entries(view: &StateView, entries: Vec<Entry<TypeConfig>>) -> StoreResult<Vec<Outcome>> {
+    let mut outcomes = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let mut tx = Tx::new(view);
+        let mut extra: Vec<(&[u8], Vec<u8>)> =
+            vec![(KEY_APPLIED, serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?)];
+        let outcome = match &entry.payload {
+            EntryPayload::Normal(cmd) => tx.apply(cmd).map_err(write_err)?,
+            EntryPayload::Blank => Outcome::Done,
+            EntryPayload::Membership(m) => {
+                let sm = StoredMembership::new(Some(entry.log_id), m.clone());
+                extra.push((KEY_MEMBERSHIP, serde_json::to_vec(&sm).map_err(write_err)?));
+                Outcome::Done
+            }
+        };
+        view.db().write(tx.into_batch(&extra).map_err(write_err)?).map_err(write_err)?;
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
         let view = self.view.clone();
@@ -306,29 +348,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        let view = &self.view;
-        // Applied on the calling task: the state's hot keys are in memory and the writes are
-        // not fsynced, so a hop to the blocking pool and back cost more than the work.
-        let mut outcomes = Vec::with_capacity(entries.len());
-        // Entries apply one by one, each with its applied log id in the same batch; the
-        // batches are not fsynced: the log is, and a crash replays what was lost.
-        for entry in entries {
-            let mut tx = Tx::new(view);
-            let mut extra: Vec<(&[u8], Vec<u8>)> =
-                vec![(KEY_APPLIED, serde_json::to_vec(&Some(entry.log_id)).map_err(write_err)?)];
-            let outcome = match &entry.payload {
-                EntryPayload::Normal(cmd) => tx.apply(cmd).map_err(write_err)?,
-                EntryPayload::Blank => Outcome::Done,
-                EntryPayload::Membership(m) => {
-                    let sm = StoredMembership::new(Some(entry.log_id), m.clone());
-                    extra.push((KEY_MEMBERSHIP, serde_json::to_vec(&sm).map_err(write_err)?));
-                    Outcome::Done
-                }
-            };
-            view.db().write(tx.into_batch(&extra).map_err(write_err)?).map_err(write_err)?;
-            outcomes.push(outcome);
+        // A few light commands (a push's or a pull's writes) are applied on the calling task:
+        // their keys are in memory and the writes are not fsynced, so a hop to the blocking
+        // pool and back cost more than the work. Sweeps, membership changes and long batches
+        // (a restart re-applying the log) go to the blocking pool.
+        let light = entries.len() as u64 <= INLINE_ENTRIES
+            && entries.iter().all(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => cmd.is_light(),
+                EntryPayload::Blank => true,
+                EntryPayload::Membership(_) => false,
+            });
+        if light {
+            return apply_entries(&self.view, entries);
         }
-        Ok(outcomes)
+        let view = self.view.clone();
+        blocking(move || apply_entries(&view, entries)).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -801,7 +801,9 @@ impl Inner {
     fn count_dead(self: &Arc<Self>, mut batch: WriteBatch, segment: u32, bytes: u64) -> Result<()> {
         let dead = self.dead_in(segment)? + bytes;
         batch.put_cf(self.cf(CF_BLOBS)?, dead_key(segment), dead.to_le_bytes());
-        self.synced_write(batch)?;
+        // With the low mark: recovery at the next open then starts past the deleted record
+        // (unless another was still pending) and does not index it again.
+        self.index_write(batch, &[], true)?;
         if segment != self.segments.active_id() && dead * 2 >= self.segments.size(segment).unwrap_or(0) {
             self.compact_segments();
         }
@@ -859,6 +861,12 @@ impl Inner {
     /// Moves the live blobs of sealed segment `segment` to the active one, points their
     /// entries there and deletes the segment.
     fn compact_segment(&self, segment: u32) -> Result<()> {
+        // A record sealed into it whose commit has not written its entry yet would look dead
+        // and be left behind: wait for the next sweep.
+        if self.segments.pending_in(segment) {
+            self.compact_again.store(true, Ordering::Release);
+            return Ok(());
+        }
         let records = self.segments.records(segment).map_err(internal)?;
         // A walk that stops short of the end would leave blobs behind in a deleted file.
         let walked = records.last().map_or(0, |r| r.end());
@@ -948,8 +956,9 @@ impl Inner {
     /// Makes again the index entries of segment blobs that a crash took with it: every record
     /// past the low mark that survived is read, and indexed anew (with a fresh stamp) when no
     /// entry names it and its bytes hash to its key; any other record there is counted dead.
-    /// Called at open, before anything else writes. A blob deleted in the moment after its
-    /// entry was written can come back this way; the collector's inventory walk finds it
+    /// Called at open, before anything else writes. A segment blob deleted while an older
+    /// record's entry was still being written (so that the mark written with the deletion
+    /// stayed below it) can come back this way; the collector's inventory walk finds it
     /// unreferenced and deletes it again.
     fn recover_index(self: &Arc<Self>) -> Result<()> {
         let blobs = self.cf(CF_BLOBS)?;
@@ -1000,7 +1009,11 @@ impl Inner {
         }
         self.index_write(batch, &[], true)?;
         if indexed > 0 || dead_bytes > 0 {
-            tracing::warn!(indexed, dead_bytes, "indexed again the segment blobs whose entries a crash lost");
+            tracing::warn!(
+                indexed,
+                dead_bytes,
+                "indexed segment blobs the index lacked (lost in a crash, or deleted as the node stopped)"
+            );
         }
         Ok(())
     }

@@ -27,7 +27,8 @@
 //!
 //! # Durability and visibility
 //! A blob is visible only through its index entry, and the entry is written only after the
-//! digest matched and the bytes were fsynced (file and directory, or the segment). A crash at
+//! digest matched (for a copy from another node: the bytes matched that node's BLAKE3 of them,
+//! see `BlobStore::put_copy`) and the bytes were fsynced (file and directory, or the segment). A crash at
 //! any point leaves either no entry (nothing served) or a complete, verified blob. A blob
 //! file's entry is a synced write. A segment blob's is not: its record names its digest, so a
 //! crash that loses the entry leaves what is needed to make it again, and the node does so at

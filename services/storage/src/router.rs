@@ -13,8 +13,9 @@
 //! without its copy, are recorded in the metadata service ([`Replicated::with_repair_record`])
 //! before the write is acknowledged; [`Replicated::repair`] copies such a blob from a node
 //! that holds it to every owner lacking it (the receiving node checks the copy as it is
-//! written, against the sending node's BLAKE3 of the blob: see [`BlobStore::put_copy`]), and
-//! the record is cleared once every owner holds one.
+//! written: against the sending node's BLAKE3 of the blob when nodes copy between themselves,
+//! see [`BlobStore::put_copy`], else against the digest), and the record is cleared once
+//! every owner holds one.
 //!
 //! Stamps: a write reports the lowest stamp among the copies it wrote, so that if any of them
 //! is later taken by the collector, whose reap floor then covers that copy's stamp, a link

@@ -18,8 +18,9 @@
 //! **One fsync per small blob.** The flush of its record is the only one a small blob waits
 //! for: its index entry is written without a sync of its own, because a record carries its key
 //! and the key is the digest of its bytes, so a lost entry can be made again from the segment.
-//! Each index write also records a low mark: a place in the segments below which every record
-//! has its entry written already (or never will, its commit having failed). Index writes
+//! The index writes of segment records and of deletions also record a low mark: a place in the
+//! segments below which every record has its entry written already (or never will, its commit
+//! having failed). Index writes
 //! survive a crash as a prefix of the order they were made in (RocksDB's point-in-time
 //! recovery), so after a power loss every record past the surviving low mark is read again at
 //! open and indexed anew when its bytes hash to its key (see the engine's `recover_index`).
@@ -108,6 +109,19 @@ fn name(id: u32) -> String {
     format!("{id:08}.seg")
 }
 
+/// Ids of the segment files in `dir`, in order.
+fn segment_ids(dir: &Path) -> io::Result<Vec<u32>> {
+    let mut ids = vec![];
+    for e in fs::read_dir(dir)? {
+        let n = e?.file_name();
+        if let Some(id) = n.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u32>().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
 fn create(dir: &Path, id: u32) -> io::Result<File> {
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(dir.join(name(id)))?;
     sync_dir(dir)?;
@@ -118,16 +132,7 @@ impl Segments {
     /// Opens `dir` (created if missing); appends continue in the newest segment.
     pub fn open(dir: PathBuf) -> io::Result<Segments> {
         fs::create_dir_all(&dir)?;
-        let mut newest = None;
-        for e in fs::read_dir(&dir)? {
-            let e = e?;
-            let n = e.file_name();
-            let Some(id) = n.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            newest = newest.max(Some(id));
-        }
-        let (id, file) = match newest {
+        let (id, file) = match segment_ids(&dir)?.last().copied() {
             Some(id) => (id, OpenOptions::new().read(true).write(true).open(dir.join(name(id)))?),
             None => (1, create(&dir, 1)?),
         };
@@ -158,15 +163,7 @@ impl Segments {
 
     /// Ids of the segment files, in order.
     pub fn ids(&self) -> io::Result<Vec<u32>> {
-        let mut ids = vec![];
-        for e in fs::read_dir(&self.dir)? {
-            let n = e?.file_name();
-            if let Some(id) = n.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u32>().ok()) {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        Ok(ids)
+        segment_ids(&self.dir)
     }
 
     /// The low mark an index write records beside the entries of `own` records (see the
@@ -174,9 +171,16 @@ impl Segments {
     /// segments when there is none. Every record below it has its entry written already, so
     /// that write is ahead of this one in the index's order.
     pub fn low_mark(&self, own: &[Pending<'_>]) -> io::Result<Mark> {
+        let mut mine: Vec<Mark> = own.iter().map(|p| p.start).collect();
+        mine.sort_unstable();
         let a = self.active.lock().map_err(lock_err)?;
-        let first_other = a.pending.iter().find(|p| !own.iter().any(|o| o.start == **p)).copied();
+        let first_other = a.pending.iter().find(|p| mine.binary_search(p).is_err()).copied();
         Ok(first_other.unwrap_or((a.id, a.len)))
+    }
+
+    /// Whether a record of segment `id` is still waiting for its index entry.
+    pub fn pending_in(&self, id: u32) -> bool {
+        self.active.lock().map(|a| a.pending.range((id, 0)..=(id, u64::MAX)).next().is_some()).unwrap_or(true)
     }
 
     /// Appends a record and returns once it is durable, pending until its index entry is

@@ -584,3 +584,18 @@ async fn a_copy_is_checked_against_the_senders_blake3() {
     assert!(e.inner.uploads.lock().unwrap().is_empty());
     assert_eq!(fs::read_dir(_d2.path().join("uploads")).unwrap().count(), 0, "no staging file left");
 }
+
+/// A segment blob deleted while another record's entry was still being written (so that the
+/// low mark its own entry carried stayed below it) does not come back at the next open.
+#[tokio::test]
+async fn a_blob_deleted_before_a_stop_stays_deleted() {
+    let (d, e) = engine();
+    let held = e.inner.segments.append("sha256:held", b"a commit under way").unwrap();
+    let (x, x_bytes) = distinct(1, 3000);
+    e.put_small(&x, Bytes::from(x_bytes)).await.unwrap();
+    drop(held);
+    assert!(e.delete(&x, None).await.unwrap().any());
+    drop(e);
+    let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
+    assert_eq!(e.stat(&x).await.unwrap(), None);
+}
