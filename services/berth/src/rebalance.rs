@@ -366,15 +366,8 @@ impl Rebalancer {
                 }
                 let Some(target) = &clients[o] else { continue };
                 tracing::debug!(digest = %d, to = %o, "copying a blob to an owner that lacks it");
-                let copied = async {
-                    // Checked there against this node's BLAKE3 of the blob (see put_copy).
-                    let blake3 = self.local.blake3(d).await?;
-                    let body = self.local.read(d, None).await?;
-                    match blake3 {
-                        Some(b) => target.put_copy(d, b, body, size).await,
-                        None => target.put(d, body, size).await,
-                    }
-                };
+                // Checked there against this node's BLAKE3 of the blob (see put_copy).
+                let copied = berth_core::store::copy_blob(&*self.local, &**target, d, size);
                 let copied = match tokio::time::timeout(copy_time(size), copied).await {
                     Ok(c) => c,
                     Err(_) => Err(berth_core::RegistryError::new(

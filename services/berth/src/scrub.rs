@@ -170,10 +170,7 @@ impl Scrubber {
                         continue;
                     }
                 };
-                let copied = async {
-                    let body = peer.read(d, None).await?;
-                    self.engine.put(d, body, size).await
-                };
+                let copied = berth_core::store::copy_blob(&peer, &self.engine, d, size);
                 match copied.await {
                     Ok(_) => {
                         mended = true;

@@ -147,6 +147,17 @@ pub const COPY_WHILE_FINISHING: u64 = 16 << 20;
 /// (its usual time plus this) and a stalled target is never blamed on the staging node.
 pub const FINISH_COPY_TIME: std::time::Duration = std::time::Duration::from_secs(16);
 
+/// Copies blob `digest` (`size` bytes) from `from` to `to`: checked there against `from`'s
+/// BLAKE3 of it when `from` keeps one ([`BlobStore::put_copy`]), else against the digest.
+pub async fn copy_blob(from: &dyn BlobStore, to: &dyn BlobStore, digest: &Digest, size: u64) -> Result<Stored> {
+    let blake3 = from.blake3(digest).await?;
+    let body = from.read(digest, None).await?;
+    match blake3 {
+        Some(b) => to.put_copy(digest, b, body, size).await,
+        None => to.put(digest, body, size).await,
+    }
+}
+
 /// A finished upload as stored, and the outcome of each copy made with it, one per target
 /// (`None`: the blob was too large to copy in the same call).
 pub type FinishedCopies = (Stored, Option<Vec<Result<Stored>>>);

@@ -973,23 +973,19 @@ impl Inner {
                 let records = self.segments.records_from(id, if id == first { at } else { 0 }).map_err(internal)?;
                 for rec in records {
                     let here = Location::Segment { segment: id, offset: rec.offset };
-                    match self.entry(&rec.key)? {
+                    let data = match self.entry(&rec.key)? {
                         Some(e) if e.location == here => continue,
-                        Some(_) => {
-                            *dead.entry(id).or_default() += rec.len;
-                            continue;
+                        // Not named by an entry, and not indexed yet in this pass: a candidate.
+                        None if !seen.contains(&rec.key) => {
+                            Some(self.segments.read(id, rec.offset, rec.len).map_err(internal)?)
                         }
-                        None if seen.contains(&rec.key) => {
-                            *dead.entry(id).or_default() += rec.len;
-                            continue;
-                        }
-                        None => {}
-                    }
-                    let data = self.segments.read(id, rec.offset, rec.len).map_err(internal)?;
-                    if !rec.key.parse::<Digest>().is_ok_and(|d| d.matches(&data)) {
+                        _ => None,
+                    };
+                    // The bytes of a candidate that hash to its key, else dead space.
+                    let Some(data) = data.filter(|d| rec.key.parse::<Digest>().is_ok_and(|k| k.matches(d))) else {
                         *dead.entry(id).or_default() += rec.len;
                         continue;
-                    }
+                    };
                     let mut tree = TreeHasher::default();
                     tree.update(&data);
                     let sums = tree.finish();
@@ -1216,21 +1212,19 @@ impl BlobStore for StorageEngine {
     }
 
     async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
-        if let Some(entry) = self.inner.entry(&digest.to_string())?.filter(|e| e.size <= limit) {
-            if let Some(data) = self.inner.cached_small_bytes(digest, &entry) {
-                return Ok(Some(Bytes::from(data)));
-            }
+        let key = digest.to_string();
+        let Some(entry) = self.inner.entry(&key)? else {
+            return Ok(None);
+        };
+        if entry.size > limit {
+            return Err(internal(format!("blob {key} is larger than {limit} bytes")));
+        }
+        if let Some(data) = self.inner.cached_small_bytes(digest, &entry) {
+            return Ok(Some(Bytes::from(data)));
         }
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
-            let key = digest.to_string();
-            let Some(entry) = inner.entry(&key)? else {
-                return Ok(None);
-            };
-            if entry.size > limit {
-                return Err(internal(format!("blob {key} is larger than {limit} bytes")));
-            }
             let data = match entry.location {
                 Location::File => {
                     let data = fs::read(inner.blob_path(&digest)).map_err(internal)?;
@@ -1259,13 +1253,13 @@ impl BlobStore for StorageEngine {
                 return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
             }
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
-            let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone(), true));
-            let r = st.append(&data).map_err(internal).and_then(|()| {
-                let (_, checksums) = st.verify(&digest).map_err(internal)?;
-                Ok(checksums)
-            });
-            match r {
-                Ok(checksums) => inner.commit(st, &digest, checksums),
+            // The digest was checked above: staging keeps only the integrity checksums.
+            let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone(), false));
+            match st.append(&data).map_err(internal) {
+                Ok(()) => {
+                    let checksums = st.checksums();
+                    inner.commit(st, &digest, checksums)
+                }
                 Err(e) => {
                     st.discard();
                     Err(e)

@@ -228,11 +228,7 @@ impl Replicated {
             }
         }
         let copies = to.iter().map(|&i| async move {
-            let r = async {
-                let body = self.nodes[from].store.read(digest, None).await?;
-                self.nodes[i].store.put(digest, body, size).await
-            }
-            .await;
+            let r = berth_core::store::copy_blob(&*self.nodes[from].store, &*self.nodes[i].store, digest, size).await;
             (i, r)
         });
         futures::future::join_all(copies).await

@@ -52,12 +52,7 @@ impl StorageRpc {
     /// Copies `d` (`size` bytes, held here) to the node at `target`.
     async fn copy_to(&self, d: &Digest, size: u64, target: &str) -> Result<berth_core::Stored, RegistryError> {
         let peer = self.peer(target)?;
-        let blake3 = self.store.blake3(d).await?;
-        let body = self.store.read(d, None).await?;
-        match blake3 {
-            Some(b) => peer.put_copy(d, b, body, size).await,
-            None => peer.put(d, body, size).await,
-        }
+        berth_core::store::copy_blob(&*self.store, &peer, d, size).await
     }
 
     /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once, each

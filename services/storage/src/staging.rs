@@ -188,8 +188,13 @@ impl Staging {
     /// Whether the staged bytes are those a node sent as a copy of its blob whose BLAKE3 is
     /// `blake3`, and their integrity checksums.
     pub fn verify_copy(&self, blake3: &[u8; 32]) -> (bool, Checksums) {
-        let checksum = self.tree.finish();
+        let checksum = self.checksums();
         (checksum.blake3 == *blake3, checksum)
+    }
+
+    /// The integrity checksums of the staged bytes.
+    pub fn checksums(&self) -> Checksums {
+        self.tree.finish()
     }
 
     /// Makes the staged bytes durable in their file, spilling them there first if need be.
