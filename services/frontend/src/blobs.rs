@@ -297,6 +297,27 @@ fn chunk_range(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
     Ok(Some(first))
 }
 
+/// Chunks of at most this many bytes (by `Content-Length`) are read into memory before they go
+/// to the store, which saves asking the store for the upload's size first (a round trip to the
+/// staging node in a cluster); a layer pushed in one `PATCH` is often this small.
+const READ_WHOLE: u64 = 256 << 10;
+
+/// The whole of a body of `length` bytes (as `Content-Length` promised; HTTP ends a body
+/// that delivers fewer).
+async fn read_whole(mut body: berth_core::ByteStream, length: u64) -> Result<bytes::Bytes, RegistryError> {
+    let reading = |e: std::io::Error| RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}"));
+    let Some(first) = body.try_next().await.map_err(reading)? else { return Ok(bytes::Bytes::new()) };
+    if first.len() as u64 >= length {
+        return Ok(first);
+    }
+    let mut all = bytes::BytesMut::with_capacity(length as usize);
+    all.extend_from_slice(&first);
+    while let Some(chunk) = body.try_next().await.map_err(reading)? {
+        all.extend_from_slice(&chunk);
+    }
+    Ok(all.freeze())
+}
+
 /// Appends the request body to the upload, unless it has none. Returns the upload's size.
 async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, RegistryError> {
     let offset = chunk_range(req.headers())?;
@@ -305,6 +326,13 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
     if length == Some(0) || (length.is_none() && !chunked) {
         return Ok(None);
+    }
+    // A short chunk is read whole first; the store then checks its offset and the size limit
+    // itself, and whatever it answers, the body has been drained.
+    if let Some(n) = length.filter(|n| *n <= READ_WHOLE) {
+        let chunk = read_whole(body_stream(&req, reg.config.idle_body_timeout), n).await?;
+        let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
+        return Ok(Some(reg.blobs.upload_append(id, offset, body, reg.config.max_blob).await?));
     }
     // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
     // store refusing it part way could not drain it: the body is already its stream).

@@ -108,6 +108,20 @@ async fn chunked_upload_with_gap_status_and_resume() {
         .await
         .unwrap();
     assert_eq!(r.status(), 416);
+    // So is a short one (read whole before the store checks where it starts), also when the
+    // chunk would start before the end.
+    for first in [chunk + 10, chunk - 100] {
+        let r = c
+            .patch(&up)
+            .header("content-range", format!("{first}-{}", first + 999))
+            .header("content-length", "1000")
+            .body(data[first..first + 1000].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 416);
+        assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    }
 
     // The client asks where it stands and resumes from there.
     let r = c.get(&up).send().await.unwrap();
