@@ -1,7 +1,7 @@
 //! Berth as a cluster of processes (three metadata nodes, three storage nodes, two frontends):
 //! any frontend serves any request, uploads included, and losing a storage node stops nothing.
 
-use berth_tests::cluster::Cluster;
+use berth_tests::cluster::{Cluster, ClusterOptions};
 use berth_tests::{bytes, client, digest, push_image};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,52 @@ async fn an_upload_whose_chunks_alternate_between_frontends() {
     let r = c.get(format!("{}/v2/acme/chunks/blobs/{d}", fronts[0])).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(digest(&r.bytes().await.unwrap()), d);
+}
+
+/// Storage nodes SIGKILLed while uploads were staged in their memory lose those uploads; once
+/// back, each ends the sessions staged on it (they could only fail now), so that they stop
+/// counting against their callers and keeping their repository's loose links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_whose_staging_died_with_its_node_are_ended() {
+    use berth_core::MetaStore;
+    // Sessions settle (may be ended for want of a staging area) after the upload timeout
+    // when it is under a minute.
+    let options =
+        ClusterOptions { storage_args: vec!["--upload-timeout-secs".into(), "10".into()], ..Default::default() };
+    let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
+    let front = cl.frontends[0].url();
+    let c = client();
+    let mut ids = vec![];
+    for i in 0..6u8 {
+        let r = c.post(format!("{front}/v2/acme/lost/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        ids.push(r.headers()["docker-upload-uuid"].to_str().unwrap().to_string());
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        let r = c.patch(format!("{front}{location}")).body(vec![i; 100]).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let meta = berth_meta::client::MetaClient::new(
+        cl.meta.addrs().split(',').map(String::from).collect(),
+        berth_meta::client::MetaClientConfig::default(),
+    )
+    .unwrap();
+    let open = || async { meta.uploads(None, 1000).await.unwrap().into_iter().filter(|s| ids.contains(&s.id)).count() };
+    // Not yet idle for the upload timeout: until the kill, only the sessions' own staging
+    // areas could end them.
+    assert_eq!(open().await, 6);
+    tokio::task::block_in_place(|| {
+        (0..3).for_each(|i| cl.kill_storage(i));
+        (0..3).for_each(|i| cl.restart_storage(i));
+    });
+    let start = Instant::now();
+    while open().await > 0 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(open().await, 0, "sessions whose staging died with its node are still open after 30 s");
+    eprintln!("sessions ended {:.1} s after the storage nodes restarted", start.elapsed().as_secs_f64());
+    // The repository takes uploads as before.
+    let pushed = berth_tests::push_blob(&c, &front, "acme/lost", b"after the restart").await;
+    assert_eq!(pushed, digest(b"after the restart"));
 }
 
 use berth_tests::run_tool as run;

@@ -13,22 +13,38 @@ use tokio::sync::watch;
 /// Sessions checked against their staging areas per round.
 const SESSIONS_PER_ROUND: usize = 1000;
 
-/// A session younger than this is not ended for lack of a staging area: it may be between
-/// the two writes that start it.
+/// A session younger than this (or than the upload timeout, when that is shorter) is not
+/// ended for lack of a staging area: it may be between the two writes that start it. (A
+/// session being finished has no staging area left either, until its end is written; the
+/// frontend links the blob when housekeeping ended the session meanwhile.)
 const SESSION_SETTLE: Duration = Duration::from_secs(60);
 
-/// Expires uploads idle for `upload_timeout` and runs rounds of `collector`, if given, until
-/// `stop` turns true.
-///
-/// With `all_staging`, `blobs` stages every upload of the registry, so a session whose staging
-/// area it does not have is one whose staging was lost, and is ended. A storage node of a
-/// cluster stages only some uploads and must not judge the others.
+/// The upload sessions whose staging areas `blobs` holds. A session opens its staging area
+/// before it is recorded, so one of these without an area once it has settled lost it (with
+/// a restart before its first bytes reached disk), and is ended: it could only fail, and it
+/// would count against its caller and keep its repository's loose links from being collected.
+pub enum Staged {
+    /// Every session of the registry (`berth standalone`).
+    All,
+    /// The sessions that name this storage node of a cluster, by its name or by its address
+    /// (as frontends given a fixed list of storage nodes name them): a node does not judge
+    /// the uploads staged on the others.
+    On {
+        /// The node's name.
+        name: String,
+        /// The address it advertises.
+        addr: String,
+    },
+}
+
+/// Expires uploads idle for `upload_timeout`, ends the sessions of `staged` whose staging area
+/// is gone, and runs rounds of `collector`, if given, until `stop` turns true.
 pub async fn run(
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     upload_timeout: Duration,
     collector: Option<Arc<Collector>>,
-    all_staging: bool,
+    staged: Staged,
     mut stop: watch::Receiver<bool>,
 ) {
     let gc_period = collector.as_ref().and_then(|c| c.interval()).unwrap_or(Duration::MAX);
@@ -50,10 +66,9 @@ pub async fn run(
             }
             Err(e) => tracing::warn!(error = %e, "expiring uploads"),
         }
-        if all_staging {
-            if let Err(e) = end_sessions_without_staging(&*blobs, &*meta, &mut sessions_cursor).await {
-                tracing::warn!(error = %e, "checking upload sessions");
-            }
+        let settle = SESSION_SETTLE.min(upload_timeout);
+        if let Err(e) = end_sessions_without_staging(&*blobs, &*meta, &staged, settle, &mut sessions_cursor).await {
+            tracing::warn!(error = %e, "checking upload sessions");
         }
         if let Some(c) = &collector {
             if last_round.elapsed() >= gc_period {
@@ -64,20 +79,36 @@ pub async fn run(
     }
 }
 
-/// Ends sessions whose staging area is gone (lost with a restart before its first bytes
-/// reached disk), so that they neither count against their caller nor keep their
-/// repository's loose links from being collected.
+/// Ends the sessions of `staged` older than `settle` whose staging area is gone (see
+/// [`Staged`]), a page of them per call.
 async fn end_sessions_without_staging(
     blobs: &dyn BlobStore,
     meta: &dyn MetaStore,
+    staged: &Staged,
+    settle: Duration,
     cursor: &mut Option<String>,
 ) -> berth_core::error::Result<()> {
     let page = meta.uploads(cursor.as_deref(), SESSIONS_PER_ROUND).await?;
     *cursor = if page.len() < SESSIONS_PER_ROUND { None } else { page.last().map(|s| s.id.clone()) };
-    let settled = berth_core::now_ms().saturating_sub(SESSION_SETTLE.as_millis() as u64);
+    let settled = berth_core::now_ms().saturating_sub(settle.as_millis() as u64);
     for s in page {
-        if s.started_at_ms <= settled && blobs.upload_size(&s.id).await?.is_none() {
-            meta.end_upload(&s.id, None).await?;
+        let judged = match staged {
+            Staged::All => true,
+            Staged::On { name, addr } => s.staging.as_deref().is_some_and(|n| n == name || n == addr),
+        };
+        if !judged || s.started_at_ms > settled {
+            continue;
+        }
+        // One session's failure does not keep the rest of the page from being judged.
+        match blobs.upload_staged(&s.id).await {
+            Ok(true) => {}
+            Ok(false) => match meta.end_upload(&s.id, None).await {
+                // Ended meanwhile (finished, cancelled).
+                Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
+                Err(e) => tracing::warn!(upload = %s.id, error = %e, "ending a session whose staging area is gone"),
+                Ok(()) => tracing::info!(upload = %s.id, "ended a session whose staging area is gone"),
+            },
+            Err(e) => tracing::warn!(upload = %s.id, error = %e, "checking an upload's staging area"),
         }
     }
     Ok(())

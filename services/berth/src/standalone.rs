@@ -36,7 +36,7 @@ pub async fn run(config: StandaloneConfig) -> Result<()> {
         metas.clone(),
         config.upload_timeout,
         Some(collector),
-        true,
+        crate::housekeeping::Staged::All,
         stop_rx.clone(),
     ));
     let signal = tokio::spawn(async move {

@@ -193,11 +193,12 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         since_version: 0,
     };
     println!("berth storage: serving grpc://{bound} as {} (data in {})", node.name, data_dir.display());
+    // Of the upload sessions, only those staged here are this node's to judge.
+    let staged = crate::housekeeping::Staged::On { name: node.name.clone(), addr: node.addr.clone() };
     let (stop_tx, stop_rx) = watch::channel(false);
     let upload_timeout = Duration::from_secs(
         args.upload_timeout_secs.unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()).max(1),
     );
-    // Sessions staged on other nodes are not this node's to judge (see housekeeping::run).
     let stats = Arc::new(Mutex::new(NodeStats::default()));
     let rebalance = crate::rebalance::Rebalancer {
         local: blobs.clone(),
@@ -246,7 +247,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     }
     // Garbage collection runs on the metadata leader, over every storage node.
     let housekeeping =
-        tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, None, false, stop_rx));
+        tokio::spawn(crate::housekeeping::run(blobs.clone(), metas, upload_timeout, None, staged, stop_rx));
     let served = berth_proto::tls::server()?
         .layer(crate::metrics::GrpcMetricsLayer)
         .initial_stream_window_size(berth_storage::client::STREAM_WINDOW)

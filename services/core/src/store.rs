@@ -206,6 +206,13 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes received so far by upload `id`, or `None` when it is unknown or expired.
     async fn upload_size(&self, id: &str) -> Result<Option<u64>>;
 
+    /// Whether upload `id` has a staging area here, answered without waiting for it (an append
+    /// under way holds it for as long as its client sends): for housekeeping, which must not
+    /// stall behind a slow client. The default asks [`BlobStore::upload_size`].
+    async fn upload_staged(&self, id: &str) -> Result<bool> {
+        Ok(self.upload_size(id).await?.is_some())
+    }
+
     /// Verifies upload `id` against `digest` and makes it a durable blob. The upload is gone
     /// afterwards whatever the outcome, except when it is unknown.
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored>;

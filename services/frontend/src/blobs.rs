@@ -299,11 +299,18 @@ fn chunk_range(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
 
 /// Chunks of at most this many bytes (by `Content-Length`) are read into memory before they go
 /// to the store, which saves asking the store for the upload's size first (a round trip to the
-/// staging node in a cluster); a layer pushed in one `PATCH` is often this small.
+/// staging node in a cluster); a layer pushed in one `PATCH` is often this small. The same
+/// bound as the store's for keeping an upload in memory (`berth_storage::staging`), though
+/// nothing depends on the two being equal.
 const READ_WHOLE: u64 = 256 << 10;
 
-/// The whole of a body of `length` bytes (as `Content-Length` promised; HTTP ends a body
-/// that delivers fewer).
+/// Bytes of chunks being read whole at once, at most; beyond, a chunk takes the streamed path
+/// (its offset checked with the store first), so many clients sending at once hold no more
+/// than this in memory on their account.
+pub(crate) const WHOLE_CHUNK_BYTES: usize = 64 << 20;
+
+/// The whole of a body of `length` bytes (as `Content-Length` promised; a body that delivers
+/// fewer fails with an error).
 async fn read_whole(mut body: berth_core::ByteStream, length: u64) -> Result<bytes::Bytes, RegistryError> {
     let reading = |e: std::io::Error| RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}"));
     let Some(first) = body.try_next().await.map_err(reading)? else { return Ok(bytes::Bytes::new()) };
@@ -329,7 +336,11 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     }
     // A short chunk is read whole first; the store then checks its offset and the size limit
     // itself, and whatever it answers, the body has been drained.
-    if let Some(n) = length.filter(|n| *n <= READ_WHOLE) {
+    let whole = length.filter(|n| *n <= READ_WHOLE).and_then(|n| {
+        let permit = reg.whole_chunks.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
+        Some((n, permit))
+    });
+    if let Some((n, _permit)) = whole {
         let chunk = read_whole(body_stream(&req, reg.config.idle_body_timeout), n).await?;
         let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
         return Ok(Some(reg.blobs.upload_append(id, offset, body, reg.config.max_blob).await?));
@@ -396,7 +407,13 @@ pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Resul
     match reg.blobs.upload_finish(id, &digest).await {
         Ok(stored) => {
             reg.sessions.remove(id);
-            reg.meta.end_upload(id, Some((digest.clone(), stored))).await?;
+            match reg.meta.end_upload(id, Some((digest.clone(), stored))).await {
+                // The session was ended meanwhile (housekeeping found its staging area gone
+                // while the blob was being committed from it): the blob is verified and
+                // stored, so it is linked all the same.
+                Err(e) if e.code == ErrorCode::BlobUploadUnknown => reg.meta.link_blob(name, &digest, stored).await?,
+                r => r?,
+            }
             created(reg, name, &digest)
         }
         Err(e) => {

@@ -104,6 +104,8 @@ pub struct Registry {
     pulls: Arc<pulls::PullCounter>,
     /// Upload sessions this frontend started, by id (see [`blobs::session`]).
     sessions: quick_cache::sync::Cache<String, Arc<berth_core::UploadSession>>,
+    /// Bytes of upload chunks being read whole, at most [`blobs::WHOLE_CHUNK_BYTES`].
+    whole_chunks: Arc<tokio::sync::Semaphore>,
 }
 
 impl Registry {
@@ -127,6 +129,7 @@ impl Registry {
             verified: quick_cache::sync::Cache::new(VERIFIED_TOKENS),
             recall,
             sessions: quick_cache::sync::Cache::new(STARTED_SESSIONS),
+            whole_chunks: Arc::new(tokio::sync::Semaphore::new(blobs::WHOLE_CHUNK_BYTES)),
         })
     }
 }

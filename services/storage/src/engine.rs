@@ -1324,6 +1324,26 @@ impl BlobStore for StorageEngine {
         }
     }
 
+    async fn upload_staged(&self, id: &str) -> Result<bool> {
+        if !valid_upload_id(id) {
+            return Ok(false);
+        }
+        let slot = self.inner.uploads.lock().map_err(internal)?.get(id).cloned();
+        let path = self.inner.upload_path(id);
+        Ok(match slot {
+            Some(slot) => match slot.try_lock() {
+                // In use: an append, a finish or a cancel is under way.
+                Err(_) => true,
+                Ok(guard) => match &*guard {
+                    Slot::Ready(_) => true,
+                    Slot::Gone => false,
+                    Slot::Unloaded => path.exists(),
+                },
+            },
+            None => path.exists(),
+        })
+    }
+
     /// Verifies the staged bytes and commits them, fsynced.
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
         self.finish_upload(id, digest, None).await
