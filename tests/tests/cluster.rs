@@ -106,14 +106,19 @@ async fn an_upload_whose_chunks_alternate_between_frontends() {
 
 /// Storage nodes SIGKILLed while uploads were staged in their memory lose those uploads; once
 /// back, each ends the sessions staged on it (they could only fail now), so that they stop
-/// counting against their callers and keeping their repository's loose links.
+/// counting against their callers and keeping their repository's loose links. The sessions
+/// staged on a node removed from the cluster are ended by the metadata leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_whose_staging_died_with_its_node_are_ended() {
     use berth_core::MetaStore;
     // Sessions settle (may be ended for want of a staging area) after the upload timeout
-    // when it is under a minute.
-    let options =
-        ClusterOptions { storage_args: vec!["--upload-timeout-secs".into(), "10".into()], ..Default::default() };
+    // when it is under a minute; the leader looks for sessions of removed nodes with each
+    // round of garbage collection.
+    let options = ClusterOptions {
+        storage_args: vec!["--upload-timeout-secs".into(), "20".into()],
+        meta_args: vec!["--gc-interval-secs".into(), "1".into()],
+        ..Default::default()
+    };
     let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let front = cl.frontends[0].url();
     let c = client();
@@ -140,14 +145,53 @@ async fn sessions_whose_staging_died_with_its_node_are_ended() {
         (0..3).for_each(|i| cl.restart_storage(i));
     });
     let start = Instant::now();
-    while open().await > 0 && start.elapsed() < Duration::from_secs(30) {
+    while open().await > 0 && start.elapsed() < Duration::from_secs(45) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(open().await, 0, "sessions whose staging died with its node are still open after 30 s");
+    assert_eq!(open().await, 0, "sessions whose staging died with its node are still open after 45 s");
     eprintln!("sessions ended {:.1} s after the storage nodes restarted", start.elapsed().as_secs_f64());
     // The repository takes uploads as before.
     let pushed = berth_tests::push_blob(&c, &front, "acme/lost", b"after the restart").await;
     assert_eq!(pushed, digest(b"after the restart"));
+
+    // Uploads staged on each node; one node is killed and removed from the cluster. The
+    // others stay open: they are idle for less than the upload timeout until the end.
+    let mut ids = vec![];
+    for i in 0..9u8 {
+        let r = c.post(format!("{front}/v2/acme/lost/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        ids.push(r.headers()["docker-upload-uuid"].to_str().unwrap().to_string());
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        let r = c.patch(format!("{front}{location}")).body(vec![i; 100]).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let staged_on = |sessions: Vec<berth_core::UploadSession>| -> Vec<(String, Option<String>)> {
+        sessions.into_iter().filter(|s| ids.contains(&s.id)).map(|s| (s.id, s.staging)).collect()
+    };
+    let before = staged_on(meta.uploads(None, 1000).await.unwrap());
+    assert_eq!(before.len(), 9);
+    // The node to remove: one that stages some of them (which ones do depends on the uploads'
+    // ids, and on which nodes the frontend found answering since the restart).
+    let (victim, name) = tokio::task::block_in_place(|| {
+        (0..3)
+            .filter_map(|i| storage_node(&cl, &cl.storage[i].addr).map(|(name, _, _)| (i, name)))
+            .find(|(_, name)| before.iter().any(|(_, n)| n.as_deref() == Some(name.as_str())))
+    })
+    .expect("a node that stages some of the uploads");
+    let kept: Vec<(String, Option<String>)> =
+        before.iter().filter(|(_, n)| n.as_deref() != Some(name.as_str())).cloned().collect();
+    tokio::task::block_in_place(|| {
+        cl.kill_storage(victim);
+        berth_tests::meta_group::cluster_cli(&cl.meta.addrs(), &["remove", &name, "--force"]).unwrap();
+    });
+    let start = Instant::now();
+    let mut after = staged_on(meta.uploads(None, 1000).await.unwrap());
+    while after.len() > kept.len() && start.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = staged_on(meta.uploads(None, 1000).await.unwrap());
+    }
+    eprintln!("sessions of the removed node ended {:.1} s after its removal", start.elapsed().as_secs_f64());
+    assert_eq!(after, kept, "exactly the sessions staged on the removed node are ended");
 }
 
 use berth_tests::run_tool as run;

@@ -98,6 +98,7 @@ async fn collect_while_leading(
     // Without background rounds, audits still come, as often as rounds would by default.
     let period = collector.interval().unwrap_or_else(|| Collector::default_interval(collector.grace()));
     let mut audit_after: Option<Digest> = None;
+    let mut sessions_after: Option<String> = None;
     let mut map_seen: Option<(u64, Instant)> = None;
     loop {
         tokio::time::sleep(period).await;
@@ -108,6 +109,7 @@ async fn collect_while_leading(
         if collector.interval().is_some() {
             collector.logged_round().await;
         }
+        sessions_after = end_sessions_of_removed_nodes(&meta, sessions_after).await;
         let since = match map_seen {
             Some((v, since)) if v == version => since,
             _ => {
@@ -119,6 +121,51 @@ async fn collect_while_leading(
             audit_after = audit_page(&meta, &router, replicas, audit_after).await;
         }
     }
+}
+
+/// Upload sessions looked at per round by [`end_sessions_of_removed_nodes`].
+const SESSIONS_PAGE: usize = 1000;
+
+/// Ends the upload sessions after `after` (a page) staged on a storage node that has been
+/// removed from the cluster: their staging areas went with it, and no frontend sends their
+/// calls there any more, so they could only fail; open, they would count against their
+/// callers and keep their repositories' loose links. (A storage node ends the sessions staged
+/// on it whose staging area it lost; a removed node no longer runs to do so.) Returns where
+/// the next page starts.
+async fn end_sessions_of_removed_nodes(meta: &MetaService, after: Option<String>) -> Option<String> {
+    use berth_core::MetaStore;
+    let page = match meta.uploads(after.as_deref(), SESSIONS_PAGE).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading upload sessions");
+            return after;
+        }
+    };
+    let next = if page.len() < SESSIONS_PAGE { None } else { page.last().map(|s| s.id.clone()) };
+    let mut removed: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    for s in page {
+        let Some(node) = s.staging else { continue };
+        let gone = match removed.get(&node) {
+            Some(gone) => *gone,
+            None => {
+                let gone = meta.storage_removed(&node).await.unwrap_or(false);
+                removed.insert(node.clone(), gone);
+                gone
+            }
+        };
+        if gone {
+            match meta.end_upload(&s.id, None).await {
+                Ok(()) => {
+                    tracing::info!(upload = %s.id, node = %node, "ended a session staged on a removed storage node")
+                }
+                Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
+                Err(e) => {
+                    tracing::warn!(upload = %s.id, error = %e, "ending a session staged on a removed storage node")
+                }
+            }
+        }
+    }
+    next
 }
 
 /// Audits the linked blobs after `after` (a page); returns where the next page starts.

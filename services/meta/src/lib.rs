@@ -356,6 +356,13 @@ impl MetaService {
         self.write(Command::NoteStrays { digests, now_ms: now_ms() }).await.map(|_| ())
     }
 
+    /// Whether storage node `name` was removed from the cluster (a removed node's name is
+    /// not taken back).
+    pub async fn storage_removed(&self, name: &str) -> Result<bool> {
+        let k = key(b'R', &[name]);
+        self.read(move |v| v.exists(&k)).await
+    }
+
     /// Blobs linked in at least one repository, in digest order after `after`, at most `n`.
     pub async fn linked_blobs(&self, after: Option<&Digest>, n: usize) -> Result<Vec<Digest>> {
         let after = after.map(|d| d.to_string());
