@@ -104,6 +104,21 @@ async fn an_upload_whose_chunks_alternate_between_frontends() {
     assert_eq!(digest(&r.bytes().await.unwrap()), d);
 }
 
+/// Starts `n` uploads in `repo` through `front`, each sent 100 bytes (staged in memory);
+/// returns their ids.
+async fn start_uploads(c: &reqwest::Client, front: &str, repo: &str, n: u8) -> Vec<String> {
+    let mut ids = vec![];
+    for i in 0..n {
+        let r = c.post(format!("{front}/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        ids.push(r.headers()["docker-upload-uuid"].to_str().unwrap().to_string());
+        let location = r.headers()["location"].to_str().unwrap().to_string();
+        let r = c.patch(format!("{front}{location}")).body(vec![i; 100]).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    ids
+}
+
 /// Storage nodes SIGKILLed while uploads were staged in their memory lose those uploads; once
 /// back, each ends the sessions staged on it (they could only fail now), so that they stop
 /// counting against their callers and keeping their repository's loose links. The sessions
@@ -122,15 +137,7 @@ async fn sessions_whose_staging_died_with_its_node_are_ended() {
     let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let front = cl.frontends[0].url();
     let c = client();
-    let mut ids = vec![];
-    for i in 0..6u8 {
-        let r = c.post(format!("{front}/v2/acme/lost/blobs/uploads/")).send().await.unwrap();
-        assert_eq!(r.status(), 202);
-        ids.push(r.headers()["docker-upload-uuid"].to_str().unwrap().to_string());
-        let location = r.headers()["location"].to_str().unwrap().to_string();
-        let r = c.patch(format!("{front}{location}")).body(vec![i; 100]).send().await.unwrap();
-        assert_eq!(r.status(), 202);
-    }
+    let ids = start_uploads(&c, &front, "acme/lost", 6).await;
     let meta = berth_meta::client::MetaClient::new(
         cl.meta.addrs().split(',').map(String::from).collect(),
         berth_meta::client::MetaClientConfig::default(),
@@ -156,15 +163,7 @@ async fn sessions_whose_staging_died_with_its_node_are_ended() {
 
     // Uploads staged on each node; one node is killed and removed from the cluster. The
     // others stay open: they are idle for less than the upload timeout until the end.
-    let mut ids = vec![];
-    for i in 0..9u8 {
-        let r = c.post(format!("{front}/v2/acme/lost/blobs/uploads/")).send().await.unwrap();
-        assert_eq!(r.status(), 202);
-        ids.push(r.headers()["docker-upload-uuid"].to_str().unwrap().to_string());
-        let location = r.headers()["location"].to_str().unwrap().to_string();
-        let r = c.patch(format!("{front}{location}")).body(vec![i; 100]).send().await.unwrap();
-        assert_eq!(r.status(), 202);
-    }
+    let ids = start_uploads(&c, &front, "acme/lost", 9).await;
     let staged_on = |sessions: Vec<berth_core::UploadSession>| -> Vec<(String, Option<String>)> {
         sessions.into_iter().filter(|s| ids.contains(&s.id)).map(|s| (s.id, s.staging)).collect()
     };
