@@ -427,10 +427,12 @@ impl StorageEngine {
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
             return Err(upload_unknown(id));
         };
-        self.forget_upload(id);
         let inner = self.inner.clone();
         let digest = digest.clone();
-        blocking(move || {
+        // The slot stays in the map, locked, until the commit is over: a call for the upload
+        // meanwhile waits for it (and then finds it gone) instead of opening the staged file
+        // being committed, and housekeeping sees the upload in use, not lost.
+        let committed = blocking(move || {
             let mut st = st;
             let (ok, checksums) = match &copy_of {
                 Some(blake3) => st.verify_copy(blake3),
@@ -449,7 +451,9 @@ impl StorageEngine {
                 let _ = fs::remove_file(&path);
             })
         })
-        .await
+        .await;
+        self.forget_upload(id);
+        committed
     }
 
     /// The slot of upload `id`, locked; loads a staged file left by an earlier process.
@@ -882,7 +886,7 @@ impl Inner {
             if live {
                 let data = self.segments.read(segment, rec.offset, rec.len).map_err(internal)?;
                 let copy = self.segments.append(&rec.key, &data).map_err(internal)?;
-                moved.push((rec.key, rec.offset, rec.len, copy.segment, copy.offset));
+                moved.push((rec.key, rec.offset, rec.len, copy.segment(), copy.offset));
                 pending.push(copy);
             }
         }
@@ -1073,7 +1077,7 @@ impl Inner {
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let appended = self.segments.append(key, &data).map_err(internal)?;
-            let segment = appended.segment;
+            let segment = appended.segment();
             if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
                 self.compact_segments();
             }

@@ -78,9 +78,15 @@ pub(crate) struct Pending<'a> {
     segments: &'a Segments,
     /// Where the record starts (its header).
     start: Mark,
-    /// Where its data starts.
-    pub segment: u32,
+    /// Where its data starts, in segment [`Pending::segment`].
     pub offset: u64,
+}
+
+impl Pending<'_> {
+    /// The segment the record is in.
+    pub fn segment(&self) -> u32 {
+        self.start.0
+    }
 }
 
 impl Drop for Pending<'_> {
@@ -212,7 +218,7 @@ impl Segments {
             a.pending.insert((id, at));
             (a.id, a.file.clone(), a.len, at)
         };
-        let pending = Pending { segments: self, start: (id, at), segment: id, offset: at + head.len() as u64 };
+        let pending = Pending { segments: self, start: (id, at), offset: at + head.len() as u64 };
         self.sync_through(id, &file, end)?;
         Ok(pending)
     }

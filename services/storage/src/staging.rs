@@ -168,7 +168,7 @@ impl Staging {
 
     /// Whether the staged bytes hash to `digest`, and their integrity checksums.
     pub fn verify(&mut self, digest: &Digest) -> io::Result<(bool, Checksums)> {
-        let checksum = self.tree.finish();
+        let checksum = self.checksums();
         let ok = match (digest.algorithm(), &self.sha256) {
             (Algorithm::Sha256, Some(h)) => h.clone().finish() == *digest,
             (other, _) => {
