@@ -169,6 +169,9 @@ async fn sessions_whose_staging_died_with_its_node_are_ended() {
     };
     let before = staged_on(meta.uploads(None, 1000).await.unwrap());
     assert_eq!(before.len(), 9);
+    // Every session names the node its bytes are staged on (as that node's router answered
+    // the start), which is how a node's own sessions are told apart from the others'.
+    assert!(before.iter().all(|(_, n)| n.is_some()), "a session names no staging node: {before:?}");
     // The node to remove: one that stages some of them (which ones do depends on the uploads'
     // ids, and on which nodes the frontend found answering since the restart).
     let (victim, name) = tokio::task::block_in_place(|| {

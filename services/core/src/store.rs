@@ -196,8 +196,10 @@ pub trait BlobStore: Send + Sync + 'static {
         self.put(digest, body, limit).await
     }
 
-    /// Opens an empty staging area for upload `id`.
-    async fn upload_start(&self, id: &str) -> Result<()>;
+    /// Opens an empty staging area for upload `id`. Returns the storage node (by name) it is
+    /// staged on, for its session to record, when the store routes over several; `None` for a
+    /// store that is one node.
+    async fn upload_start(&self, id: &str) -> Result<Option<String>>;
 
     /// Appends `body` to upload `id`. With `offset`, the append must start exactly there
     /// (`416` otherwise). The upload may not grow past `limit`. Returns the new length.
@@ -245,13 +247,6 @@ pub trait BlobStore: Send + Sync + 'static {
     /// that is one local node always can (the default).
     fn readiness(&self) -> std::result::Result<(), String> {
         Ok(())
-    }
-
-    /// The node (by name) upload `id` was staged on by [`BlobStore::upload_start`] here, for
-    /// its session to record; `None` for a store that is one node (the default).
-    fn upload_staging(&self, id: &str) -> Option<String> {
-        let _ = id;
-        None
     }
 
     /// Tells this store that upload `id` is staged on node `node` (as its session records), so

@@ -232,14 +232,8 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
     }
     let owner = caller.identity.subject();
     let id = uuid::Uuid::new_v4().to_string();
-    reg.blobs.upload_start(&id).await?;
-    let session = UploadSession {
-        id: id.clone(),
-        repo: name.to_string(),
-        started_at_ms: now_ms(),
-        owner,
-        staging: reg.blobs.upload_staging(&id),
-    };
+    let staging = reg.blobs.upload_start(&id).await?;
+    let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms(), owner, staging };
     // The metadata service refuses a caller with too many uploads open (TOOMANYREQUESTS).
     if let Err(e) = reg.meta.create_upload(session.clone(), reg.config.max_uploads_per_caller).await {
         if let Err(c) = reg.blobs.upload_cancel(&id).await {

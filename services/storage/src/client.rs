@@ -404,10 +404,11 @@ impl BlobStore for StorageClient {
         self.send_put(digest, Some(blake3), body, limit).await
     }
 
-    async fn upload_start(&self, id: &str) -> Result<()> {
+    async fn upload_start(&self, id: &str) -> Result<Option<String>> {
         let req = self.request(pb::UploadRef { id: id.to_string() });
         self.grpc.clone().upload_start(req).await.map_err(|s| self.failure(s))?;
-        Ok(())
+        // The node's name is its router's to give (the node is one node).
+        Ok(None)
     }
 
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {

@@ -1287,8 +1287,8 @@ impl BlobStore for StorageEngine {
         self.put_checked(digest, Some(blake3), body, limit).await
     }
 
-    async fn upload_start(&self, id: &str) -> Result<()> {
-        self.start_upload(id, true)
+    async fn upload_start(&self, id: &str) -> Result<Option<String>> {
+        self.start_upload(id, true).map(|()| None)
     }
 
     #[tracing::instrument(name = "store.append", skip_all)]

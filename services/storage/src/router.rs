@@ -662,7 +662,7 @@ impl BlobStore for Replicated {
         self.settle(digest, outcomes).await
     }
 
-    async fn upload_start(&self, id: &str) -> Result<()> {
+    async fn upload_start(&self, id: &str) -> Result<Option<String>> {
         let mut failure = unavailable("no storage node is up to stage an upload");
         for i in self.upload_order(id) {
             if self.is_down(i) {
@@ -671,9 +671,9 @@ impl BlobStore for Replicated {
             let r = self.nodes[i].store.upload_start(id).await;
             self.mark(i, &r);
             match r {
-                Ok(()) => {
+                Ok(_) => {
                     self.remember(id, Some(i));
-                    return Ok(());
+                    return Ok(Some(self.nodes[i].name.clone()));
                 }
                 Err(e) if node_failure(&e) => failure = e,
                 Err(e) => return Err(e),
@@ -689,11 +689,6 @@ impl BlobStore for Replicated {
         } else {
             Err(format!("{up} of {} storage nodes answer; writes need {}", self.nodes.len(), self.write_quorum))
         }
-    }
-
-    fn upload_staging(&self, id: &str) -> Option<String> {
-        let i = self.staged.lock().ok()?.get(id).copied()?;
-        Some(self.nodes[i].name.clone())
     }
 
     fn upload_staged_at(&self, id: &str, node: &str) {
@@ -950,16 +945,12 @@ impl BlobStore for CurrentRouter {
         self.get()?.put(digest, body, limit).await
     }
 
-    async fn upload_start(&self, id: &str) -> Result<()> {
+    async fn upload_start(&self, id: &str) -> Result<Option<String>> {
         self.get()?.upload_start(id).await
     }
 
     fn readiness(&self) -> std::result::Result<(), String> {
         self.get().map_err(|e| e.detail)?.readiness()
-    }
-
-    fn upload_staging(&self, id: &str) -> Option<String> {
-        self.get().ok()?.upload_staging(id)
     }
 
     fn upload_staged_at(&self, id: &str, node: &str) {
@@ -1110,7 +1101,7 @@ mod tests {
         async fn put(&self, d: &Digest, body: ByteStream, limit: u64) -> Result<Stored> {
             self.inner.put(d, body, limit).await
         }
-        async fn upload_start(&self, id: &str) -> Result<()> {
+        async fn upload_start(&self, id: &str) -> Result<Option<String>> {
             self.inner.upload_start(id).await
         }
         async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {

@@ -513,9 +513,8 @@ mod tests {
             let data = vec![n; size];
             let d = Digest::sha256_of(&data);
             let id = format!("0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0{n}");
-            a.upload_start(&id).await.unwrap();
             // Another frontend, told where the session is staged, goes straight there.
-            let staging = a.upload_staging(&id).expect("the router names the staging node");
+            let staging = a.upload_start(&id).await.unwrap().expect("the router names the staging node");
             b.upload_staged_at(&id, &staging);
             assert_eq!(b.upload_append(&id, Some(0), body(data.clone()), u64::MAX).await.unwrap(), size as u64);
             let stored = a.upload_finish(&id, &d).await.unwrap();

@@ -55,7 +55,7 @@ impl BlobStore for Nodes {
     async fn put(&self, _: &Digest, _: ByteStream, _: u64) -> Result<Stored> {
         Err(unsupported())
     }
-    async fn upload_start(&self, _: &str) -> Result<()> {
+    async fn upload_start(&self, _: &str) -> Result<Option<String>> {
         Err(unsupported())
     }
     async fn upload_append(&self, _: &str, _: Option<u64>, _: ByteStream, _: u64) -> Result<u64> {
