@@ -159,6 +159,32 @@ impl RegistryError {
         self
     }
 
+    /// `413 SIZE_INVALID`: a blob, or an upload, would grow past the `limit` in bytes.
+    pub fn too_big(limit: u64) -> Self {
+        RegistryError::new(ErrorCode::SizeInvalid, format!("blob exceeds the limit of {limit} bytes")).with_status(413)
+    }
+
+    /// `BLOB_UPLOAD_UNKNOWN` for upload `id`: never started, or ended (finished, cancelled or
+    /// expired).
+    pub fn upload_unknown(id: &str) -> Self {
+        RegistryError::new(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or expired"))
+    }
+
+    /// `416 BLOB_UPLOAD_INVALID`: a chunk that starts at `offset` sent to an upload of `size`
+    /// bytes (a chunk must start where the upload ends).
+    pub fn chunk_out_of_order(offset: u64, size: u64) -> Self {
+        RegistryError::new(
+            ErrorCode::BlobUploadInvalid,
+            format!("chunk starts at {offset} but the upload has {size} bytes"),
+        )
+        .with_status(416)
+    }
+
+    /// `BLOB_UPLOAD_INVALID`: the request's body failed while it was read.
+    pub fn reading_body(e: impl fmt::Display) -> Self {
+        RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}"))
+    }
+
     /// A server-side fault; the detail is logged, not trusted to be client-safe.
     pub fn internal(detail: impl fmt::Display) -> Self {
         RegistryError::new(ErrorCode::Unknown, detail.to_string())

@@ -18,14 +18,6 @@ fn blob_unknown(d: &Digest) -> RegistryError {
     RegistryError::new(ErrorCode::BlobUnknown, format!("blob {d} is not in this repository"))
 }
 
-fn upload_unknown(id: &str) -> RegistryError {
-    RegistryError::new(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or expired"))
-}
-
-fn too_big(limit: u64) -> RegistryError {
-    RegistryError::new(ErrorCode::SizeInvalid, format!("blob exceeds the limit of {limit} bytes")).with_status(413)
-}
-
 /// A `Range: bytes=...` request against a blob of `size` bytes.
 enum RangeRequest {
     Whole,
@@ -223,7 +215,7 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
     if let Some(digest) = query_param(req.uri(), "digest") {
         let digest = parse_digest(&digest)?;
         if content_length(req.headers()).is_some_and(|n| n > reg.config.max_blob) {
-            return Err(too_big(reg.config.max_blob));
+            return Err(RegistryError::too_big(reg.config.max_blob));
         }
         let stored =
             reg.blobs.put(&digest, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob).await?;
@@ -257,11 +249,11 @@ async fn session(reg: &Registry, name: &str, id: &str) -> Result<Arc<UploadSessi
         Some(s) => s,
         None => match reg.meta.upload(id).await? {
             Some(s) => Arc::new(s),
-            None => return Err(upload_unknown(id)),
+            None => return Err(RegistryError::upload_unknown(id)),
         },
     };
     if s.repo != name {
-        return Err(upload_unknown(id));
+        return Err(RegistryError::upload_unknown(id));
     }
     if let Some(node) = &s.staging {
         reg.blobs.upload_staged_at(id, node);
@@ -306,14 +298,15 @@ pub(crate) const WHOLE_CHUNK_BYTES: usize = 64 << 20;
 /// The whole of a body of `length` bytes (as `Content-Length` promised; a body that delivers
 /// fewer fails with an error).
 async fn read_whole(mut body: berth_core::ByteStream, length: u64) -> Result<bytes::Bytes, RegistryError> {
-    let reading = |e: std::io::Error| RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}"));
-    let Some(first) = body.try_next().await.map_err(reading)? else { return Ok(bytes::Bytes::new()) };
+    let Some(first) = body.try_next().await.map_err(RegistryError::reading_body)? else {
+        return Ok(bytes::Bytes::new());
+    };
     if first.len() as u64 >= length {
         return Ok(first);
     }
     let mut all = bytes::BytesMut::with_capacity(length as usize);
     all.extend_from_slice(&first);
-    while let Some(chunk) = body.try_next().await.map_err(reading)? {
+    while let Some(chunk) = body.try_next().await.map_err(RegistryError::reading_body)? {
         all.extend_from_slice(&chunk);
     }
     Ok(all.freeze())
@@ -342,16 +335,12 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
     // store refusing it part way could not drain it: the body is already its stream).
     if offset.is_some() || length.is_some() {
-        let current = reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?;
+        let current = reg.blobs.upload_size(id).await?.ok_or_else(|| RegistryError::upload_unknown(id))?;
         if let Some(off) = offset.filter(|off| *off != current) {
-            return Err(RegistryError::new(
-                ErrorCode::BlobUploadInvalid,
-                format!("chunk starts at {off} but the upload has {current} bytes"),
-            )
-            .with_status(416));
+            return Err(RegistryError::chunk_out_of_order(off, current));
         }
         if length.is_some_and(|n| current + n > reg.config.max_blob) {
-            return Err(too_big(reg.config.max_blob));
+            return Err(RegistryError::too_big(reg.config.max_blob));
         }
     }
     let size = reg
@@ -375,7 +364,7 @@ pub async fn patch(reg: &Registry, name: &str, id: &str, req: Request) -> Result
     session(reg, name, id).await?;
     let size = match append(reg, id, req).await {
         Ok(Some(size)) => size,
-        Ok(None) => reg.blobs.upload_size(id).await?.ok_or_else(|| upload_unknown(id))?,
+        Ok(None) => reg.blobs.upload_size(id).await?.ok_or_else(|| RegistryError::upload_unknown(id))?,
         Err(e) => {
             if e.code == ErrorCode::BlobUploadUnknown {
                 forget(reg, id).await;
@@ -425,7 +414,7 @@ pub async fn status(reg: &Registry, name: &str, id: &str) -> Result<Response, Re
         Some(size) => upload_accepted(reg, StatusCode::NO_CONTENT, name, id, size),
         None => {
             forget(reg, id).await;
-            Err(upload_unknown(id))
+            Err(RegistryError::upload_unknown(id))
         }
     }
 }

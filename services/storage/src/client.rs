@@ -227,7 +227,7 @@ impl StorageClient {
         match pumped {
             Err(Pump::Body(e)) => {
                 // The engine's own answer to a failing body, so both wirings agree.
-                Err(RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}")))
+                Err(RegistryError::reading_body(e))
             }
             Err(Pump::Stalled) => Err(self.unavailable("node stopped taking data")),
             Ok(()) | Err(Pump::Closed) => match tokio::time::timeout(self.config.frame_timeout, rpc).await {
@@ -640,9 +640,7 @@ mod tests {
         assert_eq!(c.upload_append(id, Some(0), body(&bytes[..600_000], 300_000), u64::MAX).await.unwrap(), 600_000);
 
         // The engine's refusal, code, status and detail alike.
-        let engine_says =
-            RegistryError::new(ErrorCode::BlobUploadInvalid, "chunk starts at 5 but the upload has 600000 bytes")
-                .with_status(416);
+        let engine_says = RegistryError::chunk_out_of_order(5, 600_000);
         let err = c.upload_append(id, Some(5), body(&bytes[600_000..], 300_000), u64::MAX).await.unwrap_err();
         assert_eq!(err, engine_says);
         assert_eq!(c.upload_size(id).await.unwrap(), Some(600_000));

@@ -174,14 +174,6 @@ fn internal(e: impl std::fmt::Display) -> RegistryError {
 
 use berth_core::now_ms;
 
-fn too_big(limit: u64) -> RegistryError {
-    RegistryError::new(ErrorCode::SizeInvalid, format!("blob exceeds the limit of {limit} bytes")).with_status(413)
-}
-
-fn upload_unknown(id: &str) -> RegistryError {
-    RegistryError::new(ErrorCode::BlobUploadUnknown, format!("upload {id} is unknown or expired"))
-}
-
 /// Upload ids name files, so only UUID-like ids are accepted.
 fn valid_upload_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -411,7 +403,7 @@ impl StorageEngine {
     /// [`Staging::create`]).
     fn start_upload(&self, id: &str, hash_digest: bool) -> Result<()> {
         if !valid_upload_id(id) {
-            return Err(upload_unknown(id));
+            return Err(RegistryError::upload_unknown(id));
         }
         let st = Staging::create(self.inner.upload_path(id), self.inner.staged_in_memory.clone(), hash_digest);
         let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
@@ -425,7 +417,7 @@ impl StorageEngine {
     async fn finish_upload(&self, id: &str, digest: &Digest, copy_of: Option<[u8; 32]>) -> Result<Stored> {
         let mut guard = self.lock_upload(id).await?;
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
-            return Err(upload_unknown(id));
+            return Err(RegistryError::upload_unknown(id));
         };
         let inner = self.inner.clone();
         let digest = digest.clone();
@@ -459,7 +451,7 @@ impl StorageEngine {
     /// The slot of upload `id`, locked; loads a staged file left by an earlier process.
     async fn lock_upload(&self, id: &str) -> Result<OwnedMutexGuard<Slot>> {
         if !valid_upload_id(id) {
-            return Err(upload_unknown(id));
+            return Err(RegistryError::upload_unknown(id));
         }
         let slot = {
             let mut map = self.inner.uploads.lock().map_err(internal)?;
@@ -478,7 +470,7 @@ impl StorageEngine {
         }
         if let Slot::Gone = *guard {
             self.forget_upload(id);
-            return Err(upload_unknown(id));
+            return Err(RegistryError::upload_unknown(id));
         }
         Ok(guard)
     }
@@ -514,7 +506,7 @@ impl StorageEngine {
                 Some(Ok(chunk)) => {
                     received += chunk.len() as u64;
                     if start + received > limit {
-                        outcome = Err(too_big(limit));
+                        outcome = Err(RegistryError::too_big(limit));
                         break;
                     }
                     batched += chunk.len();
@@ -522,7 +514,7 @@ impl StorageEngine {
                     false
                 }
                 Some(Err(e)) => {
-                    outcome = Err(RegistryError::new(ErrorCode::BlobUploadInvalid, format!("reading body: {e}")));
+                    outcome = Err(RegistryError::reading_body(e));
                     break;
                 }
                 None => true,
@@ -1295,17 +1287,13 @@ impl BlobStore for StorageEngine {
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         let mut guard = self.lock_upload(id).await?;
         let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
-            return Err(upload_unknown(id));
+            return Err(RegistryError::upload_unknown(id));
         };
         if let Some(off) = offset {
             if off != st.size {
                 let size = st.size;
                 *guard = Slot::Ready(st);
-                return Err(RegistryError::new(
-                    ErrorCode::BlobUploadInvalid,
-                    format!("chunk starts at {off} but the upload has {size} bytes"),
-                )
-                .with_status(416));
+                return Err(RegistryError::chunk_out_of_order(off, size));
             }
         }
         let (st, result) = self.append_body(st, body, limit).await;
