@@ -4,10 +4,10 @@
 //!
 //! A node that failed a call is passed over for a moment ([`DOWN_FOR`]), so that the next node
 //! in rendezvous order stands in for it. An upload is staged on the first node up in the
-//! ranking of its id, which its session records ([`BlobStore::upload_staging`]; a frontend
-//! told nothing asks the nodes in that order); finishing it verifies the digest there, and
-//! that node copies the blob to the blob's other owners in the same call (node to node;
-//! through the router for stores that are not nodes).
+//! ranking of its id, which its session records (the name [`BlobStore::upload_start`]
+//! answers; a frontend told nothing asks the nodes in that order); finishing it verifies the
+//! digest there, and that node copies the blob to the blob's other owners in the same call
+//! (node to node; through the router for stores that are not nodes).
 //!
 //! Copies short of R: a write acknowledged by W ≤ k < R owners, and a read that found an owner
 //! without its copy, are recorded in the metadata service ([`Replicated::with_repair_record`])
