@@ -286,6 +286,14 @@ impl StorageEngine {
             }),
         };
         engine.inner.recover_index().map_err(|e| io::Error::other(e.to_string()))?;
+        // Segments left at least half dead (the node stopped before a sweep ran, or recovery
+        // counted records dead) are compacted now rather than at the next delete or roll.
+        // The sweep runs on the runtime's blocking pool: without a runtime it waits for those.
+        let compactable = engine.inner.compactable().map_err(|e| io::Error::other(e.to_string()))?;
+        if !compactable.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            tracing::info!(segments = compactable.len(), "compacting segments left at least half dead");
+            engine.inner.compact_segments();
+        }
         Ok(engine)
     }
 

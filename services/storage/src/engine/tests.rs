@@ -336,6 +336,54 @@ async fn segment_emptied_while_active_is_compacted_once_sealed() {
     }
 }
 
+/// A sealed segment found at least half dead when the engine opens (the node stopped before
+/// the sweep its deletes asked for ran) is compacted without waiting for another delete.
+#[tokio::test]
+async fn segment_left_half_dead_is_compacted_at_open() {
+    let d = tempfile::tempdir().unwrap();
+    let per_segment = crate::segment::SEGMENT_SIZE / INLINE_THRESHOLD;
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..per_segment + 1).map(|i| distinct(i, INLINE_THRESHOLD as usize)).collect();
+    let kept = &blobs[per_segment as usize - 2..];
+    {
+        let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
+        for (digest, bytes) in &blobs {
+            e.put_small(digest, Bytes::from(bytes.clone())).await.unwrap();
+        }
+        assert!(e.inner.segments.active_id() > 1, "the first segment is sealed");
+        // The sweep the roll asked for finds nothing to do.
+        while e.inner.compacting.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Most of the first segment deleted as a delete does, but with the node stopping
+        // before any sweep: entries gone, their bytes counted dead.
+        let mut batch = WriteBatch::default();
+        let mut dead = 0;
+        for (digest, bytes) in &blobs[..per_segment as usize - 2] {
+            let key = digest.to_string();
+            batch.delete_cf(e.inner.cf(CF_BLOBS).unwrap(), &key);
+            batch.delete_cf(e.inner.cf(CF_BLOBS).unwrap(), units_key(&key));
+            dead += bytes.len() as u64;
+        }
+        batch.put_cf(e.inner.cf(CF_BLOBS).unwrap(), dead_key(1), dead.to_le_bytes());
+        e.inner.index_write(batch, &[], true).unwrap();
+        assert_eq!(e.inner.compactable().unwrap(), vec![1]);
+    }
+    let first = d.path().join("segments/00000001.seg");
+    assert!(first.exists());
+    let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while first.exists() || e.inner.compacting.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "the half-dead segment was not compacted after opening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (digest, bytes) in kept {
+        assert_eq!(&e.read_small(digest, 1 << 20).await.unwrap().unwrap(), bytes);
+    }
+    for (digest, _) in &blobs[..3] {
+        assert!(e.stat(digest).await.unwrap().is_none());
+    }
+}
+
 #[tokio::test]
 async fn same_small_blob_pushed_at_once_is_stored_once() {
     let (d, e) = engine();
