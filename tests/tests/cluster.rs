@@ -196,6 +196,59 @@ async fn sessions_whose_staging_died_with_its_node_are_ended() {
     assert_eq!(after, kept, "exactly the sessions staged on the removed node are ended");
 }
 
+/// Sessions that name no storage node of the cluster (records from before sessions named
+/// one, or a node recorded by an address it does not call itself) are ended by the metadata
+/// leader once every node answers that it does not stage them; one a node does stage stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_naming_no_node_are_ended_once_no_node_stages_them() {
+    use berth_core::{MetaStore, UploadSession};
+    let options = ClusterOptions {
+        meta_args: vec!["--gc-interval-secs".into(), "1".into(), "--upload-timeout-secs".into(), "3".into()],
+        ..Default::default()
+    };
+    let cl = tokio::task::block_in_place(|| Cluster::start_with(options));
+    let meta = berth_meta::client::MetaClient::new(
+        cl.meta.addrs().split(',').map(String::from).collect(),
+        berth_meta::client::MetaClientConfig::default(),
+    )
+    .unwrap();
+    let id = |n: u8| format!("5e55a0{n:02x}-0000-4000-8000-000000000000");
+    let (unnamed, misspelled, staged) = (id(1), id(2), id(3));
+    // Staged on a node, but its record names none.
+    StorageClient::new(&cl.storage[1].addr, StorageClientConfig::default())
+        .unwrap()
+        .upload_start(&staged)
+        .await
+        .unwrap();
+    for (id, staging) in [(&unnamed, None), (&misspelled, Some("storage.invalid:7001")), (&staged, None)] {
+        let session = UploadSession {
+            id: id.clone(),
+            repo: "acme/unnamed".into(),
+            started_at_ms: berth_core::now_ms(),
+            owner: berth_tests::ADMIN.into(),
+            staging: staging.map(String::from),
+        };
+        meta.create_upload(session, 0).await.unwrap();
+    }
+    let ours = [unnamed.clone(), misspelled.clone(), staged.clone()];
+    let open = || async {
+        let mut ids: Vec<String> =
+            meta.uploads(None, 1000).await.unwrap().into_iter().map(|s| s.id).filter(|i| ours.contains(i)).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(open().await.len(), 3, "not ended before they are 3 s old");
+    let start = Instant::now();
+    while open().await.len() > 1 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!("sessions staged nowhere ended {:.1} s after they were recorded", start.elapsed().as_secs_f64());
+    assert_eq!(open().await, vec![staged.clone()], "exactly the sessions no node stages are ended");
+    // Rounds go on; the one a node stages stays open.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(open().await, vec![staged]);
+}
+
 use berth_tests::run_tool as run;
 
 #[test]

@@ -17,7 +17,7 @@ const SESSIONS_PER_ROUND: usize = 1000;
 /// ended for lack of a staging area: it may be between the two writes that start it. (A
 /// session being finished has no staging area left either, until its end is written; the
 /// frontend links the blob when housekeeping ended the session meanwhile.)
-const SESSION_SETTLE: Duration = Duration::from_secs(60);
+pub(crate) const SESSION_SETTLE: Duration = Duration::from_secs(60);
 
 /// The upload sessions whose staging areas `blobs` holds. A session opens its staging area
 /// before it is recorded, so one of these without an area once it has settled lost it (with

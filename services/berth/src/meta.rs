@@ -69,6 +69,12 @@ pub struct MetaArgs {
     /// against their owners (right after a change, placement passes are still moving copies).
     #[arg(long, env = "BERTH_AUDIT_AFTER_SECS", default_value_t = 60)]
     pub audit_after_secs: u64,
+    /// An upload session that names no storage node of the map (a record from before sessions
+    /// named one, or a node recorded by another spelling of its address) is ended by the
+    /// leader once no node stages it and it is older than a minute, or than this many seconds
+    /// when shorter, as storage nodes judge their own sessions [default: 600].
+    #[arg(long, env = "BERTH_UPLOAD_TIMEOUT_SECS")]
+    pub upload_timeout_secs: Option<u64>,
     /// HTTP address of the probes: `/healthz` (the node serves) and `/readyz` (it knows the
     /// group's leader) [default: none].
     #[arg(long, env = "BERTH_HTTP_LISTEN")]
@@ -94,6 +100,7 @@ async fn collect_while_leading(
     router: Arc<CurrentRouter>,
     replicas: usize,
     settle: Duration,
+    sessions_settle: Duration,
 ) {
     // Without background rounds, audits still come, as often as rounds would by default.
     let period = collector.interval().unwrap_or_else(|| Collector::default_interval(collector.grace()));
@@ -109,7 +116,7 @@ async fn collect_while_leading(
         if collector.interval().is_some() {
             collector.logged_round().await;
         }
-        sessions_after = end_sessions_of_removed_nodes(&meta, sessions_after).await;
+        sessions_after = end_sessions_of_removed_nodes(&meta, &router, sessions_settle, sessions_after).await;
         let since = match map_seen {
             Some((v, since)) if v == version => since,
             _ => {
@@ -126,13 +133,29 @@ async fn collect_while_leading(
 /// Upload sessions looked at per round by [`end_sessions_of_removed_nodes`].
 const SESSIONS_PAGE: usize = 1000;
 
+/// Sessions per round whose staging the leader asks the storage nodes about (see
+/// [`end_sessions_of_removed_nodes`]); each question goes to every node.
+const UNNAMED_PER_ROUND: usize = 50;
+
+/// How long a storage node has to say whether it stages an upload.
+const STAGED_WAIT: Duration = Duration::from_secs(2);
+
 /// Ends the upload sessions after `after` (a page) staged on a storage node that has been
 /// removed from the cluster: their staging areas went with it, and no frontend sends their
 /// calls there any more, so they could only fail; open, they would count against their
 /// callers and keep their repositories' loose links. (A storage node ends the sessions staged
-/// on it whose staging area it lost; a removed node no longer runs to do so.) Returns where
-/// the next page starts.
-async fn end_sessions_of_removed_nodes(meta: &MetaService, after: Option<String>) -> Option<String> {
+/// on it whose staging area it lost; a removed node no longer runs to do so.)
+///
+/// Sessions older than `settle` that name no node of the current map (records from before
+/// sessions named one, or a node recorded by an address it does not call itself) no node
+/// ends either: those are ended once every node answers that it does not stage them.
+/// Returns where the next page starts.
+async fn end_sessions_of_removed_nodes(
+    meta: &MetaService,
+    router: &CurrentRouter,
+    settle: Duration,
+    after: Option<String>,
+) -> Option<String> {
     use berth_core::MetaStore;
     let page = match meta.uploads(after.as_deref(), SESSIONS_PAGE).await {
         Ok(p) => p,
@@ -143,7 +166,31 @@ async fn end_sessions_of_removed_nodes(meta: &MetaService, after: Option<String>
     };
     let next = if page.len() < SESSIONS_PAGE { None } else { page.last().map(|s| s.id.clone()) };
     let mut removed: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let current = router.get().ok();
+    let settled = berth_core::now_ms().saturating_sub(settle.as_millis() as u64);
+    let mut asked = 0;
     for s in page {
+        let unnamed = match (&current, &s.staging) {
+            (Some(c), staging) => staging.as_deref().is_none_or(|n| !c.names_node(n)),
+            (None, _) => false,
+        };
+        if unnamed && s.started_at_ms <= settled && asked < UNNAMED_PER_ROUND {
+            asked += 1;
+            let staged = match &current {
+                Some(c) => c.staged_anywhere(&s.id, STAGED_WAIT).await,
+                None => None,
+            };
+            if staged == Some(false) {
+                match meta.end_upload(&s.id, None).await {
+                    Ok(()) => {
+                        tracing::info!(upload = %s.id, staging = ?s.staging, "ended a session no storage node stages")
+                    }
+                    Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
+                    Err(e) => tracing::warn!(upload = %s.id, error = %e, "ending a session no storage node stages"),
+                }
+                continue;
+            }
+        }
         let Some(node) = s.staging else { continue };
         let gone = match removed.get(&node) {
             Some(gone) => *gone,
@@ -353,7 +400,17 @@ pub async fn run(mut args: MetaArgs) -> Result<()> {
     );
     meta.set_collector(&collector);
     let settle = Duration::from_secs(args.audit_after_secs);
-    let collecting = tokio::spawn(collect_while_leading(meta.clone(), collector, router, args.replicas.max(1), settle));
+    let upload_timeout =
+        args.upload_timeout_secs.map_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT, Duration::from_secs);
+    let sessions_settle = crate::housekeeping::SESSION_SETTLE.min(upload_timeout);
+    let collecting = tokio::spawn(collect_while_leading(
+        meta.clone(),
+        collector,
+        router,
+        args.replicas.max(1),
+        settle,
+        sessions_settle,
+    ));
     if let Some(listen) = args.http_listen {
         let node = meta.clone();
         let ready: crate::probe::Readiness = Arc::new(move || {
