@@ -198,39 +198,42 @@ async fn sessions_whose_staging_died_with_its_node_are_ended() {
 
 /// Sessions that name no storage node of the cluster (records from before sessions named
 /// one, or a node recorded by an address it does not call itself) are ended by the metadata
-/// leader once every node answers that it does not stage them; one a node does stage stays.
+/// leader once every node answers that it does not stage them; one a node does stage stays,
+/// and so does one staged on a node that is then declared dead (it may come back with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_naming_no_node_are_ended_once_no_node_stages_them() {
     use berth_core::{MetaStore, UploadSession};
     let options = ClusterOptions {
-        meta_args: vec!["--gc-interval-secs".into(), "1".into(), "--upload-timeout-secs".into(), "3".into()],
+        meta_args: ["--gc-interval-secs", "1", "--upload-timeout-secs", "3", "--storage-dead-after-secs", "6"]
+            .map(String::from)
+            .to_vec(),
         ..Default::default()
     };
-    let cl = tokio::task::block_in_place(|| Cluster::start_with(options));
+    let mut cl = tokio::task::block_in_place(|| Cluster::start_with(options));
     let meta = berth_meta::client::MetaClient::new(
         cl.meta.addrs().split(',').map(String::from).collect(),
         berth_meta::client::MetaClientConfig::default(),
     )
     .unwrap();
     let id = |n: u8| format!("5e55a0{n:02x}-0000-4000-8000-000000000000");
-    let (unnamed, misspelled, staged) = (id(1), id(2), id(3));
+    let (unnamed, misspelled, staged, on_dead) = (id(1), id(2), id(3), id(4));
     // Staged on a node, but its record names none.
     StorageClient::new(&cl.storage[1].addr, StorageClientConfig::default())
         .unwrap()
         .upload_start(&staged)
         .await
         .unwrap();
+    let session = |id: &str, staging: Option<&str>| UploadSession {
+        id: id.to_string(),
+        repo: "acme/unnamed".into(),
+        started_at_ms: berth_core::now_ms(),
+        owner: berth_tests::ADMIN.into(),
+        staging: staging.map(String::from),
+    };
     for (id, staging) in [(&unnamed, None), (&misspelled, Some("storage.invalid:7001")), (&staged, None)] {
-        let session = UploadSession {
-            id: id.clone(),
-            repo: "acme/unnamed".into(),
-            started_at_ms: berth_core::now_ms(),
-            owner: berth_tests::ADMIN.into(),
-            staging: staging.map(String::from),
-        };
-        meta.create_upload(session, 0).await.unwrap();
+        meta.create_upload(session(id, staging), 0).await.unwrap();
     }
-    let ours = [unnamed.clone(), misspelled.clone(), staged.clone()];
+    let ours = [unnamed.clone(), misspelled.clone(), staged.clone(), on_dead.clone()];
     let open = || async {
         let mut ids: Vec<String> =
             meta.uploads(None, 1000).await.unwrap().into_iter().map(|s| s.id).filter(|i| ours.contains(i)).collect();
@@ -246,7 +249,25 @@ async fn sessions_naming_no_node_are_ended_once_no_node_stages_them() {
     assert_eq!(open().await, vec![staged.clone()], "exactly the sessions no node stages are ended");
     // Rounds go on; the one a node stages stays open.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(open().await, vec![staged]);
+    assert_eq!(open().await, vec![staged.clone()]);
+
+    // Staged on node 2, which is killed and declared dead: no node up stages it, but the
+    // session names a node of the map, and stays open.
+    let (name, _, _) = tokio::task::block_in_place(|| storage_node(&cl, &cl.storage[2].addr)).expect("node 2");
+    StorageClient::new(&cl.storage[2].addr, StorageClientConfig::default())
+        .unwrap()
+        .upload_start(&on_dead)
+        .await
+        .unwrap();
+    meta.create_upload(session(&on_dead, Some(&name)), 0).await.unwrap();
+    tokio::task::block_in_place(|| cl.kill_storage(2));
+    let killed = Instant::now();
+    while tokio::task::block_in_place(|| storage_node(&cl, &cl.storage[2].addr)).map(|n| n.1) != Some("dead".into()) {
+        assert!(killed.elapsed() < Duration::from_secs(30), "node 2 not declared dead");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(open().await, vec![staged, on_dead], "a session staged on a dead node was ended");
 }
 
 use berth_tests::run_tool as run;

@@ -146,9 +146,10 @@ const STAGED_WAIT: Duration = Duration::from_secs(2);
 /// callers and keep their repositories' loose links. (A storage node ends the sessions staged
 /// on it whose staging area it lost; a removed node no longer runs to do so.)
 ///
-/// Sessions older than `settle` that name no node of the current map (records from before
-/// sessions named one, or a node recorded by an address it does not call itself) no node
-/// ends either: those are ended once every node answers that it does not stage them.
+/// Sessions older than `settle` that name no node of the placement map, in any state
+/// (records from before sessions named one, or a node recorded by an address it does not call
+/// itself), no node ends either: those are ended once every node answers that it does not
+/// stage them.
 /// Returns where the next page starts.
 async fn end_sessions_of_removed_nodes(
     meta: &MetaService,
@@ -166,13 +167,19 @@ async fn end_sessions_of_removed_nodes(
     };
     let next = if page.len() < SESSIONS_PAGE { None } else { page.last().map(|s| s.id.clone()) };
     let mut removed: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    // Every node of the map names itself, whatever its state: a dead node may come back with
+    // its staged uploads, and ends its sessions itself then.
+    let known: Option<std::collections::HashSet<String>> = match (router.get(), meta.placement().await) {
+        (Ok(_), Ok(map)) => Some(map.nodes.into_iter().flat_map(|n| [n.name, n.addr]).collect()),
+        _ => None,
+    };
     let current = router.get().ok();
     let settled = berth_core::now_ms().saturating_sub(settle.as_millis() as u64);
     let mut asked = 0;
     for s in page {
-        let unnamed = match (&current, &s.staging) {
-            (Some(c), staging) => staging.as_deref().is_none_or(|n| !c.names_node(n)),
-            (None, _) => false,
+        let unnamed = match &known {
+            Some(known) => s.staging.as_ref().is_none_or(|n| !known.contains(n)),
+            None => false,
         };
         if unnamed && s.started_at_ms <= settled && asked < UNNAMED_PER_ROUND {
             asked += 1;
@@ -180,6 +187,10 @@ async fn end_sessions_of_removed_nodes(
                 Some(c) => c.staged_anywhere(&s.id, STAGED_WAIT).await,
                 None => None,
             };
+            // A node that does not answer would hold up every other question this round.
+            if staged.is_none() {
+                asked = UNNAMED_PER_ROUND;
+            }
             if staged == Some(false) {
                 match meta.end_upload(&s.id, None).await {
                     Ok(()) => {
@@ -401,7 +412,7 @@ pub async fn run(mut args: MetaArgs) -> Result<()> {
     meta.set_collector(&collector);
     let settle = Duration::from_secs(args.audit_after_secs);
     let upload_timeout =
-        args.upload_timeout_secs.map_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT, Duration::from_secs);
+        args.upload_timeout_secs.map_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT, |s| Duration::from_secs(s.max(1)));
     let sessions_settle = crate::housekeeping::SESSION_SETTLE.min(upload_timeout);
     let collecting = tokio::spawn(collect_while_leading(
         meta.clone(),

@@ -289,10 +289,14 @@ impl StorageEngine {
         // Segments left at least half dead (the node stopped before a sweep ran, or recovery
         // counted records dead) are compacted now rather than at the next delete or roll.
         // The sweep runs on the runtime's blocking pool: without a runtime it waits for those.
-        let compactable = engine.inner.compactable().map_err(|e| io::Error::other(e.to_string()))?;
-        if !compactable.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            tracing::info!(segments = compactable.len(), "compacting segments left at least half dead");
-            engine.inner.compact_segments();
+        match engine.inner.compactable() {
+            Ok(ids) if !ids.is_empty() && tokio::runtime::Handle::try_current().is_ok() => {
+                tracing::info!(segments = ids.len(), "compacting segments left at least half dead");
+                engine.inner.compact_segments();
+            }
+            Ok(_) => {}
+            // Only space waits: the node serves, and the next delete or roll looks again.
+            Err(e) => tracing::warn!(error = %e, "looking for segments to compact"),
         }
         Ok(engine)
     }

@@ -275,25 +275,16 @@ impl Replicated {
         self.nodes.len()
     }
 
-    /// Whether `node` is what a session records for one of this router's nodes: its name, or
-    /// its address (as frontends given a fixed list of nodes record it).
-    pub fn names_node(&self, node: &str) -> bool {
-        self.nodes.iter().any(|n| n.name == node) || self.addrs.as_ref().is_some_and(|a| a.iter().any(|a| a == node))
-    }
-
-    /// Whether upload `id` is staged on any of this router's nodes: `Some(false)` only when
-    /// every node answered within `wait` that it is not. A node that did not answer (down, or
-    /// holding the upload for an append under way) leaves it unknown.
+    /// Whether upload `id` is staged on any of this router's nodes, asked all at once:
+    /// `Some(false)` only when every node answered within `wait` that it is not. A node that
+    /// did not answer (down, or holding the upload for an append under way) leaves it unknown.
     pub async fn staged_anywhere(&self, id: &str, wait: Duration) -> Option<bool> {
-        let mut unknown = false;
-        for n in &self.nodes {
-            match tokio::time::timeout(wait, n.store.upload_size(id)).await {
-                Ok(Ok(Some(_))) => return Some(true),
-                Ok(Ok(None)) => {}
-                _ => unknown = true,
-            }
+        let asked = self.nodes.iter().map(|n| tokio::time::timeout(wait, n.store.upload_size(id)));
+        let answers = futures::future::join_all(asked).await;
+        if answers.iter().any(|a| matches!(a, Ok(Ok(Some(_))))) {
+            return Some(true);
         }
-        (!unknown).then_some(false)
+        answers.iter().all(|a| matches!(a, Ok(Ok(None)))).then_some(false)
     }
 
     /// How the copies of `digest` stand against its owners: asks its R owners, and when none
