@@ -102,14 +102,20 @@ async fn end_sessions_without_staging(
         // One session's failure does not keep the rest of the page from being judged.
         match blobs.upload_staged(&s.id).await {
             Ok(true) => {}
-            Ok(false) => match meta.end_upload(&s.id, None).await {
-                // Ended meanwhile (finished, cancelled).
-                Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
-                Err(e) => tracing::warn!(upload = %s.id, error = %e, "ending a session whose staging area is gone"),
-                Ok(()) => tracing::info!(upload = %s.id, "ended a session whose staging area is gone"),
-            },
+            Ok(false) => end_session(meta, &s.id, "its staging area is gone").await,
             Err(e) => tracing::warn!(upload = %s.id, error = %e, "checking an upload's staging area"),
         }
     }
     Ok(())
+}
+
+/// Ends upload session `id`, which no one can finish any more (`why`), and logs it; a session
+/// ended meanwhile (finished, cancelled) is no failure, and any other is logged and left for
+/// the next round.
+pub(crate) async fn end_session(meta: &dyn MetaStore, id: &str, why: &str) {
+    match meta.end_upload(id, None).await {
+        Ok(()) => tracing::info!(upload = %id, why, "ended an upload session"),
+        Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
+        Err(e) => tracing::warn!(upload = %id, why, error = %e, "ending an upload session"),
+    }
 }

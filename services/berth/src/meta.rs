@@ -2,7 +2,7 @@
 //! (to frontends and storage nodes) and the Cluster service (to `berth admin cluster`) on one
 //! gRPC address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,7 +116,7 @@ async fn collect_while_leading(
         if collector.interval().is_some() {
             collector.logged_round().await;
         }
-        sessions_after = end_sessions_of_removed_nodes(&meta, &router, sessions_settle, sessions_after).await;
+        sessions_after = end_sessions_no_node_ends(&meta, &router, sessions_settle, sessions_after).await;
         let since = match map_seen {
             Some((v, since)) if v == version => since,
             _ => {
@@ -130,34 +130,35 @@ async fn collect_while_leading(
     }
 }
 
-/// Upload sessions looked at per round by [`end_sessions_of_removed_nodes`].
+/// Upload sessions looked at per round by [`end_sessions_no_node_ends`].
 const SESSIONS_PAGE: usize = 1000;
 
 /// Sessions per round whose staging the leader asks the storage nodes about (see
-/// [`end_sessions_of_removed_nodes`]); each question goes to every node.
+/// [`end_sessions_no_node_ends`]); each question goes to every node.
 const UNNAMED_PER_ROUND: usize = 50;
 
 /// How long a storage node has to say whether it stages an upload.
 const STAGED_WAIT: Duration = Duration::from_secs(2);
 
-/// Ends the upload sessions after `after` (a page) staged on a storage node that has been
-/// removed from the cluster: their staging areas went with it, and no frontend sends their
-/// calls there any more, so they could only fail; open, they would count against their
-/// callers and keep their repositories' loose links. (A storage node ends the sessions staged
-/// on it whose staging area it lost; a removed node no longer runs to do so.)
+/// Ends the upload sessions after `after` (a page) that no storage node will end, since each
+/// node ends only the sessions naming it whose staging area it lost ([`Staged`]); open, they
+/// would count against their callers and keep their repositories' loose links.
 ///
-/// Sessions older than `settle` that name no node of the placement map, in any state
-/// (records from before sessions named one, or a node recorded by an address it does not call
-/// itself), no node ends either: those are ended once every node answers that it does not
-/// stage them.
+/// - Sessions staged on a node removed from the cluster: their staging areas went with it,
+///   and no frontend sends their calls there any more.
+/// - Sessions older than `settle` that name no node of the placement map, in any state
+///   (records from before sessions named one, or a node recorded by an address it does not
+///   call itself): ended once every node answers that it does not stage them.
+///
 /// Returns where the next page starts.
-async fn end_sessions_of_removed_nodes(
+///
+/// [`Staged`]: crate::housekeeping::Staged
+async fn end_sessions_no_node_ends(
     meta: &MetaService,
     router: &CurrentRouter,
     settle: Duration,
     after: Option<String>,
 ) -> Option<String> {
-    use berth_core::MetaStore;
     let page = match meta.uploads(after.as_deref(), SESSIONS_PAGE).await {
         Ok(p) => p,
         Err(e) => {
@@ -166,61 +167,37 @@ async fn end_sessions_of_removed_nodes(
         }
     };
     let next = if page.len() < SESSIONS_PAGE { None } else { page.last().map(|s| s.id.clone()) };
-    let mut removed: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    let current = router.get().ok();
     // Every node of the map names itself, whatever its state: a dead node may come back with
     // its staged uploads, and ends its sessions itself then.
-    let known: Option<std::collections::HashSet<String>> = match (router.get(), meta.placement().await) {
-        (Ok(_), Ok(map)) => Some(map.nodes.into_iter().flat_map(|n| [n.name, n.addr]).collect()),
+    let known: Option<HashSet<String>> = match (&current, meta.placement().await) {
+        (Some(_), Ok(map)) => Some(map.nodes.into_iter().flat_map(|n| [n.name, n.addr]).collect()),
         _ => None,
     };
-    let current = router.get().ok();
     let settled = berth_core::now_ms().saturating_sub(settle.as_millis() as u64);
+    let mut removed: HashMap<String, bool> = HashMap::new();
     let mut asked = 0;
     for s in page {
-        let unnamed = match &known {
-            Some(known) => s.staging.as_ref().is_none_or(|n| !known.contains(n)),
-            None => false,
-        };
-        if unnamed && s.started_at_ms <= settled && asked < UNNAMED_PER_ROUND {
+        let unnamed = known.as_ref().is_some_and(|k| s.staging.as_ref().is_none_or(|n| !k.contains(n)));
+        if let (true, Some(c)) = (unnamed && s.started_at_ms <= settled && asked < UNNAMED_PER_ROUND, &current) {
             asked += 1;
-            let staged = match &current {
-                Some(c) => c.staged_anywhere(&s.id, STAGED_WAIT).await,
-                None => None,
-            };
-            // A node that does not answer would hold up every other question this round.
-            if staged.is_none() {
-                asked = UNNAMED_PER_ROUND;
-            }
-            if staged == Some(false) {
-                match meta.end_upload(&s.id, None).await {
-                    Ok(()) => {
-                        tracing::info!(upload = %s.id, staging = ?s.staging, "ended a session no storage node stages")
-                    }
-                    Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
-                    Err(e) => tracing::warn!(upload = %s.id, error = %e, "ending a session no storage node stages"),
+            match c.staged_anywhere(&s.id, STAGED_WAIT).await {
+                Some(false) => {
+                    crate::housekeeping::end_session(meta, &s.id, "no storage node stages it").await;
+                    continue;
                 }
-                continue;
+                Some(true) => {}
+                // A node that does not answer would hold up every other question this round.
+                None => asked = UNNAMED_PER_ROUND,
             }
         }
         let Some(node) = s.staging else { continue };
         let gone = match removed.get(&node) {
             Some(gone) => *gone,
-            None => {
-                let gone = meta.storage_removed(&node).await.unwrap_or(false);
-                removed.insert(node.clone(), gone);
-                gone
-            }
+            None => *removed.entry(node.clone()).or_insert(meta.storage_removed(&node).await.unwrap_or(false)),
         };
         if gone {
-            match meta.end_upload(&s.id, None).await {
-                Ok(()) => {
-                    tracing::info!(upload = %s.id, node = %node, "ended a session staged on a removed storage node")
-                }
-                Err(e) if e.code == berth_core::ErrorCode::BlobUploadUnknown => {}
-                Err(e) => {
-                    tracing::warn!(upload = %s.id, error = %e, "ending a session staged on a removed storage node")
-                }
-            }
+            crate::housekeeping::end_session(meta, &s.id, "staged on a removed storage node").await;
         }
     }
     next
