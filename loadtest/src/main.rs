@@ -35,7 +35,8 @@ enum Scenario {
     Mixed,
     /// Every scenario above, in turn.
     All,
-    /// This machine's limits: one core's SHA-256 rate, loopback bandwidth, fsync'd disk writes.
+    /// This machine's limits: one core's SHA-256 rate, loopback bandwidth, fsync'd disk writes,
+    /// writing freshly mapped memory.
     Limits,
 }
 

@@ -82,6 +82,8 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
         }
     }
 
+    // Each storage node reads the placement map every 2 s: past that, all know the three.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let before_leader = scrape(leader_ops).await;
     let before_storage: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;
     let c = client();
@@ -116,6 +118,23 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
     assert!(fsyncs >= 6.0, "fsyncs timed: {fsyncs}");
     assert!(after_storage.iter().any(|t| sum(t, "berth_grpc_requests_total", &["Storage/"]) >= 1.0));
     assert!(after_storage.iter().all(|t| t.contains("berth_storage_uploads_open")));
+    // Of each blob's three copies, the two on nodes that reads do not ask first leave the page
+    // cache: two thirds of the bytes written (the third copy may land after the answer).
+    let delta = |name: &str, after: &[String]| {
+        after.iter().map(|t| sum(t, name, &[])).sum::<f64>()
+            - before_storage.iter().map(|t| sum(t, name, &[])).sum::<f64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;
+        let (bytes, uncached) =
+            (delta("berth_storage_written_bytes_total", &now), delta("berth_storage_uncached_bytes_total", &now));
+        if bytes >= 3.0 * 301_000.0 && uncached * 3.0 == bytes * 2.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{uncached} of {bytes} bytes written left the page cache");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The metadata leader: it leads, and proposed (in batches) what the push wrote.
     let l = scrape(leader_ops).await;

@@ -107,6 +107,11 @@ fn describe() {
         "Time of the node's fsyncs (segment group commits, staged files, index writes)."
     );
     describe_counter!("berth_storage_written_bytes_total", Unit::Bytes, "Blob bytes the node stored.");
+    describe_counter!(
+        "berth_storage_uncached_bytes_total",
+        Unit::Bytes,
+        "Blob bytes the node stored and then dropped from its page cache, reads of them going to another owner first."
+    );
     describe_counter!("berth_storage_blobs_written_total", "Blobs the node stored.");
     describe_gauge!("berth_storage_uploads_open", "Uploads staged on the node.");
     describe_gauge!("berth_storage_blobs", "Blobs the node holds, as of its last placement pass.");

@@ -60,6 +60,8 @@ fn copy_time(size: u64) -> Duration {
 pub struct Rebalancer {
     /// This node's blobs.
     pub local: Arc<dyn BlobStore>,
+    /// The same, told with each map read which blobs reads ask this node for first.
+    pub engine: berth_storage::StorageEngine,
     /// The metadata group.
     pub meta: Arc<dyn MetaStore>,
     /// This node's name in the placement map.
@@ -140,6 +142,7 @@ impl Rebalancer {
             if !map.nodes.iter().any(|n| n.name == self.name && n.state != NodeState::Dead) {
                 continue;
             }
+            self.tell_reads_first(&map);
             let (since, since_ms, settled) = match seen {
                 Some((v, since, since_ms, settled)) if v == map.version => (since, since_ms, settled),
                 _ => (Instant::now(), berth_core::now_ms(), false),
@@ -175,6 +178,16 @@ impl Rebalancer {
                 );
             }
         }
+    }
+
+    /// Tells the engine that reads ask this node first for the blobs it is the first owner of
+    /// under `map`, as frontends pick (`berth_storage::router`): the copies of the others
+    /// leave its page cache once written.
+    fn tell_reads_first(&self, map: &PlacementMap) {
+        let Some(me) = map.nodes.iter().position(|n| n.name == self.name) else { return };
+        let placement = Placement::of_map(map);
+        let r = self.replicas;
+        self.engine.set_reads_first(Some(Arc::new(move |d: &Digest| placement.owners(d, r).first() == Some(&me))));
     }
 
     /// The client of the node at `addr`.

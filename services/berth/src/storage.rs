@@ -202,6 +202,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     let stats = Arc::new(Mutex::new(NodeStats::default()));
     let rebalance = crate::rebalance::Rebalancer {
         local: blobs.clone(),
+        engine: engine.clone(),
         meta: metas.clone(),
         name: node.name.clone(),
         replicas: args.replicas.max(1),

@@ -166,7 +166,12 @@ struct Inner {
     staged_in_memory: Arc<AtomicU64>,
     /// Copies found damaged and taken out of service since the node started.
     quarantined: AtomicU64,
+    /// Which blobs reads ask this node for first (see [`StorageEngine::set_reads_first`]).
+    reads_first: std::sync::RwLock<Option<ReadsFirst>>,
 }
+
+/// Whether reads of a blob ask this node for it first: its first owner in placement order.
+pub type ReadsFirst = Arc<dyn Fn(&Digest) -> bool + Send + Sync>;
 
 fn internal(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::internal(e)
@@ -189,6 +194,18 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 const KEEP_WAIT: Duration = Duration::from_secs(5);
 
 impl StorageEngine {
+    /// Tells the engine which blobs reads ask this node for first (`None`: all of them, as in
+    /// a single node). The copies of the others leave the page cache once they are on the
+    /// disk: a node holding one of R copies is read from first for about 1/R of its blobs,
+    /// and without this every copy written stays cached until memory runs short, which
+    /// crowds out what reads use and, on a machine whose memory the host backs lazily, makes
+    /// every write of a copy pay for fresh pages (see `loadtest/src/limits.rs`).
+    pub fn set_reads_first(&self, reads_first: Option<ReadsFirst>) {
+        if let Ok(mut r) = self.inner.reads_first.write() {
+            *r = reads_first;
+        }
+    }
+
     /// Writes the uploads staged in memory to their files and makes them durable, so that they
     /// outlive the restart about to come: called when the node stops gracefully, after it has
     /// stopped taking requests. An upload begun just before a rolling restart then goes on
@@ -283,6 +300,7 @@ impl StorageEngine {
                 uploads: Mutex::new(HashMap::new()),
                 staged_in_memory: Arc::new(AtomicU64::new(0)),
                 quarantined: AtomicU64::new(0),
+                reads_first: std::sync::RwLock::new(None),
             }),
         };
         engine.inner.recover_index().map_err(|e| io::Error::other(e.to_string()))?;
@@ -400,7 +418,8 @@ impl StorageEngine {
         limit: u64,
     ) -> Result<Stored> {
         let id = format!("put-{}", uuid::Uuid::new_v4());
-        self.start_upload(&id, copy_of.is_none())?;
+        let cached = self.inner.keeps_cached(digest);
+        self.start_upload(&id, copy_of.is_none(), cached)?;
         let appended = self.upload_append(&id, Some(0), body, limit).await;
         match appended {
             Ok(_) => self.finish_upload(&id, digest, copy_of).await,
@@ -412,12 +431,14 @@ impl StorageEngine {
     }
 
     /// Opens an empty staging area; `hash_digest` unless it receives a copy (see
-    /// [`Staging::create`]).
-    fn start_upload(&self, id: &str, hash_digest: bool) -> Result<()> {
+    /// [`Staging::create`]), and `cached` unless its blob is known to be one that reads do not
+    /// ask this node for first (see [`StorageEngine::set_reads_first`]).
+    fn start_upload(&self, id: &str, hash_digest: bool, cached: bool) -> Result<()> {
         if !valid_upload_id(id) {
             return Err(RegistryError::upload_unknown(id));
         }
         let st = Staging::create(self.inner.upload_path(id), self.inner.staged_in_memory.clone(), hash_digest);
+        let st = if cached { st } else { st.uncached() };
         let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
         self.inner.uploads.lock().map_err(internal)?.insert(id.to_string(), slot);
         Ok(())
@@ -618,6 +639,14 @@ impl StorageEngine {
 }
 
 impl Inner {
+    /// Whether a copy of `digest` written here stays in the page cache.
+    fn keeps_cached(&self, digest: &Digest) -> bool {
+        match self.reads_first.read() {
+            Ok(r) => r.as_ref().is_none_or(|f| f(digest)),
+            Err(_) => true,
+        }
+    }
+
     fn blob_path(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.dir.join("blobs").join(digest.algorithm().name()).join(&hex[..2]).join(hex)
@@ -1078,9 +1107,15 @@ impl Inner {
         let stamp = self.next_stamp()?;
         let mut entry = BlobEntry { size, blake3: checksums.blake3, stamp, location: Location::File };
         let mut record = None;
+        let cached = self.keeps_cached(digest);
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let appended = self.segments.append(key, &data).map_err(internal)?;
+            if !cached {
+                if let Err(e) = self.segments.drop_cached(&appended, size) {
+                    tracing::debug!(error = %e, "dropping a copy's pages from the page cache");
+                }
+            }
             let segment = appended.segment();
             if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
                 self.compact_segments();
@@ -1089,6 +1124,9 @@ impl Inner {
             record = Some(appended);
         } else {
             st.sync().map_err(internal)?;
+            if !cached {
+                st.drop_cached();
+            }
             let path = self.blob_path(digest);
             let parent = path.parent().ok_or_else(|| internal("blob path has no parent"))?;
             create_dirs_durably(parent).map_err(internal)?;
@@ -1109,6 +1147,9 @@ impl Inner {
         }
         metrics::counter!("berth_storage_blobs_written_total").increment(1);
         metrics::counter!("berth_storage_written_bytes_total").increment(size);
+        if !cached {
+            metrics::counter!("berth_storage_uncached_bytes_total").increment(size);
+        }
         Ok(Stored { size, stamp })
     }
 
@@ -1292,7 +1333,8 @@ impl BlobStore for StorageEngine {
     }
 
     async fn upload_start(&self, id: &str) -> Result<Option<String>> {
-        self.start_upload(id, true).map(|()| None)
+        // The digest is not known yet: whether the copy stays cached is decided at commit.
+        self.start_upload(id, true, true).map(|()| None)
     }
 
     #[tracing::instrument(name = "store.append", skip_all)]

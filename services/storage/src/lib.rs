@@ -48,7 +48,7 @@ pub mod placement;
 pub mod router;
 pub mod server;
 
-pub use engine::{BlobEntry, Location, StorageConfig, StorageEngine};
+pub use engine::{BlobEntry, Location, ReadsFirst, StorageConfig, StorageEngine};
 
 /// Largest blob kept in a segment. Images' configs and manifests are a few KiB and many small
 /// layers stay below this; above it a blob gets a file of its own, whose rename-based commit

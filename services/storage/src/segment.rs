@@ -223,6 +223,15 @@ impl Segments {
         Ok(pending)
     }
 
+    /// Drops `pending`'s record (`len` bytes of data) from the page cache. Its flush made
+    /// its pages clean; a node that will not be read from first has no use for them.
+    pub fn drop_cached(&self, pending: &Pending<'_>, len: u64) -> io::Result<()> {
+        let (id, start) = pending.start;
+        let file = self.reader(id)?;
+        crate::staging::drop_cached(&file, start, pending.offset + len - start);
+        Ok(())
+    }
+
     /// Seals the active segment (flushed whole) and starts the next.
     fn roll(&self, a: &mut Active) -> io::Result<()> {
         crate::timed_fsync(|| a.file.sync_data())?;

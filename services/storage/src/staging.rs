@@ -42,6 +42,11 @@ pub(crate) struct Staging {
     tree: TreeHasher,
     /// Bytes of the file whose writeback has been started (see [`WRITEBACK_STEP`]).
     written_back: u64,
+    /// Whether the file's pages leave the page cache as soon as they are on the disk: a copy
+    /// this node will not be read from first (see [`Staging::uncached`]).
+    uncached: bool,
+    /// Bytes of the file dropped from the page cache so far, when `uncached`.
+    dropped: u64,
 }
 
 /// Bytes written to a staging file between two starts of their writeback. The kernel would
@@ -71,7 +76,17 @@ impl Staging {
             sha256: hash_digest.then(|| Algorithm::Sha256.hasher()),
             tree: TreeHasher::default(),
             written_back: 0,
+            uncached: false,
+            dropped: 0,
         }
+    }
+
+    /// Makes the staging file leave the page cache as it is written, a step behind its
+    /// writeback: for a copy that reads will not ask this node for first, which would
+    /// otherwise take as much page cache as the blob's size until memory runs short.
+    pub fn uncached(mut self) -> Staging {
+        self.uncached = true;
+        self
     }
 
     /// Reopens a staging file left by an earlier process, rebuilding its hash state.
@@ -85,7 +100,19 @@ impl Staging {
         })?;
         let touched = file.metadata().and_then(|m| m.modified()).unwrap_or_else(|_| SystemTime::now());
         let sha256 = Some(sha256);
-        Ok(Staging { path, file: Some(file), memory: Vec::new(), budget, size, touched, sha256, tree, written_back: 0 })
+        Ok(Staging {
+            path,
+            file: Some(file),
+            memory: Vec::new(),
+            budget,
+            size,
+            touched,
+            sha256,
+            tree,
+            written_back: 0,
+            uncached: false,
+            dropped: 0,
+        })
     }
 
     /// The state to return to if the next appends must be undone.
@@ -99,6 +126,7 @@ impl Staging {
             Some(f) => {
                 f.set_len(mark.size)?;
                 self.written_back = self.written_back.min(mark.size);
+                self.dropped = self.dropped.min(mark.size);
             }
             None => {
                 let drop = self.memory.len() as u64 - mark.size;
@@ -144,6 +172,12 @@ impl Staging {
             f.write_all(buf)?;
             if grown - self.written_back >= WRITEBACK_STEP {
                 start_writeback(f, self.written_back, grown - self.written_back);
+                // The previous step's writeback has had a step's time to finish: its pages
+                // are clean, and the kernel can hand them to the next step's writes.
+                if self.uncached {
+                    drop_cached(f, self.dropped, self.written_back - self.dropped);
+                    self.dropped = self.written_back;
+                }
                 self.written_back = grown;
             }
         }
@@ -208,6 +242,13 @@ impl Staging {
         }
     }
 
+    /// Drops the file's pages from the page cache; after [`Staging::sync`], all of them.
+    pub fn drop_cached(&self) {
+        if let Some(f) = &self.file {
+            drop_cached(f, 0, 0);
+        }
+    }
+
     /// The whole staged content, for blobs small enough to go inline.
     pub fn take_all(&mut self) -> io::Result<Vec<u8>> {
         match &mut self.file {
@@ -263,6 +304,18 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     // the duration of the call because `file` is borrowed.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Asks the kernel to drop `len` bytes of `file` from `offset` (0: to the end) from the page
+/// cache. Only clean pages go (dirty ones or ones being written stay), so it never costs
+/// durability; failure only leaves pages cached, so it is ignored.
+pub(crate) fn drop_cached(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open for the
+    // duration of the call because `file` is borrowed.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_DONTNEED);
     }
 }
 

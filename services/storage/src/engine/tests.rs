@@ -647,3 +647,85 @@ async fn a_blob_deleted_before_a_stop_stays_deleted() {
     let e = StorageEngine::open(StorageConfig { dir: d.path().to_path_buf() }).unwrap();
     assert_eq!(e.stat(&x).await.unwrap(), None);
 }
+
+/// Pages of `path` in the page cache among those wholly inside `len` bytes from `offset`.
+fn resident_pages(path: &std::path::Path, offset: u64, len: u64) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    const PAGE: u64 = 4096;
+    let (first, end) = (offset.div_ceil(PAGE) * PAGE, (offset + len) / PAGE * PAGE);
+    assert!(end > first, "the range holds no whole page");
+    let f = std::fs::File::open(path).unwrap();
+    let n = ((end - first) / PAGE) as usize;
+    let mut pages = vec![0u8; n];
+    // SAFETY: a read-only shared mapping of an open file, never dereferenced; mincore writes
+    // one byte per page of it into `pages`, which has that many.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            n * PAGE as usize,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            first as i64,
+        );
+        assert_ne!(at, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(at, n * PAGE as usize, pages.as_mut_ptr()), 0);
+        libc::munmap(at, n * PAGE as usize);
+    }
+    (pages.iter().filter(|p| *p & 1 == 1).count(), n)
+}
+
+/// Where blob `d` lies: its file and the range of its bytes.
+async fn placed_at(e: &StorageEngine, dir: &std::path::Path, d: &Digest) -> (std::path::PathBuf, u64, u64) {
+    let entry = e.entry(d).await.unwrap().unwrap();
+    match entry.location {
+        Location::Segment { segment, offset } => (dir.join(format!("segments/{segment:08}.seg")), offset, entry.size),
+        Location::File => (e.inner.blob_path(d), 0, entry.size),
+        Location::Inline => panic!("new blobs are not written inline"),
+    }
+}
+
+#[tokio::test]
+async fn copies_not_read_first_here_leave_the_page_cache() {
+    let (dir, e) = engine();
+    let small = |k: u8| (0..INLINE_THRESHOLD as usize).map(|i| (i % 253) as u8 ^ k).collect::<Vec<u8>>();
+    // Large enough for several writeback steps, so that pages also go while it is written.
+    let large = |k: u8| (0..40usize << 20).map(|i| (i % 249) as u8 ^ k).collect::<Vec<u8>>();
+    let blobs = [small(1), small(2), large(3), large(4)];
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::sha256_of(b)).collect();
+    // This node is read from first for the first of each size.
+    let first: Vec<Digest> = vec![digests[0].clone(), digests[2].clone()];
+    e.set_reads_first(Some(Arc::new(move |d: &Digest| first.contains(d))));
+    // A copy from another node (digest known as it arrives) and an upload (known at the end).
+    for (i, (b, d)) in blobs.iter().zip(&digests).enumerate() {
+        if i % 2 == 0 {
+            e.put(d, body(vec![b.clone()]), u64::MAX).await.unwrap();
+        } else {
+            let id = uuid::Uuid::new_v4().to_string();
+            e.upload_start(&id).await.unwrap();
+            for part in b.chunks(1 << 20) {
+                e.upload_append(&id, None, body(vec![part.to_vec()]), u64::MAX).await.unwrap();
+            }
+            e.upload_finish(&id, d).await.unwrap();
+        }
+    }
+    for (i, d) in digests.iter().enumerate() {
+        let (path, offset, len) = placed_at(&e, dir.path(), d).await;
+        let (cached, pages) = resident_pages(&path, offset, len);
+        if i % 2 == 0 {
+            assert_eq!(cached, pages, "blob {i}, read first here, stays cached");
+        } else {
+            assert_eq!(cached, 0, "blob {i}, read first elsewhere, left the page cache ({cached} of {pages} pages)");
+        }
+        // Out of the cache is not out of reach.
+        assert_eq!(collect(e.read(d, None).await.unwrap()).await, blobs[i]);
+    }
+    // Without being told, a node keeps every copy cached (one node, as standalone).
+    e.set_reads_first(None);
+    let more = small(5);
+    let d = Digest::sha256_of(&more);
+    e.put(&d, body(vec![more]), u64::MAX).await.unwrap();
+    let (path, offset, len) = placed_at(&e, dir.path(), &d).await;
+    let (cached, pages) = resident_pages(&path, offset, len);
+    assert_eq!(cached, pages);
+}
