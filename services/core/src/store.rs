@@ -242,6 +242,13 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Tells this store that the copies of `digest` it was asked to send to other nodes are
+    /// sent, as far as it is concerned: a node that reads do not ask first for the blob may
+    /// let its pages leave the page cache now. The default ignores it.
+    async fn copies_sent(&self, digest: &Digest) {
+        let _ = digest;
+    }
+
     /// Whether this store can take writes now (`Err`: why not), for a frontend's readiness:
     /// a cluster's router needs at least its write quorum of storage nodes answering. A store
     /// that is one local node always can (the default).

@@ -1107,7 +1107,10 @@ impl Inner {
         let stamp = self.next_stamp()?;
         let mut entry = BlobEntry { size, blake3: checksums.blake3, stamp, location: Location::File };
         let mut record = None;
-        let cached = self.keeps_cached(digest);
+        // Decided when the staging began: a copy of a blob this node is not read from first
+        // leaves the cache now, an upload's blob once its copies are sent from here (see
+        // `BlobStore::copies_sent`).
+        let cached = !st.is_uncached();
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let appended = self.segments.append(key, &data).map_err(internal)?;
@@ -1303,7 +1306,8 @@ impl BlobStore for StorageEngine {
             }
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
             // The digest was checked above: staging keeps only the integrity checksums.
-            let mut st = Box::new(Staging::create(path, inner.staged_in_memory.clone(), false));
+            let st = Staging::create(path, inner.staged_in_memory.clone(), false);
+            let mut st = Box::new(if inner.keeps_cached(&digest) { st } else { st.uncached() });
             match st.append(&data).map_err(internal) {
                 Ok(()) => {
                     let checksums = st.checksums();
@@ -1393,6 +1397,35 @@ impl BlobStore for StorageEngine {
     /// Verifies the staged bytes and commits them, fsynced.
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
         self.finish_upload(id, digest, None).await
+    }
+
+    async fn copies_sent(&self, digest: &Digest) {
+        if self.inner.keeps_cached(digest) {
+            return;
+        }
+        let inner = self.inner.clone();
+        let key = digest.to_string();
+        let path = self.inner.blob_path(digest);
+        let dropped = blocking(move || {
+            let size = match inner.entry(&key)?.map(|e| (e.location, e.size)) {
+                Some((Location::Segment { segment, offset }, size)) => {
+                    inner.segments.drop_cached_range(segment, offset, size).map_err(internal)?;
+                    size
+                }
+                Some((Location::File, size)) => {
+                    let f = fs::File::open(&path).map_err(internal)?;
+                    crate::staging::drop_cached(&f, 0, 0);
+                    size
+                }
+                _ => return Ok(()),
+            };
+            metrics::counter!("berth_storage_uncached_bytes_total").increment(size);
+            Ok(())
+        })
+        .await;
+        if let Err(e) = dropped {
+            tracing::debug!(digest = %digest, error = %e, "dropping a sent blob's pages from the page cache");
+        }
     }
 
     async fn upload_cancel(&self, id: &str) -> Result<()> {

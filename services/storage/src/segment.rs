@@ -227,8 +227,13 @@ impl Segments {
     /// its pages clean; a node that will not be read from first has no use for them.
     pub fn drop_cached(&self, pending: &Pending<'_>, len: u64) -> io::Result<()> {
         let (id, start) = pending.start;
+        self.drop_cached_range(id, start, pending.offset + len - start)
+    }
+
+    /// Drops `len` bytes of segment `id` from `offset` from the page cache (clean pages only).
+    pub fn drop_cached_range(&self, id: u32, offset: u64, len: u64) -> io::Result<()> {
         let file = self.reader(id)?;
-        crate::staging::drop_cached(&file, start, pending.offset + len - start);
+        crate::staging::drop_cached(&file, offset, len);
         Ok(())
     }
 

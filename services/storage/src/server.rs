@@ -342,8 +342,11 @@ impl Storage for StorageRpc {
         let d = digest(&r.digest)?;
         let stored = self.store.upload_finish(&r.id, &d).await.map_err(status_of)?;
         let copies = if stored.size <= r.copy_at_most {
-            self.copies(&d, stored.size, r.copy_to, Some(berth_core::store::FINISH_COPY_TIME)).await
+            let copies = self.copies(&d, stored.size, r.copy_to, Some(berth_core::store::FINISH_COPY_TIME)).await;
+            self.store.copies_sent(&d).await;
+            copies
         } else {
+            // Too large to copy in this call: the frontend asks for a transfer next.
             vec![]
         };
         Ok(Response::new(pb::FinishReply { size: stored.size, stamp: stored.stamp, copies }))
@@ -388,6 +391,7 @@ impl Storage for StorageRpc {
             return Err(status_of(RegistryError::new(berth_core::ErrorCode::BlobUnknown, format!("{d} is not here"))));
         };
         let outcomes = self.copies(&d, held.size, r.targets, None).await;
+        self.store.copies_sent(&d).await;
         Ok(Response::new(pb::TransferReply { outcomes }))
     }
 }

@@ -242,6 +242,11 @@ impl Staging {
         }
     }
 
+    /// Whether the staged bytes leave the page cache once durable (see [`Staging::uncached`]).
+    pub fn is_uncached(&self) -> bool {
+        self.uncached
+    }
+
     /// Drops the file's pages from the page cache; after [`Staging::sync`], all of them.
     pub fn drop_cached(&self) {
         if let Some(f) = &self.file {

@@ -696,7 +696,8 @@ async fn copies_not_read_first_here_leave_the_page_cache() {
     // This node is read from first for the first of each size.
     let first: Vec<Digest> = vec![digests[0].clone(), digests[2].clone()];
     e.set_reads_first(Some(Arc::new(move |d: &Digest| first.contains(d))));
-    // A copy from another node (digest known as it arrives) and an upload (known at the end).
+    // A copy from another node (digest known as it arrives, dropped as it is written) and an
+    // upload (known at the end, dropped once this node has sent the blob's copies).
     for (i, (b, d)) in blobs.iter().zip(&digests).enumerate() {
         if i % 2 == 0 {
             e.put(d, body(vec![b.clone()]), u64::MAX).await.unwrap();
@@ -707,6 +708,11 @@ async fn copies_not_read_first_here_leave_the_page_cache() {
                 e.upload_append(&id, None, body(vec![part.to_vec()]), u64::MAX).await.unwrap();
             }
             e.upload_finish(&id, d).await.unwrap();
+            // An upload's blob stays cached until the copies this node sends of it are sent.
+            let (path, offset, len) = placed_at(&e, dir.path(), d).await;
+            let (cached, pages) = resident_pages(&path, offset, len);
+            assert_eq!(cached, pages, "blob {i}, its copies not sent yet");
+            e.copies_sent(d).await;
         }
     }
     for (i, d) in digests.iter().enumerate() {
