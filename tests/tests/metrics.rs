@@ -82,8 +82,18 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
         }
     }
 
-    // Each storage node reads the placement map every 2 s: past that, all know the three.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each storage node follows the placement map every 2 s: wait until all three go by the
+    // same version, which has all three (each is in the map it goes by).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;
+        let versions: Vec<f64> = now.iter().map(|t| sum(t, "berth_storage_reads_first_map_version", &[])).collect();
+        if versions[0] > 0.0 && versions.iter().all(|v| *v == versions[0]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the storage nodes go by map versions {versions:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let before_leader = scrape(leader_ops).await;
     let before_storage: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;
     let c = client();
@@ -111,8 +121,11 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
 
     // The storage nodes: blobs written (each on at least two nodes), fsyncs timed, gRPC calls.
     let after_storage: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;
-    let written: f64 = after_storage.iter().map(|t| sum(t, "berth_storage_blobs_written_total", &[])).sum::<f64>()
-        - before_storage.iter().map(|t| sum(t, "berth_storage_blobs_written_total", &[])).sum::<f64>();
+    let delta = |name: &str, after: &[String]| {
+        after.iter().map(|t| sum(t, name, &[])).sum::<f64>()
+            - before_storage.iter().map(|t| sum(t, name, &[])).sum::<f64>()
+    };
+    let written = delta("berth_storage_blobs_written_total", &after_storage);
     assert!(written >= 6.0, "3 blobs, at least 2 copies each: {written} written");
     let fsyncs: f64 = after_storage.iter().map(|t| sum(t, "berth_storage_fsync_duration_seconds_count", &[])).sum();
     assert!(fsyncs >= 6.0, "fsyncs timed: {fsyncs}");
@@ -120,10 +133,6 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
     assert!(after_storage.iter().all(|t| t.contains("berth_storage_uploads_open")));
     // Of each blob's three copies, the two on nodes that reads do not ask first leave the page
     // cache: two thirds of the bytes written (the third copy may land after the answer).
-    let delta = |name: &str, after: &[String]| {
-        after.iter().map(|t| sum(t, name, &[])).sum::<f64>()
-            - before_storage.iter().map(|t| sum(t, name, &[])).sum::<f64>()
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let now: Vec<String> = futures::future::join_all(storage_ops.iter().map(|a| scrape(a))).await;

@@ -110,7 +110,11 @@ fn describe() {
     describe_counter!(
         "berth_storage_uncached_bytes_total",
         Unit::Bytes,
-        "Blob bytes the node stored and then dropped from its page cache, reads of them going to another owner first."
+        "Blob bytes the node stored that reads ask another owner for first: their pages leave its page cache once written (an upload staged here, once its copies are sent)."
+    );
+    describe_gauge!(
+        "berth_storage_reads_first_map_version",
+        "Version of the placement map by which the node tells the copies reads ask it for first."
     );
     describe_counter!("berth_storage_blobs_written_total", "Blobs the node stored.");
     describe_gauge!("berth_storage_uploads_open", "Uploads staged on the node.");

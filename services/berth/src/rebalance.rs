@@ -60,8 +60,6 @@ fn copy_time(size: u64) -> Duration {
 pub struct Rebalancer {
     /// This node's blobs.
     pub local: Arc<dyn BlobStore>,
-    /// The same, told with each map read which blobs reads ask this node for first.
-    pub engine: berth_storage::StorageEngine,
     /// The metadata group.
     pub meta: Arc<dyn MetaStore>,
     /// This node's name in the placement map.
@@ -142,7 +140,6 @@ impl Rebalancer {
             if !map.nodes.iter().any(|n| n.name == self.name && n.state != NodeState::Dead) {
                 continue;
             }
-            self.tell_reads_first(&map);
             let (since, since_ms, settled) = match seen {
                 Some((v, since, since_ms, settled)) if v == map.version => (since, since_ms, settled),
                 _ => (Instant::now(), berth_core::now_ms(), false),
@@ -178,16 +175,6 @@ impl Rebalancer {
                 );
             }
         }
-    }
-
-    /// Tells the engine that reads ask this node first for the blobs it is the first owner of
-    /// under `map`, as frontends pick (`berth_storage::router`): the copies of the others
-    /// leave its page cache once written.
-    fn tell_reads_first(&self, map: &PlacementMap) {
-        let Some(me) = map.nodes.iter().position(|n| n.name == self.name) else { return };
-        let placement = Placement::of_map(map);
-        let r = self.replicas;
-        self.engine.set_reads_first(Some(Arc::new(move |d: &Digest| placement.owners(d, r).first() == Some(&me))));
     }
 
     /// The client of the node at `addr`.
@@ -442,4 +429,35 @@ enum Outcome {
     /// Held here though this node does not own it, and confirmed at every owner: the copy
     /// here can go (its size given).
     Droppable(Digest, u64),
+}
+
+/// Keeps telling `engine` which blobs reads ask this node (`name`) for first: those it is the
+/// first owner of under the placement map, as frontends pick (`berth_storage::router`), so
+/// that it lets the pages of its other copies leave the page cache. Follows the map every
+/// [`MAP_CHECK`] until `stop`, apart from the placement passes, which can run for long. Until
+/// the node is in the map and not dead, it tells nothing, and the engine keeps every copy.
+/// Frontends given a fixed `--storage` list place by address, not by the map's names and
+/// weights: behind those, this choice of copies is a guess (a cost in cache, never in data).
+pub async fn follow_reads_first(
+    engine: berth_storage::StorageEngine,
+    meta: Arc<dyn MetaStore>,
+    name: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut version = None;
+    loop {
+        if let Ok(map) = meta.placement().await {
+            let me = map.nodes.iter().position(|n| n.name == name && n.state != NodeState::Dead);
+            if let (Some(me), true) = (me, version != Some(map.version)) {
+                version = Some(map.version);
+                let placement = Placement::of_map(&map);
+                engine.set_reads_first(Some(Arc::new(move |d: &Digest| placement.first_owner(d) == Some(me))));
+                metrics::gauge!("berth_storage_reads_first_map_version").set(map.version as f64);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(MAP_CHECK) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }

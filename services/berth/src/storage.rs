@@ -200,9 +200,14 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         args.upload_timeout_secs.unwrap_or(berth_core::store::DEFAULT_UPLOAD_TIMEOUT.as_secs()).max(1),
     );
     let stats = Arc::new(Mutex::new(NodeStats::default()));
+    let reads_first = tokio::spawn(crate::rebalance::follow_reads_first(
+        engine.clone(),
+        metas.clone(),
+        node.name.clone(),
+        stop_rx.clone(),
+    ));
     let rebalance = crate::rebalance::Rebalancer {
         local: blobs.clone(),
-        engine: engine.clone(),
         meta: metas.clone(),
         name: node.name.clone(),
         replicas: args.replicas.max(1),
@@ -266,6 +271,7 @@ pub async fn run(args: StorageArgs) -> Result<()> {
     heartbeats.abort();
     rebalancing.abort();
     scrubbing.abort();
+    reads_first.abort();
     if let Err(e) = housekeeping.await {
         tracing::warn!(error = %e, "housekeeping ended abnormally");
     }

@@ -242,10 +242,11 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Tells this store that the copies of `digest` it was asked to send to other nodes are
-    /// sent, as far as it is concerned: a node that reads do not ask first for the blob may
-    /// let its pages leave the page cache now. The default ignores it.
-    async fn copies_sent(&self, digest: &Digest) {
+    /// A hint that this store has sent the copies of `digest` it was asked for (after a finish
+    /// that copies, and after a transfer, whatever their outcome): a storage node that reads
+    /// do not ask first for the blob lets its pages leave the page cache now. Calling it again
+    /// is harmless. The default ignores it.
+    async fn note_copies_sent(&self, digest: &Digest) {
         let _ = digest;
     }
 

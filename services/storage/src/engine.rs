@@ -438,7 +438,7 @@ impl StorageEngine {
             return Err(RegistryError::upload_unknown(id));
         }
         let st = Staging::create(self.inner.upload_path(id), self.inner.staged_in_memory.clone(), hash_digest);
-        let st = if cached { st } else { st.uncached() };
+        let st = st.uncached_if(!cached);
         let slot = Arc::new(AsyncMutex::new(Slot::Ready(Box::new(st))));
         self.inner.uploads.lock().map_err(internal)?.insert(id.to_string(), slot);
         Ok(())
@@ -644,6 +644,19 @@ impl Inner {
         match self.reads_first.read() {
             Ok(r) => r.as_ref().is_none_or(|f| f(digest)),
             Err(_) => true,
+        }
+    }
+
+    /// Drops the pages of blob `digest` (`size` bytes at `at`) from the page cache (see
+    /// [`StorageEngine::set_reads_first`]); a failure only leaves them cached.
+    fn drop_pages(&self, digest: &Digest, at: &Location, size: u64) {
+        let dropped = match at {
+            Location::Segment { segment, offset } => self.segments.drop_cached(*segment, *offset, size),
+            Location::File => fs::File::open(self.blob_path(digest)).map(|f| crate::staging::drop_all_cached(&f)),
+            Location::Inline => Ok(()),
+        };
+        if let Err(e) = dropped {
+            tracing::debug!(%digest, error = %e, "dropping a blob's pages from the page cache");
         }
     }
 
@@ -1107,17 +1120,16 @@ impl Inner {
         let stamp = self.next_stamp()?;
         let mut entry = BlobEntry { size, blake3: checksums.blake3, stamp, location: Location::File };
         let mut record = None;
-        // Decided when the staging began: a copy of a blob this node is not read from first
-        // leaves the cache now, an upload's blob once its copies are sent from here (see
-        // `BlobStore::copies_sent`).
-        let cached = !st.is_uncached();
+        // A copy of a blob this node is not read from first leaves the page cache now (its
+        // staging said so when it began); an upload staged here, once the copies this node
+        // sends of it are sent (see `BlobStore::note_copies_sent`).
+        let drop_now = st.is_uncached();
         if size <= INLINE_THRESHOLD {
             let data = st.take_all().map_err(internal)?;
             let appended = self.segments.append(key, &data).map_err(internal)?;
-            if !cached {
-                if let Err(e) = self.segments.drop_cached(&appended, size) {
-                    tracing::debug!(error = %e, "dropping a copy's pages from the page cache");
-                }
+            if drop_now {
+                let at = Location::Segment { segment: appended.segment(), offset: appended.offset };
+                self.drop_pages(digest, &at, size);
             }
             let segment = appended.segment();
             if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
@@ -1127,7 +1139,7 @@ impl Inner {
             record = Some(appended);
         } else {
             st.sync().map_err(internal)?;
-            if !cached {
+            if drop_now {
                 st.drop_cached();
             }
             let path = self.blob_path(digest);
@@ -1150,7 +1162,7 @@ impl Inner {
         }
         metrics::counter!("berth_storage_blobs_written_total").increment(1);
         metrics::counter!("berth_storage_written_bytes_total").increment(size);
-        if !cached {
+        if !self.keeps_cached(digest) {
             metrics::counter!("berth_storage_uncached_bytes_total").increment(size);
         }
         Ok(Stored { size, stamp })
@@ -1307,7 +1319,7 @@ impl BlobStore for StorageEngine {
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
             // The digest was checked above: staging keeps only the integrity checksums.
             let st = Staging::create(path, inner.staged_in_memory.clone(), false);
-            let mut st = Box::new(if inner.keeps_cached(&digest) { st } else { st.uncached() });
+            let mut st = Box::new(st.uncached_if(!inner.keeps_cached(&digest)));
             match st.append(&data).map_err(internal) {
                 Ok(()) => {
                     let checksums = st.checksums();
@@ -1337,7 +1349,7 @@ impl BlobStore for StorageEngine {
     }
 
     async fn upload_start(&self, id: &str) -> Result<Option<String>> {
-        // The digest is not known yet: whether the copy stays cached is decided at commit.
+        // The digest is not known yet: the blob stays cached until its copies are sent.
         self.start_upload(id, true, true).map(|()| None)
     }
 
@@ -1399,33 +1411,19 @@ impl BlobStore for StorageEngine {
         self.finish_upload(id, digest, None).await
     }
 
-    async fn copies_sent(&self, digest: &Digest) {
+    async fn note_copies_sent(&self, digest: &Digest) {
         if self.inner.keeps_cached(digest) {
             return;
         }
         let inner = self.inner.clone();
-        let key = digest.to_string();
-        let path = self.inner.blob_path(digest);
-        let dropped = blocking(move || {
-            let size = match inner.entry(&key)?.map(|e| (e.location, e.size)) {
-                Some((Location::Segment { segment, offset }, size)) => {
-                    inner.segments.drop_cached_range(segment, offset, size).map_err(internal)?;
-                    size
-                }
-                Some((Location::File, size)) => {
-                    let f = fs::File::open(&path).map_err(internal)?;
-                    crate::staging::drop_cached(&f, 0, 0);
-                    size
-                }
-                _ => return Ok(()),
-            };
-            metrics::counter!("berth_storage_uncached_bytes_total").increment(size);
+        let digest = digest.clone();
+        let _ = blocking(move || {
+            if let Some(e) = inner.entry(&digest.to_string())? {
+                inner.drop_pages(&digest, &e.location, e.size);
+            }
             Ok(())
         })
         .await;
-        if let Err(e) = dropped {
-            tracing::debug!(digest = %digest, error = %e, "dropping a sent blob's pages from the page cache");
-        }
     }
 
     async fn upload_cancel(&self, id: &str) -> Result<()> {

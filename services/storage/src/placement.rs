@@ -205,6 +205,12 @@ impl Placement {
         owners
     }
 
+    /// The first of [`Placement::placed`] (for any `r`): the member reads of `digest` go to
+    /// first while it is up, found without sorting. `None` when there are no members.
+    pub fn first_owner(&self, digest: &Digest) -> Option<usize> {
+        self.scores(digest).into_iter().min_by(|a, b| self.cmp(a, b)).map(|s| s.node)
+    }
+
     /// The first `r` of [`Placement::placed`] (all members when there are fewer), found
     /// without sorting every member: what the simulation and inventory sweeps use.
     pub fn owners(&self, digest: &Digest, r: usize) -> Vec<usize> {

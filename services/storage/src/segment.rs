@@ -223,15 +223,9 @@ impl Segments {
         Ok(pending)
     }
 
-    /// Drops `pending`'s record (`len` bytes of data) from the page cache. Its flush made
-    /// its pages clean; a node that will not be read from first has no use for them.
-    pub fn drop_cached(&self, pending: &Pending<'_>, len: u64) -> io::Result<()> {
-        let (id, start) = pending.start;
-        self.drop_cached_range(id, start, pending.offset + len - start)
-    }
-
-    /// Drops `len` bytes of segment `id` from `offset` from the page cache (clean pages only).
-    pub fn drop_cached_range(&self, id: u32, offset: u64, len: u64) -> io::Result<()> {
+    /// Drops the whole pages of `len` bytes of segment `id` from `offset` from the page cache
+    /// (see `crate::staging::drop_cached`), once they are flushed.
+    pub fn drop_cached(&self, id: u32, offset: u64, len: u64) -> io::Result<()> {
         let file = self.reader(id)?;
         crate::staging::drop_cached(&file, offset, len);
         Ok(())

@@ -81,11 +81,13 @@ impl Staging {
         }
     }
 
-    /// Makes the staging file leave the page cache as it is written, a step behind its
-    /// writeback: for a copy that reads will not ask this node for first, which would
-    /// otherwise take as much page cache as the blob's size until memory runs short.
-    pub fn uncached(mut self) -> Staging {
-        self.uncached = true;
+    /// Makes the staging file leave the page cache as it is written when `uncached`, a step
+    /// behind its writeback: for a copy that reads will not ask this node for first, which
+    /// would otherwise take as much page cache as the blob's size until memory runs short.
+    /// Best effort: pages whose writeback has not finished a step later stay until the drop
+    /// after the final fsync.
+    pub fn uncached_if(mut self, uncached: bool) -> Staging {
+        self.uncached = uncached;
         self
     }
 
@@ -174,7 +176,7 @@ impl Staging {
                 start_writeback(f, self.written_back, grown - self.written_back);
                 // The previous step's writeback has had a step's time to finish: its pages
                 // are clean, and the kernel can hand them to the next step's writes.
-                if self.uncached {
+                if self.uncached && self.written_back > self.dropped {
                     drop_cached(f, self.dropped, self.written_back - self.dropped);
                     self.dropped = self.written_back;
                 }
@@ -250,7 +252,7 @@ impl Staging {
     /// Drops the file's pages from the page cache; after [`Staging::sync`], all of them.
     pub fn drop_cached(&self) {
         if let Some(f) = &self.file {
-            drop_cached(f, 0, 0);
+            drop_all_cached(f);
         }
     }
 
@@ -312,10 +314,34 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// Asks the kernel to drop `len` bytes of `file` from `offset` (0: to the end) from the page
-/// cache. Only clean pages go (dirty ones or ones being written stay), so it never costs
-/// durability; failure only leaves pages cached, so it is ignored.
+/// The kernel's page size.
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads its integer argument.
+    *PAGE.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(512))
+}
+
+/// Asks the kernel to drop from the page cache the whole pages of `file` within `len` bytes
+/// from `offset`. A partly covered page at either end stays: it holds bytes of a neighbour,
+/// and the kernel would otherwise drop a partial last page of the file, which the next
+/// append to it would then read back from the disk. Only clean pages go (dirty ones or ones
+/// being written stay), so it never costs durability; a failure only leaves pages cached,
+/// so it is ignored.
 pub(crate) fn drop_cached(file: &File, offset: u64, len: u64) {
+    let page = page_size();
+    let (first, end) = (offset.div_ceil(page) * page, (offset + len) / page * page);
+    if end > first {
+        fadvise_dont_need(file, first, end - first);
+    }
+}
+
+/// Drops every clean page of `file` from the page cache: for a file nothing appends to.
+pub(crate) fn drop_all_cached(file: &File) {
+    fadvise_dont_need(file, 0, 0);
+}
+
+/// `posix_fadvise(DONTNEED)` over `len` bytes from `offset` (0: to the end of the file).
+fn fadvise_dont_need(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open for the
     // duration of the call because `file` is borrowed.

@@ -135,7 +135,8 @@ proptest::proptest! {
         proptest::prop_assert_eq!(r, p.ranked(&digest(i)));
     }
 
-    /// The owners found without a full sort are the head of the full placement order.
+    /// The owners (and the first owner) found without a full sort are the head of the full
+    /// placement order.
     #[test]
     fn owners_are_the_head_of_the_placement(
         n in 1usize..40,
@@ -160,6 +161,7 @@ proptest::proptest! {
         let d = digest(i);
         let placed = p.placed(&d, r);
         proptest::prop_assert_eq!(p.owners(&d, r), placed[..r.min(n)].to_vec());
+        proptest::prop_assert_eq!(p.first_owner(&d), placed.first().copied());
     }
 }
 
