@@ -55,13 +55,6 @@ impl StorageRpc {
         berth_core::store::copy_blob(&*self.store, &peer, d, size).await
     }
 
-    /// Tells the store the copies of `d` are sent, after the answer (dropping a large blob's
-    /// pages takes a moment the caller need not wait for).
-    fn copies_sent(&self, d: &Digest) {
-        let (store, d) = (self.store.clone(), d.clone());
-        tokio::spawn(async move { store.note_copies_sent(&d).await });
-    }
-
     /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once, each
     /// within `limit` if given (past it, that copy fails): the outcome per target, in order.
     async fn copies(
@@ -350,7 +343,9 @@ impl Storage for StorageRpc {
         let stored = self.store.upload_finish(&r.id, &d).await.map_err(status_of)?;
         let copies = if stored.size <= r.copy_at_most {
             let copies = self.copies(&d, stored.size, r.copy_to, Some(berth_core::store::FINISH_COPY_TIME)).await;
-            self.copies_sent(&d);
+            // Awaited: dropping a large blob's pages takes tens of milliseconds, little next to
+            // copying it, and the push that made them pays for it rather than what runs next.
+            self.store.note_copies_sent(&d).await;
             copies
         } else {
             // Too large to copy in this call: the frontend asks for a transfer next.
@@ -398,7 +393,7 @@ impl Storage for StorageRpc {
             return Err(status_of(RegistryError::new(berth_core::ErrorCode::BlobUnknown, format!("{d} is not here"))));
         };
         let outcomes = self.copies(&d, held.size, r.targets, None).await;
-        self.copies_sent(&d);
+        self.store.note_copies_sent(&d).await;
         Ok(Response::new(pb::TransferReply { outcomes }))
     }
 }
