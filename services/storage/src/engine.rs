@@ -334,39 +334,15 @@ impl StorageEngine {
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
-            let key = digest.to_string();
-            let Some(entry) = inner.entry(&key)? else {
-                return Ok(None);
-            };
-            match entry.location {
-                Location::File => {
-                    let file = match fs::File::open(inner.blob_path(&digest)) {
-                        Ok(f) => f,
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                            inner.quarantine(&digest, "its file is missing");
-                            return Ok(Some(false));
-                        }
-                        Err(e) => return Err(internal(e)),
-                    };
-                    if file.metadata().map_err(internal)?.len() < entry.size {
-                        inner.quarantine(&digest, "its file is shorter than the blob");
-                        return Ok(Some(false));
-                    }
-                    // The strict check: every byte's BLAKE3, then the kept unit checksums
-                    // against what the bytes give (a damaged record is written again).
-                    let sums = Inner::file_sums(&file, entry.size)?;
-                    if sums.blake3 != entry.blake3 {
-                        inner.quarantine(&digest, "its bytes do not match its BLAKE3");
-                        return Ok(Some(false));
-                    }
-                    if inner.stored_sums(&key, entry.size)?.as_ref() != Some(&sums.units) {
-                        tracing::warn!(%digest, "unit checksums missing or damaged; kept again from the verified bytes");
-                        inner.keep_sums(&key, &sums.units)?;
-                    }
-                    Ok(Some(true))
+            let checked = inner.scrub_one(&digest);
+            // The check read the copy into the page cache: a copy reads ask another owner for
+            // first leaves it again, or scrubbing would fill the cache with such copies.
+            if matches!(checked, Ok(Some(true))) && !inner.keeps_cached(&digest) {
+                if let Some(e) = inner.entry(&digest.to_string())? {
+                    inner.drop_pages(&digest, &e.location, e.size);
                 }
-                _ => Ok(Some(inner.checked_small_bytes(&digest, entry, true)?.is_some())),
             }
+            checked
         })
         .await
     }
@@ -644,6 +620,43 @@ impl Inner {
         match self.reads_first.read() {
             Ok(r) => r.as_ref().is_none_or(|f| f(digest)),
             Err(_) => true,
+        }
+    }
+
+    /// Checks blob `digest`'s copy here (see [`StorageEngine::scrub`]).
+    fn scrub_one(self: &Arc<Self>, digest: &Digest) -> Result<Option<bool>> {
+        let key = digest.to_string();
+        let Some(entry) = self.entry(&key)? else {
+            return Ok(None);
+        };
+        match entry.location {
+            Location::File => {
+                let file = match fs::File::open(self.blob_path(digest)) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.quarantine(digest, "its file is missing");
+                        return Ok(Some(false));
+                    }
+                    Err(e) => return Err(internal(e)),
+                };
+                if file.metadata().map_err(internal)?.len() < entry.size {
+                    self.quarantine(digest, "its file is shorter than the blob");
+                    return Ok(Some(false));
+                }
+                // The strict check: every byte's BLAKE3, then the kept unit checksums
+                // against what the bytes give (a damaged record is written again).
+                let sums = Inner::file_sums(&file, entry.size)?;
+                if sums.blake3 != entry.blake3 {
+                    self.quarantine(digest, "its bytes do not match its BLAKE3");
+                    return Ok(Some(false));
+                }
+                if self.stored_sums(&key, entry.size)?.as_ref() != Some(&sums.units) {
+                    tracing::warn!(%digest, "unit checksums missing or damaged; kept again from the verified bytes");
+                    self.keep_sums(&key, &sums.units)?;
+                }
+                Ok(Some(true))
+            }
+            _ => Ok(Some(self.checked_small_bytes(digest, entry, true)?.is_some())),
         }
     }
 

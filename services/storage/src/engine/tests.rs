@@ -739,6 +739,14 @@ async fn copies_not_read_first_here_leave_the_page_cache() {
         // Out of the cache is not out of reach.
         assert_eq!(collect(e.read(d, None).await.unwrap()).await, *bytes, "{what}");
     }
+    // A read brings a copy back into the cache (it serves while the first owner is away); a
+    // scrub of one read first elsewhere lets it go again.
+    for d in cases.iter().zip(&digests).filter(|(c, _)| !c.3).map(|(_, d)| d) {
+        collect(e.read(d, None).await.unwrap()).await;
+        assert!(cached_pages(&e, dir.path(), d).await.0 > 0, "{d}: read back into the cache");
+        assert_eq!(e.scrub(d).await.unwrap(), Some(true));
+        assert_eq!(cached_pages(&e, dir.path(), d).await.0, 0, "{d}: scrubbed, and out of the cache again");
+    }
     // Without being told, a node keeps every copy cached (one node, as standalone).
     e.set_reads_first(None);
     let more: Vec<u8> = (0..INLINE_THRESHOLD as usize).map(|i| (i % 241) as u8).collect();
