@@ -39,64 +39,25 @@ pub struct Limits {
 /// Bytes of memory each memory measurement writes.
 const SAMPLE: u64 = 1 << 30;
 
-/// One anonymous mapping, unmapped when dropped.
-struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> std::io::Result<Mapping> {
-        // SAFETY: an anonymous private mapping at an address of the kernel's choosing aliases
-        // nothing; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapping { ptr, len })
-    }
-
-    /// Writes every byte.
-    fn fill(&mut self) {
-        // SAFETY: the mapping is `len` bytes, readable and writable, and owned by `self`.
-        unsafe { std::ptr::write_bytes(self.ptr.cast::<u8>(), 0x5a, self.len) };
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` and `len` are those mmap returned, and nothing borrows the mapping.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
-/// Writes a new mapping of [`SAMPLE`] bytes; returns MB/s.
-fn write_fresh() -> std::io::Result<f64> {
+/// Writes [`SAMPLE`] bytes of newly allocated memory; returns MB/s. An allocation this large
+/// is a fresh mapping of its own (glibc maps anything past 32 MiB and unmaps it when freed).
+fn write_fresh() -> f64 {
     let start = Instant::now();
-    let mut m = Mapping::new(SAMPLE as usize)?;
-    m.fill();
-    Ok(SAMPLE as f64 / 1e6 / start.elapsed().as_secs_f64())
+    let v = vec![0x5au8; SAMPLE as usize];
+    std::hint::black_box(&v);
+    SAMPLE as f64 / 1e6 / start.elapsed().as_secs_f64()
 }
 
 /// Measures writing pages just mapped, then the same again at once: the second mapping most
 /// likely gets the pages the first freed, before the kernel hands them back to a host (the
 /// kernel does not promise which pages it gives, nor that huge pages go alike both times).
-fn measure_memory() -> std::io::Result<(f64, f64)> {
-    Ok((write_fresh()?, write_fresh()?))
+fn measure_memory() -> (f64, f64) {
+    (write_fresh(), write_fresh())
 }
 
 /// Measures the limits, using `dir` for the disk measurements.
 pub async fn measure(dir: &Path) -> Result<Limits> {
-    let (memory_fresh_mb_s, memory_reused_mb_s) = tokio::task::spawn_blocking(measure_memory).await??;
+    let (memory_fresh_mb_s, memory_reused_mb_s) = tokio::task::spawn_blocking(measure_memory).await?;
 
     let data = vec![7u8; 64 << 20];
     let start = Instant::now();

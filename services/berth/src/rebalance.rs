@@ -448,7 +448,7 @@ pub async fn follow_reads_first(
     loop {
         if let Ok(map) = meta.placement().await {
             let me = map.nodes.iter().position(|n| n.name == name && n.state != NodeState::Dead);
-            if let (Some(me), true) = (me, version != Some(map.version)) {
+            if let Some(me) = me.filter(|_| version != Some(map.version)) {
                 version = Some(map.version);
                 let placement = Placement::of_map(&map);
                 engine.set_reads_first(Some(Arc::new(move |d: &Digest| placement.first_owner(d) == Some(me))));

@@ -334,15 +334,17 @@ impl StorageEngine {
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
-            let checked = inner.scrub_one(&digest);
+            let Some(entry) = inner.entry(&digest.to_string())? else {
+                return Ok(None);
+            };
+            let (at, size) = (entry.location, entry.size);
+            let intact = inner.scrub_one(&digest, entry)?;
             // The check read the copy into the page cache: a copy reads ask another owner for
             // first leaves it again, or scrubbing would fill the cache with such copies.
-            if matches!(checked, Ok(Some(true))) && !inner.keeps_cached(&digest) {
-                if let Some(e) = inner.entry(&digest.to_string())? {
-                    inner.drop_pages(&digest, &e.location, e.size);
-                }
+            if intact && !inner.keeps_cached(&digest) {
+                inner.drop_pages(&digest, &at, size);
             }
-            checked
+            Ok(Some(intact))
         })
         .await
     }
@@ -623,40 +625,38 @@ impl Inner {
         }
     }
 
-    /// Checks blob `digest`'s copy here (see [`StorageEngine::scrub`]).
-    fn scrub_one(self: &Arc<Self>, digest: &Digest) -> Result<Option<bool>> {
+    /// Checks blob `digest`'s copy here, whose index entry is `entry` (see
+    /// [`StorageEngine::scrub`]): whether it is intact.
+    fn scrub_one(self: &Arc<Self>, digest: &Digest, entry: BlobEntry) -> Result<bool> {
         let key = digest.to_string();
-        let Some(entry) = self.entry(&key)? else {
-            return Ok(None);
-        };
         match entry.location {
             Location::File => {
                 let file = match fs::File::open(self.blob_path(digest)) {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         self.quarantine(digest, "its file is missing");
-                        return Ok(Some(false));
+                        return Ok(false);
                     }
                     Err(e) => return Err(internal(e)),
                 };
                 if file.metadata().map_err(internal)?.len() < entry.size {
                     self.quarantine(digest, "its file is shorter than the blob");
-                    return Ok(Some(false));
+                    return Ok(false);
                 }
                 // The strict check: every byte's BLAKE3, then the kept unit checksums
                 // against what the bytes give (a damaged record is written again).
                 let sums = Inner::file_sums(&file, entry.size)?;
                 if sums.blake3 != entry.blake3 {
                     self.quarantine(digest, "its bytes do not match its BLAKE3");
-                    return Ok(Some(false));
+                    return Ok(false);
                 }
                 if self.stored_sums(&key, entry.size)?.as_ref() != Some(&sums.units) {
                     tracing::warn!(%digest, "unit checksums missing or damaged; kept again from the verified bytes");
                     self.keep_sums(&key, &sums.units)?;
                 }
-                Ok(Some(true))
+                Ok(true)
             }
-            _ => Ok(Some(self.checked_small_bytes(digest, entry, true)?.is_some())),
+            _ => Ok(self.checked_small_bytes(digest, entry, true)?.is_some()),
         }
     }
 
@@ -1428,15 +1428,21 @@ impl BlobStore for StorageEngine {
         if self.inner.keeps_cached(digest) {
             return;
         }
-        let inner = self.inner.clone();
-        let digest = digest.clone();
-        let _ = blocking(move || {
-            if let Some(e) = inner.entry(&digest.to_string())? {
-                inner.drop_pages(&digest, &e.location, e.size);
+        // The index lookup and a segment record's drop (a few clean pages) run on the calling
+        // task, as lookups do; a file's drop, which may free a whole large blob's pages, runs
+        // on the blocking pool.
+        match self.entry(digest).await {
+            Ok(Some(e)) if e.location == Location::File => {
+                let (inner, digest) = (self.inner.clone(), digest.clone());
+                let _ = blocking(move || {
+                    inner.drop_pages(&digest, &e.location, e.size);
+                    Ok(())
+                })
+                .await;
             }
-            Ok(())
-        })
-        .await;
+            Ok(Some(e)) => self.inner.drop_pages(digest, &e.location, e.size),
+            _ => {}
+        }
     }
 
     async fn upload_cancel(&self, id: &str) -> Result<()> {

@@ -77,3 +77,11 @@ pub(crate) fn timed_fsync<T>(sync: impl FnOnce() -> T) -> T {
     metrics::histogram!("berth_storage_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
     r
 }
+
+/// The kernel's page size: what file offsets of a memory map and whole-page ranges of the page
+/// cache are counted in.
+pub(crate) fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads its integer argument.
+    *PAGE.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(512))
+}

@@ -27,8 +27,6 @@ unsafe impl Send for Mapped {}
 // SAFETY: as above; shared references only read.
 unsafe impl Sync for Mapped {}
 
-const PAGE: u64 = 4096;
-
 /// Bytes `[offset, offset + len)` of `file` (which must hold them), mapped and faulted in:
 /// reading them from the disk if they are not cached, so this belongs on the blocking pool.
 ///
@@ -38,7 +36,8 @@ pub(crate) fn read_mapped(file: &File, offset: u64, len: usize) -> io::Result<By
     if len == 0 {
         return Ok(Bytes::new());
     }
-    let start = offset - offset % PAGE;
+    let page = crate::page_size();
+    let start = offset - offset % page;
     let lead = (offset - start) as usize;
     let map_len = lead + len;
     // SAFETY: a fresh read-only shared mapping of an open descriptor, checked for failure.
@@ -51,7 +50,7 @@ pub(crate) fn read_mapped(file: &File, offset: u64, len: usize) -> io::Result<By
     let map = Mapped { ptr, len: map_len };
     let bytes = map.as_ref();
     let mut acc = 0u8;
-    for i in (0..map_len).step_by(PAGE as usize) {
+    for i in (0..map_len).step_by(page as usize) {
         // SAFETY: `i` is within the mapping; a volatile read keeps the touch from being elided.
         acc ^= unsafe { std::ptr::read_volatile(bytes.as_ptr().add(i)) };
     }

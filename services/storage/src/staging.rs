@@ -314,13 +314,6 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// The kernel's page size.
-fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf only reads its integer argument.
-    *PAGE.get_or_init(|| u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(512))
-}
-
 /// Asks the kernel to drop from the page cache the whole pages of `file` within `len` bytes
 /// from `offset`. A partly covered page at either end stays: it holds bytes of a neighbour,
 /// and the kernel would otherwise drop a partial last page of the file, which the next
@@ -328,7 +321,7 @@ fn page_size() -> u64 {
 /// being written stay), so it never costs durability; a failure only leaves pages cached,
 /// so it is ignored.
 pub(crate) fn drop_cached(file: &File, offset: u64, len: u64) {
-    let page = page_size();
+    let page = crate::page_size();
     let (first, end) = (offset.div_ceil(page) * page, (offset + len) / page * page);
     if end > first {
         fadvise_dont_need(file, first, end - first);

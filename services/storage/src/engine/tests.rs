@@ -658,8 +658,7 @@ async fn cached_pages(e: &StorageEngine, dir: &std::path::Path, d: &Digest) -> (
         Location::File => (e.inner.blob_path(d), 0, entry.size),
         Location::Inline => panic!("new blobs are not written inline"),
     };
-    // SAFETY: sysconf only reads its argument.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let page = crate::page_size();
     let (first, end) = (offset.div_ceil(page) * page, (offset + len) / page * page);
     assert!(end > first, "the blob holds no whole page");
     let f = std::fs::File::open(path).unwrap();
