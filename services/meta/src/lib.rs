@@ -171,6 +171,16 @@ impl MetaService {
             let mut cf = Options::default();
             cf.set_write_buffer_size(8 << 20);
             cf.set_max_write_buffer_number(2);
+            if n == CF_STATE {
+                // Applying a command looks up keys that mostly are not there (a blob's first
+                // link, its collection marks); Bloom filters answer those without a search of
+                // the memtable's skip list or of every table's blocks.
+                let mut table = rocksdb::BlockBasedOptions::default();
+                table.set_bloom_filter(10.0, false);
+                cf.set_block_based_table_factory(&table);
+                cf.set_memtable_prefix_bloom_ratio(0.1);
+                cf.set_memtable_whole_key_filtering(true);
+            }
             ColumnFamilyDescriptor::new(n, cf)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, config.dir.join("db"), cfs)?);
