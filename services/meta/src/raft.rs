@@ -4,11 +4,12 @@
 // openraft's `StorageError` is what its traits return; its size is not ours to change.
 #![allow(clippy::result_large_err)]
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -75,12 +76,97 @@ fn synced() -> WriteOptions {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// Encoded bytes of the newest log entries kept in memory, at most.
+const RECENT_BYTES: usize = 8 << 20;
+
+/// The newest entries of the log, as appended: each entry is read back soon after its append,
+/// by replication (on the leader) and by the state machine (on every node), and answering
+/// those reads from here saves an iterator over RocksDB and the decoding of every entry.
+///
+/// The entries held are always the log's last ones without a gap: appends add at the end,
+/// truncation cuts the end, purging and the memory bound take from the front. So a read
+/// whose first index is held is answered whole from here, exactly as RocksDB would answer it.
+#[derive(Default)]
+struct Recent {
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    /// Entries from `start` up to `end`, if `start` is held.
+    fn read(&self, start: u64, end: Bound<u64>) -> Option<Vec<Entry<TypeConfig>>> {
+        let skip = usize::try_from(start.checked_sub(self.first()?)?).ok()?;
+        if skip >= self.entries.len() {
+            return None;
+        }
+        let wanted = (Bound::Included(start), end);
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take_while(|(e, _)| wanted.contains(&e.log_id.index))
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+
+    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        // A gap (the first append after a start, or after a truncation below what is held)
+        // begins a new run: what was held is no longer the log's end.
+        if self.entries.back().is_some_and(|(e, _)| e.log_id.index + 1 != entry.log_id.index) {
+            self.clear();
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.bytes > RECENT_BYTES {
+            let Some((_, n)) = self.entries.pop_front() else { break };
+            self.bytes -= n;
+        }
+    }
+
+    /// Forgets entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
+            if let Some((_, n)) = self.entries.pop_back() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Forgets entries up to `index`.
+    fn purge(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|(e, _)| e.log_id.index <= index) {
+            if let Some((_, n)) = self.entries.pop_front() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
+fn lock(recent: &Mutex<Recent>) -> std::sync::MutexGuard<'_, Recent> {
+    recent.lock().unwrap_or_else(|poisoned| {
+        let mut r = poisoned.into_inner();
+        r.clear();
+        r
+    })
 }
 
 impl LogStore {
     /// A log store over `db` (with the [`CF_LOG`] and [`CF_RAFT`] families).
     pub fn new(db: Arc<DB>) -> LogStore {
-        LogStore { db }
+        LogStore { db, recent: Arc::default() }
     }
 
     fn get_raft<T: for<'de> Deserialize<'de>>(&self, k: &str) -> StoreResult<Option<T>> {
@@ -112,6 +198,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => Bound::Excluded(*i),
             Bound::Unbounded => Bound::Unbounded,
         };
+        if let Some(entries) = lock(&self.recent).read(start, end) {
+            return Ok(entries);
+        }
         // A short range (what replication asks for while followers keep up: entries just
         // appended, still in RocksDB's memory) is read on the calling task, where a hop to the
         // blocking pool and back cost more than the read; a long one (a follower catching up,
@@ -194,9 +283,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut encoded = vec![];
+        let mut appended = vec![];
         for e in entries {
-            encoded.push((e.log_id.index.to_be_bytes(), serde_json::to_vec(&e).map_err(write_err)?));
+            let v = serde_json::to_vec(&e).map_err(write_err)?;
+            encoded.push((e.log_id.index.to_be_bytes(), v));
+            appended.push(e);
         }
+        let sizes: Vec<usize> = encoded.iter().map(|(_, v)| v.len()).collect();
         let db = self.db.clone();
         let r = blocking(move || {
             let mut batch = WriteBatch::default();
@@ -208,13 +301,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await;
         match &r {
-            Ok(()) => callback.log_io_completed(Ok(())),
+            Ok(()) => {
+                // Held before Raft learns of the append, so every read after it finds them.
+                let mut recent = lock(&self.recent);
+                for (e, size) in appended.into_iter().zip(sizes) {
+                    recent.push(e, size);
+                }
+                drop(recent);
+                callback.log_io_completed(Ok(()));
+            }
             Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
         }
         r
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
+        lock(&self.recent).truncate(log_id.index);
         let db = self.db.clone();
         blocking(move || {
             let mut batch = WriteBatch::default();
@@ -226,6 +328,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StoreResult<()> {
         let purged = serde_json::to_vec(&log_id).map_err(write_err)?;
+        lock(&self.recent).purge(log_id.index);
         let db = self.db.clone();
         blocking(move || {
             let mut batch = WriteBatch::default();
@@ -415,5 +518,61 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Err(e) => Err(read_err(e)),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn indexes(entries: Option<Vec<Entry<TypeConfig>>>) -> Option<Vec<u64>> {
+        entries.map(|es| es.iter().map(|e| e.log_id.index).collect())
+    }
+
+    /// The entries held answer a read exactly as the log would, or not at all.
+    #[test]
+    fn recent_entries_are_the_logs_end_without_a_gap() {
+        let mut r = Recent::default();
+        assert_eq!(indexes(r.read(1, Bound::Unbounded)), None);
+        for i in 1..=5 {
+            r.push(entry(i), 10);
+        }
+        assert_eq!(indexes(r.read(2, Bound::Included(4))), Some(vec![2, 3, 4]));
+        assert_eq!(indexes(r.read(2, Bound::Excluded(4))), Some(vec![2, 3]));
+        assert_eq!(indexes(r.read(3, Bound::Unbounded)), Some(vec![3, 4, 5]));
+        assert_eq!(indexes(r.read(5, Bound::Included(9))), Some(vec![5]));
+        // Below what is held, or past the end: the log itself answers.
+        assert_eq!(indexes(r.read(0, Bound::Unbounded)), None);
+        assert_eq!(indexes(r.read(6, Bound::Unbounded)), None);
+
+        // A conflicting tail is cut and written again.
+        r.truncate(4);
+        assert_eq!(indexes(r.read(2, Bound::Unbounded)), Some(vec![2, 3]));
+        r.push(entry(4), 10);
+        assert_eq!(indexes(r.read(1, Bound::Unbounded)), Some(vec![1, 2, 3, 4]));
+
+        // An append that does not follow what is held starts over.
+        r.push(entry(9), 10);
+        assert_eq!(indexes(r.read(1, Bound::Unbounded)), None);
+        assert_eq!(indexes(r.read(9, Bound::Unbounded)), Some(vec![9]));
+        assert_eq!(r.bytes, 10);
+
+        r.push(entry(10), 10);
+        r.purge(9);
+        assert_eq!(indexes(r.read(9, Bound::Unbounded)), None);
+        assert_eq!(indexes(r.read(10, Bound::Unbounded)), Some(vec![10]));
+        assert_eq!(r.bytes, 10);
+
+        // The memory bound takes the oldest first.
+        let big = RECENT_BYTES / 2 + 1;
+        r.push(entry(11), big);
+        r.push(entry(12), big);
+        assert_eq!(indexes(r.read(12, Bound::Unbounded)), Some(vec![12]));
+        assert_eq!(indexes(r.read(10, Bound::Unbounded)), None);
+        assert_eq!(r.bytes, big);
     }
 }
