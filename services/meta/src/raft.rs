@@ -79,8 +79,10 @@ pub struct LogStore {
     recent: Arc<Mutex<Recent>>,
 }
 
-/// Encoded bytes of the newest log entries kept in memory, at most.
-const RECENT_BYTES: usize = 8 << 20;
+/// Encoded bytes of the newest log entries kept in memory, at most. Reads back ask for the
+/// last few entries (a follower that keeps up is at most `max_payload_entries` behind), so a
+/// little covers them; a follower further behind is read from RocksDB as before.
+const RECENT_BYTES: usize = 2 << 20;
 
 /// The newest entries of the log, as appended: each entry is read back soon after its append,
 /// by replication (on the leader) and by the state machine (on every node), and answering
@@ -118,8 +120,9 @@ impl Recent {
     }
 
     fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
-        // A gap (the first append after a start, or after a truncation below what is held)
-        // begins a new run: what was held is no longer the log's end.
+        // openraft appends right after the log's last entry, having truncated a conflicting
+        // tail first. Anything else (the first append after a start, or after a truncation
+        // below what is held) begins a new run: what was held is no longer the log's end.
         if self.entries.back().is_some_and(|(e, _)| e.log_id.index + 1 != entry.log_id.index) {
             self.clear();
         }
@@ -133,20 +136,14 @@ impl Recent {
 
     /// Forgets entries from `index` on.
     fn truncate(&mut self, index: u64) {
-        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
-            if let Some((_, n)) = self.entries.pop_back() {
-                self.bytes -= n;
-            }
-        }
+        let keep = self.entries.partition_point(|(e, _)| e.log_id.index < index);
+        self.bytes -= self.entries.drain(keep..).map(|(_, n)| n).sum::<usize>();
     }
 
     /// Forgets entries up to `index`.
     fn purge(&mut self, index: u64) {
-        while self.entries.front().is_some_and(|(e, _)| e.log_id.index <= index) {
-            if let Some((_, n)) = self.entries.pop_front() {
-                self.bytes -= n;
-            }
-        }
+        let gone = self.entries.partition_point(|(e, _)| e.log_id.index <= index);
+        self.bytes -= self.entries.drain(..gone).map(|(_, n)| n).sum::<usize>();
     }
 
     fn clear(&mut self) {
@@ -157,8 +154,10 @@ impl Recent {
 
 fn lock(recent: &Mutex<Recent>) -> std::sync::MutexGuard<'_, Recent> {
     recent.lock().unwrap_or_else(|poisoned| {
+        // Whatever a panic left half done is dropped; empty is always right (reads miss).
         let mut r = poisoned.into_inner();
         r.clear();
+        recent.clear_poison();
         r
     })
 }
@@ -286,10 +285,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut appended = vec![];
         for e in entries {
             let v = serde_json::to_vec(&e).map_err(write_err)?;
-            encoded.push((e.log_id.index.to_be_bytes(), v));
-            appended.push(e);
+            let index = e.log_id.index;
+            appended.push((v.len(), e));
+            encoded.push((index.to_be_bytes(), v));
         }
-        let sizes: Vec<usize> = encoded.iter().map(|(_, v)| v.len()).collect();
         let db = self.db.clone();
         let r = blocking(move || {
             let mut batch = WriteBatch::default();
@@ -304,7 +303,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(()) => {
                 // Held before Raft learns of the append, so every read after it finds them.
                 let mut recent = lock(&self.recent);
-                for (e, size) in appended.into_iter().zip(sizes) {
+                for (size, e) in appended {
                     recent.push(e, size);
                 }
                 drop(recent);
