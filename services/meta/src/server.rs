@@ -17,7 +17,7 @@ use berth_proto::meta as pb;
 use berth_proto::meta::meta_server::{Meta, MetaServer};
 use tonic::{Request, Response, Status};
 
-use crate::wire::{count, from_all, from_opt, not_leader_status, required, status_of, to_all, Wire};
+use crate::wire::{count, from_all, from_opt, not_leader_status, required, status_of, to_all, Wire, WireError};
 
 /// Why this node may not answer: another node leads, or none does yet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,7 +69,39 @@ fn batch_digest(s: String) -> Result<Digest> {
     Digest::from_proto(s).map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
 }
 
+/// A batched write that does not decode: refused by itself (the peer sending it is broken;
+/// the others in its batch are answered).
+fn malformed(e: WireError) -> RegistryError {
+    RegistryError::new(ErrorCode::Unknown, format!("a malformed write: {e}")).with_status(400)
+}
+
 impl MetaRpc {
+    /// One write of a batch, decoded and committed (or refused) on its own.
+    async fn batched_write(&self, write: pb::Write) -> Result<()> {
+        use pb::write::Write;
+        match write.write {
+            Some(Write::CreateUpload(r)) => {
+                let session = required(r.session, "session").and_then(UploadSession::from_proto).map_err(malformed)?;
+                self.store.create_upload(session, usize::try_from(r.at_most).unwrap_or(usize::MAX)).await
+            }
+            Some(Write::EndUpload(r)) => {
+                let link = from_opt::<(Digest, Stored)>(r.link).map_err(malformed)?;
+                self.store.end_upload(&r.id, link).await
+            }
+            Some(Write::LinkBlob(r)) => {
+                let digest = Digest::from_proto(r.digest).map_err(malformed)?;
+                let blob = required(r.blob, "blob").and_then(Stored::from_proto).map_err(malformed)?;
+                self.store.link_blob(&r.repo, &digest, blob).await
+            }
+            Some(Write::PutManifest(r)) => {
+                let record = required(r.record, "record").and_then(ManifestRecord::from_proto).map_err(malformed)?;
+                let bytes = required(r.bytes, "bytes").and_then(Stored::from_proto).map_err(malformed)?;
+                self.store.put_manifest(&r.repo, record, r.tags, bytes).await
+            }
+            None => Err(malformed(WireError::Missing("Write.write"))),
+        }
+    }
+
     /// The request's message, once the gate lets this node answer.
     async fn admit<T>(&self, request: Request<T>) -> std::result::Result<T, Status> {
         self.gate.check().await.map_err(|n| not_leader_status(&n))?;
@@ -173,6 +205,22 @@ impl Meta for MetaRpc {
             results.push(pb::ReadResult { result: Some(result) });
         }
         Ok(Response::new(pb::ReadBatchReply { results }))
+    }
+
+    async fn write_batch(&self, request: Request<pb::WriteBatchRequest>) -> Answer<pb::WriteBatchReply> {
+        let r = self.admit(request).await?;
+        // All at once, so that they reach the log together and share its next entry.
+        let results = futures::future::join_all(r.writes.into_iter().map(|w| self.batched_write(w))).await;
+        let results = results
+            .into_iter()
+            .map(|outcome| pb::WriteResult {
+                error: outcome.err().map(|e| {
+                    let (code, status, detail) = berth_proto::status::error_fields(e);
+                    pb::ReadError { code, status, detail }
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::WriteBatchReply { results }))
     }
 
     async fn tagged_manifest(&self, request: Request<pb::TagRequest>) -> Answer<pb::ManifestReply> {
@@ -525,6 +573,116 @@ mod tests {
         });
         futures::future::join_all(reads).await;
         server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_batches_and_each_gets_its_own_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        // A slow gate: calls made while a batch waits on it gather into the next one.
+        let gate = Gate::new(None, Duration::from_millis(20));
+        let server = serve(Arc::new(meta.clone()), gate.clone()).await;
+        let c = Arc::new(client(&[server.addr], MetaClientConfig::default()));
+        let session = |i: u64| UploadSession {
+            id: format!("u{i}"),
+            repo: "a/b".into(),
+            started_at_ms: 1,
+            owner: if i.is_multiple_of(2) { "alice".into() } else { "bob".into() },
+            staging: None,
+        };
+        // 400 writes of four kinds at once; some of each kind are refused, each for itself.
+        let writes = (0..400u64).map(|i| {
+            let (c, session) = (c.clone(), session(i));
+            async move {
+                let outcome = match i % 4 {
+                    0 => c.link_blob("a/b", &d(&format!("blob{i}")), stored(i + 1)).await,
+                    // Alice may keep 20 uploads open; bob has no limit.
+                    1 | 2 => c.create_upload(session, if i.is_multiple_of(2) { 20 } else { 0 }).await,
+                    // Tagged manifests of linked blobs go in; one of a missing blob is refused.
+                    _ if i % 8 == 3 => {
+                        c.put_manifest("a/b", record("none", vec![d("missing")]), vec![], stored(9)).await
+                    }
+                    _ => c.end_upload(&format!("gone{i}"), None).await,
+                };
+                (i, outcome)
+            }
+        });
+        let outcomes = futures::future::join_all(writes).await;
+        let mut refused_uploads = 0;
+        for (i, outcome) in outcomes {
+            match (i % 4, outcome) {
+                (0, r) => assert_eq!(r, Ok(()), "link {i}"),
+                (1, r) => assert_eq!(r, Ok(()), "bob's upload {i}"),
+                (2, Ok(())) => {}
+                (2, Err(e)) => {
+                    assert_eq!(e.code, ErrorCode::TooManyRequests, "{e}");
+                    refused_uploads += 1;
+                }
+                (_, Err(e)) if i % 8 == 3 => assert_eq!(e.code, ErrorCode::ManifestBlobUnknown, "{e}"),
+                (_, r) => assert_eq!(r.unwrap_err().code, ErrorCode::BlobUploadUnknown, "end {i}"),
+            }
+        }
+        assert_eq!(refused_uploads, 100 - 20, "alice got exactly 20 sessions");
+        assert_eq!(meta.uploads_of("alice", 1000).await.unwrap(), 20);
+        assert_eq!(meta.uploads_of("bob", 1000).await.unwrap(), 100);
+        for i in (0..400u64).step_by(4) {
+            assert_eq!(meta.blob_link("a/b", &d(&format!("blob{i}"))).await.unwrap(), Some(i + 1));
+        }
+        assert!(gate.asked() < 100, "400 writes took {} calls", gate.asked());
+        server.stop().await;
+        meta.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_gives_up_takes_no_other_answer_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let gate = Gate::new(None, Duration::from_millis(150));
+        let server = serve(Arc::new(meta.clone()), gate.clone()).await;
+        let c = Arc::new(client(&[server.addr], MetaClientConfig::default()));
+        let link = |name: &'static str| {
+            let c = c.clone();
+            tokio::spawn(async move { c.link_blob("a/b", &d(name), stored(7)).await })
+        };
+        // Two batches under way; the next two writes wait and go out together after them.
+        let (a, b) = (link("a"), link("b"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (x, y) = (link("x"), link("y"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        x.abort();
+        for w in [a, b, y] {
+            assert_eq!(w.await.unwrap(), Ok(()));
+        }
+        // The write whose caller gave up went out all the same, in its batch.
+        assert_eq!(meta.blob_link("a/b", &d("x")).await.unwrap(), Some(7));
+        assert_eq!(gate.asked(), 3, "a, b, then x and y together");
+        server.stop().await;
+        meta.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_malformed_write_is_refused_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let server = serve(Arc::new(meta.clone()), Arc::new(AlwaysLeader)).await;
+        let mut raw = MetaGrpc::connect(format!("http://{}", server.addr)).await.unwrap();
+        let link = |digest: String, blob| {
+            let r = pb::LinkBlobRequest { repo: "a/b".into(), digest, blob };
+            pb::Write { write: Some(pb::write::Write::LinkBlob(r)) }
+        };
+        let writes = vec![
+            link("sha256:nope".into(), Some(stored(5).to_proto())),
+            link(d("x").to_string(), Some(stored(5).to_proto())),
+            pb::Write { write: None },
+            link(d("y").to_string(), None),
+        ];
+        let reply = raw.write_batch(pb::WriteBatchRequest { writes }).await.unwrap().into_inner();
+        let refused: Vec<Option<u32>> = reply.results.iter().map(|r| r.error.as_ref().map(|e| e.status)).collect();
+        assert_eq!(refused, vec![Some(400), None, Some(400), Some(400)]);
+        assert_eq!(meta.blob_link("a/b", &d("x")).await.unwrap(), Some(5), "the good write was applied");
+        assert_eq!(meta.blob_link("a/b", &d("y")).await.unwrap(), None);
+        server.stop().await;
+        meta.shutdown().await;
     }
 
     #[tokio::test]

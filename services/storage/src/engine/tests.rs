@@ -452,8 +452,10 @@ fn put_inline(e: &StorageEngine, digest: &Digest, bytes: Vec<u8>) {
 #[tokio::test]
 async fn inline_blobs_of_earlier_nodes_are_served_and_give_their_space_back() {
     let (d, e) = engine();
-    // More than RECLAIM_AFTER bytes of inline blobs, each a different content.
-    let n = (RECLAIM_AFTER / INLINE_THRESHOLD) as usize + 8;
+    // RECLAIM_AFTER bytes of inline blobs and one more, each a different content: deleting all
+    // but the last reaches the threshold with the last delete, so no delete races the reclaim
+    // (one that lands after its compaction keeps its bytes until the next reclaim).
+    let n = (RECLAIM_AFTER / INLINE_THRESHOLD) as usize + 1;
     let mut digests = vec![];
     for i in 0..n {
         let (digest, bytes) = distinct(i as u64, INLINE_THRESHOLD as usize);
@@ -466,7 +468,7 @@ async fn inline_blobs_of_earlier_nodes_are_served_and_give_their_space_back() {
     assert!(before >= RECLAIM_AFTER, "inline blobs were written to blob files: {before} bytes");
     assert_eq!(collect(e.read(&digests[3], None).await.unwrap()).await, distinct(3, INLINE_THRESHOLD as usize).1);
     assert_eq!(e.scrub(&digests[3]).await.unwrap(), Some(true));
-    // Keep the last one; deleting the rest passes the threshold and starts a reclaim.
+    // Keep the last one; deleting the rest reaches the threshold and starts a reclaim.
     let (keep, gone) = digests.split_last().unwrap();
     for g in gone {
         assert!(e.delete(g, None).await.unwrap().any());
