@@ -26,16 +26,18 @@ use berth_core::store::{
     DirectoryChange, GcReport, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, StorageChange,
     StorageNode, TokenRecord, User,
 };
+use berth_core::trace;
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
 use berth_proto::status::never_sent;
+use prost::Message as _;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use crate::wire::{count, from_all, from_opt, not_leader_of, registry_error_of, required, to_all, Wire};
+use crate::wire::{count, from_all, from_opt, not_leader_of, registry_error_of, required, to_all, Wire, MAX_MESSAGE};
 
 /// How long `berth admin gc` may run before its call gives up waiting (the run goes on).
 const GC_RUN_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -115,7 +117,7 @@ struct Calls {
 /// Calls that go out together, several in one round trip ([`Calls::batched`]).
 trait Batched: Sized + Send + 'static {
     /// What one call asks.
-    type Ask: Send + 'static;
+    type Ask: prost::Message + Send + 'static;
     /// What one call is answered.
     type Answer: Send + 'static;
     /// The calls of this kind waiting to go out.
@@ -124,12 +126,18 @@ trait Batched: Sized + Send + 'static {
     fn send(calls: Arc<Calls>, batch: Vec<Pending<Self>>) -> impl Future<Output = ()> + Send;
 }
 
-/// A call waiting in a batch: what it asks, and where its answer goes.
+/// A call in a batch: what it asks, and where its answer goes.
 type Pending<B> = (<B as Batched>::Ask, oneshot::Sender<Result<<B as Batched>::Answer>>);
+
+/// A call waiting for a batch, with the ids of the request it serves.
+struct Waiting<B: Batched> {
+    call: Pending<B>,
+    ids: Option<trace::RequestIds>,
+}
 
 /// Calls waiting for a batch, and how many batches are under way.
 struct Queue<B: Batched> {
-    waiting: Vec<Pending<B>>,
+    waiting: Vec<Waiting<B>>,
     in_flight: usize,
 }
 
@@ -140,10 +148,24 @@ impl<B: Batched> Default for Queue<B> {
 }
 
 impl<B: Batched> Queue<B> {
-    /// The next batch: the longest-waiting calls, at most [`BATCH_MAX`].
-    fn next_batch(&mut self) -> Vec<Pending<B>> {
-        let n = self.waiting.len().min(BATCH_MAX);
-        self.waiting.drain(..n).collect()
+    /// The next batch: the longest-waiting calls, at most [`BATCH_MAX`] of them and
+    /// [`BATCH_BYTES`] encoded (a call larger than that goes alone), leaving out calls whose
+    /// callers have given up (never sent, so dropping them is safe for writes too). With the
+    /// batch, the ids of a request it serves, a traced one if any, for the call's trace.
+    fn next_batch(&mut self) -> (Vec<Pending<B>>, Option<trace::RequestIds>) {
+        self.waiting.retain(|w| !w.call.1.is_closed());
+        let (mut n, mut bytes) = (0, 0);
+        while let Some(w) = self.waiting.get(n) {
+            bytes += w.call.0.encoded_len();
+            if n == BATCH_MAX || (n > 0 && bytes > BATCH_BYTES) {
+                break;
+            }
+            n += 1;
+        }
+        let taken: Vec<Waiting<B>> = self.waiting.drain(..n).collect();
+        let ids = taken.iter().find_map(|w| w.ids.clone().filter(|ids| ids.sampled));
+        let ids = ids.or_else(|| taken.iter().find_map(|w| w.ids.clone()));
+        (taken.into_iter().map(|w| w.call).collect(), ids)
     }
 }
 
@@ -167,9 +189,15 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// Calls in one batch at most.
 const BATCH_MAX: usize = 128;
 
+/// Encoded bytes of the calls in one batch at most (a call larger than this goes alone): far
+/// below [`MAX_MESSAGE`](crate::wire::MAX_MESSAGE), so that a few large manifests put at once never make a batch that
+/// the leader refuses whole.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// A batch slot, held by the task sending batches. It gives the slot back itself when no call
-/// is waiting; should it panic instead, the slot is given back when dropped (its callers,
-/// their answers dropped, are told so; later calls start batches again).
+/// is waiting; should it panic instead, the slot is given back when dropped, and the calls
+/// waiting then are failed (their callers, and those of the batch it was sending, are told
+/// so; later calls start batches again).
 struct Slot<B: Batched> {
     calls: Arc<Calls>,
     held: bool,
@@ -179,7 +207,11 @@ struct Slot<B: Batched> {
 impl<B: Batched> Drop for Slot<B> {
     fn drop(&mut self) {
         if self.held {
-            lock(B::queue(&self.calls)).in_flight -= 1;
+            let mut queue = lock(B::queue(&self.calls));
+            queue.in_flight -= 1;
+            let stranded: Vec<_> = queue.waiting.drain(..).map(|w| w.call.1).collect();
+            drop(queue);
+            fail_all(stranded, RegistryError::internal("a batch of metadata calls failed to be sent"));
         }
     }
 }
@@ -378,7 +410,7 @@ impl Calls {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut queue = lock(B::queue(self));
-            queue.waiting.push((ask, tx));
+            queue.waiting.push(Waiting { call: (ask, tx), ids: trace::current() });
             if queue.in_flight < BATCHES_IN_FLIGHT {
                 queue.in_flight += 1;
                 Some(queue.next_batch())
@@ -395,11 +427,17 @@ impl Calls {
 
     /// Sends `batch`, then the calls that have gathered meanwhile, until none are waiting;
     /// then gives its slot back.
-    async fn send_batches<B: Batched>(mut slot: Slot<B>, mut batch: Vec<Pending<B>>) {
+    async fn send_batches<B: Batched>(mut slot: Slot<B>, mut next: (Vec<Pending<B>>, Option<trace::RequestIds>)) {
         loop {
-            B::send(slot.calls.clone(), batch).await;
+            let (batch, ids) = next;
+            let send = B::send(slot.calls.clone(), batch);
+            match ids {
+                Some(ids) => trace::scope(ids, send).await,
+                None => send.await,
+            }
             let mut queue = lock(B::queue(&slot.calls));
-            if queue.waiting.is_empty() {
+            next = queue.next_batch();
+            if next.0.is_empty() {
                 // Given back under the same lock that saw no call waiting: a call that queues
                 // after it finds the slot free and starts a batch itself.
                 queue.in_flight -= 1;
@@ -407,7 +445,6 @@ impl Calls {
                 slot.held = false;
                 return;
             }
-            batch = queue.next_batch();
         }
     }
 
@@ -464,7 +501,10 @@ impl Calls {
                     let mut request = Request::new(msg.clone());
                     request.set_timeout(self.config.request_timeout.min(remaining));
                     berth_proto::carry(&mut request);
-                    match rpc(MetaGrpc::new(channel), request).await {
+                    let client = MetaGrpc::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .max_encoding_message_size(MAX_MESSAGE);
+                    match rpc(client, request).await {
                         Ok(reply) => {
                             self.follow(&target);
                             return Ok(reply.into_inner());
@@ -820,6 +860,31 @@ mod tests {
         let err = c.key_generation().await.unwrap_err();
         assert_eq!((err.code, err.status), (ErrorCode::Unknown, 503), "{err}");
         assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn batches_are_bounded_in_calls_and_bytes_and_leave_out_callers_gone() {
+        let mut q = Queue::<Writes>::default();
+        let mut waiting_callers = vec![];
+        let mut push = |q: &mut Queue<Writes>, bytes: usize, caller_waits: bool| {
+            let (tx, rx) = oneshot::channel();
+            if caller_waits {
+                waiting_callers.push(rx);
+            }
+            let r = pb::LinkBlobRequest { repo: "r".repeat(bytes), digest: String::new(), blob: None };
+            let call = (pb::Write { write: Some(pb::write::Write::LinkBlob(r)) }, tx);
+            q.waiting.push(Waiting { call, ids: None });
+        };
+        // Two that together pass the byte bound, then one past it by itself.
+        push(&mut q, 600_000, true);
+        push(&mut q, 600_000, true);
+        push(&mut q, 2 * BATCH_BYTES, true);
+        // 200 small ones, a tenth of them given up by their callers.
+        for i in 0..200 {
+            push(&mut q, 10, i % 10 != 0);
+        }
+        let sizes: Vec<usize> = std::iter::from_fn(|| Some(q.next_batch().0.len()).filter(|n| *n > 0)).collect();
+        assert_eq!(sizes, vec![1, 1, 1, BATCH_MAX, 180 - BATCH_MAX]);
     }
 
     #[test]

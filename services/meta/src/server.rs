@@ -17,7 +17,9 @@ use berth_proto::meta as pb;
 use berth_proto::meta::meta_server::{Meta, MetaServer};
 use tonic::{Request, Response, Status};
 
-use crate::wire::{count, from_all, from_opt, not_leader_status, required, status_of, to_all, Wire, WireError};
+use crate::wire::{
+    count, from_all, from_opt, not_leader_status, required, status_of, to_all, Wire, WireError, MAX_MESSAGE,
+};
 
 /// Why this node may not answer: another node leads, or none does yet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +56,8 @@ pub struct MetaRpc {
 /// The Meta service to add to a tonic server.
 pub fn meta_server(store: Arc<dyn MetaStore>, gate: Arc<dyn Leadership>) -> MetaServer<MetaRpc> {
     MetaServer::new(MetaRpc { store, gate })
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// A handler's outcome: the reply, or the status that carries the error.
@@ -69,10 +73,10 @@ fn batch_digest(s: String) -> Result<Digest> {
     Digest::from_proto(s).map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
 }
 
-/// A batched write that does not decode: refused by itself (the peer sending it is broken;
-/// the others in its batch are answered).
+/// A batched write that does not decode: refused by itself, as a 500 (the peer sending it is
+/// broken, not the user's request; the others in its batch are answered).
 fn malformed(e: WireError) -> RegistryError {
-    RegistryError::new(ErrorCode::Unknown, format!("a malformed write: {e}")).with_status(400)
+    RegistryError::internal(format!("a malformed write: {e}"))
 }
 
 impl MetaRpc {
@@ -447,16 +451,30 @@ mod tests {
     use crate::client::{MetaClient, MetaClientConfig};
     use crate::{MetaConfig, MetaService};
 
-    /// A gate that counts the calls it sees, waits `delay`, then admits them or refuses them.
+    /// A gate that counts the calls it sees, waits `delay` (and, when it has `turns`, for a
+    /// turn the test hands out), then admits them or refuses them.
     struct Gate {
         refuse: Option<NotLeader>,
         delay: Duration,
         asked: AtomicUsize,
+        turns: Option<Arc<tokio::sync::Semaphore>>,
     }
 
     impl Gate {
         fn new(refuse: Option<NotLeader>, delay: Duration) -> Arc<Gate> {
-            Arc::new(Gate { refuse, delay, asked: AtomicUsize::new(0) })
+            Arc::new(Gate { refuse, delay, asked: AtomicUsize::new(0), turns: None })
+        }
+
+        /// A gate that admits a call only when the test adds a permit to `turns`.
+        fn turns(turns: Arc<tokio::sync::Semaphore>) -> Arc<Gate> {
+            Arc::new(Gate { refuse: None, delay: Duration::ZERO, asked: AtomicUsize::new(0), turns: Some(turns) })
+        }
+
+        /// Waits until `n` calls have reached the gate.
+        async fn reached(&self, n: usize) {
+            while self.asked() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
 
         fn asked(&self) -> usize {
@@ -468,6 +486,9 @@ mod tests {
     impl Leadership for Gate {
         async fn check(&self) -> Result<(), NotLeader> {
             self.asked.fetch_add(1, Ordering::SeqCst);
+            if let Some(turns) = &self.turns {
+                turns.acquire().await.expect("the test keeps the semaphore open").forget();
+            }
             tokio::time::sleep(self.delay).await;
             self.refuse.clone().map_or(Ok(()), Err)
         }
@@ -583,24 +604,32 @@ mod tests {
         let gate = Gate::new(None, Duration::from_millis(20));
         let server = serve(Arc::new(meta.clone()), gate.clone()).await;
         let c = Arc::new(client(&[server.addr], MetaClientConfig::default()));
-        let session = |i: u64| UploadSession {
+        meta.link_blob("a/b", &d("base"), stored(3)).await.unwrap();
+        let session = |i: u64, owner: &str| UploadSession {
             id: format!("u{i}"),
             repo: "a/b".into(),
             started_at_ms: 1,
-            owner: if i.is_multiple_of(2) { "alice".into() } else { "bob".into() },
+            owner: owner.into(),
             staging: None,
         };
-        // 400 writes of four kinds at once; some of each kind are refused, each for itself.
-        let writes = (0..400u64).map(|i| {
-            let (c, session) = (c.clone(), session(i));
+        // 500 writes of four kinds at once; some of each kind are refused, each for itself.
+        let writes = (0..500u64).map(|i| {
+            let c = c.clone();
+            let (alice, bob) = (session(i, "alice"), session(i, "bob"));
             async move {
-                let outcome = match i % 4 {
+                let outcome = match i % 5 {
                     0 => c.link_blob("a/b", &d(&format!("blob{i}")), stored(i + 1)).await,
-                    // Alice may keep 20 uploads open; bob has no limit.
-                    1 | 2 => c.create_upload(session, if i.is_multiple_of(2) { 20 } else { 0 }).await,
-                    // Tagged manifests of linked blobs go in; one of a missing blob is refused.
-                    _ if i % 8 == 3 => {
-                        c.put_manifest("a/b", record("none", vec![d("missing")]), vec![], stored(9)).await
+                    // Bob has no limit; alice may keep 20 uploads open.
+                    1 => c.create_upload(bob, 0).await,
+                    2 => c.create_upload(alice, 20).await,
+                    // A manifest of a linked blob goes in; one of a missing blob is refused.
+                    3 if i % 2 == 0 => {
+                        let m = record(&format!("m{i}"), vec![d("missing")]);
+                        c.put_manifest("a/b", m, vec![], stored(9)).await
+                    }
+                    3 => {
+                        let m = record(&format!("m{i}"), vec![d("base")]);
+                        c.put_manifest("a/b", m, vec![format!("t{i}")], stored(9)).await
                     }
                     _ => c.end_upload(&format!("gone{i}"), None).await,
                 };
@@ -610,25 +639,28 @@ mod tests {
         let outcomes = futures::future::join_all(writes).await;
         let mut refused_uploads = 0;
         for (i, outcome) in outcomes {
-            match (i % 4, outcome) {
-                (0, r) => assert_eq!(r, Ok(()), "link {i}"),
-                (1, r) => assert_eq!(r, Ok(()), "bob's upload {i}"),
+            match (i % 5, outcome) {
+                (0 | 1, r) => assert_eq!(r, Ok(()), "write {i}"),
                 (2, Ok(())) => {}
                 (2, Err(e)) => {
                     assert_eq!(e.code, ErrorCode::TooManyRequests, "{e}");
                     refused_uploads += 1;
                 }
-                (_, Err(e)) if i % 8 == 3 => assert_eq!(e.code, ErrorCode::ManifestBlobUnknown, "{e}"),
+                (3, r) if i % 2 == 0 => assert_eq!(r.unwrap_err().code, ErrorCode::ManifestBlobUnknown, "{i}"),
+                (3, r) => assert_eq!(r, Ok(()), "manifest {i}"),
                 (_, r) => assert_eq!(r.unwrap_err().code, ErrorCode::BlobUploadUnknown, "end {i}"),
             }
         }
         assert_eq!(refused_uploads, 100 - 20, "alice got exactly 20 sessions");
         assert_eq!(meta.uploads_of("alice", 1000).await.unwrap(), 20);
         assert_eq!(meta.uploads_of("bob", 1000).await.unwrap(), 100);
-        for i in (0..400u64).step_by(4) {
+        for i in (0..500u64).step_by(5) {
             assert_eq!(meta.blob_link("a/b", &d(&format!("blob{i}"))).await.unwrap(), Some(i + 1));
+            let m = i + 3;
+            let tagged = meta.tag("a/b", &format!("t{m}")).await.unwrap();
+            assert_eq!(tagged, (m % 2 == 1).then(|| d(&format!("m{m}"))), "manifest {m}");
         }
-        assert!(gate.asked() < 100, "400 writes took {} calls", gate.asked());
+        assert!(gate.asked() < 100, "500 writes took {} calls", gate.asked());
         server.stop().await;
         meta.shutdown().await;
     }
@@ -637,25 +669,29 @@ mod tests {
     async fn a_writer_that_gives_up_takes_no_other_answer_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let meta = open(dir.path()).await;
-        let gate = Gate::new(None, Duration::from_millis(150));
+        let turns = Arc::new(tokio::sync::Semaphore::new(0));
+        let gate = Gate::turns(turns.clone());
         let server = serve(Arc::new(meta.clone()), gate.clone()).await;
         let c = Arc::new(client(&[server.addr], MetaClientConfig::default()));
         let link = |name: &'static str| {
             let c = c.clone();
             tokio::spawn(async move { c.link_blob("a/b", &d(name), stored(7)).await })
         };
-        // Two batches under way; the next two writes wait and go out together after them.
+        // Two batches under way, held at the gate; the next two writes wait for them.
         let (a, b) = (link("a"), link("b"));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        gate.reached(2).await;
         let (x, y) = (link("x"), link("y"));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        turns.add_permits(2);
+        assert_eq!(a.await.unwrap(), Ok(()));
+        assert_eq!(b.await.unwrap(), Ok(()));
+        // x and y went out together; x's caller gives up while their batch is at the gate.
+        gate.reached(3).await;
         x.abort();
-        for w in [a, b, y] {
-            assert_eq!(w.await.unwrap(), Ok(()));
-        }
-        // The write whose caller gave up went out all the same, in its batch.
-        assert_eq!(meta.blob_link("a/b", &d("x")).await.unwrap(), Some(7));
-        assert_eq!(gate.asked(), 3, "a, b, then x and y together");
+        turns.add_permits(1);
+        assert_eq!(y.await.unwrap(), Ok(()), "the other write of the batch is answered");
+        assert_eq!(meta.blob_link("a/b", &d("x")).await.unwrap(), Some(7), "x was sent and applied");
+        assert_eq!(gate.asked(), 3);
         server.stop().await;
         meta.shutdown().await;
     }
@@ -678,7 +714,7 @@ mod tests {
         ];
         let reply = raw.write_batch(pb::WriteBatchRequest { writes }).await.unwrap().into_inner();
         let refused: Vec<Option<u32>> = reply.results.iter().map(|r| r.error.as_ref().map(|e| e.status)).collect();
-        assert_eq!(refused, vec![Some(400), None, Some(400), Some(400)]);
+        assert_eq!(refused, vec![Some(500), None, Some(500), Some(500)]);
         assert_eq!(meta.blob_link("a/b", &d("x")).await.unwrap(), Some(5), "the good write was applied");
         assert_eq!(meta.blob_link("a/b", &d("y")).await.unwrap(), None);
         server.stop().await;

@@ -24,6 +24,10 @@ pub const LEADER: &str = "x-berth-leader";
 /// The message of a NotLeader answer.
 pub const NOT_LEADER: &str = "not the leader";
 
+/// Largest message either side of the Meta service accepts: a batch of reads is answered
+/// with up to 128 records, each as large as a manifest's annotations make it.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
 /// Longest piece of a bad value quoted back in an error: enough to recognise it, never a
 /// megabyte echoed into a log.
 const QUOTE_LIMIT: usize = 80;
