@@ -612,6 +612,8 @@ mod tests {
             owner: owner.into(),
             staging: None,
         };
+        let last_entry = || meta.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        let entries_before = last_entry();
         // 500 writes of four kinds at once; some of each kind are refused, each for itself.
         let writes = (0..500u64).map(|i| {
             let c = c.clone();
@@ -661,6 +663,9 @@ mod tests {
             assert_eq!(tagged, (m % 2 == 1).then(|| d(&format!("m{m}"))), "manifest {m}");
         }
         assert!(gate.asked() < 100, "500 writes took {} calls", gate.asked());
+        // The writes of a call reached the log together: far fewer entries than writes.
+        let entries = last_entry() - entries_before;
+        assert!(entries < 100, "500 writes took {entries} log entries");
         server.stop().await;
         meta.shutdown().await;
     }
