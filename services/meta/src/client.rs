@@ -118,20 +118,34 @@ struct Calls {
 trait Batched: Sized + Send + 'static {
     /// What one call asks.
     type Ask: prost::Message + Send + 'static;
+    /// One result of a batch's reply, as it travels.
+    type Result: Send;
     /// What one call is answered.
     type Answer: Send + 'static;
     /// The calls of this kind waiting to go out.
     fn queue(calls: &Calls) -> &Mutex<Queue<Self>>;
-    /// Sends `batch` as one call and hands each caller its answer.
-    fn send(calls: Arc<Calls>, batch: Vec<Pending<Self>>) -> impl Future<Output = ()> + Send;
+    /// Sends `asks` as one call: the results, one per call in order.
+    fn call(calls: &Calls, asks: Vec<Self::Ask>) -> impl Future<Output = Result<Vec<Self::Result>>> + Send;
+    /// A caller's answer, from its result.
+    fn answer(result: Self::Result) -> Result<Self::Answer>;
 }
 
-/// A call in a batch: what it asks, and where its answer goes.
-type Pending<B> = (<B as Batched>::Ask, oneshot::Sender<Result<<B as Batched>::Answer>>);
+/// Where a call's answer goes.
+type AnswerTo<B> = oneshot::Sender<Result<<B as Batched>::Answer>>;
 
-/// A call waiting for a batch, with the ids of the request it serves.
+/// A call waiting for a batch: what it asks, where its answer goes, and the ids of the
+/// request it serves.
 struct Waiting<B: Batched> {
-    call: Pending<B>,
+    ask: B::Ask,
+    to: AnswerTo<B>,
+    ids: Option<trace::RequestIds>,
+}
+
+/// Calls taken together, and the ids of a request they serve (a traced one if any), for the
+/// trace of the call that sends them.
+struct Batch<B: Batched> {
+    asks: Vec<B::Ask>,
+    answers: Vec<AnswerTo<B>>,
     ids: Option<trace::RequestIds>,
 }
 
@@ -150,22 +164,26 @@ impl<B: Batched> Default for Queue<B> {
 impl<B: Batched> Queue<B> {
     /// The next batch: the longest-waiting calls, at most [`BATCH_MAX`] of them and
     /// [`BATCH_BYTES`] encoded (a call larger than that goes alone), leaving out calls whose
-    /// callers have given up (never sent, so dropping them is safe for writes too). With the
-    /// batch, the ids of a request it serves, a traced one if any, for the call's trace.
-    fn next_batch(&mut self) -> (Vec<Pending<B>>, Option<trace::RequestIds>) {
-        self.waiting.retain(|w| !w.call.1.is_closed());
+    /// callers have given up (never sent, so dropping them is safe for writes too).
+    fn next_batch(&mut self) -> Batch<B> {
+        self.waiting.retain(|w| !w.to.is_closed());
         let (mut n, mut bytes) = (0, 0);
         while let Some(w) = self.waiting.get(n) {
-            bytes += w.call.0.encoded_len();
+            bytes += w.ask.encoded_len();
             if n == BATCH_MAX || (n > 0 && bytes > BATCH_BYTES) {
                 break;
             }
             n += 1;
         }
-        let taken: Vec<Waiting<B>> = self.waiting.drain(..n).collect();
-        let ids = taken.iter().find_map(|w| w.ids.clone().filter(|ids| ids.sampled));
-        let ids = ids.or_else(|| taken.iter().find_map(|w| w.ids.clone()));
-        (taken.into_iter().map(|w| w.call).collect(), ids)
+        let mut batch = Batch { asks: Vec::with_capacity(n), answers: Vec::with_capacity(n), ids: None };
+        for w in self.waiting.drain(..n) {
+            if batch.ids.as_ref().is_none_or(|ids| !ids.sampled) {
+                batch.ids = w.ids.or(batch.ids);
+            }
+            batch.asks.push(w.ask);
+            batch.answers.push(w.to);
+        }
+        batch
     }
 }
 
@@ -190,7 +208,7 @@ const BATCHES_IN_FLIGHT: usize = 2;
 const BATCH_MAX: usize = 128;
 
 /// Encoded bytes of the calls in one batch at most (a call larger than this goes alone): far
-/// below [`MAX_MESSAGE`](crate::wire::MAX_MESSAGE), so that a few large manifests put at once never make a batch that
+/// below [`MAX_MESSAGE`], so that a few large manifests put at once never make a batch that
 /// the leader refuses whole.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -209,67 +227,57 @@ impl<B: Batched> Drop for Slot<B> {
         if self.held {
             let mut queue = lock(B::queue(&self.calls));
             queue.in_flight -= 1;
-            let stranded: Vec<_> = queue.waiting.drain(..).map(|w| w.call.1).collect();
+            let stranded: Vec<_> = queue.waiting.drain(..).map(|w| w.to).collect();
             drop(queue);
             fail_all(stranded, RegistryError::internal("a batch of metadata calls failed to be sent"));
         }
     }
 }
 
+/// A batched call the leader refused, as the registry error it carries.
+fn refused(e: pb::ReadError) -> RegistryError {
+    berth_proto::status::error_from_fields(&e.code, e.status, e.detail)
+}
+
 impl Batched for Reads {
     type Ask = pb::Read;
+    type Result = pb::ReadResult;
     type Answer = ReadAnswer;
 
     fn queue(calls: &Calls) -> &Mutex<Queue<Self>> {
         &calls.reads
     }
 
-    async fn send(calls: Arc<Calls>, batch: Vec<Pending<Self>>) {
-        let (reads, answers): (Vec<pb::Read>, Vec<_>) = batch.into_iter().unzip();
-        let asked = answers.len();
-        let reply = calls.read(pb::ReadBatchRequest { reads }, |mut c, r| async move { c.read_batch(r).await }).await;
-        let results = match batch_results(reply.map(|r| r.results), asked) {
-            Ok(results) => results,
-            Err(e) => return fail_all(answers, e),
-        };
-        for (to, result) in answers.into_iter().zip(results) {
-            let answer = match result.result {
-                Some(pb::read_result::Result::Error(e)) => {
-                    Err(berth_proto::status::error_from_fields(&e.code, e.status, e.detail))
-                }
-                Some(answer) => Ok(answer),
-                None => Err(RegistryError::internal("the metadata service sent an empty read result")),
-            };
-            // A caller that gave up waiting is gone; nothing to tell it.
-            to.send(answer).ok();
+    async fn call(calls: &Calls, reads: Vec<pb::Read>) -> Result<Vec<pb::ReadResult>> {
+        let reply = calls.read(pb::ReadBatchRequest { reads }, |mut c, r| async move { c.read_batch(r).await });
+        Ok(reply.await?.results)
+    }
+
+    fn answer(result: pb::ReadResult) -> Result<ReadAnswer> {
+        match result.result {
+            Some(pb::read_result::Result::Error(e)) => Err(refused(e)),
+            Some(answer) => Ok(answer),
+            None => Err(RegistryError::internal("the metadata service sent an empty read result")),
         }
     }
 }
 
 impl Batched for Writes {
     type Ask = pb::Write;
+    type Result = pb::WriteResult;
     type Answer = ();
 
     fn queue(calls: &Calls) -> &Mutex<Queue<Self>> {
         &calls.writes
     }
 
-    async fn send(calls: Arc<Calls>, batch: Vec<Pending<Self>>) {
-        let (writes, answers): (Vec<pb::Write>, Vec<_>) = batch.into_iter().unzip();
-        let asked = answers.len();
-        let reply =
-            calls.write(pb::WriteBatchRequest { writes }, |mut c, r| async move { c.write_batch(r).await }).await;
-        let results = match batch_results(reply.map(|r| r.results), asked) {
-            Ok(results) => results,
-            Err(e) => return fail_all(answers, e),
-        };
-        for (to, result) in answers.into_iter().zip(results) {
-            let answer = match result.error {
-                Some(e) => Err(berth_proto::status::error_from_fields(&e.code, e.status, e.detail)),
-                None => Ok(()),
-            };
-            to.send(answer).ok();
-        }
+    async fn call(calls: &Calls, writes: Vec<pb::Write>) -> Result<Vec<pb::WriteResult>> {
+        let reply = calls.write(pb::WriteBatchRequest { writes }, |mut c, r| async move { c.write_batch(r).await });
+        Ok(reply.await?.results)
+    }
+
+    fn answer(result: pb::WriteResult) -> Result<()> {
+        result.error.map_or(Ok(()), |e| Err(refused(e)))
     }
 }
 
@@ -389,15 +397,6 @@ fn fail_all<A>(answers: Vec<oneshot::Sender<Result<A>>>, e: RegistryError) {
     }
 }
 
-/// The results of a batch of `asked` calls, one per call, or why there are none to hand out.
-fn batch_results<T>(reply: Result<Vec<T>>, asked: usize) -> Result<Vec<T>> {
-    let results = reply?;
-    if results.len() != asked {
-        return Err(RegistryError::internal(format!("{asked} batched calls answered with {} results", results.len())));
-    }
-    Ok(results)
-}
-
 impl Calls {
     /// Sends `ask` to the leader together with whatever other calls of its kind are waiting.
     /// While fewer than [`BATCHES_IN_FLIGHT`] batches are under way, the call starts a task
@@ -410,7 +409,7 @@ impl Calls {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut queue = lock(B::queue(self));
-            queue.waiting.push(Waiting { call: (ask, tx), ids: trace::current() });
+            queue.waiting.push(Waiting { ask, to: tx, ids: trace::current() });
             if queue.in_flight < BATCHES_IN_FLIGHT {
                 queue.in_flight += 1;
                 Some(queue.next_batch())
@@ -427,17 +426,12 @@ impl Calls {
 
     /// Sends `batch`, then the calls that have gathered meanwhile, until none are waiting;
     /// then gives its slot back.
-    async fn send_batches<B: Batched>(mut slot: Slot<B>, mut next: (Vec<Pending<B>>, Option<trace::RequestIds>)) {
+    async fn send_batches<B: Batched>(mut slot: Slot<B>, mut batch: Batch<B>) {
         loop {
-            let (batch, ids) = next;
-            let send = B::send(slot.calls.clone(), batch);
-            match ids {
-                Some(ids) => trace::scope(ids, send).await,
-                None => send.await,
-            }
+            slot.calls.send_batch(batch).await;
             let mut queue = lock(B::queue(&slot.calls));
-            next = queue.next_batch();
-            if next.0.is_empty() {
+            batch = queue.next_batch();
+            if batch.asks.is_empty() {
                 // Given back under the same lock that saw no call waiting: a call that queues
                 // after it finds the slot free and starts a batch itself.
                 queue.in_flight -= 1;
@@ -445,6 +439,31 @@ impl Calls {
                 slot.held = false;
                 return;
             }
+        }
+    }
+
+    /// Sends `batch` as one call, inside the trace of a request it serves, and hands each
+    /// caller its answer.
+    async fn send_batch<B: Batched>(&self, batch: Batch<B>) {
+        let Batch { asks, answers, ids } = batch;
+        let asked = asks.len();
+        let call = B::call(self, asks);
+        let reply = match ids {
+            Some(ids) => trace::scope(ids, call).await,
+            None => call.await,
+        };
+        match reply {
+            Ok(results) if results.len() == asked => {
+                for (to, result) in answers.into_iter().zip(results) {
+                    // A caller that gave up waiting is gone; nothing to tell it.
+                    to.send(B::answer(result)).ok();
+                }
+            }
+            Ok(results) => {
+                let e = format!("{asked} batched calls answered with {} results", results.len());
+                fail_all(answers, RegistryError::internal(e));
+            }
+            Err(e) => fail_all(answers, e),
         }
     }
 
@@ -872,8 +891,8 @@ mod tests {
                 waiting_callers.push(rx);
             }
             let r = pb::LinkBlobRequest { repo: "r".repeat(bytes), digest: String::new(), blob: None };
-            let call = (pb::Write { write: Some(pb::write::Write::LinkBlob(r)) }, tx);
-            q.waiting.push(Waiting { call, ids: None });
+            let ask = pb::Write { write: Some(pb::write::Write::LinkBlob(r)) };
+            q.waiting.push(Waiting { ask, to: tx, ids: None });
         };
         // Two that together pass the byte bound, then one past it by itself.
         push(&mut q, 600_000, true);
@@ -883,7 +902,7 @@ mod tests {
         for i in 0..200 {
             push(&mut q, 10, i % 10 != 0);
         }
-        let sizes: Vec<usize> = std::iter::from_fn(|| Some(q.next_batch().0.len()).filter(|n| *n > 0)).collect();
+        let sizes: Vec<usize> = std::iter::from_fn(|| Some(q.next_batch().asks.len()).filter(|n| *n > 0)).collect();
         assert_eq!(sizes, vec![1, 1, 1, BATCH_MAX, 180 - BATCH_MAX]);
     }
 

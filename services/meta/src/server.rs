@@ -73,6 +73,12 @@ fn batch_digest(s: String) -> Result<Digest> {
     Digest::from_proto(s).map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
 }
 
+/// A batched read or write the store refused, as it travels back in the batch's reply.
+fn refusal(e: RegistryError) -> pb::ReadError {
+    let (code, status, detail) = berth_proto::status::error_fields(e);
+    pb::ReadError { code, status, detail }
+}
+
 /// A batched write that does not decode: refused by itself, as a 500 (the peer sending it is
 /// broken, not the user's request; the others in its batch are answered).
 fn malformed(e: WireError) -> RegistryError {
@@ -202,10 +208,7 @@ impl Meta for MetaRpc {
                 // One malformed read is refused by itself; the others in its batch are answered.
                 None => Err(RegistryError::new(ErrorCode::Unknown, "a read without a query").with_status(400)),
             };
-            let result = outcome.unwrap_or_else(|e| {
-                let (code, status, detail) = berth_proto::status::error_fields(e);
-                R::Error(pb::ReadError { code, status, detail })
-            });
+            let result = outcome.unwrap_or_else(|e| R::Error(refusal(e)));
             results.push(pb::ReadResult { result: Some(result) });
         }
         Ok(Response::new(pb::ReadBatchReply { results }))
@@ -215,15 +218,8 @@ impl Meta for MetaRpc {
         let r = self.admit(request).await?;
         // All at once, so that they reach the log together and share its next entry.
         let results = futures::future::join_all(r.writes.into_iter().map(|w| self.batched_write(w))).await;
-        let results = results
-            .into_iter()
-            .map(|outcome| pb::WriteResult {
-                error: outcome.err().map(|e| {
-                    let (code, status, detail) = berth_proto::status::error_fields(e);
-                    pb::ReadError { code, status, detail }
-                }),
-            })
-            .collect();
+        let results =
+            results.into_iter().map(|outcome| pb::WriteResult { error: outcome.err().map(refusal) }).collect();
         Ok(Response::new(pb::WriteBatchReply { results }))
     }
 
