@@ -4,6 +4,7 @@
 //! through [`storage`] and the metadata group through [`meta`]; metadata nodes replicate
 //! through [`meta::raft_client`] / [`meta::raft_server`].
 
+pub mod conn;
 pub mod status;
 pub mod tls;
 

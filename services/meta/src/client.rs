@@ -28,13 +28,14 @@ use berth_core::store::{
 };
 use berth_core::trace;
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
+use berth_proto::conn::Conn;
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
 use berth_proto::status::never_sent;
 use prost::Message as _;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Request, Response, Status};
 
 use crate::wire::{count, from_all, from_opt, not_leader_of, registry_error_of, required, to_all, Wire, MAX_MESSAGE};
@@ -107,7 +108,7 @@ struct Calls {
     config: MetaClientConfig,
     route: Mutex<Route>,
     /// One lazily connected channel per address (the leader may name a node not in `nodes`).
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, Conn>>,
     /// Hot reads waiting to go out together ([`Calls::batched`]).
     reads: Mutex<Queue<Reads>>,
     /// Hot writes waiting to go out together.
@@ -323,7 +324,6 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoint, tonic::transport::Error> {
     Ok(berth_proto::tls::endpoint(addr)?
         .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(PING_TIMEOUT)
         .keep_alive_while_idle(true))
@@ -491,12 +491,12 @@ impl Calls {
     }
 
     /// The channel to `addr`, made on first use.
-    fn channel(&self, addr: &str) -> std::result::Result<Channel, tonic::transport::Error> {
+    fn channel(&self, addr: &str) -> std::result::Result<Conn, tonic::transport::Error> {
         let mut channels = lock(&self.channels);
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = endpoint(addr, &self.config)?.connect_lazy();
+        let c = berth_proto::conn::lazy(&endpoint(addr, &self.config)?);
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -506,7 +506,7 @@ impl Calls {
     async fn call<Q, A, F, Fut>(&self, kind: Kind, msg: Q, rpc: F) -> Result<A>
     where
         Q: Clone + Send,
-        F: Fn(MetaGrpc<Channel>, Request<Q>) -> Fut + Send + Sync,
+        F: Fn(MetaGrpc<Conn>, Request<Q>) -> Fut + Send + Sync,
         Fut: Future<Output = std::result::Result<Response<A>, Status>> + Send,
     {
         let deadline = Instant::now() + self.config.retry_for;
@@ -569,7 +569,7 @@ impl Calls {
     async fn read<Q, A, F, Fut>(&self, msg: Q, rpc: F) -> Result<A>
     where
         Q: Clone + Send,
-        F: Fn(MetaGrpc<Channel>, Request<Q>) -> Fut + Send + Sync,
+        F: Fn(MetaGrpc<Conn>, Request<Q>) -> Fut + Send + Sync,
         Fut: Future<Output = std::result::Result<Response<A>, Status>> + Send,
     {
         self.call(Kind::Read, msg, rpc).await
@@ -580,7 +580,7 @@ impl Calls {
     async fn write<Q, A, F, Fut>(&self, msg: Q, rpc: F) -> Result<A>
     where
         Q: Clone + Send,
-        F: Fn(MetaGrpc<Channel>, Request<Q>) -> Fut + Send + Sync,
+        F: Fn(MetaGrpc<Conn>, Request<Q>) -> Fut + Send + Sync,
         Fut: Future<Output = std::result::Result<Response<A>, Status>> + Send,
     {
         self.call(Kind::Write, msg, rpc).await
@@ -865,7 +865,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_connection_is_known_unsent() {
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let channel = endpoint(&addr.to_string(), &MetaClientConfig::default()).unwrap().connect_lazy();
+        let channel = berth_proto::conn::lazy(&endpoint(&addr.to_string(), &MetaClientConfig::default()).unwrap());
         let status = MetaGrpc::new(channel).key_generation(pb::KeyGenerationRequest {}).await.unwrap_err();
         assert_eq!(classify(&status), Failure::Unsent, "{status:?}");
     }

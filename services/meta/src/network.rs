@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use berth_proto::conn::Conn;
 use berth_proto::meta::raft_client::RaftClient;
 use berth_proto::meta::raft_server::{Raft as RaftService, RaftServer};
 use berth_proto::meta::{RaftReply, RaftRequest};
@@ -24,7 +25,6 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::raft::{NodeId, TypeConfig};
@@ -42,23 +42,22 @@ const BACKOFF: Duration = Duration::from_millis(200);
 /// gRPC channels to other metadata nodes, by address (cheap to clone).
 #[derive(Clone, Default)]
 pub struct Channels {
-    by_addr: Arc<Mutex<HashMap<String, Channel>>>,
+    by_addr: Arc<Mutex<HashMap<String, Conn>>>,
 }
 
 impl Channels {
     /// A channel to `addr` (`host:port`), connected lazily and reused.
-    pub fn get(&self, addr: &str) -> Result<Channel, String> {
+    pub fn get(&self, addr: &str) -> Result<Conn, String> {
         let mut map = self.by_addr.lock().map_err(|_| "channel table poisoned".to_string())?;
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = berth_proto::tls::endpoint(addr)
+        let endpoint = berth_proto::tls::endpoint(addr)
             .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = berth_proto::conn::lazy(&endpoint);
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -83,7 +82,7 @@ impl GrpcNetwork {
 pub struct GrpcPeer {
     target: NodeId,
     node: BasicNode,
-    client: Result<RaftClient<Channel>, String>,
+    client: Result<RaftClient<Conn>, String>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {

@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use berth_core::error::Result;
 use berth_core::store::{FinishedCopies, COPY_WHILE_FINISHING, FINISH_COPY_TIME};
 use berth_core::{BlobStore, ByteStream, Deleted, Digest, ErrorCode, RegistryError, Stored};
+use berth_proto::conn::Conn;
 use berth_proto::status::never_sent;
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_client::StorageClient as StorageGrpc;
@@ -24,7 +25,6 @@ use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, StreamExt};
 use futures::SinkExt;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::wire::{frames, parse_digest, registry_error_of, stored_from_proto, LIST_PAGE, MAX_MESSAGE, SMALL_LIMIT};
@@ -70,7 +70,7 @@ pub enum StorageClientError {
 #[derive(Clone)]
 pub struct StorageClient {
     addr: String,
-    grpc: StorageGrpc<Channel>,
+    grpc: StorageGrpc<Conn>,
     config: StorageClientConfig,
 }
 
@@ -93,14 +93,13 @@ impl StorageClient {
     /// A client of the node at `addr` (`host:port`).
     pub fn new(addr: &str, config: StorageClientConfig) -> std::result::Result<StorageClient, StorageClientError> {
         let bad = |source| StorageClientError::Address { addr: addr.to_string(), source };
-        let channel = berth_proto::tls::endpoint(addr)
+        let endpoint = berth_proto::tls::endpoint(addr)
             .map_err(bad)?
             .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME)
-            .connect_lazy();
+            .max_frame_size(MAX_FRAME);
+        let channel = berth_proto::conn::lazy(&endpoint);
         let grpc =
             StorageGrpc::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
         Ok(StorageClient { addr: addr.to_string(), grpc, config })
@@ -255,10 +254,8 @@ const WRITE_AHEAD: usize = 2;
 /// A client-streaming call of the generated client. Boxed, and fed from a channel rather than
 /// a boxed stream: tonic's client-streaming future over a `dyn Stream` cannot be proved `Send`
 /// for every lifetime, which `async_trait` requires.
-type Call<M, R> = fn(
-    StorageGrpc<Channel>,
-    Request<mpsc::Receiver<M>>,
-) -> BoxFuture<'static, std::result::Result<Response<R>, Status>>;
+type Call<M, R> =
+    fn(StorageGrpc<Conn>, Request<mpsc::Receiver<M>>) -> BoxFuture<'static, std::result::Result<Response<R>, Status>>;
 
 /// How a body's data and end frames are made into messages of one call.
 struct BodyWire<M> {
