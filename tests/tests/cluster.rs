@@ -231,7 +231,7 @@ async fn sessions_naming_no_node_are_ended_once_no_node_stages_them() {
         staging: staging.map(String::from),
     };
     for (id, staging) in [(&unnamed, None), (&misspelled, Some("storage.invalid:7001")), (&staged, None)] {
-        meta.create_upload(session(id, staging), 0).await.unwrap();
+        meta.create_upload(session(id, staging), 0, None).await.unwrap();
     }
     let ours = [unnamed.clone(), misspelled.clone(), staged.clone(), on_dead.clone()];
     let open = || async {
@@ -259,7 +259,7 @@ async fn sessions_naming_no_node_are_ended_once_no_node_stages_them() {
         .upload_start(&on_dead)
         .await
         .unwrap();
-    meta.create_upload(session(&on_dead, Some(&name)), 0).await.unwrap();
+    meta.create_upload(session(&on_dead, Some(&name)), 0, None).await.unwrap();
     tokio::task::block_in_place(|| cl.kill_storage(2));
     let killed = Instant::now();
     while tokio::task::block_in_place(|| storage_node(&cl, &cl.storage[2].addr)).map(|n| n.1) != Some("dead".into()) {

@@ -35,7 +35,7 @@ async fn writer(client: Arc<MetaClient>, history: Arc<Mutex<History>>, stop: Arc
         k += 1;
         let start = Instant::now();
         let stored = Stored { size: 100, stamp: u64::MAX / 2 };
-        let acked = client.put_manifest(REPO, manifest(k), vec![TAG.into()], stored).await.is_ok();
+        let acked = client.put_manifest(REPO, manifest(k), vec![TAG.into()], stored, None).await.is_ok();
         history.lock().unwrap().writes.push(Op { start, end: Instant::now(), value: Some(k), acked });
     }
 }
@@ -150,7 +150,7 @@ async fn nodes_join_and_leave_while_the_group_serves() {
     let nodes: Vec<String> = g.nodes.iter().map(|n| n.addr.clone()).collect();
     let client = MetaClient::new(nodes, MetaClientConfig::default()).unwrap();
     let stored = Stored { size: 100, stamp: u64::MAX / 2 };
-    client.put_manifest(REPO, manifest(1), vec![TAG.into()], stored).await.unwrap();
+    client.put_manifest(REPO, manifest(1), vec![TAG.into()], stored, None).await.unwrap();
     let leader = g.leader().unwrap();
     let follower = g.nodes.iter().find(|n| n.id != leader).unwrap().addr.clone();
     tokio::task::block_in_place(|| cluster_cli(&follower, &["add-meta", "4", &fourth.addr])).unwrap();
@@ -161,7 +161,7 @@ async fn nodes_join_and_leave_while_the_group_serves() {
     assert_eq!(voters, vec![1, 2, 3, 4], "{seen}");
     // The new node has the state written before it joined.
     assert!(status["meta"][0]["applied_index"].as_u64().unwrap() >= 2, "{seen}");
-    client.put_manifest(REPO, manifest(2), vec![TAG.into()], stored).await.unwrap();
+    client.put_manifest(REPO, manifest(2), vec![TAG.into()], stored, None).await.unwrap();
     tokio::task::block_in_place(|| cluster_cli(&follower, &["remove-meta", "4"])).unwrap();
     let leader_addr = g.nodes[leader as usize - 1].addr.clone();
     let seen = tokio::task::block_in_place(|| cluster_cli(&leader_addr, &["status"])).unwrap();
@@ -185,7 +185,7 @@ async fn a_leader_cut_off_from_its_majority_acknowledges_nothing() {
     };
     let all = MetaClient::new(group.nodes.iter().map(|n| n.addr.clone()).collect(), quick.clone()).unwrap();
     let stored = Stored { size: 100, stamp: u64::MAX / 2 };
-    all.put_manifest(REPO, manifest(1), vec![TAG.into()], stored).await.expect("a write before the cut");
+    all.put_manifest(REPO, manifest(1), vec![TAG.into()], stored, None).await.expect("a write before the cut");
     let old = tokio::task::block_in_place(|| group.wait_for_leader(Duration::from_secs(10))).unwrap() as usize;
     let others: Vec<usize> = (1..=3).filter(|i| *i != old).collect();
     let through_old = MetaClient::new(vec![group.nodes[old - 1].addr.clone()], quick.clone()).unwrap();
@@ -201,10 +201,10 @@ async fn a_leader_cut_off_from_its_majority_acknowledges_nothing() {
     let mut k = 100;
     while new_acked_at.is_none() && cut_at.elapsed() < Duration::from_secs(20) {
         k += 1;
-        if through_old.put_manifest(REPO, manifest(k), vec![TAG.into()], stored).await.is_ok() {
+        if through_old.put_manifest(REPO, manifest(k), vec![TAG.into()], stored, None).await.is_ok() {
             acked_by_old.push(k);
         }
-        if through_others.put_manifest(REPO, manifest(2), vec![TAG.into()], stored).await.is_ok() {
+        if through_others.put_manifest(REPO, manifest(2), vec![TAG.into()], stored, None).await.is_ok() {
             new_acked_at = Some(Instant::now());
         }
     }

@@ -321,6 +321,31 @@ pub struct UploadSession {
     pub staging: Option<String>,
 }
 
+/// Who makes a push, as far as the package a first push creates goes: the write that starts a
+/// push (an upload session, a manifest) carries it, and creates the repository's package when
+/// it has none, or only a deleted one, as [`DirectoryChange::EnsurePackage`] does. A push costs
+/// no read of the package beforehand that way, and a first push creates it in the same write.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pusher {
+    /// The source repository (`ORG/REPO`) a CI token pushes for: the new package is linked
+    /// to it.
+    pub source: Option<String>,
+    /// The user who pushes: granted admin on the new package (outside the user's own
+    /// namespace, where the owner administers everything already).
+    pub creator: Option<String>,
+}
+
+impl Pusher {
+    /// The pusher `identity` is.
+    pub fn of(identity: &Identity) -> Pusher {
+        match identity {
+            Identity::Ci { source } => Pusher { source: Some(source.clone()), creator: None },
+            Identity::User { name, .. } => Pusher { source: None, creator: Some(name.clone()) },
+            Identity::Anonymous => Pusher::default(),
+        }
+    }
+}
+
 /// A user account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
@@ -698,8 +723,16 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Commits a manifest (linking its bytes, stored as `bytes`, into `repo`) and points `tags`
     /// at it, in one write. Fails with `MANIFEST_BLOB_UNKNOWN` when a blob or child it needs is
-    /// missing.
-    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>, bytes: Stored) -> Result<()>;
+    /// missing. With a `pusher`, the same write first creates the repository's package for it
+    /// when there is none (see [`Pusher`]).
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        record: ManifestRecord,
+        tags: Vec<String>,
+        bytes: Stored,
+        pusher: Option<Pusher>,
+    ) -> Result<()>;
 
     /// A manifest of `repo` by digest.
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;
@@ -777,8 +810,9 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Records a new upload session, unless its owner has `at_most` open already
     /// (`TOOMANYREQUESTS`): the count and the check are one write, so concurrent starts
-    /// cannot all slip under the cap.
-    async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()>;
+    /// cannot all slip under the cap. With a `pusher`, the same write first creates the
+    /// session's repository's package for it when there is none (see [`Pusher`]).
+    async fn create_upload(&self, session: UploadSession, at_most: usize, pusher: Option<Pusher>) -> Result<()>;
 
     /// An upload session by id.
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>>;

@@ -7,6 +7,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use berth_core::access::{allowed_actions, Action, Identity};
+use berth_core::store::Pusher;
 use berth_core::{Digest, ErrorCode, RegistryError, UploadSession};
 use futures::TryStreamExt;
 
@@ -169,8 +170,14 @@ fn upload_accepted(
 
 use berth_core::now_ms;
 
-/// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session.
+/// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session. Each creates
+/// the repository's package when it has none: a session in the write that records it, the
+/// others (rarer) with a write of their own first when the package is missing.
 pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) -> Result<Response, RegistryError> {
+    let whole = query_param(req.uri(), "mount").is_some() || query_param(req.uri(), "digest").is_some();
+    if whole {
+        crate::admin::ensure_package(reg, &caller.identity, name).await?;
+    }
     if let Some(mount) = query_param(req.uri(), "mount") {
         // A mount that cannot be honoured falls back to a new session, as the spec says; so
         // does one from a repository the caller may not pull from, which reveals nothing.
@@ -227,7 +234,8 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
     let staging = reg.blobs.upload_start(&id).await?;
     let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms(), owner, staging };
     // The metadata service refuses a caller with too many uploads open (TOOMANYREQUESTS).
-    if let Err(e) = reg.meta.create_upload(session.clone(), reg.config.max_uploads_per_caller).await {
+    let pusher = Some(Pusher::of(&caller.identity));
+    if let Err(e) = reg.meta.create_upload(session.clone(), reg.config.max_uploads_per_caller, pusher).await {
         if let Err(c) = reg.blobs.upload_cancel(&id).await {
             tracing::warn!(upload = %id, error = %c, "dropping the staging area of an upload not recorded");
         }

@@ -474,11 +474,8 @@ async fn authorize(
     if !allowed.contains(&action) {
         return Err(auth::refuse(reg, caller, headers, &repo, action).await);
     }
-    let starts_push = matches!(route, Route::UploadStart { .. })
-        || (matches!(route, Route::Manifest { .. }) && method == Method::PUT);
-    if starts_push {
-        admin::ensure_package(reg, &caller.identity, &repo).await.map_err(error_response)?;
-    }
+    // A push's first write creates the repository's package when it has none (see
+    // `berth_core::store::Pusher`): the handlers of the routes that start one see to it.
     Ok(())
 }
 
@@ -492,7 +489,9 @@ async fn handle(reg: &Registry, caller: &auth::Caller, route: Route, req: Reques
         (Route::Manifest { name, reference }, &Method::GET | &Method::HEAD) => {
             manifests::get(reg, &name, &reference, req.headers(), method == Method::HEAD).await
         }
-        (Route::Manifest { name, reference }, &Method::PUT) => manifests::put(reg, &name, &reference, req).await,
+        (Route::Manifest { name, reference }, &Method::PUT) => {
+            manifests::put(reg, caller, &name, &reference, req).await
+        }
         (Route::Manifest { name, reference }, &Method::DELETE) => manifests::delete(reg, &name, &reference).await,
         (Route::Referrers { name, digest }, &Method::GET) => manifests::referrers(reg, &name, &digest, req.uri()).await,
         (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {

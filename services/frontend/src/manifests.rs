@@ -6,12 +6,13 @@ use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use berth_core::manifest::{self, MAX_MANIFEST_SIZE, OCI_INDEX};
 use berth_core::name::valid_tag;
-use berth_core::store::MAX_PAGE;
+use berth_core::store::{Pusher, MAX_PAGE};
 use berth_core::{Digest, ErrorCode, ManifestRecord, RegistryError};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::auth::Caller;
 use crate::{
     body_stream, content_length, empty, header_value, json_response, parse_digest, query_param, query_params, Registry,
 };
@@ -138,7 +139,13 @@ async fn read_manifest_body(req: Request, idle: std::time::Duration) -> Result<B
 use berth_core::now_ms;
 
 /// `PUT /v2/<name>/manifests/<reference>[?tag=...]`.
-pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> Result<Response, RegistryError> {
+pub async fn put(
+    reg: &Registry,
+    caller: &Caller,
+    name: &str,
+    reference: &str,
+    req: Request,
+) -> Result<Response, RegistryError> {
     let reference = parse_reference(reference)?;
     let mut tags = vec![];
     for t in query_params(req.uri(), "tag") {
@@ -187,7 +194,7 @@ pub async fn put(reg: &Registry, name: &str, reference: &str, req: Request) -> R
     };
     // Bytes of a manifest the metadata service then refuses are collected as strays.
     let stored = reg.blobs.put_small(&digest, body.clone()).await?;
-    reg.meta.put_manifest(name, record, tags, stored).await?;
+    reg.meta.put_manifest(name, record, tags, stored, Some(Pusher::of(&caller.identity))).await?;
     reg.manifests.insert(digest.clone(), body);
     crate::admin::describe_package(reg, name, &parsed_source).await;
     let mut headers = vec![

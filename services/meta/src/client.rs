@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, OrgRole, SourceRepo};
 use berth_core::error::Result;
 use berth_core::store::{
-    DirectoryChange, GcReport, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, StorageChange,
+    DirectoryChange, GcReport, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, Pusher, StorageChange,
     StorageNode, TokenRecord, User,
 };
 use berth_core::trace;
@@ -607,12 +607,20 @@ impl MetaStore for MetaClient {
         Ok(self.0.write(msg, |mut c, r| async move { c.unlink_blob(r).await }).await?.existed)
     }
 
-    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>, bytes: Stored) -> Result<()> {
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        record: ManifestRecord,
+        tags: Vec<String>,
+        bytes: Stored,
+        pusher: Option<Pusher>,
+    ) -> Result<()> {
         let msg = pb::PutManifestRequest {
             repo: repo.into(),
             record: Some(record.to_proto()),
             tags,
             bytes: Some(bytes.to_proto()),
+            pusher: pusher.map(Wire::to_proto),
         };
         self.batched_write(pb::write::Write::PutManifest(msg)).await
     }
@@ -685,8 +693,12 @@ impl MetaStore for MetaClient {
         Ok(self.0.read(msg, |mut c, r| async move { c.repo_exists(r).await }).await?.exists)
     }
 
-    async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()> {
-        let msg = pb::CreateUploadRequest { session: Some(session.to_proto()), at_most: at_most as u64 };
+    async fn create_upload(&self, session: UploadSession, at_most: usize, pusher: Option<Pusher>) -> Result<()> {
+        let msg = pb::CreateUploadRequest {
+            session: Some(session.to_proto()),
+            at_most: at_most as u64,
+            pusher: pusher.map(Wire::to_proto),
+        };
         self.batched_write(pb::write::Write::CreateUpload(msg)).await
     }
 

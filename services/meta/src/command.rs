@@ -1,6 +1,6 @@
 //! The writes of the metadata service, as Raft log entries, and what applying them answers.
 
-use berth_core::store::DirectoryChange;
+use berth_core::store::{DirectoryChange, Pusher};
 use berth_core::{Digest, ErrorCode, ManifestRecord, RegistryError, Stored, UploadSession};
 use serde::{Deserialize, Serialize};
 
@@ -151,6 +151,18 @@ pub enum Command {
         /// Now (ms since the epoch): when the links they release become loose.
         now_ms: u64,
     },
+    /// The write that starts a push (`CreateUpload` or `PutManifest`), after creating its
+    /// repository's package for `pusher` when it has none or only a deleted one, as
+    /// `DirectoryChange::EnsurePackage` does. Refused whole when `command` is refused.
+    Pushed {
+        /// Who pushes.
+        pusher: Pusher,
+        /// Time of the request (ms since the epoch, the leader's clock): the new package's
+        /// creation.
+        now_ms: u64,
+        /// The write.
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -171,6 +183,7 @@ impl Command {
             | Command::ChangeStorage { .. }
             | Command::CopiesRepaired { .. } => true,
             Command::Batch(cmds) => cmds.len() <= 256 && cmds.iter().all(Command::is_light),
+            Command::Pushed { command, .. } => command.is_light(),
             _ => false,
         }
     }

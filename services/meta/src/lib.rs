@@ -32,7 +32,7 @@ use berth_core::error::Result;
 use berth_core::store::{
     DirectoryChange, PlacementMap, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User,
 };
-use berth_core::store::{GcReport, PackageSummary, PackageVersion, MAX_LISTED};
+use berth_core::store::{GcReport, PackageSummary, PackageVersion, Pusher, MAX_LISTED};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
@@ -388,6 +388,14 @@ impl MetaService {
     }
 }
 
+/// `command`, made by `pusher` when there is one (see [`Command::Pushed`]).
+fn pushed(pusher: Option<Pusher>, now_ms: u64, command: Command) -> Command {
+    match pusher {
+        Some(pusher) => Command::Pushed { pusher, now_ms, command: Box::new(command) },
+        None => command,
+    }
+}
+
 fn names(pairs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<String> {
     pairs.into_iter().map(|(k, _)| String::from_utf8_lossy(&k).into_owned()).collect()
 }
@@ -416,8 +424,18 @@ impl MetaStore for MetaService {
         Ok(o == Outcome::Existed(true))
     }
 
-    async fn put_manifest(&self, repo: &str, record: ManifestRecord, tags: Vec<String>, bytes: Stored) -> Result<()> {
-        let o = self.write(Command::PutManifest { repo: repo.into(), record, tags, bytes, now_ms: now_ms() }).await;
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        record: ManifestRecord,
+        tags: Vec<String>,
+        bytes: Stored,
+        pusher: Option<Pusher>,
+    ) -> Result<()> {
+        let now_ms = now_ms();
+        let o = self
+            .write(pushed(pusher, now_ms, Command::PutManifest { repo: repo.into(), record, tags, bytes, now_ms }))
+            .await;
         o.map(|_| ()).map_err(|e| if e.code == ErrorCode::Unknown { e.with_status(503) } else { e })
     }
 
@@ -522,10 +540,11 @@ impl MetaStore for MetaService {
         self.read(move |v| Ok(v.raw(&k)?.is_some())).await
     }
 
-    async fn create_upload(&self, session: UploadSession, at_most: usize) -> Result<()> {
+    async fn create_upload(&self, session: UploadSession, at_most: usize, pusher: Option<Pusher>) -> Result<()> {
         // The session's start is the metadata service's time, as every time in a command is.
-        let session = UploadSession { started_at_ms: now_ms(), ..session };
-        self.write(Command::CreateUpload { session, at_most: at_most as u64 }).await.map(|_| ())
+        let now_ms = now_ms();
+        let session = UploadSession { started_at_ms: now_ms, ..session };
+        self.write(pushed(pusher, now_ms, Command::CreateUpload { session, at_most: at_most as u64 })).await.map(|_| ())
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {

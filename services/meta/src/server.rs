@@ -11,7 +11,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use berth_core::access::{AccessFacts, Identity, SourceRepo};
 use berth_core::error::Result;
-use berth_core::store::{DirectoryChange, PublicSigningKey, StorageChange, StorageNode, TokenRecord, User};
+use berth_core::store::{DirectoryChange, PublicSigningKey, Pusher, StorageChange, StorageNode, TokenRecord, User};
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_server::{Meta, MetaServer};
@@ -92,7 +92,8 @@ impl MetaRpc {
         match write.write {
             Some(Write::CreateUpload(r)) => {
                 let session = required(r.session, "session").and_then(UploadSession::from_proto).map_err(malformed)?;
-                self.store.create_upload(session, usize::try_from(r.at_most).unwrap_or(usize::MAX)).await
+                let pusher = from_opt::<Pusher>(r.pusher).map_err(malformed)?;
+                self.store.create_upload(session, usize::try_from(r.at_most).unwrap_or(usize::MAX), pusher).await
             }
             Some(Write::EndUpload(r)) => {
                 let link = from_opt::<(Digest, Stored)>(r.link).map_err(malformed)?;
@@ -106,7 +107,8 @@ impl MetaRpc {
             Some(Write::PutManifest(r)) => {
                 let record = required(r.record, "record").and_then(ManifestRecord::from_proto).map_err(malformed)?;
                 let bytes = required(r.bytes, "bytes").and_then(Stored::from_proto).map_err(malformed)?;
-                self.store.put_manifest(&r.repo, record, r.tags, bytes).await
+                let pusher = from_opt::<Pusher>(r.pusher).map_err(malformed)?;
+                self.store.put_manifest(&r.repo, record, r.tags, bytes, pusher).await
             }
             None => Err(malformed(WireError::Missing("Write.write"))),
         }
@@ -145,7 +147,8 @@ impl Meta for MetaRpc {
         let r = self.admit(request).await?;
         let record = ManifestRecord::from_proto(required(r.record, "record")?)?;
         let bytes = Stored::from_proto(required(r.bytes, "bytes")?)?;
-        answer(self.store.put_manifest(&r.repo, record, r.tags, bytes).await, |()| pb::PutManifestReply {})
+        let pusher = from_opt::<Pusher>(r.pusher)?;
+        answer(self.store.put_manifest(&r.repo, record, r.tags, bytes, pusher).await, |()| pb::PutManifestReply {})
     }
 
     async fn manifest(&self, request: Request<pb::ManifestRequest>) -> Answer<pb::ManifestReply> {
@@ -280,7 +283,8 @@ impl Meta for MetaRpc {
         let r = self.admit(request).await?;
         let session = UploadSession::from_proto(required(r.session, "session")?)?;
         let at_most = usize::try_from(r.at_most).unwrap_or(usize::MAX);
-        answer(self.store.create_upload(session, at_most).await, |()| pb::CreateUploadReply {})
+        let pusher = from_opt::<Pusher>(r.pusher)?;
+        answer(self.store.create_upload(session, at_most, pusher).await, |()| pb::CreateUploadReply {})
     }
 
     async fn upload(&self, request: Request<pb::UploadRequest>) -> Answer<pb::UploadReply> {
@@ -564,7 +568,7 @@ mod tests {
             c.link_blob("a/b", &d(&format!("blob{i}")), stored(i + 1)).await.unwrap();
         }
         let m1 = record("m1", vec![d("blob1")]);
-        c.put_manifest("a/b", m1.clone(), vec!["v1".into()], stored(100)).await.unwrap();
+        c.put_manifest("a/b", m1.clone(), vec!["v1".into()], stored(100), None).await.unwrap();
         let facts = meta.access_facts(&Identity::Anonymous, "a/b").await.unwrap();
         // 700 reads of seven kinds at once, each answered with its own result, unknowns too.
         let reads = (0..700u64).map(|i| {
@@ -618,16 +622,16 @@ mod tests {
                 let outcome = match i % 5 {
                     0 => c.link_blob("a/b", &d(&format!("blob{i}")), stored(i + 1)).await,
                     // Bob has no limit; alice may keep 20 uploads open.
-                    1 => c.create_upload(bob, 0).await,
-                    2 => c.create_upload(alice, 20).await,
+                    1 => c.create_upload(bob, 0, None).await,
+                    2 => c.create_upload(alice, 20, None).await,
                     // A manifest of a linked blob goes in; one of a missing blob is refused.
                     3 if i % 2 == 0 => {
                         let m = record(&format!("m{i}"), vec![d("missing")]);
-                        c.put_manifest("a/b", m, vec![], stored(9)).await
+                        c.put_manifest("a/b", m, vec![], stored(9), None).await
                     }
                     3 => {
                         let m = record(&format!("m{i}"), vec![d("base")]);
-                        c.put_manifest("a/b", m, vec![format!("t{i}")], stored(9)).await
+                        c.put_manifest("a/b", m, vec![format!("t{i}")], stored(9), None).await
                     }
                     _ => c.end_upload(&format!("gone{i}"), None).await,
                 };
@@ -735,13 +739,13 @@ mod tests {
 
         // A registry error comes back exactly as the store made it.
         let refused = || record("m0", vec![d("missing")]);
-        let err = c.put_manifest("a/b", refused(), vec!["v0".into()], stored(100)).await.unwrap_err();
+        let err = c.put_manifest("a/b", refused(), vec!["v0".into()], stored(100), None).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::ManifestBlobUnknown);
-        let direct = meta.put_manifest("a/b", refused(), vec!["v0".into()], stored(100)).await.unwrap_err();
+        let direct = meta.put_manifest("a/b", refused(), vec!["v0".into()], stored(100), None).await.unwrap_err();
         assert_eq!(err, direct);
 
         let m1 = record("m1", vec![d("layer")]);
-        c.put_manifest("a/b", m1.clone(), vec!["v1".into(), "latest".into()], stored(100)).await.unwrap();
+        c.put_manifest("a/b", m1.clone(), vec!["v1".into(), "latest".into()], stored(100), None).await.unwrap();
         assert_eq!(c.tag("a/b", "v1").await.unwrap(), Some(d("m1")));
         assert_eq!(c.tags("a/b", None, 10).await.unwrap(), Some(vec!["latest".to_string(), "v1".to_string()]));
         assert_eq!(c.tags("a/b", Some("latest"), 10).await.unwrap(), Some(vec!["v1".to_string()]));

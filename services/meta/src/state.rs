@@ -443,6 +443,20 @@ impl<'a> Tx<'a> {
                 Ok(Outcome::Existed(existed))
             }
             Command::CreateUpload { session, at_most } => self.create_upload(session, *at_most),
+            Command::Pushed { pusher, now_ms, command } => {
+                let repo = match &**command {
+                    Command::CreateUpload { session, .. } => &session.repo,
+                    Command::PutManifest { repo, .. } => repo,
+                    _ => {
+                        return Ok(Outcome::rejected(
+                            ErrorCode::Unsupported,
+                            "a push starts with an upload session or a manifest",
+                        ))
+                    }
+                };
+                self.ensure_package(repo, pusher.source.clone(), pusher.creator.as_deref(), *now_ms)?;
+                self.apply(command)
+            }
             Command::EndUpload { id, link, now_ms } => {
                 let k = key(b'u', &[id]);
                 let Some(session) = self.get::<UploadSession>(&k)? else {
@@ -911,23 +925,26 @@ impl<'a> Tx<'a> {
         creator: Option<&str>,
         now_ms: u64,
     ) -> Result<(), StateError> {
-        let grants = creator
-            .filter(|c| *c != owner_of(repo))
-            .map(|c| (Principal::User(c.to_string()), Perm::Admin))
-            .into_iter()
-            .collect();
-        let p = Package {
-            name: repo.to_string(),
-            visibility: Default::default(),
-            grants,
-            source,
-            inherit: true,
-            created_ms: now_ms,
-            deleted_ms: None,
-            about: Default::default(),
-        };
         self.delete(key(b'p', &[repo]));
-        self.put(key(b'P', &[repo]), &p)
+        self.put(key(b'P', &[repo]), &new_package(repo, source, creator, now_ms))
+    }
+
+    /// Creates `repo`'s package for a push (linked to `source`, administered by `creator`)
+    /// when it has none, or only a deleted one, whose name is free: a new package takes it.
+    /// Whether it did.
+    fn ensure_package(
+        &mut self,
+        repo: &str,
+        source: Option<String>,
+        creator: Option<&str>,
+        now_ms: u64,
+    ) -> Result<bool, StateError> {
+        let k = key(b'P', &[repo]);
+        match self.get::<Package>(&k)? {
+            Some(p) if p.deleted_ms.is_none() => Ok(false),
+            Some(_) => self.replace_package(repo, source, creator, now_ms).map(|()| true),
+            None => self.put(k, &new_package(repo, source, creator, now_ms)).map(|()| true),
+        }
     }
 
     /// Moves deleted version `d` of `repo` back to the live ones, without its tags; returns
@@ -1224,33 +1241,7 @@ impl<'a> Tx<'a> {
                 self.put(k, repo)?;
             }
             DirectoryChange::EnsurePackage { repo, source, creator, now_ms } => {
-                let k = key(b'P', &[repo]);
-                match self.get::<Package>(&k)? {
-                    Some(p) if p.deleted_ms.is_some() => {
-                        // The name of a deleted package is free: a new package takes it.
-                        self.replace_package(repo, source.clone(), creator.as_deref(), *now_ms)?;
-                        return Ok(true);
-                    }
-                    Some(_) => return Ok(false),
-                    None => {}
-                }
-                // In a user's own namespace the owner administers everything already.
-                let grants = creator
-                    .iter()
-                    .filter(|c| c.as_str() != owner_of(repo))
-                    .map(|c| (Principal::User(c.clone()), Perm::Admin))
-                    .collect();
-                let p = Package {
-                    name: repo.clone(),
-                    visibility: Default::default(),
-                    grants,
-                    source: source.clone(),
-                    inherit: true,
-                    created_ms: *now_ms,
-                    deleted_ms: None,
-                    about: Default::default(),
-                };
-                self.put(k, &p)?;
+                return self.ensure_package(repo, source.clone(), creator.as_deref(), *now_ms);
             }
             DirectoryChange::LinkSourceByUrl { repo, url } => {
                 let k = key(b'P', &[repo]);
@@ -1336,6 +1327,26 @@ impl<'a> Tx<'a> {
 
 /// A key of a time index: `kind`, the time as 8 big-endian bytes (so that keys sort by time),
 /// then the parts separated by NUL.
+/// A new package of `repo`, private, linked to `source`, administered by `creator` (outside
+/// the creator's own namespace, where the owner administers everything already).
+fn new_package(repo: &str, source: Option<String>, creator: Option<&str>, now_ms: u64) -> Package {
+    let grants = creator
+        .filter(|c| *c != owner_of(repo))
+        .map(|c| (Principal::User(c.to_string()), Perm::Admin))
+        .into_iter()
+        .collect();
+    Package {
+        name: repo.to_string(),
+        visibility: Default::default(),
+        grants,
+        source,
+        inherit: true,
+        created_ms: now_ms,
+        deleted_ms: None,
+        about: Default::default(),
+    }
+}
+
 fn time_key(kind: u8, time_ms: u64, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
     k.extend_from_slice(&time_ms.to_be_bytes());

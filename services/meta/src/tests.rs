@@ -1,5 +1,5 @@
 use super::*;
-use berth_core::access::Scope;
+use berth_core::access::{Perm, Principal, Scope};
 use berth_core::store::TokenOwner;
 
 pub(crate) fn d(s: &str) -> Digest {
@@ -47,15 +47,21 @@ async fn links_manifests_tags_survive_restart() {
         let m = open(dir.path()).await;
         m.link_blob("a/b", &d("layer"), stored(5)).await.unwrap();
         let err = m
-            .put_manifest("a/b", record("m1", vec![d("missing")], None), vec!["v1".into()], stored(100))
+            .put_manifest("a/b", record("m1", vec![d("missing")], None), vec!["v1".into()], stored(100), None)
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::ManifestBlobUnknown);
         assert_eq!(m.manifest("a/b", &d("m1")).await.unwrap(), None);
-        m.put_manifest("a/b", record("m1", vec![d("layer")], None), vec!["v1".into(), "latest".into()], stored(100))
-            .await
-            .unwrap();
-        m.put_manifest("a/b", record("sig", vec![d("layer")], Some(d("m1"))), vec![], stored(100)).await.unwrap();
+        m.put_manifest(
+            "a/b",
+            record("m1", vec![d("layer")], None),
+            vec!["v1".into(), "latest".into()],
+            stored(100),
+            None,
+        )
+        .await
+        .unwrap();
+        m.put_manifest("a/b", record("sig", vec![d("layer")], Some(d("m1"))), vec![], stored(100), None).await.unwrap();
         m.shutdown().await;
     }
     let m = open(dir.path()).await;
@@ -144,10 +150,16 @@ async fn manifests_hold_their_blobs_and_release_them_when_deleted() {
     for b in ["cfg", "l1", "shared"] {
         m.link_blob("a/app", &d(b), stored(1)).await.unwrap();
     }
-    m.put_manifest("a/app", record("img1", vec![d("cfg"), d("l1"), d("shared")], None), vec!["v1".into()], stored(9))
-        .await
-        .unwrap();
-    m.put_manifest("a/app", record("img2", vec![d("shared")], None), vec!["v2".into()], stored(9)).await.unwrap();
+    m.put_manifest(
+        "a/app",
+        record("img1", vec![d("cfg"), d("l1"), d("shared")], None),
+        vec!["v1".into()],
+        stored(9),
+        None,
+    )
+    .await
+    .unwrap();
+    m.put_manifest("a/app", record("img2", vec![d("shared")], None), vec!["v2".into()], stored(9), None).await.unwrap();
     // Referenced blobs and manifests' own bytes cannot be deleted as blobs.
     for b in ["l1", "shared", "img1"] {
         let e = m.unlink_blob("a/app", &d(b)).await.unwrap_err();
@@ -158,7 +170,7 @@ async fn manifests_hold_their_blobs_and_release_them_when_deleted() {
     assert!(m.delete_manifest("a/app", &d("img1")).await.unwrap());
     let up =
         UploadSession { id: "u1".into(), repo: "a/app".into(), started_at_ms: 1, owner: "x".into(), staging: None };
-    m.create_upload(up, 10).await.unwrap();
+    m.create_upload(up, 10, None).await.unwrap();
     let preview = m.reap_preview(Duration::ZERO, 10).await.unwrap();
     assert_eq!(preview, vec![d("img1")], "no loose link goes while uploading; the manifest's bytes do");
     assert_eq!(m.begin_reap(Duration::ZERO, 10).await.unwrap().fenced, vec![d("img1")], "only the manifest's bytes");
@@ -186,9 +198,13 @@ async fn index_children_are_held_and_go_with_their_index() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
     m.link_blob("a/multi", &d("layer"), stored(1)).await.unwrap();
-    m.put_manifest("a/multi", record("amd64", vec![d("layer")], None), vec![], stored(9)).await.unwrap();
-    m.put_manifest("a/multi", record("arm64", vec![d("layer")], None), vec!["arm".into()], stored(9)).await.unwrap();
-    m.put_manifest("a/multi", index("idx", vec![d("amd64"), d("arm64")]), vec!["v1".into()], stored(9)).await.unwrap();
+    m.put_manifest("a/multi", record("amd64", vec![d("layer")], None), vec![], stored(9), None).await.unwrap();
+    m.put_manifest("a/multi", record("arm64", vec![d("layer")], None), vec!["arm".into()], stored(9), None)
+        .await
+        .unwrap();
+    m.put_manifest("a/multi", index("idx", vec![d("amd64"), d("arm64")]), vec!["v1".into()], stored(9), None)
+        .await
+        .unwrap();
     let e = m.delete_manifest("a/multi", &d("amd64")).await.unwrap_err();
     assert_eq!((e.code, e.status), (ErrorCode::Denied, 409));
     assert!(m.delete_manifest("a/multi", &d("idx")).await.unwrap());
@@ -249,7 +265,7 @@ async fn upload_sessions() {
         staging: Some("node-a".into()),
     };
     let before = berth_core::now_ms();
-    m.create_upload(s.clone(), 2).await.unwrap();
+    m.create_upload(s.clone(), 2, None).await.unwrap();
     // The start is the service's own time, not the caller's.
     let got = m.upload("u1").await.unwrap().unwrap();
     assert!(got.started_at_ms >= before, "{got:?}");
@@ -257,12 +273,12 @@ async fn upload_sessions() {
     assert_eq!(m.uploads_of("alice", 10).await.unwrap(), 1);
     // The cap on open sessions per owner is checked in the same write that records one.
     let second = UploadSession { id: "u2".into(), ..s.clone() };
-    m.create_upload(second, 2).await.unwrap();
+    m.create_upload(second, 2, None).await.unwrap();
     let third = UploadSession { id: "u3".into(), ..s.clone() };
-    let e = m.create_upload(third, 2).await.unwrap_err();
+    let e = m.create_upload(third, 2, None).await.unwrap_err();
     assert_eq!((e.code, e.status), (ErrorCode::TooManyRequests, 429));
     assert_eq!(m.upload("u3").await.unwrap(), None, "a refused session is not recorded");
-    m.create_upload(UploadSession { id: "u4".into(), owner: "bob".into(), ..s.clone() }, 2).await.unwrap();
+    m.create_upload(UploadSession { id: "u4".into(), owner: "bob".into(), ..s.clone() }, 2, None).await.unwrap();
     for id in ["u2", "u4"] {
         m.end_upload(id, None).await.unwrap();
     }
@@ -279,7 +295,7 @@ async fn strays_become_candidates_unless_known() {
     let dir = tempfile::tempdir().unwrap();
     let m = open(dir.path()).await;
     m.link_blob("a/b", &d("known"), stored(1)).await.unwrap();
-    m.put_manifest("a/b", record("img", vec![d("known")], None), vec![], stored(9)).await.unwrap();
+    m.put_manifest("a/b", record("img", vec![d("known")], None), vec![], stored(9), None).await.unwrap();
     let unknown = m.unknown_blobs(vec![d("known"), d("stray")]).await.unwrap();
     assert_eq!(unknown, vec![d("stray")]);
     m.note_strays(unknown).await.unwrap();
@@ -424,9 +440,11 @@ async fn deleted_versions_keep_what_they_hold_until_purged() {
         .await
         .unwrap();
     m.link_blob("a/multi", &d("layer"), stored(1)).await.unwrap();
-    m.put_manifest("a/multi", record("amd64", vec![d("layer")], None), vec![], stored(9)).await.unwrap();
-    m.put_manifest("a/multi", record("arm64", vec![d("layer")], None), vec![], stored(9)).await.unwrap();
-    m.put_manifest("a/multi", index("idx", vec![d("amd64"), d("arm64")]), vec!["v1".into()], stored(9)).await.unwrap();
+    m.put_manifest("a/multi", record("amd64", vec![d("layer")], None), vec![], stored(9), None).await.unwrap();
+    m.put_manifest("a/multi", record("arm64", vec![d("layer")], None), vec![], stored(9), None).await.unwrap();
+    m.put_manifest("a/multi", index("idx", vec![d("amd64"), d("arm64")]), vec!["v1".into()], stored(9), None)
+        .await
+        .unwrap();
     let version =
         |name: &str| DirectoryChange::DeleteVersion { repo: "a/multi".into(), digest: d(name).to_string(), now_ms: 0 };
     let e = pkg(version("amd64")).await.unwrap_err();
@@ -469,4 +487,79 @@ async fn deleted_versions_keep_what_they_hold_until_purged() {
     all.sort();
     assert_eq!(fenced, all);
     m.shutdown().await;
+}
+
+/// The write that starts a push creates its repository's package for the pusher in the same
+/// write: administered by the user who pushes, linked to the source a CI token pushes for. A
+/// live package is left as it is, a deleted one gives way to a new one, and a refused write
+/// creates nothing.
+#[tokio::test]
+async fn a_push_creates_its_package_in_its_first_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let package = |repo: &'static str| {
+        let m = m.clone();
+        async move { m.access_facts(&Identity::Anonymous, repo).await.unwrap().package }
+    };
+    let admins = |p: &Package| p.grants.iter().filter(|(_, perm)| **perm == Perm::Admin).count();
+    let mia = Pusher { source: None, creator: Some("mia".into()) };
+    let ci = Pusher { source: Some("acme/web".into()), creator: None };
+    let s = UploadSession {
+        id: "u1".into(),
+        repo: "acme/new".into(),
+        started_at_ms: 0,
+        owner: "mia".into(),
+        staging: None,
+    };
+
+    m.create_upload(s.clone(), 1, Some(mia.clone())).await.unwrap();
+    let p = package("acme/new").await.expect("the session's write created the package");
+    assert_eq!(p.grants.get(&Principal::User("mia".into())), Some(&Perm::Admin), "{p:?}");
+    assert_eq!((p.source.as_deref(), p.deleted_ms), (None, None));
+
+    // Refused (the owner's cap), the write creates no package either.
+    let other = UploadSession { id: "u2".into(), repo: "acme/other".into(), ..s.clone() };
+    let e = m.create_upload(other, 1, Some(mia.clone())).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
+    assert_eq!(package("acme/other").await, None);
+
+    // A manifest pushed by a CI token to a repository without a package.
+    m.end_upload("u1", Some((d("layer"), stored(3)))).await.unwrap();
+    let ci_up = UploadSession { id: "u3".into(), repo: "acme/ci".into(), owner: "ci:acme/web".into(), ..s.clone() };
+    m.create_upload(ci_up, 0, None).await.unwrap();
+    m.end_upload("u3", Some((d("layer"), stored(3)))).await.unwrap();
+    assert_eq!(package("acme/ci").await, None, "a write without a pusher creates none");
+    m.put_manifest("acme/ci", record("img", vec![d("layer")], None), vec!["v1".into()], stored(9), Some(ci.clone()))
+        .await
+        .unwrap();
+    let p = package("acme/ci").await.expect("the manifest's write created the package");
+    assert_eq!((p.source.as_deref(), admins(&p)), (Some("acme/web"), 0));
+
+    // A live package stays as it is; a deleted one gives way to the pusher's.
+    m.put_manifest("acme/new", record("img", vec![d("layer")], None), vec!["v1".into()], stored(9), Some(ci.clone()))
+        .await
+        .unwrap();
+    assert_eq!(package("acme/new").await.unwrap().source, None, "the live package was kept");
+    assert!(m.change_directory(DirectoryChange::DeletePackage { repo: "acme/new".into(), now_ms: 0 }).await.unwrap());
+    let again = UploadSession { id: "u4".into(), repo: "acme/new".into(), owner: "ci:acme/web".into(), ..s.clone() };
+    m.create_upload(again, 0, Some(ci)).await.unwrap();
+    let p = package("acme/new").await.unwrap();
+    assert_eq!((p.deleted_ms, p.source.as_deref(), admins(&p)), (None, Some("acme/web"), 0), "{p:?}");
+    m.shutdown().await;
+}
+
+/// A push's first write travels (bincode, between nodes) and is kept (JSON, in the log) whole.
+#[test]
+fn a_pushed_write_encodes_both_ways() {
+    let session =
+        UploadSession { id: "u1".into(), repo: "a/b".into(), started_at_ms: 5, owner: "x".into(), staging: None };
+    let cmd = Command::Pushed {
+        pusher: Pusher { source: Some("a/src".into()), creator: Some("x".into()) },
+        now_ms: 5,
+        command: Box::new(Command::CreateUpload { session, at_most: 3 }),
+    };
+    let json = serde_json::to_vec(&cmd).unwrap();
+    assert_eq!(serde_json::from_slice::<Command>(&json).unwrap(), cmd);
+    let bin = bincode::serialize(&cmd).unwrap();
+    assert_eq!(bincode::deserialize::<Command>(&bin).unwrap(), cmd);
 }

@@ -5,8 +5,8 @@
 
 use berth_core::access::{Package, Scope};
 use berth_core::store::{
-    GcReport, NodeState, NodeStats, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, StorageChange,
-    StorageNode, TokenOwner, TokenRecord, User,
+    GcReport, NodeState, NodeStats, PackageSummary, PackageVersion, PlacementMap, PublicSigningKey, Pusher,
+    StorageChange, StorageNode, TokenOwner, TokenRecord, User,
 };
 use berth_core::{Digest, ManifestRecord, Stored, UploadSession};
 use berth_proto::meta as pb;
@@ -139,6 +139,20 @@ impl Wire for UploadSession {
     fn from_proto(p: pb::UploadSession) -> Result<UploadSession, WireError> {
         let pb::UploadSession { id, repo, started_at_ms, owner, staging } = p;
         Ok(UploadSession { id, repo, started_at_ms, owner, staging })
+    }
+}
+
+impl Wire for Pusher {
+    type Proto = pb::Pusher;
+
+    fn to_proto(self) -> pb::Pusher {
+        let Pusher { source, creator } = self;
+        pb::Pusher { source, creator }
+    }
+
+    fn from_proto(p: pb::Pusher) -> Result<Pusher, WireError> {
+        let pb::Pusher { source, creator } = p;
+        Ok(Pusher { source, creator })
     }
 }
 
