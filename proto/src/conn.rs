@@ -11,7 +11,8 @@
 //!
 //! - [`Gathered`], under the connection: before the first write of a flush, the connection
 //!   task lets the tasks it woke run first (once), so that the body of a call it just opened
-//!   is queued by the time it writes, and goes out with the headers.
+//!   is queued by the time it writes, and goes out with the headers. Not over TLS: rustls
+//!   takes a write's bytes at once whatever the socket does, so a yield there gathers nothing.
 //! - [`Conn`], over the channel: a request's body looks one frame ahead, so that its last
 //!   DATA frame carries the end of the stream.
 //!
@@ -23,6 +24,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -39,14 +41,19 @@ use tonic::transport::{Channel, Endpoint};
 #[derive(Clone, Debug)]
 pub struct Conn(Channel);
 
-/// A channel to `endpoint`, connected on first use. TCP_NODELAY is set (every caller in the
-/// cluster wants its calls sent at once); TLS, when `endpoint` has it, runs over the same
-/// connection, and so does its connect timeout.
-pub fn lazy(endpoint: &Endpoint) -> Conn {
+/// A channel to `endpoint`, connected on first use, each TCP connection attempt given up after
+/// `connect_timeout`. Give `endpoint` no connect timeout of its own: tonic would time the
+/// whole connection (TLS included) with it and report running out as an error that does not
+/// say the call was never sent (see [`crate::status::never_sent`]), where a timed out attempt
+/// here is a connection error like a refused one. TCP_NODELAY is set (every caller in the
+/// cluster wants its calls sent at once); TLS, when `endpoint` has it, runs over the connection.
+pub fn lazy(endpoint: &Endpoint, connect_timeout: Duration) -> Conn {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    Conn(endpoint.connect_with_connector_lazy(Connect(http)))
+    http.set_connect_timeout(Some(connect_timeout));
+    let gather = endpoint.uri().scheme_str() != Some("https");
+    Conn(endpoint.connect_with_connector_lazy(Connect { http, gather }))
 }
 
 impl Service<Request<Body>> for Conn {
@@ -63,9 +70,12 @@ impl Service<Request<Body>> for Conn {
     }
 }
 
-/// Makes TCP connections as tonic's own connector does, each [`Gathered`].
+/// Makes TCP connections, each [`Gathered`] unless TLS runs over it.
 #[derive(Clone)]
-struct Connect(HttpConnector);
+struct Connect {
+    http: HttpConnector,
+    gather: bool,
+}
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Gathered<TokioIo<tokio::net::TcpStream>>, BoxError>> + Send>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,12 +86,14 @@ impl Service<Uri> for Connect {
     type Future = Connecting;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx).map_err(Into::into)
+        self.http.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move { Ok(Gathered { io: connecting.await?, yielded: false }) })
+        let connecting = self.http.call(uri);
+        // A connection that does not gather counts as having yielded already, for good.
+        let yielded = !self.gather;
+        Box::pin(async move { Ok(Gathered { io: connecting.await?, yielded, never: yielded }) })
     }
 }
 
@@ -95,6 +107,8 @@ impl Service<Uri> for Connect {
 pub struct Gathered<T> {
     io: T,
     yielded: bool,
+    /// Set when the connection never yields (TLS runs over it).
+    never: bool,
 }
 
 impl<T> Gathered<T> {
@@ -142,8 +156,11 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Gathered<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.yielded = false;
-        Pin::new(&mut self.io).poll_flush(cx)
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            self.yielded = self.never;
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -323,8 +323,10 @@ pub struct UploadSession {
 
 /// Who makes a push, as far as the package a first push creates goes: the write that starts a
 /// push (an upload session, a manifest) carries it, and creates the repository's package when
-/// it has none, or only a deleted one, as [`DirectoryChange::EnsurePackage`] does. A push costs
-/// no read of the package beforehand that way, and a first push creates it in the same write.
+/// it has none, or only a deleted one, as [`DirectoryChange::EnsurePackage`] does. A push with a
+/// registry token costs no read of the package beforehand that way (a caller with Basic
+/// credentials has its rights read on every request anyway), and a first push creates it in
+/// the same write.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pusher {
     /// The source repository (`ORG/REPO`) a CI token pushes for: the new package is linked

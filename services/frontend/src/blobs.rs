@@ -172,12 +172,8 @@ use berth_core::now_ms;
 
 /// `POST /v2/<name>/blobs/uploads/`: mount, monolithic upload, or a new session. Each creates
 /// the repository's package when it has none: a session in the write that records it, the
-/// others (rarer) with a write of their own first when the package is missing.
+/// others (rarer) with a write of their own before their link when the package is missing.
 pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) -> Result<Response, RegistryError> {
-    let whole = query_param(req.uri(), "mount").is_some() || query_param(req.uri(), "digest").is_some();
-    if whole {
-        crate::admin::ensure_package(reg, &caller.identity, name).await?;
-    }
     if let Some(mount) = query_param(req.uri(), "mount") {
         // A mount that cannot be honoured falls back to a new session, as the spec says; so
         // does one from a repository the caller may not pull from, which reveals nothing.
@@ -212,6 +208,7 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
             // meantime is refused and the client uploads instead.
             if readable {
                 if let Some(stored) = reg.blobs.stat(&digest).await? {
+                    crate::admin::ensure_package(reg, &caller.identity, name).await?;
                     if reg.meta.link_blob(name, &digest, stored).await.is_ok() {
                         return created(reg, name, &digest);
                     }
@@ -224,6 +221,7 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         if content_length(req.headers()).is_some_and(|n| n > reg.config.max_blob) {
             return Err(RegistryError::too_big(reg.config.max_blob));
         }
+        crate::admin::ensure_package(reg, &caller.identity, name).await?;
         let stored =
             reg.blobs.put(&digest, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob).await?;
         reg.meta.link_blob(name, &digest, stored).await?;

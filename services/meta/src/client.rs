@@ -321,9 +321,8 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The endpoint of a metadata node.
-fn endpoint(addr: &str, config: &MetaClientConfig) -> std::result::Result<Endpoint, tonic::transport::Error> {
+fn endpoint(addr: &str) -> std::result::Result<Endpoint, tonic::transport::Error> {
     Ok(berth_proto::tls::endpoint(addr)?
-        .connect_timeout(config.connect_timeout)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(PING_TIMEOUT)
         .keep_alive_while_idle(true))
@@ -366,7 +365,7 @@ impl MetaClient {
             return Err(MetaClientError::NoNodes);
         }
         for addr in &nodes {
-            endpoint(addr, &config).map_err(|source| MetaClientError::Address { addr: addr.clone(), source })?;
+            endpoint(addr).map_err(|source| MetaClientError::Address { addr: addr.clone(), source })?;
         }
         Ok(MetaClient(Arc::new(Calls {
             nodes,
@@ -496,7 +495,7 @@ impl Calls {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = berth_proto::conn::lazy(&endpoint(addr, &self.config)?);
+        let c = berth_proto::conn::lazy(&endpoint(addr)?, self.config.connect_timeout);
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -877,7 +876,8 @@ mod tests {
     #[tokio::test]
     async fn a_refused_connection_is_known_unsent() {
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let channel = berth_proto::conn::lazy(&endpoint(&addr.to_string(), &MetaClientConfig::default()).unwrap());
+        let config = MetaClientConfig::default();
+        let channel = berth_proto::conn::lazy(&endpoint(&addr.to_string()).unwrap(), config.connect_timeout);
         let status = MetaGrpc::new(channel).key_generation(pb::KeyGenerationRequest {}).await.unwrap_err();
         assert_eq!(classify(&status), Failure::Unsent, "{status:?}");
     }

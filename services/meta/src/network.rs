@@ -54,10 +54,9 @@ impl Channels {
         }
         let endpoint = berth_proto::tls::endpoint(addr)
             .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = berth_proto::conn::lazy(&endpoint);
+        let channel = berth_proto::conn::lazy(&endpoint, CONNECT_TIMEOUT);
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

@@ -438,7 +438,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use berth_core::access::{OrgRole, Scope};
+    use berth_core::access::{OrgRole, Perm, Principal, Scope};
     use berth_core::ErrorCode;
     use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
     use tokio::sync::oneshot;
@@ -593,6 +593,50 @@ mod tests {
             }
         });
         futures::future::join_all(reads).await;
+        server.stop().await;
+    }
+
+    /// The pusher travels with a push's first writes, batched or not, and their package is
+    /// created on the leader in the same write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pusher_reaches_the_leader_with_the_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let server = serve(Arc::new(meta.clone()), Arc::new(AlwaysLeader)).await;
+        let c = client(&[server.addr], MetaClientConfig::default());
+        let package = |repo: &'static str| {
+            let meta = meta.clone();
+            async move { meta.access_facts(&Identity::Anonymous, repo).await.unwrap().package }
+        };
+        let mia = Pusher { source: None, creator: Some("mia".into()) };
+        let session = UploadSession {
+            id: "u1".into(),
+            repo: "acme/a".into(),
+            started_at_ms: 0,
+            owner: "mia".into(),
+            staging: None,
+        };
+        c.create_upload(session, 0, Some(mia.clone())).await.unwrap();
+        let p = package("acme/a").await.expect("created with the session");
+        assert_eq!(p.grants.get(&Principal::User("mia".into())), Some(&Perm::Admin));
+        c.link_blob("acme/b", &d("layer"), stored(5)).await.unwrap();
+        c.put_manifest("acme/b", record("m", vec![d("layer")]), vec![], stored(9), Some(mia)).await.unwrap();
+        assert!(package("acme/b").await.is_some(), "created with the manifest");
+        // The unary call of older frontends carries it too.
+        let ci = Pusher { source: Some("acme/web".into()), creator: None };
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr)).unwrap();
+        let mut grpc = MetaGrpc::new(channel.connect_lazy());
+        let session = UploadSession {
+            id: "u2".into(),
+            repo: "acme/c".into(),
+            started_at_ms: 0,
+            owner: "ci".into(),
+            staging: None,
+        };
+        let msg =
+            pb::CreateUploadRequest { session: Some(session.to_proto()), at_most: 0, pusher: Some(ci.to_proto()) };
+        grpc.create_upload(msg).await.unwrap();
+        assert_eq!(package("acme/c").await.unwrap().source.as_deref(), Some("acme/web"));
         server.stop().await;
     }
 

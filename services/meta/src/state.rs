@@ -627,8 +627,9 @@ impl<'a> Tx<'a> {
         let mk = key(b'm', &[repo, &d]);
         // A deleted version pushed again is live again (it still holds what it held).
         self.revive(repo, &d)?;
-        // A deleted package pushed to: the name is taken by a new package (frontends create it
-        // first, with its creator's rights; this covers any push that comes without).
+        // A deleted package pushed to: the name is taken by a new package (a push's first write
+        // creates it, with its pusher's rights, see `Command::Pushed`; this covers a manifest
+        // written without a pusher).
         if self.get::<Package>(&key(b'P', &[repo]))?.is_some_and(|p| p.deleted_ms.is_some()) {
             self.replace_package(repo, None, None, record.pushed_at_ms)?;
         }
@@ -1325,8 +1326,6 @@ impl<'a> Tx<'a> {
     }
 }
 
-/// A key of a time index: `kind`, the time as 8 big-endian bytes (so that keys sort by time),
-/// then the parts separated by NUL.
 /// A new package of `repo`, private, linked to `source`, administered by `creator` (outside
 /// the creator's own namespace, where the owner administers everything already).
 fn new_package(repo: &str, source: Option<String>, creator: Option<&str>, now_ms: u64) -> Package {
@@ -1347,6 +1346,8 @@ fn new_package(repo: &str, source: Option<String>, creator: Option<&str>, now_ms
     }
 }
 
+/// A key of a time index: `kind`, the time as 8 big-endian bytes (so that keys sort by time),
+/// then the parts separated by NUL.
 fn time_key(kind: u8, time_ms: u64, parts: &[&str]) -> Vec<u8> {
     let mut k = vec![kind];
     k.extend_from_slice(&time_ms.to_be_bytes());

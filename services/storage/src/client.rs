@@ -95,11 +95,10 @@ impl StorageClient {
         let bad = |source| StorageClientError::Address { addr: addr.to_string(), source };
         let endpoint = berth_proto::tls::endpoint(addr)
             .map_err(bad)?
-            .connect_timeout(config.connect_timeout)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME);
-        let channel = berth_proto::conn::lazy(&endpoint);
+        let channel = berth_proto::conn::lazy(&endpoint, config.connect_timeout);
         let grpc =
             StorageGrpc::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
         Ok(StorageClient { addr: addr.to_string(), grpc, config })
@@ -248,7 +247,8 @@ impl StorageClient {
 // ---- streamed writes ---------------------------------------------------------------------
 
 /// Frames queued for a write beyond what HTTP/2 holds: enough to keep the connection busy
-/// while the body produces the next chunk, few enough to bound memory per write.
+/// while the body produces the next chunk, few enough to bound memory per write (one more
+/// frame is held by the request body, which looks a frame ahead: see `berth_proto::conn`).
 const WRITE_AHEAD: usize = 2;
 
 /// A client-streaming call of the generated client. Boxed, and fed from a channel rather than

@@ -500,6 +500,9 @@ pub(super) mod tests {
             staging: None,
         });
         round_trips((d("blob"), Stored { size: 3, stamp: 4 }));
+        round_trips(Pusher { source: Some("acme/web".into()), creator: None });
+        round_trips(Pusher { source: None, creator: Some("mia".into()) });
+        round_trips(Pusher::default());
         round_trips(User { name: "alice".into(), site_admin: true, created_ms: 1 });
         round_trips(User { name: String::new(), site_admin: false, created_ms: 0 });
         tokens().into_iter().for_each(round_trips);
