@@ -12,7 +12,8 @@
 //! - [`Gathered`], under the connection: before the first write of a flush, the connection
 //!   task lets the tasks it woke run first (once), so that the body of a call it just opened
 //!   is queued by the time it writes, and goes out with the headers. Not over TLS: rustls
-//!   takes a write's bytes at once whatever the socket does, so a yield there gathers nothing.
+//!   takes a write's bytes at once whatever the socket does, so a yield there gathers nothing,
+//!   and a TLS channel keeps tonic's own connector.
 //! - [`Conn`], over the channel: a request's body looks one frame ahead, so that its last
 //!   DATA frame carries the end of the stream.
 //!
@@ -46,14 +47,16 @@ pub struct Conn(Channel);
 /// whole connection (TLS included) with it and report running out as an error that does not
 /// say the call was never sent (see [`crate::status::never_sent`]), where a timed out attempt
 /// here is a connection error like a refused one. TCP_NODELAY is set (every caller in the
-/// cluster wants its calls sent at once); TLS, when `endpoint` has it, runs over the connection.
+/// cluster wants its calls sent at once).
 pub fn lazy(endpoint: &Endpoint, connect_timeout: Duration) -> Conn {
+    if endpoint.uri().scheme_str() == Some("https") {
+        return Conn(endpoint.clone().connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy());
+    }
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let gather = endpoint.uri().scheme_str() != Some("https");
-    Conn(endpoint.connect_with_connector_lazy(Connect { http, gather }))
+    Conn(endpoint.connect_with_connector_lazy(Connect(http)))
 }
 
 impl Service<Request<Body>> for Conn {
@@ -70,12 +73,9 @@ impl Service<Request<Body>> for Conn {
     }
 }
 
-/// Makes TCP connections, each [`Gathered`] unless TLS runs over it.
+/// Makes TCP connections, each [`Gathered`].
 #[derive(Clone)]
-struct Connect {
-    http: HttpConnector,
-    gather: bool,
-}
+struct Connect(HttpConnector);
 
 type Connecting = Pin<Box<dyn Future<Output = Result<Gathered<TokioIo<tokio::net::TcpStream>>, BoxError>> + Send>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -86,14 +86,12 @@ impl Service<Uri> for Connect {
     type Future = Connecting;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx).map_err(Into::into)
+        self.0.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.http.call(uri);
-        // A connection that does not gather counts as having yielded already, for good.
-        let yielded = !self.gather;
-        Box::pin(async move { Ok(Gathered { io: connecting.await?, yielded, never: yielded }) })
+        let connecting = self.0.call(uri);
+        Box::pin(async move { Ok(Gathered { io: connecting.await?, yielded: false }) })
     }
 }
 
@@ -107,8 +105,6 @@ impl Service<Uri> for Connect {
 pub struct Gathered<T> {
     io: T,
     yielded: bool,
-    /// Set when the connection never yields (TLS runs over it).
-    never: bool,
 }
 
 impl<T> Gathered<T> {
@@ -158,7 +154,7 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Gathered<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let flushed = Pin::new(&mut self.io).poll_flush(cx);
         if matches!(flushed, Poll::Ready(Ok(()))) {
-            self.yielded = self.never;
+            self.yielded = false;
         }
         flushed
     }
