@@ -20,10 +20,16 @@
 //! Traced on a frontend of a cluster pushing small images, its writes per answer read fell
 //! from 3.5 to 1.3 on its connection to the metadata leader and from 3.5 to 1.9 on those to
 //! storage nodes (a call streaming a blob's chunks still writes as its chunks come).
+//!
+//! A channel also counts the connections it has made and lost ([`Conn::connection_changes`]):
+//! a peer that restarts cannot keep a connection across it, so an answer received while the
+//! count stays the same came from the process that answers now.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,7 +46,19 @@ use tonic::transport::{Channel, Endpoint};
 /// A channel to one peer: tonic's [`Channel`] over a [`Gathered`] connection, whose
 /// requests' bodies say they have ended with their last frame (see the module docs).
 #[derive(Clone, Debug)]
-pub struct Conn(Channel);
+pub struct Conn {
+    channel: Channel,
+    changes: Arc<AtomicU64>,
+}
+
+impl Conn {
+    /// How many connections this channel has made and lost so far (each counts twice: when
+    /// made and when gone). While it stays the same, calls go over one connection to one
+    /// process of the peer.
+    pub fn connection_changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+}
 
 /// A channel to `endpoint`, connected on first use, each TCP connection attempt given up after
 /// `connect_timeout`. Give `endpoint` no connect timeout of its own: tonic would time the
@@ -49,14 +67,18 @@ pub struct Conn(Channel);
 /// here is a connection error like a refused one. TCP_NODELAY is set (every caller in the
 /// cluster wants its calls sent at once).
 pub fn lazy(endpoint: &Endpoint, connect_timeout: Duration) -> Conn {
-    if endpoint.uri().scheme_str() == Some("https") {
-        return Conn(endpoint.clone().connect_timeout(connect_timeout).tcp_nodelay(true).connect_lazy());
-    }
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    Conn(endpoint.connect_with_connector_lazy(Connect(http)))
+    let changes = Arc::new(AtomicU64::new(0));
+    // tonic puts TLS over the connector's connections when the endpoint asks for it.
+    let channel = if endpoint.uri().scheme_str() == Some("https") {
+        endpoint.connect_with_connector_lazy(Counted { connect: http, changes: changes.clone() })
+    } else {
+        endpoint.connect_with_connector_lazy(Counted { connect: Connect(http), changes: changes.clone() })
+    };
+    Conn { channel, changes }
 }
 
 impl Service<Request<Body>> for Conn {
@@ -65,11 +87,11 @@ impl Service<Request<Body>> for Conn {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::poll_ready(&mut self.0, cx)
+        Service::poll_ready(&mut self.channel, cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        self.0.call(request.map(|body| Body::new(LookAhead { body, next: None, ended: false })))
+        self.channel.call(request.map(|body| Body::new(LookAhead { body, next: None, ended: false })))
     }
 }
 
@@ -92,6 +114,88 @@ impl Service<Uri> for Connect {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let connecting = self.0.call(uri);
         Box::pin(async move { Ok(Gathered { io: connecting.await?, yielded: false }) })
+    }
+}
+
+/// A connector whose connections are counted when made and when dropped (see
+/// [`Conn::connection_changes`]).
+#[derive(Clone)]
+struct Counted<C> {
+    connect: C,
+    changes: Arc<AtomicU64>,
+}
+
+impl<C> Service<Uri> for Counted<C>
+where
+    C: Service<Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = Watched<C::Response>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.connect.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.connect.call(uri);
+        let changes = self.changes.clone();
+        Box::pin(async move {
+            let io = connecting.await.map_err(Into::into)?;
+            changes.fetch_add(1, Ordering::AcqRel);
+            Ok(Watched { io, changes })
+        })
+    }
+}
+
+/// A connection that counts itself gone when dropped: the connection task drops it as soon as
+/// the peer closes it or it fails.
+pub struct Watched<T> {
+    io: T,
+    changes: Arc<AtomicU64>,
+}
+
+impl<T> Drop for Watched<T> {
+    fn drop(&mut self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

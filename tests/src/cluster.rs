@@ -45,6 +45,12 @@ impl RoleProcess {
 }
 
 impl RoleProcess {
+    /// SIGTERM, as a rolling restart or an upgrade stops it (see [`crate::terminate`]);
+    /// whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        crate::terminate(&mut self.child)
+    }
+
     /// SIGKILL, like a power cut of the process.
     pub fn kill(&mut self) {
         // An already exited child is as good as killed.
@@ -163,6 +169,11 @@ impl Cluster {
     /// SIGKILLs storage node `i`.
     pub fn kill_storage(&mut self, i: usize) {
         self.storage[i].kill();
+    }
+
+    /// Stops storage node `i` gracefully (SIGTERM); whether it exited cleanly.
+    pub fn stop_storage(&mut self, i: usize) -> bool {
+        self.storage[i].stop()
     }
 
     /// Starts storage node `i` again on its data and address.

@@ -184,17 +184,7 @@ impl Server {
 
     /// Asks it to stop with SIGTERM and waits; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        for _ in 0..300 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.kill();
-        false
+        terminate(&mut self.child)
     }
 
     /// Peak resident set size so far, in bytes (`VmHWM`).
@@ -408,4 +398,21 @@ impl DockerCli {
         let out = child.wait_with_output().expect("docker login");
         assert!(out.status.success(), "docker login {addr} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// Stops `child` with SIGTERM, as a rolling restart or an upgrade does, and waits 30 s at most
+/// for it to exit (then SIGKILLs it); returns whether it exited cleanly.
+pub fn terminate(child: &mut std::process::Child) -> bool {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    for _ in 0..300 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().ok();
+    child.wait().ok();
+    false
 }

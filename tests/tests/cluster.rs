@@ -119,6 +119,84 @@ async fn start_uploads(c: &reqwest::Client, front: &str, repo: &str, n: u8) -> V
     ids
 }
 
+/// Uploads begun before a graceful restart of every storage node (SIGTERM, as a rolling
+/// restart or an upgrade does) go on after it, finished through the other frontend: those
+/// with a first chunk staged in memory, and those with no bytes yet, which the frontend began
+/// without a call to their node (it had heard the node's incarnation, which their ids name):
+/// their areas open at their first call, after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_begun_before_a_graceful_restart_of_the_storage_nodes_go_on() {
+    use berth_core::MetaStore;
+    let mut cl = tokio::task::block_in_place(Cluster::start);
+    let (a, b) = (cl.frontends[0].url(), cl.frontends[1].url());
+    let c = client();
+    // Pushes through a, whose clients hear every node's incarnation meanwhile.
+    for i in 0..12 {
+        berth_tests::push_blob(&c, &a, "acme/kept", format!("warm-up {i}").as_bytes()).await;
+    }
+    let post = || async {
+        let r = c.post(format!("{a}/v2/acme/kept/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        r.headers()["location"].to_str().unwrap().to_string()
+    };
+    let mut uploads = vec![];
+    for i in 0..12u64 {
+        let data = bytes(i, 200);
+        let mut location = post().await;
+        if i % 2 == 1 {
+            let r = c
+                .patch(format!("{a}{location}"))
+                .header("content-range", "0-99")
+                .header("content-type", "application/octet-stream")
+                .body(data[..100].to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            location = r.headers()["location"].to_str().unwrap().to_string();
+        }
+        uploads.push((location, data));
+    }
+    let meta = berth_meta::client::MetaClient::new(
+        cl.meta.addrs().split(',').map(String::from).collect(),
+        berth_meta::client::MetaClientConfig::default(),
+    )
+    .unwrap();
+    // The ones with no bytes yet that began without a call: their ids name an incarnation.
+    let id_of = |location: &str| location.rsplit('/').next().unwrap_or_default().split('?').next().unwrap().to_string();
+    let begun_without_a_call = uploads
+        .iter()
+        .step_by(2)
+        .filter(|(location, _)| berth_core::store::incarnation_of(&id_of(location)).is_some())
+        .count();
+    assert!(begun_without_a_call > 0, "no upload with no bytes yet began without a call to its node");
+    let sessions = meta.uploads(None, 1000).await.unwrap();
+    assert_eq!(sessions.iter().filter(|s| uploads.iter().any(|(l, _)| id_of(l) == s.id)).count(), 12);
+    tokio::task::block_in_place(|| {
+        for i in 0..3 {
+            assert!(cl.stop_storage(i), "storage node {i} exits cleanly on SIGTERM");
+            cl.restart_storage(i);
+        }
+    });
+    for (i, (location, data)) in uploads.iter().enumerate() {
+        let sent = if i % 2 == 1 { 100 } else { 0 };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let r = c
+            .put(format!("{b}{location}{sep}digest={}", digest(data)))
+            .header("content-type", "application/octet-stream")
+            .body(data[sent..].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "upload {i} after the restart: {:?}", r.text().await);
+        let got = c.get(format!("{a}/v2/acme/kept/blobs/{}", digest(data))).send().await.unwrap();
+        assert_eq!(got.bytes().await.unwrap().as_ref(), &data[..]);
+    }
+    eprintln!(
+        "{begun_without_a_call} of 6 uploads with no bytes began without a call to their node; all 12 finished after the restart"
+    );
+}
+
 /// Storage nodes SIGKILLed while uploads were staged in their memory lose those uploads; once
 /// back, each ends the sessions staged on it (they could only fail now), so that they stop
 /// counting against their callers and keeping their repository's loose links. The sessions

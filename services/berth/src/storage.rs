@@ -263,17 +263,19 @@ pub async fn run(args: StorageArgs) -> Result<()> {
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal())
         .await
         .context("serving gRPC");
-    match keeper.keep_staged_uploads().await {
-        Ok(n) => tracing::info!(uploads = n, "staged uploads kept on disk for the restart"),
-        Err(e) => tracing::warn!(error = %e, "keeping staged uploads on disk"),
-    }
     stop_tx.send_replace(true);
     heartbeats.abort();
     rebalancing.abort();
     scrubbing.abort();
     reads_first.abort();
+    // Housekeeping ends first: an upload it expired after the staged ones were kept would be
+    // missing from the ended ones kept with them.
     if let Err(e) = housekeeping.await {
         tracing::warn!(error = %e, "housekeeping ended abnormally");
+    }
+    match keeper.keep_staged_uploads().await {
+        Ok(n) => tracing::info!(uploads = n, "staged uploads kept on disk for the restart"),
+        Err(e) => tracing::warn!(error = %e, "keeping staged uploads on disk"),
     }
     served
 }

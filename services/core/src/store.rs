@@ -201,6 +201,24 @@ pub trait BlobStore: Send + Sync + 'static {
     /// store that is one node.
     async fn upload_start(&self, id: &str) -> Result<Option<String>>;
 
+    /// Begins an upload whose id starts with `uuid`: the id and where it is staged, for its
+    /// session to record. The default opens its staging area at once
+    /// ([`BlobStore::upload_start`]) under `uuid` itself; a store over storage nodes instead
+    /// names the staging node's incarnation in the id ([`upload_id`]) when it knows it, and the
+    /// area opens at the upload's first call, which saves a round trip.
+    async fn upload_begin(&self, uuid: &str) -> Result<Begun> {
+        Ok(Begun { id: uuid.to_string(), node: self.upload_start(uuid).await? })
+    }
+
+    /// This store's incarnation, when it has one (a storage node's engine, or a client that
+    /// has heard its node's): a number drawn at every start of the node, except one after a
+    /// graceful stop that kept every staged upload, so that an upload begun without opening
+    /// its staging area is opened at its first call only while nothing staged can have been
+    /// lost since it began, never again, empty, by a node that lost it. The default has none.
+    fn incarnation(&self) -> Option<u64> {
+        None
+    }
+
     /// Appends `body` to upload `id`. With `offset`, the append must start exactly there
     /// (`416` otherwise). The upload may not grow past `limit`. Returns the new length.
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64>;
@@ -306,7 +324,8 @@ pub struct ManifestRecord {
 /// An upload session, recorded when it starts and removed when it completes or expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadSession {
-    /// The session id (a UUID), also the staging area's name.
+    /// The session id (a UUID, or one naming its staging node's incarnation: see
+    /// [`upload_id`]), also the staging area's name.
     pub id: String,
     /// Repository the blob will be linked into.
     pub repo: String,
@@ -320,6 +339,44 @@ pub struct UploadSession {
     #[serde(default)]
     pub staging: Option<String>,
 }
+
+/// An upload begun ([`BlobStore::upload_begin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begun {
+    /// Its id.
+    pub id: String,
+    /// The storage node (by name) it is staged on, when the store routes over several.
+    pub node: Option<String>,
+}
+
+/// The id of an upload whose id starts with `uuid` (36 characters), staged on a node in
+/// `incarnation` without opening its area: the area opens at the upload's first call to that
+/// node, and only while the node is in that incarnation (see [`BlobStore::incarnation`]).
+pub fn upload_id(uuid: &str, incarnation: u64) -> String {
+    format!("{uuid}-{incarnation:016x}")
+}
+
+/// The incarnation an upload id names ([`upload_id`]), if it names one.
+pub fn incarnation_of(id: &str) -> Option<u64> {
+    let (uuid, incarnation) = id.split_at_checked(UUID_LEN)?;
+    let hex = incarnation.strip_prefix('-')?;
+    if uuid.contains('-') && hex.len() == 16 {
+        u64::from_str_radix(hex, 16).ok().filter(|i| *i != 0)
+    } else {
+        None
+    }
+}
+
+/// The part of an upload id its staging node is ranked by: the UUID it begins with.
+pub fn upload_uuid(id: &str) -> &str {
+    match incarnation_of(id) {
+        Some(_) => &id[..UUID_LEN],
+        None => id,
+    }
+}
+
+/// Characters of a UUID in its hyphenated form.
+const UUID_LEN: usize = 36;
 
 /// Who makes a push, as far as the package a first push creates goes: the write that starts a
 /// push (an upload session, a manifest) carries it, and creates the repository's package when
@@ -892,3 +949,27 @@ pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The default per-blob size limit: 10 GB, as GitHub's registry sets for a layer.
 pub const DEFAULT_MAX_BLOB: u64 = 10_000_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_id_names_its_incarnation_and_ranks_by_its_uuid() {
+        let uuid = "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0e";
+        for incarnation in [1, 0x0123_4567_89ab_cdef, u64::MAX] {
+            let id = upload_id(uuid, incarnation);
+            assert_eq!(id.len(), 53);
+            assert_eq!(incarnation_of(&id), Some(incarnation));
+            assert_eq!(upload_uuid(&id), uuid);
+        }
+        // A plain UUID (a session opened at its start) names none, nor does anything else.
+        for other in
+            [uuid, "", "0b7c8d9e", &upload_id(uuid, 0), "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0e-zzzzzzzzzzzzzzzz"]
+        {
+            assert_eq!(incarnation_of(other), None, "{other}");
+            assert_eq!(upload_uuid(other), other);
+        }
+        assert_eq!(incarnation_of("0b7c8d9e1f2a4b3c8d4e5f6a7b8c9d0e1234-0123456789abcdef"), None);
+    }
+}

@@ -228,12 +228,18 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         return created(reg, name, &digest);
     }
     let owner = caller.identity.subject();
-    let id = uuid::Uuid::new_v4().to_string();
-    let staging = reg.blobs.upload_start(&id).await?;
-    let session = UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms(), owner, staging };
+    // In a cluster the staging node usually opens the area at the upload's first call.
+    let begun = reg.blobs.upload_begin(&uuid::Uuid::new_v4().to_string()).await?;
+    let id = begun.id;
+    let session =
+        UploadSession { id: id.clone(), repo: name.to_string(), started_at_ms: now_ms(), owner, staging: begun.node };
     // The metadata service refuses a caller with too many uploads open (TOOMANYREQUESTS).
     let pusher = Some(Pusher::of(&caller.identity));
     if let Err(e) = reg.meta.create_upload(session.clone(), reg.config.max_uploads_per_caller, pusher).await {
+        // An upload whose area opens at its first call has nothing to cancel.
+        if berth_core::store::incarnation_of(&id).is_some() {
+            return Err(e);
+        }
         if let Err(c) = reg.blobs.upload_cancel(&id).await {
             tracing::warn!(upload = %id, error = %c, "dropping the staging area of an upload not recorded");
         }
@@ -248,8 +254,10 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
 /// A session this frontend started is answered from memory: what a session records
 /// (repository, owner, staging node) never changes while it lasts. Whether it still lasts is
 /// the staging node's to say: a session ends (finished, cancelled or expired) only after or
-/// together with its staged bytes, and a finish whose session has ended meanwhile is refused
-/// by the metadata service. Sessions started elsewhere are read from the metadata service.
+/// together with its staged bytes (one whose area was to open at its first call is ended on
+/// its node first, so that no later call opens it), and a finish whose session has ended
+/// meanwhile is refused by the metadata service. Sessions started elsewhere are read from the
+/// metadata service.
 async fn session(reg: &Registry, name: &str, id: &str) -> Result<Arc<UploadSession>, RegistryError> {
     let s = match reg.sessions.get(id) {
         Some(s) => s,

@@ -10,6 +10,7 @@
 //! returned them; a node out of reach is a 503.
 
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,7 +72,14 @@ pub enum StorageClientError {
 pub struct StorageClient {
     addr: String,
     grpc: StorageGrpc<Conn>,
+    /// The channel `grpc` calls over, for its connection count.
+    conn: Conn,
     config: StorageClientConfig,
+    /// The node's incarnation as a reply reported it, with the channel's connection count
+    /// ([`Conn::connection_changes`]) it holds for: once the connection it came over is gone,
+    /// the node may have restarted. `None` when none has, or since a call failed in a way a
+    /// restart would explain (see [`BlobStore::incarnation`]).
+    incarnation: Arc<Mutex<Option<(u64, u64)>>>,
 }
 
 /// HTTP/2 flow control of a storage channel: a stream may have 4 MiB in flight (sixteen read
@@ -83,6 +91,16 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// The largest HTTP/2 frame a storage channel takes: a 256 KiB read frame in a few frames
 /// rather than sixteen of the default 16 KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
+
+/// How often a storage channel pings its node. A node that stops answering without closing
+/// the connection (killed with its host, cut off the network) loses it within [`KEEPALIVE`] +
+/// [`PING_TIMEOUT`], which also stops the node's incarnation being trusted (see
+/// [`StorageClient::incarnation`]), so that uploads no longer begin there without a call.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+/// How long a ping may go unanswered (the node's connection task answers it, not its
+/// handlers, so a node busy with fsyncs still does).
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether `e` is a call to a node that never reached it (see [`RegistryError::unsent`]).
 pub(crate) fn not_reached(e: &RegistryError) -> bool {
@@ -97,11 +115,21 @@ impl StorageClient {
             .map_err(bad)?
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME);
+            .max_frame_size(MAX_FRAME)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(PING_TIMEOUT)
+            .keep_alive_while_idle(true);
         let channel = berth_proto::conn::lazy(&endpoint, config.connect_timeout);
-        let grpc =
-            StorageGrpc::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
-        Ok(StorageClient { addr: addr.to_string(), grpc, config })
+        let grpc = StorageGrpc::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok(StorageClient {
+            addr: addr.to_string(),
+            grpc,
+            conn: channel,
+            config,
+            incarnation: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// The node's address, as given.
@@ -117,8 +145,43 @@ impl StorageClient {
         r
     }
 
-    /// The registry error a failed call means.
+    /// The registry error a failed call means. One that a restart of the node would explain
+    /// (an unknown upload, the node out of reach) forgets the node's incarnation, so that the
+    /// next upload to begin there asks the node for it.
     fn failure(&self, status: Status) -> RegistryError {
+        let e = self.failure_of(status);
+        if e.code == ErrorCode::BlobUploadUnknown || e.status == 503 {
+            self.forget_incarnation();
+        }
+        e
+    }
+
+    fn forget_incarnation(&self) {
+        if let Ok(mut i) = self.incarnation.lock() {
+            *i = None;
+        }
+    }
+
+    /// The channel's connection count, taken before a call whose answer may report the
+    /// node's incarnation.
+    fn connection(&self) -> u64 {
+        self.conn.connection_changes()
+    }
+
+    /// The node's incarnation `reported` in the answer to a call begun at connection count
+    /// `before`: kept only when the count has not changed since, so that the answer came over
+    /// the connection calls go over now (an answer over a connection made during the call is
+    /// dropped; the next call's is kept). 0 is a node of an earlier version's.
+    fn heard(&self, before: u64, reported: u64) {
+        if reported == 0 || self.connection() != before {
+            return;
+        }
+        if let Ok(mut i) = self.incarnation.lock() {
+            *i = Some((reported, before));
+        }
+    }
+
+    fn failure_of(&self, status: Status) -> RegistryError {
         if let Some(e) = registry_error_of(&status) {
             return e;
         }
@@ -403,27 +466,41 @@ impl BlobStore for StorageClient {
 
     async fn upload_start(&self, id: &str) -> Result<Option<String>> {
         let req = self.request(pb::UploadRef { id: id.to_string() });
-        self.grpc.clone().upload_start(req).await.map_err(|s| self.failure(s))?;
+        let before = self.connection();
+        let r = self.grpc.clone().upload_start(req).await.map_err(|s| self.failure(s))?.into_inner();
+        self.heard(before, r.incarnation);
         // The node's name is its router's to give (the node is one node).
         Ok(None)
     }
 
+    fn incarnation(&self) -> Option<u64> {
+        let (incarnation, at) = (*self.incarnation.lock().ok()?)?;
+        (at == self.connection()).then_some(incarnation)
+    }
+
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
         use pb::append_request::Part;
-        let header =
-            pb::AppendRequest { part: Some(Part::Header(pb::AppendHeader { id: id.to_string(), offset, limit })) };
+        let header = pb::AppendHeader { id: id.to_string(), offset, limit };
+        let header = pb::AppendRequest { part: Some(Part::Header(header)) };
         let wire = BodyWire {
             data: |d| pb::AppendRequest { part: Some(Part::Data(d)) },
             end: |size| pb::AppendRequest { part: Some(Part::End(pb::BodyEnd { size })) },
         };
         let call: Call<_, _> = |mut g, req| async move { g.upload_append(req).await }.boxed();
+        let before = self.connection();
         let r = self.clone().send_body(header, body, wire, call).await?;
+        self.heard(before, r.incarnation);
         Ok(r.size)
     }
 
     async fn upload_size(&self, id: &str) -> Result<Option<u64>> {
         let req = self.request(pb::UploadRef { id: id.to_string() });
-        Ok(self.grpc.clone().upload_size(req).await.map_err(|s| self.failure(s))?.into_inner().size)
+        let size = self.grpc.clone().upload_size(req).await.map_err(|s| self.failure(s))?.into_inner().size;
+        if size.is_none() {
+            // Unknown, as in `failure`.
+            self.forget_incarnation();
+        }
+        Ok(size)
     }
 
     async fn upload_finish(&self, id: &str, digest: &Digest) -> Result<Stored> {
@@ -762,7 +839,7 @@ mod tests {
             async fn upload_start(
                 &self,
                 _: Request<pb::UploadRef>,
-            ) -> std::result::Result<Response<pb::Empty>, Status> {
+            ) -> std::result::Result<Response<pb::UploadStarted>, Status> {
                 Err(Status::unimplemented(""))
             }
             async fn upload_append(

@@ -4,8 +4,9 @@
 //!
 //! A node that failed a call is passed over for a moment ([`DOWN_FOR`]), so that the next node
 //! in rendezvous order stands in for it. An upload is staged on the first node up in the
-//! ranking of its id, which its session records (the name [`BlobStore::upload_start`]
-//! answers; a frontend told nothing asks the nodes in that order); finishing it verifies the
+//! ranking of its id, which its session records (the name [`BlobStore::upload_begin`]
+//! answers; the id names the node's incarnation when the area is left to open at the upload's
+//! first call; a frontend told nothing asks the nodes in that order); finishing it verifies the
 //! digest there, and that node copies the blob to the blob's other owners in the same call
 //! (node to node; through the router for stores that are not nodes).
 //!
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_core::error::Result;
+use berth_core::store::{upload_id, upload_uuid, Begun};
 use berth_core::{BlobStore, ByteStream, Deleted, Digest, ErrorCode, MetaStore, RegistryError, Stored};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -430,9 +432,10 @@ impl Replicated {
     }
 
     /// Nodes in the order an upload is staged on them: the first up one in the ranking of
-    /// its id takes it, so a frontend that was not told where finds it by asking in order.
+    /// the UUID its id begins with takes it, so a frontend that was not told where finds it
+    /// by asking in order.
     fn upload_order(&self, id: &str) -> Vec<usize> {
-        self.placement.ranked(&Digest::sha256_of(id.as_bytes()))
+        self.placement.ranked(&Digest::sha256_of(upload_uuid(id).as_bytes()))
     }
 
     fn remember(&self, id: &str, node: Option<usize>) {
@@ -692,6 +695,22 @@ impl BlobStore for Replicated {
             }
         }
         Err(failure)
+    }
+
+    /// Stages the upload on the first node up in the ranking of `uuid`, without a call to the
+    /// node when this router has heard its incarnation: the id then names it, and the node
+    /// opens the staging area at the upload's first call. Else the node is asked to open it
+    /// now ([`BlobStore::upload_start`]).
+    async fn upload_begin(&self, uuid: &str) -> Result<Begun> {
+        let first_up = self.upload_order(uuid).into_iter().find(|i| !self.is_down(*i));
+        if let Some(i) = first_up {
+            if let Some(incarnation) = self.nodes[i].store.incarnation() {
+                let id = upload_id(uuid, incarnation);
+                self.remember(&id, Some(i));
+                return Ok(Begun { id, node: Some(self.nodes[i].name.clone()) });
+            }
+        }
+        Ok(Begun { id: uuid.to_string(), node: self.upload_start(uuid).await? })
     }
 
     fn readiness(&self) -> std::result::Result<(), String> {
@@ -963,6 +982,10 @@ impl BlobStore for CurrentRouter {
 
     fn readiness(&self) -> std::result::Result<(), String> {
         self.get().map_err(|e| e.detail)?.readiness()
+    }
+
+    async fn upload_begin(&self, uuid: &str) -> Result<Begun> {
+        self.get()?.upload_begin(uuid).await
     }
 
     fn upload_staged_at(&self, id: &str, node: &str) {

@@ -37,6 +37,11 @@ pub struct StorageRpc {
 }
 
 impl StorageRpc {
+    /// The node's incarnation, as its replies report it (0: its store has none).
+    fn incarnation(&self) -> u64 {
+        self.store.incarnation().unwrap_or(0)
+    }
+
     /// The client of the node at `addr`, made on first use.
     fn peer(&self, addr: &str) -> Result<crate::client::StorageClient, RegistryError> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
@@ -306,9 +311,9 @@ impl Storage for StorageRpc {
         Ok(Response::new(stored_to_proto(stored)))
     }
 
-    async fn upload_start(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::Empty>, Status> {
+    async fn upload_start(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::UploadStarted>, Status> {
         self.store.upload_start(&req.into_inner().id).await.map_err(status_of)?;
-        Ok(Response::new(pb::Empty {}))
+        Ok(Response::new(pb::UploadStarted { incarnation: self.incarnation() }))
     }
 
     async fn upload_append(
@@ -329,7 +334,7 @@ impl Storage for StorageRpc {
         let store = self.store.clone();
         let size = malformed
             .answer(run_to_end(async move { store.upload_append(&h.id, h.offset, bytes, h.limit).await }).await)?;
-        Ok(Response::new(pb::AppendReply { size }))
+        Ok(Response::new(pb::AppendReply { size, incarnation: self.incarnation() }))
     }
 
     async fn upload_size(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::UploadSizeReply>, Status> {
@@ -540,5 +545,126 @@ mod tests {
         for e in &engines {
             assert!(e.stat(&what_was_sent).await.unwrap().is_none());
         }
+    }
+
+    /// An upload begun through one frontend without a call to its staging node (the router
+    /// has heard the node's incarnation, which the id names) opens at its first call, made
+    /// through another; once finished it stays ended; and an upload whose id names an
+    /// incarnation the node no longer has (it restarted) is unknown, after which the frontend
+    /// asks the node again.
+    #[tokio::test]
+    async fn an_upload_begun_without_a_call_opens_at_its_first_call() {
+        use crate::client::{StorageClient, StorageClientConfig};
+        use crate::router::Replicated;
+        use berth_core::store::{incarnation_of, upload_id, Begun};
+        use berth_core::ErrorCode;
+        use tonic::transport::server::TcpIncoming;
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
+        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = incoming.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(storage_server(engine.clone()))
+                .serve_with_incoming(incoming),
+        );
+        let frontend = || {
+            let client = StorageClient::new(&addr, StorageClientConfig::default()).unwrap();
+            Replicated::new(vec![("node0".to_string(), Arc::new(client) as Arc<dyn BlobStore>)], 1, 1).unwrap()
+        };
+        let (a, b) = (frontend(), frontend());
+        // Each has called the node once: an answer over a connection made during the call
+        // is not trusted for the node's incarnation.
+        for f in [&a, &b] {
+            assert_eq!(f.stat(&Digest::sha256_of(b"none")).await.unwrap(), None);
+        }
+        let body = |data: &[u8]| -> ByteStream { stream::iter(vec![Ok(Bytes::copy_from_slice(data))]).boxed() };
+        let uuid = |n: u8| format!("5e55a0b1-0000-4000-8000-00000000000{n}");
+        let node = Some("node0".to_string());
+
+        // Nothing heard from the node yet: it is asked to open the area.
+        let begun = a.upload_begin(&uuid(1)).await.unwrap();
+        assert_eq!(begun, Begun { id: uuid(1), node: node.clone() });
+        assert!(engine.upload_staged(&uuid(1)).await.unwrap());
+
+        // Heard now: the next upload begins without a call, and opens at its first.
+        let begun = a.upload_begin(&uuid(2)).await.unwrap();
+        let id = begun.id.clone();
+        assert_eq!(begun, Begun { id: upload_id(&uuid(2), engine.incarnation().unwrap()), node: node.clone() });
+        assert_eq!(incarnation_of(&id), engine.incarnation());
+        assert!(!engine.upload_staged(&id).await.unwrap(), "no call was made");
+        b.upload_staged_at(&id, "node0");
+        assert_eq!(b.upload_size(&id).await.unwrap(), Some(0));
+        assert_eq!(b.upload_append(&id, Some(0), body(b"late"), u64::MAX).await.unwrap(), 4);
+        assert_eq!(a.upload_finish(&id, &Digest::sha256_of(b"late")).await.unwrap().size, 4);
+        let e = b.upload_append(&id, None, body(b"again"), u64::MAX).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::BlobUploadUnknown);
+
+        // An empty blob: begun, then finished, with no call between.
+        let id = a.upload_begin(&uuid(3)).await.unwrap().id;
+        assert!(incarnation_of(&id).is_some());
+        assert_eq!(a.upload_finish(&id, &Digest::sha256_of(b"")).await.unwrap().size, 0);
+
+        // That unknown upload made the frontend forget the node's incarnation (a restart
+        // would explain it): the next upload's area is opened by a call, whose answer tells
+        // the incarnation again.
+        assert_eq!(b.upload_begin(&uuid(4)).await.unwrap().id, uuid(4));
+        assert!(incarnation_of(&b.upload_begin(&uuid(7)).await.unwrap().id).is_some());
+
+        // An upload naming an incarnation the node no longer has: unknown at its first call.
+        let stale = upload_id(&uuid(5), engine.incarnation().unwrap() ^ 2);
+        b.upload_staged_at(&stale, "node0");
+        let e = b.upload_append(&stale, Some(0), body(b"lost"), u64::MAX).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::BlobUploadUnknown);
+        assert_eq!(b.upload_begin(&uuid(6)).await.unwrap().id, uuid(6));
+        assert!(engine.upload_staged(&uuid(6)).await.unwrap());
+    }
+
+    /// A node that restarts loses its connections, and a client that heard its incarnation
+    /// stops trusting it then, before any call: the next upload's area is opened by a call,
+    /// to the new process, whose incarnation the client then hears.
+    #[tokio::test]
+    async fn a_client_stops_trusting_the_incarnation_of_a_node_that_went_away() {
+        use crate::client::{StorageClient, StorageClientConfig};
+        use tonic::transport::server::TcpIncoming;
+
+        let serve = |dir: &std::path::Path, addr: std::net::SocketAddr| {
+            let engine = Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.to_path_buf() }).unwrap());
+            let incoming = TcpIncoming::bind(addr).unwrap();
+            let addr = incoming.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(storage_server(engine.clone()))
+                    .serve_with_incoming_shutdown(incoming, async {
+                        stopped.await.ok();
+                    }),
+            );
+            (engine, addr, stop, server)
+        };
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (first, addr, stop, server) = serve(one.path(), "127.0.0.1:0".parse().unwrap());
+        let client = StorageClient::new(&addr.to_string(), StorageClientConfig::default()).unwrap();
+        let id = |n: u8| format!("5e55a0b2-0000-4000-8000-00000000000{n}");
+        for n in 1..=2 {
+            client.upload_start(&id(n)).await.unwrap();
+        }
+        assert_eq!(client.incarnation(), first.incarnation());
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        drop(first);
+        let started = std::time::Instant::now();
+        while client.incarnation().is_some() {
+            assert!(started.elapsed() < Duration::from_secs(5), "the incarnation of a node gone is still trusted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (second, _, _stop, _server) = serve(two.path(), addr);
+        client.upload_start(&id(3)).await.unwrap();
+        client.upload_start(&id(4)).await.unwrap();
+        assert_eq!(client.incarnation(), second.incarnation());
+        assert_ne!(second.incarnation(), None);
     }
 }

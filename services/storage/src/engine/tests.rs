@@ -238,6 +238,90 @@ async fn idle_uploads_expire_and_bad_ids_are_unknown() {
     assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
 }
 
+/// An upload whose id names the node's incarnation opens at its first call, in that
+/// incarnation only, and once ended (finished, cancelled, expired) is not opened again.
+#[tokio::test]
+async fn an_upload_opens_at_its_first_call_in_its_incarnation_only() {
+    use berth_core::store::upload_id;
+    let dir = tempfile::tempdir().unwrap();
+    let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
+    let now = e.incarnation().expect("an engine has an incarnation");
+    let id = |incarnation: u64| upload_id(&uuid::Uuid::new_v4().to_string(), incarnation);
+
+    // Another incarnation's (the node restarted since it began), or one naming none, stays
+    // unknown.
+    for unknown in [id(now ^ 2), uuid::Uuid::new_v4().to_string()] {
+        assert_eq!(e.upload_size(&unknown).await.unwrap(), None);
+        let err = e.upload_append(&unknown, Some(0), body(vec![data(10)]), u64::MAX).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
+    }
+
+    // This incarnation's: opened empty by its first call.
+    let late = id(now);
+    assert_eq!(e.upload_size(&late).await.unwrap(), Some(0));
+    let bytes = data(3000);
+    e.upload_append(&late, Some(0), body(vec![bytes.clone()]), u64::MAX).await.unwrap();
+    assert_eq!(e.upload_size(&late).await.unwrap(), Some(3000));
+    let digest = Digest::sha256_of(&bytes);
+    assert_eq!(e.upload_finish(&late, &digest).await.unwrap().size, 3000);
+    // Finished: a late call finds it unknown instead of opening it again, empty.
+    assert_eq!(e.upload_size(&late).await.unwrap(), None);
+    let err = e.upload_append(&late, None, body(vec![data(10)]), u64::MAX).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::BlobUploadUnknown);
+
+    // Cancelled, and expired, likewise.
+    let cancelled = id(now);
+    e.upload_cancel(&cancelled).await.unwrap();
+    assert_eq!(e.upload_size(&cancelled).await.unwrap(), None);
+    let idle = id(now);
+    e.upload_append(&idle, Some(0), body(vec![data(10)]), u64::MAX).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(e.expire_uploads(Duration::from_millis(1)).await.unwrap(), vec![idle.clone()]);
+    assert_eq!(e.upload_size(&idle).await.unwrap(), None);
+
+    // An empty blob needs no call before its finish.
+    assert_eq!(e.upload_finish(&id(now), &Digest::sha256_of(b"")).await.unwrap().size, 0);
+
+    // A restart draws another incarnation, so an upload held in memory and lost with the
+    // restart is not opened again, empty.
+    let lost = id(now);
+    e.upload_append(&lost, Some(0), body(vec![data(100)]), u64::MAX).await.unwrap();
+    drop(e);
+    let e = StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
+    assert_ne!(e.incarnation(), Some(now));
+    assert_eq!(e.upload_size(&lost).await.unwrap(), None);
+}
+
+/// A graceful stop that keeps every staged upload lets the next start go on in the same
+/// incarnation, remembering which uploads ended: an upload begun before the stop and not
+/// opened yet opens after it, and an ended one stays ended. Only the start right after:
+/// a crash after it draws a new incarnation.
+#[tokio::test]
+async fn a_graceful_stop_keeps_the_incarnation_for_the_next_start() {
+    use berth_core::store::upload_id;
+    let dir = tempfile::tempdir().unwrap();
+    let open = || StorageEngine::open(StorageConfig { dir: dir.path().to_path_buf() }).unwrap();
+    let e = open();
+    let now = e.incarnation().unwrap();
+    let id = || upload_id(&uuid::Uuid::new_v4().to_string(), now);
+    let (receiving, unopened, finished) = (id(), id(), id());
+    e.upload_append(&receiving, Some(0), body(vec![data(100)]), u64::MAX).await.unwrap();
+    e.upload_finish(&finished, &Digest::sha256_of(b"")).await.unwrap();
+    assert_eq!(e.keep_staged_uploads().await.unwrap(), 1);
+    drop(e);
+
+    let e = open();
+    assert_eq!(e.incarnation(), Some(now));
+    assert_eq!(e.upload_size(&receiving).await.unwrap(), Some(100), "kept through the stop");
+    assert_eq!(e.upload_size(&unopened).await.unwrap(), Some(0), "begun before the stop, opened after");
+    assert_eq!(e.upload_size(&finished).await.unwrap(), None, "ended before the stop");
+    drop(e);
+
+    // No graceful stop this time.
+    let e = open();
+    assert_ne!(e.incarnation(), Some(now));
+}
+
 /// Bytes of segment files on disk.
 fn segment_bytes(dir: &std::path::Path) -> u64 {
     fs::read_dir(dir.join("segments")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
