@@ -408,6 +408,34 @@ mod tests {
     use super::*;
     use crate::wire::FRAME_SIZE;
 
+    /// A storage node served over gRPC on `addr` (port 0: any), with its data in `dir`.
+    struct Served {
+        engine: Arc<crate::StorageEngine>,
+        addr: std::net::SocketAddr,
+        /// Sending (or dropping) it stops the server.
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    }
+
+    fn serve(dir: &std::path::Path, addr: std::net::SocketAddr) -> Served {
+        let engine = Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.to_path_buf() }).unwrap());
+        let incoming = tonic::transport::server::TcpIncoming::bind(addr).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(storage_server(engine.clone()))
+                .serve_with_incoming_shutdown(incoming, async {
+                    stopped.await.ok();
+                }),
+        );
+        Served { engine, addr, stop, server }
+    }
+
+    fn any_port() -> std::net::SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
     #[tokio::test]
     async fn reads_are_reframed_and_errors_end_the_stream() {
         let big = Bytes::from(vec![7u8; FRAME_SIZE * 2 + 1]);
@@ -431,21 +459,9 @@ mod tests {
     async fn malformed_bodies_are_invalid_arguments() {
         use berth_proto::storage::storage_client::StorageClient as Grpc;
         use pb::append_request::Part;
-        use tonic::transport::server::TcpIncoming;
 
         let dir = tempfile::tempdir().unwrap();
-        let engine =
-            Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
-        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = incoming.local_addr().unwrap();
-        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let svc = storage_server(engine.clone());
-        tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming_shutdown(
-            incoming,
-            async move {
-                stopped.await.ok();
-            },
-        ));
+        let Served { engine, addr, stop: _stop, .. } = serve(dir.path(), any_port());
         let mut g = Grpc::connect(format!("http://{addr}")).await.unwrap();
         let id = "0b7c8d9e-1f2a-4b3c-8d4e-5f6a7b8c9d0e";
         engine.upload_start(id).await.unwrap();
@@ -494,20 +510,17 @@ mod tests {
     async fn finishing_an_upload_copies_it_to_the_other_owners() {
         use crate::client::{StorageClient, StorageClientConfig};
         use crate::router::Replicated;
-        use tonic::transport::server::TcpIncoming;
 
         let mut dirs = vec![];
+        let mut stops = vec![];
         let mut engines = vec![];
         let mut nodes: Vec<(String, Arc<dyn BlobStore>)> = vec![];
         let mut addrs = vec![];
         for i in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            let engine =
-                Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
-            let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let addr = incoming.local_addr().unwrap().to_string();
-            let svc = storage_server(engine.clone());
-            tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming));
+            let Served { engine, addr, stop, .. } = serve(dir.path(), any_port());
+            let addr = addr.to_string();
+            stops.push(stop);
             let client = StorageClient::new(&addr, StorageClientConfig::default()).unwrap();
             nodes.push((format!("node{i}"), Arc::new(client)));
             addrs.push(addr);
@@ -558,18 +571,10 @@ mod tests {
         use crate::router::Replicated;
         use berth_core::store::{incarnation_of, upload_id, Begun};
         use berth_core::ErrorCode;
-        use tonic::transport::server::TcpIncoming;
 
         let dir = tempfile::tempdir().unwrap();
-        let engine =
-            Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
-        let incoming = TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = incoming.local_addr().unwrap().to_string();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(storage_server(engine.clone()))
-                .serve_with_incoming(incoming),
-        );
+        let Served { engine, addr, stop: _stop, .. } = serve(dir.path(), any_port());
+        let addr = addr.to_string();
         let frontend = || {
             let client = StorageClient::new(&addr, StorageClientConfig::default()).unwrap();
             Replicated::new(vec![("node0".to_string(), Arc::new(client) as Arc<dyn BlobStore>)], 1, 1).unwrap()
@@ -628,24 +633,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_stops_trusting_the_incarnation_of_a_node_that_went_away() {
         use crate::client::{StorageClient, StorageClientConfig};
-        use tonic::transport::server::TcpIncoming;
 
-        let serve = |dir: &std::path::Path, addr: std::net::SocketAddr| {
-            let engine = Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.to_path_buf() }).unwrap());
-            let incoming = TcpIncoming::bind(addr).unwrap();
-            let addr = incoming.local_addr().unwrap();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(storage_server(engine.clone()))
-                    .serve_with_incoming_shutdown(incoming, async {
-                        stopped.await.ok();
-                    }),
-            );
-            (engine, addr, stop, server)
-        };
         let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (first, addr, stop, server) = serve(one.path(), "127.0.0.1:0".parse().unwrap());
+        let Served { engine: first, addr, stop, server } = serve(one.path(), any_port());
         let client = StorageClient::new(&addr.to_string(), StorageClientConfig::default()).unwrap();
         let id = |n: u8| format!("5e55a0b2-0000-4000-8000-00000000000{n}");
         for n in 1..=2 {
@@ -661,7 +651,7 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(5), "the incarnation of a node gone is still trusted");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (second, _, _stop, _server) = serve(two.path(), addr);
+        let Served { engine: second, stop: _stop, .. } = serve(two.path(), addr);
         client.upload_start(&id(3)).await.unwrap();
         client.upload_start(&id(4)).await.unwrap();
         assert_eq!(client.incarnation(), second.incarnation());
