@@ -152,6 +152,19 @@ pub const FINISH_COPY_TIME: std::time::Duration = std::time::Duration::from_secs
 pub async fn copy_blob(from: &dyn BlobStore, to: &dyn BlobStore, digest: &Digest, size: u64) -> Result<Stored> {
     let blake3 = from.blake3(digest).await?;
     let body = from.read(digest, None).await?;
+    send_copy(to, digest, blake3, body, size).await
+}
+
+/// Writes `body`, the `size` bytes of blob `digest` as a node that holds it read them, to
+/// `to`: checked there against that node's BLAKE3 of them (`blake3`) when it keeps one, else
+/// against the digest.
+pub async fn send_copy(
+    to: &dyn BlobStore,
+    digest: &Digest,
+    blake3: Option<[u8; 32]>,
+    body: ByteStream,
+    size: u64,
+) -> Result<Stored> {
     match blake3 {
         Some(b) => to.put_copy(digest, b, body, size).await,
         None => to.put(digest, body, size).await,

@@ -60,6 +60,20 @@ impl StorageRpc {
         berth_core::store::copy_blob(&*self.store, &peer, d, size).await
     }
 
+    /// Blob `d` (`size` bytes, held here) read whole once for `copies` copies of it, with its
+    /// BLAKE3: when it is small enough to be held in memory (a segment blob) and goes to more
+    /// than one node, which then share one read of it instead of each reading it again.
+    /// `None` otherwise, and when the read fails: each copy then reads it on its own and
+    /// reports its own failure.
+    async fn read_once(&self, d: &Digest, size: u64, copies: usize) -> Option<(Option<[u8; 32]>, Bytes)> {
+        if copies < 2 || size > crate::INLINE_THRESHOLD {
+            return None;
+        }
+        let blake3 = self.store.blake3(d).await.ok()?;
+        let bytes = self.store.read_small(d, size).await.ok()??;
+        (bytes.len() as u64 == size).then_some((blake3, bytes))
+    }
+
     /// Copies blob `d` (`size` bytes, held here) to every node of `targets` at once, each
     /// within `limit` if given (past it, that copy fails): the outcome per target, in order.
     async fn copies(
@@ -69,8 +83,18 @@ impl StorageRpc {
         targets: Vec<String>,
         limit: Option<Duration>,
     ) -> Vec<pb::TransferOutcome> {
+        let held = self.read_once(d, size, targets.len()).await;
+        let held = &held;
         let copies = targets.iter().map(|t| async move {
-            let copy = self.copy_to(d, size, t);
+            let copy = async {
+                match held {
+                    Some((blake3, bytes)) => {
+                        let body: ByteStream = stream::iter([Ok(bytes.clone())]).boxed();
+                        berth_core::store::send_copy(&self.peer(t)?, d, *blake3, body, size).await
+                    }
+                    None => self.copy_to(d, size, t).await,
+                }
+            };
             match limit {
                 None => copy.await,
                 Some(limit) => tokio::time::timeout(limit, copy).await.unwrap_or_else(|_| {
@@ -545,6 +569,11 @@ mod tests {
             assert_eq!(stored.size, size as u64);
             for (i, e) in engines.iter().enumerate() {
                 assert_eq!(e.stat(&d).await.unwrap().map(|s| s.size), Some(size as u64), "copy {n} on node {i}");
+                // Both copies of a small blob are sent from one read of it; each holds it all.
+                if size < large {
+                    let held = e.read_small(&d, size as u64).await.unwrap();
+                    assert!(held.as_deref() == Some(&data[..]), "copy {n} on node {i} holds other bytes");
+                }
             }
         }
         // A digest mismatch is refused, and leaves a copy nowhere.
