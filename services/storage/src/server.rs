@@ -83,7 +83,13 @@ impl StorageRpc {
         targets: Vec<String>,
         limit: Option<Duration>,
     ) -> Vec<pb::TransferOutcome> {
-        let held = self.read_once(d, size, targets.len()).await;
+        // Within the copies' time, like each copy's own read: a read that stalls leaves the
+        // copies to read for themselves, each within that time.
+        let read = self.read_once(d, size, targets.len());
+        let held = match limit {
+            None => read.await,
+            Some(limit) => tokio::time::timeout(limit, read).await.ok().flatten(),
+        };
         let held = &held;
         let copies = targets.iter().map(|t| async move {
             let copy = async {
@@ -460,6 +466,33 @@ mod tests {
         "127.0.0.1:0".parse().unwrap()
     }
 
+    /// A segment blob (up to 256 KiB) copied to several nodes is read once, with its BLAKE3;
+    /// a single copy, a larger blob or a size that does not match reads per copy instead.
+    #[tokio::test]
+    async fn a_small_blob_is_read_once_for_all_of_its_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
+        let rpc = StorageRpc { store: engine.clone(), peers: Mutex::default() };
+        let mut stored = vec![];
+        for size in [crate::INLINE_THRESHOLD as usize, crate::INLINE_THRESHOLD as usize + 1] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+            let d = Digest::sha256_of(&data);
+            engine.put_small(&d, Bytes::from(data.clone())).await.unwrap();
+            stored.push((d, data));
+        }
+        let (small, data) = &stored[0];
+        let size = data.len() as u64;
+        let (blake3, bytes) = rpc.read_once(small, size, 2).await.expect("read once for two copies");
+        assert_eq!(&bytes[..], &data[..]);
+        assert_eq!(blake3, engine.blake3(small).await.unwrap());
+        assert!(blake3.is_some(), "a copy is checked against the sender's BLAKE3");
+        assert!(rpc.read_once(small, size, 1).await.is_none(), "one copy reads for itself");
+        assert!(rpc.read_once(small, size - 1, 2).await.is_none(), "a size that does not match");
+        let (large, data) = &stored[1];
+        assert!(rpc.read_once(large, data.len() as u64, 2).await.is_none(), "a file blob is streamed per copy");
+    }
+
     #[tokio::test]
     async fn reads_are_reframed_and_errors_end_the_stream() {
         let big = Bytes::from(vec![7u8; FRAME_SIZE * 2 + 1]);
@@ -569,7 +602,8 @@ mod tests {
             assert_eq!(stored.size, size as u64);
             for (i, e) in engines.iter().enumerate() {
                 assert_eq!(e.stat(&d).await.unwrap().map(|s| s.size), Some(size as u64), "copy {n} on node {i}");
-                // Both copies of a small blob are sent from one read of it; each holds it all.
+                // Every copy holds the whole blob: the segment blob's copies, sent from one
+                // read of it, and the file blob's, each read on its own.
                 if size < large {
                     let held = e.read_small(&d, size as u64).await.unwrap();
                     assert!(held.as_deref() == Some(&data[..]), "copy {n} on node {i} holds other bytes");
