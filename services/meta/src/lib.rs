@@ -18,6 +18,7 @@ pub mod gc;
 pub mod network;
 pub mod raft;
 pub mod server;
+pub mod sessions;
 pub mod state;
 mod wire;
 
@@ -91,6 +92,8 @@ pub struct MetaService {
     view: StateView,
     writes: mpsc::Sender<PendingWrite>,
     node_id: NodeId,
+    /// Upload sessions this node accepted as leader and has not written to the log yet.
+    sessions: Arc<sessions::Sessions>,
     /// The garbage collector that runs where this node leads, once one is given (its owner,
     /// the task that runs its rounds, holds it; the collector holds this service).
     collector: Arc<std::sync::OnceLock<std::sync::Weak<gc::Collector>>>,
@@ -217,7 +220,9 @@ impl MetaService {
     fn serving(raft: Raft<TypeConfig>, view: StateView, node_id: NodeId) -> MetaService {
         let (writes, rx) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(batch_writes(raft.clone(), rx));
-        MetaService { raft, view, writes, node_id, collector: Arc::default() }
+        let sessions = Arc::<sessions::Sessions>::default();
+        tokio::spawn(write_behind(Arc::downgrade(&sessions), writes.clone(), raft.clone()));
+        MetaService { raft, view, writes, node_id, sessions, collector: Arc::default() }
     }
 
     /// Opens the node's store and starts a single-voter group (initialising it on first
@@ -243,8 +248,9 @@ impl MetaService {
         Ok(Self::serving(raft, view, config.node_id))
     }
 
-    /// Stops the Raft node.
+    /// Stops the Raft node, once the upload sessions in memory are on the log.
     pub async fn shutdown(&self) {
+        self.write_sessions().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
@@ -257,8 +263,42 @@ impl MetaService {
 
     /// The term this node leads in, if it is the leader.
     pub fn leading_term(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow().clone();
-        (m.state == openraft::ServerState::Leader).then_some(m.current_term)
+        leading_term(&self.raft)
+    }
+
+    /// Writes every upload session in memory to the log, and waits (a few seconds at most)
+    /// until they are committed.
+    pub async fn write_sessions(&self) {
+        let sent = persist(&self.sessions, &self.writes, self.leading_term(), |_| true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), settle(&self.sessions, sent)).await;
+    }
+
+    /// The session `id` in memory, taken out to be ended there, unless it is on its way to
+    /// the log (or from an earlier term: then it is dropped, and the session is unknown).
+    fn take_session(&self, id: &str) -> Option<sessions::Pending> {
+        let term = self.leading_term();
+        let mut map = self.sessions.lock();
+        match map.get(id) {
+            Some(p) if p.persisting => None,
+            Some(p) if Some(p.term) == term => map.remove(id),
+            Some(_) => {
+                map.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Upload sessions of `owner` on the log.
+    async fn uploads_on_log(&self, owner: &str) -> Result<usize> {
+        let k = key(b'v', &[owner]);
+        self.read(move |v| Ok(v.get::<u64>(&k)?.map_or(0, |n| n as usize))).await
+    }
+
+    /// Whether `repo` has a package that is not deleted.
+    async fn has_package(&self, repo: &str) -> Result<bool> {
+        let k = key(b'P', &[repo]);
+        self.read(move |v| Ok(v.get::<Package>(&k)?.is_some_and(|p| p.deleted_ms.is_none()))).await
     }
 
     /// The Raft handle, for metrics and membership changes.
@@ -301,6 +341,8 @@ impl MetaService {
     /// blob cannot be linked until [`MetaService::blob_reaped`] is called for it; only its
     /// copies stamped at or before the floor returned may be deleted.
     pub async fn begin_reap(&self, grace: Duration, max: usize) -> Result<gc::Reap> {
+        // The collector spares repositories with uploads open, as the log counts them.
+        self.write_sessions().await;
         let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
         match self.write(Command::FenceForReap { cutoff_ms, max }).await? {
             Outcome::Fenced { fenced, floor, unlinked } => Ok(gc::Reap { fenced, floor, unlinked }),
@@ -383,8 +425,75 @@ impl MetaService {
     /// What a [`MetaService::begin_reap`] step with `grace` would fence now, changing nothing
     /// (at most `limit`).
     pub async fn reap_preview(&self, grace: Duration, limit: usize) -> Result<Vec<Digest>> {
+        self.write_sessions().await;
         let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
         self.read(move |v| v.reap_preview(cutoff_ms, limit)).await
+    }
+}
+
+/// The term `raft` leads in, if it is the leader.
+fn leading_term(raft: &Raft<TypeConfig>) -> Option<u64> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
+    (m.state == ServerState::Leader).then_some(m.current_term)
+}
+
+/// Sends the sessions in memory that `due` picks to the log, in the leader's write queue, and
+/// marks them on their way; drops those of an earlier term. Done under the sessions' lock, so
+/// that a finish of one of them, which finds it on its way, is queued behind it. The receivers
+/// of their outcomes, by id; a full queue leaves the rest for later.
+fn persist(
+    sessions: &sessions::Sessions,
+    writes: &mpsc::Sender<PendingWrite>,
+    term: Option<u64>,
+    due: impl Fn(&sessions::Pending) -> bool,
+) -> Vec<(String, oneshot::Receiver<Result<Outcome>>)> {
+    let mut map = sessions.lock();
+    map.retain(|_, p| Some(p.term) == term);
+    let mut sent = vec![];
+    for (id, p) in map.iter_mut() {
+        if p.persisting || !due(p) {
+            continue;
+        }
+        let create = Command::CreateUpload { session: p.session.clone(), at_most: 0 };
+        let (tx, rx) = oneshot::channel();
+        if writes.try_send((pushed(p.pusher.clone(), p.session.started_at_ms, create), tx)).is_err() {
+            break;
+        }
+        p.persisting = true;
+        sent.push((id.clone(), rx));
+    }
+    sent
+}
+
+/// Waits for the sessions `sent` to the log, and takes them out of memory.
+async fn settle(sessions: &sessions::Sessions, sent: Vec<(String, oneshot::Receiver<Result<Outcome>>)>) {
+    for (id, rx) in sent {
+        match rx.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(upload = %id, error = %e, "writing an upload session to the log"),
+            Err(_) => tracing::warn!(upload = %id, "an upload session's write was dropped"),
+        }
+        sessions.lock().remove(&id);
+    }
+}
+
+/// Writes each session in memory to the log once it has lasted [`sessions::WRITE_BEHIND`],
+/// for as long as the service lives.
+async fn write_behind(
+    sessions: std::sync::Weak<sessions::Sessions>,
+    writes: mpsc::Sender<PendingWrite>,
+    raft: Raft<TypeConfig>,
+) {
+    let mut tick = tokio::time::interval(sessions::WRITE_BEHIND / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(sessions) = sessions.upgrade() else { return };
+        let sent = persist(&sessions, &writes, leading_term(&raft), |p| p.since.elapsed() >= sessions::WRITE_BEHIND);
+        if !sent.is_empty() {
+            tokio::spawn(async move { settle(&sessions, sent).await });
+        }
     }
 }
 
@@ -540,14 +649,39 @@ impl MetaStore for MetaService {
         self.read(move |v| Ok(v.raw(&k)?.is_some())).await
     }
 
+    /// Kept in memory (see [`sessions`]) while this node leads; else written as any command,
+    /// and refused as writes are on a node that does not lead.
     async fn create_upload(&self, session: UploadSession, at_most: usize, pusher: Option<Pusher>) -> Result<()> {
         // The session's start is the metadata service's time, as every time in a command is.
         let now_ms = now_ms();
         let session = UploadSession { started_at_ms: now_ms, ..session };
-        self.write(pushed(pusher, now_ms, Command::CreateUpload { session, at_most: at_most as u64 })).await.map(|_| ())
+        // A push's first session in a repository without a package goes to the log at once:
+        // its write creates the package, which the push's other requests then find.
+        let term = match self.leading_term() {
+            Some(term) if pusher.is_none() || self.has_package(&session.repo).await? => term,
+            _ => {
+                let create = Command::CreateUpload { session, at_most: at_most as u64 };
+                return self.write(pushed(pusher, now_ms, create)).await.map(|_| ());
+            }
+        };
+        let on_log = if at_most > 0 { self.uploads_on_log(&session.owner).await? } else { 0 };
+        let mut map = self.sessions.lock();
+        if at_most > 0 && on_log + sessions::Sessions::count_of(&map, &session.owner, term) >= at_most {
+            return Err(RegistryError::new(
+                ErrorCode::TooManyRequests,
+                format!("{at_most} uploads are open already; finish or cancel some"),
+            ));
+        }
+        let pending = sessions::Pending { session, pusher, term, since: std::time::Instant::now(), persisting: false };
+        map.insert(pending.session.id.clone(), pending);
+        Ok(())
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {
+        let term = self.leading_term();
+        if let Some(p) = self.sessions.lock().get(id).filter(|p| Some(p.term) == term) {
+            return Ok(Some(p.session.clone()));
+        }
         let k = key(b'u', &[id]);
         self.read(move |v| v.get(&k)).await
     }
@@ -564,12 +698,30 @@ impl MetaStore for MetaService {
     }
 
     async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize> {
-        let k = key(b'v', &[caller]);
-        self.read(move |v| Ok(v.get::<u64>(&k)?.map_or(0, |n| (n as usize).min(at_most)))).await
+        let on_log = self.uploads_on_log(caller).await?;
+        let in_memory = match self.leading_term() {
+            Some(term) => sessions::Sessions::count_of(&self.sessions.lock(), caller, term),
+            None => 0,
+        };
+        Ok((on_log + in_memory).min(at_most))
     }
 
+    /// A session still in memory ends there: a cancel writes nothing, a finish writes the
+    /// blob's link (with the package first, when the push is the repository's first).
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {
-        self.write(Command::EndUpload { id: id.into(), link, now_ms: now_ms() }).await.map(|_| ())
+        let now_ms = now_ms();
+        let Some(p) = self.take_session(id) else {
+            return self.write(Command::EndUpload { id: id.into(), link, now_ms }).await.map(|_| ());
+        };
+        let Some((digest, blob)) = link else { return Ok(()) };
+        let repo = p.session.repo.clone();
+        if p.pusher.is_some() && !self.has_package(&repo).await? {
+            let create = Command::CreateUpload { session: p.session, at_most: 0 };
+            self.write(pushed(p.pusher, now_ms, create)).await?;
+            let end = Command::EndUpload { id: id.into(), link: Some((digest, blob)), now_ms };
+            return self.write(end).await.map(|_| ());
+        }
+        self.write(Command::LinkBlob { repo, digest, blob, now_ms }).await.map(|_| ())
     }
 
     async fn packages_of(&self, owner: &str) -> Result<Vec<PackageSummary>> {

@@ -563,3 +563,65 @@ fn a_pushed_write_encodes_both_ways() {
     let bin = bincode::serialize(&cmd).unwrap();
     assert_eq!(bincode::deserialize::<Command>(&bin).unwrap(), cmd);
 }
+
+/// Upload sessions are written behind (see [`sessions`]): one ended within the window writes
+/// one command for the whole upload (the blob's link) or none (a cancel); the caller's cap
+/// counts the sessions in memory; past the window they are on the log and end there; a
+/// graceful stop writes the rest.
+#[tokio::test]
+async fn upload_sessions_are_written_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let log = |m: &MetaService| m.raft().metrics().borrow().last_log_index.unwrap_or(0);
+    let on_log = |m: &MetaService, id: &str| m.view.get::<UploadSession>(&key(b'u', &[id])).unwrap().is_some();
+    let s = |id: &str| UploadSession {
+        id: id.into(),
+        repo: "acme/app".into(),
+        started_at_ms: 0,
+        owner: "mia".into(),
+        staging: None,
+    };
+    let mia = Some(Pusher { source: None, creator: Some("mia".into()) });
+    // A push's first session in a repository creates its package, on the log at once.
+    m.create_upload(s("first"), 0, mia.clone()).await.unwrap();
+    assert!(on_log(&m, "first"));
+    m.end_upload("first", None).await.unwrap();
+
+    let before = log(&m);
+    m.create_upload(s("quick"), 10, mia.clone()).await.unwrap();
+    assert_eq!(log(&m), before, "a new session is not on the log yet");
+    assert_eq!(m.upload("quick").await.unwrap().map(|u| u.repo), Some("acme/app".to_string()));
+    assert_eq!(m.uploads_of("mia", 10).await.unwrap(), 1);
+    m.end_upload("quick", Some((d("layer"), stored(3)))).await.unwrap();
+    assert_eq!(log(&m), before + 1, "the whole upload wrote one command");
+    assert!(m.blob_link("acme/app", &d("layer")).await.unwrap().is_some());
+    assert_eq!(m.upload("quick").await.unwrap(), None);
+    assert_eq!(m.uploads_of("mia", 10).await.unwrap(), 0);
+    assert!(!on_log(&m, "quick"));
+
+    m.create_upload(s("dropped"), 10, mia.clone()).await.unwrap();
+    m.end_upload("dropped", None).await.unwrap();
+    assert_eq!(log(&m), before + 1, "a cancel within the window writes nothing");
+
+    m.create_upload(s("a"), 2, mia.clone()).await.unwrap();
+    m.create_upload(s("b"), 2, mia.clone()).await.unwrap();
+    let e = m.create_upload(s("c"), 2, mia.clone()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooManyRequests, "the cap counts sessions in memory");
+
+    let deadline = std::time::Instant::now() + sessions::WRITE_BEHIND * 5;
+    while !(on_log(&m, "a") && on_log(&m, "b") && m.sessions.lock().is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "sessions past the window reach the log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(m.uploads_of("mia", 10).await.unwrap(), 2, "counted once, on the log");
+    let e = m.create_upload(s("c"), 2, mia.clone()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::TooManyRequests);
+    m.end_upload("a", Some((d("second"), stored(3)))).await.unwrap();
+    assert!(!on_log(&m, "a"));
+    assert!(m.blob_link("acme/app", &d("second")).await.unwrap().is_some());
+
+    m.create_upload(s("kept"), 0, mia.clone()).await.unwrap();
+    assert!(!on_log(&m, "kept"));
+    m.shutdown().await;
+    assert!(on_log(&m, "kept"), "a graceful stop writes the sessions in memory");
+}
