@@ -267,38 +267,55 @@ impl MetaService {
     }
 
     /// Writes every upload session in memory to the log, and waits (a few seconds at most)
-    /// until they are committed.
+    /// until they are committed. The writes go on after that wait, and clean up after
+    /// themselves.
     pub async fn write_sessions(&self) {
-        let sent = persist(&self.sessions, &self.writes, self.leading_term(), |_| true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), settle(&self.sessions, sent)).await;
+        let (sessions, writes) = (self.sessions.clone(), self.writes.clone());
+        let term = self.leading_term();
+        let all = tokio::spawn(async move {
+            let mut settling = vec![];
+            loop {
+                let sent = persist(&sessions, &writes, term, |_| true);
+                settling.push(tokio::spawn(settle(sessions.clone(), sent)));
+                // A full write queue left some for later.
+                if sessions.lock().values().all(sessions::Pending::on_its_way) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            futures::future::join_all(settling).await;
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
     }
 
-    /// The session `id` in memory, taken out to be ended there, unless it is on its way to
-    /// the log (or from an earlier term: then it is dropped, and the session is unknown).
-    fn take_session(&self, id: &str) -> Option<sessions::Pending> {
+    /// Where session `id` is, to be ended: taken out of memory, or on its way to the log. One
+    /// of an earlier term is dropped (the session is then unknown).
+    fn take_session(&self, id: &str) -> sessions::Found {
         let term = self.leading_term();
         let mut map = self.sessions.lock();
         match map.get(id) {
-            Some(p) if p.persisting => None,
-            Some(p) if Some(p.term) == term => map.remove(id),
-            Some(_) => {
+            Some(p) if Some(p.term) != term => {
                 map.remove(id);
-                None
+                sessions::Found::Elsewhere
             }
-            None => None,
+            Some(p) => match &p.written {
+                Some(written) => sessions::Found::Written(written.clone()),
+                None => map.remove(id).map_or(sessions::Found::Elsewhere, sessions::Found::Taken),
+            },
+            None => sessions::Found::Elsewhere,
         }
-    }
-
-    /// Upload sessions of `owner` on the log.
-    async fn uploads_on_log(&self, owner: &str) -> Result<usize> {
-        let k = key(b'v', &[owner]);
-        self.read(move |v| Ok(v.get::<u64>(&k)?.map_or(0, |n| n as usize))).await
     }
 
     /// Whether `repo` has a package that is not deleted.
     async fn has_package(&self, repo: &str) -> Result<bool> {
         let k = key(b'P', &[repo]);
         self.read(move |v| Ok(v.get::<Package>(&k)?.is_some_and(|p| p.deleted_ms.is_none()))).await
+    }
+
+    /// Upload sessions of `owner` on the log.
+    async fn uploads_on_log(&self, owner: &str) -> Result<usize> {
+        let k = key(b'v', &[owner]);
+        self.read(move |v| Ok(v.get::<u64>(&k)?.map_or(0, |n| n as usize))).await
     }
 
     /// The Raft handle, for metrics and membership changes.
@@ -438,21 +455,23 @@ fn leading_term(raft: &Raft<TypeConfig>) -> Option<u64> {
     (m.state == ServerState::Leader).then_some(m.current_term)
 }
 
+/// A session sent to the log: its id, the outcome of its write, and the signal of its end.
+type Sent = (String, oneshot::Receiver<Result<Outcome>>, tokio::sync::watch::Sender<bool>);
+
 /// Sends the sessions in memory that `due` picks to the log, in the leader's write queue, and
-/// marks them on their way; drops those of an earlier term. Done under the sessions' lock, so
-/// that a finish of one of them, which finds it on its way, is queued behind it. The receivers
-/// of their outcomes, by id; a full queue leaves the rest for later.
+/// marks them on their way; drops those of an earlier term. A full queue leaves the rest for
+/// later.
 fn persist(
     sessions: &sessions::Sessions,
     writes: &mpsc::Sender<PendingWrite>,
     term: Option<u64>,
     due: impl Fn(&sessions::Pending) -> bool,
-) -> Vec<(String, oneshot::Receiver<Result<Outcome>>)> {
+) -> Vec<Sent> {
     let mut map = sessions.lock();
     map.retain(|_, p| Some(p.term) == term);
     let mut sent = vec![];
     for (id, p) in map.iter_mut() {
-        if p.persisting || !due(p) {
+        if p.on_its_way() || !due(p) {
             continue;
         }
         let create = Command::CreateUpload { session: p.session.clone(), at_most: 0 };
@@ -460,22 +479,29 @@ fn persist(
         if writes.try_send((pushed(p.pusher.clone(), p.session.started_at_ms, create), tx)).is_err() {
             break;
         }
-        p.persisting = true;
-        sent.push((id.clone(), rx));
+        let (done, written) = tokio::sync::watch::channel(false);
+        p.written = Some(written);
+        sent.push((id.clone(), rx, done));
     }
     sent
 }
 
-/// Waits for the sessions `sent` to the log, and takes them out of memory.
-async fn settle(sessions: &sessions::Sessions, sent: Vec<(String, oneshot::Receiver<Result<Outcome>>)>) {
-    for (id, rx) in sent {
-        match rx.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(upload = %id, error = %e, "writing an upload session to the log"),
-            Err(_) => tracing::warn!(upload = %id, "an upload session's write was dropped"),
+/// Waits for each session `sent` to the log, takes it out of memory and tells whoever waits
+/// to end it.
+async fn settle(sessions: Arc<sessions::Sessions>, sent: Vec<Sent>) {
+    futures::future::join_all(sent.into_iter().map(|(id, rx, done)| {
+        let sessions = sessions.clone();
+        async move {
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(upload = %id, error = %e, "writing an upload session to the log"),
+                Err(_) => tracing::warn!(upload = %id, "an upload session's write was dropped"),
+            }
+            sessions.lock().remove(&id);
+            done.send_replace(true);
         }
-        sessions.lock().remove(&id);
-    }
+    }))
+    .await;
 }
 
 /// Writes each session in memory to the log once it has lasted [`sessions::WRITE_BEHIND`],
@@ -492,7 +518,7 @@ async fn write_behind(
         let Some(sessions) = sessions.upgrade() else { return };
         let sent = persist(&sessions, &writes, leading_term(&raft), |p| p.since.elapsed() >= sessions::WRITE_BEHIND);
         if !sent.is_empty() {
-            tokio::spawn(async move { settle(&sessions, sent).await });
+            tokio::spawn(settle(sessions, sent));
         }
     }
 }
@@ -672,7 +698,7 @@ impl MetaStore for MetaService {
                 format!("{at_most} uploads are open already; finish or cancel some"),
             ));
         }
-        let pending = sessions::Pending { session, pusher, term, since: std::time::Instant::now(), persisting: false };
+        let pending = sessions::Pending { session, pusher, term, since: std::time::Instant::now(), written: None };
         map.insert(pending.session.id.clone(), pending);
         Ok(())
     }
@@ -710,8 +736,17 @@ impl MetaStore for MetaService {
     /// blob's link (with the package first, when the push is the repository's first).
     async fn end_upload(&self, id: &str, link: Option<(Digest, Stored)>) -> Result<()> {
         let now_ms = now_ms();
-        let Some(p) = self.take_session(id) else {
-            return self.write(Command::EndUpload { id: id.into(), link, now_ms }).await.map(|_| ());
+        let p = match self.take_session(id) {
+            sessions::Found::Taken(p) => p,
+            found => {
+                // On its way to the log: ended there once it is created there (batches of the
+                // write queue may commit out of order, so waiting for the write is what keeps
+                // the end behind the creation).
+                if let sessions::Found::Written(mut written) = found {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), written.wait_for(|w| *w)).await;
+                }
+                return self.write(Command::EndUpload { id: id.into(), link, now_ms }).await.map(|_| ());
+            }
         };
         let Some((digest, blob)) = link else { return Ok(()) };
         let repo = p.session.repo.clone();

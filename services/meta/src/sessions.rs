@@ -30,8 +30,26 @@ pub(crate) struct Pending {
     /// The term the node led in when it accepted the session: valid only while it still does.
     pub term: u64,
     pub since: Instant,
-    /// Sent to the log, not committed yet: still counted, no longer ended in memory.
-    pub persisting: bool,
+    /// Set once the session is sent to the log: turns true when its write is over. Until
+    /// then it is still counted here, and its end waits for it (see [`Pending::on_its_way`]).
+    pub written: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Pending {
+    /// Whether the session was sent to the log.
+    pub fn on_its_way(&self) -> bool {
+        self.written.is_some()
+    }
+}
+
+/// Where a session to be ended is.
+pub(crate) enum Found {
+    /// In memory, taken out: it ends there.
+    Taken(Pending),
+    /// On its way to the log: its end is written once its creation is.
+    Written(tokio::sync::watch::Receiver<bool>),
+    /// Not in memory: on the log, or unknown.
+    Elsewhere,
 }
 
 /// The leader's sessions in memory, by id.

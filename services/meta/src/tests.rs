@@ -620,6 +620,17 @@ async fn upload_sessions_are_written_behind() {
     assert!(!on_log(&m, "a"));
     assert!(m.blob_link("acme/app", &d("second")).await.unwrap().is_some());
 
+    // Ended while on its way to the log: its end waits for its creation, so none is left.
+    m.create_upload(s("racing"), 0, mia.clone()).await.unwrap();
+    let sent = persist(&m.sessions, &m.writes, m.leading_term(), |_| true);
+    assert_eq!(sent.len(), 1);
+    let settling = tokio::spawn(settle(m.sessions.clone(), sent));
+    m.end_upload("racing", Some((d("third"), stored(3)))).await.unwrap();
+    settling.await.unwrap();
+    assert!(!on_log(&m, "racing"), "no session is left behind");
+    assert!(m.blob_link("acme/app", &d("third")).await.unwrap().is_some());
+    assert_eq!(m.uploads_of("mia", 10).await.unwrap(), 1, "b alone is open");
+
     m.create_upload(s("kept"), 0, mia.clone()).await.unwrap();
     assert!(!on_log(&m, "kept"));
     m.shutdown().await;
