@@ -712,15 +712,34 @@ impl MetaStore for MetaService {
         self.read(move |v| v.get(&k)).await
     }
 
+    /// Sessions on the log and in memory, in id order.
     async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>> {
         let after = after.map(str::to_string);
-        self.read(move |v| {
-            v.scan(b"u", after.as_deref().map(str::as_bytes), n)?
-                .into_iter()
-                .map(|(_, s)| Ok(serde_json::from_slice(&s)?))
-                .collect()
-        })
-        .await
+        let mut in_memory: Vec<UploadSession> = match self.leading_term() {
+            Some(term) => self
+                .sessions
+                .lock()
+                .values()
+                .filter(|p| p.term == term && after.as_deref().is_none_or(|a| p.session.id.as_str() > a))
+                .map(|p| p.session.clone())
+                .collect(),
+            None => vec![],
+        };
+        let scan_after = after.clone();
+        let mut all: Vec<UploadSession> = self
+            .read(move |v| {
+                v.scan(b"u", scan_after.as_deref().map(str::as_bytes), n)?
+                    .into_iter()
+                    .map(|(_, s)| Ok(serde_json::from_slice(&s)?))
+                    .collect::<Result<Vec<UploadSession>, state::StateError>>()
+            })
+            .await?;
+        // One on its way to the log may be in both.
+        in_memory.retain(|m| !all.iter().any(|s| s.id == m.id));
+        all.append(&mut in_memory);
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.truncate(n);
+        Ok(all)
     }
 
     async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize> {

@@ -592,6 +592,8 @@ async fn upload_sessions_are_written_behind() {
     assert_eq!(log(&m), before, "a new session is not on the log yet");
     assert_eq!(m.upload("quick").await.unwrap().map(|u| u.repo), Some("acme/app".to_string()));
     assert_eq!(m.uploads_of("mia", 10).await.unwrap(), 1);
+    let listed: Vec<String> = m.uploads(None, 10).await.unwrap().into_iter().map(|u| u.id).collect();
+    assert_eq!(listed, vec!["quick".to_string()], "listed with those on the log");
     m.end_upload("quick", Some((d("layer"), stored(3)))).await.unwrap();
     assert_eq!(log(&m), before + 1, "the whole upload wrote one command");
     assert!(m.blob_link("acme/app", &d("layer")).await.unwrap().is_some());
