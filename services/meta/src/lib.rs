@@ -291,17 +291,10 @@ impl MetaService {
     /// Where session `id` is, to be ended: taken out of memory, or on its way to the log. One
     /// of an earlier term is dropped (the session is then unknown).
     fn take_session(&self, id: &str) -> sessions::Found {
-        let term = self.leading_term();
-        let mut map = self.sessions.lock();
-        match map.get(id) {
-            Some(p) if Some(p.term) != term => {
-                map.remove(id);
-                sessions::Found::Elsewhere
-            }
-            Some(p) => match &p.written {
-                Some(written) => sessions::Found::Written(written.clone()),
-                None => map.remove(id).map_or(sessions::Found::Elsewhere, sessions::Found::Taken),
-            },
+        let mut held = self.sessions.of_term(self.leading_term());
+        match held.get(id).map(|p| p.written.clone()) {
+            Some(Some(written)) => sessions::Found::Written(written),
+            Some(None) => held.remove(id).map_or(sessions::Found::Elsewhere, sessions::Found::Taken),
             None => sessions::Found::Elsewhere,
         }
     }
@@ -467,10 +460,9 @@ fn persist(
     term: Option<u64>,
     due: impl Fn(&sessions::Pending) -> bool,
 ) -> Vec<Sent> {
-    let mut map = sessions.lock();
-    map.retain(|_, p| Some(p.term) == term);
+    let mut held = sessions.of_term(term);
     let mut sent = vec![];
-    for (id, p) in map.iter_mut() {
+    for (id, p) in held.iter_mut() {
         if p.on_its_way() || !due(p) {
             continue;
         }
@@ -691,21 +683,20 @@ impl MetaStore for MetaService {
             }
         };
         let on_log = if at_most > 0 { self.uploads_on_log(&session.owner).await? } else { 0 };
-        let mut map = self.sessions.lock();
-        if at_most > 0 && on_log + sessions::Sessions::count_of(&map, &session.owner, term) >= at_most {
+        let mut held = self.sessions.of_term(Some(term));
+        if at_most > 0 && on_log + held.count_of(&session.owner) >= at_most {
             return Err(RegistryError::new(
                 ErrorCode::TooManyRequests,
                 format!("{at_most} uploads are open already; finish or cancel some"),
             ));
         }
-        let pending = sessions::Pending { session, pusher, term, since: std::time::Instant::now(), written: None };
-        map.insert(pending.session.id.clone(), pending);
+        let pending = sessions::Pending { session, pusher, since: std::time::Instant::now(), written: None };
+        held.insert(pending.session.id.clone(), pending);
         Ok(())
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadSession>> {
-        let term = self.leading_term();
-        if let Some(p) = self.sessions.lock().get(id).filter(|p| Some(p.term) == term) {
+        if let Some(p) = self.sessions.of_term(self.leading_term()).get(id) {
             return Ok(Some(p.session.clone()));
         }
         let k = key(b'u', &[id]);
@@ -715,16 +706,13 @@ impl MetaStore for MetaService {
     /// Sessions on the log and in memory, in id order.
     async fn uploads(&self, after: Option<&str>, n: usize) -> Result<Vec<UploadSession>> {
         let after = after.map(str::to_string);
-        let mut in_memory: Vec<UploadSession> = match self.leading_term() {
-            Some(term) => self
-                .sessions
-                .lock()
-                .values()
-                .filter(|p| p.term == term && after.as_deref().is_none_or(|a| p.session.id.as_str() > a))
-                .map(|p| p.session.clone())
-                .collect(),
-            None => vec![],
-        };
+        let mut in_memory: Vec<UploadSession> = self
+            .sessions
+            .of_term(self.leading_term())
+            .values()
+            .filter(|p| after.as_deref().is_none_or(|a| p.session.id.as_str() > a))
+            .map(|p| p.session.clone())
+            .collect();
         let scan_after = after.clone();
         let mut all: Vec<UploadSession> = self
             .read(move |v| {
@@ -744,10 +732,7 @@ impl MetaStore for MetaService {
 
     async fn uploads_of(&self, caller: &str, at_most: usize) -> Result<usize> {
         let on_log = self.uploads_on_log(caller).await?;
-        let in_memory = match self.leading_term() {
-            Some(term) => sessions::Sessions::count_of(&self.sessions.lock(), caller, term),
-            None => 0,
-        };
+        let in_memory = self.sessions.of_term(self.leading_term()).count_of(caller);
         Ok((on_log + in_memory).min(at_most))
     }
 

@@ -27,8 +27,6 @@ pub const WRITE_BEHIND: Duration = Duration::from_secs(1);
 pub(crate) struct Pending {
     pub session: UploadSession,
     pub pusher: Option<Pusher>,
-    /// The term the node led in when it accepted the session: valid only while it still does.
-    pub term: u64,
     pub since: Instant,
     /// Set once the session is sent to the log: turns true when its write is over. Until
     /// then it is still counted here, and its end waits for it (see [`Pending::on_its_way`]).
@@ -52,18 +50,52 @@ pub(crate) enum Found {
     Elsewhere,
 }
 
-/// The leader's sessions in memory, by id.
+/// The sessions in memory, by id, and the term they were accepted in: all of one term, the
+/// one this node led in when it accepted them.
 #[derive(Default)]
-pub(crate) struct Sessions(Mutex<HashMap<String, Pending>>);
+pub(crate) struct Held {
+    term: Option<u64>,
+    map: HashMap<String, Pending>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = HashMap<String, Pending>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl Held {
+    /// Sessions in memory of `owner`.
+    pub fn count_of(&self, owner: &str) -> usize {
+        self.map.values().filter(|p| p.session.owner == owner).count()
+    }
+}
+
+/// The leader's sessions in memory.
+#[derive(Default)]
+pub(crate) struct Sessions(Mutex<Held>);
 
 impl Sessions {
-    /// The sessions; a holder that panicked left each entry whole.
-    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, Pending>> {
+    /// The sessions, whatever their term (a holder that panicked left each entry whole).
+    pub fn lock(&self) -> MutexGuard<'_, Held> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sessions in memory of `owner` in `term`.
-    pub fn count_of(map: &HashMap<String, Pending>, owner: &str, term: u64) -> usize {
-        map.values().filter(|p| p.term == term && p.session.owner == owner).count()
+    /// The sessions of `term`, the one this node leads in (`None`: it does not lead): those of
+    /// any other term are dropped first, being no longer this node's to answer for.
+    pub fn of_term(&self, term: Option<u64>) -> MutexGuard<'_, Held> {
+        let mut held = self.lock();
+        if held.term != term {
+            held.map.clear();
+            held.term = term;
+        }
+        held
     }
 }
