@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # A Berth cluster of real processes on this machine: 3 metadata nodes, 3 storage nodes and
-# 2 frontends on free loopback ports, with their data under DIR.
+# 2 frontends on free loopback ports, with their data under DIR. Every process also serves its
+# probes and metrics (/healthz, /readyz, /metrics) on a port of its own.
 #
 #   deploy/local/cluster.sh up DIR     start it, wait until it serves, print the frontends' URLs
 #                                      and an administrator token, write DIR/cluster.env
 #   deploy/local/cluster.sh down DIR   stop the processes `up` started (SIGTERM, then SIGKILL)
 #
 # DIR/cluster.env (shell syntax) holds BERTH_FRONTENDS (space-separated URLs),
-# BERTH_ADMIN_USER, BERTH_ADMIN_TOKEN, and for each process BERTH_PID_<ROLE>_<N> and
-# BERTH_CMD_<ROLE>_<N>: the command line that restarts it on its own data, in the foreground.
+# BERTH_ADMIN_USER, BERTH_ADMIN_TOKEN, and for each process BERTH_PID_<ROLE>_<N>,
+# BERTH_CMD_<ROLE>_<N> (the command line that restarts it on its own data, in the foreground)
+# and BERTH_HTTP_<ROLE>_<N> (the URL of its probes and metrics).
 # The berth binary is $BERTH_BIN, or built with cargo (release) from this checkout.
 set -euo pipefail
 
@@ -53,7 +55,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 read -r -a ports <<<"$(python3 - <<'PY'
 import socket
 socks = []
-for _ in range(8):
+for _ in range(16):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 for s in socks: s.close()
@@ -62,6 +64,8 @@ PY
 meta_addrs=(); for i in 0 1 2; do meta_addrs+=("127.0.0.1:${ports[$i]}"); done
 storage_addrs=(); for i in 3 4 5; do storage_addrs+=("127.0.0.1:${ports[$i]}"); done
 front_addrs=(); for i in 6 7; do front_addrs+=("127.0.0.1:${ports[$i]}"); done
+# Ports 8 to 15: each process's probes and metrics, in the order the processes start.
+http_next=8
 meta_list=$(IFS=,; echo "${meta_addrs[*]}")
 storage_list=$(IFS=,; echo "${storage_addrs[*]}")
 admin_user=admin
@@ -77,10 +81,13 @@ env_file=$dir/cluster.env.new
 start() { # ROLE N ARGS...
   local role=$1 n=$2; shift 2
   local upper; upper=$(echo "$role" | tr '[:lower:]' '[:upper:]')
+  local http="127.0.0.1:${ports[$http_next]}"; http_next=$((http_next + 1))
+  set -- "$1" --http-listen "$http" "${@:2}"
   setsid nohup "$bin" --threads "$threads" "$@" >"$dir/logs/$role$n.log" 2>&1 </dev/null &
   local pid=$!
   printf 'BERTH_PID_%s_%s=%s\n' "$upper" "$n" "$pid" >>"$env_file"
   printf 'BERTH_CMD_%s_%s=%q\n' "$upper" "$n" "$(printf '%q ' "$bin" --threads "$threads" "$@")" >>"$env_file"
+  printf 'BERTH_HTTP_%s_%s=%q\n' "$upper" "$n" "http://$http" >>"$env_file"
 }
 wait_port() { # HOST:PORT
   for _ in $(seq 1 200); do

@@ -570,7 +570,8 @@ async fn pulls(c: &reqwest::Client, front: &str, repo: &str, m: &str) -> bool {
 }
 
 /// `deploy/local/cluster.sh up DIR` starts a 3/3/2 cluster that serves, writes `cluster.env`
-/// as its contract says, and `down DIR` stops every process it started.
+/// as its contract says (with each process's metrics URL), and `down DIR` stops every process
+/// it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_cluster_script_starts_a_cluster_that_serves() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/cluster.sh");
@@ -601,6 +602,18 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
     let r = c.get(format!("{}/v2/acme/local/manifests/v1", fronts[1])).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(digest(&r.bytes().await.unwrap()), m);
+    // Every process serves its metrics at the URL the file gives, counting what it served.
+    for (p, series) in [
+        ("STORAGE_1", "berth_grpc_requests_total"),
+        ("META_2", "berth_grpc_requests_total"),
+        ("FRONTEND_2", "berth_http_requests_total"),
+    ] {
+        let url = var(&format!("BERTH_HTTP_{p}"));
+        let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
+        assert_eq!(r.status(), 200, "{p} metrics at {url}");
+        let text = r.text().await.unwrap();
+        assert!(text.lines().any(|l| l.starts_with(series)), "{p} metrics lack {series}");
+    }
     let down = std::process::Command::new("bash").arg(&script).args(["down", &d]).output().unwrap();
     assert!(down.status.success(), "cluster.sh down: {}", String::from_utf8_lossy(&down.stderr));
     for pid in pids {
