@@ -6,15 +6,54 @@
 # cheaper, not a benchmark of record (that is bench.sh): it runs no reference.
 #
 # Usage: loadtest/cluster-costs.sh [SCENARIO [berth-loadtest flags...]]
-#        (default push-images; e.g. loadtest/cluster-costs.sh pull-images --images 200)
-# An operation is the scenario's unit: images for push-images, pull-images and mixed,
-# otherwise the first rate berth-loadtest reports. A warm-up run of the same scenario goes
-# first (WARMUP=0 skips it). BERTH_THREADS applies as for cluster.sh. Builds the release
-# binaries first, as bench.sh does. Linux only (reads /proc).
+#        (e.g. loadtest/cluster-costs.sh pull-images --images 400)
+# SCENARIO is one of berth-loadtest's (default push-images); the counts cover only its timed
+# part (berth-loadtest --measure-hook runs this script to take them), not the pushes a pull
+# scenario makes first. An operation is an image (push-images, pull-images), a request
+# (manifest-get), an operation (mixed) or a MB (push-large, push-chunked, pull-large). A
+# warm-up run of the same scenario goes first (WARMUP=0 skips it). Context switches are
+# counted over the threads alive at both ends of the timed part (the blocking pool's idle
+# threads exit after a while, taking their counts with them); CPU time covers every thread.
+# BERTH_THREADS applies as for cluster.sh. Builds the release binaries first, as bench.sh
+# does. Linux only (reads /proc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Per process of the cluster whose cluster.env is in $1: a line `proc NAME CPU_TICKS THREADS`,
+# a line `thread NAME TID SWITCHES` per thread, then its metrics' counters as
+# `metric NAME SERIES VALUE`.
+snapshot() {
+  # shellcheck disable=SC1091
+  . "$1/cluster.env"
+  for v in $(compgen -v BERTH_PID_ | sort); do
+    local pid=${!v} name=${v#BERTH_PID_} t s
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "${name,,} (pid $pid) is not running; see $1/logs" >&2
+      exit 1
+    fi
+    echo "proc $name $(awk '{print $14 + $15}' /proc/"$pid"/stat) $(find /proc/"$pid"/task -mindepth 1 -maxdepth 1 | wc -l)"
+    for t in /proc/"$pid"/task/*; do
+      s=$(awk '/ctxt_switches/ {n += $2} END {print n + 0}' "$t/status" 2>/dev/null) || s=
+      if [ -n "$s" ]; then echo "thread $name ${t##*/} $s"; fi
+    done
+    local http="BERTH_HTTP_$name"
+    curl -fsS "${!http}/metrics" 2>/dev/null \
+      | grep -E '^(berth_grpc_requests_total|berth_raft_proposals_total|berth_raft_commands_total)' \
+      | sed "s/^/metric $name /" || true
+  done
+}
+# As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot WORK begin|end`.
+if [ "${1:-}" = --snapshot ]; then
+  snapshot "$2/cluster" >"$2/$3"
+  exit 0
+fi
+
 scenario=${1:-push-images}
 [ $# -gt 0 ] && shift
+case $scenario in
+  push-images | pull-images | manifest-get | mixed | push-large | push-chunked | pull-large) ;;
+  *) echo "cluster-costs.sh measures one scenario of berth-loadtest, not $scenario" >&2; exit 2 ;;
+esac
 cargo build --release --workspace --quiet
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
 
@@ -32,56 +71,45 @@ load() {
   "$target/berth-loadtest" "$scenario" --quiet --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" \
     --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" "$@"
 }
-# One line per process: NAME CPU_TICKS CONTEXT_SWITCHES THREADS, then its metrics' counters.
-snapshot() {
-  for v in $(compgen -v BERTH_PID_ | sort); do
-    local pid=${!v} name=${v#BERTH_PID_} switches=0 s
-    for t in /proc/"$pid"/task/*; do
-      s=$(awk '/ctxt_switches/ {n += $2} END {print n + 0}' "$t/status" 2>/dev/null || echo 0)
-      switches=$((switches + s))
-    done
-    echo "proc $name $(awk '{print $14 + $15}' /proc/"$pid"/stat) $switches $(find /proc/"$pid"/task -mindepth 1 -maxdepth 1 | wc -l)"
-    local http="BERTH_HTTP_$name"
-    curl -fsS "${!http}/metrics" 2>/dev/null \
-      | grep -E '^(berth_grpc_requests_total|berth_raft_proposals_total|berth_raft_commands_total)' \
-      | sed "s/^/metric $name /" || true
-  done
-}
-
 [ "${WARMUP:-1}" = 0 ] || load "$@" >/dev/null
-snapshot >"$work/before"
-load --json "$work/run.json" "$@"
-snapshot >"$work/after"
-python3 - "$work/before" "$work/after" "$work/run.json" "$(getconf CLK_TCK)" <<'PY'
+here=$(pwd)/loadtest/cluster-costs.sh
+load --json "$work/run.json" --measure-hook "$(printf '%q --snapshot %q' "$here" "$work")" "$@"
+python3 - "$work/begin" "$work/end" "$work/run.json" "$(getconf CLK_TCK)" <<'PY'
 import collections, json, sys
 
 def read(path):
-    procs, metrics = {}, collections.defaultdict(float)
+    procs, threads, metrics = {}, {}, collections.defaultdict(float)
     for line in open(path):
         kind, rest = line.split(" ", 1)
         if kind == "proc":
-            name, ticks, switches, threads = rest.split()
-            procs[name] = (int(ticks), int(switches), int(threads))
+            name, ticks, count = rest.split()
+            procs[name] = (int(ticks), int(count))
+        elif kind == "thread":
+            name, tid, switches = rest.split()
+            threads[(name, tid)] = int(switches)
         else:
             name, series = rest.split(" ", 1)
             key, value = series.rsplit(" ", 1)
             metrics[(name.split("_")[0], key)] += float(value)
-    return procs, metrics
+    return procs, threads, metrics
 
-(p0, m0), (p1, m1) = read(sys.argv[1]), read(sys.argv[2])
+(p0, t0, m0), (p1, t1, m1) = read(sys.argv[1]), read(sys.argv[2])
 result = json.load(open(sys.argv[3]))[0][0]
 rates, seconds = result["rates"], result["seconds"]
-unit = "images/s" if "images/s" in rates else next(k for k in rates if k != "MB/s")
-ops = rates[unit] * seconds
+unit = next(u for u in ("images/s", "requests/s", "operations/s", "MB/s") if u in rates)
+ops = rates.get(unit, 0) * seconds
+if ops <= 0 or result.get("errors", 0) > 0:
+    sys.exit(f"the run did nothing to measure by: {ops:.0f} {unit.split('/')[0]}, {result.get('errors', 0)} errors")
 tick_ms = 1000 / int(sys.argv[4])
-name = unit.split("/")[0].rstrip("s")
+name = {"images/s": "image", "requests/s": "request", "operations/s": "operation", "MB/s": "MB"}[unit]
 print(f"\n{result['scenario']}: {ops:.0f} {unit.split('/')[0]} in {seconds:.1f} s ({rates[unit]:.1f} {unit}); per {name}:")
 print(f"{'process':<12} {'CPU ms':>8} {'switches':>9} {'threads':>8}")
 total = 0.0
 for proc in sorted(p1):
     cpu = (p1[proc][0] - p0[proc][0]) * tick_ms / ops
+    switches = sum(n - t0[k] for k, n in t1.items() if k[0] == proc and k in t0) / ops
     total += cpu
-    print(f"{proc:<12} {cpu:8.2f} {(p1[proc][1] - p0[proc][1]) / ops:9.1f} {p1[proc][2]:8d}")
+    print(f"{proc:<12} {cpu:8.2f} {switches:9.1f} {p1[proc][1]:8d}")
 print(f"{'all':<12} {total:8.2f}")
 print(f"\ncalls served and Raft work, per {name}:")
 for (role, key) in sorted(m1):

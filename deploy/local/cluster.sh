@@ -78,6 +78,13 @@ threads=${BERTH_THREADS:-1}
 mkdir -p "$dir/logs"
 env_file=$dir/cluster.env.new
 : >"$env_file"
+# A start that fails part way stops what it started: nothing is left running without the
+# cluster.env that `down` reads.
+started=()
+abandon() {
+  for p in "${started[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+}
+trap abandon EXIT
 start() { # ROLE N ARGS...
   local role=$1 n=$2; shift 2
   local upper; upper=$(echo "$role" | tr '[:lower:]' '[:upper:]')
@@ -85,6 +92,7 @@ start() { # ROLE N ARGS...
   set -- "$1" --http-listen "$http" "${@:2}"
   setsid nohup "$bin" --threads "$threads" "$@" >"$dir/logs/$role$n.log" 2>&1 </dev/null &
   local pid=$!
+  started+=("$pid")
   printf 'BERTH_PID_%s_%s=%s\n' "$upper" "$n" "$pid" >>"$env_file"
   printf 'BERTH_CMD_%s_%s=%q\n' "$upper" "$n" "$(printf '%q ' "$bin" --threads "$threads" "$@")" >>"$env_file"
   printf 'BERTH_HTTP_%s_%s=%q\n' "$upper" "$n" "http://$http" >>"$env_file"
@@ -140,6 +148,7 @@ done
   printf 'BERTH_STORAGE=%q\n' "$storage_list"
 } >>"$env_file"
 mv "$env_file" "$dir/cluster.env"
+trap - EXIT
 echo "berth cluster: 3 metadata, 3 storage, 2 frontend processes; data and logs in $dir"
 for u in "${urls[@]}"; do echo "frontend: $u"; done
 echo "administrator: $admin_user, token: $admin_token"

@@ -122,6 +122,11 @@ struct Cli {
     /// Hash the blob pulled by pull-large (caps the rate at one client core's SHA-256 speed).
     #[arg(long)]
     verify_large: bool,
+    /// A shell command run with `begin` right before each timed part of a scenario and with
+    /// `end` right after it, waited for each time: what the command measures then leaves out
+    /// the scenario's setup (the pushes a pull scenario makes first).
+    #[arg(long)]
+    measure_hook: Option<String>,
     /// Write the report as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -194,6 +199,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
         repo: format!("{}/{}{run_id}", cli.repo, name(scenario)),
         seed: cli.seed ^ run_id as u64,
         verify_large: cli.verify_large,
+        measure_hook: cli.measure_hook.clone(),
     };
     let mut targets = vec![Target {
         registry: Registry::new(

@@ -43,6 +43,27 @@ pub struct Params {
     /// Whether `pull-large` hashes what it receives (one client core hashes SHA-256 slower
     /// than loopback moves bytes, so by default it checks the length only).
     pub verify_large: bool,
+    /// `--measure-hook`: run around each timed part (see [`mark`]).
+    pub measure_hook: Option<String>,
+}
+
+/// Runs the `--measure-hook` command, if any, with `stage` (`begin` or `end`) as its
+/// argument, and waits for it to succeed.
+pub async fn mark(p: &Params, stage: &str) -> Result<()> {
+    let Some(hook) = &p.measure_hook else {
+        return Ok(());
+    };
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{hook} \"$1\""))
+        .arg("hook")
+        .arg(stage)
+        .status()
+        .await?;
+    if !status.success() {
+        return Err(anyhow!("--measure-hook {stage}: {status}"));
+    }
+    Ok(())
 }
 
 /// What a scenario measured.
@@ -302,9 +323,11 @@ pub async fn push_large(
     let src = BlobSource::new(p.seed ^ 0xb10b ^ round as u64 ^ (chunked as u64) << 8, p.size);
     bar.set_length(1);
     let repo = format!("{}/large", p.repo);
+    mark(p, "begin").await?;
     let start = Instant::now();
     let r = reg.push_stream(rec, &repo, &src.digest, p.size, chunked.then_some(p.chunk_size), &src).await;
     let secs = start.elapsed();
+    mark(p, "end").await?;
     rec.record(if chunked { "chunked blob push" } else { "blob push" }, secs);
     bar.inc(1);
     r?;
@@ -317,9 +340,11 @@ pub async fn pull_large(reg: &Registry, rec: &Recorder, p: &Params, round: usize
     let repo = format!("{}/large", p.repo);
     reg.push_stream(&Recorder::default(), &repo, &src.digest, p.size, None, &src).await?;
     bar.set_length(1);
+    mark(p, "begin").await?;
     let start = Instant::now();
     let n = reg.get_blob(rec, &repo, &src.digest, p.verify_large).await?;
     let secs = start.elapsed();
+    mark(p, "end").await?;
     bar.inc(1);
     if n != p.size {
         return Err(anyhow!("pulled {n} bytes of a {} byte blob", p.size));
@@ -336,11 +361,13 @@ pub async fn push_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
     let imgs = images(p, round);
     bar.set_length(imgs.len() as u64);
     let (reg2, rec2, imgs2) = (reg.clone(), rec.clone(), imgs.clone());
+    mark(p, "begin").await?;
     let (errors, took) = fan_out(imgs.len(), p.workers, bar, move |w, i| {
         let (reg, rec, imgs) = (reg2.for_worker(w), rec2.clone(), imgs2.clone());
         async move { push_image(&reg, &rec, &imgs[i]).await }
     })
     .await;
+    mark(p, "end").await?;
     let ok = imgs.len() as f64 - errors as f64;
     let per_image: usize = imgs.first().map(|i| i.blobs.iter().map(|(_, b)| b.len()).sum()).unwrap_or(0);
     Ok(Work {
@@ -366,6 +393,7 @@ pub async fn pull_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
     bar.set_length(imgs.len() as u64);
     let bytes = Arc::new(AtomicU64::new(0));
     let (reg2, rec2, imgs2, bytes2) = (reg.clone(), rec.clone(), imgs.clone(), bytes.clone());
+    mark(p, "begin").await?;
     let (errors, took) = fan_out(imgs.len(), p.workers, bar, move |w, i| {
         let (reg, rec, imgs, bytes) = (reg2.for_worker(w), rec2.clone(), imgs2.clone(), bytes2.clone());
         async move {
@@ -375,6 +403,7 @@ pub async fn pull_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
         }
     })
     .await;
+    mark(p, "end").await?;
     Ok(Work {
         seconds: took.as_secs_f64(),
         counts: counts(&[
@@ -391,6 +420,7 @@ pub async fn manifest_get(reg: &Registry, rec: &Recorder, p: &Params, round: usi
     push_image(reg, &Recorder::default(), &img).await?;
     bar.set_length(p.duration.as_millis() as u64);
     let (reg2, rec2) = (reg.clone(), rec.clone());
+    mark(p, "begin").await?;
     let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |w, _| {
         let (reg, rec, img) = (reg2.for_worker(w), rec2.clone(), img.clone());
         async move {
@@ -402,6 +432,7 @@ pub async fn manifest_get(reg: &Registry, rec: &Recorder, p: &Params, round: usi
         }
     })
     .await;
+    mark(p, "end").await?;
     Ok(Work { seconds: took.as_secs_f64(), counts: counts(&[("requests", done as f64)]), errors })
 }
 
@@ -417,6 +448,7 @@ pub async fn mixed(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar
     bar.set_length(p.duration.as_millis() as u64);
     let pushes = Arc::new(AtomicU64::new(0));
     let (reg2, rec2, p2, pushes2) = (reg.clone(), rec.clone(), p.clone(), pushes.clone());
+    mark(p, "begin").await?;
     let (done, errors, took) = for_duration(p.duration, p.workers, bar, move |w, k| {
         let (reg, rec, p, seeded, pushes) =
             (reg2.for_worker(w), rec2.clone(), p2.clone(), seeded.clone(), pushes2.clone());
@@ -434,6 +466,7 @@ pub async fn mixed(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar
         }
     })
     .await;
+    mark(p, "end").await?;
     let pushed = pushes.load(Ordering::Relaxed) as f64;
     Ok(Work {
         seconds: took.as_secs_f64(),

@@ -602,17 +602,21 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
     let r = c.get(format!("{}/v2/acme/local/manifests/v1", fronts[1])).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(digest(&r.bytes().await.unwrap()), m);
-    // Every process serves its metrics at the URL the file gives, counting what it served.
+    // Every process serves its probes at the URL the file gives, and its role's metrics there.
+    let procs = ["META_1", "META_2", "META_3", "STORAGE_1", "STORAGE_2", "STORAGE_3", "FRONTEND_1", "FRONTEND_2"];
+    for p in procs {
+        let url = var(&format!("BERTH_HTTP_{p}"));
+        let r = reqwest::get(format!("{url}/healthz")).await.unwrap();
+        assert_eq!(r.status(), 200, "{p} probe at {url}");
+    }
     for (p, series) in [
-        ("STORAGE_1", "berth_grpc_requests_total"),
-        ("META_2", "berth_grpc_requests_total"),
+        ("META_2", "berth_raft_term"),
+        ("STORAGE_1", "berth_storage_blobs"),
         ("FRONTEND_2", "berth_http_requests_total"),
     ] {
         let url = var(&format!("BERTH_HTTP_{p}"));
-        let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
-        assert_eq!(r.status(), 200, "{p} metrics at {url}");
-        let text = r.text().await.unwrap();
-        assert!(text.lines().any(|l| l.starts_with(series)), "{p} metrics lack {series}");
+        let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+        assert!(text.lines().any(|l| l.starts_with(series)), "{p} metrics at {url} lack {series}");
     }
     let down = std::process::Command::new("bash").arg(&script).args(["down", &d]).output().unwrap();
     assert!(down.status.success(), "cluster.sh down: {}", String::from_utf8_lossy(&down.stderr));
