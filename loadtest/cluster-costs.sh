@@ -42,9 +42,10 @@ snapshot() {
       | sed "s/^/metric $name /" || true
   done
 }
-# As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot WORK begin|end`.
+# As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot begin|end`, with the work
+# directory in COSTS_WORK.
 if [ "${1:-}" = --snapshot ]; then
-  snapshot "$2/cluster" >"$2/$3"
+  snapshot "$COSTS_WORK/cluster" >"$COSTS_WORK/$2"
   exit 0
 fi
 
@@ -54,13 +55,21 @@ case $scenario in
   push-images | pull-images | manifest-get | mixed | push-large | push-chunked | pull-large) ;;
   *) echo "cluster-costs.sh measures one scenario of berth-loadtest, not $scenario" >&2; exit 2 ;;
 esac
+# One timed part against the cluster: the snapshots bracket one part, and the counts are
+# divided by that part's operations.
+for a in "$@"; do
+  case $a in
+    --rounds* | --compare*) echo "cluster-costs.sh measures one round against the cluster only (no $a)" >&2; exit 2 ;;
+  esac
+done
 cargo build --release --workspace --quiet
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
 
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.costs.XXXXXX")
 cleanup() {
+  local rc=$?
   deploy/local/cluster.sh down "$work/cluster" >/dev/null 2>&1 || true
-  rm -rf "$work"
+  if [ "$rc" = 0 ]; then rm -rf "$work"; else echo "kept $work (the cluster's logs are in cluster/logs)" >&2; fi
 }
 trap cleanup EXIT
 BERTH_BIN="$target/berth" deploy/local/cluster.sh up "$work/cluster" >/dev/null
@@ -72,8 +81,9 @@ load() {
     --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" "$@"
 }
 [ "${WARMUP:-1}" = 0 ] || load "$@" >/dev/null
-here=$(pwd)/loadtest/cluster-costs.sh
-load --json "$work/run.json" --measure-hook "$(printf '%q --snapshot %q' "$here" "$work")" "$@"
+# berth-loadtest runs the hook from here, the checkout's root.
+export COSTS_WORK=$work
+load --json "$work/run.json" --measure-hook "loadtest/cluster-costs.sh --snapshot" "$@"
 python3 - "$work/begin" "$work/end" "$work/run.json" "$(getconf CLK_TCK)" <<'PY'
 import collections, json, sys
 

@@ -48,7 +48,8 @@ pub struct Params {
 }
 
 /// Runs the `--measure-hook` command, if any, with `stage` (`begin` or `end`) as its
-/// argument, and waits for it to succeed.
+/// argument, and waits for it to succeed. A timed part that fails runs no `end`: the scenario
+/// ends there with its own error.
 pub async fn mark(p: &Params, stage: &str) -> Result<()> {
     let Some(hook) = &p.measure_hook else {
         return Ok(());
@@ -58,8 +59,10 @@ pub async fn mark(p: &Params, stage: &str) -> Result<()> {
         .arg(format!("{hook} \"$1\""))
         .arg("hook")
         .arg(stage)
+        .kill_on_drop(true)
         .status()
-        .await?;
+        .await
+        .map_err(|e| anyhow!("--measure-hook {stage}: {e}"))?;
     if !status.success() {
         return Err(anyhow!("--measure-hook {stage}: {status}"));
     }
@@ -327,10 +330,10 @@ pub async fn push_large(
     let start = Instant::now();
     let r = reg.push_stream(rec, &repo, &src.digest, p.size, chunked.then_some(p.chunk_size), &src).await;
     let secs = start.elapsed();
+    r?;
     mark(p, "end").await?;
     rec.record(if chunked { "chunked blob push" } else { "blob push" }, secs);
     bar.inc(1);
-    r?;
     Ok(Work { seconds: secs.as_secs_f64(), counts: counts(&[("MB", p.size as f64 / 1e6)]), errors: 0 })
 }
 
@@ -342,8 +345,9 @@ pub async fn pull_large(reg: &Registry, rec: &Recorder, p: &Params, round: usize
     bar.set_length(1);
     mark(p, "begin").await?;
     let start = Instant::now();
-    let n = reg.get_blob(rec, &repo, &src.digest, p.verify_large).await?;
+    let n = reg.get_blob(rec, &repo, &src.digest, p.verify_large).await;
     let secs = start.elapsed();
+    let n = n?;
     mark(p, "end").await?;
     bar.inc(1);
     if n != p.size {

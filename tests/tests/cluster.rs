@@ -580,6 +580,15 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
     let bin = berth_tests::berth_bin();
     let up = std::process::Command::new("bash").arg(&script).args(["up", &d]).env("BERTH_BIN", &bin).output().unwrap();
     assert!(up.status.success(), "cluster.sh up: {}", String::from_utf8_lossy(&up.stderr));
+    // A failed check below still stops the cluster (`down` again after the test's own is a
+    // no-op for processes already gone).
+    struct Down(std::path::PathBuf, String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("bash").arg(&self.0).args(["down", &self.1]).output();
+        }
+    }
+    let _down = Down(script.clone(), d.clone());
     // Read the environment file the way a shell user would.
     let var = |name: &str| -> String {
         let out = std::process::Command::new("bash")
