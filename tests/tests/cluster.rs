@@ -580,15 +580,17 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
     let bin = berth_tests::berth_bin();
     let up = std::process::Command::new("bash").arg(&script).args(["up", &d]).env("BERTH_BIN", &bin).output().unwrap();
     assert!(up.status.success(), "cluster.sh up: {}", String::from_utf8_lossy(&up.stderr));
-    // A failed check below still stops the cluster (`down` again after the test's own is a
-    // no-op for processes already gone).
-    struct Down(std::path::PathBuf, String);
+    // A failed check below still stops the cluster; once the test's own `down` has run, the
+    // guard is disarmed (its pids could by then name other processes).
+    struct Down(Option<(std::path::PathBuf, String)>);
     impl Drop for Down {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("bash").arg(&self.0).args(["down", &self.1]).output();
+            if let Some((script, dir)) = self.0.take() {
+                let _ = std::process::Command::new("bash").arg(script).args(["down", &dir]).output();
+            }
         }
     }
-    let _down = Down(script.clone(), d.clone());
+    let mut guard = Down(Some((script.clone(), d.clone())));
     // Read the environment file the way a shell user would.
     let var = |name: &str| -> String {
         let out = std::process::Command::new("bash")
@@ -628,6 +630,7 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
         assert!(text.lines().any(|l| l.starts_with(series)), "{p} metrics at {url} lack {series}");
     }
     let down = std::process::Command::new("bash").arg(&script).args(["down", &d]).output().unwrap();
+    guard.0 = None;
     assert!(down.status.success(), "cluster.sh down: {}", String::from_utf8_lossy(&down.stderr));
     for pid in pids {
         // SAFETY: signal 0 only checks whether the process exists.

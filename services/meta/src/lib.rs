@@ -270,12 +270,13 @@ impl MetaService {
     /// until they are committed. The writes go on after that wait, and clean up after
     /// themselves.
     pub async fn write_sessions(&self) {
-        let (sessions, writes) = (self.sessions.clone(), self.writes.clone());
-        let term = self.leading_term();
+        let (sessions, writes, raft) = (self.sessions.clone(), self.writes.clone(), self.raft.clone());
         let all = tokio::spawn(async move {
             let mut settling = vec![];
             loop {
-                let sent = persist(&sessions, &writes, term, |_| true);
+                // The term as of each pass: a pass with the term of when it began would drop
+                // the sessions of a later term this node has come to lead in meanwhile.
+                let sent = persist(&sessions, &writes, leading_term(&raft), |_| true);
                 settling.push(tokio::spawn(settle(sessions.clone(), sent)));
                 // A full write queue left some for later.
                 if sessions.lock().values().all(sessions::Pending::on_its_way) {
