@@ -3,7 +3,10 @@
 # `berth standalone`, side by side on loopback with data on the same disk, every scenario of
 # berth-loadtest run against both with --compare (Berth first, so ratios read Berth ÷ reference);
 # then the same against a 3/3/2 cluster of Berth processes (deploy/local/cluster.sh; CLUSTER=0
-# skips it).
+# skips it). Each table gives, besides rates and latencies, the CPU time the registry's
+# processes (the cluster's eight together) and the load tool spent per operation in the timed
+# parts: steadier than throughput on a shared machine, and a measure of how much of it each
+# operation takes.
 #
 # Usage: loadtest/bench.sh [extra berth-loadtest flags...]   (e.g. --images 100 --duration 5)
 # Needs: docker-registry (apt). Builds the release binaries first (set CARGO_TARGET_DIR as for
@@ -73,8 +76,11 @@ cluster_down() { deploy/local/cluster.sh down "$work/cluster" >/dev/null || true
 trap cluster_down EXIT
 # shellcheck disable=SC1091
 . "$work/cluster/cluster.env"
+# The CPU time and peak RSS of the cluster are those of its eight processes together.
+cluster_pids=$(for v in $(compgen -v BERTH_PID_); do echo "${!v}"; done | paste -sd, -)
 echo "== cluster ÷ reference =="
 "$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
   --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" \
+  --pid "$cluster_pids" \
   --compare "http://127.0.0.1:$ref_port" --compare-pid "$ref_pid" \
   --json "${BENCH_CLUSTER_JSON:-/dev/null}" "$@"

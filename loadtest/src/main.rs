@@ -2,11 +2,13 @@
 //! optional side-by-side comparison against a second one, reported as a table and as JSON.
 
 mod client;
+mod cpu;
 mod limits;
 mod report;
 mod scenarios;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -64,9 +66,11 @@ struct Cli {
     /// Password or token for the registry.
     #[arg(long, env = "LOADTEST_TOKEN")]
     token: Option<String>,
-    /// pid of the registry under test, to report its peak RSS.
-    #[arg(long)]
-    pid: Option<u32>,
+    /// pid of the registry under test, or the pids of its processes separated by commas (a
+    /// cluster's): the report gives the CPU time they spend per operation in the timed parts
+    /// and their peak RSS (summed over the processes).
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// A second registry to run the same scenario against, interleaved; the report gives
     /// both and the ratio first ÷ second.
     #[arg(long)]
@@ -77,9 +81,9 @@ struct Cli {
     /// Password or token for the second registry.
     #[arg(long)]
     compare_token: Option<String>,
-    /// pid of the second registry.
-    #[arg(long)]
-    compare_pid: Option<u32>,
+    /// pid(s) of the second registry, as --pid.
+    #[arg(long, value_delimiter = ',')]
+    compare_pid: Vec<u32>,
     /// Rounds per registry; with --compare they alternate A B B A ... to cancel drift.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
@@ -141,7 +145,8 @@ struct Cli {
 struct Target {
     registry: Registry,
     recorder: Recorder,
-    pid: Option<u32>,
+    pids: Vec<u32>,
+    meter: Arc<cpu::Meter>,
     work: Vec<Work>,
 }
 
@@ -200,6 +205,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
         seed: cli.seed ^ run_id as u64,
         verify_large: cli.verify_large,
         measure_hook: cli.measure_hook.clone(),
+        meter: Arc::new(cpu::Meter::new(vec![])),
     };
     let mut targets = vec![Target {
         registry: Registry::new(
@@ -208,7 +214,8 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             cli.ca.as_deref(),
         )?,
         recorder: Recorder::default(),
-        pid: cli.pid,
+        pids: cli.pid.clone(),
+        meter: Arc::new(cpu::Meter::new(cli.pid.clone())),
         work: vec![],
     }];
     if let Some(url) = &cli.compare {
@@ -219,7 +226,8 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                 cli.ca.as_deref(),
             )?,
             recorder: Recorder::default(),
-            pid: cli.compare_pid,
+            pids: cli.compare_pid.clone(),
+            meter: Arc::new(cpu::Meter::new(cli.compare_pid.clone())),
             work: vec![],
         });
     }
@@ -249,12 +257,14 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             unsafe { libc::sync() }
         })
         .await?;
+        let params = Params { meter: target.meter.clone(), ..params.clone() };
         let fut = run_once(scenario, &target.registry, &target.recorder, &params, round, &bar);
-        let work = match tokio::time::timeout(Duration::from_secs(cli.max_seconds), fut).await {
+        let mut work = match tokio::time::timeout(Duration::from_secs(cli.max_seconds), fut).await {
             Ok(w) => w.with_context(|| format!("{} against {}", name(scenario), target.registry.url))?,
             Err(_) => bail!("{} against {} exceeded {} s", name(scenario), target.registry.url, cli.max_seconds),
         };
         bar.finish_and_clear();
+        work.cpu = target.meter.take();
         target.work.push(work);
     }
     Ok(targets
@@ -267,10 +277,12 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                     *totals.entry(k.clone()).or_default() += v;
                 }
             }
-            let rates = totals
-                .into_iter()
-                .map(|(k, v)| (format!("{k}/s"), if seconds > 0.0 { v / seconds } else { 0.0 }))
-                .collect();
+            let rates =
+                totals.iter().map(|(k, v)| (format!("{k}/s"), if seconds > 0.0 { v / seconds } else { 0.0 })).collect();
+            let cpu = t.work.iter().fold(cpu::Spent { server: Some(0.0), client: 0.0 }, |a, w| a.add(w.cpu));
+            let per = |secs: f64| -> BTreeMap<String, f64> {
+                totals.iter().filter(|(_, &n)| n > 0.0).map(|(k, &n)| (k.clone(), secs * 1e3 / n)).collect()
+            };
             Outcome {
                 target: t.registry.url.clone(),
                 scenario: name(scenario),
@@ -278,7 +290,9 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                 rates,
                 latencies: t.recorder.latencies(),
                 errors: t.work.iter().map(|w| w.errors).sum(),
-                peak_rss_mib: t.pid.and_then(report::peak_rss_mib),
+                peak_rss_mib: report::peak_rss_mib(&t.pids),
+                server_cpu_ms: cpu.server.map(per).unwrap_or_default(),
+                client_cpu_ms: per(cpu.client),
             }
         })
         .collect())

@@ -74,9 +74,20 @@ pub struct Outcome {
     pub latencies: BTreeMap<String, Latency>,
     /// Operations that failed.
     pub errors: u64,
-    /// Peak RSS of the registry process during the run, when its pid was given (MiB).
+    /// Peak RSS of the registry process during the run, when its pid was given; of a
+    /// registry of several processes, the sum of their peaks (MiB).
     pub peak_rss_mib: Option<f64>,
+    /// CPU milliseconds the registry's processes spent per unit counted (`images`, `blobs`,
+    /// `MB`, `requests`...) in the timed parts, when their pids were given (see `crate::cpu`).
+    pub server_cpu_ms: BTreeMap<String, f64>,
+    /// CPU milliseconds this tool spent per unit counted in the timed parts: the client's
+    /// share of the machine.
+    pub client_cpu_ms: BTreeMap<String, f64>,
 }
+
+/// The unit a scenario's CPU time is shown per in the table: its first count of these.
+const CPU_UNITS: [(&str, &str); 4] =
+    [("images", "image"), ("requests", "request"), ("operations", "operation"), ("MB", "MB")];
 
 /// Prints outcomes as a table; with two, adds the ratio first ÷ second.
 pub fn print_table(outcomes: &[Outcome]) {
@@ -114,6 +125,15 @@ pub fn print_table(outcomes: &[Outcome]) {
         }
     }
     rows.push(("errors".into(), outcomes.iter().map(|o| Some(o.errors as f64)).collect()));
+    if let Some((unit, one)) = CPU_UNITS.iter().find(|(u, _)| outcomes.iter().any(|o| o.client_cpu_ms.contains_key(*u)))
+    {
+        let server = outcomes.iter().map(|o| o.server_cpu_ms.get(*unit).copied()).collect();
+        rows.push((format!("server CPU ms/{one}"), server));
+        rows.push((
+            format!("client CPU ms/{one}"),
+            outcomes.iter().map(|o| o.client_cpu_ms.get(*unit).copied()).collect(),
+        ));
+    }
     rows.push(("peak RSS MiB".into(), outcomes.iter().map(|o| o.peak_rss_mib).collect()));
     for (label, vals) in rows {
         print!("{label:<32}");
@@ -141,8 +161,16 @@ fn shorten(s: &str) -> String {
     }
 }
 
-/// Samples a process's peak RSS (`VmHWM`) in MiB.
-pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+/// The peak RSS (`VmHWM`) of processes `pids` in MiB, summed; `None` when there are none or
+/// one cannot be read.
+pub fn peak_rss_mib(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| one_peak_rss_mib(pid)).sum()
+}
+
+fn one_peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 =
         status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;

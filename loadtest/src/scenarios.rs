@@ -13,6 +13,7 @@ use indicatif::ProgressBar;
 use rand::{Rng, RngCore, SeedableRng};
 
 use crate::client::{digest, Registry};
+use crate::cpu::{Meter, Spent};
 use crate::report::Recorder;
 
 /// Scenario sizes and bounds.
@@ -45,12 +46,26 @@ pub struct Params {
     pub verify_large: bool,
     /// `--measure-hook`: run around each timed part (see [`mark`]).
     pub measure_hook: Option<String>,
+    /// The CPU time of the registry under test and of this tool over the timed parts.
+    pub meter: Arc<Meter>,
 }
 
-/// Runs the `--measure-hook` command, if any, with `stage` (`begin` or `end`) as its
-/// argument, and waits for it to succeed. A timed part that fails runs no `end`: the scenario
-/// ends there with its own error.
+/// Marks where a timed part begins or ends (`stage`): the CPU meter reads there, and the
+/// `--measure-hook` command, if any, runs with `stage` as its argument and is waited for (at
+/// `begin` before the meter reads, at `end` after, so its own run stays outside). A timed part
+/// that fails runs no `end`: the scenario ends there with its own error.
 pub async fn mark(p: &Params, stage: &str) -> Result<()> {
+    if stage == "end" {
+        p.meter.end();
+    }
+    run_hook(p, stage).await?;
+    if stage == "begin" {
+        p.meter.begin();
+    }
+    Ok(())
+}
+
+async fn run_hook(p: &Params, stage: &str) -> Result<()> {
     let Some(hook) = &p.measure_hook else {
         return Ok(());
     };
@@ -78,6 +93,8 @@ pub struct Work {
     pub counts: BTreeMap<String, f64>,
     /// Failed operations.
     pub errors: u64,
+    /// CPU time spent in the timed part (see [`crate::cpu`]).
+    pub cpu: Spent,
 }
 
 // ---- content --------------------------------------------------------------------------------
@@ -334,7 +351,12 @@ pub async fn push_large(
     mark(p, "end").await?;
     rec.record(if chunked { "chunked blob push" } else { "blob push" }, secs);
     bar.inc(1);
-    Ok(Work { seconds: secs.as_secs_f64(), counts: counts(&[("MB", p.size as f64 / 1e6)]), errors: 0 })
+    Ok(Work {
+        seconds: secs.as_secs_f64(),
+        counts: counts(&[("MB", p.size as f64 / 1e6)]),
+        errors: 0,
+        ..Default::default()
+    })
 }
 
 /// `pull-large`: one big blob, pushed first, then pulled (verified with `--verify-large`).
@@ -353,7 +375,7 @@ pub async fn pull_large(reg: &Registry, rec: &Recorder, p: &Params, round: usize
     if n != p.size {
         return Err(anyhow!("pulled {n} bytes of a {} byte blob", p.size));
     }
-    Ok(Work { seconds: secs.as_secs_f64(), counts: counts(&[("MB", n as f64 / 1e6)]), errors: 0 })
+    Ok(Work { seconds: secs.as_secs_f64(), counts: counts(&[("MB", n as f64 / 1e6)]), errors: 0, ..Default::default() })
 }
 
 fn images(p: &Params, round: usize) -> Arc<Vec<Image>> {
@@ -378,6 +400,7 @@ pub async fn push_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
         seconds: took.as_secs_f64(),
         counts: counts(&[("images", ok), ("blobs", ok * (p.layers + 1) as f64), ("MB", ok * per_image as f64 / 1e6)]),
         errors,
+        ..Default::default()
     })
 }
 
@@ -415,6 +438,7 @@ pub async fn pull_images(reg: &Registry, rec: &Recorder, p: &Params, round: usiz
             ("MB", bytes.load(Ordering::Relaxed) as f64 / 1e6),
         ]),
         errors,
+        ..Default::default()
     })
 }
 
@@ -437,7 +461,7 @@ pub async fn manifest_get(reg: &Registry, rec: &Recorder, p: &Params, round: usi
     })
     .await;
     mark(p, "end").await?;
-    Ok(Work { seconds: took.as_secs_f64(), counts: counts(&[("requests", done as f64)]), errors })
+    Ok(Work { seconds: took.as_secs_f64(), counts: counts(&[("requests", done as f64)]), errors, ..Default::default() })
 }
 
 /// `mixed`: W workers for D seconds, each operation a push of a new image with probability
@@ -476,5 +500,6 @@ pub async fn mixed(reg: &Registry, rec: &Recorder, p: &Params, round: usize, bar
         seconds: took.as_secs_f64(),
         counts: counts(&[("operations", done as f64), ("image pushes", pushed), ("image pulls", done as f64 - pushed)]),
         errors,
+        ..Default::default()
     })
 }

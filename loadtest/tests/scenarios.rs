@@ -186,6 +186,7 @@ fn every_scenario_against_berth_with_auth_and_the_reference() {
         names,
         ["push-large", "push-chunked", "pull-large", "push-images", "pull-images", "manifest-get", "mixed"]
     );
+    let mut berth_cpu_ms = 0.0;
     for s in scenarios {
         let outcomes = s.as_array().unwrap();
         assert_eq!(outcomes.len(), 2, "{s}");
@@ -204,7 +205,23 @@ fn every_scenario_against_berth_with_auth_and_the_reference() {
         }
         // Berth's memory was sampled; the reference's pid was not given.
         assert!(outcomes[0]["peak_rss_mib"].as_f64().unwrap() > 1.0, "{s}");
+        // CPU time per unit counted: the client's always, the server's only where its pid was
+        // given, for every unit the scenario counts.
+        let units: Vec<String> =
+            outcomes[0]["rates"].as_object().unwrap().keys().map(|k| k.trim_end_matches("/s").to_string()).collect();
+        for (o, server) in [(&outcomes[0], true), (&outcomes[1], false)] {
+            let keys = |field: &str| -> Vec<String> { o[field].as_object().unwrap().keys().cloned().collect() };
+            assert_eq!(keys("client_cpu_ms"), units, "{o}");
+            assert_eq!(keys("server_cpu_ms"), if server { units.clone() } else { vec![] }, "{o}");
+        }
+        let first = &units[0];
+        berth_cpu_ms += outcomes[0]["server_cpu_ms"][first].as_f64().unwrap()
+            * outcomes[0]["rates"][format!("{first}/s")].as_f64().unwrap()
+            * outcomes[0]["seconds"].as_f64().unwrap();
     }
+    // The clock ticks of /proc are 10 ms: a scenario this small may spend less, all of them
+    // together do not.
+    assert!(berth_cpu_ms > 0.0, "Berth spent no CPU time in any timed part");
     let images = &scenarios[3][0];
     // The report gives a rate and a duration; their product is the count, up to float rounding.
     let pushed = images["rates"]["images/s"].as_f64().unwrap() * images["seconds"].as_f64().unwrap();
