@@ -76,8 +76,10 @@ cluster_down() { deploy/local/cluster.sh down "$work/cluster" >/dev/null || true
 trap cluster_down EXIT
 # shellcheck disable=SC1091
 . "$work/cluster/cluster.env"
-# The CPU time and peak RSS of the cluster are those of its eight processes together.
+# The cluster's CPU time is that of its eight processes together; its peak RSS, the sum of
+# each one's peak.
 cluster_pids=$(for v in $(compgen -v BERTH_PID_); do echo "${!v}"; done | paste -sd, -)
+[ -n "$cluster_pids" ] || { echo "no BERTH_PID_* in $work/cluster/cluster.env" >&2; exit 1; }
 echo "== cluster ÷ reference =="
 "$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
   --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" \

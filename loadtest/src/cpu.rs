@@ -6,18 +6,28 @@
 //! operation takes. What is counted is the processes' own time (all their threads) while the
 //! clock runs: work a registry leaves to the kernel's threads (writing back the pages of a
 //! registry that does not fsync) or finishes after the timed part ends is not counted, so the
-//! figure favours a registry that defers work.
+//! figure favours a registry that defers work. The other way round, work a registry defers
+//! from a scenario's setup (the pushes a pull scenario makes first) and does during the timed
+//! part is counted. The client's figure is whatever this tool does in the timed part, which
+//! differs between scenarios (`mixed` generates its images as it goes).
 
 use std::sync::Mutex;
 
 /// CPU seconds spent in timed parts so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spent {
     /// By the registry's processes; `None` when no pid was given or one could not be read at
     /// a mark (a process that exited, a system without `/proc`).
     pub server: Option<f64>,
     /// By this process (every scenario's client work, all its threads).
     pub client: f64,
+}
+
+impl Default for Spent {
+    /// Nothing spent yet, the server's time included.
+    fn default() -> Spent {
+        Spent { server: Some(0.0), client: 0.0 }
+    }
 }
 
 impl Spent {
@@ -41,25 +51,36 @@ struct State {
     begun: Option<Spent>,
     /// What the timed parts since the last `take` spent.
     spent: Spent,
+    /// Whether an unreadable pid was reported.
+    warned: bool,
 }
 
 impl Meter {
     /// A meter of `pids` (none: only this process's time is known).
     pub fn new(pids: Vec<u32>) -> Meter {
-        Meter { pids, state: Mutex::new(State { begun: None, spent: Self::nothing() }) }
-    }
-
-    fn nothing() -> Spent {
-        Spent { server: Some(0.0), client: 0.0 }
+        Meter { pids, state: Mutex::new(State { begun: None, spent: Spent::default(), warned: false }) }
     }
 
     fn read(&self) -> Spent {
-        let server = if self.pids.is_empty() {
-            None
-        } else {
-            self.pids.iter().map(|&pid| process_cpu_seconds(pid)).sum::<Option<f64>>()
-        };
-        Spent { server, client: own_cpu_seconds() }
+        let mut server = Some(0.0);
+        for &pid in &self.pids {
+            let cpu = process_cpu_seconds(pid);
+            if cpu.is_none() {
+                self.warn_once(pid);
+            }
+            server = server.zip(cpu).map(|(a, b)| a + b);
+        }
+        Spent { server: server.filter(|_| !self.pids.is_empty()), client: own_cpu_seconds() }
+    }
+
+    /// Says once on stderr that pid `pid` could not be read: the report then gives no server
+    /// CPU time, as when no pid was given, and this tells the two apart.
+    fn warn_once(&self, pid: u32) {
+        if let Ok(mut s) = self.state.lock() {
+            if !std::mem::replace(&mut s.warned, true) {
+                eprintln!("warning: cannot read the CPU time of pid {pid} (exited?); no server CPU time is reported");
+            }
+        }
     }
 
     /// A timed part starts.
@@ -89,7 +110,7 @@ impl Meter {
         match self.state.lock() {
             Ok(mut s) => {
                 s.begun = None;
-                std::mem::replace(&mut s.spent, Self::nothing())
+                std::mem::take(&mut s.spent)
             }
             Err(_) => Spent { server: None, client: 0.0 },
         }
@@ -157,14 +178,13 @@ mod tests {
         // Some CPU work between the marks.
         let mut x = 0u64;
         for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
-        std::hint::black_box(x);
         meter.end();
         let spent = meter.take();
         assert!(spent.server.is_some_and(|s| s >= 0.0), "{spent:?}");
         assert!(spent.client > 0.0, "{spent:?}");
-        assert_eq!(meter.take(), Spent { server: Some(0.0), client: 0.0 }, "take starts the count again");
+        assert_eq!(meter.take(), Spent::default(), "take starts the count again");
 
         // No pid: the server's time is unknown; an unreadable pid makes it unknown too.
         for pids in [vec![], vec![me, u32::MAX]] {

@@ -279,7 +279,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             }
             let rates =
                 totals.iter().map(|(k, v)| (format!("{k}/s"), if seconds > 0.0 { v / seconds } else { 0.0 })).collect();
-            let cpu = t.work.iter().fold(cpu::Spent { server: Some(0.0), client: 0.0 }, |a, w| a.add(w.cpu));
+            let cpu = t.work.iter().fold(cpu::Spent::default(), |a, w| a.add(w.cpu));
             let per = |secs: f64| -> BTreeMap<String, f64> {
                 totals.iter().filter(|(_, &n)| n > 0.0).map(|(k, &n)| (k.clone(), secs * 1e3 / n)).collect()
             };

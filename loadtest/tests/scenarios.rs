@@ -6,6 +6,7 @@
 //!
 //! Needs the `berth` binary next to `berth-loadtest` (`cargo test --workspace` builds both).
 
+use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -150,6 +151,21 @@ fn run(dir: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
 
+/// The CPU milliseconds an outcome's `field` (`server_cpu_ms` or `client_cpu_ms`) accounts for
+/// in all: ms per unit times the units counted. Every unit gives the same total.
+fn cpu_ms_spent(o: &Value, field: &str) -> f64 {
+    let seconds = o["seconds"].as_f64().unwrap();
+    let totals: Vec<f64> = o[field]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(unit, ms)| ms.as_f64().unwrap() * o["rates"][format!("{unit}/s")].as_f64().unwrap() * seconds)
+        .collect();
+    let first = totals[0];
+    assert!(totals.iter().all(|t| (t - first).abs() <= 1e-6 * first.max(1.0)), "{field} per unit disagree: {o}");
+    first
+}
+
 #[test]
 fn every_scenario_against_berth_with_auth_and_the_reference() {
     let scratch = Scratch::new();
@@ -186,7 +202,8 @@ fn every_scenario_against_berth_with_auth_and_the_reference() {
         names,
         ["push-large", "push-chunked", "pull-large", "push-images", "pull-images", "manifest-get", "mixed"]
     );
-    let mut berth_cpu_ms = 0.0;
+    let (mut berth_cpu_ms, mut client_cpu_ms) = (0.0, 0.0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     for s in scenarios {
         let outcomes = s.as_array().unwrap();
         assert_eq!(outcomes.len(), 2, "{s}");
@@ -207,21 +224,25 @@ fn every_scenario_against_berth_with_auth_and_the_reference() {
         assert!(outcomes[0]["peak_rss_mib"].as_f64().unwrap() > 1.0, "{s}");
         // CPU time per unit counted: the client's always, the server's only where its pid was
         // given, for every unit the scenario counts.
-        let units: Vec<String> =
+        let units: BTreeSet<String> =
             outcomes[0]["rates"].as_object().unwrap().keys().map(|k| k.trim_end_matches("/s").to_string()).collect();
         for (o, server) in [(&outcomes[0], true), (&outcomes[1], false)] {
-            let keys = |field: &str| -> Vec<String> { o[field].as_object().unwrap().keys().cloned().collect() };
+            let keys = |field: &str| -> BTreeSet<String> { o[field].as_object().unwrap().keys().cloned().collect() };
             assert_eq!(keys("client_cpu_ms"), units, "{o}");
-            assert_eq!(keys("server_cpu_ms"), if server { units.clone() } else { vec![] }, "{o}");
+            assert_eq!(keys("server_cpu_ms"), if server { units.clone() } else { BTreeSet::new() }, "{o}");
         }
-        let first = &units[0];
-        berth_cpu_ms += outcomes[0]["server_cpu_ms"][first].as_f64().unwrap()
-            * outcomes[0]["rates"][format!("{first}/s")].as_f64().unwrap()
-            * outcomes[0]["seconds"].as_f64().unwrap();
+        let berth = &outcomes[0];
+        let (server, client) = (cpu_ms_spent(berth, "server_cpu_ms"), cpu_ms_spent(berth, "client_cpu_ms"));
+        // Two readings of /proc per timed part, each off by up to one 10 ms tick.
+        let most = berth["seconds"].as_f64().unwrap() * 1e3 * cores + 20.0;
+        assert!(server <= most, "Berth's processes spent {server} ms in {most} ms of its cores: {berth}");
+        berth_cpu_ms += server;
+        client_cpu_ms += client;
     }
     // The clock ticks of /proc are 10 ms: a scenario this small may spend less, all of them
     // together do not.
     assert!(berth_cpu_ms > 0.0, "Berth spent no CPU time in any timed part");
+    assert!(client_cpu_ms > 0.0, "the tool spent no CPU time in any timed part");
     let images = &scenarios[3][0];
     // The report gives a rate and a duration; their product is the count, up to float rounding.
     let pushed = images["rates"]["images/s"].as_f64().unwrap() * images["seconds"].as_f64().unwrap();
