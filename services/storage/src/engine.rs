@@ -707,7 +707,7 @@ impl StorageEngine {
                     // Hashed and kept in memory on this task: a few hundred microseconds at
                     // most, less than the hop to the blocking pool and back costs.
                     let mut st = st;
-                    let r = chunks.iter().try_for_each(|c| st.append(c));
+                    let r = chunks.into_iter().try_for_each(|c| st.append(c));
                     idle = Some(st);
                     if let Err(e) = r {
                         outcome = Err(internal(e));
@@ -716,7 +716,7 @@ impl StorageEngine {
                 } else {
                     inflight = Some(tokio::task::spawn_blocking(move || {
                         let mut st = st;
-                        let r = chunks.iter().try_for_each(|c| st.append(c));
+                        let r = chunks.into_iter().try_for_each(|c| st.append(c));
                         (st, r)
                     }));
                 }
@@ -1481,7 +1481,7 @@ impl BlobStore for StorageEngine {
             // The digest was checked above: staging keeps only the integrity checksums.
             let st = Staging::create(path, inner.staged_in_memory.clone(), false);
             let mut st = Box::new(st.uncached_if(!inner.keeps_cached(&digest)));
-            match st.append(&data).map_err(internal) {
+            match st.append(data).map_err(internal) {
                 Ok(()) => {
                     let checksums = st.checksums();
                     inner.commit(st, &digest, checksums)

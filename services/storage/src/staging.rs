@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use berth_core::{Algorithm, Digest, DigestHasher};
+use bytes::Bytes;
 
 use crate::integrity::{Checksums, TreeHasher};
 
@@ -31,7 +32,8 @@ pub(crate) const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
 pub(crate) struct Staging {
     pub path: PathBuf,
     file: Option<File>,
-    memory: Vec<u8>,
+    /// The bytes while they are held in memory, as the chunks they came in.
+    memory: Vec<Bytes>,
     budget: Arc<AtomicU64>,
     pub size: u64,
     /// Last time bytes arrived (or the upload started).
@@ -54,6 +56,12 @@ pub(crate) struct Staging {
 /// whole blob to reach the disk; started early, the disk writes while the network delivers and
 /// the fsync finds little left to do.
 const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
+
+/// Smallest chunk held in memory as it was received, uncopied. A received chunk is a slice of
+/// the buffer its frame was decoded in and keeps all of that buffer alive, up to about a whole
+/// frame ([`crate::wire::MAX_MESSAGE`]); a chunk at least this large keeps no more than a few
+/// times its own size alive, within what [`MEMORY_BUDGET`] counts. A smaller one is copied.
+const HELD_UNCOPIED: usize = 128 * 1024;
 
 /// Hash state saved before an append, to undo it if the request fails part way.
 pub(crate) struct Mark {
@@ -131,8 +139,13 @@ impl Staging {
                 self.dropped = self.dropped.min(mark.size);
             }
             None => {
-                let drop = self.memory.len() as u64 - mark.size;
-                self.memory.truncate(mark.size as usize);
+                let drop = self.size - mark.size;
+                let mut keep = mark.size as usize;
+                self.memory.retain_mut(|c| {
+                    c.truncate(keep);
+                    keep -= c.len();
+                    !c.is_empty()
+                });
                 self.budget.fetch_sub(drop, Ordering::Relaxed);
             }
         }
@@ -149,8 +162,10 @@ impl Staging {
             && self.budget.load(Ordering::Relaxed) + more <= MEMORY_BUDGET
     }
 
-    /// Hashes and appends one buffer.
-    pub fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+    /// Hashes and appends one chunk: in memory, uncopied when it is large (see
+    /// [`HELD_UNCOPIED`]), or to the staging file.
+    pub fn append(&mut self, chunk: Bytes) -> io::Result<()> {
+        let buf = &chunk[..];
         if let Some(h) = &mut self.sha256 {
             h.update(buf);
         }
@@ -160,7 +175,8 @@ impl Staging {
             let fits = grown <= crate::INLINE_THRESHOLD
                 && self.budget.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64 <= MEMORY_BUDGET;
             if fits {
-                self.memory.extend_from_slice(buf);
+                let held = if buf.len() >= HELD_UNCOPIED { chunk } else { Bytes::copy_from_slice(buf) };
+                self.memory.push(held);
                 self.size = grown;
                 self.touched = SystemTime::now();
                 return Ok(());
@@ -191,15 +207,22 @@ impl Staging {
     /// Moves the bytes held in memory to the staging file.
     fn spill(&mut self) -> io::Result<()> {
         let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&self.path)?;
-        f.write_all(&self.memory)?;
+        for c in &self.memory {
+            f.write_all(c)?;
+        }
         self.release_memory();
         self.file = Some(f);
         Ok(())
     }
 
     fn release_memory(&mut self) {
-        self.budget.fetch_sub(self.memory.len() as u64, Ordering::Relaxed);
+        self.budget.fetch_sub(self.memory_len(), Ordering::Relaxed);
         self.memory = Vec::new();
+    }
+
+    /// Bytes held in memory.
+    fn memory_len(&self) -> u64 {
+        self.memory.iter().map(|c| c.len() as u64).sum()
     }
 
     /// Whether the staged bytes hash to `digest`, and their integrity checksums.
@@ -213,7 +236,7 @@ impl Staging {
                     Some(f) => {
                         hash_file(f, |b| h.update(b))?;
                     }
-                    None => h.update(&self.memory),
+                    None => self.memory.iter().for_each(|c| h.update(c)),
                 }
                 h.finish() == *digest
             }
@@ -256,19 +279,26 @@ impl Staging {
         }
     }
 
-    /// The whole staged content, for blobs small enough to go inline.
-    pub fn take_all(&mut self) -> io::Result<Vec<u8>> {
+    /// The whole staged content, for blobs small enough to go inline: the one chunk it came in
+    /// as it is, else the chunks put together.
+    pub fn take_all(&mut self) -> io::Result<Bytes> {
         match &mut self.file {
             None => {
-                let data = std::mem::take(&mut self.memory);
-                self.budget.fetch_sub(data.len() as u64, Ordering::Relaxed);
-                Ok(data)
+                let len = self.memory_len();
+                let mut chunks = std::mem::take(&mut self.memory);
+                self.budget.fetch_sub(len, Ordering::Relaxed);
+                if chunks.len() == 1 {
+                    return Ok(chunks.pop().unwrap_or_default());
+                }
+                let mut data = Vec::with_capacity(len as usize);
+                chunks.iter().for_each(|c| data.extend_from_slice(c));
+                Ok(Bytes::from(data))
             }
             Some(f) => {
                 let mut out = Vec::with_capacity(self.size as usize);
                 f.seek(SeekFrom::Start(0))?;
                 f.read_to_end(&mut out)?;
-                Ok(out)
+                Ok(Bytes::from(out))
             }
         }
     }
@@ -371,4 +401,67 @@ pub(crate) fn create_dirs_durably(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staging(dir: &Path, budget: &Arc<AtomicU64>) -> Staging {
+        Staging::create(dir.join("upload"), budget.clone(), true)
+    }
+
+    #[test]
+    fn a_large_chunk_is_held_as_received_and_a_small_one_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Arc::new(AtomicU64::new(0));
+        let large = Bytes::from(vec![7u8; HELD_UNCOPIED]);
+        let mut st = staging(dir.path(), &budget);
+        st.append(large.clone()).unwrap();
+        assert_eq!(budget.load(Ordering::Relaxed), HELD_UNCOPIED as u64);
+        let taken = st.take_all().unwrap();
+        assert_eq!(taken.as_ptr(), large.as_ptr(), "the one chunk comes back uncopied");
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+
+        let small = Bytes::from(vec![1u8; 100]);
+        let mut st = staging(dir.path(), &budget);
+        st.append(small.clone()).unwrap();
+        assert_ne!(st.memory[0].as_ptr(), small.as_ptr(), "a small chunk does not keep its frame alive");
+        drop(st);
+        assert_eq!(budget.load(Ordering::Relaxed), 0, "dropping the upload gives its bytes back");
+    }
+
+    #[test]
+    fn chunks_held_in_memory_hash_roll_back_and_spill_as_one_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Arc::new(AtomicU64::new(0));
+        let data: Vec<u8> = (0..crate::INLINE_THRESHOLD as usize).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b, c) = (&data[..HELD_UNCOPIED], &data[HELD_UNCOPIED..HELD_UNCOPIED + 10], &data[HELD_UNCOPIED + 10..]);
+
+        let mut st = staging(dir.path(), &budget);
+        st.append(Bytes::copy_from_slice(a)).unwrap();
+        let mark = st.mark();
+        st.append(Bytes::copy_from_slice(b)).unwrap();
+        st.append(Bytes::from_static(b"not kept")).unwrap();
+        st.rollback(mark).unwrap();
+        assert_eq!((st.size, budget.load(Ordering::Relaxed)), (a.len() as u64, a.len() as u64));
+        st.append(Bytes::copy_from_slice(b)).unwrap();
+        st.append(Bytes::copy_from_slice(c)).unwrap();
+        let mut h = Algorithm::Sha256.hasher();
+        h.update(&data);
+        let (ok, sums) = st.verify(&h.finish()).unwrap();
+        assert!(ok, "the chunks hash as the whole blob");
+        assert_eq!(&st.take_all().unwrap()[..], &data[..], "the chunks put together");
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+
+        // Spilled to the file (as a sync does), the chunks are written in order.
+        let mut st = staging(dir.path(), &budget);
+        st.append(Bytes::copy_from_slice(a)).unwrap();
+        st.append(Bytes::copy_from_slice(&data[HELD_UNCOPIED..])).unwrap();
+        st.sync().unwrap();
+        assert_eq!(budget.load(Ordering::Relaxed), 0, "spilled bytes leave the memory budget");
+        assert_eq!(fs::read(&st.path).unwrap(), data);
+        assert_eq!(st.checksums(), sums);
+        st.discard();
+    }
 }
