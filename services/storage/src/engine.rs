@@ -509,7 +509,8 @@ impl StorageEngine {
         let id = format!("put-{}", uuid::Uuid::new_v4());
         let cached = self.inner.keeps_cached(digest);
         self.start_upload(&id, copy_of.is_none(), cached)?;
-        let appended = self.upload_append(&id, Some(0), body, limit).await;
+        // Committed right after: the chunks need not be settled (see `Staging::settle`).
+        let appended = self.append_to(&id, Some(0), body, limit, false).await;
         match appended {
             Ok(_) => self.finish_upload(&id, digest, copy_of).await,
             Err(e) => {
@@ -517,6 +518,42 @@ impl StorageEngine {
                 Err(e)
             }
         }
+    }
+
+    /// Appends `body` to upload `id` at `offset` (if given), within `limit` bytes in all; then,
+    /// with `settle`, copies what it holds as received into its own memory (see
+    /// `Staging::settle`), as an upload that waits for its next call must.
+    async fn append_to(
+        &self,
+        id: &str,
+        offset: Option<u64>,
+        body: ByteStream,
+        limit: u64,
+        settle: bool,
+    ) -> Result<u64> {
+        let mut guard = self.lock_upload(id).await?;
+        let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
+            return Err(RegistryError::upload_unknown(id));
+        };
+        if let Some(off) = offset {
+            if off != st.size {
+                let size = st.size;
+                *guard = Slot::Ready(st);
+                return Err(RegistryError::chunk_out_of_order(off, size));
+            }
+        }
+        let (st, result) = self.append_body(st, body, limit).await;
+        match st {
+            Some(mut st) => {
+                if settle {
+                    st.settle();
+                }
+                *guard = Slot::Ready(st)
+            }
+            // Next use reloads the staged file from disk.
+            None => *guard = Slot::Unloaded,
+        }
+        result
     }
 
     /// Opens an empty staging area; `hash_digest` unless it receives a copy (see
@@ -1520,24 +1557,7 @@ impl BlobStore for StorageEngine {
 
     #[tracing::instrument(name = "store.append", skip_all)]
     async fn upload_append(&self, id: &str, offset: Option<u64>, body: ByteStream, limit: u64) -> Result<u64> {
-        let mut guard = self.lock_upload(id).await?;
-        let Slot::Ready(st) = std::mem::replace(&mut *guard, Slot::Gone) else {
-            return Err(RegistryError::upload_unknown(id));
-        };
-        if let Some(off) = offset {
-            if off != st.size {
-                let size = st.size;
-                *guard = Slot::Ready(st);
-                return Err(RegistryError::chunk_out_of_order(off, size));
-            }
-        }
-        let (st, result) = self.append_body(st, body, limit).await;
-        match st {
-            Some(st) => *guard = Slot::Ready(st),
-            // Next use reloads the staged file from disk.
-            None => *guard = Slot::Unloaded,
-        }
-        result
+        self.append_to(id, offset, body, limit, true).await
     }
 
     async fn upload_size(&self, id: &str) -> Result<Option<u64>> {

@@ -34,6 +34,8 @@ pub(crate) struct Staging {
     file: Option<File>,
     /// The bytes while they are held in memory, as the chunks they came in.
     memory: Vec<Bytes>,
+    /// Whether a chunk of `memory` is held as received (see [`HELD_UNCOPIED`]).
+    held: bool,
     budget: Arc<AtomicU64>,
     pub size: u64,
     /// Last time bytes arrived (or the upload started).
@@ -57,10 +59,13 @@ pub(crate) struct Staging {
 /// the fsync finds little left to do.
 const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 
-/// Smallest chunk held in memory as it was received, uncopied. A received chunk is a slice of
-/// the buffer its frame was decoded in and keeps all of that buffer alive, up to about a whole
-/// frame ([`crate::wire::MAX_MESSAGE`]); a chunk at least this large keeps no more than a few
-/// times its own size alive, within what [`MEMORY_BUDGET`] counts. A smaller one is copied.
+/// Smallest chunk held in memory as it was received, uncopied; a smaller one is copied at
+/// once. A received chunk is a slice of the buffer it arrived in (a gRPC frame's decode buffer,
+/// or hyper's read buffer in standalone) and keeps all of that buffer alive, which can be a few
+/// times the chunk and is more than [`MEMORY_BUDGET`] counts. So a chunk is held uncopied only
+/// while the call that brought it runs: a blob committed at the end of that call (a copy from
+/// another node) reaches its segment with no copy made, and an upload that waits for a later
+/// call is [`Staging::settle`]d first, its chunks copied into a buffer of their own.
 const HELD_UNCOPIED: usize = 128 * 1024;
 
 /// Hash state saved before an append, to undo it if the request fails part way.
@@ -78,6 +83,7 @@ impl Staging {
             path,
             file: None,
             memory: Vec::new(),
+            held: false,
             budget,
             size: 0,
             touched: SystemTime::now(),
@@ -114,6 +120,7 @@ impl Staging {
             path,
             file: Some(file),
             memory: Vec::new(),
+            held: false,
             budget,
             size,
             touched,
@@ -139,6 +146,8 @@ impl Staging {
                 self.dropped = self.dropped.min(mark.size);
             }
             None => {
+                // Marks are taken between calls, on chunk boundaries: no chunk is left cut
+                // short, still holding the rest of its buffer.
                 let drop = self.size - mark.size;
                 let mut keep = mark.size as usize;
                 self.memory.retain_mut(|c| {
@@ -175,8 +184,9 @@ impl Staging {
             let fits = grown <= crate::INLINE_THRESHOLD
                 && self.budget.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64 <= MEMORY_BUDGET;
             if fits {
-                let held = if buf.len() >= HELD_UNCOPIED { chunk } else { Bytes::copy_from_slice(buf) };
-                self.memory.push(held);
+                let held = buf.len() >= HELD_UNCOPIED;
+                self.held |= held;
+                self.memory.push(if held { chunk } else { Bytes::copy_from_slice(buf) });
                 self.size = grown;
                 self.touched = SystemTime::now();
                 return Ok(());
@@ -204,6 +214,17 @@ impl Staging {
         Ok(())
     }
 
+    /// Copies the chunks held as received into one buffer of the upload's own (see
+    /// [`HELD_UNCOPIED`]): for an upload that stays staged after the call that brought them.
+    pub fn settle(&mut self) {
+        if !std::mem::replace(&mut self.held, false) {
+            return;
+        }
+        let mut data = Vec::with_capacity(self.memory_len() as usize);
+        self.memory.iter().for_each(|c| data.extend_from_slice(c));
+        self.memory = vec![Bytes::from(data)];
+    }
+
     /// Moves the bytes held in memory to the staging file.
     fn spill(&mut self) -> io::Result<()> {
         let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&self.path)?;
@@ -218,6 +239,7 @@ impl Staging {
     fn release_memory(&mut self) {
         self.budget.fetch_sub(self.memory_len(), Ordering::Relaxed);
         self.memory = Vec::new();
+        self.held = false;
     }
 
     /// Bytes held in memory.
@@ -286,6 +308,7 @@ impl Staging {
             None => {
                 let len = self.memory_len();
                 let mut chunks = std::mem::take(&mut self.memory);
+                self.held = false;
                 self.budget.fetch_sub(len, Ordering::Relaxed);
                 if chunks.len() == 1 {
                     return Ok(chunks.pop().unwrap_or_default());
@@ -429,6 +452,22 @@ mod tests {
         assert_ne!(st.memory[0].as_ptr(), small.as_ptr(), "a small chunk does not keep its frame alive");
         drop(st);
         assert_eq!(budget.load(Ordering::Relaxed), 0, "dropping the upload gives its bytes back");
+
+        // Settled, an upload that waits for its next call keeps no received buffer.
+        let mut st = staging(dir.path(), &budget);
+        st.append(small.clone()).unwrap();
+        st.append(large.clone()).unwrap();
+        st.settle();
+        assert_eq!(st.memory.len(), 1);
+        assert!(st.memory.iter().all(|c| c.as_ptr() != large.as_ptr()), "the held chunk was copied");
+        assert_eq!(budget.load(Ordering::Relaxed), (100 + HELD_UNCOPIED) as u64, "settling moves no budget");
+        let settled = st.memory[0].as_ptr();
+        st.settle();
+        assert_eq!(st.memory[0].as_ptr(), settled, "nothing left to settle");
+        let mut whole = small.to_vec();
+        whole.extend_from_slice(&large);
+        assert_eq!(&st.take_all().unwrap()[..], &whole[..]);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -438,7 +477,12 @@ mod tests {
         let data: Vec<u8> = (0..crate::INLINE_THRESHOLD as usize).map(|i| (i * 7 % 251) as u8).collect();
         let (a, b, c) = (&data[..HELD_UNCOPIED], &data[HELD_UNCOPIED..HELD_UNCOPIED + 10], &data[HELD_UNCOPIED + 10..]);
 
-        let mut st = staging(dir.path(), &budget);
+        // Without a running SHA-256 (as for a copy), verifying hashes the chunks themselves.
+        let mut st = Staging::create(dir.path().join("upload"), budget.clone(), false);
+        let empty = st.mark();
+        st.append(Bytes::copy_from_slice(a)).unwrap();
+        st.rollback(empty).unwrap();
+        assert_eq!((st.size, budget.load(Ordering::Relaxed), st.memory.len()), (0, 0, 0), "back to nothing");
         st.append(Bytes::copy_from_slice(a)).unwrap();
         let mark = st.mark();
         st.append(Bytes::copy_from_slice(b)).unwrap();
@@ -447,6 +491,9 @@ mod tests {
         assert_eq!((st.size, budget.load(Ordering::Relaxed)), (a.len() as u64, a.len() as u64));
         st.append(Bytes::copy_from_slice(b)).unwrap();
         st.append(Bytes::copy_from_slice(c)).unwrap();
+        let full = st.mark();
+        st.rollback(full).unwrap();
+        assert_eq!(st.size, data.len() as u64, "a rollback to the end keeps everything");
         let mut h = Algorithm::Sha256.hasher();
         h.update(&data);
         let (ok, sums) = st.verify(&h.finish()).unwrap();
