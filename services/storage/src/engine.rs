@@ -509,15 +509,20 @@ impl StorageEngine {
         let id = format!("put-{}", uuid::Uuid::new_v4());
         let cached = self.inner.keeps_cached(digest);
         self.start_upload(&id, copy_of.is_none(), cached)?;
-        // Committed right after: the chunks need not be settled (see `Staging::settle`).
-        let appended = self.append_to(&id, Some(0), body, limit, false).await;
-        match appended {
-            Ok(_) => self.finish_upload(&id, digest, copy_of).await,
-            Err(e) => {
-                let _ = self.upload_cancel(&id).await;
-                Err(e)
+        // Committed right after, so the chunks are not settled (see `Staging::settle`); on a
+        // task of its own, so that a caller that gives up cannot leave them staged unsettled
+        // between the append and the commit.
+        let (this, digest) = (self.clone(), digest.clone());
+        let put = tokio::spawn(async move {
+            match this.append_to(&id, Some(0), body, limit, false).await {
+                Ok(_) => this.finish_upload(&id, &digest, copy_of).await,
+                Err(e) => {
+                    let _ = this.upload_cancel(&id).await;
+                    Err(e)
+                }
             }
-        }
+        });
+        put.await.map_err(internal)?
     }
 
     /// Appends `body` to upload `id` at `offset` (if given), within `limit` bytes in all; then,

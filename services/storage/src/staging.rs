@@ -32,7 +32,8 @@ pub(crate) const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
 pub(crate) struct Staging {
     pub path: PathBuf,
     file: Option<File>,
-    /// The bytes while they are held in memory, as the chunks they came in.
+    /// The bytes while they are held in memory: as the chunks they came in, or in one buffer
+    /// once settled (see [`Staging::settle`]).
     memory: Vec<Bytes>,
     /// Whether a chunk of `memory` is held as received (see [`HELD_UNCOPIED`]).
     held: bool,
@@ -63,9 +64,9 @@ const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 /// once. A received chunk is a slice of the buffer it arrived in (a gRPC frame's decode buffer,
 /// or hyper's read buffer in standalone) and keeps all of that buffer alive, which can be a few
 /// times the chunk and is more than [`MEMORY_BUDGET`] counts. So a chunk is held uncopied only
-/// while the call that brought it runs: a blob committed at the end of that call (a copy from
-/// another node) reaches its segment with no copy made, and an upload that waits for a later
-/// call is [`Staging::settle`]d first, its chunks copied into a buffer of their own.
+/// while the call that brought it runs: a blob stored whole by one call (a copy from another
+/// node, a monolithic PUT) reaches its segment with no copy made, and an upload that waits for
+/// a later call is [`Staging::settle`]d first, its chunks copied into a buffer of their own.
 const HELD_UNCOPIED: usize = 128 * 1024;
 
 /// Hash state saved before an append, to undo it if the request fails part way.
@@ -155,6 +156,9 @@ impl Staging {
                     keep -= c.len();
                     !c.is_empty()
                 });
+                if self.memory.is_empty() {
+                    self.held = false;
+                }
                 self.budget.fetch_sub(drop, Ordering::Relaxed);
             }
         }
@@ -477,12 +481,16 @@ mod tests {
         let data: Vec<u8> = (0..crate::INLINE_THRESHOLD as usize).map(|i| (i * 7 % 251) as u8).collect();
         let (a, b, c) = (&data[..HELD_UNCOPIED], &data[HELD_UNCOPIED..HELD_UNCOPIED + 10], &data[HELD_UNCOPIED + 10..]);
 
-        // Without a running SHA-256 (as for a copy), verifying hashes the chunks themselves.
-        let mut st = Staging::create(dir.path().join("upload"), budget.clone(), false);
+        let mut st = staging(dir.path(), &budget);
         let empty = st.mark();
         st.append(Bytes::copy_from_slice(a)).unwrap();
         st.rollback(empty).unwrap();
         assert_eq!((st.size, budget.load(Ordering::Relaxed), st.memory.len()), (0, 0, 0), "back to nothing");
+        let nothing = st.mark();
+        st.append(Bytes::from(vec![3u8; HELD_UNCOPIED])).unwrap();
+        assert!(st.held);
+        st.rollback(nothing).unwrap();
+        assert!(!st.held, "nothing is held once the held chunk is rolled back");
         st.append(Bytes::copy_from_slice(a)).unwrap();
         let mark = st.mark();
         st.append(Bytes::copy_from_slice(b)).unwrap();
@@ -494,7 +502,8 @@ mod tests {
         let full = st.mark();
         st.rollback(full).unwrap();
         assert_eq!(st.size, data.len() as u64, "a rollback to the end keeps everything");
-        let mut h = Algorithm::Sha256.hasher();
+        // A SHA-512 digest, which has no running hash, is computed over the chunks themselves.
+        let mut h = Algorithm::Sha512.hasher();
         h.update(&data);
         let (ok, sums) = st.verify(&h.finish()).unwrap();
         assert!(ok, "the chunks hash as the whole blob");

@@ -840,3 +840,18 @@ async fn copies_not_read_first_here_leave_the_page_cache() {
     let (cached, pages) = cached_pages(&e, dir.path(), &d).await;
     assert_eq!(cached, pages);
 }
+
+#[tokio::test]
+async fn an_upload_left_for_its_next_call_keeps_no_received_buffer() {
+    let (_d, e) = engine();
+    let large = Bytes::from(data(INLINE_THRESHOLD as usize));
+    let digest = Digest::sha256_of(&large);
+    let id = uuid::Uuid::new_v4().to_string();
+    e.upload_start(&id).await.unwrap();
+    let chunk: ByteStream = futures::stream::iter([Ok(large.clone())]).boxed();
+    e.upload_append(&id, Some(0), chunk, u64::MAX).await.unwrap();
+    // Settled: the staged upload holds a copy, not the buffer the chunk came in.
+    assert!(large.is_unique(), "the staged upload still holds the received chunk");
+    assert_eq!(e.upload_finish(&id, &digest).await.unwrap().size, large.len() as u64);
+    assert_eq!(collect(e.read(&digest, None).await.unwrap()).await, large.to_vec());
+}
