@@ -61,6 +61,11 @@ impl Meter {
         Meter { pids, state: Mutex::new(State { begun: None, spent: Spent::default(), warned: false }) }
     }
 
+    /// The processes metered.
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+
     fn read(&self) -> Spent {
         let mut server = Some(0.0);
         for &pid in &self.pids {

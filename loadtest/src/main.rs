@@ -145,7 +145,7 @@ struct Cli {
 struct Target {
     registry: Registry,
     recorder: Recorder,
-    pids: Vec<u32>,
+    /// The CPU time (and, through its pids, the peak RSS) of the registry's processes.
     meter: Arc<cpu::Meter>,
     work: Vec<Work>,
 }
@@ -214,7 +214,6 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             cli.ca.as_deref(),
         )?,
         recorder: Recorder::default(),
-        pids: cli.pid.clone(),
         meter: Arc::new(cpu::Meter::new(cli.pid.clone())),
         work: vec![],
     }];
@@ -226,7 +225,6 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                 cli.ca.as_deref(),
             )?,
             recorder: Recorder::default(),
-            pids: cli.compare_pid.clone(),
             meter: Arc::new(cpu::Meter::new(cli.compare_pid.clone())),
             work: vec![],
         });
@@ -290,7 +288,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                 rates,
                 latencies: t.recorder.latencies(),
                 errors: t.work.iter().map(|w| w.errors).sum(),
-                peak_rss_mib: report::peak_rss_mib(&t.pids),
+                peak_rss_mib: report::peak_rss_mib(t.meter.pids()),
                 server_cpu_ms: cpu.server.map(per).unwrap_or_default(),
                 client_cpu_ms: per(cpu.client),
             }

@@ -32,11 +32,8 @@ pub(crate) const MEMORY_BUDGET: u64 = 64 * 1024 * 1024;
 pub(crate) struct Staging {
     pub path: PathBuf,
     file: Option<File>,
-    /// The bytes while they are held in memory: as the chunks they came in, or in one buffer
-    /// once settled (see [`Staging::settle`]).
-    memory: Vec<Bytes>,
-    /// Whether a chunk of `memory` is held as received (see [`HELD_UNCOPIED`]).
-    held: bool,
+    /// The bytes while they are held in memory.
+    memory: Memory,
     budget: Arc<AtomicU64>,
     pub size: u64,
     /// Last time bytes arrived (or the upload started).
@@ -69,6 +66,81 @@ const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 /// a later call is [`Staging::settle`]d first, its chunks copied into a buffer of their own.
 const HELD_UNCOPIED: usize = 128 * 1024;
 
+/// A staged upload's bytes in memory: the large chunks held as received (see
+/// [`HELD_UNCOPIED`]), each after the small ones copied before it, then the small ones copied
+/// since, in one buffer of its own.
+#[derive(Default)]
+struct Memory {
+    /// Chunks held as received, each after the copied bytes that came before it.
+    received: Vec<Bytes>,
+    /// Bytes copied after the last of `received`.
+    tail: Vec<u8>,
+}
+
+impl Memory {
+    fn len(&self) -> u64 {
+        self.received.iter().map(|c| c.len() as u64).sum::<u64>() + self.tail.len() as u64
+    }
+
+    /// Whether a chunk is held as received (after a rollback, perhaps only copied bytes that
+    /// preceded one: settling them again costs a copy of a few bytes).
+    fn holds_received(&self) -> bool {
+        !self.received.is_empty()
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        if chunk.len() < HELD_UNCOPIED {
+            self.tail.extend_from_slice(&chunk);
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.received.push(Bytes::from(std::mem::take(&mut self.tail)));
+        }
+        self.received.push(chunk);
+    }
+
+    /// The parts in order.
+    fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        self.received.iter().map(|c| &c[..]).chain(std::iter::once(&self.tail[..]))
+    }
+
+    /// Keeps the first `len` bytes.
+    fn truncate(&mut self, len: u64) {
+        let mut keep = len as usize;
+        self.received.retain_mut(|c| {
+            c.truncate(keep);
+            keep -= c.len();
+            !c.is_empty()
+        });
+        self.tail.truncate(keep);
+    }
+
+    /// Everything in one buffer of its own (see [`Staging::settle`]).
+    fn settle(&mut self) {
+        if self.holds_received() {
+            let whole = self.concat();
+            *self = Memory { received: vec![], tail: whole };
+        }
+    }
+
+    fn concat(&self) -> Vec<u8> {
+        let mut whole = Vec::with_capacity(self.len() as usize);
+        self.parts().for_each(|p| whole.extend_from_slice(p));
+        whole
+    }
+
+    /// Everything, emptying it: with no copy when it is one part.
+    fn take(&mut self) -> Bytes {
+        let whole = match (self.received.len(), self.tail.is_empty()) {
+            (0, _) => Bytes::from(std::mem::take(&mut self.tail)),
+            (1, true) => self.received.pop().unwrap_or_default(),
+            _ => Bytes::from(self.concat()),
+        };
+        *self = Memory::default();
+        whole
+    }
+}
+
 /// Hash state saved before an append, to undo it if the request fails part way.
 pub(crate) struct Mark {
     size: u64,
@@ -83,8 +155,7 @@ impl Staging {
         Staging {
             path,
             file: None,
-            memory: Vec::new(),
-            held: false,
+            memory: Memory::default(),
             budget,
             size: 0,
             touched: SystemTime::now(),
@@ -120,8 +191,7 @@ impl Staging {
         Ok(Staging {
             path,
             file: Some(file),
-            memory: Vec::new(),
-            held: false,
+            memory: Memory::default(),
             budget,
             size,
             touched,
@@ -147,18 +217,10 @@ impl Staging {
                 self.dropped = self.dropped.min(mark.size);
             }
             None => {
-                // Marks are taken between calls, on chunk boundaries: no chunk is left cut
-                // short, still holding the rest of its buffer.
+                // Marks are taken between calls, on chunk boundaries: no chunk held as
+                // received is left cut short, still holding the rest of its buffer.
                 let drop = self.size - mark.size;
-                let mut keep = mark.size as usize;
-                self.memory.retain_mut(|c| {
-                    c.truncate(keep);
-                    keep -= c.len();
-                    !c.is_empty()
-                });
-                if self.memory.is_empty() {
-                    self.held = false;
-                }
+                self.memory.truncate(mark.size);
                 self.budget.fetch_sub(drop, Ordering::Relaxed);
             }
         }
@@ -188,9 +250,7 @@ impl Staging {
             let fits = grown <= crate::INLINE_THRESHOLD
                 && self.budget.fetch_add(buf.len() as u64, Ordering::Relaxed) + buf.len() as u64 <= MEMORY_BUDGET;
             if fits {
-                let held = buf.len() >= HELD_UNCOPIED;
-                self.held |= held;
-                self.memory.push(if held { chunk } else { Bytes::copy_from_slice(buf) });
+                self.memory.push(chunk);
                 self.size = grown;
                 self.touched = SystemTime::now();
                 return Ok(());
@@ -221,19 +281,14 @@ impl Staging {
     /// Copies the chunks held as received into one buffer of the upload's own (see
     /// [`HELD_UNCOPIED`]): for an upload that stays staged after the call that brought them.
     pub fn settle(&mut self) {
-        if !std::mem::replace(&mut self.held, false) {
-            return;
-        }
-        let mut data = Vec::with_capacity(self.memory_len() as usize);
-        self.memory.iter().for_each(|c| data.extend_from_slice(c));
-        self.memory = vec![Bytes::from(data)];
+        self.memory.settle();
     }
 
     /// Moves the bytes held in memory to the staging file.
     fn spill(&mut self) -> io::Result<()> {
         let mut f = OpenOptions::new().read(true).append(true).create_new(true).open(&self.path)?;
-        for c in &self.memory {
-            f.write_all(c)?;
+        for p in self.memory.parts() {
+            f.write_all(p)?;
         }
         self.release_memory();
         self.file = Some(f);
@@ -241,14 +296,8 @@ impl Staging {
     }
 
     fn release_memory(&mut self) {
-        self.budget.fetch_sub(self.memory_len(), Ordering::Relaxed);
-        self.memory = Vec::new();
-        self.held = false;
-    }
-
-    /// Bytes held in memory.
-    fn memory_len(&self) -> u64 {
-        self.memory.iter().map(|c| c.len() as u64).sum()
+        self.budget.fetch_sub(self.memory.len(), Ordering::Relaxed);
+        self.memory = Memory::default();
     }
 
     /// Whether the staged bytes hash to `digest`, and their integrity checksums.
@@ -262,7 +311,7 @@ impl Staging {
                     Some(f) => {
                         hash_file(f, |b| h.update(b))?;
                     }
-                    None => self.memory.iter().for_each(|c| h.update(c)),
+                    None => self.memory.parts().for_each(|p| h.update(p)),
                 }
                 h.finish() == *digest
             }
@@ -305,21 +354,13 @@ impl Staging {
         }
     }
 
-    /// The whole staged content, for blobs small enough to go inline: the one chunk it came in
-    /// as it is, else the chunks put together.
+    /// The whole staged content, for blobs small enough to go inline: with no copy when it is
+    /// one chunk held as received, or only copied bytes.
     pub fn take_all(&mut self) -> io::Result<Bytes> {
         match &mut self.file {
             None => {
-                let len = self.memory_len();
-                let mut chunks = std::mem::take(&mut self.memory);
-                self.held = false;
-                self.budget.fetch_sub(len, Ordering::Relaxed);
-                if chunks.len() == 1 {
-                    return Ok(chunks.pop().unwrap_or_default());
-                }
-                let mut data = Vec::with_capacity(len as usize);
-                chunks.iter().for_each(|c| data.extend_from_slice(c));
-                Ok(Bytes::from(data))
+                self.budget.fetch_sub(self.memory.len(), Ordering::Relaxed);
+                Ok(self.memory.take())
             }
             Some(f) => {
                 let mut out = Vec::with_capacity(self.size as usize);
@@ -453,7 +494,7 @@ mod tests {
         let small = Bytes::from(vec![1u8; 100]);
         let mut st = staging(dir.path(), &budget);
         st.append(small.clone()).unwrap();
-        assert_ne!(st.memory[0].as_ptr(), small.as_ptr(), "a small chunk does not keep its frame alive");
+        assert!(!st.memory.holds_received(), "a small chunk does not keep its frame alive");
         drop(st);
         assert_eq!(budget.load(Ordering::Relaxed), 0, "dropping the upload gives its bytes back");
 
@@ -462,15 +503,29 @@ mod tests {
         st.append(small.clone()).unwrap();
         st.append(large.clone()).unwrap();
         st.settle();
-        assert_eq!(st.memory.len(), 1);
-        assert!(st.memory.iter().all(|c| c.as_ptr() != large.as_ptr()), "the held chunk was copied");
+        assert!(!st.memory.holds_received(), "the held chunk was copied");
         assert_eq!(budget.load(Ordering::Relaxed), (100 + HELD_UNCOPIED) as u64, "settling moves no budget");
-        let settled = st.memory[0].as_ptr();
+        let settled = st.memory.tail.as_ptr();
         st.settle();
-        assert_eq!(st.memory[0].as_ptr(), settled, "nothing left to settle");
+        assert_eq!(st.memory.tail.as_ptr(), settled, "nothing left to settle");
         let mut whole = small.to_vec();
         whole.extend_from_slice(&large);
         assert_eq!(&st.take_all().unwrap()[..], &whole[..]);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn small_chunks_are_copied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = Arc::new(AtomicU64::new(0));
+        let mut st = staging(dir.path(), &budget);
+        for part in [&b"frames "[..], b"of a ", b"body"] {
+            st.append(Bytes::copy_from_slice(part)).unwrap();
+        }
+        let buffer = st.memory.tail.as_ptr();
+        let whole = st.take_all().unwrap();
+        assert_eq!(&whole[..], b"frames of a body");
+        assert_eq!(whole.as_ptr(), buffer, "the copied bytes come back as they are, not copied again");
         assert_eq!(budget.load(Ordering::Relaxed), 0);
     }
 
@@ -488,9 +543,9 @@ mod tests {
         assert_eq!((st.size, budget.load(Ordering::Relaxed), st.memory.len()), (0, 0, 0), "back to nothing");
         let nothing = st.mark();
         st.append(Bytes::from(vec![3u8; HELD_UNCOPIED])).unwrap();
-        assert!(st.held);
+        assert!(st.memory.holds_received());
         st.rollback(nothing).unwrap();
-        assert!(!st.held, "nothing is held once the held chunk is rolled back");
+        assert!(!st.memory.holds_received(), "nothing is held once the held chunk is rolled back");
         st.append(Bytes::copy_from_slice(a)).unwrap();
         let mark = st.mark();
         st.append(Bytes::copy_from_slice(b)).unwrap();
