@@ -8,28 +8,51 @@
 # Usage: loadtest/ab.sh [--rounds N] [--scenario S] LABEL=BINARY[,VAR=VALUE...] ... [-- FLAGS]
 #   e.g. loadtest/ab.sh --rounds 6 before=/tmp/berth.before after=target/release/berth
 #        loadtest/ab.sh one=target/release/berth two=target/release/berth,BERTH_THREADS=2
-#        loadtest/ab.sh a=/tmp/berth.a b=/tmp/berth.b -- --images 400
-# FLAGS go to berth-loadtest (default: --images 800). Each run prints its round, label,
-# rate and the cluster's CPU milliseconds per operation (berth-loadtest's server_cpu_ms: the
-# eight processes' user and system time over the timed part); the summary gives each label's
-# medians and, for every label after the first, its paired difference from the first label
-# in the same round (mean, and in how many rounds it was lower). CPU per operation moves far
-# less between runs than throughput does on a shared machine.
-# Builds berth-loadtest (release) first; the binaries compared are taken as given.
+#        loadtest/ab.sh a=/tmp/berth.a b=/tmp/berth.b -- --images 400 --workers 64
+# VAR=VALUE pairs are set for cluster.sh and so for all eight processes of that variant's
+# clusters; a value cannot hold a comma. FLAGS go to berth-loadtest and replace the default,
+# --images 800; a run is one timed part against one fresh cluster, so --rounds and --compare
+# are refused there (give --rounds to ab.sh). There is no warm-up run: every variant is
+# measured from a cold start alike, so figures are comparable between variants, not with
+# cluster-costs.sh's. Give a number of rounds that is a multiple of the number of variants
+# for each variant to run first equally often.
+# Each run prints its round, label, rate and the cluster's CPU milliseconds per operation
+# (berth-loadtest's server_cpu_ms: the eight processes' user and system time over the timed
+# part); the summary gives each label's medians and, for every label after the first, its
+# paired difference from the first label in the same round (mean, and in how many rounds it
+# was lower). CPU per operation moves far less between runs than throughput does on a shared
+# machine. A run with errors, or whose processes' CPU could not be read, stops the script.
+# Builds berth-loadtest (release) first; the binaries compared are taken as given (a relative
+# path from the directory the script is started in).
 set -euo pipefail
+started_in=$PWD
 cd "$(dirname "$0")/.."
 
 rounds=4
 scenario=push-images
 variants=()
 flags=()
+usage() {
+  echo "ab.sh: $1 (see the usage at the top of loadtest/ab.sh)" >&2
+  exit 2
+}
 while [ $# -gt 0 ]; do
   case $1 in
-    --rounds) rounds=$2; shift 2 ;;
-    --scenario) scenario=$2; shift 2 ;;
+    --rounds | --scenario)
+      [ $# -ge 2 ] || usage "$1 takes a value"
+      if [ "$1" = --rounds ]; then rounds=$2; else scenario=$2; fi
+      shift 2
+      ;;
     --) shift; flags=("$@"); break ;;
+    -*) usage "unknown option $1" ;;
     *=*) variants+=("$1"); shift ;;
-    *) echo "ab.sh: unexpected argument $1 (see the usage at the top of loadtest/ab.sh)" >&2; exit 2 ;;
+    *) usage "unexpected argument $1" ;;
+  esac
+done
+for a in "${flags[@]}"; do
+  case $a in
+    --rounds* | --compare*) usage "a run is one timed part against one cluster: no $a among berth-loadtest's flags" ;;
+    --url* | --pid* | --json* | --username* | --token*) usage "ab.sh sets $a itself" ;;
   esac
 done
 # The operation a scenario's rate and CPU are counted in.
@@ -50,21 +73,25 @@ if ! [[ $rounds =~ ^[1-9][0-9]*$ ]]; then
 fi
 [ ${#flags[@]} -gt 0 ] || flags=(--images 800)
 labels=()
-for v in "${variants[@]}"; do
+for i in "${!variants[@]}"; do
+  v=${variants[$i]}
   label=${v%%=*} spec=${v#*=}
   bin=${spec%%,*}
-  if ! [[ $label =~ ^[A-Za-z0-9_.-]+$ ]]; then
-    echo "ab.sh: a label is letters, digits, '.', '_' or '-', not '$label'" >&2
-    exit 2
-  fi
-  if [ ! -x "$bin" ]; then
-    echo "ab.sh: $bin (of $label) is not an executable" >&2
-    exit 2
+  [[ $label =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || usage "a label is letters, digits, '.', '_' or '-', not '$label'"
+  [[ $bin = /* ]] || bin="$started_in/$bin"
+  [ -f "$bin" ] && [ -x "$bin" ] || usage "$bin (of $label) is not an executable"
+  if [ "$spec" != "${spec%%,*}" ]; then
+    IFS=, read -r -a pairs <<<"${spec#*,}"
+    for pair in "${pairs[@]}"; do
+      [[ $pair =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage "$label's environment is VAR=VALUE pairs, not '$pair'"
+    done
   fi
   for l in "${labels[@]}"; do
-    if [ "$l" = "$label" ]; then echo "ab.sh: label $label given twice" >&2; exit 2; fi
+    [ "$l" != "$label" ] || usage "label $label given twice"
   done
   labels+=("$label")
+  # Kept with the binary's absolute path.
+  variants[$i]="$label=$bin${spec#"${spec%%,*}"}"
 done
 
 cargo build --release -p berth-loadtest --quiet
@@ -97,12 +124,12 @@ for r in $(seq 1 "$rounds"); do
     out="$work/$label-$r.json"
     if ! "$target/berth-loadtest" "$scenario" --quiet --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" \
       --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" --pid "${pids%,}" \
-      --dir "$work/load" --json "$out" "${flags[@]}" >/dev/null 2>"$work/$label-$r.err"; then
+      --json "$out" "${flags[@]}" >/dev/null 2>"$work/$label-$r.err"; then
       echo "ab.sh: berth-loadtest failed against $label (round $r); see $work/$label-$r.err" >&2
       exit 1
     fi
     deploy/local/cluster.sh down "$cluster" >/dev/null 2>&1
-    rm -rf "$cluster" "$work/load"
+    rm -rf "$cluster"
     cluster=
     python3 - "$out" "$r" "$label" "$op" "$per" <<'PY'
 import json, sys
@@ -112,7 +139,10 @@ unit = op + "/s"
 rate = part["rates"][unit]
 cpu = part["server_cpu_ms"].get(op)
 cpu_s = "-" if cpu is None else f"{cpu:.2f}"
-print(f"round {r} {label:>10}  {rate:10.2f} {unit}  {cpu_s:>8} server CPU ms/{per}  errors {part['errors']}")
+print(f"round {r} {label:>12}  {rate:10.2f} {unit}  {cpu_s:>8} server CPU ms/{per}  errors {part['errors']}")
+if part["errors"] or cpu is None:
+    why = f"{part['errors']} errors" if part["errors"] else "no CPU time read for the cluster's processes"
+    sys.exit(f"ab.sh: the run of {label} in round {r} does not count: {why}")
 PY
   done
 done
@@ -125,19 +155,16 @@ runs = {}
 for label in labels:
     for r in range(1, rounds + 1):
         part = json.load(open(f"{work}/{label}-{r}.json"))[-1][0]
-        runs[label, r] = (part["rates"][unit], part["server_cpu_ms"].get(op))
-print(f"\n{'label':>10}  {'median ' + unit:>18}  {'median CPU ms/' + per:>20}  vs {labels[0]}, paired: CPU ms/{per} (lower in)  {unit}")
+        runs[label, r] = (part["rates"][unit], part["server_cpu_ms"][op])
+print(f"\n{'label':>12}  {'median ' + unit:>18}  {'median CPU ms/' + per:>20}  vs {labels[0]}, paired: CPU ms/{per} (lower in)  {unit}")
 for label in labels:
     rates = [runs[label, r][0] for r in range(1, rounds + 1)]
-    cpus = [runs[label, r][1] for r in range(1, rounds + 1) if runs[label, r][1] is not None]
-    line = f"{label:>10}  {statistics.median(rates):18.2f}  {statistics.median(cpus) if cpus else float('nan'):20.2f}"
+    cpus = [runs[label, r][1] for r in range(1, rounds + 1)]
+    line = f"{label:>12}  {statistics.median(rates):18.2f}  {statistics.median(cpus):20.2f}"
     if label != labels[0]:
-        dc = [runs[label, r][1] - runs[labels[0], r][1] for r in range(1, rounds + 1)
-              if runs[label, r][1] is not None and runs[labels[0], r][1] is not None]
+        dc = [runs[label, r][1] - runs[labels[0], r][1] for r in range(1, rounds + 1)]
         dr = [runs[label, r][0] - runs[labels[0], r][0] for r in range(1, rounds + 1)]
-        if dc:
-            lower = sum(d < 0 for d in dc)
-            line += f"  {statistics.mean(dc):+.2f} ({lower} of {len(dc)})"
-        line += f"  {statistics.mean(dr):+.2f}"
+        lower = sum(d < 0 for d in dc)
+        line += f"  {statistics.mean(dc):+.2f} ({lower} of {rounds})  {statistics.mean(dr):+.2f}"
     print(line)
 PY
