@@ -47,8 +47,13 @@ const GC_RUN_TIMEOUT: Duration = Duration::from_secs(3600);
 /// leader usually finds the new one.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Longest pause between attempts: an election takes 0.5–1 s, so a few tries span it.
-const MAX_BACKOFF: Duration = Duration::from_millis(400);
+/// Longest pause between attempts. An election takes 0.5–1 s, and a call that began as the
+/// leader died tries again at 0.05, 0.15, 0.35, 0.55, 0.75, 0.95… s, so it reaches a new
+/// leader at most this long after it serves. At 400 ms the tries fell at 0.35, 0.75 and
+/// 1.15 s, and a new leader ready just after 0.75 s waited for the third: 1.18–1.22 s from a
+/// leader kill to the first acknowledged tag write through a frontend, 0.77–0.99 s at 200 ms.
+/// A try costs a refused connection or a NotLeader answer.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The client's time limits.
 #[derive(Debug, Clone)]
