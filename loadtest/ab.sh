@@ -27,6 +27,8 @@
 set -euo pipefail
 started_in=$PWD
 cd "$(dirname "$0")/.."
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh
 
 rounds=4
 scenario=push-images
@@ -95,7 +97,7 @@ for i in "${!variants[@]}"; do
 done
 
 cargo build --release -p berth-loadtest --quiet
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
+target=$(release_dir)
 
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.ab.XXXXXX")
 cluster=
@@ -120,10 +122,10 @@ for r in $(seq 1 "$rounds"); do
     fi
     # shellcheck disable=SC1091
     . "$cluster/cluster.env"
-    pids=$(for p in $(compgen -v BERTH_PID_); do printf '%s,' "${!p}"; done)
+    pids=$(cluster_pids) || { echo "ab.sh: no BERTH_PID_* in $cluster/cluster.env" >&2; exit 1; }
     out="$work/$label-$r.json"
     if ! "$target/berth-loadtest" "$scenario" --quiet --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" \
-      --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" --pid "${pids%,}" \
+      --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" --pid "$pids" \
       --json "$out" "${flags[@]}" >/dev/null 2>"$work/$label-$r.err"; then
       echo "ab.sh: berth-loadtest failed against $label (round $r); see $work/$label-$r.err" >&2
       exit 1

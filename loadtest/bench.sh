@@ -13,10 +13,12 @@
 # the tests, e.g. ~/.cache/berth-target, to share their build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh
 # Always build (a no-op when up to date), so the benchmark never runs stale binaries, and ask
 # cargo where they are: CARGO_TARGET_DIR, a config file or ./target, whichever applies.
 cargo build --release --workspace --quiet
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
+target=$(release_dir)
 command -v docker-registry >/dev/null || { echo "docker-registry is not installed (apt-get install docker-registry)"; exit 1; }
 
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.bench.XXXXXX")
@@ -78,8 +80,7 @@ trap cluster_down EXIT
 . "$work/cluster/cluster.env"
 # The cluster's CPU time is that of its eight processes together; its peak RSS, the sum of
 # each one's peak.
-cluster_pids=$(for v in $(compgen -v BERTH_PID_); do echo "${!v}"; done | paste -sd, -)
-[ -n "$cluster_pids" ] || { echo "no BERTH_PID_* in $work/cluster/cluster.env" >&2; exit 1; }
+cluster_pids=$(cluster_pids) || { echo "no BERTH_PID_* in $work/cluster/cluster.env" >&2; exit 1; }
 echo "== cluster ÷ reference =="
 "$target/berth-loadtest" "${SCENARIO:-all}" --quiet \
   --url "$(echo "$BERTH_FRONTENDS" | tr ' ' ',')" --username "$BERTH_ADMIN_USER" --token "$BERTH_ADMIN_TOKEN" \

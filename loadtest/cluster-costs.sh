@@ -18,6 +18,8 @@
 # does. Linux only (reads /proc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=loadtest/lib.sh
+. loadtest/lib.sh
 
 # Per process of the cluster whose cluster.env is in $1: a line `proc NAME CPU_TICKS THREADS`,
 # a line `thread NAME TID SWITCHES` per thread, then its metrics' counters as
@@ -63,7 +65,7 @@ for a in "$@"; do
   esac
 done
 cargo build --release --workspace --quiet
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
+target=$(release_dir)
 
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.costs.XXXXXX")
 cleanup() {
