@@ -16,6 +16,11 @@
 # threads exit after a while, taking their counts with them); CPU time covers every thread.
 # BERTH_THREADS applies as for cluster.sh. Builds the release binaries first, as bench.sh
 # does. Linux only (reads /proc).
+# PROFILE=1 also samples every CPU through the timed part (perf record -a, needs perf and
+# root) and says where the machine's time went: each process's share of all samples (the
+# load tool's, the kernel's own threads' and idle time's too), how much of it was in the
+# kernel and under which system calls (or network softirqs, page faults), and its hottest
+# functions. The samples stay in the work directory, which is then kept, for perf report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=loadtest/lib.sh
@@ -47,7 +52,21 @@ snapshot() {
 # As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot begin|end`, with the work
 # directory in COSTS_WORK.
 if [ "${1:-}" = --snapshot ]; then
+  if [ "$2" = end ] && [ -f "$COSTS_WORK/perf.pid" ]; then
+    kill -INT "$(cat "$COSTS_WORK/perf.pid")"
+    while kill -0 "$(cat "$COSTS_WORK/perf.pid")" 2>/dev/null; do sleep 0.1; done
+  fi
   snapshot "$COSTS_WORK/cluster" >"$COSTS_WORK/$2"
+  if [ "$2" = begin ] && [ "${PROFILE:-0}" = 1 ]; then
+    # The load tool is the hook's parent, or its shell's.
+    tool=$PPID
+    [ "$(cat /proc/$tool/comm)" = berth-loadtest ] || tool=$(awk '{print $4}' /proc/$tool/stat)
+    echo "$tool" >"$COSTS_WORK/tool.pid"
+    setsid perf record -a -g -F 999 -o "$COSTS_WORK/perf.data" >"$COSTS_WORK/perf.log" 2>&1 &
+    echo $! >"$COSTS_WORK/perf.pid"
+    # perf samples once it has opened its events; its log says so only at the end.
+    sleep 1
+  fi
   exit 0
 fi
 
@@ -64,6 +83,10 @@ for a in "$@"; do
     --rounds* | --compare*) echo "cluster-costs.sh measures one round against the cluster only (no $a)" >&2; exit 2 ;;
   esac
 done
+if [ "${PROFILE:-0}" = 1 ] && ! command -v perf >/dev/null; then
+  echo "PROFILE=1 needs perf (apt-get install linux-perf)" >&2
+  exit 2
+fi
 cargo build --release --workspace --quiet
 target=$(release_dir)
 
@@ -71,7 +94,11 @@ work=$(mktemp -d "${BENCH_DIR:-$PWD}/.costs.XXXXXX")
 cleanup() {
   local rc=$?
   deploy/local/cluster.sh down "$work/cluster" >/dev/null 2>&1 || true
-  if [ "$rc" = 0 ]; then rm -rf "$work"; else echo "kept $work (the cluster's logs are in cluster/logs)" >&2; fi
+  if [ "$rc" = 0 ] && [ ! -f "$work/perf.data" ]; then
+    rm -rf "$work"
+  elif [ "$rc" = 0 ]; then
+    echo "kept $work (perf report -i $work/perf.data)" >&2
+  else echo "kept $work (the cluster's logs are in cluster/logs)" >&2; fi
 }
 trap cleanup EXIT
 BERTH_BIN="$target/berth" deploy/local/cluster.sh up "$work/cluster" >/dev/null
@@ -128,4 +155,50 @@ for (role, key) in sorted(m1):
     n = (m1[(role, key)] - m0.get((role, key), 0)) / ops
     if n >= 0.005:
         print(f"{role.lower():<9} {n:7.2f}  {key.replace('berth_grpc_requests_total', 'grpc')}")
+PY
+[ -f "$work/perf.data" ] || exit 0
+# Each sample as: pid, whether it was taken in the kernel, the system call (or softirq, page
+# fault, interrupt) it was under, and the function it was in.
+perf script -i "$work/perf.data" -F pid,ip,sym 2>/dev/null | awk '
+  /^ *[0-9]+ *$/ { if (pid != "") emit(); pid = $1; n = 0; under = ""; next }
+  NF >= 2 {
+    n++
+    if (n == 1) { leaf = $2; kernel = ($1 ~ /^ffff/) }
+    if (under == "" && $2 ~ /^(__x64_sys_|handle_softirqs$|asm_exc_page_fault$|asm_common_interrupt$|asm_sysvec_)/) under = $2
+  }
+  function emit() { print pid, kernel, (under == "" ? "elsewhere" : under), leaf }
+  END { if (pid != "") emit() }' >"$work/samples"
+python3 - "$work/samples" "$work/cluster/cluster.env" "$(cat "$work/tool.pid")" <<'PY'
+import collections, re, sys
+
+names = {"0": "idle", sys.argv[3]: "load tool"}
+for line in open(sys.argv[2]):
+    m = re.match(r"BERTH_PID_(\w+)=(\d+)", line)
+    if m:
+        names[m.group(2)] = m.group(1).lower()
+total = collections.Counter()
+kernel = collections.Counter()
+under = collections.defaultdict(collections.Counter)
+hot = collections.defaultdict(collections.Counter)
+for line in open(sys.argv[1]):
+    pid, in_kernel, call, leaf = line.rstrip("\n").split(" ", 3)
+    who = names.get(pid, "other")
+    total[who] += 1
+    if in_kernel == "1":
+        kernel[who] += 1
+        under[who][call.replace("__x64_sys_", "")] += 1
+    hot[who][leaf] += 1
+n = sum(total.values())
+if n == 0:
+    sys.exit("perf took no samples (see perf.log in the work directory)")
+print(f"\nwhere the machine's time went ({n} samples of every CPU):")
+print(f"{'process':<12} {'share':>6} {'kernel':>7}  kernel time under (share of the process)")
+for who, k in total.most_common():
+    calls = ", ".join(f"{c} {100 * m / k:.0f}%" for c, m in under[who].most_common(4))
+    print(f"{who:<12} {100 * k / n:5.1f}% {100 * kernel[who] / k:6.0f}%  {calls}")
+print("\nhottest functions (share of the process):")
+for who, k in total.most_common():
+    if who in ("idle", "other"):
+        continue
+    print(f"{who:<12} " + ", ".join(f"{f[:48]} {100 * m / k:.1f}%" for f, m in hot[who].most_common(5)))
 PY
