@@ -16,11 +16,12 @@
 # threads exit after a while, taking their counts with them); CPU time covers every thread.
 # BERTH_THREADS applies as for cluster.sh. Builds the release binaries first, as bench.sh
 # does. Linux only (reads /proc).
-# PROFILE=1 also samples every CPU through the timed part (perf record -a, needs perf and
-# root) and says where the machine's time went: each process's share of all samples (the
-# load tool's, the kernel's own threads' and idle time's too), how much of it was in the
-# kernel and under which system calls (or network softirqs, page faults), and its hottest
-# functions. The samples stay in the work directory, which is then kept, for perf report.
+# PROFILE=1 also samples every CPU through the timed part (perf record -a -e cpu-clock; needs
+# perf, and root or kernel.perf_event_paranoid -1) and says where the machine's time went:
+# each process's share of all samples (the load tool's, the kernel's own threads' and idle
+# time's too, idle including interrupts taken while idle), how much of it was in the kernel
+# and under which system calls (or network softirqs, page faults), and its hottest functions.
+# The samples are kept in the work directory for perf report (the cluster's data is not).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=loadtest/lib.sh
@@ -51,22 +52,38 @@ snapshot() {
 }
 # As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot begin|end`, with the work
 # directory in COSTS_WORK.
+# Stops the perf record that `--snapshot begin` started, if one runs, and waits for it to
+# finish writing its samples (bounded: perf takes a while to write a busy machine's).
+stop_perf() {
+  local pidfile=$1/perf.pid pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  rm -f "$pidfile"
+  kill -INT "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  echo "perf record (pid $pid) did not stop within a minute" >&2
+}
 if [ "${1:-}" = --snapshot ]; then
-  if [ "$2" = end ] && [ -f "$COSTS_WORK/perf.pid" ]; then
-    kill -INT "$(cat "$COSTS_WORK/perf.pid")"
-    while kill -0 "$(cat "$COSTS_WORK/perf.pid")" 2>/dev/null; do sleep 0.1; done
-  fi
-  snapshot "$COSTS_WORK/cluster" >"$COSTS_WORK/$2"
   if [ "$2" = begin ] && [ "${PROFILE:-0}" = 1 ]; then
     # The load tool is the hook's parent, or its shell's.
     tool=$PPID
     [ "$(cat /proc/$tool/comm)" = berth-loadtest ] || tool=$(awk '{print $4}' /proc/$tool/stat)
     echo "$tool" >"$COSTS_WORK/tool.pid"
-    setsid perf record -a -g -F 999 -o "$COSTS_WORK/perf.data" >"$COSTS_WORK/perf.log" 2>&1 &
+    # cpu-clock samples time, so idle CPUs are sampled too (cycles stop when a CPU halts).
+    perf record -a -g -e cpu-clock -F 999 -o "$COSTS_WORK/perf.data" >"$COSTS_WORK/perf.log" 2>&1 &
     echo $! >"$COSTS_WORK/perf.pid"
-    # perf samples once it has opened its events; its log says so only at the end.
+    # perf samples once it has opened its events and read every process's maps; its log
+    # says so only at the end, so this waits a second and checks it is still there.
     sleep 1
+    if ! kill -0 "$(cat "$COSTS_WORK/perf.pid")" 2>/dev/null; then
+      echo "perf record failed (it needs root, or kernel.perf_event_paranoid -1):" >&2
+      cat "$COSTS_WORK/perf.log" >&2
+      rm -f "$COSTS_WORK/perf.pid"
+      exit 1
+    fi
   fi
+  snapshot "$COSTS_WORK/cluster" >"$COSTS_WORK/$2"
+  if [ "$2" = end ]; then stop_perf "$COSTS_WORK"; fi
   exit 0
 fi
 
@@ -93,14 +110,24 @@ target=$(release_dir)
 work=$(mktemp -d "${BENCH_DIR:-$PWD}/.costs.XXXXXX")
 cleanup() {
   local rc=$?
+  # A timed part that failed, or a run cut short, never reached `--snapshot end`.
+  stop_perf "$work"
   deploy/local/cluster.sh down "$work/cluster" >/dev/null 2>&1 || true
   if [ "$rc" = 0 ] && [ ! -f "$work/perf.data" ]; then
     rm -rf "$work"
   elif [ "$rc" = 0 ]; then
-    echo "kept $work (perf report -i $work/perf.data)" >&2
-  else echo "kept $work (the cluster's logs are in cluster/logs)" >&2; fi
+    # The samples are what is worth keeping, not the blobs the run pushed.
+    rm -rf "$work/cluster"
+    echo "kept the samples: perf report -i $work/perf.data" >&2
+  else
+    echo "kept $work (the cluster's logs are in cluster/logs)" >&2
+  fi
 }
 trap cleanup EXIT
+# Interrupted, it still stops what it started (bash runs the EXIT trap on `exit`, not when a
+# signal kills it).
+trap 'exit 130' INT
+trap 'exit 143' TERM
 BERTH_BIN="$target/berth" deploy/local/cluster.sh up "$work/cluster" >/dev/null
 # shellcheck disable=SC1091
 . "$work/cluster/cluster.env"
@@ -157,21 +184,32 @@ for (role, key) in sorted(m1):
         print(f"{role.lower():<9} {n:7.2f}  {key.replace('berth_grpc_requests_total', 'grpc')}")
 PY
 [ -f "$work/perf.data" ] || exit 0
-# Each sample as: pid, whether it was taken in the kernel, the system call (or softirq, page
-# fault, interrupt) it was under, and the function it was in.
-perf script -i "$work/perf.data" -F pid,ip,sym 2>/dev/null | awk '
-  /^ *[0-9]+ *$/ { if (pid != "") emit(); pid = $1; n = 0; under = ""; next }
+# Each sample as: pid, thread name, whether it was taken in the kernel, the system call (or
+# softirq, page fault, interrupt) it was under, and the function it was in.
+perf script -i "$work/perf.data" -F comm,pid,ip,sym 2>"$work/perf-script.log" | awk '
+  /^[^\t]/ {
+    if (pid != "") emit()
+    comm = $1; pid = ""; n = 0; under = ""; leaf = "?"; kernel = 0
+    for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) { pid = $i; break }
+    next
+  }
   NF >= 2 {
     n++
-    if (n == 1) { leaf = $2; kernel = ($1 ~ /^ffff/) }
-    if (under == "" && $2 ~ /^(__x64_sys_|handle_softirqs$|asm_exc_page_fault$|asm_common_interrupt$|asm_sysvec_)/) under = $2
+    if (under == "" && $2 ~ /^(__x64_sys_|handle_softirqs$|__do_softirq$|asm_exc_page_fault$|asm_common_interrupt$|asm_sysvec_)/) under = $2
+    if (n == 1) { kernel = ($1 ~ /^ffff/); sub(/^[ \t]*[0-9a-f]+ /, ""); leaf = $0 }
   }
-  function emit() { print pid, kernel, (under == "" ? "elsewhere" : under), leaf }
-  END { if (pid != "") emit() }' >"$work/samples"
+  function emit() { print pid, comm, kernel, (under == "" ? "elsewhere" : under), leaf }
+  END { if (pid != "") emit() }' >"$work/samples" || {
+  echo "perf script failed:" >&2
+  cat "$work/perf-script.log" >&2
+  exit 1
+}
 python3 - "$work/samples" "$work/cluster/cluster.env" "$(cat "$work/tool.pid")" <<'PY'
 import collections, re, sys
 
 names = {"0": "idle", sys.argv[3]: "load tool"}
+# The kernel's own threads, by name (perf gives each sample's thread name).
+KERNEL_THREADS = re.compile(r"(kworker|ksoftirqd|kswapd|kcompactd|khugepaged|kdamond|jbd2|rcu|migration|irq/|kthreadd|kblockd|writeback|ext4|scsi|nvme|virtio)")
 for line in open(sys.argv[2]):
     m = re.match(r"BERTH_PID_(\w+)=(\d+)", line)
     if m:
@@ -181,8 +219,8 @@ kernel = collections.Counter()
 under = collections.defaultdict(collections.Counter)
 hot = collections.defaultdict(collections.Counter)
 for line in open(sys.argv[1]):
-    pid, in_kernel, call, leaf = line.rstrip("\n").split(" ", 3)
-    who = names.get(pid, "other")
+    pid, comm, in_kernel, call, leaf = line.rstrip("\n").split(" ", 4)
+    who = names.get(pid) or ("kernel threads" if KERNEL_THREADS.match(comm) else "other")
     total[who] += 1
     if in_kernel == "1":
         kernel[who] += 1
@@ -192,13 +230,13 @@ n = sum(total.values())
 if n == 0:
     sys.exit("perf took no samples (see perf.log in the work directory)")
 print(f"\nwhere the machine's time went ({n} samples of every CPU):")
-print(f"{'process':<12} {'share':>6} {'kernel':>7}  kernel time under (share of the process)")
+print(f"{'process':<14} {'share':>6} {'kernel':>7}  kernel time under (share of the process)")
 for who, k in total.most_common():
     calls = ", ".join(f"{c} {100 * m / k:.0f}%" for c, m in under[who].most_common(4))
-    print(f"{who:<12} {100 * k / n:5.1f}% {100 * kernel[who] / k:6.0f}%  {calls}")
+    print(f"{who:<14} {100 * k / n:5.1f}% {100 * kernel[who] / k:6.0f}%  {calls}")
 print("\nhottest functions (share of the process):")
 for who, k in total.most_common():
-    if who in ("idle", "other"):
+    if who == "idle":
         continue
-    print(f"{who:<12} " + ", ".join(f"{f[:48]} {100 * m / k:.1f}%" for f, m in hot[who].most_common(5)))
+    print(f"{who:<14} " + ", ".join(f"{f[:48]} {100 * m / k:.1f}%" for f, m in hot[who].most_common(5)))
 PY
