@@ -50,8 +50,6 @@ snapshot() {
       | sed "s/^/metric $name /" || true
   done
 }
-# As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot begin|end`, with the work
-# directory in COSTS_WORK.
 # Stops the perf record that `--snapshot begin` started, if one runs, and waits for it to
 # finish writing its samples (bounded: perf takes a while to write a busy machine's).
 stop_perf() {
@@ -63,6 +61,8 @@ stop_perf() {
   for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
   echo "perf record (pid $pid) did not stop within a minute" >&2
 }
+# As berth-loadtest's --measure-hook: `cluster-costs.sh --snapshot begin|end`, with the work
+# directory in COSTS_WORK.
 if [ "${1:-}" = --snapshot ]; then
   if [ "$2" = begin ] && [ "${PROFILE:-0}" = 1 ]; then
     # The load tool is the hook's parent, or its shell's.
