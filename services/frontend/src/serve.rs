@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -76,6 +77,42 @@ impl Drop for Counted {
     }
 }
 
+/// Longest wait, once the listener is closed, for connections accepted just before that to send
+/// their first request (see [`serve`]).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
+
+/// Connections accepted that have not yet sent a request. hyper ends such a connection at once
+/// when told to shut down, so a client whose request was on its way would see its connection
+/// close unanswered; shutting down waits (briefly) for these to turn into requests.
+#[derive(Default)]
+struct Unasked(AtomicUsize);
+
+/// One connection counted in [`Unasked`] until its first request arrives or it ends.
+struct Asking {
+    unasked: Arc<Unasked>,
+    counted: AtomicBool,
+}
+
+impl Asking {
+    fn new(unasked: &Arc<Unasked>) -> Arc<Asking> {
+        unasked.0.fetch_add(1, Ordering::SeqCst);
+        Arc::new(Asking { unasked: unasked.clone(), counted: AtomicBool::new(true) })
+    }
+
+    /// The connection sent a request (or ended): it no longer counts.
+    fn asked(&self) {
+        if self.counted.swap(false, Ordering::SeqCst) {
+            self.unasked.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        self.asked();
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the requests in
 /// flight to finish (the caller bounds that wait). With `tls`, connections speak HTTPS; the
 /// handshake must finish within the header read timeout.
@@ -87,6 +124,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let counts: Counts = Arc::default();
+    let unasked = Arc::<Unasked>::default();
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
@@ -111,12 +149,18 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone());
+        let asking = Asking::new(&unasked);
+        let first = asking.clone();
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(app.clone(), move |req| {
+            first.asked();
+            req
+        }));
         // The connection's task does the TLS handshake, if any, so a slow client holds up no other.
         let (tls, http, watcher) = (tls.clone(), http.clone(), graceful.watcher());
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _counted = counted;
+            let _asking = asking;
             let served = match tls {
                 None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
                 Some(tls) => {
@@ -134,6 +178,12 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // New connections are refused now (a client can retry those elsewhere); the ones accepted
+    // a moment ago get their first request in before the rest is told to finish.
+    let closed = Instant::now();
+    while unasked.0.load(Ordering::SeqCst) > 0 && closed.elapsed() < FIRST_REQUEST_GRACE {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     graceful.shutdown().await;
     Ok(())
 }
