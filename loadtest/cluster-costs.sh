@@ -204,16 +204,16 @@ perf script -i "$work/perf.data" -F comm,pid,ip,sym 2>"$work/perf-script.log" | 
   cat "$work/perf-script.log" >&2
   exit 1
 }
-python3 - "$work/samples" "$work/cluster/cluster.env" "$(cat "$work/tool.pid")" <<'PY'
+# The cluster's processes as PID=NAME, from the cluster.env sourced above.
+procs=()
+for v in $(compgen -v BERTH_PID_); do procs+=("${!v}=${v#BERTH_PID_}"); done
+python3 - "$work/samples" "$(cat "$work/tool.pid")" "${procs[@]}" <<'PY'
 import collections, re, sys
 
-names = {"0": "idle", sys.argv[3]: "load tool"}
+names = {"0": "idle", sys.argv[2]: "load tool"}
+names.update(dict(p.lower().split("=", 1) for p in sys.argv[3:]))
 # The kernel's own threads, by name (perf gives each sample's thread name).
 KERNEL_THREADS = re.compile(r"(kworker|ksoftirqd|kswapd|kcompactd|khugepaged|kdamond|jbd2|rcu|migration|irq/|kthreadd|kblockd|writeback|ext4|scsi|nvme|virtio)")
-for line in open(sys.argv[2]):
-    m = re.match(r"BERTH_PID_(\w+)=(\d+)", line)
-    if m:
-        names[m.group(2)] = m.group(1).lower()
 total = collections.Counter()
 kernel = collections.Counter()
 under = collections.defaultdict(collections.Counter)

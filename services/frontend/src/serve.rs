@@ -81,28 +81,26 @@ impl Drop for Counted {
 /// their first request (see [`serve`]).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_millis(500);
 
-/// Connections accepted that have not yet sent a request. hyper ends such a connection at once
-/// when told to shut down, so a client whose request was on its way would see its connection
-/// close unanswered; shutting down waits (briefly) for these to turn into requests.
-#[derive(Default)]
-struct Unasked(AtomicUsize);
-
-/// One connection counted in [`Unasked`] until its first request arrives or it ends.
+/// One connection counted among the accepted ones that have not sent a request yet, until its
+/// first request arrives or it ends. hyper ends such a connection at once when told to shut
+/// down, so a client whose request was on its way would see its connection close unanswered;
+/// shutting down waits (briefly) for these to turn into requests.
 struct Asking {
-    unasked: Arc<Unasked>,
+    unasked: Arc<AtomicUsize>,
     counted: AtomicBool,
 }
 
 impl Asking {
-    fn new(unasked: &Arc<Unasked>) -> Arc<Asking> {
-        unasked.0.fetch_add(1, Ordering::SeqCst);
+    fn new(unasked: &Arc<AtomicUsize>) -> Arc<Asking> {
+        unasked.fetch_add(1, Ordering::Relaxed);
         Arc::new(Asking { unasked: unasked.clone(), counted: AtomicBool::new(true) })
     }
 
-    /// The connection sent a request (or ended): it no longer counts.
+    /// The connection sent a request (or ended): it no longer counts. Every request of the
+    /// connection passes here; after the first it is one plain load.
     fn asked(&self) {
-        if self.counted.swap(false, Ordering::SeqCst) {
-            self.unasked.0.fetch_sub(1, Ordering::SeqCst);
+        if self.counted.load(Ordering::Relaxed) && self.counted.swap(false, Ordering::Relaxed) {
+            self.unasked.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -124,7 +122,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let counts: Counts = Arc::default();
-    let unasked = Arc::<Unasked>::default();
+    // Connections accepted that have not sent a request yet (see `Asking`).
+    let unasked = Arc::<AtomicUsize>::default();
     let graceful = GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
@@ -149,10 +148,10 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY");
         }
+        // The service goes with the connection, so its `Asking` ends with it too.
         let asking = Asking::new(&unasked);
-        let first = asking.clone();
         let service = TowerToHyperService::new(tower::ServiceExt::map_request(app.clone(), move |req| {
-            first.asked();
+            asking.asked();
             req
         }));
         // The connection's task does the TLS handshake, if any, so a slow client holds up no other.
@@ -160,7 +159,6 @@ pub async fn serve(
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _counted = counted;
-            let _asking = asking;
             let served = match tls {
                 None => watcher.watch(http.serve_connection(TokioIo::new(stream), service)).await,
                 Some(tls) => {
@@ -181,7 +179,7 @@ pub async fn serve(
     // New connections are refused now (a client can retry those elsewhere); the ones accepted
     // a moment ago get their first request in before the rest is told to finish.
     let closed = Instant::now();
-    while unasked.0.load(Ordering::SeqCst) > 0 && closed.elapsed() < FIRST_REQUEST_GRACE {
+    while unasked.load(Ordering::Relaxed) > 0 && closed.elapsed() < FIRST_REQUEST_GRACE {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     graceful.shutdown().await;
