@@ -629,6 +629,37 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
         let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
         assert!(text.lines().any(|l| l.starts_with(series)), "{p} metrics at {url} lack {series}");
     }
+    // To describe a package, a manifest's put reads its image's config. A config uploaded
+    // whole through the same frontend is read from that frontend's memory; through another
+    // frontend, from a storage node. Either way the package is described.
+    let storage_http: Vec<String> =
+        ["STORAGE_1", "STORAGE_2", "STORAGE_3"].iter().map(|p| var(&format!("BERTH_HTTP_{p}"))).collect();
+    let user = var("BERTH_ADMIN_USER");
+    for (name, manifest_through, reads) in [("kept-config", &fronts[0], false), ("read-config", &fronts[1], true)] {
+        let repo = format!("{user}/{name}");
+        let config = serde_json::json!({"config": {"Labels": {"org.opencontainers.image.description": name}}});
+        let config = config.to_string().into_bytes();
+        let cd = upload_in_one_patch(&c, &fronts[0], &repo, &config).await;
+        let layer = bytes(77, 100);
+        let ld = berth_tests::push_blob(&c, &fronts[0], &repo, &layer).await;
+        let m = berth_tests::image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
+        let before = small_reads(&storage_http).await;
+        let r = c
+            .put(format!("{manifest_through}/v2/{repo}/manifests/v1"))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(m)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        // One read, or more when the first node asked has no copy yet (a push is acknowledged
+        // once two of the three have it).
+        let read = small_reads(&storage_http).await - before;
+        assert_eq!(read >= 1.0, reads, "{read} storage reads of {name}'s config");
+        let api = format!("{}/api/v3/users/{user}/packages/container/{name}", fronts[1]);
+        let p: Value = c.get(&api).send().await.unwrap().json().await.unwrap();
+        assert_eq!(p["description"].as_str(), Some(name), "{p}");
+    }
     let down = std::process::Command::new("bash").arg(&script).args(["down", &d]).output().unwrap();
     guard.0 = None;
     assert!(down.status.success(), "cluster.sh down: {}", String::from_utf8_lossy(&down.stderr));
@@ -637,6 +668,44 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
         let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
         assert!(!alive || is_zombie(pid), "process {pid} still runs after down");
     }
+}
+
+/// Uploads `data` to `repo` as docker does: `POST`, the whole blob in one `PATCH`, then `PUT
+/// ?digest=`. Returns its digest.
+async fn upload_in_one_patch(c: &reqwest::Client, front: &str, repo: &str, data: &[u8]) -> String {
+    let d = digest(data);
+    let r = c.post(format!("{front}/v2/{repo}/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let at = |r: &reqwest::Response| {
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{front}{loc}")
+        }
+    };
+    let loc = at(&r);
+    let r = c.patch(&loc).header("content-type", "application/octet-stream").body(data.to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = at(&r);
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c.put(format!("{loc}{sep}digest={d}")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    d
+}
+
+/// `ReadSmall` calls served by the storage nodes whose metrics are at `urls`, together.
+async fn small_reads(urls: &[String]) -> f64 {
+    let mut n = 0.0;
+    for url in urls {
+        let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+        n += text
+            .lines()
+            .filter(|l| l.starts_with("berth_grpc_requests_total") && l.contains(".Storage/ReadSmall\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    n
 }
 
 /// Whether `pid` has exited and only waits to be reaped.

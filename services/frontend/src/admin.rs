@@ -85,7 +85,12 @@ pub async fn describe_package(reg: &Registry, repo: &str, hint: &SourceHint) {
     let mut found = keys.map(|k| hint.annotations.get(k).cloned());
     if found.iter().any(Option::is_none) {
         if let Some(config) = &hint.config {
-            if let Ok(Some(bytes)) = reg.blobs.read_small(config, MAX_CONFIG).await {
+            let kept = crate::blobs::cached_small(reg, config);
+            let bytes = match kept {
+                Some(b) => Some(b),
+                None => reg.blobs.read_small(config, MAX_CONFIG).await.ok().flatten(),
+            };
+            if let Some(bytes) = bytes {
                 if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
                     for (slot, k) in found.iter_mut().zip(keys) {
                         if slot.is_none() {

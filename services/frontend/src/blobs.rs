@@ -222,8 +222,18 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
             return Err(RegistryError::too_big(reg.config.max_blob));
         }
         crate::admin::ensure_package(reg, &caller.identity, name).await?;
-        let stored =
-            reg.blobs.put(&digest, body_stream(&req, reg.config.idle_body_timeout), reg.config.max_blob).await?;
+        let body = body_stream(&req, reg.config.idle_body_timeout);
+        let stored = match content_length(req.headers()).filter(|n| *n <= KEEP_SMALL) {
+            Some(n) => {
+                let data = read_whole(body, n).await?;
+                let kept = data.clone();
+                let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(data) }));
+                let stored = reg.blobs.put(&digest, body, reg.config.max_blob).await?;
+                keep_small(reg, &digest, stored, kept);
+                stored
+            }
+            None => reg.blobs.put(&digest, body, reg.config.max_blob).await?,
+        };
         reg.meta.link_blob(name, &digest, stored).await?;
         return created(reg, name, &digest);
     }
@@ -309,6 +319,27 @@ const READ_WHOLE: u64 = 256 << 10;
 /// than this in memory on their account.
 pub(crate) const WHOLE_CHUNK_BYTES: usize = 64 << 20;
 
+/// An upload of at most this many bytes, sent in one chunk through this frontend, is kept
+/// here as well until it ends; when it ends stored under a digest its bytes hash to, it is
+/// kept by that digest ([`cached_small`]). Image configs are this small: the config is read
+/// again when its manifest is put (to describe the package), most often through the same
+/// frontend, and is then found here instead of asked of a storage node.
+pub(crate) const KEEP_SMALL: u64 = 64 << 10;
+
+/// Blob `digest`'s bytes, if this frontend uploaded them whole lately (see [`KEEP_SMALL`]).
+pub(crate) fn cached_small(reg: &Registry, digest: &Digest) -> Option<bytes::Bytes> {
+    reg.small_blobs.get(digest)
+}
+
+/// Keeps `data`, just stored as blob `digest`, by its digest. The store verified the bytes it
+/// received; these are checked here on their own (a few microseconds at this size), so that
+/// whatever is kept hashes to its key.
+fn keep_small(reg: &Registry, digest: &Digest, stored: berth_core::Stored, data: bytes::Bytes) {
+    if data.len() as u64 == stored.size && data.len() as u64 <= KEEP_SMALL && digest.matches(&data) {
+        reg.small_blobs.insert(digest.clone(), data);
+    }
+}
+
 /// The whole of a body of `length` bytes (as `Content-Length` promised; a body that delivers
 /// fewer fails with an error).
 async fn read_whole(mut body: berth_core::ByteStream, length: u64) -> Result<bytes::Bytes, RegistryError> {
@@ -343,9 +374,17 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     });
     if let Some((n, _permit)) = whole {
         let chunk = read_whole(body_stream(&req, reg.config.idle_body_timeout), n).await?;
+        let kept = chunk.clone();
         let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
-        return Ok(Some(reg.blobs.upload_append(id, offset, body, reg.config.max_blob).await?));
+        let size = reg.blobs.upload_append(id, offset, body, reg.config.max_blob).await?;
+        if size == kept.len() as u64 && size <= KEEP_SMALL {
+            reg.small_uploads.insert(id.to_string(), kept);
+        } else {
+            reg.small_uploads.remove(id);
+        }
+        return Ok(Some(size));
     }
+    reg.small_uploads.remove(id);
     // Checked before the body is touched, so that a refused chunk is drained, not cut off (a
     // store refusing it part way could not drain it: the body is already its stream).
     if offset.is_some() || length.is_some() {
@@ -367,6 +406,7 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
 /// Ends a session whose staged bytes are gone, so that it stops being reported.
 async fn forget(reg: &Registry, id: &str) {
     reg.sessions.remove(id);
+    reg.small_uploads.remove(id);
     if let Err(e) = reg.meta.end_upload(id, None).await {
         // Housekeeping ends sessions whose staging area is gone; nothing is lost meanwhile.
         tracing::warn!(upload = %id, error = %e, "ending an upload whose bytes are gone");
@@ -404,6 +444,9 @@ pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Resul
     match reg.blobs.upload_finish(id, &digest).await {
         Ok(stored) => {
             reg.sessions.remove(id);
+            if let Some((_, kept)) = reg.small_uploads.remove(id) {
+                keep_small(reg, &digest, stored, kept);
+            }
             match reg.meta.end_upload(id, Some((digest.clone(), stored))).await {
                 // The session was ended meanwhile (housekeeping found its staging area gone
                 // while the blob was being committed from it): the blob is verified and
@@ -441,6 +484,7 @@ pub async fn cancel(reg: &Registry, name: &str, id: &str) -> Result<Response, Re
         tracing::warn!(upload = %id, error = %e, "cancelling an upload's staging area");
     }
     reg.sessions.remove(id);
+    reg.small_uploads.remove(id);
     reg.meta.end_upload(id, None).await?;
     empty(StatusCode::NO_CONTENT, &[])
 }

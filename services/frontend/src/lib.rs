@@ -89,6 +89,12 @@ impl quick_cache::Weighter<berth_core::Digest, Bytes> for ByteWeight {
     }
 }
 
+impl quick_cache::Weighter<String, Bytes> for ByteWeight {
+    fn weight(&self, k: &String, v: &Bytes) -> u64 {
+        (k.len() + v.len()) as u64 + 64
+    }
+}
+
 /// The registry API's shared state.
 pub struct Registry {
     blobs: Arc<dyn BlobStore>,
@@ -106,6 +112,12 @@ pub struct Registry {
     sessions: quick_cache::sync::Cache<String, Arc<berth_core::UploadSession>>,
     /// Bytes of upload chunks being read whole, at most [`blobs::WHOLE_CHUNK_BYTES`].
     whole_chunks: Arc<tokio::sync::Semaphore>,
+    /// Uploads through this frontend so far made of one small chunk, by id: the chunk (see
+    /// [`blobs::KEEP_SMALL`]).
+    small_uploads: quick_cache::sync::Cache<String, Bytes, ByteWeight>,
+    /// Small blobs uploaded whole through this frontend, by digest, their bytes checked
+    /// against it here: an image's config, read again when its manifest is put.
+    small_blobs: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
 }
 
 impl Registry {
@@ -130,6 +142,8 @@ impl Registry {
             recall,
             sessions: quick_cache::sync::Cache::new(STARTED_SESSIONS),
             whole_chunks: Arc::new(tokio::sync::Semaphore::new(blobs::WHOLE_CHUNK_BYTES)),
+            small_uploads: quick_cache::sync::Cache::with_weighter(4096, SMALL_KEPT_BYTES, ByteWeight),
+            small_blobs: quick_cache::sync::Cache::with_weighter(4096, SMALL_KEPT_BYTES, ByteWeight),
         })
     }
 }
@@ -156,6 +170,9 @@ impl Registry {
 
 /// Verified registry tokens remembered; each is a few hundred bytes.
 const VERIFIED_TOKENS: usize = 10_000;
+
+/// Bytes each of the small-upload caches holds at most (see [`blobs::KEEP_SMALL`]).
+const SMALL_KEPT_BYTES: u64 = 4 << 20;
 
 /// Upload sessions a frontend remembers having started: more than the uploads a busy
 /// frontend has open at once (an evicted one is read from the metadata service again).
