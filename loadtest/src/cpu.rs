@@ -21,20 +21,82 @@ pub struct Spent {
     pub server: Option<f64>,
     /// By this process (every scenario's client work, all its threads).
     pub client: f64,
+    /// The whole machine's time, all CPUs; `None` when `/proc/stat` could not be read.
+    pub machine: Option<Machine>,
 }
 
 impl Default for Spent {
-    /// Nothing spent yet, the server's time included.
+    /// Nothing spent yet, the server's and the machine's time included.
     fn default() -> Spent {
-        Spent { server: Some(0.0), client: 0.0 }
+        Spent { server: Some(0.0), client: 0.0, machine: Some(Machine::default()) }
     }
 }
 
 impl Spent {
-    /// The sum of two rounds' figures; a round without the server's leaves it unknown.
+    /// The sum of two rounds' figures; a round without the server's (or the machine's)
+    /// leaves it unknown.
     pub fn add(self, other: Spent) -> Spent {
-        Spent { server: self.server.zip(other.server).map(|(a, b)| a + b), client: self.client + other.client }
+        Spent {
+            server: self.server.zip(other.server).map(|(a, b)| a + b),
+            client: self.client + other.client,
+            machine: self.machine.zip(other.machine).map(|(a, b)| a.add(b)),
+        }
     }
+}
+
+/// The whole machine's CPU time, all CPUs together, in clock ticks (the `cpu` line of
+/// `/proc/stat`). It tells whether a registry had the machine to itself and used all of it:
+/// a registry that leaves CPUs idle while the clock runs waits on something else (the disk,
+/// its own latency), one that leaves none is bound by the CPUs, and time the hypervisor gave
+/// to other guests (steal) is time no process here had; on shared virtual machines it comes
+/// and goes, and it slows a CPU-bound registry more than one that mostly waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Machine {
+    /// Idle, waiting for I/O included.
+    pub idle: u64,
+    /// Stolen by the hypervisor.
+    pub steal: u64,
+    /// Everything: user, nice, system, idle, iowait, irq, softirq and steal.
+    pub total: u64,
+}
+
+impl Machine {
+    fn add(self, o: Machine) -> Machine {
+        Machine { idle: self.idle + o.idle, steal: self.steal + o.steal, total: self.total + o.total }
+    }
+
+    fn since(self, then: Machine) -> Machine {
+        Machine {
+            idle: self.idle.saturating_sub(then.idle),
+            steal: self.steal.saturating_sub(then.steal),
+            total: self.total.saturating_sub(then.total),
+        }
+    }
+
+    /// Shares of the time counted that was idle and stolen, in percent; `None` when none
+    /// was counted.
+    pub fn idle_and_steal_pct(self) -> Option<(f64, f64)> {
+        (self.total > 0).then(|| {
+            let pct = |n: u64| 100.0 * n as f64 / self.total as f64;
+            (pct(self.idle), pct(self.steal))
+        })
+    }
+}
+
+/// The machine's CPU time so far, from `/proc/stat`.
+fn machine_ticks() -> Option<Machine> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The `cpu` line of `/proc/stat`: user nice system idle iowait irq softirq steal (guest time
+/// is already in user and nice).
+fn parse_proc_stat(text: &str) -> Option<Machine> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    if f.len() < 8 {
+        return None;
+    }
+    Some(Machine { idle: f[3] + f[4], steal: f[7], total: f.iter().sum() })
 }
 
 /// Meters the CPU time of the registry processes `pids` and of this process between the
@@ -75,7 +137,7 @@ impl Meter {
             }
             server = server.zip(cpu).map(|(a, b)| a + b);
         }
-        Spent { server: server.filter(|_| !self.pids.is_empty()), client: own_cpu_seconds() }
+        Spent { server: server.filter(|_| !self.pids.is_empty()), client: own_cpu_seconds(), machine: machine_ticks() }
     }
 
     /// Says once on stderr that pid `pid` could not be read: the report then gives no server
@@ -104,6 +166,7 @@ impl Meter {
                 let part = Spent {
                     server: now.server.zip(then.server).map(|(n, t)| (n - t).max(0.0)),
                     client: (now.client - then.client).max(0.0),
+                    machine: now.machine.zip(then.machine).map(|(n, t)| n.since(t)),
                 };
                 s.spent = s.spent.add(part);
             }
@@ -117,7 +180,7 @@ impl Meter {
                 s.begun = None;
                 std::mem::take(&mut s.spent)
             }
-            Err(_) => Spent { server: None, client: 0.0 },
+            Err(_) => Spent { server: None, client: 0.0, machine: None },
         }
     }
 }
@@ -176,6 +239,19 @@ mod tests {
     }
 
     #[test]
+    fn the_machine_line_gives_idle_steal_and_total_ticks() {
+        let text = "cpu  100 5 50 800 40 0 5 20 7 0\ncpu0 50 2 25 400 20 0 2 10 3 0\nintr 1 2\n";
+        let m = parse_proc_stat(text).unwrap();
+        assert_eq!(m, Machine { idle: 840, steal: 20, total: 1020 });
+        let later = Machine { idle: 890, steal: 30, total: 1220 };
+        let (idle, steal) = later.since(m).idle_and_steal_pct().unwrap();
+        assert_eq!((idle, steal), (25.0, 5.0));
+        assert_eq!(Machine::default().idle_and_steal_pct(), None);
+        assert_eq!(parse_proc_stat("cpu  1 2 3\n"), None, "a short line");
+        assert_eq!(parse_proc_stat("intr 1 2\n"), None);
+    }
+
+    #[test]
     fn this_process_is_metered_and_a_missing_one_makes_the_server_unknown() {
         let me = std::process::id();
         let meter = Meter::new(vec![me]);
@@ -189,6 +265,7 @@ mod tests {
         let spent = meter.take();
         assert!(spent.server.is_some_and(|s| s >= 0.0), "{spent:?}");
         assert!(spent.client > 0.0, "{spent:?}");
+        assert!(spent.machine.is_some_and(|m| m.total > 0 || cfg!(not(target_os = "linux"))), "{spent:?}");
         assert_eq!(meter.take(), Spent::default(), "take starts the count again");
 
         // No pid: the server's time is unknown; an unreadable pid makes it unknown too.

@@ -278,6 +278,7 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
             let rates =
                 totals.iter().map(|(k, v)| (format!("{k}/s"), if seconds > 0.0 { v / seconds } else { 0.0 })).collect();
             let cpu = t.work.iter().fold(cpu::Spent::default(), |a, w| a.add(w.cpu));
+            let machine = cpu.machine.and_then(cpu::Machine::idle_and_steal_pct);
             let per = |secs: f64| -> BTreeMap<String, f64> {
                 totals.iter().filter(|(_, &n)| n > 0.0).map(|(k, &n)| (k.clone(), secs * 1e3 / n)).collect()
             };
@@ -291,6 +292,8 @@ async fn run_scenario(cli: &Cli, scenario: Scenario, run_id: u32) -> Result<Vec<
                 peak_rss_mib: report::peak_rss_mib(t.meter.pids()),
                 server_cpu_ms: cpu.server.map(per).unwrap_or_default(),
                 client_cpu_ms: per(cpu.client),
+                machine_idle_pct: machine.map(|m| m.0),
+                machine_steal_pct: machine.map(|m| m.1),
             }
         })
         .collect())

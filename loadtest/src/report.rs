@@ -83,6 +83,11 @@ pub struct Outcome {
     /// CPU milliseconds this tool spent per unit counted in the timed parts: the client's
     /// share of the machine.
     pub client_cpu_ms: BTreeMap<String, f64>,
+    /// Share of all CPUs' time in the timed parts that was idle, in percent (see
+    /// `crate::cpu::Machine`).
+    pub machine_idle_pct: Option<f64>,
+    /// Share of all CPUs' time in the timed parts stolen by the hypervisor, in percent.
+    pub machine_steal_pct: Option<f64>,
 }
 
 /// The unit a scenario's CPU time is shown per in the table: its first count of these.
@@ -135,6 +140,8 @@ pub fn print_table(outcomes: &[Outcome]) {
         ));
     }
     rows.push(("peak RSS MiB".into(), outcomes.iter().map(|o| o.peak_rss_mib).collect()));
+    rows.push(("machine idle %".into(), outcomes.iter().map(|o| o.machine_idle_pct).collect()));
+    rows.push(("machine steal %".into(), outcomes.iter().map(|o| o.machine_steal_pct).collect()));
     for (label, vals) in rows {
         print!("{label:<32}");
         for v in &vals {

@@ -231,6 +231,13 @@ fn every_scenario_against_berth_with_auth_and_the_reference() {
             assert_eq!(keys("client_cpu_ms"), units, "{o}");
             assert_eq!(keys("server_cpu_ms"), if server { units.clone() } else { BTreeSet::new() }, "{o}");
         }
+        // The machine's idle and stolen shares of the timed parts, as percentages.
+        for o in outcomes {
+            for field in ["machine_idle_pct", "machine_steal_pct"] {
+                let v = o[field].as_f64().unwrap_or(-1.0);
+                assert!((0.0..=100.0).contains(&v), "{field} {v}: {o}");
+            }
+        }
         let berth = &outcomes[0];
         let (server, client) = (cpu_ms_spent(berth, "server_cpu_ms"), cpu_ms_spent(berth, "client_cpu_ms"));
         // Two readings of /proc per timed part, each off by up to one 10 ms tick.
