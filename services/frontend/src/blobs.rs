@@ -223,8 +223,13 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         }
         crate::admin::ensure_package(reg, &caller.identity, name).await?;
         let body = body_stream(&req, reg.config.idle_body_timeout);
-        let stored = match content_length(req.headers()).filter(|n| *n <= KEEP_SMALL) {
-            Some(n) => {
+        // A small body is read whole (within the budget of chunks read whole) to be kept.
+        let whole = content_length(req.headers()).filter(|n| *n <= KEEP_SMALL).and_then(|n| {
+            let permit = reg.whole_chunks.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
+            Some((n, permit))
+        });
+        let stored = match whole {
+            Some((n, _permit)) => {
                 let data = read_whole(body, n).await?;
                 let kept = data.clone();
                 let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(data) }));
