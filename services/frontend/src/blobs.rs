@@ -224,11 +224,7 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         crate::admin::ensure_package(reg, &caller.identity, name).await?;
         let body = body_stream(&req, reg.config.idle_body_timeout);
         // A small body is read whole (within the budget of chunks read whole) to be kept.
-        let whole = content_length(req.headers()).filter(|n| *n <= KEEP_SMALL).and_then(|n| {
-            let permit = reg.whole_chunks.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
-            Some((n, permit))
-        });
-        let stored = match whole {
+        let stored = match whole_budget(reg, content_length(req.headers()), KEEP_SMALL) {
             Some((n, _permit)) => {
                 let data = read_whole(body, n).await?;
                 let kept = data.clone();
@@ -345,6 +341,15 @@ fn keep_small(reg: &Registry, digest: &Digest, stored: berth_core::Stored, data:
     }
 }
 
+/// A body of `length` bytes, at most `most`, may be read whole into memory while the permit
+/// lives: `None` when it is longer, of unknown length, or over what the chunks being read whole
+/// already hold ([`WHOLE_CHUNK_BYTES`]).
+fn whole_budget(reg: &Registry, length: Option<u64>, most: u64) -> Option<(u64, tokio::sync::OwnedSemaphorePermit)> {
+    let n = length.filter(|n| *n <= most)?;
+    let permit = reg.whole_chunks.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
+    Some((n, permit))
+}
+
 /// The whole of a body of `length` bytes (as `Content-Length` promised; a body that delivers
 /// fewer fails with an error).
 async fn read_whole(mut body: berth_core::ByteStream, length: u64) -> Result<bytes::Bytes, RegistryError> {
@@ -373,11 +378,7 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
     }
     // A short chunk is read whole first; the store then checks its offset and the size limit
     // itself, and whatever it answers, the body has been drained.
-    let whole = length.filter(|n| *n <= READ_WHOLE).and_then(|n| {
-        let permit = reg.whole_chunks.clone().try_acquire_many_owned(u32::try_from(n).ok()?).ok()?;
-        Some((n, permit))
-    });
-    if let Some((n, _permit)) = whole {
+    if let Some((n, _permit)) = whole_budget(reg, length, READ_WHOLE) {
         let chunk = read_whole(body_stream(&req, reg.config.idle_body_timeout), n).await?;
         let kept = chunk.clone();
         let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
