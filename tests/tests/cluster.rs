@@ -630,16 +630,26 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
         assert!(text.lines().any(|l| l.starts_with(series)), "{p} metrics at {url} lack {series}");
     }
     // To describe a package, a manifest's put reads its image's config. A config uploaded
-    // whole through the same frontend is read from that frontend's memory; through another
-    // frontend, from a storage node. Either way the package is described.
+    // whole through the same frontend (in one PATCH, or in a monolithic POST) is read from that
+    // frontend's memory; through another frontend, from a storage node. Either way the package
+    // is described.
     let storage_http: Vec<String> =
         ["STORAGE_1", "STORAGE_2", "STORAGE_3"].iter().map(|p| var(&format!("BERTH_HTTP_{p}"))).collect();
     let user = var("BERTH_ADMIN_USER");
-    for (name, manifest_through, reads) in [("kept-config", &fronts[0], false), ("read-config", &fronts[1], true)] {
+    let cases = [
+        ("kept-config", &fronts[0], false, false),
+        ("posted-config", &fronts[0], true, false),
+        ("read-config", &fronts[1], false, true),
+    ];
+    for (name, manifest_through, monolithic, reads) in cases {
         let repo = format!("{user}/{name}");
         let config = serde_json::json!({"config": {"Labels": {"org.opencontainers.image.description": name}}});
         let config = config.to_string().into_bytes();
-        let cd = upload_in_one_patch(&c, &fronts[0], &repo, &config).await;
+        let cd = if monolithic {
+            berth_tests::push_blob(&c, &fronts[0], &repo, &config).await
+        } else {
+            upload_in_one_patch(&c, &fronts[0], &repo, &config).await
+        };
         let layer = bytes(77, 100);
         let ld = berth_tests::push_blob(&c, &fronts[0], &repo, &layer).await;
         let m = berth_tests::image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");

@@ -230,7 +230,7 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
                 let kept = data.clone();
                 let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(data) }));
                 let stored = reg.blobs.put(&digest, body, reg.config.max_blob).await?;
-                keep_small(reg, &digest, stored, kept);
+                keep_small(reg, &digest, stored, compact(&kept));
                 stored
             }
             None => reg.blobs.put(&digest, body, reg.config.max_blob).await?,
@@ -320,11 +320,12 @@ const READ_WHOLE: u64 = 256 << 10;
 /// than this in memory on their account.
 pub(crate) const WHOLE_CHUNK_BYTES: usize = 64 << 20;
 
-/// An upload of at most this many bytes, sent in one chunk through this frontend, is kept
-/// here as well until it ends; when it ends stored under a digest its bytes hash to, it is
-/// kept by that digest ([`cached_small`]). Image configs are this small: the config is read
-/// again when its manifest is put (to describe the package), most often through the same
-/// frontend, and is then found here instead of asked of a storage node.
+/// A blob of at most this many bytes that reaches this frontend in one piece (an upload's
+/// only chunk, or a monolithic `POST`) is kept here by its digest once stored ([`cached_small`]);
+/// an upload's chunk is held by the upload's id until the upload ends (or, for one abandoned,
+/// until evicted). Image configs are this small: the config is read again when its manifest is
+/// put (to describe the package), most often through the same frontend, and is then found here
+/// instead of asked of a storage node.
 pub(crate) const KEEP_SMALL: u64 = 64 << 10;
 
 /// Blob `digest`'s bytes, if this frontend uploaded them whole lately (see [`KEEP_SMALL`]).
@@ -333,12 +334,20 @@ pub(crate) fn cached_small(reg: &Registry, digest: &Digest) -> Option<bytes::Byt
 }
 
 /// Keeps `data`, just stored as blob `digest`, by its digest. The store verified the bytes it
-/// received; these are checked here on their own (a few microseconds at this size), so that
-/// whatever is kept hashes to its key.
+/// received; these are checked here on their own (a few microseconds for a config of a few
+/// KiB, some tens at the largest size kept), so that whatever is kept hashes to its key.
+/// `data` must own its bytes (see [`compact`]).
 fn keep_small(reg: &Registry, digest: &Digest, stored: berth_core::Stored, data: bytes::Bytes) {
     if data.len() as u64 == stored.size && data.len() as u64 <= KEEP_SMALL && digest.matches(&data) {
         reg.small_blobs.insert(digest.clone(), data);
     }
+}
+
+/// `data` in a buffer of its own. A body chunk is a slice of its connection's read buffer
+/// (8 KiB, or hundreds of KiB on a connection that carried layers), which a kept slice would
+/// hold whole, however small the slice; a copy keeps the caches' weights true.
+fn compact(data: &bytes::Bytes) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(data)
 }
 
 /// A body of `length` bytes, at most `most`, may be read whole into memory while the permit
@@ -384,7 +393,7 @@ async fn append(reg: &Registry, id: &str, req: Request) -> Result<Option<u64>, R
         let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(chunk) }));
         let size = reg.blobs.upload_append(id, offset, body, reg.config.max_blob).await?;
         if size == kept.len() as u64 && size <= KEEP_SMALL {
-            reg.small_uploads.insert(id.to_string(), kept);
+            reg.small_uploads.insert(id.to_string(), compact(&kept));
         } else {
             reg.small_uploads.remove(id);
         }

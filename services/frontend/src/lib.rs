@@ -142,8 +142,8 @@ impl Registry {
             recall,
             sessions: quick_cache::sync::Cache::new(STARTED_SESSIONS),
             whole_chunks: Arc::new(tokio::sync::Semaphore::new(blobs::WHOLE_CHUNK_BYTES)),
-            small_uploads: quick_cache::sync::Cache::with_weighter(4096, SMALL_KEPT_BYTES, ByteWeight),
-            small_blobs: quick_cache::sync::Cache::with_weighter(4096, SMALL_KEPT_BYTES, ByteWeight),
+            small_uploads: small_cache(),
+            small_blobs: small_cache(),
         })
     }
 }
@@ -171,8 +171,37 @@ impl Registry {
 /// Verified registry tokens remembered; each is a few hundred bytes.
 const VERIFIED_TOKENS: usize = 10_000;
 
-/// Bytes each of the small-upload caches holds at most (see [`blobs::KEEP_SMALL`]).
+/// Bytes of blobs each of the two small-blob caches holds at most (see [`blobs::KEEP_SMALL`]):
+/// the configs of the images being pushed through a frontend at once, and more, at a few KiB
+/// each; 64 entries of the largest size kept.
 const SMALL_KEPT_BYTES: u64 = 4 << 20;
+
+/// Shards of each small-blob cache. quick_cache gives each shard an equal part of the weight
+/// and refuses an item heavier than about a shard; by default it makes four shards per CPU, so
+/// that on a machine of 16 CPUs or more blobs near [`blobs::KEEP_SMALL`] would never be kept.
+/// Four shards of 1 MiB each keep them on any machine; the caches see a few calls per pushed
+/// image, too few to contend.
+const SMALL_CACHE_SHARDS: usize = 4;
+
+/// An empty small-blob cache (see [`SMALL_KEPT_BYTES`]).
+fn small_cache<K>() -> quick_cache::sync::Cache<K, Bytes, ByteWeight>
+where
+    K: Eq + std::hash::Hash + Clone,
+    ByteWeight: quick_cache::Weighter<K, Bytes>,
+{
+    let options = quick_cache::OptionsBuilder::new()
+        .estimated_items_capacity(4096)
+        .weight_capacity(SMALL_KEPT_BYTES)
+        .shards(SMALL_CACHE_SHARDS)
+        .build()
+        .expect("the small-blob caches' options are complete");
+    quick_cache::sync::Cache::with_options(
+        options,
+        ByteWeight,
+        quick_cache::DefaultHashBuilder::default(),
+        quick_cache::sync::DefaultLifecycle::default(),
+    )
+}
 
 /// Upload sessions a frontend remembers having started: more than the uploads a busy
 /// frontend has open at once (an evicted one is read from the metadata service again).
