@@ -654,14 +654,7 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
         let ld = berth_tests::push_blob(&c, &fronts[0], &repo, &layer).await;
         let m = berth_tests::image_manifest((&cd, config.len()), &[(&ld, layer.len())], "");
         let before = small_reads(&storage_http).await;
-        let r = c
-            .put(format!("{manifest_through}/v2/{repo}/manifests/v1"))
-            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
-            .body(m)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
+        assert_eq!(berth_tests::put_manifest(&c, manifest_through, &repo, "v1", m).await.status(), 201);
         // One read, or more when the first node asked has no copy yet (a push is acknowledged
         // once two of the three have it).
         let read = small_reads(&storage_http).await - before;
@@ -684,22 +677,14 @@ async fn the_local_cluster_script_starts_a_cluster_that_serves() {
 /// ?digest=`. Returns its digest.
 async fn upload_in_one_patch(c: &reqwest::Client, front: &str, repo: &str, data: &[u8]) -> String {
     let d = digest(data);
+    // The cluster's frontends answer with locations relative to themselves.
+    let at = |r: &reqwest::Response| format!("{front}{}", r.headers()["location"].to_str().unwrap());
     let r = c.post(format!("{front}/v2/{repo}/blobs/uploads/")).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let at = |r: &reqwest::Response| {
-        let loc = r.headers()["location"].to_str().unwrap().to_string();
-        if loc.starts_with("http") {
-            loc
-        } else {
-            format!("{front}{loc}")
-        }
-    };
-    let loc = at(&r);
-    let r = c.patch(&loc).header("content-type", "application/octet-stream").body(data.to_vec()).send().await.unwrap();
+    let r =
+        c.patch(at(&r)).header("content-type", "application/octet-stream").body(data.to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let loc = at(&r);
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    let r = c.put(format!("{loc}{sep}digest={d}")).send().await.unwrap();
+    let r = c.put(format!("{}?digest={d}", at(&r))).send().await.unwrap();
     assert_eq!(r.status(), 201);
     d
 }

@@ -85,8 +85,8 @@ pub async fn describe_package(reg: &Registry, repo: &str, hint: &SourceHint) {
     let mut found = keys.map(|k| hint.annotations.get(k).cloned());
     if found.iter().any(Option::is_none) {
         if let Some(config) = &hint.config {
-            let kept = crate::blobs::cached_small(reg, config);
-            let bytes = match kept {
+            // Most often uploaded through this frontend a moment ago (see `blobs::KEEP_SMALL`).
+            let bytes = match reg.small_blobs.get(config) {
                 Some(b) => Some(b),
                 None => reg.blobs.read_small(config, MAX_CONFIG).await.ok().flatten(),
             };

@@ -227,10 +227,11 @@ pub async fn start(reg: &Registry, caller: &Caller, name: &str, req: Request) ->
         let stored = match whole_budget(reg, content_length(req.headers()), KEEP_SMALL) {
             Some((n, _permit)) => {
                 let data = read_whole(body, n).await?;
-                let kept = data.clone();
-                let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(data) }));
+                let sent = data.clone();
+                let body: berth_core::ByteStream = Box::pin(futures::stream::once(async move { Ok(sent) }));
                 let stored = reg.blobs.put(&digest, body, reg.config.max_blob).await?;
-                keep_small(reg, &digest, stored, compact(&kept));
+                // The store checked these very bytes against the digest.
+                reg.small_blobs.insert(digest.clone(), compact(&data));
                 stored
             }
             None => reg.blobs.put(&digest, body, reg.config.max_blob).await?,
@@ -321,27 +322,12 @@ const READ_WHOLE: u64 = 256 << 10;
 pub(crate) const WHOLE_CHUNK_BYTES: usize = 64 << 20;
 
 /// A blob of at most this many bytes that reaches this frontend in one piece (an upload's
-/// only chunk, or a monolithic `POST`) is kept here by its digest once stored ([`cached_small`]);
+/// only chunk, or a monolithic `POST`) is kept here by its digest once stored;
 /// an upload's chunk is held by the upload's id until the upload ends (or, for one abandoned,
 /// until evicted). Image configs are this small: the config is read again when its manifest is
 /// put (to describe the package), most often through the same frontend, and is then found here
 /// instead of asked of a storage node.
 pub(crate) const KEEP_SMALL: u64 = 64 << 10;
-
-/// Blob `digest`'s bytes, if this frontend uploaded them whole lately (see [`KEEP_SMALL`]).
-pub(crate) fn cached_small(reg: &Registry, digest: &Digest) -> Option<bytes::Bytes> {
-    reg.small_blobs.get(digest)
-}
-
-/// Keeps `data`, just stored as blob `digest`, by its digest. The store verified the bytes it
-/// received; these are checked here on their own (a few microseconds for a config of a few
-/// KiB, some tens at the largest size kept), so that whatever is kept hashes to its key.
-/// `data` must own its bytes (see [`compact`]).
-fn keep_small(reg: &Registry, digest: &Digest, stored: berth_core::Stored, data: bytes::Bytes) {
-    if data.len() as u64 == stored.size && data.len() as u64 <= KEEP_SMALL && digest.matches(&data) {
-        reg.small_blobs.insert(digest.clone(), data);
-    }
-}
 
 /// `data` in a buffer of its own. A body chunk is a slice of its connection's read buffer
 /// (8 KiB, or hundreds of KiB on a connection that carried layers), which a kept slice would
@@ -459,8 +445,13 @@ pub async fn finish(reg: &Registry, name: &str, id: &str, req: Request) -> Resul
     match reg.blobs.upload_finish(id, &digest).await {
         Ok(stored) => {
             reg.sessions.remove(id);
+            // The store verified what it staged; the chunk kept is matched to that only by
+            // its size, so it is checked against the digest here too (a few microseconds for
+            // a config, some tens at the largest size kept).
             if let Some((_, kept)) = reg.small_uploads.remove(id) {
-                keep_small(reg, &digest, stored, kept);
+                if kept.len() as u64 == stored.size && digest.matches(&kept) {
+                    reg.small_blobs.insert(digest.clone(), kept);
+                }
             }
             match reg.meta.end_upload(id, Some((digest.clone(), stored))).await {
                 // The session was ended meanwhile (housekeeping found its staging area gone

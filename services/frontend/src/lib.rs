@@ -116,7 +116,7 @@ pub struct Registry {
     /// [`blobs::KEEP_SMALL`]).
     small_uploads: quick_cache::sync::Cache<String, Bytes, ByteWeight>,
     /// Small blobs uploaded whole through this frontend, by digest, their bytes checked
-    /// against it here: an image's config, read again when its manifest is put.
+    /// against it: an image's config, read again when its manifest is put.
     small_blobs: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
 }
 
