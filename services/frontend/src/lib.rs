@@ -29,6 +29,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use berth_core::access::Action;
+use berth_core::manifest::MAX_MANIFEST_SIZE;
 use berth_core::trace;
 use berth_core::{BlobStore, ByteStream, ErrorCode, MetaStore, RegistryError};
 use bytes::Bytes;
@@ -128,7 +129,7 @@ impl Registry {
         config: FrontendConfig,
         auth: auth::AuthConfig,
     ) -> Arc<Registry> {
-        let manifests = quick_cache::sync::Cache::with_weighter(16_384, config.manifest_cache_bytes.max(1), ByteWeight);
+        let manifests = manifest_cache(config.manifest_cache_bytes.max(1));
         let recall = recall::Recall::new(config.remember_pulls);
         let pulls = pulls::PullCounter::new(meta.clone());
         Arc::new(Registry {
@@ -183,18 +184,43 @@ const SMALL_KEPT_BYTES: u64 = 4 << 20;
 /// image, too few to contend.
 const SMALL_CACHE_SHARDS: usize = 4;
 
+/// The frontend's cache of manifests by digest, `bytes` in all. quick_cache splits the weight
+/// evenly over its shards and does not keep an item heavier than 97% of a shard; its default of
+/// four shards per CPU made shards of 2 MiB from the default 16 MiB on 2 CPUs, and of 256 KiB
+/// on 16, so that larger manifests (big image indexes, artifacts of many layers) were read from
+/// storage on every pull. The shards are as many as that default, but no more than keep a
+/// manifest of the largest size accepted ([`MAX_MANIFEST_SIZE`]) wherever the cache can hold
+/// one: two for the default 16 MiB, more for a larger cache; one for a cache smaller than that.
+fn manifest_cache(bytes: u64) -> quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight> {
+    let largest = MAX_MANIFEST_SIZE as u64 + 64;
+    let mut shards = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_mul(4).next_power_of_two();
+    while shards > 1 && bytes.div_ceil(shards as u64) * 96 / 100 < largest {
+        shards /= 2;
+    }
+    weighed_cache(16_384, bytes, shards)
+}
+
 /// An empty small-blob cache (see [`SMALL_KEPT_BYTES`]).
 fn small_cache<K>() -> quick_cache::sync::Cache<K, Bytes, ByteWeight>
 where
     K: Eq + std::hash::Hash + Clone,
     ByteWeight: quick_cache::Weighter<K, Bytes>,
 {
+    weighed_cache(4096, SMALL_KEPT_BYTES, SMALL_CACHE_SHARDS)
+}
+
+/// An empty cache of byte strings weighed by their size, `bytes` in all, in `shards` shards.
+fn weighed_cache<K>(items: usize, bytes: u64, shards: usize) -> quick_cache::sync::Cache<K, Bytes, ByteWeight>
+where
+    K: Eq + std::hash::Hash + Clone,
+    ByteWeight: quick_cache::Weighter<K, Bytes>,
+{
     let options = quick_cache::OptionsBuilder::new()
-        .estimated_items_capacity(4096)
-        .weight_capacity(SMALL_KEPT_BYTES)
-        .shards(SMALL_CACHE_SHARDS)
+        .estimated_items_capacity(items)
+        .weight_capacity(bytes)
+        .shards(shards)
         .build()
-        .expect("the small-blob caches' options are complete");
+        .expect("the cache's options are complete");
     quick_cache::sync::Cache::with_options(
         options,
         ByteWeight,
@@ -669,4 +695,30 @@ fn query_params(uri: &axum::http::Uri, key: &str) -> Vec<String> {
 
 fn parse_digest(s: &str) -> Result<berth_core::Digest, RegistryError> {
     s.parse().map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, format!("{s:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(len: usize) -> (berth_core::Digest, Bytes) {
+        let body = Bytes::from(vec![b'{'; len]);
+        (berth_core::Digest::sha256_of(&body), body)
+    }
+
+    #[test]
+    fn the_manifest_cache_keeps_a_manifest_of_the_largest_size_on_any_host() {
+        // The default size and larger ones keep a manifest of the largest size accepted.
+        for bytes in [16 << 20, 64 << 20, 1 << 30] {
+            let cache = manifest_cache(bytes);
+            let (d, body) = manifest(MAX_MANIFEST_SIZE);
+            cache.insert(d.clone(), body.clone());
+            assert_eq!(cache.get(&d), Some(body), "a cache of {bytes} bytes");
+        }
+        // A cache smaller than the largest manifest still keeps what fits in it.
+        let cache = manifest_cache(1 << 20);
+        let (d, body) = manifest(600 << 10);
+        cache.insert(d.clone(), body.clone());
+        assert_eq!(cache.get(&d), Some(body));
+    }
 }
