@@ -24,11 +24,15 @@
 //! A channel also counts the connections it has made and lost ([`Conn::connection_changes`]):
 //! a peer that restarts cannot keep a connection across it, so an answer received while the
 //! count stays the same came from the process that answers now.
+//!
+//! A caller that stops waiting for a call can learn whether its message was sent: it puts an
+//! [`Unsent`] in the request's extensions, and the body takes it before handing out the
+//! message ([`Unsent::give_up`]).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -91,7 +95,34 @@ impl Service<Request<Body>> for Conn {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        self.channel.call(request.map(|body| Body::new(LookAhead { body, next: None, ended: false })))
+        let unsent = request.extensions().get::<Unsent>().cloned();
+        self.channel.call(request.map(|body| Body::new(LookAhead { body, next: None, ended: false, unsent })))
+    }
+}
+
+/// Whether a call's message has been handed to its connection, decided once: either its body
+/// hands it out first, or its caller gives the call up first and the body refuses to (an
+/// error that resets the stream, so the peer's handler never has the message). Put one in a
+/// request's extensions; [`Unsent::give_up`] tells the caller which came first.
+#[derive(Clone, Debug, Default)]
+pub struct Unsent(Arc<AtomicU8>);
+
+const WAITING: u8 = 0;
+const SENT: u8 = 1;
+const GIVEN_UP: u8 = 2;
+
+impl Unsent {
+    /// Gives the call up unless its message was handed out: true if it never will be.
+    pub fn give_up(&self) -> bool {
+        self.settle(GIVEN_UP)
+    }
+
+    /// Settles the call as `to` unless it was settled otherwise: whether it is `to` now.
+    fn settle(&self, to: u8) -> bool {
+        match self.0.compare_exchange(WAITING, to, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(was) => was == to,
+        }
     }
 }
 
@@ -275,6 +306,8 @@ struct LookAhead {
     body: Body,
     next: Option<Result<Frame<Bytes>, tonic::Status>>,
     ended: bool,
+    /// Taken before the first frame is handed out (see [`Unsent`]).
+    unsent: Option<Unsent>,
 }
 
 impl http_body::Body for LookAhead {
@@ -283,6 +316,12 @@ impl http_body::Body for LookAhead {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let this = &mut *self;
+        if let Some(unsent) = this.unsent.take() {
+            if !unsent.settle(SENT) {
+                this.ended = true;
+                return Poll::Ready(Some(Err(tonic::Status::cancelled("the call was given up before it was sent"))));
+            }
+        }
         let frame = match this.next.take() {
             Some(frame) => frame,
             None if this.ended => return Poll::Ready(None),
@@ -350,8 +389,37 @@ mod tests {
         let chunks = ["a", "bc", "def"].map(|s| Ok::<_, tonic::Status>(Frame::data(Bytes::from(s))));
         let stream = futures::stream::iter(chunks);
         let body = Body::new(http_body_util::StreamBody::new(stream));
-        let got = frames(LookAhead { body, next: None, ended: false });
+        let got = frames(LookAhead { body, next: None, ended: false, unsent: None });
         assert_eq!(got, vec![("a".into(), false), ("bc".into(), false), ("def".into(), true)]);
+    }
+
+    fn stream(chunks: &[&'static str]) -> Body {
+        let chunks: Vec<_> = chunks.iter().map(|s| Ok::<_, tonic::Status>(Frame::data(Bytes::from(*s)))).collect();
+        Body::new(http_body_util::StreamBody::new(futures::stream::iter(chunks)))
+    }
+
+    #[test]
+    fn a_call_given_up_first_never_hands_out_its_message() {
+        let unsent = Unsent::default();
+        assert!(unsent.give_up());
+        assert!(unsent.give_up(), "a call given up stays given up");
+        let body = LookAhead { body: stream(&["message"]), next: None, ended: false, unsent: Some(unsent) };
+        let mut body = Box::pin(body);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Err(status))) => assert_eq!(status.code(), tonic::Code::Cancelled),
+            other => panic!("the body handed out {other:?}"),
+        }
+        assert!(matches!(body.as_mut().poll_frame(&mut cx), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_call_whose_message_was_handed_out_cannot_be_given_up() {
+        let unsent = Unsent::default();
+        let body = LookAhead { body: stream(&["a", "b"]), next: None, ended: false, unsent: Some(unsent.clone()) };
+        assert_eq!(frames(body), vec![("a".into(), false), ("b".into(), true)]);
+        assert!(!unsent.give_up());
     }
 
     #[test]
@@ -359,6 +427,6 @@ mod tests {
         let first = futures::stream::iter([Ok::<_, tonic::Status>(Frame::data(Bytes::from("x")))]);
         let stream = first.chain(futures::stream::pending());
         let body = Body::new(http_body_util::StreamBody::new(stream));
-        assert_eq!(frames(LookAhead { body, next: None, ended: false }), vec![("x".into(), false)]);
+        assert_eq!(frames(LookAhead { body, next: None, ended: false, unsent: None }), vec![("x".into(), false)]);
     }
 }

@@ -5,6 +5,16 @@
 //! knows it, and the client follows. With no leader known, or a node out of reach, it tries
 //! the next node after a short backoff, for a bounded time, then answers 503.
 //!
+//! A node that turned a call away unsent (no connection could be made, or it refused the call
+//! unprocessed, as a node shutting down does) is passed over for a moment ([`DOWN_FOR`]):
+//! calls do not go to it, nor follow a NotLeader that names it (a follower names the old
+//! leader until it hears of an election), and the calls waiting on it try another node at
+//! once: every read, and every write whose message has not left (see [`Unsent`]). A channel
+//! makes one connection attempt for each call waiting on it, one after another, so before this
+//! the calls waiting on a node that vanished (the address of a killed container times out)
+//! waited a connect timeout each in turn, and a follower sent them back to wait again: under
+//! a pull load, a read begun as the leader was killed ran out its 5 s.
+//!
 //! Retries never apply a write twice. A write is retried only when it certainly never reached a
 //! leader: NotLeader, or no connection was made. A write that timed out, or whose connection
 //! broke mid-call, may or may not have been applied; it is answered 503 and the caller
@@ -28,7 +38,7 @@ use berth_core::store::{
 };
 use berth_core::trace;
 use berth_core::{Digest, ErrorCode, ManifestRecord, MetaStore, RegistryError, Stored, UploadSession};
-use berth_proto::conn::Conn;
+use berth_proto::conn::{Conn, Unsent};
 use berth_proto::meta as pb;
 use berth_proto::meta::meta_client::MetaClient as MetaGrpc;
 use berth_proto::status::never_sent;
@@ -94,6 +104,11 @@ pub enum MetaClientError {
     },
 }
 
+/// How long a node that turned a call away unsent is passed over. Long enough for an
+/// election among the others (0.5–1 s) to name the new leader; short enough that a node that
+/// restarted is tried again soon. While every node is passed over, calls try them anyway.
+const DOWN_FOR: Duration = Duration::from_secs(1);
+
 /// Where the next call goes.
 #[derive(Debug, Default)]
 struct Route {
@@ -101,6 +116,14 @@ struct Route {
     leader: Option<String>,
     /// Index into the node list of the next node to try when no leader is known.
     next: usize,
+    /// Nodes passed over ([`Calls::mark_down`]), each with the time until which it is.
+    down: HashMap<String, Instant>,
+}
+
+impl Route {
+    fn is_down(&self, addr: &str, now: Instant) -> bool {
+        !self.down.is_empty() && self.down.get(addr).is_some_and(|until| now < *until)
+    }
 }
 
 /// A [`MetaStore`] that calls the metadata group's leader over gRPC.
@@ -112,6 +135,9 @@ struct Calls {
     nodes: Vec<String>,
     config: MetaClientConfig,
     route: Mutex<Route>,
+    /// Counts the marks of nodes as down ([`Calls::mark_down`]): every call watches it while
+    /// it waits for an answer, to give up on a node another call found out of reach.
+    downs: tokio::sync::watch::Sender<u64>,
     /// One lazily connected channel per address (the leader may name a node not in `nodes`).
     channels: Mutex<HashMap<String, Conn>>,
     /// Hot reads waiting to go out together ([`Calls::batched`]).
@@ -301,8 +327,12 @@ enum Kind {
 enum Failure {
     /// The node does not lead; it named the leader, or knows none.
     NotLeader(Option<String>),
-    /// The request never left this client (no connection could be made).
+    /// The request never reached the node's service: no connection could be made, or the
+    /// node refused it unprocessed ([`never_sent`]).
     Unsent,
+    /// The call was given up unanswered: a read, or a write whose message never left
+    /// ([`Calls::unless_given_up`]).
+    GaveUp,
     /// The request may have reached the node and the answer was lost.
     Lost,
     /// An answer: the call is over.
@@ -376,6 +406,7 @@ impl MetaClient {
             nodes,
             config,
             route: Mutex::default(),
+            downs: tokio::sync::watch::Sender::new(0),
             channels: Mutex::default(),
             reads: Mutex::default(),
             writes: Mutex::default(),
@@ -471,15 +502,96 @@ impl Calls {
         }
     }
 
-    /// The node the next call should try first.
+    /// The node the next call should try first: the leader, else the next node in the
+    /// rotation, passing over nodes marked down unless all are.
     fn target(&self) -> String {
         let route = lock(&self.route);
-        route.leader.clone().unwrap_or_else(|| self.nodes[route.next % self.nodes.len()].clone())
+        let now = Instant::now();
+        if let Some(leader) = route.leader.as_ref().filter(|l| !route.is_down(l, now)) {
+            return leader.clone();
+        }
+        let n = self.nodes.len();
+        let mut rotation = (0..n).map(|i| &self.nodes[route.next.wrapping_add(i) % n]);
+        let first = &self.nodes[route.next % n];
+        rotation.find(|addr| !route.is_down(addr, now)).unwrap_or(first).clone()
     }
 
     /// Remembers a leader: a node that answered, or one a follower named.
     fn follow(&self, leader: &str) {
-        lock(&self.route).leader = Some(leader.to_string());
+        let mut route = lock(&self.route);
+        if route.leader.as_deref() != Some(leader) {
+            route.leader = Some(leader.to_string());
+        }
+    }
+
+    /// Remembers a node that answered as the leader, and that it is reachable.
+    fn answered(&self, addr: &str) {
+        let mut route = lock(&self.route);
+        if route.leader.as_deref() != Some(addr) {
+            route.leader = Some(addr.to_string());
+        }
+        if !route.down.is_empty() {
+            route.down.remove(addr);
+        }
+    }
+
+    /// Whether `addr` is passed over for now.
+    fn is_down(&self, addr: &str) -> bool {
+        lock(&self.route).is_down(addr, Instant::now())
+    }
+
+    /// Passes over `addr` for [`DOWN_FOR`], tells the calls waiting on it, and forgets its
+    /// channel: a connection attempt the channel still makes for calls that gave up would
+    /// answer the next call with its stale failure. A node already marked keeps its mark: only
+    /// a failure after the mark ends marks it again.
+    fn mark_down(&self, addr: &str) {
+        let now = Instant::now();
+        {
+            let mut route = lock(&self.route);
+            if route.is_down(addr, now) {
+                return;
+            }
+            route.down.retain(|_, until| now < *until);
+            route.down.insert(addr.to_string(), now + DOWN_FOR);
+        }
+        lock(&self.channels).remove(addr);
+        self.downs.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Waits for `attempt`, a call to `target`, unless it may be given up unanswered: when
+    /// `target` is marked down (`downs` changes and it is down), or when `deadline` passes. A
+    /// read may be given up (asking it again changes nothing), and so may a write whose message
+    /// has not left, `unsent` says (its body will refuse to hand it out). `None` when given up.
+    async fn unless_given_up<A>(
+        &self,
+        kind: Kind,
+        target: &str,
+        downs: &mut tokio::sync::watch::Receiver<u64>,
+        deadline: Instant,
+        unsent: &Unsent,
+        attempt: impl Future<Output = std::result::Result<A, Status>>,
+    ) -> Option<std::result::Result<A, Status>> {
+        let may_give_up = || kind == Kind::Read || unsent.give_up();
+        let expired = tokio::time::sleep_until(deadline);
+        tokio::pin!(attempt, expired);
+        let mut past_deadline = false;
+        loop {
+            tokio::select! {
+                biased;
+                reply = &mut attempt => return Some(reply),
+                Ok(()) = downs.changed() => {
+                    if self.is_down(target) && may_give_up() {
+                        return None;
+                    }
+                }
+                () = &mut expired, if !past_deadline => {
+                    past_deadline = true;
+                    if may_give_up() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Gives up on `addr` for now: it is no longer the leader, and the rotation moves past it
@@ -515,24 +627,34 @@ impl Calls {
     {
         let deadline = Instant::now() + self.config.retry_for;
         let mut backoff = FIRST_BACKOFF;
+        let mut downs = self.downs.subscribe();
         let mut target = self.target();
         let mut redirected = false;
         loop {
+            // Marks seen from here on are those made after the target was checked.
+            downs.borrow_and_update();
+            if self.is_down(&target) {
+                target = self.target();
+            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let (failure, detail) = match self.channel(&target) {
                 Ok(channel) => {
+                    let unsent = Unsent::default();
                     let mut request = Request::new(msg.clone());
                     request.set_timeout(self.config.request_timeout.min(remaining));
+                    request.extensions_mut().insert(unsent.clone());
                     berth_proto::carry(&mut request);
                     let client = MetaGrpc::new(channel)
                         .max_decoding_message_size(MAX_MESSAGE)
                         .max_encoding_message_size(MAX_MESSAGE);
-                    match rpc(client, request).await {
-                        Ok(reply) => {
-                            self.follow(&target);
+                    let attempt = rpc(client, request);
+                    match self.unless_given_up(kind, &target, &mut downs, deadline, &unsent, attempt).await {
+                        Some(Ok(reply)) => {
+                            self.answered(&target);
                             return Ok(reply.into_inner());
                         }
-                        Err(status) => (classify(&status), status.to_string()),
+                        Some(Err(status)) => (classify(&status), status.to_string()),
+                        None => (Failure::GaveUp, format!("gave up waiting for {target}")),
                     }
                 }
                 // Only a leader's name can be undialable (the node list was checked).
@@ -543,7 +665,7 @@ impl Calls {
                 Failure::Lost if kind == Kind::Write => {
                     return Err(unavailable(format!("a write to {target} may or may not have been applied: {detail}")));
                 }
-                Failure::NotLeader(Some(leader)) if leader != target => {
+                Failure::NotLeader(Some(leader)) if leader != target && !self.is_down(&leader) => {
                     self.follow(&leader);
                     target = leader;
                     // Follow a fresh redirect at once; two in a row mean the nodes disagree
@@ -552,6 +674,9 @@ impl Calls {
                 }
                 failure => {
                     tracing::debug!(node = %target, ?failure, %detail, "metadata call failed; trying another node");
+                    if failure == Failure::Unsent {
+                        self.mark_down(&target);
+                    }
                     self.pass(&target);
                     target = self.target();
                     redirected = false;

@@ -870,6 +870,61 @@ mod tests {
         meta.shutdown().await;
     }
 
+    /// A listener that takes no connection: its queue of one is full, so the kernel drops new
+    /// SYNs and a connect waits until it times out, as one to the address of a container that
+    /// was killed does. Keep the stream: it fills the queue.
+    fn unanswering() -> (tokio::net::TcpListener, std::net::TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("the queue takes one");
+        (listener, filler)
+    }
+
+    /// The leader vanished, its address answering nothing, and a follower still names it:
+    /// calls of every kind waiting on it, batched or not, move on together to the new leader
+    /// within about one connect timeout, and the writes among them are applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_waiting_on_a_vanished_leader_move_on_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).await;
+        let store: Arc<dyn MetaStore> = Arc::new(meta.clone());
+        let leader = serve(store.clone(), Arc::new(AlwaysLeader)).await;
+        let (vanished, _filler) = unanswering();
+        let vanished = vanished.local_addr().unwrap();
+        let gate = Gate::new(Some(NotLeader { leader: Some(vanished.to_string()) }), Duration::ZERO);
+        let stale = serve(store, gate.clone()).await;
+        // The vanished node comes first: with no leader known yet, every call starts there.
+        let config = MetaClientConfig::default();
+        let c = Arc::new(client(&[vanished, stale.addr, leader.addr], config.clone()));
+
+        let started = std::time::Instant::now();
+        let calls = (0..16u64).map(|i| {
+            let c = c.clone();
+            async move {
+                let outcome = match i % 4 {
+                    0 => c.link_blob("a/b", &d(&format!("blob{i}")), stored(i + 1)).await.map(|()| 0),
+                    1 => c.blob_link("a/b", &d("none")).await.map(|_| 0),
+                    2 => c.unlink_blob("a/b", &d("none")).await.map(|_| 0),
+                    _ => c.key_generation().await,
+                };
+                (outcome, started.elapsed())
+            }
+        });
+        let outcomes = futures::future::join_all(calls).await;
+        for (i, (outcome, took)) in outcomes.iter().enumerate() {
+            assert!(outcome.is_ok(), "call {i} failed after {took:?}: {outcome:?}");
+            assert!(*took < 4 * config.connect_timeout, "call {i} took {took:?}");
+        }
+        assert_eq!(c.blob_link("a/b", &d("blob4")).await.unwrap(), Some(5), "the writes were applied");
+        assert!(gate.asked() >= 1, "the stale follower was asked");
+
+        stale.stop().await;
+        leader.stop().await;
+        meta.shutdown().await;
+    }
+
     #[tokio::test]
     async fn a_timed_out_write_is_not_repeated_but_a_read_is() {
         let dir = tempfile::tempdir().unwrap();
