@@ -1,11 +1,11 @@
 //! The storage engine: the [`BlobStore`] of one node over its local directory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -155,8 +155,12 @@ struct Inner {
     compacting: AtomicBool,
     /// Whether a sweep was asked for since the running one began.
     compact_again: AtomicBool,
-    /// Blobs being committed or deleted, each with the lock these take in turn.
-    committing: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Blobs being committed or deleted: each is locked by one of these at a time (see
+    /// [`Inner::lock_blob`]); `unlocked` wakes those waiting for one.
+    committing: Mutex<HashSet<String>>,
+    unlocked: Condvar,
+    /// The committer thread's queue (see the `committer` module); set once the engine is open.
+    committer: OnceLock<std::sync::mpsc::Sender<committer::Job>>,
     /// Stamps for copies (see [`BlobEntry::stamp`]).
     stamps: Mutex<Stamps>,
     /// The active segment as commits last saw it; when it changes, the segment just sealed
@@ -176,6 +180,37 @@ struct Inner {
     quarantined: AtomicU64,
     /// Which blobs reads ask this node for first (see [`StorageEngine::set_reads_first`]).
     reads_first: std::sync::RwLock<Option<ReadsFirst>>,
+}
+
+/// Largest blob a `put_small` hashes on the calling task.
+const HASHED_ON_TASK: usize = 64 * 1024;
+
+/// The error of staged bytes that did not verify: against the digest, or against the sending
+/// node's BLAKE3 for a copy.
+fn not_verified(digest: &Digest, copy: bool) -> RegistryError {
+    let why = match copy {
+        true => format!("the copy of {digest} received does not match the sending node's BLAKE3"),
+        false => format!("uploaded content does not hash to {digest}"),
+    };
+    RegistryError::new(ErrorCode::DigestInvalid, why)
+}
+
+/// Blob `key`'s lock, held (see [`Inner::lock_blob`]).
+struct BlobLock<'a> {
+    inner: &'a Inner,
+    key: String,
+}
+
+impl Drop for BlobLock<'_> {
+    fn drop(&mut self) {
+        let mut locked = match self.inner.committing.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        locked.remove(&self.key);
+        drop(locked);
+        self.inner.unlocked.notify_all();
+    }
 }
 
 /// Whether reads of a blob ask this node for it first: its first owner in placement order.
@@ -403,7 +438,9 @@ impl StorageEngine {
                 segment_index: Mutex::new(()),
                 compacting: AtomicBool::new(false),
                 compact_again: AtomicBool::new(false),
-                committing: Mutex::new(HashMap::new()),
+                committing: Mutex::new(HashSet::new()),
+                unlocked: Condvar::new(),
+                committer: OnceLock::new(),
                 stamps: Mutex::new(Stamps { last: reserved, reserved }),
                 last_segment: AtomicU32::new(active),
                 uploads: Mutex::new(HashMap::new()),
@@ -415,6 +452,9 @@ impl StorageEngine {
             }),
         };
         engine.inner.recover_index().map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(queue) = committer::start(Arc::downgrade(&engine.inner))? {
+            let _ = engine.inner.committer.set(queue);
+        }
         // Segments left at least half dead (the node stopped before a sweep ran, or recovery
         // counted records dead) are compacted now rather than at the next delete or roll.
         // The sweep runs on the runtime's blocking pool: without a runtime it waits for those.
@@ -588,29 +628,62 @@ impl StorageEngine {
         // The slot stays in the map, locked, until the commit is over: a call for the upload
         // meanwhile waits for it (and then finds it gone) instead of opening the staged file
         // being committed, and housekeeping sees the upload in use, not lost.
-        let committed = blocking(move || {
-            let mut st = st;
-            let (ok, checksums) = match &copy_of {
-                Some(blake3) => st.verify_copy(blake3),
-                None => st.verify(&digest).map_err(internal)?,
+        let at_once = st.size <= INLINE_THRESHOLD
+            && match copy_of {
+                Some(_) => st.in_memory(),
+                None => st.verifies_at_once(&digest),
             };
-            if !ok {
-                st.discard();
-                let why = match copy_of {
-                    Some(_) => format!("the copy of {digest} received does not match the sending node's BLAKE3"),
-                    None => format!("uploaded content does not hash to {digest}"),
-                };
-                return Err(RegistryError::new(ErrorCode::DigestInvalid, why));
+        let committed = if at_once {
+            // Verified here (the hashes ran as the bytes came), committed by the committer.
+            let mut st = st;
+            let verified = match &copy_of {
+                Some(blake3) => Ok(st.verify_copy(blake3)),
+                None => st.verify(&digest).map_err(internal),
+            };
+            match verified {
+                Ok((true, checksums)) => self.commit_small(st, &digest, checksums).await,
+                Ok((false, _)) => {
+                    st.discard();
+                    Err(not_verified(&digest, copy_of.is_some()))
+                }
+                Err(e) => {
+                    st.discard();
+                    Err(e)
+                }
             }
-            let path = st.path.clone();
-            inner.commit(st, &digest, checksums).inspect_err(|_| {
-                let _ = fs::remove_file(&path);
+        } else {
+            blocking(move || {
+                let mut st = st;
+                let (ok, checksums) = match &copy_of {
+                    Some(blake3) => st.verify_copy(blake3),
+                    None => st.verify(&digest).map_err(internal)?,
+                };
+                if !ok {
+                    st.discard();
+                    return Err(not_verified(&digest, copy_of.is_some()));
+                }
+                let path = st.path.clone();
+                inner.commit(st, &digest, checksums).inspect_err(|_| {
+                    let _ = fs::remove_file(&path);
+                })
             })
-        })
-        .await;
+            .await
+        };
         self.note_ended(id);
         self.forget_upload(id);
         committed
+    }
+
+    /// Commits verified staged bytes held in memory of a small blob: through the committer
+    /// (see the `committer` module), or on the blocking pool when there is none.
+    async fn commit_small(&self, st: Box<Staging>, digest: &Digest, checksums: Checksums) -> Result<Stored> {
+        match self.inner.queue_commit(st, digest.clone(), checksums) {
+            Ok(outcome) => outcome.await.map_err(|_| internal("the committer stopped"))?,
+            Err((st, checksums)) => {
+                let (inner, digest) = (self.inner.clone(), digest.clone());
+                blocking(move || inner.commit(st, &digest, checksums)).await
+            }
+        }
     }
 
     /// Remembers that upload `id` has ended (see `Inner::ended`), if its id names this
@@ -1196,7 +1269,12 @@ impl Inner {
     /// Writes `batch`, which holds the entries of the segment records `own`, with the low mark
     /// (see the `segment` module). Unless `sync`, the write is not flushed: the records were,
     /// and their entries can be made again from them.
-    fn index_write(&self, mut batch: WriteBatch, own: &[Pending<'_>], sync: bool) -> Result<()> {
+    fn index_write(&self, batch: WriteBatch, own: &[Pending<'_>], sync: bool) -> Result<()> {
+        self.index_write_of(batch, &own.iter().collect::<Vec<_>>(), sync)
+    }
+
+    /// [`Inner::index_write`] of records held apart.
+    fn index_write_of(&self, mut batch: WriteBatch, own: &[&Pending<'_>], sync: bool) -> Result<()> {
         let mark = self.segments.low_mark(own).map_err(internal)?;
         batch.put_cf(self.cf(CF_BLOBS)?, LOW_MARK_KEY, encode_mark(mark));
         if sync {
@@ -1284,19 +1362,18 @@ impl Inner {
 
     /// Runs `f` holding blob `key`'s lock: commits and deletes of one blob run one at a time.
     fn with_blob_lock<T>(&self, key: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let lock = self.committing.lock().map_err(internal)?.entry(key.to_string()).or_default().clone();
-        let result = match lock.lock() {
-            Ok(_g) => f(),
-            Err(e) => Err(internal(e)),
-        };
-        if let Ok(mut map) = self.committing.lock() {
-            // Clones are only taken under the map's lock: two (the map's and this one) means no
-            // other caller of this blob is waiting.
-            if Arc::strong_count(&lock) == 2 {
-                map.remove(key);
-            }
+        let _locked = self.lock_blob(key)?;
+        f()
+    }
+
+    /// Takes blob `key`'s lock, waiting while another holds it; held until the guard drops.
+    fn lock_blob(&self, key: &str) -> Result<BlobLock<'_>> {
+        let mut locked = self.committing.lock().map_err(internal)?;
+        while locked.contains(key) {
+            locked = self.unlocked.wait(locked).map_err(internal)?;
         }
-        result
+        locked.insert(key.to_string());
+        Ok(BlobLock { inner: self, key: key.to_string() })
     }
 
     /// Makes verified staged bytes a durable blob (see the crate docs for the order of steps).
@@ -1363,12 +1440,17 @@ impl Inner {
         if entry.location != Location::File {
             st.discard();
         }
+        self.count_written(digest, size);
+        Ok(Stored { size, stamp })
+    }
+
+    /// Counts a blob of `size` bytes written.
+    fn count_written(&self, digest: &Digest, size: u64) {
         metrics::counter!("berth_storage_blobs_written_total").increment(1);
         metrics::counter!("berth_storage_written_bytes_total").increment(size);
         if !self.keeps_cached(digest) {
             metrics::counter!("berth_storage_uncached_bytes_total").increment(size);
         }
-        Ok(Stored { size, stamp })
     }
 
     /// Gives the stored copy of blob `key` a fresh stamp: a write that found it already stored
@@ -1513,6 +1595,21 @@ impl BlobStore for StorageEngine {
 
     #[tracing::instrument(name = "store.put", skip_all, fields(bytes = data.len()))]
     async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored> {
+        let cached = self.inner.keeps_cached(digest);
+        if data.len() <= HASHED_ON_TASK {
+            // Hashed here: less than the hop to the blocking pool costs.
+            if !digest.matches(&data) {
+                return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
+            }
+            let path = self.inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
+            let st = Staging::create(path, self.inner.staged_in_memory.clone(), false);
+            let mut st = Box::new(st.uncached_if(!cached));
+            if st.stays_in_memory(data.len() as u64) {
+                st.append(data).map_err(internal)?;
+                let checksums = st.checksums();
+                return self.commit_small(st, digest, checksums).await;
+            }
+        }
         let inner = self.inner.clone();
         let digest = digest.clone();
         blocking(move || {
@@ -1522,7 +1619,7 @@ impl BlobStore for StorageEngine {
             let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
             // The digest was checked above: staging keeps only the integrity checksums.
             let st = Staging::create(path, inner.staged_in_memory.clone(), false);
-            let mut st = Box::new(st.uncached_if(!inner.keeps_cached(&digest)));
+            let mut st = Box::new(st.uncached_if(!cached));
             match st.append(data).map_err(internal) {
                 Ok(()) => {
                     let checksums = st.checksums();
@@ -1759,5 +1856,6 @@ impl Inner {
     }
 }
 
+mod committer;
 #[cfg(test)]
 mod tests;

@@ -32,7 +32,10 @@
 //! any point leaves either no entry (nothing served) or a complete, verified blob. A blob
 //! file's entry is a synced write. A segment blob's is not: its record names its digest, so a
 //! crash that loses the entry leaves what is needed to make it again, and the node does so at
-//! open (see the `segment` module); a small blob then waits for one fsync, not two. Staged
+//! open (see the `segment` module); a small blob then waits for one fsync, not two. Small
+//! blobs held in memory are committed by one thread per node in batches: one flush of their
+//! records and one index write for all that arrived meanwhile (see the engine's `committer`
+//! module). Staged
 //! uploads survive a restart: their hash state is rebuilt from the staged file when the session
 //! is next touched.
 

@@ -69,6 +69,13 @@ struct Active {
     pending: BTreeSet<(u32, u64)>,
 }
 
+/// Where a record written by [`Segments::write`] ends, for [`Segments::flush`].
+pub(crate) struct Written {
+    id: u32,
+    file: Arc<File>,
+    end: u64,
+}
+
 /// A place in the segments: (segment id, byte offset). Ordered as the segments are written.
 pub(crate) type Mark = (u32, u64);
 
@@ -176,7 +183,7 @@ impl Segments {
     /// module docs): the start of the first other record still pending, or the end of the
     /// segments when there is none. Every record below it has its entry written already, so
     /// that write is ahead of this one in the index's order.
-    pub fn low_mark(&self, own: &[Pending<'_>]) -> io::Result<Mark> {
+    pub fn low_mark(&self, own: &[&Pending<'_>]) -> io::Result<Mark> {
         let mut mine: Vec<Mark> = own.iter().map(|p| p.start).collect();
         mine.sort_unstable();
         let a = self.active.lock().map_err(lock_err)?;
@@ -192,6 +199,15 @@ impl Segments {
     /// Appends a record and returns once it is durable, pending until its index entry is
     /// written (see [`Pending`]).
     pub fn append(&self, key: &str, data: &[u8]) -> io::Result<Pending<'_>> {
+        let (pending, written) = self.write(key, data)?;
+        self.flush(&written)?;
+        Ok(pending)
+    }
+
+    /// Appends a record without waiting for it to be durable: [`Segments::flush`] of the
+    /// [`Written`] returned, or of one returned later, makes it so. Pending like
+    /// [`Segments::append`]'s.
+    pub fn write(&self, key: &str, data: &[u8]) -> io::Result<(Pending<'_>, Written)> {
         let key_len = u16::try_from(key.len()).map_err(io::Error::other)?;
         let data_len = u32::try_from(data.len()).map_err(io::Error::other)?;
         let mut head = Vec::with_capacity(HEADER + key.len());
@@ -219,8 +235,12 @@ impl Segments {
             (a.id, a.file.clone(), a.len, at)
         };
         let pending = Pending { segments: self, start: (id, at), offset: at + head.len() as u64 };
-        self.sync_through(id, &file, end)?;
-        Ok(pending)
+        Ok((pending, Written { id, file, end }))
+    }
+
+    /// Makes durable the record `written` names and every record written before it.
+    pub fn flush(&self, written: &Written) -> io::Result<()> {
+        self.sync_through(written.id, &written.file, written.end)
     }
 
     /// Drops the whole pages of `len` bytes of segment `id` from `offset` from the page cache
@@ -431,14 +451,14 @@ mod tests {
         let b = segments.append("sha256:b", b"second").unwrap();
         let end = (1, segments.active.lock().unwrap().len);
         // Writing b's entry: a is still pending, so the mark stays at a's start.
-        assert_eq!(segments.low_mark(std::slice::from_ref(&b)).unwrap(), (1, 0));
+        assert_eq!(segments.low_mark(&[&b]).unwrap(), (1, 0));
         // Writing a's entry while b is pending: the mark is b's start.
         let b_start = b.start;
         assert!(b_start > (1, 0) && b_start < end);
-        assert_eq!(segments.low_mark(std::slice::from_ref(&a)).unwrap(), b_start);
+        assert_eq!(segments.low_mark(&[&a]).unwrap(), b_start);
         drop(b);
         // Nothing else pending: the mark is the end of the segments.
-        assert_eq!(segments.low_mark(std::slice::from_ref(&a)).unwrap(), end);
+        assert_eq!(segments.low_mark(&[&a]).unwrap(), end);
         drop(a);
         assert_eq!(segments.low_mark(&[]).unwrap(), end);
         // A record whose commit failed (dropped unindexed) no longer holds the mark back.

@@ -300,6 +300,17 @@ impl Staging {
         self.memory = Memory::default();
     }
 
+    /// Whether the bytes are held in memory (no staging file).
+    pub fn in_memory(&self) -> bool {
+        self.file.is_none()
+    }
+
+    /// Whether [`Staging::verify`] of `digest` only finishes the hash run as the bytes came:
+    /// they are in memory and `digest` is a SHA-256 one, hashed as they arrived.
+    pub fn verifies_at_once(&self, digest: &Digest) -> bool {
+        self.in_memory() && digest.algorithm() == Algorithm::Sha256 && self.sha256.is_some()
+    }
+
     /// Whether the staged bytes hash to `digest`, and their integrity checksums.
     pub fn verify(&mut self, digest: &Digest) -> io::Result<(bool, Checksums)> {
         let checksum = self.checksums();
