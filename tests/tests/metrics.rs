@@ -129,6 +129,9 @@ async fn a_push_moves_the_counters_of_every_role_it_touches() {
     assert!(written >= 6.0, "3 blobs, at least 2 copies each: {written} written");
     let fsyncs: f64 = after_storage.iter().map(|t| sum(t, "berth_storage_fsync_duration_seconds_count", &[])).sum();
     assert!(fsyncs >= 6.0, "fsyncs timed: {fsyncs}");
+    // The small blobs (the config, the small layer, the manifest) went through the committers.
+    let batches: f64 = after_storage.iter().map(|t| sum(t, "berth_storage_commit_batch_size_count", &[])).sum();
+    assert!(batches >= 1.0, "small blobs committed in batches: {batches}");
     assert!(after_storage.iter().any(|t| sum(t, "berth_grpc_requests_total", &["Storage/"]) >= 1.0));
     assert!(after_storage.iter().all(|t| t.contains("berth_storage_uploads_open")));
     // Of each blob's three copies, the two on nodes that reads do not ask first leave the page

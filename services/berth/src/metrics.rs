@@ -35,6 +35,7 @@ pub fn install() {
     let built = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full("berth_raft_proposal_batch_size".into()), BATCH))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("berth_storage_commit_batch_size".into()), BATCH))
         .and_then(|b| b.install_recorder());
     let handle = match built {
         Ok(h) => h,
@@ -117,6 +118,10 @@ fn describe() {
         "Version of the placement map by which the node tells the copies reads ask it for first."
     );
     describe_counter!("berth_storage_blobs_written_total", "Blobs the node stored.");
+    describe_histogram!(
+        "berth_storage_commit_batch_size",
+        "Small blobs per batch of the node's committer: blobs made durable by one segment flush and one index write."
+    );
     describe_gauge!("berth_storage_uploads_open", "Uploads staged on the node.");
     describe_gauge!("berth_storage_blobs", "Blobs the node holds, as of its last placement pass.");
     describe_gauge!("berth_storage_bytes", Unit::Bytes, "Bytes the node holds, as of its last placement pass.");

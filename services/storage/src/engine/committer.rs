@@ -122,6 +122,7 @@ impl Inner {
 
     /// Commits a batch of small blobs with distinct digests (see the module docs).
     fn commit_batch(self: &Arc<Self>, jobs: Vec<Job>) -> Vec<Outcome> {
+        metrics::histogram!("berth_storage_commit_batch_size").record(jobs.len() as f64);
         let mut out: Vec<Outcome> = Vec::with_capacity(jobs.len());
         let mut locks: Vec<BlobLock<'_>> = Vec::with_capacity(jobs.len());
         let mut fresh: Vec<Fresh<'_>> = Vec::with_capacity(jobs.len());
