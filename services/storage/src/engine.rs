@@ -185,14 +185,38 @@ struct Inner {
 /// Largest blob a `put_small` hashes on the calling task.
 const HASHED_ON_TASK: usize = 64 * 1024;
 
-/// The error of staged bytes that did not verify: against the digest, or against the sending
-/// node's BLAKE3 for a copy.
-fn not_verified(digest: &Digest, copy: bool) -> RegistryError {
-    let why = match copy {
-        true => format!("the copy of {digest} received does not match the sending node's BLAKE3"),
-        false => format!("uploaded content does not hash to {digest}"),
+/// The integrity checksums of staged bytes `st` that hash to `digest` (for a copy from another
+/// node: that match `copy_of`, that node's BLAKE3 of them); other bytes are discarded and
+/// refused.
+fn verified(st: &mut Staging, digest: &Digest, copy_of: Option<[u8; 32]>) -> Result<Checksums> {
+    let checked = match &copy_of {
+        Some(blake3) => Ok(st.verify_copy(blake3)),
+        None => st.verify(digest).map_err(internal),
     };
-    RegistryError::new(ErrorCode::DigestInvalid, why)
+    match checked {
+        Ok((true, checksums)) => return Ok(checksums),
+        Ok((false, _)) => {}
+        Err(e) => {
+            st.discard();
+            return Err(e);
+        }
+    }
+    st.discard();
+    let why = match copy_of {
+        Some(_) => format!("the copy of {digest} received does not match the sending node's BLAKE3"),
+        None => format!("uploaded content does not hash to {digest}"),
+    };
+    Err(RegistryError::new(ErrorCode::DigestInvalid, why))
+}
+
+/// Stages small blob `data` in `st` once it hashes to `digest` (the digest is checked here:
+/// staging keeps only the integrity checksums); a staging file it spilled to is removed when
+/// it fails.
+fn stage_small(st: &mut Staging, digest: &Digest, data: Bytes) -> Result<()> {
+    if !digest.matches(&data) {
+        return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
+    }
+    st.append(data).map_err(internal).inspect_err(|_| st.discard())
 }
 
 /// Blob `key`'s lock, held (see [`Inner::lock_blob`]).
@@ -628,40 +652,22 @@ impl StorageEngine {
         // The slot stays in the map, locked, until the commit is over: a call for the upload
         // meanwhile waits for it (and then finds it gone) instead of opening the staged file
         // being committed, and housekeeping sees the upload in use, not lost.
-        let at_once = st.size <= INLINE_THRESHOLD
-            && match copy_of {
-                Some(_) => st.in_memory(),
-                None => st.verifies_at_once(&digest),
-            };
+        // Bytes held in memory are a small blob's (see `Staging`); their hashes ran as they
+        // came, so they are verified here and committed by the committer.
+        let at_once = match copy_of {
+            Some(_) => st.in_memory(),
+            None => st.verifies_at_once(&digest),
+        };
         let committed = if at_once {
-            // Verified here (the hashes ran as the bytes came), committed by the committer.
             let mut st = st;
-            let verified = match &copy_of {
-                Some(blake3) => Ok(st.verify_copy(blake3)),
-                None => st.verify(&digest).map_err(internal),
-            };
-            match verified {
-                Ok((true, checksums)) => self.commit_small(st, &digest, checksums).await,
-                Ok((false, _)) => {
-                    st.discard();
-                    Err(not_verified(&digest, copy_of.is_some()))
-                }
-                Err(e) => {
-                    st.discard();
-                    Err(e)
-                }
+            match verified(&mut st, &digest, copy_of) {
+                Ok(checksums) => self.commit_small(st, &digest, checksums).await,
+                Err(e) => Err(e),
             }
         } else {
             blocking(move || {
                 let mut st = st;
-                let (ok, checksums) = match &copy_of {
-                    Some(blake3) => st.verify_copy(blake3),
-                    None => st.verify(&digest).map_err(internal)?,
-                };
-                if !ok {
-                    st.discard();
-                    return Err(not_verified(&digest, copy_of.is_some()));
-                }
+                let checksums = verified(&mut st, &digest, copy_of)?;
                 let path = st.path.clone();
                 inner.commit(st, &digest, checksums).inspect_err(|_| {
                     let _ = fs::remove_file(&path);
@@ -1232,7 +1238,7 @@ impl Inner {
             batch.put_cf(blobs, dead_key(*s), (self.dead_in(*s)? + bytes).to_le_bytes());
         }
         batch.delete_cf(blobs, dead_key(segment));
-        self.index_write(batch, &pending, true)?;
+        self.index_write(batch, &pending.iter().collect::<Vec<_>>(), true)?;
         drop(pending);
         if !orphaned.is_empty() {
             self.compact_again.store(true, Ordering::Release);
@@ -1269,12 +1275,7 @@ impl Inner {
     /// Writes `batch`, which holds the entries of the segment records `own`, with the low mark
     /// (see the `segment` module). Unless `sync`, the write is not flushed: the records were,
     /// and their entries can be made again from them.
-    fn index_write(&self, batch: WriteBatch, own: &[Pending<'_>], sync: bool) -> Result<()> {
-        self.index_write_of(batch, &own.iter().collect::<Vec<_>>(), sync)
-    }
-
-    /// [`Inner::index_write`] of records held apart.
-    fn index_write_of(&self, mut batch: WriteBatch, own: &[&Pending<'_>], sync: bool) -> Result<()> {
+    fn index_write(&self, mut batch: WriteBatch, own: &[&Pending<'_>], sync: bool) -> Result<()> {
         let mark = self.segments.low_mark(own).map_err(internal)?;
         batch.put_cf(self.cf(CF_BLOBS)?, LOW_MARK_KEY, encode_mark(mark));
         if sync {
@@ -1322,9 +1323,7 @@ impl Inner {
                     let sums = tree.finish();
                     let entry =
                         BlobEntry { size: rec.len, blake3: sums.blake3, stamp: self.next_stamp()?, location: here };
-                    batch.put_cf(blobs, &rec.key, bincode::serialize(&entry).map_err(internal)?);
-                    batch.put_cf(blobs, units_key(&rec.key), encode_units(&sums.units));
-                    batch.delete_cf(blobs, corrupt_key(&rec.key));
+                    self.put_entry(&mut batch, &rec.key, &entry, &sums.units)?;
                     seen.insert(rec.key);
                     indexed += 1;
                 }
@@ -1412,9 +1411,7 @@ impl Inner {
                 self.drop_pages(digest, &at, size);
             }
             let segment = appended.segment();
-            if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
-                self.compact_segments();
-            }
+            self.note_segment(segment);
             entry.location = Location::Segment { segment, offset: appended.offset };
             record = Some(appended);
         } else {
@@ -1429,12 +1426,10 @@ impl Inner {
             sync_dir(parent).map_err(internal)?;
         }
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_BLOBS)?, key, bincode::serialize(&entry).map_err(internal)?);
-        batch.put_cf(self.cf(CF_BLOBS)?, units_key(key), encode_units(&checksums.units));
-        batch.delete_cf(self.cf(CF_BLOBS)?, corrupt_key(key));
+        self.put_entry(&mut batch, key, &entry, &checksums.units)?;
         match record {
             // The record's flush made the blob durable; its entry can be made again from it.
-            Some(record) => self.index_write(batch, std::slice::from_ref(&record), false)?,
+            Some(record) => self.index_write(batch, &[&record], false)?,
             None => self.synced_write(batch)?,
         }
         if entry.location != Location::File {
@@ -1442,6 +1437,24 @@ impl Inner {
         }
         self.count_written(digest, size);
         Ok(Stored { size, stamp })
+    }
+
+    /// Adds to `batch` the index writes of a blob stored afresh: its entry, its unit sums, and
+    /// the end of any damage recorded against an earlier copy.
+    fn put_entry(&self, batch: &mut WriteBatch, key: &str, entry: &BlobEntry, units: &UnitSums) -> Result<()> {
+        let blobs = self.cf(CF_BLOBS)?;
+        batch.put_cf(blobs, key, bincode::serialize(entry).map_err(internal)?);
+        batch.put_cf(blobs, units_key(key), encode_units(units));
+        batch.delete_cf(blobs, corrupt_key(key));
+        Ok(())
+    }
+
+    /// Notes that a record went to segment `segment`: when that is a newer segment than the
+    /// last one seen, the one just sealed may already be half dead, and a sweep looks.
+    fn note_segment(self: &Arc<Self>, segment: u32) {
+        if self.last_segment.fetch_max(segment, Ordering::AcqRel) < segment {
+            self.compact_segments();
+        }
     }
 
     /// Counts a blob of `size` bytes written.
@@ -1595,41 +1608,21 @@ impl BlobStore for StorageEngine {
 
     #[tracing::instrument(name = "store.put", skip_all, fields(bytes = data.len()))]
     async fn put_small(&self, digest: &Digest, data: Bytes) -> Result<Stored> {
-        let cached = self.inner.keeps_cached(digest);
-        if data.len() <= HASHED_ON_TASK {
-            // Hashed here: less than the hop to the blocking pool costs.
-            if !digest.matches(&data) {
-                return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
-            }
-            let path = self.inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
-            let st = Staging::create(path, self.inner.staged_in_memory.clone(), false);
-            let mut st = Box::new(st.uncached_if(!cached));
-            if st.stays_in_memory(data.len() as u64) {
-                st.append(data).map_err(internal)?;
-                let checksums = st.checksums();
-                return self.commit_small(st, digest, checksums).await;
-            }
+        let path = self.inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
+        let st = Staging::create(path, self.inner.staged_in_memory.clone(), false);
+        let mut st = Box::new(st.uncached_if(!self.inner.keeps_cached(digest)));
+        if data.len() <= HASHED_ON_TASK && st.stays_in_memory(data.len() as u64) {
+            // Hashed here (less than the hop to the blocking pool costs), kept in memory, and
+            // committed by the committer.
+            stage_small(&mut st, digest, data)?;
+            let checksums = st.checksums();
+            return self.commit_small(st, digest, checksums).await;
         }
-        let inner = self.inner.clone();
-        let digest = digest.clone();
+        let (inner, digest) = (self.inner.clone(), digest.clone());
         blocking(move || {
-            if !digest.matches(&data) {
-                return Err(RegistryError::new(ErrorCode::DigestInvalid, format!("content does not hash to {digest}")));
-            }
-            let path = inner.upload_path(&format!("small-{}", uuid::Uuid::new_v4()));
-            // The digest was checked above: staging keeps only the integrity checksums.
-            let st = Staging::create(path, inner.staged_in_memory.clone(), false);
-            let mut st = Box::new(st.uncached_if(!cached));
-            match st.append(data).map_err(internal) {
-                Ok(()) => {
-                    let checksums = st.checksums();
-                    inner.commit(st, &digest, checksums)
-                }
-                Err(e) => {
-                    st.discard();
-                    Err(e)
-                }
-            }
+            stage_small(&mut st, &digest, data)?;
+            let checksums = st.checksums();
+            inner.commit(st, &digest, checksums)
         })
         .await
     }

@@ -11,7 +11,8 @@
 //! A batch holds the locks of its blobs (see `Inner::lock_blob`) from before it looks at
 //! their entries until their entries are written, as a commit on its own does; a blob queued
 //! twice goes in a later batch than its first (the first commits it, the second finds it
-//! stored).
+//! stored). The queue has no bound of its own: what waits in it is staged in memory, which
+//! the node's staging budget bounds (`staging::MEMORY_BUDGET`).
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -19,11 +20,11 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Weak};
 
 use berth_core::error::Result;
-use berth_core::{Digest, Stored};
+use berth_core::{Digest, RegistryError, Stored};
 use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
 
-use super::{encode_units, internal, units_key, BlobEntry, BlobLock, Inner, Location, CF_BLOBS};
+use super::{internal, BlobEntry, BlobLock, Inner, Location};
 use crate::integrity::Checksums;
 use crate::segment::{Pending, Written};
 use crate::staging::Staging;
@@ -37,6 +38,8 @@ const MAX_BATCH_BYTES: u64 = 16 << 20;
 pub(super) struct Job {
     pub st: Box<Staging>,
     pub digest: Digest,
+    /// The digest as the index's key.
+    pub key: String,
     pub checksums: Checksums,
     pub reply: oneshot::Sender<Result<Stored>>,
 }
@@ -66,13 +69,13 @@ fn run(inner: &Weak<Inner>, rx: &Receiver<Job>) {
                 Err(_) => return,
             },
         };
-        let mut keys = HashSet::from([first.digest.to_string()]);
+        let mut keys = HashSet::from([first.key.clone()]);
         let mut bytes = first.st.size;
         let mut batch = vec![first];
         let mut put_off = vec![];
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             let Some(job) = later.pop_front().or_else(|| rx.try_recv().ok()) else { break };
-            if keys.insert(job.digest.to_string()) {
+            if keys.insert(job.key.clone()) {
                 bytes += job.st.size;
                 batch.push(job);
             } else {
@@ -95,12 +98,17 @@ fn run(inner: &Weak<Inner>, rx: &Receiver<Job>) {
 /// A blob of a batch whose record is written, waiting for the flush and its entry.
 struct Fresh<'a> {
     job: Job,
-    key: String,
     entry: BlobEntry,
     record: Pending<'a>,
 }
 
 type Outcome = (oneshot::Sender<Result<Stored>>, Result<Stored>);
+
+/// The outcome of a job refused with `e`, its staged bytes let go.
+fn refused(mut job: Job, e: RegistryError) -> Outcome {
+    job.st.discard();
+    (job.reply, Err(e))
+}
 
 impl Inner {
     /// Queues verified staged bytes `st` of `digest` for the committer; the receiver hears
@@ -114,7 +122,8 @@ impl Inner {
     ) -> std::result::Result<oneshot::Receiver<Result<Stored>>, (Box<Staging>, Checksums)> {
         let Some(queue) = self.committer.get() else { return Err((st, checksums)) };
         let (reply, outcome) = oneshot::channel();
-        match queue.send(Job { st, digest, checksums, reply }) {
+        let key = digest.to_string();
+        match queue.send(Job { st, digest, key, checksums, reply }) {
             Ok(()) => Ok(outcome),
             Err(mpsc::SendError(job)) => Err((job.st, job.checksums)),
         }
@@ -128,53 +137,45 @@ impl Inner {
         let mut fresh: Vec<Fresh<'_>> = Vec::with_capacity(jobs.len());
         let mut last: Option<Written> = None;
         for mut job in jobs {
-            let key = job.digest.to_string();
-            let lock = match self.lock_blob(&key) {
+            let lock = match self.lock_blob(&job.key) {
                 Ok(lock) => lock,
                 Err(e) => {
-                    job.st.discard();
-                    out.push((job.reply, Err(e)));
+                    out.push(refused(job, e));
                     continue;
                 }
             };
-            match self.entry(&key) {
+            match self.entry(&job.key) {
                 Ok(None) => {}
+                // Stored already (by a commit outside the committer): this copy links to it.
                 Ok(Some(_)) => {
                     job.st.discard();
-                    out.push((job.reply, self.restamp(&key)));
+                    out.push((job.reply, self.restamp(&job.key)));
                     continue;
                 }
                 Err(e) => {
-                    job.st.discard();
-                    out.push((job.reply, Err(e)));
+                    out.push(refused(job, e));
                     continue;
                 }
             }
             locks.push(lock);
             let written = self.next_stamp().and_then(|stamp| {
                 let data = job.st.take_all().map_err(internal)?;
-                let (record, written) = self.segments.write(&key, &data).map_err(internal)?;
+                let (record, written) = self.segments.write(&job.key, &data).map_err(internal)?;
                 let location = Location::Segment { segment: record.segment(), offset: record.offset };
                 Ok((BlobEntry { size: job.st.size, blake3: job.checksums.blake3, stamp, location }, record, written))
             });
             match written {
                 Ok((entry, record, written)) => {
                     last = Some(written);
-                    fresh.push(Fresh { job, key, entry, record });
+                    fresh.push(Fresh { job, entry, record });
                 }
-                Err(e) => {
-                    job.st.discard();
-                    out.push((job.reply, Err(e)));
-                }
+                Err(e) => out.push(refused(job, e)),
             }
         }
         if let Some(last) = last {
             match self.segments.flush(&last).map_err(internal).and_then(|()| self.index_batch(&fresh)) {
                 Ok(()) => out.extend(fresh.into_iter().map(|f| self.committed(f))),
-                Err(e) => out.extend(fresh.into_iter().map(|mut f| {
-                    f.job.st.discard();
-                    (f.job.reply, Err(e.clone()))
-                })),
+                Err(e) => out.extend(fresh.into_iter().map(|f| refused(f.job, e.clone()))),
             }
         }
         drop(locks);
@@ -183,15 +184,12 @@ impl Inner {
 
     /// Writes the index entries of the flushed records `fresh`, with the low mark.
     fn index_batch(&self, fresh: &[Fresh<'_>]) -> Result<()> {
-        let blobs = self.cf(CF_BLOBS)?;
         let mut batch = WriteBatch::default();
         for f in fresh {
-            batch.put_cf(blobs, &f.key, bincode::serialize(&f.entry).map_err(internal)?);
-            batch.put_cf(blobs, units_key(&f.key), encode_units(&f.job.checksums.units));
-            batch.delete_cf(blobs, super::corrupt_key(&f.key));
+            self.put_entry(&mut batch, &f.job.key, &f.entry, &f.job.checksums.units)?;
         }
         let records: Vec<&Pending<'_>> = fresh.iter().map(|f| &f.record).collect();
-        self.index_write_of(batch, &records, false)
+        self.index_write(batch, &records, false)
     }
 
     /// What is left of a blob of a batch once its entry is written: its pages dropped when no
@@ -201,10 +199,7 @@ impl Inner {
         if f.job.st.is_uncached() {
             self.drop_pages(&f.job.digest, &f.entry.location, size);
         }
-        let segment = f.record.segment();
-        if self.last_segment.fetch_max(segment, std::sync::atomic::Ordering::AcqRel) < segment {
-            self.compact_segments();
-        }
+        self.note_segment(f.record.segment());
         f.job.st.discard();
         self.count_written(&f.job.digest, size);
         (f.job.reply, Ok(Stored { size, stamp }))
