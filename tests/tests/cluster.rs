@@ -14,7 +14,7 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_through_one_frontend_pull_through_the_other() {
-    let cl = tokio::task::block_in_place(Cluster::start);
+    let mut cl = tokio::task::block_in_place(Cluster::start);
     let (a, b) = (cl.frontends[0].url(), cl.frontends[1].url());
     let c = client();
     let m = push_image(&c, &a, "acme/app", "v1", 1, &[300_000, 2000]).await;
@@ -66,6 +66,32 @@ async fn push_through_one_frontend_pull_through_the_other() {
     let r = fresh.get(format!("{b}/v2/acme/app/tags/list")).send().await.unwrap();
     eprintln!("a key published {:.0} ms after b read the keys verified at b", began.elapsed().as_secs_f64() * 1e3);
     assert_eq!(r.status(), 200, "a token of a key just published verifies at the other frontend");
+
+    // Small blobs b has served (the config, the 2000-byte layer) it keeps, checked against
+    // their digests: pulled again, they cost no storage read, and are served while no storage
+    // node answers; a larger layer is not kept.
+    let blob = |d: &Value| format!("{b}/v2/acme/app/blobs/{}", d["digest"].as_str().unwrap());
+    let (config, big, small) = (blob(&manifest["config"]), blob(&manifest["layers"][0]), blob(&manifest["layers"][1]));
+    let r = c.get(&config).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let config_bytes = r.bytes().await.unwrap();
+    assert_eq!(digest(&config_bytes), manifest["config"]["digest"].as_str().unwrap());
+    for i in 0..cl.storage.len() {
+        tokio::task::block_in_place(|| cl.stop_storage(i));
+    }
+    let r = c.get(&config).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a config pulled through b before, with no storage node up");
+    assert_eq!(r.bytes().await.unwrap(), config_bytes);
+    let r = c.get(&small).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a small layer pulled through b before, with no storage node up");
+    assert_eq!(digest(&r.bytes().await.unwrap()), manifest["layers"][1]["digest"].as_str().unwrap());
+    let whole = bytes(1001, 2000);
+    let r = c.get(&small).header("range", "bytes=10-19").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/2000");
+    assert_eq!(r.bytes().await.unwrap(), whole[10..20]);
+    let r = c.get(&big).send().await.unwrap();
+    assert!(r.status().is_server_error(), "a 300,000-byte layer with no storage node up: {}", r.status());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,13 @@ pub async fn get(
     };
     let body = if head || size == 0 {
         Body::empty()
+    } else if let Some(bytes) = small_blob(reg, &digest, size).await {
+        let sent = match range {
+            Some((first, last)) => bytes.slice(first as usize..=last as usize),
+            None => bytes,
+        };
+        metrics::counter!("berth_http_sent_bytes_total").increment(sent.len() as u64);
+        Body::from(sent)
     } else {
         Body::from_stream(
             reg.blobs
@@ -127,6 +134,28 @@ pub async fn get(
         )
     };
     resp.body(body).map_err(RegistryError::internal)
+}
+
+/// The bytes of blob `digest`, linked with `size` bytes, when that is at most [`KEEP_SMALL`]:
+/// from this frontend's small-blob cache, else read whole from storage, checked against the
+/// digest and kept there. Every pull of an image reads its config, and pulls of one image
+/// come in bursts (a fleet of CI runners starting from one base image), so after the first
+/// the config costs no call to a storage node. `None` for a larger blob, or when the read
+/// fails or gives other bytes: the streamed read then answers, trying the blob's other owners.
+async fn small_blob(reg: &Registry, digest: &Digest, size: u64) -> Option<bytes::Bytes> {
+    if size > KEEP_SMALL {
+        return None;
+    }
+    if let Some(kept) = reg.small_blobs.get(digest).filter(|b| b.len() as u64 == size) {
+        return Some(kept);
+    }
+    let read = reg.blobs.read_small(digest, KEEP_SMALL).await.ok().flatten()?;
+    if read.len() as u64 != size || !digest.matches(&read) {
+        return None;
+    }
+    // Read into a buffer of its own size: kept as it is.
+    reg.small_blobs.insert(digest.clone(), read.clone());
+    Some(read)
 }
 
 /// `DELETE /v2/<name>/blobs/<digest>`: unlinks the blob; its bytes go once nothing links it.
