@@ -355,7 +355,8 @@ pub(crate) const WHOLE_CHUNK_BYTES: usize = 64 << 20;
 /// an upload's chunk is held by the upload's id until the upload ends (or, for one abandoned,
 /// until evicted). Image configs are this small: the config is read again when its manifest is
 /// put (to describe the package), most often through the same frontend, and is then found here
-/// instead of asked of a storage node.
+/// instead of asked of a storage node. A blob this small that a `GET` reads from storage is
+/// kept too (see `small_blob`), so pulls of it through this frontend read it once.
 pub(crate) const KEEP_SMALL: u64 = 64 << 10;
 
 /// `data` in a buffer of its own. A body chunk is a slice of its connection's read buffer

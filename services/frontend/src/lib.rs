@@ -116,8 +116,9 @@ pub struct Registry {
     /// Uploads through this frontend so far made of one small chunk, by id: the chunk (see
     /// [`blobs::KEEP_SMALL`]).
     small_uploads: quick_cache::sync::Cache<String, Bytes, ByteWeight>,
-    /// Small blobs uploaded whole through this frontend, by digest, their bytes checked
-    /// against it: an image's config, read again when its manifest is put.
+    /// Small blobs uploaded whole through this frontend or pulled through it, by digest, their
+    /// bytes checked against it: an image's config, read again when its manifest is put and
+    /// on every pull of the image (see [`blobs::KEEP_SMALL`]).
     small_blobs: quick_cache::sync::Cache<berth_core::Digest, Bytes, ByteWeight>,
 }
 
