@@ -248,24 +248,16 @@ impl StorageClient {
 
     /// Opens a read call (`Read` or `ReadSmall`) sending `msg`.
     async fn open_read(&self, path: &'static str, msg: impl prost::Message) -> Result<Frames> {
-        let req = self.request(());
-        let mut body = BytesMut::with_capacity(5 + msg.encoded_len());
-        body.extend_from_slice(&[0]);
-        body.extend_from_slice(&(msg.encoded_len() as u32).to_be_bytes());
-        msg.encode(&mut body).map_err(|e| self.malformed(e))?;
-        let mut http = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(body.freeze())));
+        let mut http = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(grpc_message(&msg))));
         *http.method_mut() = http::Method::POST;
         *http.uri_mut() = http::Uri::from_static(path);
         *http.version_mut() = http::Version::HTTP_2;
-        *http.headers_mut() = req.into_parts().0.into_headers();
+        *http.headers_mut() = self.request(()).into_parts().0.into_headers();
         http.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         http.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-        let mut conn = self.conn.clone();
-        let resp = match tower::ServiceExt::ready(&mut conn).await {
-            Ok(ready) => tower::Service::call(ready, http).await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| self.failure(Status::from_error(Box::new(e))))?;
+        let resp = tower::ServiceExt::oneshot(self.conn.clone(), http)
+            .await
+            .map_err(|e| self.failure(Status::from_error(Box::new(e))))?;
         // A status among the headers is a trailers-only answer: an error, or no message at all.
         let trailers_only = Status::from_header_map(resp.headers());
         if let Some(st) = trailers_only.as_ref().filter(|st| st.code() != Code::Ok) {
@@ -274,7 +266,7 @@ impl StorageClient {
         if resp.status() != http::StatusCode::OK {
             return Err(self.malformed(format!("HTTP status {}", resp.status())));
         }
-        Ok(Frames { body: resp.into_body(), held: Bytes::new(), ended: trailers_only.is_some() })
+        Ok(Frames::new(resp.into_body(), trailers_only.is_some()))
     }
 
     /// The head of a read answer.
@@ -407,17 +399,30 @@ async fn pump<M>(
 
 // ---- streamed reads ----------------------------------------------------------------------
 
+/// `msg` as one gRPC message on the wire: uncompressed, its length, its bytes.
+fn grpc_message(msg: &impl prost::Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.extend_from_slice(&[0]);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    // A BytesMut grows as needed, so encoding cannot run out of room.
+    msg.encode_raw(&mut buf);
+    buf.freeze()
+}
+
 /// The answer of a read call (`Read`, `ReadSmall`), taken message by message from the HTTP/2
 /// body without tonic's decoder. That decoder copies every frame it receives into a buffer of
 /// its own before it decodes a message: a whole extra copy of every byte a frontend pulls
-/// (under pull-images, `memmove` was 11% of a frontend's CPU). Here a message that lies within one received frame
-/// (the node sends a blob's data in messages of at most `FRAME_SIZE`, each in one frame) is
-/// decoded from that frame, its data a slice of it; only a message cut across frames is put
-/// together.
+/// (under pull-images, `memmove` was 11% of a frontend's CPU). Here a message that lies within
+/// one received frame (the node sends a blob's data in messages of at most `FRAME_SIZE`, each
+/// in one frame as a rule) is decoded from that frame, its data a slice of it; a message cut
+/// across frames is put together in one buffer, each byte copied once.
 struct Frames {
     body: tonic::body::Body,
-    /// Received bytes not yet decoded.
+    /// Received bytes not yet decoded, as they arrived.
     held: Bytes,
+    /// A message being put together from several frames, and any bytes after it.
+    joined: BytesMut,
     ended: bool,
 }
 
@@ -429,28 +434,58 @@ enum Unframed {
     Malformed(String),
 }
 
+/// The length on the wire (prefix included) of the message `buf` starts with, once its
+/// 5-byte prefix is there.
+fn framed_len(buf: &[u8]) -> std::result::Result<Option<usize>, Unframed> {
+    let Some(prefix) = buf.get(..5) else { return Ok(None) };
+    if prefix[0] != 0 {
+        return Err(Unframed::Malformed("a compressed message".into()));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > MAX_MESSAGE {
+        return Err(Unframed::Malformed(format!("a message of {len} bytes")));
+    }
+    Ok(Some(5 + len))
+}
+
 impl Frames {
+    /// The answer in `body`; `ended` when the call's status came with its headers.
+    fn new(body: tonic::body::Body, ended: bool) -> Frames {
+        Frames { body, held: Bytes::new(), joined: BytesMut::new(), ended }
+    }
+
+    /// The next whole message's bytes (without its prefix), if they are all here.
+    fn take(&mut self) -> std::result::Result<Option<Bytes>, Unframed> {
+        if !self.joined.is_empty() {
+            let Some(n) = framed_len(&self.joined)? else { return Ok(None) };
+            if self.joined.len() < n {
+                self.joined.reserve(n - self.joined.len());
+                return Ok(None);
+            }
+            let msg = self.joined.split_to(n).freeze().slice(5..);
+            self.held = self.joined.split().freeze();
+            return Ok(Some(msg));
+        }
+        match framed_len(&self.held)? {
+            Some(n) if self.held.len() >= n => {
+                let msg = self.held.slice(5..n);
+                self.held = self.held.slice(n..);
+                Ok(Some(msg))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The next message, `None` once the call ended well.
     async fn message(&mut self) -> std::result::Result<Option<pb::ReadFrame>, Unframed> {
         use http_body_util::BodyExt;
         use prost::Message;
         loop {
-            if self.held.len() >= 5 {
-                if self.held[0] != 0 {
-                    return Err(Unframed::Malformed("a compressed message".into()));
-                }
-                let len = u32::from_be_bytes([self.held[1], self.held[2], self.held[3], self.held[4]]) as usize;
-                if len > MAX_MESSAGE {
-                    return Err(Unframed::Malformed(format!("a message of {len} bytes")));
-                }
-                if self.held.len() >= 5 + len {
-                    let msg = self.held.slice(5..5 + len);
-                    self.held = self.held.slice(5 + len..);
-                    return pb::ReadFrame::decode(msg).map(Some).map_err(|e| Unframed::Malformed(e.to_string()));
-                }
+            if let Some(msg) = self.take()? {
+                return pb::ReadFrame::decode(msg).map(Some).map_err(|e| Unframed::Malformed(e.to_string()));
             }
             if self.ended {
-                return match self.held.is_empty() {
+                return match self.held.is_empty() && self.joined.is_empty() {
                     true => Ok(None),
                     false => Err(Unframed::Malformed("the answer ended inside a message".into())),
                 };
@@ -460,12 +495,10 @@ impl Frames {
             };
             let frame = frame.map_err(|e| Unframed::Status(Status::from_error(Box::new(e))))?;
             match frame.into_data() {
-                Ok(data) if self.held.is_empty() => self.held = data,
+                Ok(data) if self.held.is_empty() && self.joined.is_empty() => self.held = data,
                 Ok(data) => {
-                    let mut joined = BytesMut::with_capacity(self.held.len() + data.len());
-                    joined.extend_from_slice(&self.held);
-                    joined.extend_from_slice(&data);
-                    self.held = joined.freeze();
+                    self.joined.extend_from_slice(&std::mem::take(&mut self.held));
+                    self.joined.extend_from_slice(&data);
                 }
                 Err(frame) => {
                     let Ok(trailers) = frame.into_trailers() else { continue };
@@ -713,7 +746,6 @@ impl BlobStore for StorageClient {
 #[cfg(test)]
 mod frames_tests {
     use super::*;
-    use prost::Message;
 
     /// A read answer whose body arrives as `chunks`, then `trailers` if any.
     fn answer(chunks: Vec<Bytes>, trailers: Option<http::HeaderMap>) -> Frames {
@@ -721,7 +753,7 @@ mod frames_tests {
             chunks.into_iter().map(|c| Ok(http_body::Frame::data(c))).collect();
         frames.extend(trailers.map(|t| Ok(http_body::Frame::trailers(t))));
         let body = http_body_util::StreamBody::new(stream::iter(frames));
-        Frames { body: tonic::body::Body::new(body), held: Bytes::new(), ended: false }
+        Frames::new(tonic::body::Body::new(body), false)
     }
 
     fn status(code: i32) -> Option<http::HeaderMap> {
@@ -740,9 +772,7 @@ mod frames_tests {
         ];
         let mut all = BytesMut::new();
         for m in &msgs {
-            all.extend_from_slice(&[0]);
-            all.extend_from_slice(&(m.encoded_len() as u32).to_be_bytes());
-            m.encode(&mut all).unwrap();
+            all.extend_from_slice(&grpc_message(m));
         }
         (msgs, all.freeze())
     }
@@ -758,9 +788,11 @@ mod frames_tests {
     #[tokio::test]
     async fn messages_come_whole_however_the_frames_cut_them() {
         let (msgs, wire) = wire();
-        // One frame; cuts inside a prefix, inside a message's body, and at every byte of the start.
+        // One frame; cuts inside a prefix, inside a message's body, at every byte of the start,
+        // and every 1000 bytes (a message put together from many frames).
         let mut cuts: Vec<Vec<usize>> = vec![vec![], vec![2], vec![20, 30_000], vec![wire.len() - 1]];
         cuts.push((1..40).collect());
+        cuts.push((1..wire.len()).step_by(1000).collect());
         for at in cuts {
             let mut chunks = vec![];
             let mut from = 0;
