@@ -21,14 +21,17 @@ use berth_proto::conn::Conn;
 use berth_proto::status::never_sent;
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_client::StorageClient as StorageGrpc;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{self, StreamExt};
 use futures::SinkExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::wire::{frames, parse_digest, registry_error_of, stored_from_proto, LIST_PAGE, MAX_MESSAGE, SMALL_LIMIT};
+use crate::wire::{
+    framed_len, frames, grpc_message, parse_digest, registry_error_of, stored_from_proto, LIST_PAGE, MAX_MESSAGE,
+    READ_PATH, READ_SMALL_PATH, SMALL_LIMIT,
+};
 
 /// The client's time limits.
 #[derive(Debug, Clone)]
@@ -399,32 +402,24 @@ async fn pump<M>(
 
 // ---- streamed reads ----------------------------------------------------------------------
 
-/// `msg` as one gRPC message on the wire: uncompressed, its length, its bytes.
-fn grpc_message(msg: &impl prost::Message) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.extend_from_slice(&[0]);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    // A BytesMut grows as needed, so encoding cannot run out of room.
-    msg.encode_raw(&mut buf);
-    buf.freeze()
-}
-
 /// The answer of a read call (`Read`, `ReadSmall`), taken message by message from the HTTP/2
 /// body without tonic's decoder. That decoder copies every frame it receives into a buffer of
 /// its own before it decodes a message: a whole extra copy of every byte a frontend pulls
-/// (under pull-images, `memmove` was 11% of a frontend's CPU). Here a message that lies within
-/// one received frame (the node sends a blob's data in messages of at most `FRAME_SIZE`, each
-/// in one frame as a rule) is decoded from that frame, its data a slice of it; a message cut
-/// across frames is put together in one buffer, each byte copied once.
+/// (under pull-images, `memmove` was 11% of a frontend's CPU). Here the received frames are
+/// held as they arrived, and a message's data field that lies within one of them is a slice
+/// of it: the node sends each data message's prefix and its bytes as frames of their own (see
+/// `server::StorageService`), and a message may as well lie whole in one frame. Only bytes of
+/// a field cut across frames are copied, once.
 struct Frames {
     body: tonic::body::Body,
-    /// Received bytes not yet decoded, as they arrived.
-    held: Bytes,
-    /// A message being put together from several frames, and any bytes after it.
-    joined: BytesMut,
+    /// Received bytes not yet decoded, in the frames they arrived in (none empty).
+    held: Pieces,
     ended: bool,
 }
+
+/// Frames held at most before they are put together into one: a peer sending a message in
+/// tiny frames would otherwise hold a `Bytes` (and its allocation) for each.
+const HELD_FRAMES: usize = 64;
 
 /// Why a read answer could not be taken.
 enum Unframed {
@@ -434,46 +429,127 @@ enum Unframed {
     Malformed(String),
 }
 
-/// The length on the wire (prefix included) of the message `buf` starts with, once its
-/// 5-byte prefix is there.
-fn framed_len(buf: &[u8]) -> std::result::Result<Option<usize>, Unframed> {
-    let Some(prefix) = buf.get(..5) else { return Ok(None) };
-    if prefix[0] != 0 {
-        return Err(Unframed::Malformed("a compressed message".into()));
+/// Bytes in the pieces they arrived in, read as one [`Buf`](bytes::Buf) whose
+/// `copy_to_bytes` slices a piece when the bytes asked for lie within it: prost takes a
+/// `bytes` field with `copy_to_bytes`, so a data field within one frame is not copied.
+#[derive(Default)]
+struct Pieces {
+    parts: std::collections::VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Pieces {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.parts.push_back(b);
+        }
     }
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    if len > MAX_MESSAGE {
-        return Err(Unframed::Malformed(format!("a message of {len} bytes")));
+
+    /// The first `n` bytes (at most all of them), taken off the front.
+    fn split_to(&mut self, n: usize) -> Pieces {
+        let mut taken = Pieces::default();
+        while taken.len < n {
+            let Some(front) = self.parts.front_mut() else { break };
+            let want = n - taken.len;
+            if front.len() <= want {
+                let b = self.parts.pop_front().unwrap_or_default();
+                self.len -= b.len();
+                taken.push(b);
+            } else {
+                self.len -= want;
+                taken.push(front.split_to(want));
+            }
+        }
+        taken
     }
-    Ok(Some(5 + len))
+
+    /// The first `N` bytes, if there are that many.
+    fn peek<const N: usize>(&self) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        let mut at = 0;
+        for p in &self.parts {
+            let n = p.len().min(N - at);
+            out[at..at + n].copy_from_slice(&p[..n]);
+            at += n;
+            if at == N {
+                return Some(out);
+            }
+        }
+        None
+    }
+
+    /// All of it in one piece (a copy, unless it is in one already).
+    fn join(&mut self) {
+        if self.parts.len() > 1 {
+            let mut all = BytesMut::with_capacity(self.len);
+            for p in self.parts.drain(..) {
+                all.extend_from_slice(&p);
+            }
+            self.parts.push_back(all.freeze());
+        }
+    }
+}
+
+impl Buf for Pieces {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map_or(&[], |b| &b[..])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.len, "advanced past the end");
+        self.len -= cnt;
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else { break };
+            if front.len() > cnt {
+                front.advance(cnt);
+                break;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
+        }
+    }
+
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        match self.parts.front_mut() {
+            Some(front) if front.len() >= len => {
+                let b = front.split_to(len);
+                self.len -= len;
+                if front.is_empty() {
+                    self.parts.pop_front();
+                }
+                b
+            }
+            _ => {
+                assert!(len <= self.len, "copy_to_bytes past the end");
+                let mut out = BytesMut::with_capacity(len);
+                out.put(Buf::take(&mut *self, len));
+                out.freeze()
+            }
+        }
+    }
 }
 
 impl Frames {
     /// The answer in `body`; `ended` when the call's status came with its headers.
     fn new(body: tonic::body::Body, ended: bool) -> Frames {
-        Frames { body, held: Bytes::new(), joined: BytesMut::new(), ended }
+        Frames { body, held: Pieces::default(), ended }
     }
 
     /// The next whole message's bytes (without its prefix), if they are all here.
-    fn take(&mut self) -> std::result::Result<Option<Bytes>, Unframed> {
-        if !self.joined.is_empty() {
-            let Some(n) = framed_len(&self.joined)? else { return Ok(None) };
-            if self.joined.len() < n {
-                self.joined.reserve(n - self.joined.len());
-                return Ok(None);
-            }
-            let msg = self.joined.split_to(n).freeze().slice(5..);
-            self.held = self.joined.split().freeze();
-            return Ok(Some(msg));
+    fn take(&mut self) -> std::result::Result<Option<Pieces>, Unframed> {
+        let Some(prefix) = self.held.peek::<5>() else { return Ok(None) };
+        let n = framed_len(&prefix).map_err(Unframed::Malformed)?.unwrap_or(usize::MAX);
+        if self.held.len < n {
+            return Ok(None);
         }
-        match framed_len(&self.held)? {
-            Some(n) if self.held.len() >= n => {
-                let msg = self.held.slice(5..n);
-                self.held = self.held.slice(n..);
-                Ok(Some(msg))
-            }
-            _ => Ok(None),
-        }
+        let mut msg = self.held.split_to(n);
+        msg.advance(5);
+        Ok(Some(msg))
     }
 
     /// The next message, `None` once the call ended well.
@@ -485,9 +561,9 @@ impl Frames {
                 return pb::ReadFrame::decode(msg).map(Some).map_err(|e| Unframed::Malformed(e.to_string()));
             }
             if self.ended {
-                return match self.held.is_empty() && self.joined.is_empty() {
-                    true => Ok(None),
-                    false => Err(Unframed::Malformed("the answer ended inside a message".into())),
+                return match self.held.len {
+                    0 => Ok(None),
+                    _ => Err(Unframed::Malformed("the answer ended inside a message".into())),
                 };
             }
             let Some(frame) = self.body.frame().await else {
@@ -495,10 +571,11 @@ impl Frames {
             };
             let frame = frame.map_err(|e| Unframed::Status(Status::from_error(Box::new(e))))?;
             match frame.into_data() {
-                Ok(data) if self.held.is_empty() && self.joined.is_empty() => self.held = data,
                 Ok(data) => {
-                    self.joined.extend_from_slice(&std::mem::take(&mut self.held));
-                    self.joined.extend_from_slice(&data);
+                    if self.held.parts.len() >= HELD_FRAMES {
+                        self.held.join();
+                    }
+                    self.held.push(data);
                 }
                 Err(frame) => {
                     let Ok(trailers) = frame.into_trailers() else { continue };
@@ -551,7 +628,7 @@ impl BlobStore for StorageClient {
     async fn read(&self, digest: &Digest, range: Option<(u64, u64)>) -> Result<ByteStream> {
         let (first, last) = range.map_or((None, None), |(f, l)| (Some(f), Some(l)));
         let msg = pb::ReadRequest { digest: digest.to_string(), first, last };
-        let mut s = self.open_read("/berth.storage.v1.Storage/Read", msg).await?;
+        let mut s = self.open_read(READ_PATH, msg).await?;
         let head = self.read_head(&mut s).await?;
         if !head.found {
             return Err(RegistryError::new(ErrorCode::BlobUnknown, digest.to_string()));
@@ -561,7 +638,7 @@ impl BlobStore for StorageClient {
 
     async fn read_small(&self, digest: &Digest, limit: u64) -> Result<Option<Bytes>> {
         let msg = pb::ReadSmallRequest { digest: digest.to_string(), limit };
-        let mut s = self.open_read("/berth.storage.v1.Storage/ReadSmall", msg).await?;
+        let mut s = self.open_read(READ_SMALL_PATH, msg).await?;
         let head = self.read_head(&mut s).await?;
         if !head.found {
             return Ok(None);
@@ -815,6 +892,25 @@ mod frames_tests {
         };
         let within = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.len();
         assert!(within.contains(&(d.as_ptr() as usize)), "the data was copied");
+    }
+
+    /// As the node sends a large data message: its prefix in one frame (with the head before
+    /// it), its bytes in the next. The data is that frame, not a copy of it.
+    #[tokio::test]
+    async fn data_in_a_frame_of_its_own_is_that_frame() {
+        let (msgs, wire) = wire();
+        let head_len = grpc_message(&msgs[0]).len();
+        let data_at = head_len + 5 + 1 + prost::encoding::encoded_len_varint(70_000);
+        let data = wire.slice(data_at..data_at + 70_000);
+        let chunks = vec![wire.slice(..data_at), data.clone(), wire.slice(data_at + 70_000..)];
+        let mut f = answer(chunks, status(0));
+        assert_eq!(f.message().await.ok().unwrap().as_ref(), Some(&msgs[0]));
+        let Some(pb::ReadFrame { part: Some(pb::read_frame::Part::Data(d)) }) = f.message().await.ok().unwrap() else {
+            panic!("a data frame");
+        };
+        assert_eq!((d.as_ptr(), d.len()), (data.as_ptr(), data.len()), "the data was copied");
+        assert_eq!(f.message().await.ok().unwrap().as_ref(), Some(&msgs[2]));
+        assert!(matches!(f.message().await, Ok(None)));
     }
 
     #[tokio::test]

@@ -6,27 +6,210 @@
 //! as a [`ByteStream`] frame by frame, and reads leave it in frames of at most [`FRAME_SIZE`]
 //! bytes, so no call holds a whole blob. A request the contract does not allow (no header, a
 //! header where data belongs, a bad digest) answers INVALID_ARGUMENT.
+//!
+//! The answers of the read calls are put on the wire here rather than by tonic, whose encoder
+//! copies every message into a buffer of its own: a blob's bytes leave as they were read (see
+//! [`StorageService`]).
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use berth_core::{BlobStore, ByteStream, Digest, RegistryError};
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_server::{Storage, StorageServer};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::wire::{
-    frames, parse_digest, status_of, stored_to_proto, EXPIRE_BATCH, LIST_PAGE, MAX_MESSAGE, SMALL_LIMIT,
+    framed_len, frames, parse_digest, status_of, stored_to_proto, EXPIRE_BATCH, LIST_PAGE, MAX_MESSAGE, READ_PATH,
+    READ_SMALL_PATH, SMALL_LIMIT,
 };
 
 /// The service over `store`, with message bounds set for [`FRAME_SIZE`] frames.
-pub fn storage_server(store: Arc<dyn BlobStore>) -> StorageServer<StorageRpc> {
-    StorageServer::new(StorageRpc { store, peers: Mutex::default() })
+pub fn storage_server(store: Arc<dyn BlobStore>) -> StorageService {
+    let rpc = Arc::new(StorageRpc { store, peers: Mutex::default() });
+    let generated = StorageServer::from_arc(rpc.clone())
         .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    StorageService { rpc, generated }
+}
+
+/// The storage node's gRPC service as served: tonic's generated service, except for the read
+/// calls (`Read`, `ReadSmall`). Their answers go out as [`Framed`] bodies, each data message
+/// as its prefix and then its bytes as the store gave them (a slice of the segment read, or of
+/// a blob file's map), which HTTP/2 writes to the socket from where they lie. Through tonic's
+/// encoder every byte a node serves was first copied into a buffer of the encoder's. The
+/// handlers are the same ones; only the encoding differs, and the bytes on the wire are those
+/// tonic would send.
+#[derive(Clone)]
+pub struct StorageService {
+    rpc: Arc<StorageRpc>,
+    generated: StorageServer<StorageRpc>,
+}
+
+impl tonic::server::NamedService for StorageService {
+    const NAME: &'static str = <StorageServer<StorageRpc> as tonic::server::NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for StorageService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.generated, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let rpc = self.rpc.clone();
+        match req.uri().path() {
+            READ_PATH => Box::pin(async move { Ok(read_answer(req, async |m| rpc.read(m).await).await) }),
+            READ_SMALL_PATH => Box::pin(async move { Ok(read_answer(req, async |m| rpc.read_small(m).await).await) }),
+            _ => self.generated.call(req),
+        }
+    }
+}
+
+/// The answer to a read call: its request's one message given to `handler`, and what that
+/// answers as a gRPC response, framed by [`Framed`]. A refusal (a malformed request, or the
+/// handler's) is a trailers-only answer, as tonic sends one.
+async fn read_answer<M: prost::Message + Default>(
+    req: http::Request<tonic::body::Body>,
+    handler: impl AsyncFnOnce(Request<M>) -> Result<Response<FrameStream>, Status>,
+) -> http::Response<tonic::body::Body> {
+    let (parts, body) = req.into_parts();
+    let msg = match unary_message::<M>(body).await {
+        Ok(m) => m,
+        Err(st) => return st.into_http(),
+    };
+    let metadata = tonic::metadata::MetadataMap::from_headers(parts.headers);
+    let req = Request::from_parts(metadata, parts.extensions, msg);
+    match handler(req).await {
+        Ok(answer) => {
+            let mut resp = http::Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(Framed::new(
+                answer.into_inner(),
+            ))));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+            resp
+        }
+        Err(st) => st.into_http(),
+    }
+}
+
+/// The one message of a unary request's body, refused as tonic's server refuses it: a body
+/// with no message, more than one, a compressed one or one over [`MAX_MESSAGE`].
+async fn unary_message<M: prost::Message + Default>(body: tonic::body::Body) -> Result<M, Status> {
+    use http_body_util::BodyExt;
+    let bytes = http_body_util::Limited::new(body, 5 + MAX_MESSAGE)
+        .collect()
+        .await
+        .map_err(|e| Status::internal(format!("reading the request: {e}")))?
+        .to_bytes();
+    let n =
+        framed_len(&bytes).map_err(Status::internal)?.ok_or_else(|| Status::internal("Missing request message."))?;
+    if bytes.len() != n {
+        return Err(Status::internal("the request is not one whole message"));
+    }
+    M::decode(bytes.slice(5..)).map_err(|e| Status::internal(format!("decoding the request: {e}")))
+}
+
+/// Data of at least this many bytes leaves in a frame of its own, after a frame with its
+/// message's prefix; shorter data is copied in with its prefix (and with the head, or other
+/// short messages ready at the same time), which costs less than another frame.
+const SENT_APART: usize = 16 * 1024;
+
+/// A read answer's messages as a gRPC response body: each message on the wire as tonic's
+/// encoder puts it, but a data message of at least [`SENT_APART`] bytes as two frames, its
+/// prefix (gRPC's and the protobuf field's) and then its bytes, uncopied. The stream's end, or
+/// its failure, closes the body with the status in the trailers.
+struct Framed {
+    /// The messages still to come; `None` once ended.
+    messages: Option<FrameStream>,
+    /// Short messages and prefixes not yet sent.
+    small: BytesMut,
+    /// Frames ready to send, in order.
+    ready: VecDeque<Bytes>,
+    /// The trailers, once the messages have ended.
+    trailers: Option<http::HeaderMap>,
+}
+
+/// The field number of `ReadFrame.data` (a test checks it against prost's encoding).
+const DATA_FIELD: u32 = 2;
+
+impl Framed {
+    fn new(messages: FrameStream) -> Framed {
+        Framed { messages: Some(messages), small: BytesMut::new(), ready: VecDeque::new(), trailers: None }
+    }
+
+    fn put(&mut self, m: pb::ReadFrame) {
+        use prost::Message;
+        match m.part {
+            Some(pb::read_frame::Part::Data(d)) if d.len() >= SENT_APART => {
+                let len = prost::encoding::key_len(DATA_FIELD)
+                    + prost::encoding::encoded_len_varint(d.len() as u64)
+                    + d.len();
+                self.small.put_u8(0);
+                self.small.put_u32(len as u32);
+                prost::encoding::encode_key(DATA_FIELD, prost::encoding::WireType::LengthDelimited, &mut self.small);
+                prost::encoding::encode_varint(d.len() as u64, &mut self.small);
+                self.flush();
+                self.ready.push_back(d);
+            }
+            _ => {
+                self.small.put_u8(0);
+                self.small.put_u32(m.encoded_len() as u32);
+                m.encode_raw(&mut self.small);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.small.is_empty() {
+            self.ready.push_back(self.small.split().freeze());
+        }
+    }
+
+    /// Ends the body with `status`.
+    fn end(&mut self, status: Status) {
+        self.flush();
+        self.messages = None;
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            // Only a message that cannot be a header value fails; the code always can be.
+            trailers.insert(Status::GRPC_STATUS, (status.code() as i32).into());
+        }
+        self.trailers = Some(trailers);
+    }
+}
+
+impl futures::Stream for Framed {
+    type Item = Result<http_body::Frame<Bytes>, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(b) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))));
+            };
+            match messages.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(m))) => self.put(m),
+                Poll::Ready(Some(Err(st))) => self.end(st),
+                Poll::Ready(None) => self.end(Status::ok("")),
+                // Short messages wait only while more are ready at once.
+                Poll::Pending if !self.small.is_empty() => self.flush(),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 /// The gRPC handlers of a storage node.
@@ -509,6 +692,128 @@ mod tests {
             .collect();
         assert_eq!(sizes, vec![FRAME_SIZE, FRAME_SIZE, 1]);
         assert!(out[4].is_err());
+    }
+
+    /// A read answer leaves byte for byte as tonic's encoder would send it, with large data in
+    /// a frame of its own that is the store's own bytes, not a copy; the end, or a failure,
+    /// closes it with the status in the trailers.
+    #[tokio::test]
+    async fn read_answers_are_framed_as_tonic_would_without_copying_data() {
+        use crate::wire::grpc_message;
+        /// The frames of `messages` framed: the bytes, the data frames, the trailers.
+        async fn framed(messages: Vec<Result<pb::ReadFrame, Status>>) -> (Vec<u8>, Vec<Bytes>, http::HeaderMap) {
+            let (mut wire, mut datas, mut trailers) = (vec![], vec![], None);
+            let mut body = Framed::new(stream::iter(messages).boxed());
+            while let Some(frame) = body.next().await {
+                match frame.unwrap().into_data() {
+                    Ok(d) => {
+                        wire.extend_from_slice(&d);
+                        datas.push(d);
+                    }
+                    Err(f) => trailers = Some(f.into_trailers().ok().unwrap()),
+                }
+            }
+            (wire, datas, trailers.expect("trailers end the body"))
+        }
+        let big = Bytes::from(vec![5u8; FRAME_SIZE]);
+        let edge = Bytes::from(vec![6u8; SENT_APART]);
+        let msgs = [
+            head(true, (5 + FRAME_SIZE + SENT_APART + 200) as u64),
+            data(Bytes::from_static(b"short")),
+            data(big.clone()),
+            data(edge.clone()),
+            data(Bytes::from(vec![7u8; 200])),
+        ];
+        let (wire, datas, trailers) = framed(msgs.iter().cloned().map(Ok).collect()).await;
+        let tonic_wire: Vec<u8> = msgs.iter().flat_map(|m| grpc_message(m).to_vec()).collect();
+        assert_eq!(wire, tonic_wire, "the bytes tonic would send");
+        for sent in [&big, &edge] {
+            assert!(datas.iter().any(|d| d.as_ptr() == sent.as_ptr() && d.len() == sent.len()), "data copied");
+        }
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+
+        let (wire, _, trailers) = framed(vec![Ok(head(true, 3)), Err(Status::internal("disk gone"))]).await;
+        assert_eq!(wire, grpc_message(&head(true, 3)).to_vec());
+        assert_eq!(
+            Status::from_header_map(&trailers).map(|st| (st.code(), st.message().to_string())),
+            Some((tonic::Code::Internal, "disk gone".to_string()))
+        );
+    }
+
+    /// tonic's own client reads what the node frames by hand: blobs whole and in part, a
+    /// small blob, an unknown blob and a refused request each as the contract says.
+    #[tokio::test]
+    async fn read_answers_framed_by_hand_are_read_by_a_tonic_client() {
+        use berth_proto::storage::storage_client::StorageClient as Grpc;
+        use pb::read_frame::Part;
+
+        let dir = tempfile::tempdir().unwrap();
+        let Served { engine, addr, stop: _stop, .. } = serve(dir.path(), any_port());
+        let mut g = Grpc::connect(format!("http://{addr}")).await.unwrap();
+        let mut blobs = vec![];
+        for size in [3usize, 100_000, crate::INLINE_THRESHOLD as usize + 70_000] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let d = Digest::sha256_of(&bytes);
+            engine.put(&d, stream::iter([Ok(Bytes::from(bytes.clone()))]).boxed(), u64::MAX).await.unwrap();
+            blobs.push((d, bytes));
+        }
+        async fn answer(s: tonic::Streaming<pb::ReadFrame>) -> (Option<pb::ReadHead>, Vec<u8>) {
+            let frames: Vec<pb::ReadFrame> = s.map(|f| f.unwrap()).collect().await;
+            let mut frames = frames.into_iter();
+            let head = match frames.next() {
+                Some(pb::ReadFrame { part: Some(Part::Head(h)) }) => Some(h),
+                _ => None,
+            };
+            let data = frames
+                .flat_map(|f| match f.part {
+                    Some(Part::Data(d)) => d.to_vec(),
+                    _ => panic!("a second head"),
+                })
+                .collect();
+            (head, data)
+        }
+        for (d, bytes) in &blobs {
+            let whole = g.read(pb::ReadRequest { digest: d.to_string(), first: None, last: None }).await.unwrap();
+            let (head, got) = answer(whole.into_inner()).await;
+            assert_eq!(head, Some(pb::ReadHead { found: true, size: bytes.len() as u64 }));
+            assert_eq!(&got, bytes);
+            let last = bytes.len() as u64 - 1;
+            let part = g.read(pb::ReadRequest { digest: d.to_string(), first: Some(1), last: Some(last) }).await;
+            let (head, got) = answer(part.unwrap().into_inner()).await;
+            assert_eq!(head, Some(pb::ReadHead { found: true, size: last }));
+            assert_eq!(got, bytes[1..]);
+        }
+        let (small, bytes) = &blobs[1];
+        let read = g.read_small(pb::ReadSmallRequest { digest: small.to_string(), limit: 1 << 20 }).await;
+        assert_eq!(
+            answer(read.unwrap().into_inner()).await,
+            (Some(pb::ReadHead { found: true, size: 100_000 }), bytes.clone())
+        );
+        let unknown = Digest::sha256_of(b"nothing").to_string();
+        let read = g.read_small(pb::ReadSmallRequest { digest: unknown.clone(), limit: 1 << 20 }).await;
+        assert_eq!(answer(read.unwrap().into_inner()).await, (Some(pb::ReadHead { found: false, size: 0 }), vec![]));
+        let err = g.read(pb::ReadRequest { digest: unknown, first: None, last: None }).await.unwrap_err();
+        let refused = crate::wire::registry_error_of(&err).map(|e| e.code);
+        assert_eq!(refused, Some(berth_core::ErrorCode::BlobUnknown), "{err}");
+        let err = g.read(pb::ReadRequest { digest: "sha256:nope".into(), first: None, last: None }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    }
+
+    /// A read request that is not exactly one uncompressed message is refused unread.
+    #[tokio::test]
+    async fn a_read_request_must_be_one_whole_message() {
+        use crate::wire::grpc_message;
+        let msg =
+            grpc_message(&pb::ReadRequest { digest: Digest::sha256_of(b"x").to_string(), first: None, last: None });
+        let body = |b: Vec<u8>| tonic::body::Body::new(http_body_util::Full::new(Bytes::from(b)));
+        let mut two = msg.to_vec();
+        two.extend_from_slice(&msg);
+        let mut compressed = msg.to_vec();
+        compressed[0] = 1;
+        for bad in [vec![], msg[..msg.len() - 1].to_vec(), two, compressed] {
+            assert!(unary_message::<pb::ReadRequest>(body(bad)).await.is_err());
+        }
+        assert!(unary_message::<pb::ReadRequest>(body(msg.to_vec())).await.is_ok());
     }
 
     /// Requests that break the contract are refused as such and change nothing.

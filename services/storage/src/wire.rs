@@ -7,7 +7,7 @@
 use berth_core::{Digest, Stored};
 pub use berth_proto::status::{registry_error_of, status_of};
 use berth_proto::storage as pb;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 /// Largest data frame. Big enough that per-message overhead (framing, a poll, an allocation)
 /// is small next to the bytes, small enough that a frame never stalls the HTTP/2 window for
@@ -18,6 +18,13 @@ pub const FRAME_SIZE: usize = 256 * 1024;
 /// Largest encoded message either side accepts: one full data frame plus room for the
 /// protobuf tags and for the largest non-data message (a page of listed digests).
 pub const MAX_MESSAGE: usize = FRAME_SIZE + 32 * 1024;
+
+/// The path of the `Read` call: its answer is framed by hand on both sides (see
+/// `server::StorageService` and `client::Frames`), so both name it here.
+pub const READ_PATH: &str = "/berth.storage.v1.Storage/Read";
+
+/// The path of the `ReadSmall` call, framed by hand like `Read`.
+pub const READ_SMALL_PATH: &str = "/berth.storage.v1.Storage/ReadSmall";
 
 /// Digests in one list reply. A sha512 digest with its stamp takes under 150 bytes encoded,
 /// so a full page stays well inside [`MAX_MESSAGE`].
@@ -49,6 +56,32 @@ fn quote(s: &str) -> String {
 pub fn frames(data: Bytes) -> impl Iterator<Item = Bytes> {
     let len = data.len();
     (0..len).step_by(FRAME_SIZE).map(move |at| data.slice(at..(at + FRAME_SIZE).min(len)))
+}
+
+/// `msg` as one gRPC message on the wire: uncompressed, its length, its bytes.
+pub fn grpc_message(msg: &impl prost::Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.extend_from_slice(&[0]);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    // A BytesMut grows as needed, so encoding cannot run out of room.
+    msg.encode_raw(&mut buf);
+    buf.freeze()
+}
+
+/// The length on the wire (prefix included) of the gRPC message `buf` starts with, once its
+/// 5-byte prefix is there; an error for a compressed message (neither side compresses) or
+/// one over [`MAX_MESSAGE`].
+pub fn framed_len(buf: &[u8]) -> Result<Option<usize>, String> {
+    let Some(prefix) = buf.get(..5) else { return Ok(None) };
+    if prefix[0] != 0 {
+        return Err("a compressed message".into());
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > MAX_MESSAGE {
+        return Err(format!("a message of {len} bytes"));
+    }
+    Ok(Some(5 + len))
 }
 
 /// A stored blob as its message.
