@@ -232,21 +232,26 @@ impl StorageClient {
 
     /// The next message of a streamed answer, or a stall after [`StorageClientConfig::frame_timeout`].
     async fn next<T>(&self, s: &mut Streaming<T>) -> Result<Option<T>> {
-        match tokio::time::timeout(self.config.frame_timeout, s.message()).await {
-            Ok(r) => r.map_err(|st| self.failure(st)),
-            Err(_) => Err(self.unavailable("stream stalled")),
-        }
+        self.in_frame_time(async { s.message().await.map_err(|st| self.failure(st)) }).await
     }
 
     /// The next message of a read answer, or a stall after [`StorageClientConfig::frame_timeout`].
     async fn next_frame(&self, s: &mut Frames) -> Result<Option<pb::ReadFrame>> {
-        match tokio::time::timeout(self.config.frame_timeout, s.message()).await {
-            Ok(r) => r.map_err(|e| match e {
+        self.in_frame_time(async {
+            s.message().await.map_err(|e| match e {
                 Unframed::Status(st) => self.failure(st),
                 Unframed::Malformed(why) => self.malformed(why),
-            }),
-            Err(_) => Err(self.unavailable("stream stalled")),
-        }
+            })
+        })
+        .await
+    }
+
+    /// What `next` answers, or a stall once the node has sent nothing for
+    /// [`StorageClientConfig::frame_timeout`].
+    async fn in_frame_time<T>(&self, next: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.config.frame_timeout, next)
+            .await
+            .unwrap_or_else(|_| Err(self.unavailable("stream stalled")))
     }
 
     /// Opens a read call (`Read` or `ReadSmall`) sending `msg`.
@@ -417,9 +422,14 @@ struct Frames {
     ended: bool,
 }
 
-/// Frames held at most before they are put together into one: a peer sending a message in
-/// tiny frames would otherwise hold a `Bytes` (and its allocation) for each.
+/// Short frames (under [`SHORT_FRAME`] bytes) held at the back at most before they are put
+/// together into one: a peer sending a message in tiny frames would otherwise hold a `Bytes`
+/// (and its allocation) for each. Longer frames are never copied to put them together, so a
+/// message arriving in many frames costs no copying beyond its short ones.
 const HELD_FRAMES: usize = 64;
+
+/// See [`HELD_FRAMES`].
+const SHORT_FRAME: usize = 4096;
 
 /// Why a read answer could not be taken.
 enum Unframed {
@@ -439,10 +449,21 @@ struct Pieces {
 }
 
 impl Pieces {
+    /// Adds `b` at the back; once [`HELD_FRAMES`] short frames lie at the back, they become
+    /// one piece.
     fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
-            self.parts.push_back(b);
+        if b.is_empty() {
+            return;
+        }
+        self.len += b.len();
+        self.parts.push_back(b);
+        let short = self.parts.iter().rev().take_while(|p| p.len() < SHORT_FRAME).count();
+        if short >= HELD_FRAMES {
+            let mut joined = BytesMut::new();
+            for p in self.parts.drain(self.parts.len() - short..) {
+                joined.extend_from_slice(&p);
+            }
+            self.parts.push_back(joined.freeze());
         }
     }
 
@@ -477,17 +498,6 @@ impl Pieces {
             }
         }
         None
-    }
-
-    /// All of it in one piece (a copy, unless it is in one already).
-    fn join(&mut self) {
-        if self.parts.len() > 1 {
-            let mut all = BytesMut::with_capacity(self.len);
-            for p in self.parts.drain(..) {
-                all.extend_from_slice(&p);
-            }
-            self.parts.push_back(all.freeze());
-        }
     }
 }
 
@@ -571,12 +581,7 @@ impl Frames {
             };
             let frame = frame.map_err(|e| Unframed::Status(Status::from_error(Box::new(e))))?;
             match frame.into_data() {
-                Ok(data) => {
-                    if self.held.parts.len() >= HELD_FRAMES {
-                        self.held.join();
-                    }
-                    self.held.push(data);
-                }
+                Ok(data) => self.held.push(data),
                 Err(frame) => {
                     let Ok(trailers) = frame.into_trailers() else { continue };
                     match Status::from_header_map(&trailers) {

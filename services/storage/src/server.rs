@@ -22,14 +22,14 @@ use std::time::Duration;
 use berth_core::{BlobStore, ByteStream, Digest, RegistryError};
 use berth_proto::storage as pb;
 use berth_proto::storage::storage_server::{Storage, StorageServer};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::wire::{
-    framed_len, frames, parse_digest, status_of, stored_to_proto, EXPIRE_BATCH, LIST_PAGE, MAX_MESSAGE, READ_PATH,
-    READ_SMALL_PATH, SMALL_LIMIT,
+    framed_len, frames, parse_digest, put_grpc_message, put_grpc_prefix, status_of, stored_to_proto, EXPIRE_BATCH,
+    LIST_PAGE, MAX_MESSAGE, READ_PATH, READ_SMALL_PATH, SMALL_LIMIT,
 };
 
 /// The service over `store`, with message bounds set for [`FRAME_SIZE`] frames.
@@ -150,23 +150,16 @@ impl Framed {
 
     fn put(&mut self, m: pb::ReadFrame) {
         use prost::Message;
+        let len = m.encoded_len();
         match m.part {
             Some(pb::read_frame::Part::Data(d)) if d.len() >= SENT_APART => {
-                let len = prost::encoding::key_len(DATA_FIELD)
-                    + prost::encoding::encoded_len_varint(d.len() as u64)
-                    + d.len();
-                self.small.put_u8(0);
-                self.small.put_u32(len as u32);
+                put_grpc_prefix(&mut self.small, len);
                 prost::encoding::encode_key(DATA_FIELD, prost::encoding::WireType::LengthDelimited, &mut self.small);
                 prost::encoding::encode_varint(d.len() as u64, &mut self.small);
                 self.flush();
                 self.ready.push_back(d);
             }
-            _ => {
-                self.small.put_u8(0);
-                self.small.put_u32(m.encoded_len() as u32);
-                m.encode_raw(&mut self.small);
-            }
+            part => put_grpc_message(&mut self.small, &pb::ReadFrame { part }),
         }
     }
 

@@ -7,7 +7,7 @@
 use berth_core::{Digest, Stored};
 pub use berth_proto::status::{registry_error_of, status_of};
 use berth_proto::storage as pb;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// Largest data frame. Big enough that per-message overhead (framing, a poll, an allocation)
 /// is small next to the bytes, small enough that a frame never stalls the HTTP/2 window for
@@ -60,13 +60,22 @@ pub fn frames(data: Bytes) -> impl Iterator<Item = Bytes> {
 
 /// `msg` as one gRPC message on the wire: uncompressed, its length, its bytes.
 pub fn grpc_message(msg: &impl prost::Message) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.extend_from_slice(&[0]);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    // A BytesMut grows as needed, so encoding cannot run out of room.
-    msg.encode_raw(&mut buf);
+    let mut buf = BytesMut::with_capacity(5 + msg.encoded_len());
+    put_grpc_message(&mut buf, msg);
     buf.freeze()
+}
+
+/// Appends `msg` to `buf` as one gRPC message (see [`grpc_message`]). A BytesMut grows as
+/// needed, so encoding cannot run out of room.
+pub fn put_grpc_message(buf: &mut BytesMut, msg: &impl prost::Message) {
+    put_grpc_prefix(buf, msg.encoded_len());
+    msg.encode_raw(buf);
+}
+
+/// Appends the 5-byte prefix of an uncompressed gRPC message of `len` bytes.
+pub fn put_grpc_prefix(buf: &mut BytesMut, len: usize) {
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
 }
 
 /// The length on the wire (prefix included) of the gRPC message `buf` starts with, once its
