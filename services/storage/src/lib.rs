@@ -40,6 +40,7 @@
 //! is next touched.
 
 mod engine;
+mod framing;
 pub mod integrity;
 mod mapped;
 mod segment;

@@ -11,10 +11,8 @@
 //! copies every message into a buffer of its own: a blob's bytes leave as they were read (see
 //! [`StorageService`]).
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,11 +23,13 @@ use berth_proto::storage::storage_server::{Storage, StorageServer};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{self, BoxStream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use http_body::Frame;
+use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::framing::{Framed, Frames};
 use crate::wire::{
-    framed_len, frames, parse_digest, put_grpc_message, put_grpc_prefix, status_of, stored_to_proto, EXPIRE_BATCH,
-    LIST_PAGE, MAX_MESSAGE, READ_PATH, READ_SMALL_PATH, SMALL_LIMIT,
+    framed_len, frames, grpc_message, parse_digest, status_of, stored_to_proto, APPEND_PATH, EXPIRE_BATCH, LIST_PAGE,
+    MAX_MESSAGE, PUT_PATH, PUT_SMALL_PATH, READ_PATH, READ_SMALL_PATH, SMALL_LIMIT,
 };
 
 /// The service over `store`, with message bounds set for [`FRAME_SIZE`] frames.
@@ -41,13 +41,16 @@ pub fn storage_server(store: Arc<dyn BlobStore>) -> StorageService {
     StorageService { rpc, generated }
 }
 
-/// The storage node's gRPC service as served: tonic's generated service, except for the read
-/// calls (`Read`, `ReadSmall`). Their answers go out as [`Framed`] bodies, each data message
-/// as its prefix and then its bytes as the store gave them (a slice of the segment read, or of
-/// a blob file's map), which HTTP/2 writes to the socket from where they lie. Through tonic's
-/// encoder every byte a node serves was first copied into a buffer of the encoder's. The
-/// handlers are the same ones; only the encoding differs, and the bytes on the wire are those
-/// tonic would send.
+/// The storage node's gRPC service as served: tonic's generated service, except for the calls
+/// that carry blob bytes. The read calls' (`Read`, `ReadSmall`) answers go out as [`Framed`]
+/// bodies, each data message as its prefix and then its bytes as the store gave them (a slice
+/// of the segment read, or of a blob file's map), which HTTP/2 writes to the socket from where
+/// they lie. The streamed writes' (`Put`, `PutSmall`, `UploadAppend`) requests are taken by
+/// [`Frames`], each data message a slice of the HTTP/2 frame it arrived in. Through tonic's
+/// encoder every byte a node serves was first copied into a buffer of the encoder's, and
+/// through its decoder every byte it stores was copied into the decoder's. The handlers are
+/// the same ones; only the framing differs, and the bytes on the wire are those tonic would
+/// send.
 #[derive(Clone)]
 pub struct StorageService {
     rpc: Arc<StorageRpc>,
@@ -72,6 +75,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for StorageService {
         match req.uri().path() {
             READ_PATH => Box::pin(async move { Ok(read_answer(req, async |m| rpc.read(m).await).await) }),
             READ_SMALL_PATH => Box::pin(async move { Ok(read_answer(req, async |m| rpc.read_small(m).await).await) }),
+            PUT_PATH => Box::pin(async move { Ok(write_answer(rpc.put_from(requested(req)).await)) }),
+            PUT_SMALL_PATH => Box::pin(async move { Ok(write_answer(rpc.put_small_from(requested(req)).await)) }),
+            APPEND_PATH => Box::pin(async move { Ok(write_answer(rpc.append_from(requested(req)).await)) }),
             _ => self.generated.call(req),
         }
     }
@@ -93,15 +99,49 @@ async fn read_answer<M: prost::Message + Default>(
     let req = Request::from_parts(metadata, parts.extensions, msg);
     match handler(req).await {
         Ok(answer) => {
-            let mut resp = http::Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(Framed::new(
-                answer.into_inner(),
-            ))));
+            let mut resp = http::Response::new(tonic::body::Body::new(http_body_util::StreamBody::new(
+                Framed::answer(answer.into_inner()),
+            )));
             resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
             resp
         }
         Err(st) => st.into_http(),
     }
 }
+
+/// The messages of a streamed write's request as [`Frames`] takes them off the wire; the
+/// first failure (as tonic's server would report it) ends them.
+fn requested<M: prost::Message + Default + 'static>(req: http::Request<tonic::body::Body>) -> Incoming<M> {
+    stream::unfold(Some(Frames::request(req.into_body())), |frames| async move {
+        let mut frames = frames?;
+        match frames.message::<M>().await {
+            Ok(Some(m)) => Some((Ok(m), Some(frames))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e.into_status()), None)),
+        }
+    })
+    .boxed()
+}
+
+/// The answer to a streamed write: the handler's reply as one message and an OK status, or its
+/// refusal as a trailers-only answer (both as tonic answers).
+fn write_answer<R: prost::Message>(handled: Result<R, Status>) -> http::Response<tonic::body::Body> {
+    match handled {
+        Ok(reply) => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert(Status::GRPC_STATUS, (Code::Ok as i32).into());
+            let frames = [Ok::<_, Status>(Frame::data(grpc_message(&reply))), Ok(Frame::trailers(trailers))];
+            let body = http_body_util::StreamBody::new(stream::iter(frames));
+            let mut resp = http::Response::new(tonic::body::Body::new(body));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+            resp
+        }
+        Err(st) => st.into_http(),
+    }
+}
+
+/// The messages of a streamed request, whether tonic's decoder or [`Frames`] took them.
+type Incoming<M> = BoxStream<'static, Result<M, Status>>;
 
 /// The one message of a unary request's body, refused as tonic's server refuses it: a body
 /// with no message, more than one, a compressed one or one over [`MAX_MESSAGE`].
@@ -120,91 +160,6 @@ async fn unary_message<M: prost::Message + Default>(body: tonic::body::Body) -> 
     M::decode(bytes.slice(5..)).map_err(|e| Status::internal(format!("decoding the request: {e}")))
 }
 
-/// Data of at least this many bytes leaves in a frame of its own, after a frame with its
-/// message's prefix; shorter data is copied in with its prefix (and with the head, or other
-/// short messages ready at the same time), which costs less than another frame.
-const SENT_APART: usize = 16 * 1024;
-
-/// A read answer's messages as a gRPC response body: each message on the wire as tonic's
-/// encoder puts it, but a data message of at least [`SENT_APART`] bytes as two frames, its
-/// prefix (gRPC's and the protobuf field's) and then its bytes, uncopied. The stream's end, or
-/// its failure, closes the body with the status in the trailers.
-struct Framed {
-    /// The messages still to come; `None` once ended.
-    messages: Option<FrameStream>,
-    /// Short messages and prefixes not yet sent.
-    small: BytesMut,
-    /// Frames ready to send, in order.
-    ready: VecDeque<Bytes>,
-    /// The trailers, once the messages have ended.
-    trailers: Option<http::HeaderMap>,
-}
-
-/// The field number of `ReadFrame.data` (a test checks it against prost's encoding).
-const DATA_FIELD: u32 = 2;
-
-impl Framed {
-    fn new(messages: FrameStream) -> Framed {
-        Framed { messages: Some(messages), small: BytesMut::new(), ready: VecDeque::new(), trailers: None }
-    }
-
-    fn put(&mut self, m: pb::ReadFrame) {
-        use prost::Message;
-        let len = m.encoded_len();
-        match m.part {
-            Some(pb::read_frame::Part::Data(d)) if d.len() >= SENT_APART => {
-                put_grpc_prefix(&mut self.small, len);
-                prost::encoding::encode_key(DATA_FIELD, prost::encoding::WireType::LengthDelimited, &mut self.small);
-                prost::encoding::encode_varint(d.len() as u64, &mut self.small);
-                self.flush();
-                self.ready.push_back(d);
-            }
-            part => put_grpc_message(&mut self.small, &pb::ReadFrame { part }),
-        }
-    }
-
-    fn flush(&mut self) {
-        if !self.small.is_empty() {
-            self.ready.push_back(self.small.split().freeze());
-        }
-    }
-
-    /// Ends the body with `status`.
-    fn end(&mut self, status: Status) {
-        self.flush();
-        self.messages = None;
-        let mut trailers = http::HeaderMap::new();
-        if status.add_header(&mut trailers).is_err() {
-            // Only a message that cannot be a header value fails; the code always can be.
-            trailers.insert(Status::GRPC_STATUS, (status.code() as i32).into());
-        }
-        self.trailers = Some(trailers);
-    }
-}
-
-impl futures::Stream for Framed {
-    type Item = Result<http_body::Frame<Bytes>, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if let Some(b) = self.ready.pop_front() {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
-            }
-            let Some(messages) = self.messages.as_mut() else {
-                return Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))));
-            };
-            match messages.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(m))) => self.put(m),
-                Poll::Ready(Some(Err(st))) => self.end(st),
-                Poll::Ready(None) => self.end(Status::ok("")),
-                // Short messages wait only while more are ready at once.
-                Poll::Pending if !self.small.is_empty() => self.flush(),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
-
 /// The gRPC handlers of a storage node.
 pub struct StorageRpc {
     store: Arc<dyn BlobStore>,
@@ -213,6 +168,90 @@ pub struct StorageRpc {
 }
 
 impl StorageRpc {
+    /// `PutSmall`: the request's messages `s`.
+    async fn put_small_from(&self, mut s: Incoming<pb::PutSmallRequest>) -> Result<pb::Stored, Status> {
+        use pb::put_small_request::Part;
+        let Some(pb::PutSmallRequest { part: Some(Part::Header(h)) }) = s.next().await.transpose()? else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let d = digest(&h.digest)?;
+        if h.size > SMALL_LIMIT {
+            return Err(Status::invalid_argument(format!("a small blob is at most {SMALL_LIMIT} bytes")));
+        }
+        let malformed = Malformed::default();
+        let mut bytes = body(s, malformed.clone(), |m: pb::PutSmallRequest| match m.part {
+            Some(Part::Data(d)) => BodyPart::Data(d),
+            Some(Part::End(e)) => BodyPart::End(e.size),
+            _ => BodyPart::Other,
+        });
+        // Bounded by SMALL_LIMIT: the store takes a small blob whole.
+        let mut buf = BytesMut::with_capacity(h.size as usize);
+        while let Some(chunk) = bytes.next().await {
+            let chunk = match (chunk, malformed.take()) {
+                (_, Some(why)) => return Err(Status::invalid_argument(why)),
+                (Err(e), None) => return Err(Status::cancelled(format!("reading body: {e}"))),
+                (Ok(c), None) => c,
+            };
+            if buf.len() as u64 + chunk.len() as u64 > h.size {
+                return Err(Status::invalid_argument(format!("more than the {} bytes announced", h.size)));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() as u64 != h.size {
+            return Err(Status::invalid_argument(format!("{} bytes announced, {} sent", h.size, buf.len())));
+        }
+        let stored = self.store.put_small(&d, buf.freeze()).await.map_err(status_of)?;
+        Ok(stored_to_proto(stored))
+    }
+
+    /// `Put`: the request's messages `s`.
+    async fn put_from(&self, mut s: Incoming<pb::PutRequest>) -> Result<pb::Stored, Status> {
+        use pb::put_request::Part;
+        let Some(pb::PutRequest { part: Some(Part::Header(h)) }) = s.next().await.transpose()? else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let d = digest(&h.digest)?;
+        let malformed = Malformed::default();
+        let bytes = body(s, malformed.clone(), |m: pb::PutRequest| match m.part {
+            Some(Part::Data(d)) => BodyPart::Data(d),
+            Some(Part::End(e)) => BodyPart::End(e.size),
+            _ => BodyPart::Other,
+        });
+        let copy_of: Option<[u8; 32]> = match h.blake3.len() {
+            0 => None,
+            _ => Some(h.blake3[..].try_into().map_err(|_| Status::invalid_argument("a BLAKE3 has 32 bytes"))?),
+        };
+        let store = self.store.clone();
+        let stored = malformed.answer(
+            run_to_end(async move {
+                match copy_of {
+                    Some(b) => store.put_copy(&d, b, bytes, h.limit).await,
+                    None => store.put(&d, bytes, h.limit).await,
+                }
+            })
+            .await,
+        )?;
+        Ok(stored_to_proto(stored))
+    }
+
+    /// `UploadAppend`: the request's messages `s`.
+    async fn append_from(&self, mut s: Incoming<pb::AppendRequest>) -> Result<pb::AppendReply, Status> {
+        use pb::append_request::Part;
+        let Some(pb::AppendRequest { part: Some(Part::Header(h)) }) = s.next().await.transpose()? else {
+            return Err(Status::invalid_argument("the first message must be the header"));
+        };
+        let malformed = Malformed::default();
+        let bytes = body(s, malformed.clone(), |m: pb::AppendRequest| match m.part {
+            Some(Part::Data(d)) => BodyPart::Data(d),
+            Some(Part::End(e)) => BodyPart::End(e.size),
+            _ => BodyPart::Other,
+        });
+        let store = self.store.clone();
+        let size = malformed
+            .answer(run_to_end(async move { store.upload_append(&h.id, h.offset, bytes, h.limit).await }).await)?;
+        Ok(pb::AppendReply { size, incarnation: self.incarnation() })
+    }
+
     /// The node's incarnation, as its replies report it (0: its store has none).
     fn incarnation(&self) -> u64 {
         self.store.incarnation().unwrap_or(0)
@@ -355,7 +394,7 @@ enum BodyPart {
 /// body ends cleanly only at an end frame that counts the bytes received and is the last
 /// message; anything else ends it in an error (recorded in `malformed` when the peer broke the
 /// contract rather than the connection).
-fn body<T: Send + 'static>(frames: Streaming<T>, malformed: Malformed, part: fn(T) -> BodyPart) -> ByteStream {
+fn body<T: Send + 'static>(frames: Incoming<T>, malformed: Malformed, part: fn(T) -> BodyPart) -> ByteStream {
     stream::unfold(Some((frames, 0u64)), move |state| {
         let malformed = malformed.clone();
         async move {
@@ -365,13 +404,13 @@ fn body<T: Send + 'static>(frames: Streaming<T>, malformed: Malformed, part: fn(
                 Some((Err(io::Error::new(io::ErrorKind::InvalidData, why)), None))
             };
             let broken = |status: Status| Some((Err(io::Error::other(status)), None));
-            match s.message().await {
+            match s.next().await.transpose() {
                 Ok(Some(m)) => match part(m) {
                     BodyPart::Data(d) => {
                         let got = got + d.len() as u64;
                         Some((Ok(d), Some((s, got))))
                     }
-                    BodyPart::End(n) if n == got => match s.message().await {
+                    BodyPart::End(n) if n == got => match s.next().await.transpose() {
                         Ok(None) => None,
                         Ok(Some(_)) => refuse("a message after the end frame".to_string()),
                         Err(status) => broken(status),
@@ -452,69 +491,11 @@ impl Storage for StorageRpc {
     }
 
     async fn put_small(&self, req: Request<Streaming<pb::PutSmallRequest>>) -> Result<Response<pb::Stored>, Status> {
-        use pb::put_small_request::Part;
-        let mut s = req.into_inner();
-        let Some(pb::PutSmallRequest { part: Some(Part::Header(h)) }) = s.message().await? else {
-            return Err(Status::invalid_argument("the first message must be the header"));
-        };
-        let d = digest(&h.digest)?;
-        if h.size > SMALL_LIMIT {
-            return Err(Status::invalid_argument(format!("a small blob is at most {SMALL_LIMIT} bytes")));
-        }
-        let malformed = Malformed::default();
-        let mut bytes = body(s, malformed.clone(), |m: pb::PutSmallRequest| match m.part {
-            Some(Part::Data(d)) => BodyPart::Data(d),
-            Some(Part::End(e)) => BodyPart::End(e.size),
-            _ => BodyPart::Other,
-        });
-        // Bounded by SMALL_LIMIT: the store takes a small blob whole.
-        let mut buf = BytesMut::with_capacity(h.size as usize);
-        while let Some(chunk) = bytes.next().await {
-            let chunk = match (chunk, malformed.take()) {
-                (_, Some(why)) => return Err(Status::invalid_argument(why)),
-                (Err(e), None) => return Err(Status::cancelled(format!("reading body: {e}"))),
-                (Ok(c), None) => c,
-            };
-            if buf.len() as u64 + chunk.len() as u64 > h.size {
-                return Err(Status::invalid_argument(format!("more than the {} bytes announced", h.size)));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        if buf.len() as u64 != h.size {
-            return Err(Status::invalid_argument(format!("{} bytes announced, {} sent", h.size, buf.len())));
-        }
-        let stored = self.store.put_small(&d, buf.freeze()).await.map_err(status_of)?;
-        Ok(Response::new(stored_to_proto(stored)))
+        self.put_small_from(req.into_inner().boxed()).await.map(Response::new)
     }
 
     async fn put(&self, req: Request<Streaming<pb::PutRequest>>) -> Result<Response<pb::Stored>, Status> {
-        use pb::put_request::Part;
-        let mut s = req.into_inner();
-        let Some(pb::PutRequest { part: Some(Part::Header(h)) }) = s.message().await? else {
-            return Err(Status::invalid_argument("the first message must be the header"));
-        };
-        let d = digest(&h.digest)?;
-        let malformed = Malformed::default();
-        let bytes = body(s, malformed.clone(), |m: pb::PutRequest| match m.part {
-            Some(Part::Data(d)) => BodyPart::Data(d),
-            Some(Part::End(e)) => BodyPart::End(e.size),
-            _ => BodyPart::Other,
-        });
-        let copy_of: Option<[u8; 32]> = match h.blake3.len() {
-            0 => None,
-            _ => Some(h.blake3[..].try_into().map_err(|_| Status::invalid_argument("a BLAKE3 has 32 bytes"))?),
-        };
-        let store = self.store.clone();
-        let stored = malformed.answer(
-            run_to_end(async move {
-                match copy_of {
-                    Some(b) => store.put_copy(&d, b, bytes, h.limit).await,
-                    None => store.put(&d, bytes, h.limit).await,
-                }
-            })
-            .await,
-        )?;
-        Ok(Response::new(stored_to_proto(stored)))
+        self.put_from(req.into_inner().boxed()).await.map(Response::new)
     }
 
     async fn upload_start(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::UploadStarted>, Status> {
@@ -526,21 +507,7 @@ impl Storage for StorageRpc {
         &self,
         req: Request<Streaming<pb::AppendRequest>>,
     ) -> Result<Response<pb::AppendReply>, Status> {
-        use pb::append_request::Part;
-        let mut s = req.into_inner();
-        let Some(pb::AppendRequest { part: Some(Part::Header(h)) }) = s.message().await? else {
-            return Err(Status::invalid_argument("the first message must be the header"));
-        };
-        let malformed = Malformed::default();
-        let bytes = body(s, malformed.clone(), |m: pb::AppendRequest| match m.part {
-            Some(Part::Data(d)) => BodyPart::Data(d),
-            Some(Part::End(e)) => BodyPart::End(e.size),
-            _ => BodyPart::Other,
-        });
-        let store = self.store.clone();
-        let size = malformed
-            .answer(run_to_end(async move { store.upload_append(&h.id, h.offset, bytes, h.limit).await }).await)?;
-        Ok(Response::new(pb::AppendReply { size, incarnation: self.incarnation() }))
+        self.append_from(req.into_inner().boxed()).await.map(Response::new)
     }
 
     async fn upload_size(&self, req: Request<pb::UploadRef>) -> Result<Response<pb::UploadSizeReply>, Status> {
@@ -612,6 +579,7 @@ impl Storage for StorageRpc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::framing::SENT_APART;
     use crate::wire::FRAME_SIZE;
 
     /// A storage node served over gRPC on `addr` (port 0: any), with its data in `dir`.
@@ -696,7 +664,7 @@ mod tests {
         /// The frames of `messages` framed: the bytes, the data frames, the trailers.
         async fn framed(messages: Vec<Result<pb::ReadFrame, Status>>) -> (Vec<u8>, Vec<Bytes>, http::HeaderMap) {
             let (mut wire, mut datas, mut trailers) = (vec![], vec![], None);
-            let mut body = Framed::new(stream::iter(messages).boxed());
+            let mut body = Framed::answer(stream::iter(messages).boxed());
             while let Some(frame) = body.next().await {
                 match frame.unwrap().into_data() {
                     Ok(d) => {
@@ -735,6 +703,54 @@ mod tests {
 
     /// tonic's own client reads what the node frames by hand: blobs whole and in part, a
     /// small blob, an unknown blob and a refused request each as the contract says.
+    /// The client's streamed writes, framed by hand, sent to tonic's own generated service
+    /// (its decoder, not `Frames`): every write is stored as sent, including data messages
+    /// sent apart from their prefix, and a refusal comes back as the store's error.
+    #[tokio::test]
+    async fn writes_framed_by_hand_are_read_by_a_tonic_server() {
+        use crate::client::{StorageClient, StorageClientConfig};
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine =
+            Arc::new(crate::StorageEngine::open(crate::StorageConfig { dir: dir.path().to_path_buf() }).unwrap());
+        let rpc = Arc::new(StorageRpc { store: engine.clone(), peers: Mutex::default() });
+        let generated = StorageServer::from_arc(rpc).max_decoding_message_size(MAX_MESSAGE);
+        let incoming = tonic::transport::server::TcpIncoming::bind(any_port()).unwrap();
+        let addr = incoming.local_addr().unwrap();
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(tonic::transport::Server::builder().add_service(generated).serve_with_incoming_shutdown(
+            incoming,
+            async {
+                stopped.await.ok();
+            },
+        ));
+        let client = StorageClient::new(&addr.to_string(), StorageClientConfig::default()).unwrap();
+        let blob = |size: usize| Bytes::from((0..size).map(|i| (i % 249) as u8).collect::<Vec<u8>>());
+        // Whole puts: short data, data sent apart, and more than one data message.
+        for size in [5, SENT_APART, FRAME_SIZE + SENT_APART + 3] {
+            let data = blob(size);
+            let d = Digest::sha256_of(&data);
+            let body = stream::iter([Ok(data.slice(..size / 2)), Ok(data.slice(size / 2..))]).boxed();
+            assert_eq!(client.put(&d, body, u64::MAX).await.unwrap().size, size as u64);
+            assert_eq!(engine.read_small(&d, u64::MAX).await.unwrap().as_deref(), Some(&data[..]));
+        }
+        let small = blob(300);
+        let d = Digest::sha256_of(&small);
+        assert_eq!(client.put_small(&d, small.clone()).await.unwrap().size, 300);
+        // An upload in two appends, then one at the wrong offset.
+        let id = "4f1c2d3e-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+        engine.upload_start(id).await.unwrap();
+        let data = blob(100_000);
+        let one = |b: Bytes| stream::iter([Ok(b)]).boxed();
+        assert_eq!(client.upload_append(id, Some(0), one(data.slice(..60_000)), u64::MAX).await.unwrap(), 60_000);
+        assert_eq!(client.upload_append(id, Some(60_000), one(data.slice(60_000..)), u64::MAX).await.unwrap(), 100_000);
+        let wrong = client.upload_append(id, Some(5), one(data.slice(..10)), u64::MAX).await.unwrap_err();
+        assert_eq!(wrong.code, berth_core::ErrorCode::BlobUploadInvalid, "{wrong}");
+        let d = Digest::sha256_of(&data);
+        assert_eq!(engine.upload_finish(id, &d).await.unwrap().size, 100_000);
+        assert_eq!(engine.read_small(&d, u64::MAX).await.unwrap().as_deref(), Some(&data[..]));
+    }
+
     #[tokio::test]
     async fn read_answers_framed_by_hand_are_read_by_a_tonic_client() {
         use berth_proto::storage::storage_client::StorageClient as Grpc;

@@ -26,6 +26,16 @@ pub const READ_PATH: &str = "/berth.storage.v1.Storage/Read";
 /// The path of the `ReadSmall` call, framed by hand like `Read`.
 pub const READ_SMALL_PATH: &str = "/berth.storage.v1.Storage/ReadSmall";
 
+/// The path of the `Put` call, whose request is framed by hand on both sides like the read
+/// answers (see `framing`).
+pub const PUT_PATH: &str = "/berth.storage.v1.Storage/Put";
+
+/// The path of the `PutSmall` call, framed by hand like `Put`.
+pub const PUT_SMALL_PATH: &str = "/berth.storage.v1.Storage/PutSmall";
+
+/// The path of the `UploadAppend` call, framed by hand like `Put`.
+pub const APPEND_PATH: &str = "/berth.storage.v1.Storage/UploadAppend";
+
 /// Digests in one list reply. A sha512 digest with its stamp takes under 150 bytes encoded,
 /// so a full page stays well inside [`MAX_MESSAGE`].
 pub const LIST_PAGE: usize = 1000;
