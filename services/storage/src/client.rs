@@ -251,23 +251,35 @@ impl StorageClient {
 
     /// Opens a read call (`Read` or `ReadSmall`) sending `msg`.
     async fn open_read(&self, path: &'static str, msg: impl prost::Message) -> Result<Frames> {
-        let mut http = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(grpc_message(&msg))));
+        let body = tonic::body::Body::new(http_body_util::Full::new(grpc_message(&msg)));
+        self.call_framed(path, self.request(()), body).await.map_err(|e| self.unframed(e))
+    }
+
+    /// Sends the call at `path` with `body` as its request and the metadata of `meta`, without
+    /// tonic's encoder or decoder (see `framing`): the messages of its answer.
+    async fn call_framed(
+        &self,
+        path: &'static str,
+        meta: Request<()>,
+        body: tonic::body::Body,
+    ) -> std::result::Result<Frames, Unframed> {
+        let mut http = http::Request::new(body);
         *http.method_mut() = http::Method::POST;
         *http.uri_mut() = http::Uri::from_static(path);
         *http.version_mut() = http::Version::HTTP_2;
-        *http.headers_mut() = self.request(()).into_parts().0.into_headers();
+        *http.headers_mut() = meta.into_parts().0.into_headers();
         http.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         http.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         let resp = tower::ServiceExt::oneshot(self.conn.clone(), http)
             .await
-            .map_err(|e| self.failure(Status::from_error(Box::new(e))))?;
+            .map_err(|e| Unframed::Status(Status::from_error(Box::new(e))))?;
         // A status among the headers is a trailers-only answer: an error, or no message at all.
         let trailers_only = Status::from_header_map(resp.headers());
         if let Some(st) = trailers_only.as_ref().filter(|st| st.code() != Code::Ok) {
-            return Err(self.failure(st.clone()));
+            return Err(Unframed::Status(st.clone()));
         }
         if resp.status() != http::StatusCode::OK {
-            return Err(self.malformed(format!("HTTP status {}", resp.status())));
+            return Err(Unframed::Malformed(format!("HTTP status {}", resp.status())));
         }
         Ok(Frames::answer(resp.into_body(), trailers_only.is_some()))
     }
@@ -288,27 +300,11 @@ impl StorageClient {
         path: &'static str,
         rx: mpsc::Receiver<M>,
     ) -> std::result::Result<R, Unframed> {
-        let mut req = Request::new(());
-        berth_proto::carry(&mut req);
-        let body = http_body_util::StreamBody::new(Framed::request(rx.boxed()));
-        let mut http = http::Request::new(tonic::body::Body::new(body));
-        *http.method_mut() = http::Method::POST;
-        *http.uri_mut() = http::Uri::from_static(path);
-        *http.version_mut() = http::Version::HTTP_2;
-        *http.headers_mut() = req.into_parts().0.into_headers();
-        http.headers_mut().insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-        http.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-        let resp = tower::ServiceExt::oneshot(self.conn.clone(), http)
-            .await
-            .map_err(|e| Unframed::Status(Status::from_error(Box::new(e))))?;
-        let trailers_only = Status::from_header_map(resp.headers());
-        if let Some(st) = trailers_only.as_ref().filter(|st| st.code() != Code::Ok) {
-            return Err(Unframed::Status(st.clone()));
-        }
-        if resp.status() != http::StatusCode::OK {
-            return Err(Unframed::Malformed(format!("HTTP status {}", resp.status())));
-        }
-        let mut answer = Frames::answer(resp.into_body(), trailers_only.is_some());
+        // No deadline: a stream takes as long as its bytes do (see the module docs).
+        let mut meta = Request::new(());
+        berth_proto::carry(&mut meta);
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(Framed::request(rx.boxed())));
+        let mut answer = self.call_framed(path, meta, body).await?;
         let Some(reply) = answer.message::<R>().await? else {
             return Err(Unframed::Malformed("an answer without its message".into()));
         };
