@@ -303,15 +303,8 @@ impl StorageClient {
         // No deadline: a stream takes as long as its bytes do (see the module docs).
         let mut meta = Request::new(());
         berth_proto::carry(&mut meta);
-        let body = tonic::body::Body::new(http_body_util::StreamBody::new(Framed::request(rx.boxed())));
-        let mut answer = self.call_framed(path, meta, body).await?;
-        let Some(reply) = answer.message::<R>().await? else {
-            return Err(Unframed::Malformed("an answer without its message".into()));
-        };
-        match answer.message::<R>().await? {
-            None => Ok(reply),
-            Some(_) => Err(Unframed::Malformed("an answer of more than one message".into())),
-        }
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(Framed::request(rx)));
+        self.call_framed(path, meta, body).await?.only().await
     }
 
     /// The head of a read answer.

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 
 use berth_proto::storage as pb;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::{BoxStream, Stream, StreamExt};
 use tonic::{Code, Status};
 
 use crate::wire::{framed_len, put_grpc_message, put_grpc_prefix};
@@ -46,23 +46,15 @@ const DATA_FIELD: u32 = 2;
 /// A message of a call that carries blob bytes: its `data` (field [`DATA_FIELD`] of a `oneof
 /// part`), or something else (a header, a head, an end).
 pub(crate) trait DataMessage: prost::Message + Sized + Send + 'static {
-    /// The data's length, when the message is data.
-    fn data_len(&self) -> Option<usize>;
     /// The data, when the message is data.
-    fn into_data(self) -> Option<Bytes>;
+    fn data(&self) -> Option<&Bytes>;
 }
 
 macro_rules! data_message {
     ($($message:ident => $part:ident),* $(,)?) => {$(
         impl DataMessage for pb::$message {
-            fn data_len(&self) -> Option<usize> {
+            fn data(&self) -> Option<&Bytes> {
                 match &self.part {
-                    Some(pb::$part::Part::Data(d)) => Some(d.len()),
-                    _ => None,
-                }
-            }
-            fn into_data(self) -> Option<Bytes> {
-                match self.part {
                     Some(pb::$part::Part::Data(d)) => Some(d),
                     _ => None,
                 }
@@ -86,19 +78,19 @@ impl<M: DataMessage> Framed<M> {
     }
 
     /// A request's body of `messages`.
-    pub(crate) fn request(messages: BoxStream<'static, M>) -> Framed<M> {
+    pub(crate) fn request(messages: impl Stream<Item = M> + Send + 'static) -> Framed<M> {
         Framed { answer: false, ..Framed::answer(messages.map(Ok).boxed()) }
     }
 
     fn put(&mut self, m: M) {
-        let len = m.encoded_len();
-        match m.data_len() {
-            Some(n) if n >= SENT_APART => {
-                put_grpc_prefix(&mut self.small, len);
+        match m.data() {
+            Some(d) if d.len() >= SENT_APART => {
+                put_grpc_prefix(&mut self.small, m.encoded_len());
                 prost::encoding::encode_key(DATA_FIELD, prost::encoding::WireType::LengthDelimited, &mut self.small);
-                prost::encoding::encode_varint(n as u64, &mut self.small);
+                prost::encoding::encode_varint(d.len() as u64, &mut self.small);
+                let d = d.clone();
                 self.flush();
-                self.ready.extend(m.into_data());
+                self.ready.push_back(d);
             }
             _ => put_grpc_message(&mut self.small, &m),
         }
@@ -320,6 +312,18 @@ impl Frames {
         let mut msg = self.held.split_to(n);
         msg.advance(5);
         Ok(Some(msg))
+    }
+
+    /// The body's one message: an error when it has none, or more than one (a unary request, or
+    /// the answer to any call but a streamed read).
+    pub(crate) async fn only<M: prost::Message + Default>(&mut self) -> Result<M, Unframed> {
+        let Some(m) = self.message::<M>().await? else {
+            return Err(Unframed::Malformed("a body without its message".into()));
+        };
+        match self.message::<M>().await? {
+            None => Ok(m),
+            Some(_) => Err(Unframed::Malformed("a body of more than one message".into())),
+        }
     }
 
     /// The next message, `None` once the body ended well.
