@@ -314,8 +314,8 @@ impl Frames {
         Ok(Some(msg))
     }
 
-    /// The body's one message: an error when it has none, or more than one (a unary request, or
-    /// the answer to any call but a streamed read).
+    /// The body's one message: an error when it has none, or more than one (the answer to a
+    /// streamed write).
     pub(crate) async fn only<M: prost::Message + Default>(&mut self) -> Result<M, Unframed> {
         let Some(m) = self.message::<M>().await? else {
             return Err(Unframed::Malformed("a body without its message".into()));

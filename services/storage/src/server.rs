@@ -26,10 +26,10 @@ use futures::stream::{self, BoxStream, StreamExt};
 use http_body::Frame;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::framing::{Framed, Frames, Unframed};
+use crate::framing::{Framed, Frames};
 use crate::wire::{
-    frames, grpc_message, parse_digest, status_of, stored_to_proto, APPEND_PATH, EXPIRE_BATCH, LIST_PAGE, MAX_MESSAGE,
-    PUT_PATH, PUT_SMALL_PATH, READ_PATH, READ_SMALL_PATH, SMALL_LIMIT,
+    framed_len, frames, grpc_message, parse_digest, status_of, stored_to_proto, APPEND_PATH, EXPIRE_BATCH, LIST_PAGE,
+    MAX_MESSAGE, PUT_PATH, PUT_SMALL_PATH, READ_PATH, READ_SMALL_PATH, SMALL_LIMIT,
 };
 
 /// The service over `store`, with message bounds set for [`FRAME_SIZE`] frames.
@@ -146,7 +146,18 @@ type Incoming<M> = BoxStream<'static, Result<M, Status>>;
 /// The one message of a unary request's body, refused as tonic's server refuses it: a body
 /// with no message, more than one, a compressed one or one over [`MAX_MESSAGE`].
 async fn unary_message<M: prost::Message + Default>(body: tonic::body::Body) -> Result<M, Status> {
-    Frames::request(body).only().await.map_err(Unframed::into_status)
+    use http_body_util::BodyExt;
+    let bytes = http_body_util::Limited::new(body, 5 + MAX_MESSAGE)
+        .collect()
+        .await
+        .map_err(|e| Status::internal(format!("reading the request: {e}")))?
+        .to_bytes();
+    let n =
+        framed_len(&bytes).map_err(Status::internal)?.ok_or_else(|| Status::internal("Missing request message."))?;
+    if bytes.len() != n {
+        return Err(Status::internal("the request is not one whole message"));
+    }
+    M::decode(bytes.slice(5..)).map_err(|e| Status::internal(format!("decoding the request: {e}")))
 }
 
 /// The gRPC handlers of a storage node.
